@@ -1,0 +1,206 @@
+"""Aggregator scale: WindowStore ingest rate, one round of rule queries, memory.
+
+    .venv/bin/python benchmarks/bench_aggregator.py [--deployments 50] [--replicas 20]
+
+A fake clock drives time, so the figures are CPU cost only. A replica snapshot is the
+realistic one: 2 methods x 2 outcomes ("ok" with ~30 latency buckets, an error with a
+few), in-flight per method and health. The store is first filled for ``--fill-s`` seconds
+of cluster traffic (one snapshot per replica per second; enough to fill the 10 min fine
+ring), then a round is: one second of new snapshots, then ``--queries`` distinct rules
+(mixed functions over counters, histograms and gauges, windows 1m/5m, by (application,
+deployment), a third with a deployment matcher) timed with ``begin_round``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+import tracemalloc
+
+import numpy as np
+
+from ray_monitor.catalog import Matcher, Query
+from ray_monitor.histogram import Histogram
+from ray_monitor.snapshot import (ReplicaHealth, ReplicaIdentity, ReplicaSnapshot,
+                                  SeriesDelta)
+from ray_monitor.windows import WindowStore
+
+
+class Clock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def histogram(rng: np.random.Generator, n: int, spread: float) -> Histogram:
+    h = Histogram()
+    for v in rng.lognormal(np.log(0.05), spread, n):
+        h.record(float(v))
+    return h
+
+
+def snapshot_maker(deployments: int, replicas: int, seed: int = 0, simple: bool = False):
+    """Returns make(replica_no, seq, t): snapshots reuse a pool of histograms (cheap to build)."""
+    rng = np.random.default_rng(seed)
+    ok_pool = [histogram(rng, 38, 0.3) for _ in range(64)]  # ~30 buckets each
+    err_pool = [histogram(rng, 3, 0.2) for _ in range(64)]
+    idents = [ReplicaIdentity("app", f"d{d}", f"d{d}#r{r}", f"node{d % 8}", 1000 + r, "v1")
+              for d in range(deployments) for r in range(replicas)]
+
+    merged: dict[int, tuple[list, list]] = {1: (ok_pool, err_pool)}
+
+    def pools(span: int) -> tuple[list, list]:
+        """Histograms of ``span`` seconds of traffic, for filling the coarse rings fast."""
+        if span not in merged:
+            merged[span] = tuple([Histogram.merged(pool[(j + x) % 64] for x in range(span))
+                                  for j in range(8)] for pool in (ok_pool, err_pool))
+        return merged[span]
+
+    def make(i: int, seq: int, t: float, span: int = 1) -> ReplicaSnapshot:
+        j = (i + seq) % 64
+        ok, err = pools(span)
+        series = [SeriesDelta(m, o, o != "ok", (ok if o == "ok" else err)[(j + k) % len(ok)])
+                  for k, (m, o) in enumerate(itertools.product(
+                      ("__call__",) if simple else ("__call__", "predict"),
+                      ("ok",) if simple else ("ok", "ValueError")))]
+        return ReplicaSnapshot(idents[i], seq, t - span, t, series,
+                               inflight={"__call__": j % 5} if simple else
+                               {"__call__": j % 5, "predict": j % 3},
+                               health=ReplicaHealth(cpu_percent=30.0 + j, rss_bytes=2 ** 30 + j,
+                                                    loop_lag_s=0.001 * j, longest_request_s=0.1))
+    return make, len(idents)
+
+
+def queries(n: int, deployments: int) -> list[Query]:
+    by = ("application", "deployment")
+    kinds = [("latency_seconds", f) for f in ("p50", "p90", "p99", "avg", "max", "rate",
+                                              "ratio_above", "zscore")]
+    kinds += [("requests", f) for f in ("rate", "count", "error_ratio", "zscore")]
+    kinds += [("inflight", f) for f in ("last", "avg", "max", "sum")]
+    kinds += [("cpu_percent", f) for f in ("avg", "max", "deriv")]
+    kinds += [("rss_bytes", f) for f in ("max", "deriv")]
+    out, seen = [], set()
+    for i in itertools.count():
+        metric, f = kinds[i % len(kinds)]
+        window = (60.0, 300.0)[(i // len(kinds)) % 2]
+        variant = (i // (2 * len(kinds)))
+        matchers = ((Matcher("deployment", "=", f"d{variant % deployments}"),)
+                    if variant % 3 == 1 else ())
+        param = {"ratio_above": 0.1 + 0.01 * variant}.get(f)
+        q = Query(f, metric, window, by=by, matchers=matchers, param=param)
+        if q not in seen:
+            seen.add(q)
+            out.append(q)
+        if len(out) == n:
+            return out
+    return out
+
+
+def fill_full(store: WindowStore, clock: Clock, make, n_rep: int, now: float) -> int:
+    """Fills every ring of every series: one snapshot per coarse step where only the coarse
+    ring keeps the time, per medium step where the medium ring does, per second after."""
+    res = ((60, 6 * 3600), (10, 3600), (1, 600))
+    seq, t = 0, now - res[0][1]
+    for step, span in res:
+        end = now - (span // 6 if step == 60 else 600 if step == 10 else 0)
+        while t < end:
+            clock.t = t + 0.5
+            for i in range(n_rep):
+                store.ingest(make(i, seq, t + 0.4, span=step))
+            seq, t = seq + 1, t + step
+    return seq
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--deployments", type=int, default=50)
+    ap.add_argument("--replicas", type=int, default=20)
+    ap.add_argument("--fill-s", type=int, default=330, help="seconds of traffic before queries")
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--memory-replicas", type=int, default=100,
+                    help="replicas whose every ring is filled for the memory figure (0: all)")
+    ap.add_argument("--simple", action="store_true",
+                    help="one method, outcome ok only: one series per replica per request metric")
+    args = ap.parse_args()
+
+    make, n_rep = snapshot_maker(args.deployments, args.replicas, simple=args.simple)
+    clock = Clock(1_000_000.0)
+    store = WindowStore(clock=clock)
+
+    t0 = 1_000_000.0 - args.fill_s
+    times = []
+    for sec in range(args.fill_s):
+        clock.t = t0 + sec + 0.5
+        batch = [make(i, sec, t0 + sec + 0.4) for i in range(n_rep)]
+        start = time.perf_counter()
+        for s in batch:
+            store.ingest(s)
+        times.append(time.perf_counter() - start)
+    ingest_rate = (len(times) - 60) * n_rep / sum(times[60:])  # steady state: series exist
+    create_rate = 60 * n_rep / sum(times[:60])
+
+    qs = queries(args.queries, args.deployments)
+    keys = {(q.metric, q.window_s, q.matchers, q.by) for q in qs}
+    round_ms = []
+    for r in range(args.rounds):
+        sec = args.fill_s + r
+        clock.t = t0 + sec + 0.5
+        for i in range(n_rep):
+            store.ingest(make(i, sec, t0 + sec + 0.4))
+        clock.t += 0.3
+        start = time.perf_counter()
+        store.begin_round()
+        results = [store.evaluate(q) for q in qs]
+        store.end_round()
+        round_ms.append((time.perf_counter() - start) * 1000)
+    # without the memo: each query at its own instant computes everything from the rings
+    sample = qs[::10]
+    start = time.perf_counter()
+    for k, q in enumerate(sample):
+        store.evaluate(q, now=clock.t + 1e-6 * (k + 1))
+    single_ms = (time.perf_counter() - start) * 1000 / len(sample)
+    st = store.stats()
+
+    mem_rep = n_rep if args.memory_replicas <= 0 else min(args.memory_replicas, n_rep)
+    mclock = Clock(1_000_000.0)
+    tracemalloc.start()
+    mstore = WindowStore(clock=mclock)
+    fill_full(mstore, mclock, make, mem_rep, 1_000_000.0)
+    mem, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    mst = mstore.stats()
+    per_rep = mem / mem_rep
+
+    answered = sum(1 for r in results if r)
+    rows = [
+        ("replicas (snapshots per second)", f"{n_rep}"),
+        ("series in the store", f"{st['series_total']} (latency {st['series']['latency_seconds']}, "
+                                f"requests {st['series']['requests']}, "
+                                f"inflight {st['series']['inflight']})"),
+        ("ingest, snapshots/s on one core (series exist)", f"{ingest_rate:,.0f}"),
+        ("ingest, first 60 s (creating series), snapshots/s", f"{create_rate:,.0f}"),
+        (f"round of {len(qs)} distinct queries ({len(keys)} metric/window/matcher/by keys), ms",
+         f"first {round_ms[0]:.1f}, median {np.median(round_ms):.1f}, max {max(round_ms):.1f}"),
+        ("one query without the round memo, ms (mean of 100)", f"{single_ms:.2f}"),
+        ("queries with a non-empty answer", f"{answered}/{len(qs)}"),
+        (f"memory, every ring full, {mem_rep} replicas (tracemalloc), MiB",
+         f"{mem / 2 ** 20:,.0f} ({per_rep / 2 ** 10:,.0f} KiB per replica, "
+         f"{mst['series_total'] // mem_rep} series each)"),
+        (f"  scaled to {n_rep} replicas, MiB", f"{per_rep * n_rep / 2 ** 20:,.0f}"),
+        ("  store's own estimate (stats approx_bytes), MiB", f"{mst['approx_bytes'] / 2 ** 20:,.0f}"),
+        ("  buckets held", f"{mst['buckets']:,}"),
+    ]
+    width = max(len(a) for a, _ in rows)
+    print(f"WindowStore, {args.deployments} deployments x {args.replicas} replicas, "
+          f"{'1 method x ok' if args.simple else '2 methods x 2 outcomes'} per snapshot, "
+          f"{args.fill_s} s of traffic before the queries")
+    for a, b in rows:
+        print(f"  {a:<{width}}  {b}")
+
+
+if __name__ == "__main__":
+    main()

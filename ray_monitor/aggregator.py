@@ -1,0 +1,380 @@
+"""The aggregator actor: one per cluster, named, detached, restartable.
+
+Plumbing only: the decisions live in pure modules (windows, rules, notify, hints).
+Everything runs on the actor's event loop, so ingestion, evaluation and the HTTP
+server never race; evaluation happens every ``eval_interval_s`` and hands alerts to
+the notifier's queue, which sends from a thread of its own. Alert and notification
+state is written to Ray's GCS key-value store after each evaluation that changed
+it, so a restarted aggregator resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any, Optional
+
+import ray
+
+from .options import AGGREGATOR_NAME, NAMESPACE
+from .snapshot import GpuSnapshot, ReplicaIdentity, ReplicaSnapshot
+
+logger = logging.getLogger("ray_monitor.aggregator")
+
+STATE_KEY = b"ray_monitor/aggregator/state"
+KV_NAMESPACE = "ray_monitor"
+#: Summaries per deployment read these windows.
+SUMMARY_WINDOW_S = 60.0
+
+
+def _kv_get(key: bytes) -> Optional[bytes]:
+    from ray.experimental import internal_kv
+
+    return internal_kv._internal_kv_get(key, namespace=KV_NAMESPACE)
+
+
+def _kv_put(key: bytes, value: bytes) -> None:
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(key, value, overwrite=True, namespace=KV_NAMESPACE)
+
+
+class AggregatorCore:
+    """Everything the actor does, without Ray: tests drive it with an injected clock."""
+
+    def __init__(self, config: dict, *, clock=time.time, persist=None, load=None) -> None:
+        from .notify import Notifier
+        from .rules import RuleEngine, load_rules
+        from .windows import WindowStore
+
+        self.config = config
+        self.clock = clock
+        self.eval_interval_s = float(config.get("eval_interval_s", 1.0))
+        self.store = WindowStore(clock=clock, series_ttl_s=float(config.get("series_ttl_s", 300.0)))
+        self.rules_text = config.get("rules_text")
+        self.rules_file = config.get("rules_file") or "<rules>"
+        ruleset = load_rules(self.rules_text or {"groups": []}, filename=self.rules_file)
+        self.engine = RuleEngine(rules=ruleset, clock=clock, eval_interval_s=self.eval_interval_s,
+                                 generator_url=config.get("external_url", ""))
+        self.notifier = Notifier(config.get("notifications") or {}, clock=clock)
+        self.replicas: dict[str, tuple[ReplicaIdentity, float]] = {}  # replica -> (identity, seen)
+        self.gpu_latest: dict[str, GpuSnapshot] = {}
+        self.errors: dict[tuple[str, str], int] = {}
+        self.ingested = 0
+        self.evaluations = 0
+        self.last_eval_s = 0.0
+        self._persist = persist
+        self._last_state: Optional[str] = None
+        if load is not None:
+            self.restore(load())
+        self.notifier.start()  # after restore: its notification log must be loaded first
+
+    # -- ingestion ----------------------------------------------------------------
+
+    def ingest(self, snaps: list[ReplicaSnapshot]) -> None:
+        now = self.clock()
+        for snap in snaps:
+            try:
+                self.store.ingest(snap)
+            except Exception as e:  # one bad snapshot never loses the rest of the batch
+                self.count_error("aggregator", f"ingest_failed:{type(e).__name__}", e)
+                continue
+            self.replicas[snap.identity.replica] = (snap.identity, now)
+            for cause, n in snap.self_errors.items():
+                self.errors[("replica", cause)] = max(self.errors.get(("replica", cause), 0), n)
+            self.ingested += 1
+
+    def ingest_gpu(self, snap: GpuSnapshot) -> None:
+        from .gpu import attribute_processes
+
+        pids = {ident.pid: ident for ident, _ in self.replicas.values()
+                if ident.node_id == snap.node_id}
+        snap = attribute_processes(snap, pids)
+        self.gpu_latest[snap.node_id] = snap
+        try:
+            self.store.ingest_gpu(snap)
+        except Exception as e:
+            self.count_error("aggregator", f"ingest_gpu_failed:{type(e).__name__}", e)
+
+    def count_error(self, component: str, cause: str, exc: Optional[BaseException] = None) -> None:
+        key = (component, cause)
+        if key not in self.errors:
+            logger.warning("ray-monitor aggregator: %s: %s %r (logged once)", component, cause, exc)
+        self.errors[key] = self.errors.get(key, 0) + 1
+
+    # -- evaluation -----------------------------------------------------------------
+
+    def evaluate(self, now: Optional[float] = None):
+        now = self.clock() if now is None else now
+        t = time.perf_counter()
+        self.store.expire(now)
+        ttl = float(self.config.get("series_ttl_s", 300.0))
+        for rid, (_, seen) in list(self.replicas.items()):
+            if now - seen > ttl:
+                del self.replicas[rid]
+        self.store.begin_round(now)  # one instant per round, shared work across rules
+        try:
+            result = self.engine.evaluate(self.store, now)
+        finally:
+            self.store.end_round()
+        for err in getattr(result, "errors", []) or []:
+            self.count_error("rules", f"eval_failed:{err.group}/{err.rule}")
+        if result.to_send:
+            self.notifier.submit(result.to_send, now=now)
+        self.evaluations += 1
+        self.last_eval_s = time.perf_counter() - t
+        self.save()
+        return result
+
+    def state(self) -> dict:
+        return {"alerts": self.engine.state_dict(), "notifier": self.notifier.state_dict()}
+
+    def save(self) -> None:
+        if self._persist is None:
+            return
+        text = json.dumps(self.state(), sort_keys=True)
+        if text != self._last_state:
+            try:
+                self._persist(text.encode())
+                self._last_state = text
+            except Exception as e:
+                self.count_error("aggregator", "state_save_failed", e)
+
+    def restore(self, raw: Optional[bytes]) -> None:
+        if not raw:
+            return
+        try:
+            state = json.loads(raw)
+            self.engine.restore(state.get("alerts", {}), now=self.clock())
+            self.notifier.restore(state.get("notifier", {}))
+            self._last_state = json.dumps(state, sort_keys=True)
+            logger.info("ray-monitor aggregator: restored %d alerts from the GCS",
+                        len(self.engine.alerts()))
+        except Exception as e:
+            self.count_error("aggregator", "state_restore_failed", e)
+
+    def reload(self, rules_text: Any, filename: Optional[str] = None) -> dict:
+        from .rules import load_rules
+
+        ruleset = load_rules(rules_text, filename=filename or self.rules_file)  # raises first
+        self.engine.reload(ruleset, now=self.clock())
+        self.rules_text, self.rules_file = rules_text, filename or self.rules_file
+        return {"status": "ok", "rules": sum(1 for _ in ruleset.rules())}
+
+    # -- views ------------------------------------------------------------------------
+
+    def alerts(self) -> list[dict]:
+        out = []
+        for a in self.engine.alerts():
+            out.append({"name": a.labels.get("alertname", ""), "state": a.state,
+                        "labels": dict(a.labels), "annotations": dict(a.annotations),
+                        "value": _num(a.value), "active_at": a.active_at,
+                        "fired_at": a.fired_at, "resolved_at": a.resolved_at})
+        return out
+
+    def rules(self) -> list[dict]:
+        out = []
+        for group, rule in self.engine.ruleset.rules():
+            out.append({"group": group.name, "alert": rule.name, "expr": rule.expr,
+                        "for": rule.for_s, "keep_firing_for": rule.keep_firing_for_s,
+                        "labels": dict(rule.labels)})
+        return out
+
+    def deployments(self, now: Optional[float] = None) -> list[dict]:
+        from .catalog import Query
+
+        now = self.clock() if now is None else now
+        by = ("application", "deployment")
+        w = SUMMARY_WINDOW_S
+
+        def q(func: str, metric: str, param=None) -> dict:
+            return self.store.evaluate(Query(func, metric, w, by, (), param), now)
+
+        rate, errs = q("rate", "requests"), q("error_ratio", "requests")
+        p50, p99 = q("p50", "latency_seconds"), q("p99", "latency_seconds")
+        count = q("count", "requests")
+        inflight = self.store.evaluate(Query("last", "inflight", 5.0, by), now)
+        replicas: dict[tuple, set] = {}
+        versions: dict[tuple, set] = {}
+        for ident, _ in self.replicas.values():
+            key = (("application", ident.application), ("deployment", ident.deployment))
+            replicas.setdefault(key, set()).add(ident.replica)
+            if ident.model_version:
+                versions.setdefault(key, set()).add(ident.model_version)
+        out = []
+        for key in sorted(set(replicas) | set(rate)):
+            d = dict(key)
+            out.append({**d, "replicas": len(replicas.get(key, ())),
+                        "model_versions": sorted(versions.get(key, ())),
+                        "requests_1m": _num(count.get(key)), "rate_per_s": _num(rate.get(key)),
+                        "error_ratio": _num(errs.get(key)), "p50_s": _num(p50.get(key)),
+                        "p99_s": _num(p99.get(key)), "inflight": _num(inflight.get(key))})
+        return out
+
+    def self_metrics(self) -> dict:
+        errors = dict(self.errors)
+        for cause, n in (self.notifier.stats().get("by_cause") or {}).items():
+            errors[("notifier", str(cause))] = n
+        st = self.store.stats()
+        gauges = {
+            "series": ("Series held by the aggregator's window store.",
+                       float(sum(st.get("series", {}).values())
+                             if isinstance(st.get("series"), dict) else st.get("series", 0))),
+            "replicas": ("Replicas that reported in the last series_ttl_s.",
+                         float(len(self.replicas))),
+            "last_evaluation_seconds": ("How long the last rule evaluation took.",
+                                        self.last_eval_s),
+        }
+        counters = {
+            "snapshots_ingested": ("Replica snapshots ingested.", float(self.ingested)),
+            "evaluations": ("Rule evaluations run.", float(self.evaluations)),
+        }
+        return {"errors": errors, "gauges": gauges, "counters": counters}
+
+
+def _num(v):
+    if v is None:
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if f != f else f
+
+
+@ray.remote(num_cpus=0)
+class Aggregator:
+    """The actor around :class:`AggregatorCore`: the loop, the HTTP server, the GCS."""
+
+    def __init__(self, config: dict) -> None:
+        self.config = config
+        self.core = AggregatorCore(config, persist=lambda b: _kv_put(STATE_KEY, b),
+                                   load=lambda: _kv_get(STATE_KEY))
+        self.host = config.get("host", "127.0.0.1")
+        self.port = int(config.get("port", 0))
+        self.token = config.get("token") or None
+        self._server = None
+        self._loop_task = None
+        self._gpu = None
+
+    async def _ensure_started(self) -> None:
+        if self._server is not None:
+            return
+        from .http_api import start_server
+
+        # Reuse the port of a previous incarnation so scrape configs keep working.
+        prev = _kv_get(b"ray_monitor/aggregator/port")
+        port = self.port or (int(prev) if prev else 0)
+        try:
+            self._server, self.port = await start_server(self, self.host, port)
+        except OSError:
+            self._server, self.port = await start_server(self, self.host, self.port)
+        _kv_put(b"ray_monitor/aggregator/port", str(self.port).encode())
+        self.core.config["external_url"] = self.url()
+        self._loop_task = asyncio.get_running_loop().create_task(self._loop())
+        if self.config.get("gpu", True):
+            from .gpu_actor import GpuActorManager
+
+            self._gpu = GpuActorManager(
+                sink=AGGREGATOR_NAME, namespace=NAMESPACE,
+                gpu_interval_s=float(self.config.get("gpu_interval_s", 1.0)),
+                nvml_factory=self.config.get("nvml_factory"))
+
+    async def _loop(self) -> None:
+        next_gpu = 0.0
+        while True:
+            started = time.monotonic()
+            try:
+                self.core.evaluate()
+            except Exception as e:  # the loop must outlive any bad round
+                self.core.count_error("aggregator", f"evaluate_failed:{type(e).__name__}", e)
+            if self._gpu is not None and started >= next_gpu:
+                next_gpu = started + 3.0
+                try:
+                    await asyncio.get_running_loop().run_in_executor(None, self._gpu.reconcile)
+                except Exception as e:
+                    self.core.count_error("gpu", f"reconcile_failed:{type(e).__name__}", e)
+            await asyncio.sleep(max(0.0, self.core.eval_interval_s - (time.monotonic() - started)))
+
+    def url(self) -> str:
+        host = self.host
+        if host in ("0.0.0.0", "::", ""):
+            host = ray.util.get_node_ip_address()
+        return f"http://{host}:{self.port}"
+
+    # -- remote API -------------------------------------------------------------------
+
+    async def ready(self) -> str:
+        await self._ensure_started()
+        return self.url()
+
+    async def ingest(self, snaps: list[ReplicaSnapshot]) -> None:
+        await self._ensure_started()
+        self.core.ingest(snaps)
+
+    async def ingest_gpu(self, snap: GpuSnapshot) -> None:
+        self.core.ingest_gpu(snap)
+
+    async def alerts(self) -> list[dict]:
+        return self.core.alerts()
+
+    async def rules(self) -> list[dict]:
+        return self.core.rules()
+
+    async def deployments(self) -> list[dict]:
+        return self.core.deployments()
+
+    async def hints(self) -> list[dict]:
+        return []
+
+    async def reload(self, rules_text: Any, filename: Optional[str] = None) -> dict:
+        return self.core.reload(rules_text, filename)
+
+    async def query(self, function: str, metric: str, window_s: float,
+                    by: Optional[tuple] = None, param: Optional[float] = None) -> dict:
+        from .catalog import Query
+
+        res = self.core.store.evaluate(Query(function, metric, window_s,
+                                             tuple(by) if by else None, (), param), None)
+        return {json.dumps(dict(k), sort_keys=True): v for k, v in res.items()}
+
+    async def gpus(self) -> dict:
+        return {node: snap for node, snap in self.core.gpu_latest.items()}
+
+    async def gpu_actors(self) -> dict:
+        return {} if self._gpu is None else dict(self._gpu.actors())
+
+    async def stats(self) -> dict:
+        return {"ingested": self.core.ingested, "evaluations": self.core.evaluations,
+                "store": self.core.store.stats(), "replicas": len(self.core.replicas),
+                "notifier": self.core.notifier.stats()}
+
+    async def shutdown(self) -> None:
+        if self._gpu is not None:
+            self._gpu.stop_all()
+        self.core.notifier.flush(2.0)
+        self.core.notifier.close(2.0)
+        if self._server is not None:
+            await self._server.cleanup()
+
+
+def get_or_create(config: dict):
+    """The aggregator actor, created on the head node if it is not running."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    head = _head_node_id()
+    opts: dict[str, Any] = dict(name=AGGREGATOR_NAME, namespace=NAMESPACE, lifetime="detached",
+                                max_restarts=-1, max_task_retries=-1, get_if_exists=True,
+                                max_concurrency=64)
+    if head:
+        opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(head, soft=True)
+    return Aggregator.options(**opts).remote(config)
+
+
+def _head_node_id() -> Optional[str]:
+    for n in ray.nodes():
+        if n.get("Alive") and "node:__internal_head__" in n.get("Resources", {}):
+            return n["NodeID"]
+    return None

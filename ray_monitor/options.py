@@ -1,0 +1,124 @@
+"""Options of ``@monitor``, checked at decoration time, with documented env fallbacks.
+
+An option passed to the decorator wins; an option not passed falls back to its
+environment variable, read in the replica when it starts (so one image can be tuned
+per cluster); a bad environment value is logged and the default used, as
+OpenTelemetry's SDK does. A bad decorator argument raises at once, naming the option.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+logger = logging.getLogger(__name__)
+
+
+class _Unset:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+    def __reduce__(self):
+        return "UNSET"
+
+
+#: "Not passed", as distinct from ``None``.
+UNSET: Any = _Unset()
+
+#: The aggregator actor's name and namespace: the contract between replicas and
+#: :func:`ray_monitor.start`.
+AGGREGATOR_NAME = "ray_monitor_aggregator"
+NAMESPACE = "ray_monitor"
+
+# name: (environment variable, default)
+DEFAULTS: dict[str, tuple[str, Any]] = {
+    "sample_ratio": ("RAY_MONITOR_SAMPLE_RATIO", 0.1),
+    "slow_threshold_s": ("RAY_MONITOR_SLOW_THRESHOLD_S", 1.0),
+    "flush_interval_s": ("RAY_MONITOR_FLUSH_INTERVAL_S", 1.0),
+    "hang_threshold_s": ("RAY_MONITOR_HANG_THRESHOLD_S", 60.0),
+}
+
+
+def _ratio(name: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"@monitor({name}=...): expected a number between 0 and 1, "
+                        f"got {type(v).__name__} {v!r}")
+    if not 0.0 <= float(v) <= 1.0:
+        raise ValueError(f"@monitor({name}={v!r}): must be between 0 and 1 "
+                         "(0.1 keeps one request in ten, plus every error and slow one)")
+    return float(v)
+
+
+def _positive(name: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"@monitor({name}=...): expected seconds as a number, "
+                        f"got {type(v).__name__} {v!r}")
+    if not (float(v) > 0.0 and math.isfinite(float(v))):
+        raise ValueError(f"@monitor({name}={v!r}): must be a positive number of seconds")
+    return float(v)
+
+
+_CHECKS: dict[str, Callable[[str, Any], float]] = {
+    "sample_ratio": _ratio, "slow_threshold_s": _positive, "flush_interval_s": _positive,
+    "hang_threshold_s": _positive,
+}
+
+
+def from_env(name: str, environ: Optional[dict] = None) -> Any:
+    """The environment's value for option ``name``, or its default if unset or bad."""
+    env_name, default = DEFAULTS[name]
+    raw = (os.environ if environ is None else environ).get(env_name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return _CHECKS[name](name, float(raw))
+    except (TypeError, ValueError) as e:
+        logger.warning("ray-monitor: ignoring %s=%r (%s); using %r", env_name, raw, e, default)
+        return default
+
+
+@dataclass(frozen=True)
+class MonitorOptions:
+    model_version: str = ""
+    sample_ratio: Optional[float] = None  # None: from the environment at start
+    slow_threshold_s: Optional[float] = None
+    flush_interval_s: Optional[float] = None
+    hang_threshold_s: Optional[float] = None
+    exclude: frozenset[str] = frozenset()
+    tracing_enabled: Optional[bool] = None  # None: on when an OTLP endpoint is configured
+
+    @classmethod
+    def build(cls, **kwargs: Any) -> "MonitorOptions":
+        out: dict[str, Any] = {}
+        mv = kwargs.pop("model_version")
+        if mv is not UNSET and mv is not None:
+            if not isinstance(mv, str):
+                raise TypeError(f"@monitor(model_version=...): expected a string such as "
+                                f"'v3', got {type(mv).__name__} {mv!r}")
+            out["model_version"] = mv
+        ex = kwargs.pop("exclude")
+        if ex is not UNSET and ex is not None:
+            if isinstance(ex, str) or not all(isinstance(n, str) for n in ex):
+                raise TypeError("@monitor(exclude=...): expected a list of method names, "
+                                f"e.g. exclude=['health'], got {ex!r}")
+            out["exclude"] = frozenset(ex)
+        te = kwargs.pop("tracing_enabled")
+        if te is not UNSET and te is not None:
+            if not isinstance(te, bool):
+                raise TypeError(f"@monitor(tracing_enabled=...): expected True, False or "
+                                f"None (auto), got {te!r}")
+            out["tracing_enabled"] = te
+        for name, v in kwargs.items():
+            if v is UNSET or v is None:
+                continue
+            out[name] = _CHECKS[name](name, v)
+        return cls(**out)
+
+    def resolved(self, name: str) -> Any:
+        v = getattr(self, name)
+        return from_env(name) if v is None else v

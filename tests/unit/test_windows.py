@@ -1,0 +1,497 @@
+"""WindowStore: functions against hand-computed values, windows, resolutions, upkeep."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from ray_monitor.catalog import Matcher, Query
+from ray_monitor.histogram import Histogram
+from ray_monitor.snapshot import (Exemplar, GpuDevice, GpuProcess, GpuSnapshot, HungRequest,
+                                  ReplicaHealth, ReplicaIdentity, ReplicaSnapshot, SeriesDelta)
+from ray_monitor.windows import WindowStore
+
+T0 = 1_000_020.0  # a multiple of 60: bucket edges of every ring fall on whole numbers
+
+
+class Clock:
+    def __init__(self, t: float = T0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def hist(*values: float) -> Histogram:
+    h = Histogram()
+    for v in values:
+        h.record(v)
+    return h
+
+
+def ident(replica: str = "r1", deployment: str = "d1", application: str = "app") -> ReplicaIdentity:
+    return ReplicaIdentity(application, deployment, replica, "node1", 100, "v1")
+
+
+def snap(end: float, *, replica: str = "r1", deployment: str = "d1", seq: int = 0,
+         series=(), inflight=None, health=None, dropped: int = 0) -> ReplicaSnapshot:
+    return ReplicaSnapshot(ident(replica, deployment), seq, end - 1.0, end, list(series),
+                           inflight or {}, health, dropped=dropped)
+
+
+def ok(*values: float, method: str = "__call__") -> SeriesDelta:
+    return SeriesDelta(method, "ok", False, hist(*values))
+
+
+def err(*values: float, method: str = "__call__") -> SeriesDelta:
+    return SeriesDelta(method, "ValueError", True, hist(*values))
+
+
+def q(function: str, metric: str, window_s: float = 60.0, by=None, matchers=(), param=None):
+    return Query(function, metric, window_s, by=by, matchers=tuple(matchers), param=param)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(clock: Clock) -> WindowStore:
+    return WindowStore(clock=clock)
+
+
+def feed(store: WindowStore, clock: Clock, times, make) -> None:
+    for t in times:
+        clock.t = t
+        store.ingest(make(t))
+
+
+# ---------------------------------------------------------------------------- counters
+
+def test_counter_functions_and_error_ratio(store, clock):
+    # 10 seconds, each: 4 ok and 1 error on r1, 2 ok on r2
+    for i in range(10):
+        t = T0 - 9 + i
+        clock.t = t
+        store.ingest(snap(t, replica="r1", seq=i, series=[ok(*[0.1] * 4), err(0.2)]))
+        store.ingest(snap(t, replica="r2", seq=i, series=[ok(0.1, 0.1)]))
+    clock.t = T0
+    by_rep = ("replica",)
+    assert store.evaluate(q("count", "requests", by=by_rep)) == {
+        (("replica", "r1"),): 50.0, (("replica", "r2"),): 20.0}
+    assert store.evaluate(q("sum", "requests")) == {(): 70.0}
+    assert store.evaluate(q("rate", "requests", 60.0)) == {(): pytest.approx(70 / 60)}
+    assert store.evaluate(q("count", "errors")) == {(): 10.0}
+    ratio = store.evaluate(q("error_ratio", "requests", by=by_rep))
+    assert ratio == {(("replica", "r1"),): pytest.approx(10 / 50), (("replica", "r2"),): 0.0}
+    assert store.evaluate(q("error_ratio", "errors")) == {(): pytest.approx(10 / 70)}
+
+
+def test_error_ratio_is_absent_without_requests(store, clock):
+    assert store.evaluate(q("error_ratio", "requests")) == {}
+    store.ingest(snap(T0, series=[ok(0.1)]))
+    clock.t = T0 + 120
+    assert store.evaluate(q("error_ratio", "requests")) == {}
+
+
+# ---------------------------------------------------------------------------- histograms
+
+def test_histogram_quantiles_match_numpy_within_one_percent(store, clock):
+    rng = np.random.default_rng(7)
+    raw = []
+    for i in range(30):
+        t = T0 - 29 + i
+        values = rng.lognormal(np.log(0.08), 0.8, 200)
+        raw.extend(values)
+        clock.t = t
+        store.ingest(snap(t, replica=f"r{i % 3}", seq=i // 3, series=[ok(*values)]))
+    clock.t = T0
+    for fn, quant in (("p50", 0.5), ("p90", 0.9), ("p95", 0.95), ("p99", 0.99)):
+        got = store.evaluate(q(fn, "latency_seconds"))[()]
+        assert got == pytest.approx(np.quantile(raw, quant, method="lower"), rel=0.01), fn
+    got = store.evaluate(q("quantile", "latency_seconds", param=0.75))[()]
+    assert got == pytest.approx(np.quantile(raw, 0.75, method="lower"), rel=0.01)
+    # and the same as merging Histogram objects by hand
+    assert got == pytest.approx(hist(*raw).quantile(0.75), rel=1e-12)
+
+
+def test_histogram_count_sum_avg_min_max_rate_ratio_above(store, clock):
+    values = [0.01, 0.02, 0.03, 0.5, 1.0, 2.0]
+    for i, v in enumerate(values):
+        clock.t = T0 - 5 + i
+        store.ingest(snap(clock.t, seq=i, series=[ok(v)]))
+    lat = "latency_seconds"
+    assert store.evaluate(q("count", lat)) == {(): 6.0}
+    assert store.evaluate(q("sum", lat))[()] == pytest.approx(sum(values))
+    assert store.evaluate(q("avg", lat))[()] == pytest.approx(sum(values) / 6)
+    assert store.evaluate(q("min", lat)) == {(): 0.01}
+    assert store.evaluate(q("max", lat)) == {(): 2.0}
+    assert store.evaluate(q("rate", lat, 60.0)) == {(): pytest.approx(6 / 60)}
+    assert store.evaluate(q("ratio_above", lat, param=0.25)) == {(): pytest.approx(3 / 6)}
+    assert store.evaluate(q("ratio_above", lat, param=5.0)) == {(): 0.0}
+    assert store.evaluate(q("ratio_above", lat, param=0.0)) == {(): 1.0}
+
+
+# ---------------------------------------------------------------------------- gauges
+
+def test_gauge_functions(store, clock):
+    # two replicas, in-flight r1: 1,2,3 ; r2: 10,10,20
+    for i, (a, b) in enumerate(((1, 10), (2, 10), (3, 20))):
+        clock.t = T0 - 2 + i
+        store.ingest(snap(clock.t, replica="r1", seq=i, inflight={"__call__": a}))
+        store.ingest(snap(clock.t, replica="r2", seq=i, inflight={"__call__": b}))
+    clock.t = T0
+    g = "inflight"
+    assert store.evaluate(q("avg", g)) == {(): pytest.approx(46 / 6)}
+    assert store.evaluate(q("min", g)) == {(): 1.0}
+    assert store.evaluate(q("max", g)) == {(): 20.0}
+    assert store.evaluate(q("count", g)) == {(): 6.0}
+    assert store.evaluate(q("last", g)) == {(): 23.0}  # 3 + 20: in flight now, deployment-wide
+    assert store.evaluate(q("sum", g))[()] == pytest.approx(2.0 + 40 / 3)
+    assert store.evaluate(q("last", g, by=("replica",))) == {
+        (("replica", "r1"),): 3.0, (("replica", "r2"),): 20.0}
+
+
+def test_health_gauges_and_loop_lag_skipped_when_none(store, clock):
+    health = ReplicaHealth(cpu_percent=55.0, rss_bytes=2 ** 30, loop_lag_s=None,
+                           longest_request_s=4.0,
+                           hung=[HungRequest("__call__", "id1", 40.0, "stack")])
+    store.ingest(snap(T0, health=health))
+    assert store.evaluate(q("last", "cpu_percent")) == {(): 55.0}
+    assert store.evaluate(q("last", "rss_bytes")) == {(): float(2 ** 30)}
+    assert store.evaluate(q("last", "longest_request_seconds")) == {(): 4.0}
+    assert store.evaluate(q("last", "hung_requests")) == {(): 1.0}
+    assert store.evaluate(q("last", "loop_lag_seconds")) == {}
+    node = store.evaluate(q("last", "cpu_percent", by=("node", "model_version")))
+    assert node == {(("model_version", "v1"), ("node", "node1")): 55.0}
+
+
+def test_deriv_of_a_growing_gauge(store, clock):
+    for i in range(30):
+        clock.t = T0 - 29 + i
+        store.ingest(snap(clock.t, seq=i, health=ReplicaHealth(rss_bytes=1000 + 50 * i)))
+    clock.t = T0
+    assert store.evaluate(q("deriv", "rss_bytes"))[()] == pytest.approx(50.0)
+    # fewer than 3 steps with data: absent
+    clock.t = T0 + 58
+    assert store.evaluate(q("deriv", "rss_bytes")) == {}
+
+
+# ---------------------------------------------------------------------------- zscore
+
+def test_zscore_flat_then_jump_is_large_and_flat_is_zero(store, clock):
+    for i in range(60):
+        clock.t = T0 - 59 + i
+        latency = 0.1 if i < 59 else 0.5
+        store.ingest(snap(clock.t, seq=i, series=[ok(latency, latency)],
+                          health=ReplicaHealth(cpu_percent=20.0)))
+    clock.t = T0
+    assert store.evaluate(q("zscore", "latency_seconds"))[()] > 100
+    assert store.evaluate(q("zscore", "cpu_percent")) == {(): 0.0}
+
+
+def test_zscore_of_noise_is_small_and_needs_history(store, clock):
+    rng = np.random.default_rng(3)
+    for i in range(120):
+        clock.t = T0 - 119 + i
+        n = int(rng.integers(90, 111))
+        store.ingest(snap(clock.t, seq=i, series=[ok(*[0.1] * n)],
+                          health=ReplicaHealth(cpu_percent=float(rng.normal(50, 5)))))
+    clock.t = T0 + 0.5
+    assert abs(store.evaluate(q("zscore", "cpu_percent", 120.0))[()]) < 4
+    # counters: per-step rate; the step still filling (T0) is left out
+    assert abs(store.evaluate(q("zscore", "requests", 120.0))[()]) < 4
+    clock.t = T0 + 55.5  # only the last 5 steps are in the window: 4 history steps
+    assert store.evaluate(q("zscore", "cpu_percent", 60.0)) == {}
+
+
+def test_zscore_of_a_counter_jump(store, clock):
+    for i in range(40):
+        clock.t = T0 - 39 + i
+        n = 10 if i < 38 else 100
+        store.ingest(snap(clock.t, seq=i, series=[ok(*[0.1] * n)]))
+    clock.t = T0 + 0.5  # steps up to T0 - 1 are complete, the 100-request one at T0-1 is latest
+    assert store.evaluate(q("zscore", "requests"))[()] > 100
+
+
+# ---------------------------------------------------------------------------- windows
+
+def test_window_edges_count_buckets_starting_inside(store, clock):
+    for t in (T0 - 60.5, T0 - 59.0, T0 - 0.5, T0):
+        clock.t = t
+        store.ingest(snap(t, series=[ok(0.1)]))
+    clock.t = T0
+    # buckets start in (T0 - 60, T0]: the one at T0 - 61 is out, T0 - 59 and on are in
+    assert store.evaluate(q("count", "requests", 60.0)) == {(): 3.0}
+    assert store.evaluate(q("count", "requests", 61.0)) == {(): 3.0}
+    assert store.evaluate(q("count", "requests", 62.0)) == {(): 4.0}
+
+
+def test_absent_when_no_data_in_window(store, clock):
+    for m in ("requests", "latency_seconds", "inflight"):
+        assert store.evaluate(q("count", m)) == {}
+    store.ingest(snap(T0, series=[ok(0.1)], inflight={"__call__": 1}))
+    clock.t = T0 + 300
+    for f, m in (("rate", "requests"), ("p99", "latency_seconds"), ("avg", "latency_seconds"),
+                 ("max", "inflight"), ("last", "inflight"), ("zscore", "inflight")):
+        assert store.evaluate(q(f, m)) == {}, f
+    assert store.evaluate(q("count", "requests", 600.0)) == {(): 1.0}
+
+
+def test_resolution_choice(store, clock):
+    # T0 is a multiple of 60. A snapshot 1785 s ago sits in a 10 s bucket that starts
+    # inside a 30 min window, but in a 60 s bucket that starts before it.
+    clock.t = T0
+    store.ingest(snap(T0 - 1785, seq=0, series=[ok(0.1)]))  # late: kept by the 10 s and 60 s rings
+    store.ingest(snap(T0 - 5 * 3600, seq=1, series=[ok(0.1)]))  # only the 60 s ring keeps it
+    assert store.evaluate(q("count", "requests", 1800.0)) == {(): 1.0}  # read from the 10 s ring
+    assert store.evaluate(q("count", "requests", 6 * 3600.0)) == {(): 2.0}  # from the 60 s ring
+    assert store.evaluate(q("count", "requests", 600.0)) == {}  # the 1 s ring never had them
+    assert store.max_window_s == 6 * 3600.0
+
+
+def test_coarse_blocks_give_the_same_answers_as_fine_buckets(clock):
+    # The default store reads whole 10 s / 60 s buckets inside long windows; a store with
+    # a single fine ring reads every second. Both must agree exactly.
+    fine = WindowStore(resolutions=((1.0, 600),), clock=clock)
+    multi = WindowStore(clock=clock)
+    rng = np.random.default_rng(11)
+    for i in range(590):
+        clock.t = T0 - 589 + i + 0.3
+        s = snap(clock.t, seq=i, series=[ok(*rng.lognormal(-2, 0.5, int(rng.integers(1, 20))))],
+                 inflight={"__call__": int(rng.integers(0, 9))})
+        fine.ingest(s)
+        multi.ingest(s)
+    for now in (T0 + 0.5, T0 + 7.25):
+        for f, m in (("count", "requests"), ("p99", "latency_seconds"), ("p50", "latency_seconds"),
+                     ("min", "latency_seconds"), ("max", "latency_seconds"),
+                     ("sum", "latency_seconds"), ("avg", "inflight"), ("max", "inflight"),
+                     ("last", "inflight"), ("sum", "inflight"), ("count", "inflight")):
+            for w in (37.0, 300.0, 555.0):
+                a, b = fine.evaluate(q(f, m, w), now), multi.evaluate(q(f, m, w), now)
+                assert a.keys() == b.keys() and all(
+                    math.isclose(a[k], b[k], rel_tol=1e-9) for k in a), (f, m, w, now)
+
+
+def test_late_snapshots_land_at_their_own_time(store, clock):
+    clock.t = T0
+    # the aggregator was away; buffered snapshots arrive together
+    store.ingest(snap(T0 - 200, seq=1, series=[ok(0.1, 0.1)]))
+    store.ingest(snap(T0 - 30, seq=2, series=[ok(0.1)]))
+    assert store.evaluate(q("count", "requests", 60.0)) == {(): 1.0}
+    assert store.evaluate(q("count", "requests", 300.0)) == {(): 3.0}
+    # older than the coarsest ring: dropped and counted
+    store.ingest(snap(T0 - 7 * 3600, seq=3, series=[ok(0.1)]))
+    assert store.evaluate(q("count", "requests", 6 * 3600.0)) == {(): 3.0}
+    stats = store.stats()
+    assert stats["late_snapshots"] == 2 and stats["too_old_snapshots"] == 1
+    # a replica clock ahead of ours cannot write the future
+    store.ingest(snap(T0 + 500, seq=4, series=[ok(0.1)]))
+    assert store.evaluate(q("count", "requests", 1.0)) == {(): 1.0}
+
+
+# ---------------------------------------------------------------------------- matchers, by
+
+def test_matchers_and_by(store, clock):
+    for dep in ("d1", "d10", "api"):
+        for rep in ("a", "b"):
+            store.ingest(snap(T0, replica=f"{dep}-{rep}", deployment=dep,
+                              series=[ok(0.1), err(0.2, method="predict")]))
+    by = ("deployment",)
+    m = lambda op, v, label="deployment": Matcher(label, op, v)  # noqa: E731
+    assert store.evaluate(q("count", "requests", by=by, matchers=[m("=", "d1")])) == {
+        (("deployment", "d1"),): 4.0}
+    assert set(store.evaluate(q("count", "requests", by=by, matchers=[m("!=", "d1")]))) == {
+        (("deployment", "d10"),), (("deployment", "api"),)}
+    # regexes are fully anchored, as in PromQL: "d1" does not match "d10"
+    assert set(store.evaluate(q("count", "requests", by=by, matchers=[m("=~", "d1")]))) == {
+        (("deployment", "d1"),)}
+    assert set(store.evaluate(q("count", "requests", by=by, matchers=[m("=~", "d.*")]))) == {
+        (("deployment", "d1"),), (("deployment", "d10"),)}
+    assert set(store.evaluate(q("count", "requests", by=by, matchers=[m("!~", "d.*")]))) == {
+        (("deployment", "api"),)}
+    both = store.evaluate(q("count", "requests", by=("method", "deployment"),
+                            matchers=[m("=", "api"), m("=", "predict", "method")]))
+    assert both == {(("deployment", "api"), ("method", "predict")): 2.0}
+    # a label the metric lacks reads as "": matches "" and groups under ""
+    assert store.evaluate(q("count", "requests", matchers=[m("=", "", "gpu")])) == {(): 12.0}
+    assert store.evaluate(q("count", "requests", matchers=[m("=", "x", "gpu")])) == {}
+    assert store.evaluate(q("count", "requests", by=("gpu",))) == {(("gpu", ""),): 12.0}
+
+
+def test_bad_queries_and_options_are_refused(store):
+    with pytest.raises(ValueError, match="unknown"):
+        store.evaluate(q("count", "nope"))
+    with pytest.raises(ValueError, match="does not apply"):
+        store.evaluate(q("p99", "requests"))
+    with pytest.raises(ValueError, match="regex"):
+        store.evaluate(q("count", "requests", matchers=[Matcher("replica", "=~", "(")]))
+    with pytest.raises(ValueError, match="whole multiple"):
+        WindowStore(resolutions=((1.0, 600), (15.5, 360)))
+    with pytest.raises(ValueError, match="series_ttl_s"):
+        WindowStore(series_ttl_s=0)
+    with pytest.raises(ValueError, match="max_series_per_metric"):
+        WindowStore(max_series_per_metric=0)
+
+
+# ---------------------------------------------------------------------------- the round memo
+
+def test_round_memo_is_shared_and_never_stale(store, clock):
+    store.ingest(snap(T0, series=[ok(0.1)]))
+    now = store.begin_round(T0 + 0.5)
+    first = store.evaluate(q("count", "requests"))
+    first[()] = -1.0  # the caller's copy: the memo must not see it
+    assert store.evaluate(q("count", "requests")) == {(): 1.0}
+    clock.t = now
+    store.ingest(snap(T0 + 0.5, seq=1, series=[ok(0.1)]))  # data arrives mid-round
+    assert store.evaluate(q("count", "requests")) == {(): 2.0}
+    assert store.evaluate(q("count", "requests"), now=T0 + 120) == {}
+    store.end_round()
+    clock.t = T0 + 1000
+    assert store.evaluate(q("count", "requests")) == {}  # the clock again, not the round's now
+
+
+# ---------------------------------------------------------------------------- upkeep
+
+def test_expiry_drops_series_not_updated(clock):
+    store = WindowStore(series_ttl_s=60.0, clock=clock)
+    store.ingest(snap(T0, replica="gone", series=[ok(0.1)], health=ReplicaHealth()))
+    clock.t = T0 + 50
+    store.ingest(snap(T0 + 50, replica="alive", series=[ok(0.1)]))
+    assert store.expire() == 0
+    clock.t = T0 + 61
+    removed = store.expire()
+    assert removed == 2 + 4  # requests, latency; cpu, rss, longest, hung (no loop lag)
+    reps = {s.labels["replica"] for s in store.cumulative()}
+    assert reps == {"alive"}
+    assert store.evaluate(q("count", "requests", 120.0, by=("replica",))) == {
+        (("replica", "alive"),): 1.0}
+    # the freed rows are reused by new series without leaking old data
+    store.ingest(snap(T0 + 61, replica="new", series=[ok(0.3)]))
+    assert store.evaluate(q("max", "latency_seconds", 120.0, by=("replica",))) == {
+        (("replica", "alive"),): 0.1, (("replica", "new"),): 0.3}
+
+
+def test_cardinality_cap_folds_into_other(clock):
+    store = WindowStore(max_series_per_metric=3, clock=clock)
+    for i in range(5):
+        store.ingest(snap(T0, replica=f"r{i}", series=[ok(0.1)]))
+    per_rep = store.evaluate(q("count", "requests", by=("replica",)))
+    assert per_rep == {(("replica", "r0"),): 1.0, (("replica", "r1"),): 1.0,
+                       (("replica", "r2"),): 1.0, (("replica", "other"),): 2.0}
+    other = [s for s in store.cumulative() if s.metric == "requests" and s.labels["replica"] == "other"]
+    assert other[0].labels == {n: "other" for n in other[0].labels}
+    stats = store.stats()
+    assert stats["series"]["requests"] == 4
+    assert stats["overflowed_series"]["requests"] == 2
+
+
+def test_gaps_are_counted(store):
+    store.ingest(snap(T0, seq=1))
+    store.ingest(snap(T0, seq=2))
+    store.ingest(snap(T0, seq=6, dropped=3))
+    store.ingest(snap(T0, replica="r2", seq=40))
+    stats = store.stats()
+    assert stats["snapshots_missed"] == 3
+    assert stats["replica_dropped"] == 3
+    assert stats["snapshots_ingested"] == 4
+
+
+def test_cumulative_contents(store, clock):
+    ex_old = Exemplar("a" * 32, "b" * 16, 0.1, T0 - 1)
+    ex_new = Exemplar("c" * 32, "d" * 16, 0.1, T0)
+    d1 = ok(0.1, 0.2)
+    d1.exemplars = {5: ex_old}
+    clock.t = T0 - 1
+    store.ingest(snap(T0 - 1, seq=0, series=[d1], inflight={"__call__": 4}))
+    d2 = ok(0.3)
+    d2.exemplars = {5: ex_new, 7: ex_old}
+    clock.t = T0
+    store.ingest(snap(T0, seq=1, series=[d2, err(0.4)], inflight={"__call__": 2}))
+    # a late gauge sample does not replace the latest one
+    store.ingest(snap(T0 - 10, seq=2, inflight={"__call__": 9}))
+    by = {(s.metric, s.labels.get("outcome")): s for s in store.cumulative()}
+    assert by[("requests", "ok")].value == 3.0 and by[("requests", "ok")].kind == "counter"
+    assert by[("errors", "ValueError")].value == 1.0
+    assert ("errors", "ok") not in by
+    lat = by[("latency_seconds", "ok")]
+    assert lat.histogram == hist(0.1, 0.2, 0.3)
+    assert lat.exemplars == {5: ex_new, 7: ex_old}
+    assert lat.labels == {"application": "app", "deployment": "d1", "replica": "r1",
+                          "method": "__call__", "model_version": "v1", "outcome": "ok"}
+    assert by[("inflight", None)].value == 2.0
+    assert by[("inflight", None)].updated == T0
+
+
+# ---------------------------------------------------------------------------- GPU
+
+def gpu_snapshot(t: float, xid0: dict, xid1: dict, lost1: bool = False) -> GpuSnapshot:
+    values = {"utilization_ratio": 0.5, "memory_used_bytes": 4e9, "memory_total_bytes": 16e9,
+              "temperature_celsius": 60.0, "power_watts": 200.0, "throttled": 0.0}
+    return GpuSnapshot("node1", t, devices=[
+        GpuDevice(0, "GPU-0", "H100", dict(values), xid_errors=xid0),
+        GpuDevice(1, "GPU-1", "H100", {"utilization_ratio": 0.9}, xid_errors=xid1, lost=lost1),
+    ], processes=[
+        GpuProcess(0, "GPU-0", 11, 1e9, 0.3, replica=ident("r1", "d1")),
+        GpuProcess(0, "GPU-0", 12, 2e9, None, replica=ident("r2", "d2")),
+        GpuProcess(0, "GPU-0", 13, 5e8, 0.1),
+        GpuProcess(1, "GPU-1", 14, 5e8, 0.1),
+    ])
+
+
+def test_gpu_device_series_per_deployment_and_processes(store):
+    store.ingest_gpu(gpu_snapshot(T0, {}, {}))
+    by = ("gpu", "deployment")
+    util = store.evaluate(q("last", "gpu_utilization", by=by))
+    assert util == {(("deployment", "d1"), ("gpu", "0")): 0.5,
+                    (("deployment", "d2"), ("gpu", "0")): 0.5,
+                    (("deployment", ""), ("gpu", "1")): 0.9}
+    assert store.evaluate(q("last", "gpu_memory_utilization", by=by))[
+        (("deployment", "d1"), ("gpu", "0"))] == pytest.approx(0.25)
+    # device 1 reports no memory: those gauges are skipped, not zero
+    assert (("deployment", ""), ("gpu", "1")) not in store.evaluate(
+        q("last", "gpu_memory_used_bytes", by=by))
+    full = store.evaluate(q("last", "gpu_power_watts", by=("node", "gpu", "uuid", "model",
+                                                         "application", "deployment")))
+    assert (("application", "app"), ("deployment", "d1"), ("gpu", "0"), ("model", "H100"),
+            ("node", "node1"), ("uuid", "GPU-0")) in full
+    mem = store.evaluate(q("last", "replica_gpu_memory_bytes", by=("replica", "pid")))
+    assert mem == {(("pid", "11"), ("replica", "r1")): 1e9, (("pid", "12"), ("replica", "r2")): 2e9,
+                   (("pid", "13"), ("replica", "")): 5e8, (("pid", "14"), ("replica", "")): 5e8}
+    sm = store.evaluate(q("last", "replica_gpu_utilization", by=("pid",)))
+    assert set(sm) == {(("pid", "11"),), (("pid", "13"),), (("pid", "14"),)}  # None skipped
+
+
+def test_gpu_xid_increases_and_lost_devices(store, clock):
+    def xid():
+        skip_d2 = [Matcher("deployment", "!=", "d2")]  # GPU 0's errors also show under d2
+        return store.evaluate(q("count", "gpu_xid_errors", 600.0, by=("gpu",), matchers=skip_d2))
+
+    store.ingest_gpu(gpu_snapshot(T0, {79: 2}, {}))  # first sight: counts in full
+    assert xid() == {(("gpu", "0"),): 2.0, (("gpu", "1"),): 0.0}
+    clock.t = T0 + 1
+    store.ingest_gpu(gpu_snapshot(T0 + 1, {79: 3, 48: 1}, {13: 1}, lost1=True))
+    assert xid() == {(("gpu", "0"),): 4.0, (("gpu", "1"),): 1.0}  # lost: XIDs still counted
+    # lost device: its values are skipped
+    assert store.evaluate(q("last", "gpu_utilization", by=("gpu",)))[(("gpu", "1"),)] == 0.9
+    assert store.evaluate(q("count", "gpu_utilization", by=("gpu",)))[(("gpu", "1"),)] == 1.0
+    clock.t = T0 + 2
+    store.ingest_gpu(gpu_snapshot(T0 + 2, {79: 1}, {13: 1}))  # decrease: the actor restarted
+    assert xid() == {(("gpu", "0"),): 5.0, (("gpu", "1"),): 1.0}
+    # each deployment on GPU 0 sees the device's errors
+    per_dep = store.evaluate(q("count", "gpu_xid_errors", 600.0, by=("gpu", "deployment")))
+    assert per_dep[(("deployment", "d1"), ("gpu", "0"))] == 5.0
+    totals = {(s.labels["gpu"], s.labels["deployment"]): s.value for s in store.cumulative()
+              if s.metric == "gpu_xid_errors"}
+    assert totals == {("0", "d1"): 5.0, ("0", "d2"): 5.0, ("1", ""): 1.0}
+
+
+def test_stats_shape(store):
+    store.ingest(snap(T0, series=[ok(0.1, 0.2)], health=ReplicaHealth()))
+    stats = store.stats()
+    assert stats["series"]["latency_seconds"] == 1
+    assert stats["buckets"] == 3 * stats["series_total"]  # one bucket per ring per series
+    assert stats["approx_bytes"] > 0
