@@ -24,6 +24,10 @@ from .snapshot import GpuSnapshot, ReplicaIdentity, ReplicaSnapshot
 logger = logging.getLogger("ray_monitor.aggregator")
 
 STATE_KEY = b"ray_monitor/aggregator/state"
+#: Rules and notifications changed after start: a restarted actor uses these, not the
+#: arguments it was first created with.
+CONFIG_KEY = b"ray_monitor/aggregator/config"
+PORT_KEY = b"ray_monitor/aggregator/port"
 KV_NAMESPACE = "ray_monitor"
 #: Summaries per deployment read these windows.
 SUMMARY_WINDOW_S = 60.0
@@ -163,6 +167,16 @@ class AggregatorCore:
         self.rules_text, self.rules_file = rules_text, filename or self.rules_file
         return {"status": "ok", "rules": sum(1 for _ in ruleset.rules())}
 
+    def configure_notifications(self, notifications: Optional[dict]) -> None:
+        """Replaces the receivers; the notification log carries over (no duplicates)."""
+        from .notify import Notifier
+
+        new = Notifier(notifications or {}, clock=self.clock)
+        new.restore(self.notifier.state_dict())
+        self.notifier.close(2.0)
+        self.notifier = new.start()
+        self.config["notifications"] = notifications
+
     # -- views ------------------------------------------------------------------------
 
     def alerts(self) -> list[dict]:
@@ -249,6 +263,9 @@ class Aggregator:
     """The actor around :class:`AggregatorCore`: the loop, the HTTP server, the GCS."""
 
     def __init__(self, config: dict) -> None:
+        saved = _kv_get(CONFIG_KEY)
+        if saved:
+            config = {**config, **json.loads(saved)}
         self.config = config
         self.core = AggregatorCore(config, persist=lambda b: _kv_put(STATE_KEY, b),
                                    load=lambda: _kv_get(STATE_KEY))
@@ -258,20 +275,33 @@ class Aggregator:
         self._server = None
         self._loop_task = None
         self._gpu = None
+        self._start_lock: Optional[asyncio.Lock] = None
 
     async def _ensure_started(self) -> None:
         if self._server is not None:
             return
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:  # ready() and ingest() may both arrive first
+            if self._server is None:
+                await self._start()
+
+    async def _start(self) -> None:
         from .http_api import start_server
 
-        # Reuse the port of a previous incarnation so scrape configs keep working.
-        prev = _kv_get(b"ray_monitor/aggregator/port")
+        # Reuse the port of a previous incarnation so scrape configs keep working; the
+        # old process may still hold it for a moment after a restart.
+        prev = _kv_get(PORT_KEY)
         port = self.port or (int(prev) if prev else 0)
-        try:
-            self._server, self.port = await start_server(self, self.host, port)
-        except OSError:
-            self._server, self.port = await start_server(self, self.host, self.port)
-        _kv_put(b"ray_monitor/aggregator/port", str(self.port).encode())
+        for attempt in range(40):
+            try:
+                self._server, self.port = await start_server(self, self.host, port)
+                break
+            except OSError:
+                if attempt == 39:
+                    raise
+                await asyncio.sleep(0.25)
+        _kv_put(PORT_KEY, str(self.port).encode())
         self.core.config["external_url"] = self.url()
         self._loop_task = asyncio.get_running_loop().create_task(self._loop())
         if self.config.get("gpu", True):
@@ -329,8 +359,20 @@ class Aggregator:
     async def hints(self) -> list[dict]:
         return []
 
+    def _save_config(self) -> None:
+        core = self.core
+        _kv_put(CONFIG_KEY, json.dumps({"rules_text": core.rules_text, "rules_file": core.rules_file,
+                                        "notifications": core.config.get("notifications")}
+                                       ).encode())
+
     async def reload(self, rules_text: Any, filename: Optional[str] = None) -> dict:
-        return self.core.reload(rules_text, filename)
+        res = self.core.reload(rules_text, filename)
+        self._save_config()
+        return res
+
+    async def configure(self, notifications: Optional[dict]) -> None:
+        self.core.configure_notifications(notifications)
+        self._save_config()
 
     async def query(self, function: str, metric: str, window_s: float,
                     by: Optional[tuple] = None, param: Optional[float] = None) -> dict:

@@ -113,6 +113,8 @@ def start(rules: Union[None, str, Path, dict] = None, **options: Any) -> Monitor
     url = ray.get(actor.ready.remote(), timeout=120)
     if text is not None:
         ray.get(actor.reload.remote(text, filename), timeout=60)
+    if options.get("notifications") is not None:
+        ray.get(actor.configure.remote(options["notifications"]), timeout=60)
     return Monitor(actor, url)
 
 
@@ -141,7 +143,8 @@ def stop() -> bool:
     ray.kill(actor, no_restart=True)
     from ray.experimental import internal_kv
 
-    from .aggregator import KV_NAMESPACE, STATE_KEY
+    from .aggregator import CONFIG_KEY, KV_NAMESPACE, PORT_KEY, STATE_KEY
 
-    internal_kv._internal_kv_del(STATE_KEY, namespace=KV_NAMESPACE)
+    for key in (STATE_KEY, CONFIG_KEY, PORT_KEY):
+        internal_kv._internal_kv_del(key, namespace=KV_NAMESPACE)
     return True

@@ -78,7 +78,7 @@ def make_app(agg) -> web.Application:
         from .rules import RuleError
 
         try:
-            res = core.reload(text, request.query.get("filename"))
+            res = await agg.reload(text, request.query.get("filename"))
         except RuleError as e:  # the old rules keep running
             return _json({"status": "error", "error": str(e)}, 400)
         return _json({"status": "success", "data": res})

@@ -1054,7 +1054,8 @@ class RuleEngine:
 
     def __init__(self, *, rules: RuleSet, clock: Callable[[], float] = time.time,
                  eval_interval_s: float = 1.0, resend_delay_s: float = 60.0,
-                 resolved_retention_s: float = 900.0, generator_url: str = ""):
+                 resolved_retention_s: float = 900.0, generator_url: str = "",
+                 restore_grace_s: float = 600.0):
         if not isinstance(rules, RuleSet):
             raise TypeError(f"rules must be a RuleSet from load_rules, not {type(rules).__name__}")
         for name, v in (("eval_interval_s", eval_interval_s), ("resend_delay_s", resend_delay_s),
@@ -1065,6 +1066,11 @@ class RuleEngine:
         self.eval_interval_s = float(eval_interval_s)
         self.resend_delay_s = float(resend_delay_s)
         self.resolved_retention_s = float(resolved_retention_s)
+        # After a restore the windows are empty: a rule is held as it was until it has
+        # seen its own window of new data (at most restore_grace_s, like Prometheus'
+        # for-grace-period), instead of reading "no data" as "resolved".
+        self.restore_grace_s = float(restore_grace_s)
+        self._restored_at: Optional[float] = None
         self.generator_url = generator_url
         self._ruleset = rules
         self._alerts: dict[tuple[str, str], dict[GroupKey, ActiveAlert]] = {}
@@ -1094,6 +1100,9 @@ class RuleEngine:
             evaluated.append(group.name)
             for rule in group.rules:
                 alerts = self._alerts.setdefault((group.name, rule.name), {})
+                if self._warming(rule, now):
+                    to_send.extend(self._send(rule, alerts, now, interval))
+                    continue
                 try:
                     matched = self._query(rule, source, now)
                 except Exception as exc:  # a failing query leaves its alerts as they were
@@ -1102,6 +1111,12 @@ class RuleEngine:
                     self._step(group.name, rule, alerts, matched, now)
                 to_send.extend(self._send(rule, alerts, now, interval))
         return EvalResult(now, evaluated, self.alerts(), to_send, errors)
+
+    def _warming(self, rule: AlertRule, now: float) -> bool:
+        if self._restored_at is None:
+            return False
+        window = max(c.query.window_s for c in rule.conditions)
+        return now - self._restored_at < min(window, self.restore_grace_s)
 
     @staticmethod
     def _query(rule: AlertRule, source: Source, now: float) -> dict[GroupKey, float]:
@@ -1256,6 +1271,7 @@ class RuleEngine:
             self._demote(rule, a, now)
             restored.setdefault((e["group"], e["rule"]), {})[key] = a
         self._alerts = restored
+        self._restored_at = now
 
 
 # --------------------------------------------------------------------------- export

@@ -331,7 +331,8 @@ def test_state_survives_a_restart_without_duplicate_firing():
     eng.evaluate(src, now=35.0)  # a new pending one, active since 35
     saved = json.loads(json.dumps(eng.state_dict()))
 
-    fresh = RuleEngine(rules=load_rules(ruleset(LATENCY)))  # "Other" no longer exists
+    # (restore_grace_s=0: this test is about the state; the grace period has its own test)
+    fresh = RuleEngine(rules=load_rules(ruleset(LATENCY)), restore_grace_s=0)  # "Other" is gone
     fresh.restore(saved, now=50.0)
     got = {(a.rule, a.key[1][1]): (a.state, a.active_at, a.last_sent_at) for a in fresh.alerts()}
     assert got == {("HighLatency", "Classifier"): ("firing", 0.0, 30.0),
@@ -482,3 +483,29 @@ def test_default_rules_load_and_each_has_for_severity_and_summary():
     assert rules["HighLatencyP99"].for_s == 300.0
     assert rules["ReplicaMemoryGrowth"].conditions[0].query.function == "deriv"
     assert rules["GPUXidErrors"].for_s == 0.0  # an XID error is worth a page at once
+
+
+def test_restored_alerts_are_held_until_their_window_has_new_data():
+    """After a restart the windows are empty; "no data" must not resolve a firing alert."""
+    from ray_monitor.rules import RuleEngine, load_rules
+
+    rules = load_rules({"groups": [{"name": "g", "rules": [
+        {"alert": "A", "expr": "error_ratio(requests[30s]) by (deployment) > 0.5"}]}]})
+
+    class Src:
+        def __init__(self, values):
+            self.values = values
+
+        def evaluate(self, query, now):
+            return self.values
+
+    key = (("deployment", "d"),)
+    first = RuleEngine(rules=rules)
+    first.evaluate(Src({key: 0.9}), now=100.0)
+    assert [a.state for a in first.alerts()] == ["firing"]
+    second = RuleEngine(rules=rules)
+    second.restore(first.state_dict(), now=200.0)
+    second.evaluate(Src({}), now=201.0)  # empty windows right after the restart
+    assert [a.state for a in second.alerts()] == ["firing"]
+    second.evaluate(Src({}), now=231.0)  # a whole window of new data says it is over
+    assert [a.state for a in second.alerts()] == ["resolved"]
