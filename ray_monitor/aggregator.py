@@ -70,6 +70,7 @@ class AggregatorCore:
         self.evaluations = 0
         self.last_eval_s = 0.0
         self._persist = persist
+        self._next_expire = 0.0
         self._last_state: Optional[str] = None
         if load is not None:
             self.restore(load())
@@ -113,7 +114,9 @@ class AggregatorCore:
     def evaluate(self, now: Optional[float] = None):
         now = self.clock() if now is None else now
         t = time.perf_counter()
-        self.store.expire(now)
+        if now >= self._next_expire:  # a scan of every series: not every second
+            self._next_expire = now + 10.0
+            self.store.expire(now)
         ttl = float(self.config.get("series_ttl_s", 300.0))
         for rid, (_, seen) in list(self.replicas.items()):
             if now - seen > ttl:

@@ -51,6 +51,14 @@ class Monitor:
     def stats(self) -> dict:
         return self._get(self.actor.stats.remote())
 
+    def gpus(self) -> dict:
+        """The latest GPU snapshot of each node: ``{node_id: GpuSnapshot}``."""
+        return self._get(self.actor.gpus.remote())
+
+    def gpu_actors(self) -> dict:
+        """The GPU-stats actor of each node: ``{node_id: actor handle}``."""
+        return self._get(self.actor.gpu_actors.remote())
+
     def reload(self, rules: Union[str, Path, dict]) -> dict:
         text, filename = _rules_source(rules)
         return self._get(self.actor.reload.remote(text, filename))

@@ -123,11 +123,13 @@ def _check_bins(bins: Any, ks_bins: Any, max_categories: Any) -> None:
 def _cuts(x: np.ndarray, bins: int) -> np.ndarray:
     """Cut points of sorted ``x`` at the ``j / bins`` quantiles: the observed value with
     ``floor(q * n)`` values before it, so with distinct values a bin holds exactly its
-    share. Ties collapse; a cut at the minimum is left out (nothing lies below it).
+    share. Ties collapse; a cut at the minimum is left out (nothing lies below it), unless
+    the reference is one constant: then values below and above it get bins of their own.
     ``k / bins`` and ``(k * m) / (bins * m)`` are the same double, so coarse cuts are fine cuts."""
     q = np.arange(1, bins) / bins
     cuts = np.unique(x[np.floor(q * len(x)).astype(np.int64)])
-    return cuts[cuts > x[0]]
+    cuts = cuts[cuts > x[0]]
+    return cuts if len(cuts) or x[0] != x[-1] else np.array([x[0], np.nextafter(x[0], np.inf)])
 
 
 def _is_number(v: Any) -> bool:
@@ -193,7 +195,8 @@ class Reference:
         x = np.asarray(values, dtype=float)
         if not np.isfinite(x).all():
             raise ValueError("reference values must be finite numbers")
-        fine, cuts = _cuts(np.sort(x), ks_bins), _cuts(np.sort(x), bins)
+        x.sort()
+        fine, cuts = _cuts(x, ks_bins), _cuts(x, bins)
         lower = np.concatenate(([-np.inf], fine))
         coarse = np.searchsorted(cuts, lower, side="right")
         counts = np.bincount(np.searchsorted(fine, x, side="right"), minlength=len(fine) + 1)
@@ -240,6 +243,18 @@ class Reference:
         except ValueError:
             return len(self.categories)
 
+    def count(self, values: list) -> tuple[np.ndarray, int]:
+        """Counts per bin of many observations, and how many were not of this kind."""
+        if self.kind == "numeric":
+            x = np.array([v for v in values if _is_number(v)], dtype=float)
+            x = x[np.isfinite(x)]
+            idx = np.searchsorted(np.asarray(self.edges), x, side="right")
+        else:
+            pos = {c: i for i, c in enumerate(self.categories)}
+            other = len(self.categories)
+            idx = np.array([pos.get(v, other) for v in values if isinstance(v, str)], dtype=np.int64)
+        return np.bincount(idx, minlength=self.size).astype(np.int64), len(values) - len(idx)
+
     def _coarse(self, counts: np.ndarray) -> np.ndarray:
         if self.kind != "numeric":
             return counts
@@ -270,11 +285,11 @@ class FeatureCounts:
     def __init__(self) -> None:
         self.counts: dict[tuple[str, str], np.ndarray] = {}
 
-    def add(self, metric: str, ref: Reference, index: int, n: int = 1) -> None:
-        a = self.counts.get((metric, ref.key))
-        if a is None:
-            a = self.counts[(metric, ref.key)] = np.zeros(ref.size, dtype=np.int64)
-        a[index] += n
+    def add(self, metric: str, ref: Reference, counts: np.ndarray) -> None:
+        """Adds per-bin ``counts`` (from :meth:`Reference.count`) of ``metric``."""
+        key = (metric, ref.key)
+        mine = self.counts.get(key)
+        self.counts[key] = counts.copy() if mine is None else mine + counts
 
     def merge(self, other: "FeatureCounts") -> "FeatureCounts":
         """Adds ``other`` into this one and returns it."""
@@ -347,38 +362,48 @@ class DriftMonitor:
     def observe(self, preds: Iterable[Prediction]) -> FeatureCounts:
         """Counts a batch of predictions (features and output) against the references;
         observations of metrics still building their reference go into it instead."""
-        out = FeatureCounts()
+        by_metric: dict[str, list] = {}
+        n = 0
         for p in preds:
-            self._counts["observations"] += 1
+            n += 1
             out_value = p.label if p.label is not None else p.value
             if out_value is not None:
-                self._one(out, PREDICTION, out_value)
-            for name, v in (p.features or {}).items():
-                self._one(out, FEATURE_PREFIX + name, v)
+                by_metric.setdefault(PREDICTION, []).append(out_value)
+            if p.features:
+                for name, v in p.features.items():
+                    by_metric.setdefault(FEATURE_PREFIX + name, []).append(v)
+        self._counts["observations"] += n
+        out = FeatureCounts()
+        for metric, values in by_metric.items():
+            ref = self._refs.get(metric)
+            if ref is None:
+                values = self._build(metric, values)
+                ref = self._refs.get(metric)
+                if ref is None or not values:
+                    continue
+            counts, mismatched = ref.count(values)
+            self._counts["mismatched"] += mismatched
+            out.add(metric, ref, counts)
         return out
 
-    def _one(self, out: FeatureCounts, metric: str, v: Any) -> None:
-        ref = self._refs.get(metric)
-        if ref is not None:
-            i = ref.bin(v)
-            if i is None:
-                self._counts["mismatched"] += 1
-            else:
-                out.add(metric, ref, i)
-            return
+    def _build(self, metric: str, values: list) -> list:
+        """Feeds a metric's reference sample; returns the values left once it is complete."""
         sample = self._building.get(metric)
         if sample is None:
             if len(self._refs) + len(self._building) >= self._max:
-                self._counts["metrics_over_cap"] += 1
-                return
+                self._counts["metrics_over_cap"] += len(values)
+                return []
             sample = self._building[metric] = []
-        if sample and isinstance(sample[0], str) != isinstance(v, str):
-            self._counts["mismatched"] += 1
-            return
-        sample.append(v)
-        if len(sample) >= self._size:
-            self._refs[metric] = Reference.from_values(sample, **self._options)
-            del self._building[metric]
+        for i, v in enumerate(values):
+            if sample and isinstance(sample[0], str) != isinstance(v, str):
+                self._counts["mismatched"] += 1
+                continue
+            sample.append(v)
+            if len(sample) >= self._size:
+                self._refs[metric] = Reference.from_values(sample, **self._options)
+                del self._building[metric]
+                return values[i + 1:]
+        return []
 
     def value(self, function: str, metric: str, counts: FeatureCounts) -> Optional[float]:
         """``psi``, ``js`` or ``ks`` of ``metric`` over a window's merged ``counts``."""

@@ -14,6 +14,7 @@ import functools
 import inspect
 import logging
 import time
+from types import AsyncGeneratorType, GeneratorType
 from typing import Any, Callable, Optional
 
 from opentelemetry import context as otel_context
@@ -185,12 +186,19 @@ class _Request:
         self.cells.end(self.token, outcome, is_error, latency, first_item, exemplar)
 
 
+_REQUEST_CONTEXT: Any = None  # Serve's request-context variable, looked up once
+
+
 def _request_id() -> str:
-    try:
-        from ray.serve.context import _serve_request_context
-    except ImportError:  # pragma: no cover
-        return ""
-    ctx = _serve_request_context.get()
+    global _REQUEST_CONTEXT
+    var = _REQUEST_CONTEXT
+    if var is None:
+        try:
+            from ray.serve.context import _serve_request_context as var
+        except ImportError:  # pragma: no cover - ray[serve] is a dependency
+            return ""
+        _REQUEST_CONTEXT = var
+    ctx = var.get()
     return ctx.request_id if ctx is not None else ""
 
 
@@ -343,10 +351,11 @@ def wrap_callable(fn: Callable, name: str, runtime: Runtime, bound: bool = True)
                 outcome, is_error = _outcome(e)
                 _done(hook, req, outcome, e, is_error)
                 raise
-            if req is not None and (inspect.isgenerator(result) or inspect.isasyncgen(result)):
+            kind = type(result)
+            if req is not None and (kind is GeneratorType or kind is AsyncGeneratorType):
                 # A plain function that returns a stream: time the stream, not the call.
                 req.exit()
-                if inspect.isgenerator(result):
+                if kind is GeneratorType:
                     return _timed_generator(hook, req, result)
                 return _timed_async_generator(hook, req, result)
             outcome, is_error = _result_outcome(result)

@@ -226,6 +226,9 @@ class FeedbackJoin:
 
     Several predictions may share an id (a request through two monitored deployments):
     the truth joins each of them whose kind (label or value) it matches.
+    Memory: at most ``max_pending`` waiting predictions, held feedback items and
+    remembered fates each, whatever the traffic. Expiry sweeps from the oldest arrival
+    and stops at the first live one; a straggler behind it expires when its feedback comes.
     Not thread-safe: the aggregator calls it from one thread.
     """
 
@@ -328,6 +331,9 @@ class FeedbackJoin:
         """Joins ground truth, one dict per item: ``{"request_id": ..., "label": ...}`` or
         ``{"request_id": ..., "value": ...}``. Never raises for a bad item: each gets its
         :class:`ItemStatus`, and the valid rest of the batch lands."""
+        if isinstance(items, (Mapping, str, bytes)):
+            raise TypeError("add_feedback takes a list of feedback items; wrap a single item "
+                            "in a list")
         now = self._clock()
         self._sweep(now)
         result = FeedbackResult()
@@ -406,6 +412,7 @@ def _parse_feedback(item: Any) -> tuple[str, Optional[str], Optional[float]]:
 # -- mergeable accumulators ----------------------------------------------------------------
 
 _AVERAGES = ("macro", "weighted", "binary")
+_SCORES = ("precision", "recall", "f1")
 
 
 class ClassificationCounts:
@@ -469,7 +476,9 @@ class ClassificationCounts:
               positive_label: Optional[str] = None) -> Optional[float]:
         """``precision``, ``recall`` or ``f1`` averaged ``macro``, ``weighted`` or
         ``binary``; ``None`` without data (or, for ``binary``, without a positive class)."""
-        i = ("precision", "recall", "f1").index(metric)
+        if metric not in _SCORES:
+            raise ValueError(f"metric must be one of {_SCORES}, got {metric!r}")
+        i = _SCORES.index(metric)
         if average not in _AVERAGES:
             raise ValueError(f"average must be one of {_AVERAGES}, got {average!r}")
         if not self.pairs:
@@ -639,7 +648,7 @@ class QualityAccumulator:
         if metric == "rmse":
             return self.regression.rmse()
         name, _, average = metric.partition("_")
-        if name in ("precision", "recall", "f1") and average in ("", "weighted", "binary"):
+        if name in _SCORES and average in ("", "weighted", "binary"):
             return self.classes.score(name, average or "macro", pos)
         raise ValueError(f"unknown quality metric {metric!r}; one of "
                          f"{sorted(k for k, m in QUALITY_METRICS.items() if m.kind == 'quality')}")

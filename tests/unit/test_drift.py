@@ -91,6 +91,8 @@ def test_numeric_reference_uses_decile_bins_for_psi_and_percentiles_for_ks():
     assert ref.bin(-50.0) == 0 and ref.bin(1e9) == 99  # beyond the range: the end bins
     assert ref.bin(ref.edges[3]) == 4  # a value on a cut goes to the bin above
     assert ref.bin("x") is None
+    counts, mismatched = ref.count([-50.0, 5.0, 5.5, "x", 999.0])
+    assert counts[0] == 3 and counts[99] == 1 and counts.sum() == 4 and mismatched == 1
     same = np.asarray(ref.counts)
     assert ref.compare("psi", same) == 0.0 and ref.compare("js", same) == 0.0
 
@@ -109,6 +111,7 @@ def test_categorical_reference_keeps_unseen_categories_apart():
     assert ref.categories == ("a", "b") and ref.counts == (6, 3, 1)
     assert ref.bin("b") == 1 and ref.bin("c") == 2 and ref.bin("never seen") == 2
     assert ref.bin(3.0) is None
+    assert ref.count(["a", "c", "zz", 3.0, "b"])[0].tolist() == [1, 1, 2]
     assert ref.compare("ks", np.array([1, 1, 1])) is None  # no order: no KS
     # hand-computed: p = (.6, .3, .1), q = (.2, .3, .5)
     want = (0.2 - 0.6) * math.log(0.2 / 0.6) + (0.5 - 0.1) * math.log(0.5 / 0.1)
@@ -143,8 +146,8 @@ def test_feature_counts_merge_to_the_whole_and_keep_references_apart():
     rng = np.random.default_rng(4)
     for i, v in enumerate(rng.normal(2, 1, size=300)):
         for fc in (whole, parts[i % 3]):
-            fc.add("feature_x", ref, ref.bin(float(v)))
-            fc.add("feature_c", other, other.bin("a" if v > 2 else "z"))
+            fc.add("feature_x", ref, ref.count([float(v)])[0])
+            fc.add("feature_c", other, other.count(["a" if v > 2 else "z"])[0])
     merged = FeatureCounts().merge(parts[0]).merge(parts[1]).merge(parts[2])
     assert merged.counts.keys() == whole.counts.keys()
     for key in whole.counts:
