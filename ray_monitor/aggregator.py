@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from typing import Any, Optional
 
@@ -31,6 +32,8 @@ PORT_KEY = b"ray_monitor/aggregator/port"
 KV_NAMESPACE = "ray_monitor"
 #: Summaries per deployment read these windows.
 SUMMARY_WINDOW_S = 60.0
+#: A replica counts as running when it reported this recently (it flushes every second).
+REPLICA_ALIVE_S = 5.0
 
 
 def _kv_get(key: bytes) -> Optional[bytes]:
@@ -49,6 +52,7 @@ class AggregatorCore:
     """Everything the actor does, without Ray: tests drive it with an injected clock."""
 
     def __init__(self, config: dict, *, clock=time.time, persist=None, load=None) -> None:
+        from .hints import HintEngine, load_hint_config
         from .notify import Notifier
         from .rules import RuleEngine, load_rules
         from .windows import WindowStore
@@ -62,6 +66,9 @@ class AggregatorCore:
         ruleset = load_rules(self.rules_text or {"groups": []}, filename=self.rules_file)
         self.engine = RuleEngine(rules=ruleset, clock=clock, eval_interval_s=self.eval_interval_s,
                                  generator_url=config.get("external_url", ""))
+        self.hints = HintEngine(config=load_hint_config(self.rules_text, filename=self.rules_file),
+                                clock=clock)
+        self._applied: dict[tuple[str, str], int] = {}  # external scaler: last target sent
         self.notifier = Notifier(config.get("notifications") or {}, clock=clock)
         self.replicas: dict[str, tuple[ReplicaIdentity, float]] = {}  # replica -> (identity, seen)
         self.gpu_latest: dict[str, GpuSnapshot] = {}
@@ -130,13 +137,55 @@ class AggregatorCore:
             self.count_error("rules", f"eval_failed:{err.group}/{err.rule}")
         if result.to_send:
             self.notifier.submit(result.to_send, now=now)
+        self.store.begin_round(now)
+        try:
+            hints = self.hints.update(now, current_replicas=self.current_replicas(now),
+                                      firing=[a for a in result.alerts if a.state == "firing"],
+                                      query=self.store.evaluate)
+        except Exception as e:  # a hint bug must not stop alerting
+            self.count_error("hints", f"update_failed:{type(e).__name__}", e)
+            hints = []
+        finally:
+            self.store.end_round()
+        self._apply_external(hints)
         self.evaluations += 1
         self.last_eval_s = time.perf_counter() - t
         self.save()
         return result
 
+    def current_replicas(self, now: float) -> dict[tuple[str, str], int]:
+        """Replicas per deployment that reported in the last few flushes."""
+        out: dict[tuple[str, str], int] = {}
+        for ident, seen in self.replicas.values():
+            if now - seen <= REPLICA_ALIVE_S:
+                key = (ident.application, ident.deployment)
+                out[key] = out.get(key, 0) + 1
+        return out
+
+    def _apply_external(self, hints) -> None:
+        """Deployments with ``apply: external`` are scaled through Serve's external
+        scaler endpoint, off the evaluation loop, only when the target changes."""
+        for h in hints:
+            key = (h.application, h.deployment)
+            if h.apply != "external" or h.desired is None or self._applied.get(key) == h.desired:
+                continue
+            self._applied[key] = h.desired
+            threading.Thread(target=self._post_scale, args=(h,), daemon=True).start()
+
+    def _post_scale(self, hint) -> None:
+        from .autoscaling import apply_external
+
+        try:
+            apply_external(hint, dashboard_url=self.config.get("dashboard_url",
+                                                               "http://127.0.0.1:8265"),
+                           headers=_ray_auth_headers())
+        except Exception as e:
+            self._applied.pop((hint.application, hint.deployment), None)
+            self.count_error("hints", f"external_scale_failed:{type(e).__name__}", e)
+
     def state(self) -> dict:
-        return {"alerts": self.engine.state_dict(), "notifier": self.notifier.state_dict()}
+        return {"alerts": self.engine.state_dict(), "notifier": self.notifier.state_dict(),
+                "hints": self.hints.state_dict()}
 
     def save(self) -> None:
         if self._persist is None:
@@ -156,6 +205,8 @@ class AggregatorCore:
             state = json.loads(raw)
             self.engine.restore(state.get("alerts", {}), now=self.clock())
             self.notifier.restore(state.get("notifier", {}))
+            if state.get("hints"):
+                self.hints.restore(state["hints"])
             self._last_state = json.dumps(state, sort_keys=True)
             logger.info("ray-monitor aggregator: restored %d alerts from the GCS",
                         len(self.engine.alerts()))
@@ -165,8 +216,12 @@ class AggregatorCore:
     def reload(self, rules_text: Any, filename: Optional[str] = None) -> dict:
         from .rules import load_rules
 
+        from .hints import load_hint_config
+
         ruleset = load_rules(rules_text, filename=filename or self.rules_file)  # raises first
+        hint_config = load_hint_config(rules_text, filename=filename or self.rules_file)
         self.engine.reload(ruleset, now=self.clock())
+        self.hints.reload(hint_config)
         self.rules_text, self.rules_file = rules_text, filename or self.rules_file
         return {"status": "ok", "rules": sum(1 for _ in ruleset.rules())}
 
@@ -249,6 +304,17 @@ class AggregatorCore:
             "evaluations": ("Rule evaluations run.", float(self.evaluations)),
         }
         return {"errors": errors, "gauges": gauges, "counters": counters}
+
+
+def _ray_auth_headers() -> dict:
+    """Ray's dashboard wants its token when token authentication is on."""
+    try:
+        from ray._private.authentication.http_token_authentication import (
+            get_auth_headers_if_auth_enabled)
+
+        return dict(get_auth_headers_if_auth_enabled({}) or {})
+    except Exception:
+        return {}
 
 
 def _num(v):
@@ -360,7 +426,7 @@ class Aggregator:
         return self.core.deployments()
 
     async def hints(self) -> list[dict]:
-        return []
+        return [h.to_dict() for h in self.core.hints.hints()]
 
     def _save_config(self) -> None:
         core = self.core

@@ -8,7 +8,7 @@ series, and the monitor's own health as ``ray_monitor_self_*``.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
@@ -30,10 +30,12 @@ class MonitorCollector:
     """Collects from callables so the aggregator decides what is current."""
 
     def __init__(self, *, series: Callable[[], Iterable], alerts: Callable[[], Iterable],
-                 self_metrics: Callable[[], dict]) -> None:
+                 self_metrics: Callable[[], dict],
+                 autoscale: Optional[Callable[[], tuple[list, dict]]] = None) -> None:
         self._series = series
         self._alerts = alerts
         self._self = self_metrics
+        self._autoscale = autoscale
 
     def collect(self) -> Iterable[Metric]:
         families: dict[str, Metric] = {}
@@ -73,6 +75,8 @@ class MonitorCollector:
             row = {**labels, "alertstate": state}
             alerts.add_metric([str(row.get(n, "")) for n in names], 1.0)
         yield alerts
+        if self._autoscale is not None:
+            yield from autoscale_families(*self._autoscale())
         yield from self_families(self._self())
 
 
@@ -93,6 +97,23 @@ def _buckets(h, exemplars) -> list:
         ex = by_le.get(le)
         out.append([_le(le), count, ex] if ex is not None else [_le(le), count])
     return out
+
+
+def autoscale_families(hints: list, decisions: dict) -> Iterable[Metric]:
+    """The autoscaling hints: what the monitor asks for, and every decision it made."""
+    desired = GaugeMetricFamily("ray_monitor_autoscale_desired_replicas",
+                                "Replicas the monitor asks for, per deployment.",
+                                labels=["application", "deployment"])
+    for h in hints:
+        if h.desired is not None:
+            desired.add_metric([h.application, h.deployment], float(h.desired))
+    yield desired
+    made = CounterMetricFamily("ray_monitor_autoscale_decisions",
+                               "Hint decisions, by direction and reason.",
+                               labels=["application", "deployment", "direction", "reason"])
+    for (app, dep, direction, reason), n in sorted(decisions.items()):
+        made.add_metric([app, dep, direction, reason], float(n))
+    yield made
 
 
 def self_families(stats: dict) -> Iterable[Metric]:

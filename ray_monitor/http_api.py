@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
+from . import status_page
 from .exposition import MonitorCollector, render
 
 logger = logging.getLogger("ray_monitor.http")
@@ -52,7 +53,8 @@ def make_app(agg) -> web.Application:
     core = agg.core
     collector = MonitorCollector(series=core.store.cumulative,
                                  alerts=core.engine.alert_series,
-                                 self_metrics=core.self_metrics)
+                                 self_metrics=core.self_metrics,
+                                 autoscale=lambda: (core.hints.hints(), core.hints.decisions))
 
     async def metrics(request: web.Request) -> web.Response:
         body, ctype = render(collector, request.headers.get("Accept", ""))
@@ -91,6 +93,7 @@ def make_app(agg) -> web.Application:
                     web.get("/api/v1/rules", rules), web.get("/api/v1/deployments", deployments),
                     web.get("/api/v1/hints", hints), web.post("/api/v1/rules/reload", reload),
                     web.get("/-/healthy", health)])
+    status_page.add_routes(app, agg)
     return app
 
 

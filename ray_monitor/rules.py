@@ -651,7 +651,9 @@ class RuleSet:
 
 _LABEL_NAME_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 _RULE_NAME_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
-_TOP_KEYS = ("groups",)
+# ``autoscaling`` belongs to the hints (see :mod:`ray_monitor.hints`), which read it from
+# the same file.
+_TOP_KEYS = ("groups", "autoscaling")
 _GROUP_KEYS = ("name", "interval", "rules")
 _ALERT_KEYS = ("alert", "expr", "for", "keep_firing_for", "labels", "annotations", "scale")
 _SLO_KEYS = ("slo", "objective", "sli", "by", "labels", "annotations")

@@ -9,17 +9,26 @@ injected time ``t`` (seconds), so values change from one sample to the next.
     fake.fail("nvmlDeviceGetPowerUsage", pynvml.NVML_ERROR_NOT_SUPPORTED, gpu=1)
     fake.missing.add("nvmlDeviceGetCurrentClocksEventReasons")   # an old binding
     fake.queue_xid(0, 79)                                          # GPU 0 fell off the bus
+
+Inside a real ``GpuStatsActor`` (``nvml_factory="tests.fake_nvml:make_fake"``) the fake cannot
+be reached from the test, so ``make_fake()`` reads extra compute processes from Ray's GCS
+key-value store on every call: a test on the cluster publishes them with
+``set_cluster_processes([ExtraProcess(gpu=0, pid=replica_pid, used_memory=GiB)])`` and
+withdraws them with ``set_cluster_processes([])``. The store is per cluster, so concurrent
+test sessions on other clusters never see each other's processes.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import queue
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import pynvml
 
@@ -31,6 +40,17 @@ GiB = 1 << 30
 class FakeProcess:
     pid: int
     used_memory: Optional[int]  # bytes; None where the driver cannot say
+
+
+@dataclass(frozen=True)
+class ExtraProcess:
+    """A compute process on a physical GPU, added at run time (see ``process_source``)."""
+
+    gpu: int
+    pid: int
+    used_memory: Optional[int]  # bytes
+    sm_util: Optional[int] = None  # percent; sampled afresh at every utilization call
+    node_id: str = ""  # for ``make_fake()``: only the node with this Ray node id ("": every node)
 
 
 @dataclass
@@ -98,13 +118,15 @@ class FakeNvml:
     NVMLError = pynvml.NVMLError
 
     def __init__(self, *, gpus: Union[int, list[FakeGpu]] = 2, clock: Callable[[], float] = time.time,
-                 init_error: Optional[int] = None, missing: tuple[str, ...] = ()) -> None:
+                 init_error: Optional[int] = None, missing: tuple[str, ...] = (),
+                 process_source: Optional[Callable[[], Sequence[ExtraProcess]]] = None) -> None:
         self.gpus = [FakeGpu() for _ in range(gpus)] if isinstance(gpus, int) else list(gpus)
         for i, gpu in enumerate(self.gpus):
             gpu.uuid = gpu.uuid or f"GPU-00000000-0000-0000-0000-{i:012d}"
         self.clock = clock
         self.init_error = init_error
         self.missing = set(missing)
+        self.process_source = process_source  # called at every process query
         self.calls: Counter = Counter()
         self.process_util_since: list[int] = []  # the timestamps nvmlDeviceGetProcessUtilization was given
         self.event_sets: list[FakeEventSet] = []
@@ -331,6 +353,8 @@ class FakeNvml:
         self._enter("nvmlDeviceGetComputeRunningProcesses", handle)
         gpu = self._gpu(handle)
         procs = gpu.mig[handle.mig_slot].processes if handle.mig_slot is not None else gpu.processes
+        if handle.mig_slot is None:
+            procs = procs + [FakeProcess(p.pid, p.used_memory) for p in self._extra(handle)]
         return [SimpleNamespace(pid=p.pid, usedGpuMemory=p.used_memory, gpuInstanceId=0xFFFFFFFF,
                                 computeInstanceId=0xFFFFFFFF) for p in procs]
 
@@ -338,11 +362,18 @@ class FakeNvml:
         self._enter("nvmlDeviceGetProcessUtilization", handle)
         self.process_util_since.append(timestamp)
         gpu = self._physical_only(handle)
-        newer = [s for s in gpu.process_samples if s[1] > timestamp]
+        now_us = int(self._t() * 1e6)
+        extra = [(p.pid, now_us, p.sm_util, 0) for p in self._extra(handle) if p.sm_util is not None]
+        newer = [s for s in gpu.process_samples + extra if s[1] > timestamp]
         if not newer:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
         return [pynvml.c_nvmlProcessUtilizationSample_t(pid=pid, timeStamp=ts, smUtil=sm, memUtil=mem)
                 for pid, ts, sm, mem in newer]
+
+    def _extra(self, handle: FakeHandle) -> list[ExtraProcess]:
+        if self.process_source is None:
+            return []
+        return [p for p in self.process_source() if p.gpu == handle.gpu]
 
     # -- events ----------------------------------------------------------------------------------------
 
@@ -374,6 +405,35 @@ class FakeNvml:
         event_set.freed = True
 
 
+#: Where ``set_cluster_processes`` puts the extra processes (Ray's GCS key-value store).
+KV_KEY = b"fake_nvml/processes"
+KV_NAMESPACE = "ray_monitor_tests"
+
+
+def set_cluster_processes(processes: Sequence[ExtraProcess]) -> None:
+    """From a driver connected to the cluster: the extra processes every ``make_fake()`` reports."""
+    from ray.experimental import internal_kv
+
+    text = json.dumps([dataclasses.asdict(p) for p in processes])
+    internal_kv._internal_kv_put(KV_KEY, text.encode(), overwrite=True, namespace=KV_NAMESPACE)
+
+
+def cluster_processes() -> list[ExtraProcess]:
+    """The extra processes published for this node; none outside a Ray worker or driver."""
+    import ray
+    from ray.experimental import internal_kv
+
+    if not ray.is_initialized():
+        return []
+    raw = internal_kv._internal_kv_get(KV_KEY, namespace=KV_NAMESPACE)
+    if not raw:
+        return []
+    node_id = ray.get_runtime_context().get_node_id()
+    return [p for p in (ExtraProcess(**d) for d in json.loads(raw)) if p.node_id in ("", node_id)]
+
+
 def make_fake() -> FakeNvml:
-    """Two busy H100s, for a real GpuStatsActor: ``nvml_factory="tests.fake_nvml:make_fake"``."""
-    return FakeNvml(gpus=2)
+    """Two busy H100s, for a real GpuStatsActor: ``nvml_factory="tests.fake_nvml:make_fake"``.
+
+    Their compute processes are those published with ``set_cluster_processes``."""
+    return FakeNvml(gpus=2, process_source=cluster_processes)

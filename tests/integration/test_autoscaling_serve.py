@@ -1,0 +1,174 @@
+"""Scale-out from alerts and targets through Ray Serve's own autoscaling policy.
+
+A monitored deployment with ray-monitor's policy installed gets slower on purpose; the
+monitor's hint raises its replica count, and after the fault it comes back to its
+minimum only once the (shortened) stabilization window has passed. Killing the
+aggregator leaves Serve scaling on its default decision, with no exception in the
+controller's log.
+"""
+
+from __future__ import annotations
+
+import glob
+import time
+import uuid
+
+import pytest
+import ray
+from ray import serve
+from ray.serve.config import AutoscalingConfig, AutoscalingPolicy
+
+from ray_monitor import monitor
+from tests.conftest import wait_until
+from tests.integration.test_alerts_serve import Traffic
+
+pytestmark = pytest.mark.ray
+
+STABILIZATION_S = 12
+POLICY = AutoscalingPolicy(policy_function="ray_monitor.autoscaling:MonitorPolicy",
+                           policy_kwargs={"stale_after_s": 3, "refresh_interval_s": 0.5})
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=50,
+                  autoscaling_config=AutoscalingConfig(
+                      min_replicas=1, max_replicas=3, initial_replicas=1, upscale_delay_s=0.5,
+                      downscale_delay_s=1, look_back_period_s=2, metrics_interval_s=0.5,
+                      target_ongoing_requests=1000, policy=POLICY))
+@monitor
+class Scalable:
+    def __init__(self):
+        self.delay = 0.0
+
+    def set_delay(self, delay: float) -> float:
+        self.delay = delay
+        return delay
+
+    async def __call__(self, x: int) -> int:
+        import asyncio
+
+        await asyncio.sleep(self.delay)
+        return x
+
+
+def running(app: str) -> int:
+    dep = serve.status().applications[app].deployments["Scalable"]
+    return dep.replica_states.get("RUNNING", 0)
+
+
+def set_delay_everywhere(h, delay: float) -> None:
+    # Each replica gets the call a few times; new replicas start healthy (delay 0).
+    for _ in range(6):
+        h.set_delay.remote(delay).result()
+
+
+def scaling_rules(app: str, *, rule: bool, target: bool) -> str:
+    text = f"""
+groups:
+  - name: scaling
+    interval: 1s
+    rules:
+"""
+    if rule:
+        text += f"""      - alert: ScalableSlow
+        expr: p95(latency_seconds{{application="{app}", method="__call__"}}[5s]) by (application, deployment) > 0.2
+        for: 2s
+        scale: {{deployment: "{{{{ $labels.deployment }}}}", step: 1, cooldown: 5s}}
+"""
+    else:
+        text += """      - alert: Never
+        expr: count(requests{application="none"}[1m]) > 1
+"""
+    text += f"""
+autoscaling:
+  deployments:
+    - application: {app}
+      deployment: Scalable
+      min_replicas: 1
+      max_replicas: 3
+      cooldown: 5s
+      scale_down_stabilization: {STABILIZATION_S}s
+"""
+    if target:
+        text += """      targets:
+        - metric: p95(latency_seconds{method="__call__"}[5s])
+          value: 0.2
+"""
+    return text
+
+
+def _alert(mon, name, app):
+    return next((a for a in mon.alerts() if a["name"] == name
+                 and a["labels"].get("application") == app), None)
+
+
+@pytest.mark.parametrize("source", ["rule", "target"])
+def test_latency_scales_out_and_back_after_stabilization(mon, serve_apps, source):
+    app = f"s{uuid.uuid4().hex[:8]}"
+    serve_apps.append(app)
+    h = serve.run(Scalable.bind(), name=app, route_prefix=f"/{app}")
+    mon.reload(scaling_rules(app, rule=source == "rule", target=source == "target"))
+    try:
+        assert running(app) == 1
+        with Traffic(h, period_s=0.02):
+            time.sleep(3)
+            set_delay_everywhere(h, 0.4)
+            if source == "rule":
+                firing = wait_until(lambda: (a := _alert(mon, "ScalableSlow", app))
+                                    and a["state"] == "firing" and a, timeout=60,
+                                    what="the scale rule's alert firing")
+                trigger = firing["fired_at"]
+            else:
+                trigger = time.time()
+            hint = wait_until(lambda: next((x for x in mon.hints() if x["application"] == app
+                                            and (x["desired"] or 0) > 1), None), timeout=60,
+                              what="a hint above one replica")
+            scaled = wait_until(lambda: running(app) >= 2, timeout=60, what="a second replica")
+            t_running = time.time()
+            assert scaled
+            print(f"{source}: hint desired={hint['desired']} {hint['updated_at'] - trigger:.1f}s "
+                  f"after the trigger; 2+ replicas running {t_running - trigger:.1f}s after")
+            assert t_running - trigger <= 15 + 5  # within 15 s of firing (+ a replica's start)
+            assert hint["reason"] in ("rule", "target", "max_replicas")
+            set_delay_everywhere(h, 0.0)
+            for _ in range(8):  # reach the replicas that started with a delay of 0 anyway
+                h.set_delay.remote(0.0).result()
+            calm = time.time()
+            wait_until(lambda: running(app) == 1, timeout=STABILIZATION_S + 60,
+                       what="back to the minimum")
+            back = time.time() - calm
+            print(f"{source}: back to 1 replica {back:.1f}s after the fault stopped")
+            assert back >= STABILIZATION_S - 2  # not before the stabilization window
+    finally:
+        mon.reload("groups: []")
+
+
+def _controller_log() -> str:
+    text = ""
+    for path in glob.glob("/tmp/ray/session_latest/logs/serve/controller_*.log"):
+        with open(path, errors="replace") as f:
+            text += f.read()
+    return text
+
+
+def test_aggregator_killed_serve_keeps_its_default_decision(mon, serve_apps):
+    app = f"s{uuid.uuid4().hex[:8]}"
+    serve_apps.append(app)
+    h = serve.run(Scalable.bind(), name=app, route_prefix=f"/{app}")
+    mon.reload(scaling_rules(app, rule=True, target=False))
+    log_start = len(_controller_log())
+    try:
+        with Traffic(h, period_s=0.05) as traffic:
+            time.sleep(2)
+            ray.kill(mon.actor, no_restart=False)
+            # While it is away the policy falls back to Serve's own decision and says so.
+            wait_until(lambda: "falling back to Serve's default decision" in _controller_log(),
+                       timeout=60, what="the policy's fallback line in the controller's log")
+            sent = traffic.sent
+            wait_until(lambda: traffic.sent > sent + 20, timeout=30, what="traffic still served")
+            assert running(app) >= 1
+            ray.get(mon.actor.ready.remote(), timeout=120)
+        new = _controller_log()[log_start:]
+        assert "falling back to Serve's default decision" in new
+        assert "Traceback" not in new and "Exception" not in new, new[-3000:]
+    finally:
+        mon.reload("groups: []")
