@@ -252,3 +252,50 @@ def test_error_arrives_as_an_error_span(mon, otlp, serve_apps, serve_http):
                for name, attrs in leaf.events)
     wait_counts(mon, app, {("Leaf", "__call__", "KeyError"): 1,
                                ("Root", "__call__", "KeyError"): 1})
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@monitor
+class Streamer:
+    def __call__(self, request):
+        n = int(request.query_params.get("n", "3"))
+        for i in range(n):
+            yield f"{i}\n"
+
+
+def test_http_streaming_generator_records_first_item_and_total(mon, serve_apps, serve_http):
+    app = _app()
+    serve_apps.append(app)
+    serve.run(Streamer.bind(), name=app, route_prefix=f"/{app}")
+    for _ in range(4):
+        r = requests.get(f"{serve_http}/{app}?n=5", timeout=30, stream=True)
+        assert list(r.iter_lines(decode_unicode=True)) == ["0", "1", "2", "3", "4"]
+    wait_counts(mon, app, {("Streamer", "__call__", "ok"): 4})
+    import json
+    first = mon.query("count", "first_item_seconds", 600.0, by=("application",))
+    assert {json.loads(k)["application"]: v for k, v in first.items()}.get(app) == 4
+
+
+def test_replica_metrics_arrive_over_otlp(mon, otlp, serve_apps):
+    app = _app()
+    serve_apps.append(app)
+    h = serve.run(AllKinds.bind(), name=app, route_prefix=f"/{app}")
+    for i in range(9):
+        h.sync.remote(i).result()
+
+    def points(rx):
+        out = []
+        for m in rx.metrics():
+            if m.name != "ray_monitor.request.duration":
+                continue
+            for p in m.data_points:
+                a = p["attributes"]
+                if a.get("application") == app and a.get("method") == "sync":
+                    out.append((m, p))
+        return out[-1:] if out and out[-1][1]["count"] == 9 else None
+    [(metric, point)] = otlp.wait_for(points, timeout=60,
+                                      what="the replica's OTLP latency histogram with 9 requests")
+    assert metric.kind == "exponential_histogram" and metric.unit == "s"
+    assert point["scale"] == 6 and sum(point["positive_bucket_counts"]) + point["zero_count"] == 9
+    assert point["attributes"]["model_version"] == "v1"
+    assert metric.resource["service.name"] == app
