@@ -1,4 +1,4 @@
-"""The ``ray-monitor`` command line: start, stop, status, alerts and rule files.
+"""The ``ray-monitor`` command line: start, stop, status, alerts, rule files, dashboard.
 
 Each command is a function ``(args, *, out, ...)`` whose seams (``connect``,
 ``start``, ``stop``, ``clock``, ``sleep``) are injectable, so tests drive it with a
@@ -376,6 +376,18 @@ def cmd_rules_reload(args, *, connect: Optional[Callable[[], Any]] = None,
     return EXIT_OK
 
 
+def cmd_dashboard_export(args, *, out: TextIO = sys.stdout) -> int:
+    from .dashboard import dashboard_json
+
+    text = dashboard_json(title=args.title, uid=args.uid)
+    if args.output in (None, "-"):
+        out.write(text)
+    else:
+        Path(args.output).write_text(text, encoding="utf-8")
+        out.write(f"wrote {args.output}\n")
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------ parser
 
 def _positive_float(text: str) -> float:
@@ -392,6 +404,15 @@ def _port(text: str) -> int:
     if not text.isdigit() or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port; use 0 to 65535 (0: any free port)")
     return int(text)
+
+
+def _dashboard_uid(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Grafana uid; use 1 to 40 letters, "
+                                         "digits, '-' or '_'")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -437,6 +458,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = rsub.add_parser("reload", parents=[cluster, as_json], help="send a rule file to the running monitor")
     p.add_argument("file", metavar="FILE")
     p.set_defaults(run="rules_reload")
+
+    from .dashboard import DEFAULT_TITLE, DEFAULT_UID
+
+    dashboard = sub.add_parser("dashboard", help="Grafana dashboard for the metrics on /metrics")
+    dsub = dashboard.add_subparsers(dest="dashboard_command", required=True, metavar="COMMAND")
+    p = dsub.add_parser("export", help="print the Grafana dashboard JSON; no cluster needed")
+    p.add_argument("-o", "--output", metavar="OUT", help="write to OUT instead of stdout")
+    p.add_argument("--title", default=DEFAULT_TITLE, help=f"dashboard title (default {DEFAULT_TITLE!r})")
+    p.add_argument("--uid", type=_dashboard_uid, default=DEFAULT_UID, help=f"dashboard uid (default {DEFAULT_UID!r})")
+    p.set_defaults(run="dashboard_export")
     return parser
 
 
@@ -463,6 +494,7 @@ def main(argv: Optional[Sequence[str]] = None, *, connect: Optional[Callable[[],
         "rules_check": lambda: cmd_rules_check(args, out=out),
         "rules_export": lambda: cmd_rules_export(args, out=out),
         "rules_reload": lambda: cmd_rules_reload(args, connect=connect, out=out),
+        "dashboard_export": lambda: cmd_dashboard_export(args, out=out),
     }
     try:
         return commands[args.run]()

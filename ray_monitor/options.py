@@ -91,10 +91,18 @@ class MonitorOptions:
     hang_threshold_s: Optional[float] = None
     exclude: frozenset[str] = frozenset()
     tracing_enabled: Optional[bool] = None  # None: on when an OTLP endpoint is configured
+    prediction: Optional[Callable[..., Any]] = None  # the extractor: result -> prediction dict
+    prediction_input: bool = False  # call it as fn(result, args, kwargs)
+    prediction_methods: tuple[str, ...] = ("__call__",)
+    positive_label: Optional[str] = None
 
     @classmethod
     def build(cls, **kwargs: Any) -> "MonitorOptions":
         out: dict[str, Any] = {}
+        out.update(_prediction_options(kwargs.pop("prediction", UNSET),
+                                       kwargs.pop("prediction_input", UNSET),
+                                       kwargs.pop("prediction_methods", UNSET),
+                                       kwargs.pop("positive_label", UNSET)))
         mv = kwargs.pop("model_version")
         if mv is not UNSET and mv is not None:
             if not isinstance(mv, str):
@@ -119,6 +127,45 @@ class MonitorOptions:
             out[name] = _CHECKS[name](name, v)
         return cls(**out)
 
+    def extractor(self, method: str) -> Optional[Callable[..., Any]]:
+        """The prediction extractor of ``method``, or None when it has none."""
+        return self.prediction if method in self.prediction_methods else None
+
     def resolved(self, name: str) -> Any:
         v = getattr(self, name)
         return from_env(name) if v is None else v
+
+
+def _prediction_options(fn: Any, with_input: Any, methods: Any, positive: Any) -> dict[str, Any]:
+    """Checks the model-quality options together: the others mean nothing without ``prediction``."""
+    out: dict[str, Any] = {}
+    if fn is UNSET or fn is None:
+        given = [n for n, v in (("prediction_input", with_input), ("prediction_methods", methods),
+                                ("positive_label", positive)) if v is not UNSET and v is not None]
+        if given:
+            raise ValueError(f"@monitor({given[0]}=...) needs prediction=<extractor>, a function "
+                             "from the method's result to {'label': ..., 'score': ...} or "
+                             "{'value': ...}")
+        return out
+    if not callable(fn):
+        raise TypeError(f"@monitor(prediction=...): expected a function such as "
+                        f"lambda result: {{'label': result['label']}}, got {type(fn).__name__} {fn!r:.60}")
+    out["prediction"] = fn
+    if with_input is not UNSET and with_input is not None:
+        if not isinstance(with_input, bool):
+            raise TypeError(f"@monitor(prediction_input=...): expected True or False, got {with_input!r}")
+        out["prediction_input"] = with_input
+    if methods is not UNSET and methods is not None:
+        if isinstance(methods, str) or not methods or not all(
+                isinstance(n, str) and n for n in methods):
+            raise TypeError("@monitor(prediction_methods=...): expected a non-empty list of "
+                            f"method names, e.g. prediction_methods=['predict'], got {methods!r}")
+        out["prediction_methods"] = tuple(dict.fromkeys(methods))
+    if positive is not UNSET and positive is not None:
+        from .quality import _label
+
+        try:
+            out["positive_label"] = _label(positive, "@monitor(positive_label=...)")
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{e}; it names the class whose score the extractor returns") from None
+    return out

@@ -10,7 +10,7 @@ from a restart of the replica (a new ``replica`` id).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 from .histogram import Histogram
 
@@ -83,6 +83,8 @@ class ReplicaSnapshot:
     health: Optional[ReplicaHealth] = None
     self_errors: dict[str, int] = field(default_factory=dict)  # cause -> count, cumulative
     dropped: int = 0  # snapshots this replica dropped because its buffer was full, cumulative
+    # quality.Prediction of requests finished in the window (deployments with an extractor)
+    predictions: list[Any] = field(default_factory=list)
 
 
 @dataclass

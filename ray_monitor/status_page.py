@@ -133,7 +133,8 @@ def gpu_nodes(gpu_latest: Mapping[str, Any]) -> list[dict]:
 
 def traces_view(kind: str) -> dict:
     """Recent slow or failed traces. The aggregator does not keep traces yet: the answer
-    says so rather than showing made-up ones."""
+    says so rather than showing made-up ones. The page draws items shaped ``{trace_id,
+    application, deployment, duration_s, error}`` once there are some."""
     if kind not in TRACE_KINDS:
         raise BadRequest(f"kind={kind!r} is unknown; use one of {list(TRACE_KINDS)}")
     return {"status": "success", "data": [],

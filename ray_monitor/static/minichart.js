@@ -21,13 +21,13 @@
     return node;
   }
 
-  // About n round tick values covering [lo, hi] (1, 2 or 5 times a power of ten apart).
-  function ticks(lo, hi, n) {
-    var span = hi - lo, raw = span / Math.max(1, n), mag = Math.pow(10, Math.floor(Math.log10(raw)));
+  // About n round ticks from 0 to at least hi (1, 2 or 5 times a power of ten apart).
+  function ticks(hi, n) {
+    var raw = hi / Math.max(1, n), mag = Math.pow(10, Math.floor(Math.log10(raw)));
     var step = [1, 2, 5, 10].map(function (m) { return m * mag; })
       .find(function (s) { return s >= raw; });
     var out = [];
-    for (var v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) out.push(+v.toPrecision(12));
+    for (var k = 0; out.length < 2 || out[out.length - 1] < hi * (1 - 1e-9); k++) out.push(+(k * step).toPrecision(12));
     return out;
   }
 
@@ -55,15 +55,14 @@
     if (t1 <= t0) t1 = t0 + 1;
     var hi = values.length ? Math.max.apply(null, values) : 1;
     if (!(hi > 0)) hi = 1;
-    var yt = ticks(0, hi * 1.1, 4);
-    var top = yt[yt.length - 1] > hi ? yt[yt.length - 1] : hi * 1.1;
+    var yt = ticks(hi, 4), top = yt[yt.length - 1];
     function x(t) { return PAD.left + (t - t0) / (t1 - t0) * plotW; }
     function y(v) { return PAD.top + plotH - v / top * plotH; }
 
     var axes = el("g", {"class": "axes"}, svg);
     yt.forEach(function (v) {
       el("line", {x1: PAD.left, x2: width - PAD.right, y1: y(v), y2: y(v), "class": "grid"}, axes);
-      el("text", {x: PAD.left - 6, y: y(v) + 4, "text-anchor": "end"}, axes).textContent = fmt(v);
+      el("text", {x: PAD.left - 6, y: y(v) + 4, "text-anchor": "end"}, axes).textContent = v === 0 ? "0" : fmt(v);
     });
     var xticks = 5;
     for (var i = 0; i <= xticks; i++) {
@@ -85,10 +84,11 @@
       var run = [];
       function flush() {
         if (run.length === 1) {
-          el("circle", {cx: run[0][0], cy: run[0][1], r: 2.5, fill: color}, g);
+          el("circle", {cx: run[0][0], cy: run[0][1], r: 2.5, fill: color, "class": "dot"}, g);
         } else if (run.length > 1) {
           el("polyline", {points: run.map(function (p) { return p[0].toFixed(1) + "," + p[1].toFixed(1); }).join(" "),
-                          fill: "none", stroke: color, "stroke-width": 1.8, "stroke-linejoin": "round"}, g);
+                          fill: "none", stroke: color, "stroke-width": 1.8, "stroke-linejoin": "round",
+                          "class": "line"}, g);
         }
         run = [];
       }

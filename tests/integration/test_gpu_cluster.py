@@ -166,11 +166,13 @@ def test_gpu_processes_are_joined_to_replicas_and_rules_fire(mon, serve_apps):
 
         mon.reload(rules_for(app))
         try:
-            def firing(name: str, count: int):
-                got = [a for a in mon.alerts() if a["name"] == name and a["state"] == "firing"]
+            def firing(name: str, count: int, **labels: str):
+                got = [a for a in mon.alerts() if a["name"] == name and a["state"] == "firing"
+                       and labels.items() <= a["labels"].items()]
                 return len(got) >= count and got
-            hot = wait_until(lambda: firing("GpuHot", 2), timeout=30, what="GpuHot firing on both GPUs")
-            assert {(a["labels"]["node"], a["labels"]["gpu"]) for a in hot} == {(me["node"], "0"), (me["node"], "1")}
+            # Only this node's: a node removed by an earlier test still has samples in the window.
+            hot = wait_until(lambda: firing("GpuHot", 2, node=me["node"]), timeout=30, what="GpuHot firing")
+            assert sorted(a["labels"]["gpu"] for a in hot) == ["0", "1"]
             assert all(40 <= a["value"] <= 69 for a in hot), hot
             (busy,) = wait_until(lambda: firing("DeploymentGpuBusy", 1), timeout=30, what="DeploymentGpuBusy firing")
             assert (busy["labels"]["application"], busy["labels"]["deployment"]) == (app, "GpuUser")

@@ -199,6 +199,25 @@ def test_rules_export_refuses_a_bad_file(tmp_path):
     assert code == 1 and out == "" and "SlowThings" in err
 
 
+def test_dashboard_export_prints_grafana_json_and_writes_a_file(tmp_path):
+    code, out, _ = run(["dashboard", "export"])
+    assert code == 0
+    dashboard = json.loads(out)
+    assert dashboard["uid"] == "ray-monitor"
+    assert [v["name"] for v in dashboard["templating"]["list"]] == ["datasource", "application",
+                                                                    "deployment"]
+    dest = tmp_path / "dash.json"
+    code, out, _ = run(["dashboard", "export", "-o", str(dest), "--title", "Serving", "--uid", "serving"])
+    assert code == 0 and out == f"wrote {dest}\n"
+    written = json.loads(dest.read_text())
+    assert (written["title"], written["uid"]) == ("Serving", "serving")
+
+
+def test_dashboard_export_refuses_a_bad_uid():
+    code, out, err = run(["dashboard", "export", "--uid", "not a uid"])
+    assert code == 2 and out == "" and "--uid" in err
+
+
 def test_rules_reload_sends_a_checked_file(tmp_path):
     monitor = FakeMonitor()
     code, out, _ = run(["rules", "reload", str(DEFAULT_RULES)], connect=lambda: monitor)
