@@ -7,8 +7,11 @@ cd "$(dirname "$0")"
 
 # Debian packages the end-to-end tests start for real.
 missing=()
+# Chromium drives the status page's browser test (Playwright uses Debian's build; it
+# never downloads a browser of its own).
 for pair in prometheus:prometheus promtool:prometheus \
-            prometheus-alertmanager:prometheus-alertmanager amtool:prometheus-alertmanager; do
+            prometheus-alertmanager:prometheus-alertmanager amtool:prometheus-alertmanager \
+            chromium:chromium; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair##*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -69,7 +69,7 @@ class FakeGpu:
     uuid: str = ""  # default: derived from the index
     memory_total: int = 80 * GiB
     memory_reserved: int = 512 << 20
-    memory_used: Reading = lambda t: 10 * GiB + int(t) * (1 << 20)
+    memory_used: Reading = lambda t: 10 * GiB + (int(t) % 1024) * (1 << 20)  # 10..11 GiB
     utilization_gpu: Reading = lambda t: int(t) % 101  # percent
     utilization_memory: Reading = lambda t: (int(t) * 3) % 101  # percent of time the bus is busy
     power_mw: Reading = 250_000
