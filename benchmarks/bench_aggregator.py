@@ -1,10 +1,11 @@
 """Aggregator scale: WindowStore ingest rate, one round of rule queries, memory.
 
-    .venv/bin/python benchmarks/bench_aggregator.py [--deployments 50] [--replicas 20]
+    nice .venv/bin/python benchmarks/bench_aggregator.py [--deployments 50] [--replicas 20]
+        [--case realistic|simple|both]
 
-A fake clock drives time, so the figures are CPU cost only. A replica snapshot is the
-realistic one: 2 methods x 2 outcomes ("ok" with ~30 latency buckets, an error with a
-few), in-flight per method and health. The store is first filled for ``--fill-s`` seconds
+A fake clock drives time, so the figures are CPU cost only. Two cases of replica snapshot:
+"realistic", 2 methods x 2 outcomes ("ok" with ~30 latency buckets, an error with a few),
+in-flight per method and health; "simple", 1 method x ok. The store is first filled for ``--fill-s`` seconds
 of cluster traffic (one snapshot per replica per second; enough to fill the 10 min fine
 ring), then a round is: one second of new snapshots, then ``--queries`` distinct rules
 (mixed functions over counters, histograms and gauges, windows 1m/5m, by (application,
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import shlex
+import sys
 import time
 import tracemalloc
 
@@ -123,11 +126,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--memory-replicas", type=int, default=100,
                     help="replicas whose every ring is filled for the memory figure (0: all)")
-    ap.add_argument("--simple", action="store_true",
-                    help="one method, outcome ok only: one series per replica per request metric")
+    ap.add_argument("--case", choices=("realistic", "simple", "both"), default="both",
+                    help="simple: one method, outcome ok only (one series per replica per "
+                         "request metric)")
     args = ap.parse_args()
+    print("command:", " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv))
+    for simple in {"realistic": (False,), "simple": (True,), "both": (False, True)}[args.case]:
+        run_case(args, simple)
 
-    make, n_rep = snapshot_maker(args.deployments, args.replicas, simple=args.simple)
+
+def run_case(args: argparse.Namespace, simple: bool) -> None:
+    make, n_rep = snapshot_maker(args.deployments, args.replicas, simple=simple)
     clock = Clock(1_000_000.0)
     store = WindowStore(clock=clock)
 
@@ -140,7 +149,10 @@ def main() -> None:
         for s in batch:
             store.ingest(s)
         times.append(time.perf_counter() - start)
-    ingest_rate = (len(times) - 60) * n_rep / sum(times[60:])  # steady state: series exist
+    ingest_rate = (len(times) - 60) * n_rep / sum(times[60:])
+    start = time.perf_counter()
+    store.expire()
+    expire_ms = (time.perf_counter() - start) * 1000  # steady state: series exist
     create_rate = 60 * n_rep / sum(times[:60])
 
     qs = queries(args.queries, args.deployments)
@@ -186,17 +198,20 @@ def main() -> None:
         (f"round of {len(qs)} distinct queries ({len(keys)} metric/window/matcher/by keys), ms",
          f"first {round_ms[0]:.1f}, median {np.median(round_ms):.1f}, max {max(round_ms):.1f}"),
         ("one query without the round memo, ms (mean of 100)", f"{single_ms:.2f}"),
+        (f"expire() with {st['series_total']} live series, ms", f"{expire_ms:.2f}"),
         ("queries with a non-empty answer", f"{answered}/{len(qs)}"),
         (f"memory, every ring full, {mem_rep} replicas (tracemalloc), MiB",
          f"{mem / 2 ** 20:,.0f} ({per_rep / 2 ** 10:,.0f} KiB per replica, "
          f"{mst['series_total'] // mem_rep} series each)"),
-        (f"  scaled to {n_rep} replicas, MiB", f"{per_rep * n_rep / 2 ** 20:,.0f}"),
+        (f"  scaled to {n_rep} replicas ({args.replicas} per deployment), MiB",
+         f"{per_rep * n_rep / 2 ** 20:,.0f}"),
         ("  store's own estimate (stats approx_bytes), MiB", f"{mst['approx_bytes'] / 2 ** 20:,.0f}"),
-        ("  buckets held", f"{mst['buckets']:,}"),
+        ("  buckets held (fine per series, coarse per rollup)",
+         f"{mst['buckets']:,} ({mst['rollups_total']} rollups)"),
     ]
     width = max(len(a) for a, _ in rows)
     print(f"WindowStore, {args.deployments} deployments x {args.replicas} replicas, "
-          f"{'1 method x ok' if args.simple else '2 methods x 2 outcomes'} per snapshot, "
+          f"{'1 method x ok' if simple else '2 methods x 2 outcomes'} per snapshot, "
           f"{args.fill_s} s of traffic before the queries")
     for a, b in rows:
         print(f"  {a:<{width}}  {b}")

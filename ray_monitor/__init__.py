@@ -1,10 +1,10 @@
 """ray-monitor: traces, metrics, GPU stats, alerts and autoscaling hints for Ray Serve."""
 
-from .api import Monitor, MonitorNotRunning, connect, start, stop
+from .api import Monitor, MonitorNotRunning, connect, record_feedback, start, stop
 from .middleware import monitor
 from .tracing import current_trace_id, serve_tracing_config
 
 __version__ = "0.1.0"
 
-__all__ = ["monitor", "start", "connect", "stop", "Monitor", "MonitorNotRunning",
-           "serve_tracing_config", "current_trace_id", "__version__"]
+__all__ = ["monitor", "start", "connect", "stop", "record_feedback", "Monitor",
+           "MonitorNotRunning", "serve_tracing_config", "current_trace_id", "__version__"]

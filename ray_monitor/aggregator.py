@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import threading
 import time
 from typing import Any, Optional
@@ -34,6 +35,24 @@ KV_NAMESPACE = "ray_monitor"
 SUMMARY_WINDOW_S = 60.0
 #: A replica counts as running when it reported this recently (it flushes every second).
 REPLICA_ALIVE_S = 5.0
+#: Default window of ``compare``.
+COMPARE_WINDOW_S = 600.0
+
+
+class CompositeSource:
+    """What rules and hints query: quality and drift functions go to the quality store,
+    everything else to the window store."""
+
+    def __init__(self, store, quality) -> None:
+        self.store = store
+        self.quality = quality
+
+    def evaluate(self, query, now: Optional[float] = None) -> dict:
+        from .catalog import is_model_query
+
+        if is_model_query(query.function, query.metric):
+            return self.quality.evaluate(query, now)
+        return self.store.evaluate(query, now)
 
 
 def _kv_get(key: bytes) -> Optional[bytes]:
@@ -54,6 +73,7 @@ class AggregatorCore:
     def __init__(self, config: dict, *, clock=time.time, persist=None, load=None) -> None:
         from .hints import HintEngine, load_hint_config
         from .notify import Notifier
+        from .quality_store import QualityStore
         from .rules import RuleEngine, load_rules
         from .windows import WindowStore
 
@@ -61,6 +81,12 @@ class AggregatorCore:
         self.clock = clock
         self.eval_interval_s = float(config.get("eval_interval_s", 1.0))
         self.store = WindowStore(clock=clock, series_ttl_s=float(config.get("series_ttl_s", 300.0)))
+        self.quality = QualityStore(
+            clock=clock, horizon_s=float(config.get("feedback_horizon_s", 3600.0)),
+            reference_size=int(config.get("drift_reference_size", 1000)))
+        self.source = CompositeSource(self.store, self.quality)
+        # replica -> (identity, hung requests, when reported): the latest report only
+        self.hung_latest: dict[str, tuple[ReplicaIdentity, list, float]] = {}
         self.rules_text = config.get("rules_text")
         self.rules_file = config.get("rules_file") or "<rules>"
         ruleset = load_rules(self.rules_text or {"groups": []}, filename=self.rules_file)
@@ -97,6 +123,38 @@ class AggregatorCore:
             for cause, n in snap.self_errors.items():
                 self.errors[("replica", cause)] = max(self.errors.get(("replica", cause), 0), n)
             self.ingested += 1
+            if snap.health is not None:
+                if snap.health.hung:
+                    self.hung_latest[snap.identity.replica] = (snap.identity, snap.health.hung, now)
+                else:
+                    self.hung_latest.pop(snap.identity.replica, None)
+            predictions = getattr(snap, "predictions", None)  # absent in older replicas' pickles
+            if predictions:
+                try:
+                    self.quality.add_predictions(predictions)
+                except Exception as e:
+                    self.count_error("aggregator", f"predictions_failed:{type(e).__name__}", e)
+
+    def feedback(self, items: list) -> dict:
+        """Joins ground truth; the body of ``POST /api/v1/feedback`` and ``record_feedback``:
+        counts by status and every item that did not join, with why."""
+        return self.quality.add_feedback(items).as_dict()
+
+    def set_drift_reference(self, application: str, deployment: str, model_version: str,
+                            references: dict) -> dict:
+        return self.quality.set_references(application, deployment, model_version, references)
+
+    def hung(self) -> list[dict]:
+        """The hung requests each replica reported last, oldest first within a replica."""
+        out = []
+        for rid, (ident, hung, seen) in sorted(self.hung_latest.items()):
+            for h in hung:
+                out.append({"application": ident.application, "deployment": ident.deployment,
+                            "replica": rid, "model_version": ident.model_version,
+                            "node": ident.node_id, "method": h.method,
+                            "request_id": h.request_id, "running_s": h.running_s,
+                            "stack": h.stack, "reported_at": seen})
+        return out
 
     def ingest_gpu(self, snap: GpuSnapshot) -> None:
         from .gpu import attribute_processes
@@ -124,13 +182,17 @@ class AggregatorCore:
         if now >= self._next_expire:  # a scan of every series: not every second
             self._next_expire = now + 10.0
             self.store.expire(now)
+            self.quality.expire(now)
         ttl = float(self.config.get("series_ttl_s", 300.0))
         for rid, (_, seen) in list(self.replicas.items()):
             if now - seen > ttl:
                 del self.replicas[rid]
+        for rid, (_, _, seen) in list(self.hung_latest.items()):
+            if now - seen > REPLICA_ALIVE_S:  # a replica that stopped reporting is not hanging
+                del self.hung_latest[rid]
         self.store.begin_round(now)  # one instant per round, shared work across rules
         try:
-            result = self.engine.evaluate(self.store, now)
+            result = self.engine.evaluate(self.source, now)
         finally:
             self.store.end_round()
         for err in getattr(result, "errors", []) or []:
@@ -141,7 +203,7 @@ class AggregatorCore:
         try:
             hints = self.hints.update(now, current_replicas=self.current_replicas(now),
                                       firing=[a for a in result.alerts if a.state == "firing"],
-                                      query=self.store.evaluate)
+                                      query=self.source.evaluate)
         except Exception as e:  # a hint bug must not stop alerting
             self.count_error("hints", f"update_failed:{type(e).__name__}", e)
             hints = []
@@ -238,13 +300,74 @@ class AggregatorCore:
     # -- views ------------------------------------------------------------------------
 
     def alerts(self) -> list[dict]:
+        """Alerts as the API shows them; one whose labels name a replica that reports
+        hung requests carries them (with the replica's stacks) under ``hung``."""
+        hung: dict[str, list[dict]] = {}
+        for h in self.hung():
+            hung.setdefault(h["replica"], []).append(h)
         out = []
         for a in self.engine.alerts():
-            out.append({"name": a.labels.get("alertname", ""), "state": a.state,
-                        "labels": dict(a.labels), "annotations": dict(a.annotations),
-                        "value": _num(a.value), "active_at": a.active_at,
-                        "fired_at": a.fired_at, "resolved_at": a.resolved_at})
+            view = {"name": a.labels.get("alertname", ""), "state": a.state,
+                    "labels": dict(a.labels), "annotations": dict(a.annotations),
+                    "value": _num(a.value), "active_at": a.active_at,
+                    "fired_at": a.fired_at, "resolved_at": a.resolved_at}
+            if a.labels.get("replica") in hung:
+                view["hung"] = hung[a.labels["replica"]]
+            out.append(view)
         return out
+
+    def quality_summary(self, window_s: float = 0.0) -> list[dict]:
+        from .quality_store import GAUGE_WINDOW_S
+
+        return self.quality.summary(window_s or GAUGE_WINDOW_S)
+
+    def compare(self, deployment: str, versions: tuple[str, str], *,
+                application: Optional[str] = None, window_s: float = COMPARE_WINDOW_S,
+                now: Optional[float] = None) -> dict:
+        """Two model versions of a deployment side by side over a window, each difference
+        with its test (see :func:`~ray_monitor.quality_store.compare_versions`)."""
+        from .catalog import Matcher, Query
+        from .quality_store import COMPARE_QUANTILES, compare_versions, quantile_levels
+
+        if not (isinstance(deployment, str) and deployment):
+            raise ValueError("deployment must name a deployment")
+        if len(versions) != 2 or not all(isinstance(v, str) for v in versions):
+            raise ValueError(f"versions must be two model versions, got {versions!r}")
+        if not window_s > 0:
+            raise ValueError(f"window_s must be above 0, got {window_s!r}")
+        now = self.clock() if now is None else now
+        window_s = min(float(window_s), self.store.max_window_s)
+
+        def figures(version: str) -> dict:
+            ms = [Matcher("deployment", "=", deployment), Matcher("model_version", "=", version)]
+            if application is not None:
+                ms.append(Matcher("application", "=", application))
+
+            def one(function: str, metric: str, param=None) -> Optional[float]:
+                res = self.store.evaluate(Query(function, metric, window_s, None, tuple(ms),
+                                                param), now)
+                return res.get(())
+
+            n_lat = int(one("count", "latency_seconds") or 0)
+            quantiles = {}
+            for name, q in COMPARE_QUANTILES:
+                levels = quantile_levels(q, n_lat)
+                if levels is None:
+                    continue
+                quantiles[name] = {"value": one("quantile", "latency_seconds", q),
+                                   "low": one("quantile", "latency_seconds", levels[0]),
+                                   "high": one("quantile", "latency_seconds", levels[1])}
+            return {"model_version": version, "window_s": window_s,
+                    "requests": int(one("count", "requests") or 0),
+                    "errors": int(one("count", "errors") or 0), "latency_count": n_lat,
+                    "quantiles": quantiles,
+                    "quality": self.quality.figures(deployment=deployment, model_version=version,
+                                                    window_s=window_s, application=application,
+                                                    now=now)}
+
+        a, b = figures(versions[0]), figures(versions[1])
+        return {"deployment": deployment, "application": application, "window_s": window_s,
+                "versions": list(versions), "figures": [a, b], "rows": compare_versions(a, b)}
 
     def rules(self) -> list[dict]:
         out = []
@@ -303,6 +426,21 @@ class AggregatorCore:
             "snapshots_ingested": ("Replica snapshots ingested.", float(self.ingested)),
             "evaluations": ("Rule evaluations run.", float(self.evaluations)),
         }
+        q = self.quality.stats()
+        gauges["predictions_pending"] = ("Captured predictions waiting for their feedback.",
+                                         float(q["pending"]))
+        for name, help_ in (
+                ("predictions", "Captured predictions received."),
+                ("predictions_joined", "Predictions joined with their ground truth."),
+                ("predictions_expired", "Predictions that got no feedback within the horizon."),
+                ("predictions_dropped", "Predictions dropped to bound the join's memory."),
+                ("feedback_joined", "Feedback items joined with a prediction."),
+                ("feedback_duplicate", "Feedback items for a request that already had one."),
+                ("feedback_unknown", "Feedback items for no known prediction."),
+                ("feedback_expired", "Feedback items that came after the horizon."),
+                ("feedback_dropped", "Feedback items for a prediction dropped to bound memory."),
+                ("feedback_invalid", "Feedback items refused as malformed.")):
+            counters[name] = (help_, float(q[name]))
         return {"errors": errors, "gauges": gauges, "counters": counters}
 
 
@@ -324,7 +462,7 @@ def _num(v):
         f = float(v)
     except (TypeError, ValueError):
         return None
-    return None if f != f else f
+    return f if math.isfinite(f) else None  # JSON has no NaN or Infinity
 
 
 @ray.remote(num_cpus=0)
@@ -392,7 +530,10 @@ class Aggregator:
             if self._gpu is not None and started >= next_gpu:
                 next_gpu = started + 3.0
                 try:
-                    await asyncio.get_running_loop().run_in_executor(None, self._gpu.reconcile)
+                    _, forgotten = await asyncio.get_running_loop().run_in_executor(
+                        None, self._gpu.reconcile)
+                    for node_id in forgotten:  # a dead node's last sample is not current
+                        self.core.gpu_latest.pop(node_id, None)
                 except Exception as e:
                     self.core.count_error("gpu", f"reconcile_failed:{type(e).__name__}", e)
             await asyncio.sleep(max(0.0, self.core.eval_interval_s - (time.monotonic() - started)))
@@ -447,9 +588,27 @@ class Aggregator:
                     by: Optional[tuple] = None, param: Optional[float] = None) -> dict:
         from .catalog import Query
 
-        res = self.core.store.evaluate(Query(function, metric, window_s,
-                                             tuple(by) if by else None, (), param), None)
+        res = self.core.source.evaluate(Query(function, metric, window_s,
+                                              tuple(by) if by else None, (), param), None)
         return {json.dumps(dict(k), sort_keys=True): v for k, v in res.items()}
+
+    async def feedback(self, items: list) -> dict:
+        return self.core.feedback(items)
+
+    async def set_drift_reference(self, application: str, deployment: str, model_version: str,
+                                  references: dict) -> dict:
+        return self.core.set_drift_reference(application, deployment, model_version, references)
+
+    async def hung(self) -> list[dict]:
+        return self.core.hung()
+
+    async def quality(self, window_s: float = 0.0) -> list[dict]:
+        return self.core.quality_summary(window_s)
+
+    async def compare(self, deployment: str, versions: tuple, application: Optional[str] = None,
+                      window_s: float = COMPARE_WINDOW_S) -> dict:
+        return self.core.compare(deployment, tuple(versions), application=application,
+                                 window_s=window_s)
 
     async def gpus(self) -> dict:
         return {node: snap for node, snap in self.core.gpu_latest.items()}
@@ -460,7 +619,7 @@ class Aggregator:
     async def stats(self) -> dict:
         return {"ingested": self.core.ingested, "evaluations": self.core.evaluations,
                 "store": self.core.store.stats(), "replicas": len(self.core.replicas),
-                "notifier": self.core.notifier.stats()}
+                "notifier": self.core.notifier.stats(), "quality": self.core.quality.stats()}
 
     async def shutdown(self) -> None:
         if self._gpu is not None:

@@ -11,7 +11,8 @@ import ray
 from .options import AGGREGATOR_NAME, NAMESPACE
 
 _START_OPTIONS = {"host", "port", "token", "eval_interval_s", "notifications", "gpu",
-                  "gpu_interval_s", "series_ttl_s", "nvml_factory"}
+                  "gpu_interval_s", "series_ttl_s", "nvml_factory", "feedback_horizon_s",
+                  "drift_reference_size"}
 
 
 class MonitorNotRunning(RuntimeError):
@@ -63,8 +64,70 @@ class Monitor:
         text, filename = _rules_source(rules)
         return self._get(self.actor.reload.remote(text, filename))
 
+    def record_feedback(self, request_id: Any, label: Any = None, *, value: Any = None) -> dict:
+        """As :func:`record_feedback`, through this handle."""
+        return self._get(self.actor.feedback.remote(_feedback_items(request_id, label, value)))
+
+    def quality(self, window_s: float = 3600.0) -> list[dict]:
+        """Per model (application, deployment, model_version) over the window: the
+        predictions made, every quality metric with data, and drift per metric."""
+        return self._get(self.actor.quality.remote(window_s))
+
+    def set_drift_reference(self, application: str, deployment: str, references: dict, *,
+                            model_version: str = "") -> dict:
+        """Sets a model's drift references, e.g. from its training data:
+        ``{"feature_age": [31, 45, ...], "prediction": ["spam", "ham", ...]}``."""
+        return self._get(self.actor.set_drift_reference.remote(application, deployment,
+                                                               model_version, references))
+
+    def hung(self) -> list[dict]:
+        """Requests running longer than their replica's ``hang_threshold_s``, with stacks."""
+        return self._get(self.actor.hung.remote())
+
+    def compare(self, deployment: str, versions: tuple[str, str], *,
+                application: Optional[str] = None, window_s: float = 600.0) -> dict:
+        """Two model versions side by side, each difference with its significance test."""
+        return self._get(self.actor.compare.remote(deployment, tuple(versions), application,
+                                                   window_s))
+
     def __repr__(self) -> str:
         return f"Monitor(url={self.url!r})"
+
+
+def _feedback_items(request_id: Any, label: Any, value: Any) -> list:
+    if isinstance(request_id, (list, tuple)):
+        if label is not None or value is not None:
+            raise TypeError("record_feedback([...]) takes the labels inside the items: "
+                            '[{"request_id": ..., "label": ...}, ...]')
+        return list(request_id)
+    if label is None and value is None:
+        raise TypeError("record_feedback(request_id, label) needs a label (classification) or "
+                        "value=... (regression)")
+    item = {"request_id": request_id}
+    if label is not None:
+        item["label"] = label
+    if value is not None:
+        item["value"] = value
+    return [item]
+
+
+def record_feedback(request_id: Any, label: Any = None, *, value: Any = None,
+                    timeout: float = 30.0) -> dict:
+    """Ground truth for earlier predictions, joined by request id (the ``X-Request-ID``
+    Ray Serve returned): ``record_feedback(rid, "spam")``, ``record_feedback(rid,
+    value=3.2)``, or a batch ``record_feedback([{"request_id": rid, "label": "spam"},
+    ...])``. Returns ``{"counts": {status: n}, "problems": [...]}``: items that did not
+    join (unknown, expired, duplicate, invalid, held for a late prediction) say why; a
+    bad item never loses the rest of a batch. Raises :class:`MonitorNotRunning` when no
+    monitor runs."""
+    items = _feedback_items(request_id, label, value)
+    _ensure_ray()
+    try:
+        actor = ray.get_actor(AGGREGATOR_NAME, namespace=NAMESPACE)
+    except ValueError:
+        raise MonitorNotRunning("no ray-monitor is running in this cluster; start one with "
+                                "ray_monitor.start() or `ray-monitor start`") from None
+    return ray.get(actor.feedback.remote(items), timeout=timeout)
 
 
 def _rules_source(rules: Union[None, str, Path, dict]) -> tuple[Any, Optional[str]]:
@@ -98,11 +161,20 @@ def start(rules: Union[None, str, Path, dict] = None, **options: Any) -> Monitor
     """Starts the cluster's monitor, or returns the running one (updating its rules
     when ``rules`` is given). Options: ``host`` (127.0.0.1), ``port`` (8266; 0 for
     any), ``token``, ``eval_interval_s`` (1), ``notifications`` (see README),
-    ``gpu`` (True), ``gpu_interval_s`` (1), ``series_ttl_s`` (300)."""
+    ``gpu`` (True), ``gpu_interval_s`` (1), ``series_ttl_s`` (300), ``feedback_horizon_s``
+    (3600: how long a prediction waits for its ground truth), ``drift_reference_size``
+    (1000: observations that make a drift reference when none is set)."""
     unknown = set(options) - _START_OPTIONS
     if unknown:
         raise TypeError(f"ray_monitor.start(): unknown option(s) {sorted(unknown)}; "
                         f"known: {sorted(_START_OPTIONS)}")
+    for name in ("feedback_horizon_s", "drift_reference_size"):
+        v = options.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
+                              or (name == "drift_reference_size" and not isinstance(v, int))):
+            raise ValueError(f"ray_monitor.start({name}=...): expected a positive "
+                             f"{'int' if name == 'drift_reference_size' else 'number of seconds'}, "
+                             f"got {v!r}")
     text, filename = _rules_source(rules)  # a bad file is refused here, before any actor
     if "notifications" in options and options["notifications"] is not None:
         from .notify import Notifier

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from .quality import QUALITY_LABELS, QUALITY_METRICS
+
 Kind = Literal["counter", "histogram", "gauge"]
 
 #: Labels of request series, in exposition order.
@@ -108,6 +110,23 @@ FUNCTIONS: dict[str, frozenset[Kind]] = {
     "ratio_above": frozenset({"histogram"}),  # share of observations above a threshold
     "zscore": frozenset({"counter", "histogram", "gauge"}),
 }
+
+#: Functions over model quality and drift, answered by the aggregator's quality store:
+#: ``accuracy(predictions[1h])``, ``psi(feature_age[1h])``, ``js(prediction[1h])``.
+MODEL_FUNCTIONS = QUALITY_METRICS
+#: Labels of quality and drift series: per model, not per replica.
+MODEL_LABELS = QUALITY_LABELS
+#: The metric quality functions read, the model's output, and the prefix of input features.
+PREDICTIONS = "predictions"
+PREDICTION = "prediction"
+FEATURE_PREFIX = "feature_"
+
+
+def is_model_query(function: str, metric: str) -> bool:
+    """Whether a query goes to the quality store rather than the window store."""
+    return (function in MODEL_FUNCTIONS or metric in (PREDICTIONS, PREDICTION)
+            or metric.startswith(FEATURE_PREFIX))
+
 
 #: Quantile of the pN shorthands.
 SHORTHAND_QUANTILES = {"p50": 0.5, "p90": 0.9, "p95": 0.95, "p99": 0.99}

@@ -1,4 +1,5 @@
-"""The ``ray-monitor`` command line: start, stop, status, alerts, rule files, dashboard.
+"""The ``ray-monitor`` command line: start, stop, status, alerts, rule files, dashboard,
+compare.
 
 Each command is a function ``(args, *, out, ...)`` whose seams (``connect``,
 ``start``, ``stop``, ``clock``, ``sleep``) are injectable, so tests drive it with a
@@ -376,6 +377,77 @@ def cmd_rules_reload(args, *, connect: Optional[Callable[[], Any]] = None,
     return EXIT_OK
 
 
+_COMPARE_LABELS = {"rate_per_s": "rate/s", "error_ratio": "error ratio", "p50_s": "p50 (ms)",
+                   "p95_s": "p95 (ms)", "p99_s": "p99 (ms)", "accuracy": "accuracy",
+                   "label_coverage": "label coverage", "f1": "f1 (macro)", "roc_auc": "roc auc",
+                   "mae": "mae", "rmse": "rmse"}
+
+
+_LATENCY_ROWS = ("p50_s", "p95_s", "p99_s")
+_RATIO_ROWS = ("error_ratio", "accuracy", "label_coverage")
+
+
+def _compare_cell(metric: str, v: Optional[float], n: Optional[int] = None,
+                  interval: Optional[Sequence[float]] = None) -> str:
+    if v is None:
+        return "-"
+    if metric in _LATENCY_ROWS:
+        text = format_ms(v)
+        if interval:
+            text += f" [{format_ms(interval[0])}, {format_ms(interval[1])}]"
+        return text
+    if metric == "rate_per_s":
+        return format_rate(v)
+    text = format_percent(v) if metric in _RATIO_ROWS else format_value(v)
+    return text + (f" (n={n})" if n is not None else "")
+
+
+def compare_table(report: Mapping[str, Any]) -> str:
+    """The rows of ``Monitor.compare`` as a table: both values, the difference, the test."""
+    a, b = report["versions"]
+    rows = []
+    for r in report["rows"]:
+        m = r["metric"]
+        diff = r.get("difference")
+        if diff is None:
+            diff_text = "-"
+        elif m in _LATENCY_ROWS:
+            diff_text = f"{diff * 1000:+.3g}ms"
+        elif m in _RATIO_ROWS:
+            diff_text = f"{diff * 100:+.3g}pp"
+        else:
+            diff_text = f"{diff:+.4g}"
+        p = r.get("p_value")
+        test = "-" if r.get("test") is None else (f"p={p:.2g}" if p is not None else "intervals")
+        sig = {True: "yes", False: "no", None: "-"}[r.get("significant")]
+        rows.append([_COMPARE_LABELS.get(m, m),
+                     _compare_cell(m, r.get("a"), r.get("a_n"), r.get("a_interval")),
+                     _compare_cell(m, r.get("b"), r.get("b_n"), r.get("b_interval")),
+                     diff_text, test, sig])
+    return render_table(["METRIC", a, b, "DIFFERENCE", "TEST", "SIGNIFICANT"], rows)
+
+
+def cmd_compare(args, *, connect: Optional[Callable[[], Any]] = None,
+                out: TextIO = sys.stdout) -> int:
+    from .quality_store import ALPHA
+    from .rules import format_duration
+
+    report = _connect(args, connect).compare(args.deployment, tuple(args.versions),
+                                             application=args.application, window_s=args.window)
+    if args.json:
+        _print_json(out, report)
+        return EXIT_OK
+    where = f"application {args.application}" if args.application else "all applications"
+    out.write(f"{args.deployment}: {args.versions[0]} vs {args.versions[1]} ({where}, last "
+              f"{format_duration(report['window_s'])})\n")
+    out.write(compare_table(report) + "\n")
+    out.write(f"Significant: error ratio and accuracy by a two-sided two-proportion z-test "
+              f"(p < {ALPHA:g}); latency quantiles when their {1 - ALPHA:.0%} order-statistic "
+              "intervals, shown in brackets and widened by the histogram's error, do not "
+              "overlap. Other rows are shown without a test.\n")
+    return EXIT_OK
+
+
 def cmd_dashboard_export(args, *, out: TextIO = sys.stdout) -> int:
     from .dashboard import dashboard_json
 
@@ -397,6 +469,18 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not (v > 0 and math.isfinite(v)):
         raise argparse.ArgumentTypeError(f"{text!r} must be a number of seconds above 0")
+    return v
+
+
+def _window(text: str) -> float:
+    from .rules import parse_duration
+
+    try:
+        v = parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration; write it like 10m or 1h") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
     return v
 
 
@@ -459,6 +543,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE")
     p.set_defaults(run="rules_reload")
 
+    p = sub.add_parser("compare", parents=[cluster, as_json],
+                       help="two model versions side by side, with significance tests")
+    p.add_argument("--deployment", required=True, help="the deployment both versions serve")
+    p.add_argument("--versions", nargs=2, required=True, metavar=("A", "B"),
+                   help="the two model_version values to compare")
+    p.add_argument("--application", help="only this application (default: all of them)")
+    p.add_argument("--window", type=_window, default=600.0, metavar="DURATION",
+                   help="how far back to look (default 10m)")
+    p.set_defaults(run="compare")
+
     from .dashboard import DEFAULT_TITLE, DEFAULT_UID
 
     dashboard = sub.add_parser("dashboard", help="Grafana dashboard for the metrics on /metrics")
@@ -495,6 +589,7 @@ def main(argv: Optional[Sequence[str]] = None, *, connect: Optional[Callable[[],
         "rules_export": lambda: cmd_rules_export(args, out=out),
         "rules_reload": lambda: cmd_rules_reload(args, connect=connect, out=out),
         "dashboard_export": lambda: cmd_dashboard_export(args, out=out),
+        "compare": lambda: cmd_compare(args, connect=connect, out=out),
     }
     try:
         return commands[args.run]()

@@ -334,6 +334,10 @@ def _parse_query(text: str, path: str, add) -> Optional[catalog.Query]:
         add(path, f"{text!r}: {exc}")
         return None
     q = cond.query
+    if catalog.is_model_query(q.function, q.metric):
+        add(path, f"{text!r}: model quality and drift are per model, not per replica load, so "
+            "they cannot be tracked to a replica count; use an alert rule with a scale action")
+        return None
     if q.by is not None and set(q.by) != set(BY):
         add(path, f"{text!r}: targets are tracked per deployment, so by is always "
             "(application, deployment); leave by (...) out")

@@ -10,6 +10,7 @@ result or exception passes through untouched.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import logging
@@ -21,6 +22,7 @@ from opentelemetry import context as otel_context
 
 from . import tracing
 from .options import MonitorOptions, UNSET
+from .quality import Prediction, validate_extractor_result
 from .runtime import Runtime
 from .snapshot import OK, Exemplar
 
@@ -30,23 +32,39 @@ logger = logging.getLogger(__name__)
 SERVE_HOOKS = frozenset({"reconfigure", "check_health", "record_autoscaling_stats",
                          "__serve_build_asgi_app__"})
 _CANCELLED = "cancelled"
+#: The monitored deployment whose request is running in this context: a public method
+#: the deployment calls on itself (``self.preprocess(x)``) is part of that request, not
+#: a request of its own.
+ACTIVE: contextvars.ContextVar[Any] = contextvars.ContextVar("ray_monitor_active", default=None)
 _perf = time.perf_counter
 
 
 def monitor(target: Any = None, /, *, model_version: Any = UNSET, sample_ratio: Any = UNSET,
             slow_threshold_s: Any = UNSET, exclude: Any = UNSET, flush_interval_s: Any = UNSET,
-            tracing_enabled: Any = UNSET, hang_threshold_s: Any = UNSET):
+            tracing_enabled: Any = UNSET, hang_threshold_s: Any = UNSET,
+            prediction: Any = UNSET, prediction_input: Any = UNSET,
+            prediction_methods: Any = UNSET, positive_label: Any = UNSET):
     """Monitor a Ray Serve deployment (a class, a function, or a ``Deployment``).
 
     Works bare (``@monitor``) and with options (``@monitor(model_version="v3")``),
     above or below ``@serve.deployment``. Bad options raise ``TypeError`` or
     ``ValueError`` here, naming the option.
+
+    Model quality (opt-in): ``prediction=fn`` runs ``fn(result)`` (``fn(result, args,
+    kwargs)`` with ``prediction_input=True``) after each successful call of the
+    ``prediction_methods`` (default ``("__call__",)``); it returns ``{"label": L,
+    "score": p}`` or ``{"value": x}``, optionally with ``"features": {name: value}``,
+    or None to skip the request. Only that is kept, never the payload.
+    ``positive_label`` is the class ``score`` is the probability of.
     """
     options = MonitorOptions.build(model_version=model_version, sample_ratio=sample_ratio,
                                    slow_threshold_s=slow_threshold_s, exclude=exclude,
                                    flush_interval_s=flush_interval_s,
                                    tracing_enabled=tracing_enabled,
-                                   hang_threshold_s=hang_threshold_s)
+                                   hang_threshold_s=hang_threshold_s, prediction=prediction,
+                                   prediction_input=prediction_input,
+                                   prediction_methods=prediction_methods,
+                                   positive_label=positive_label)
     if target is None:
         return functools.partial(_apply, options=options)
     return _apply(target, options=options)
@@ -104,11 +122,14 @@ def _wrap_class(cls: type, options: MonitorOptions) -> type:
     if unknown:
         raise ValueError(f"@monitor(exclude=...): {cls.__name__} has no method "
                          f"{', '.join(map(repr, unknown))}; name methods of the class")
+    asgi = _is_asgi_wrapper(cls)
+    methods = public_methods(cls, options.exclude)
+    if options.prediction is not None:
+        _check_prediction_methods(cls.__name__, methods, options, asgi)
     runtime = Runtime(cls.__name__, options)
     ns: dict[str, Any] = {"__ray_monitor__": runtime, "__module__": cls.__module__,
                           "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}
-    asgi = _is_asgi_wrapper(cls)
-    for name, fn in public_methods(cls, options.exclude).items():
+    for name, fn in methods.items():
         if asgi and name == "__call__":
             ns[name] = _wrap_asgi(fn, runtime)
         else:
@@ -128,8 +149,25 @@ def _wrap_class(cls: type, options: MonitorOptions) -> type:
     return wrapped
 
 
+def _check_prediction_methods(owner: str, methods: dict[str, Callable],
+                              options: MonitorOptions, asgi: bool = False) -> None:
+    for name in options.prediction_methods:
+        fn = methods.get(name)
+        if fn is None or (asgi and name == "__call__"):
+            where = ("a FastAPI ingress is called per route; put the extractor on a deployment "
+                     "it calls (the request id is shared)") if asgi else \
+                f"monitored methods: {', '.join(sorted(methods)) or 'none'}"
+            raise ValueError(f"@monitor(prediction_methods=...): {owner} has no monitored method "
+                             f"{name!r} to take predictions from ({where})")
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            raise ValueError(f"@monitor(prediction_methods=...): {owner}.{name} streams its "
+                             "result; predictions come from methods that return one value")
+
+
 def _wrap_function(fn: Callable, options: MonitorOptions) -> Callable:
     # A function deployment is called as `__call__` through its handle.
+    if options.prediction is not None:
+        _check_prediction_methods(fn.__name__, {"__call__": fn}, options)
     runtime = Runtime(fn.__name__, options)
     wrapped = wrap_callable(fn, "__call__", runtime, bound=False)
     wrapped.__ray_monitor__ = runtime
@@ -141,22 +179,26 @@ def _wrap_function(fn: Callable, options: MonitorOptions) -> Callable:
 class _Request:
     """State of one request between start and finish; lives only as long as it."""
 
-    __slots__ = ("cells", "token", "t0", "span", "ctx_token", "otel_token", "tracer")
+    __slots__ = ("cells", "token", "t0", "span", "ctx_token", "otel_token", "tracer", "runtime",
+                 "active_token")
 
     def __init__(self, hook: "_Hook", headers: Any) -> None:
+        self.runtime = hook.runtime
         st = hook.runtime.state or hook.runtime.start()
         self.cells = st.recorder.method(hook.name) if hook.cells is None else hook.cells
         self.t0 = _perf()
         self.token = self.cells.begin(self.t0, _request_id())
         self.tracer = st.tracer
         self.span = None
-        self.ctx_token = self.otel_token = None
+        self.ctx_token = self.otel_token = self.active_token = None
         if st.tracer.enabled:
             self.span = st.tracer.begin(hook.span_name, st.span_attributes(hook.name),
                                         st.tracer.parent_context(headers))
 
     def enter(self) -> None:
-        """Makes the request's ids current around user code (log records, child spans)."""
+        """Marks the deployment busy with this request around user code, and makes the
+        request's ids current there (log records, child spans)."""
+        self.active_token = ACTIVE.set(self.runtime)
         sp = self.span
         if sp is None:
             return
@@ -171,6 +213,9 @@ class _Request:
         if self.ctx_token is not None:
             tracing.CURRENT.reset(self.ctx_token)
             self.ctx_token = None
+        if self.active_token is not None:
+            ACTIVE.reset(self.active_token)
+            self.active_token = None
 
     def finish(self, outcome: str, error: Optional[BaseException], is_error: bool,
                first_item: Optional[float] = None, extra: Optional[dict] = None) -> None:
@@ -257,6 +302,8 @@ class _Hook:
         self.cells = None  # bound by the runtime when it starts
 
     def start(self, headers: Any) -> Optional[_Request]:
+        if ACTIVE.get() is self.runtime:
+            return None  # the deployment calling its own method: part of the same request
         try:
             req = _Request(self, headers)
             req.enter()
@@ -285,8 +332,49 @@ def _done(hook: _Hook, req: Optional[_Request], outcome: str, error: Optional[Ba
         hook.runtime.self_error("middleware_failed", e)
 
 
+def _capture(runtime: Runtime, result: Any, args: tuple, kwargs: dict) -> None:
+    """Runs the extractor on an ok result and keeps the prediction; never raises."""
+    opts = runtime.options
+    try:
+        if _result_outcome(result)[1]:
+            return  # an HTTP error response is not a prediction
+        raw = opts.prediction(result, args, kwargs) if opts.prediction_input else \
+            opts.prediction(result)
+        if raw is None:
+            return
+        fields = validate_extractor_result(raw)
+        st = runtime.state or runtime.start()
+        ident = st.identity
+        st.recorder.record_prediction(Prediction(
+            _request_id(), time.time(), ident.application, ident.deployment,
+            ident.model_version, positive_label=opts.positive_label, **fields))
+    except Exception as e:  # a bad extractor must never fail the request
+        runtime.self_error(f"prediction_extractor:{type(e).__name__}", e)
+
+
+def _capturing(fn: Callable, runtime: Runtime, bound: bool) -> Callable:
+    """``fn`` with the prediction extractor after it, of the same kind. Only methods
+    with an extractor get this layer: the others pay nothing for the feature."""
+    skip = 1 if bound else 0  # the extractor sees the call's arguments without `self`
+    if inspect.iscoroutinefunction(fn):
+        async def capture(*args, **kwargs):
+            result = await fn(*args, **kwargs)
+            _capture(runtime, result, args[skip:], kwargs)
+            return result
+    else:
+        def capture(*args, **kwargs):
+            result = fn(*args, **kwargs)
+            _capture(runtime, result, args[skip:], kwargs)
+            return result
+    functools.update_wrapper(capture, fn)
+    return capture
+
+
 def wrap_callable(fn: Callable, name: str, runtime: Runtime, bound: bool = True) -> Callable:
     """Wraps one method (``bound``) or function, keeping its kind."""
+    original = fn
+    if runtime.options.extractor(name) is not None:
+        fn = _capturing(fn, runtime, bound)
     hook = _Hook(runtime, name)
     runtime.hooks.append(hook)
     # Headers are the first argument after `self` for methods.
@@ -331,9 +419,7 @@ def wrap_callable(fn: Callable, name: str, runtime: Runtime, bound: bool = True)
                 outcome, is_error = _outcome(e)
                 _done(hook, req, outcome, e, is_error)
                 raise
-            outcome, is_error = _result_outcome(result)
-            _done(hook, req, outcome, None, is_error)
-            return result
+            return _finish(hook, req, result)
 
     elif inspect.isgeneratorfunction(fn):
         def wrapper(*args, **kwargs):
@@ -358,11 +444,9 @@ def wrap_callable(fn: Callable, name: str, runtime: Runtime, bound: bool = True)
                 if kind is GeneratorType:
                     return _timed_generator(hook, req, result)
                 return _timed_async_generator(hook, req, result)
-            outcome, is_error = _result_outcome(result)
-            _done(hook, req, outcome, None, is_error)
-            return result
+            return _finish(hook, req, result)
 
-    functools.update_wrapper(wrapper, fn)
+    functools.update_wrapper(wrapper, original)
     wrapper.__wrapped_by_ray_monitor__ = True
     return wrapper
 
@@ -393,9 +477,27 @@ def _timed_generator(hook: _Hook, req: Optional[_Request], gen):
         _done(hook, req, outcome, error, is_error, first)
 
 
-async def _timed_async_generator(hook: _Hook, req: Optional[_Request], agen):
+def _finish(hook: _Hook, req: Optional[_Request], result: Any) -> Any:
+    """Records a returned result. A streaming HTTP response (Starlette's
+    ``StreamingResponse``) is timed to its last chunk, with its status as outcome."""
+    status = getattr(result, "status_code", None)
+    if type(status) is int and _is_response(result):
+        body = getattr(result, "body_iterator", None)
+        if body is not None and req is not None:
+            req.exit()
+            result.body_iterator = _timed_async_generator(hook, req, body, str(status),
+                                                          status >= 500)
+            return result
+        _done(hook, req, str(status), None, status >= 500)
+        return result
+    _done(hook, req, OK, None, False)
+    return result
+
+
+async def _timed_async_generator(hook: _Hook, req: Optional[_Request], agen,
+                                 done_outcome: str = OK, done_error: bool = False):
     first = None
-    outcome, error, is_error = OK, None, False
+    outcome, error, is_error = done_outcome, None, done_error
     try:
         async for item in agen:
             if first is None and req is not None:
@@ -406,7 +508,9 @@ async def _timed_async_generator(hook: _Hook, req: Optional[_Request], agen):
         error = e
         raise
     finally:
-        await agen.aclose()
+        aclose = getattr(agen, "aclose", None)
+        if aclose is not None:
+            await aclose()
         _done(hook, req, outcome, error, is_error, first)
 
 

@@ -11,19 +11,28 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
-from typing import Callable, Optional, Protocol
+import traceback
+from typing import Any, Callable, Optional, Protocol
 
 from .histogram import Histogram, bucket_index
-from .snapshot import (OK, Exemplar, ReplicaHealth, ReplicaIdentity, ReplicaSnapshot,
-                       SeriesDelta)
+from .snapshot import (OK, Exemplar, HungRequest, ReplicaHealth, ReplicaIdentity,
+                       ReplicaSnapshot, SeriesDelta)
 
 logger = logging.getLogger(__name__)
 
 #: Outcomes beyond this many per method are counted under ``other`` (label cap).
 MAX_OUTCOMES_PER_METHOD = 32
 OTHER = "other"
+#: Captured predictions kept per flush; the excess is dropped and counted, so quality
+#: metrics become a sample rather than memory growing with traffic.
+MAX_PREDICTIONS_PER_FLUSH = 2000
+#: Bound of the thread stacks sent with hung requests, per replica and snapshot.
+MAX_STACK_BYTES = 32 * 1024
+#: Innermost frames kept of each thread's stack.
+STACK_FRAMES = 40
 
 
 class Sink(Protocol):
@@ -116,7 +125,8 @@ class Recorder:
                  flush_interval_s: float = 1.0, buffer_size: int = 300,
                  hang_threshold_s: float = 0.0, clock: Callable[[], float] = time.time,
                  health: Optional[Callable[[], ReplicaHealth]] = None,
-                 on_flush: Optional[Callable[[ReplicaSnapshot], None]] = None) -> None:
+                 on_flush: Optional[Callable[[ReplicaSnapshot], None]] = None,
+                 max_predictions: int = MAX_PREDICTIONS_PER_FLUSH) -> None:
         self.identity = identity
         self.sink = sink
         self.flush_interval_s = flush_interval_s
@@ -124,6 +134,8 @@ class Recorder:
         self.clock = clock
         self.health = health
         self.on_flush = on_flush
+        self.max_predictions = max_predictions
+        self._predictions: list[Any] = []
         self.self_errors = SelfErrors()
         self.methods: dict[str, MethodCells] = {}
         self._lock = threading.Lock()
@@ -141,6 +153,14 @@ class Recorder:
             cells = self.methods.setdefault(name, MethodCells(name, self))
         return cells
 
+    def record_prediction(self, prediction: Any) -> None:
+        """Keeps one captured prediction for the next snapshot (extractor methods only)."""
+        with self._lock:
+            if len(self._predictions) < self.max_predictions:
+                self._predictions.append(prediction)
+                return
+        self.self_errors.count("predictions_dropped:buffer_full")
+
     # -- off the request path -------------------------------------------------
 
     def snapshot(self, now: Optional[float] = None) -> ReplicaSnapshot:
@@ -151,6 +171,7 @@ class Recorder:
             taken = [(m.name, m.cells) for m in self.methods.values()]
             for m in self.methods.values():
                 m.cells = {}
+            predictions, self._predictions = self._predictions, []
         for name, cells in taken:
             for outcome, c in cells.items():
                 series.append(SeriesDelta(name, outcome, c.error, c.latency, c.first_item,
@@ -164,7 +185,8 @@ class Recorder:
                 self.self_errors.count("health_probe_failed", e)
         self._seq += 1
         snap = ReplicaSnapshot(self.identity, self._seq, self._window_start, now, series,
-                               inflight, health, self.self_errors.snapshot(), self._dropped)
+                               inflight, health, self.self_errors.snapshot(), self._dropped,
+                               predictions)
         self._window_start = now
         return snap
 
@@ -233,7 +255,8 @@ class Recorder:
 def process_health(recorder: "Recorder", loop_lag: Callable[[], Optional[float]],
                    hang_threshold_s: float = 0.0) -> Callable[[], ReplicaHealth]:
     """A health probe for the flush thread: CPU and RSS of this process (psutil ships
-    with Ray), the event loop's lag, and the oldest request still running."""
+    with Ray), the event loop's lag, the oldest request still running, and the requests
+    running longer than ``hang_threshold_s`` (0: none reported) with every thread's stack."""
     import psutil
 
     proc = psutil.Process(os.getpid())
@@ -244,5 +267,56 @@ def process_health(recorder: "Recorder", loop_lag: Callable[[], Optional[float]]
         longest = max((r[1] for r in running), default=0.0)
         return ReplicaHealth(cpu_percent=proc.cpu_percent(None),
                              rss_bytes=proc.memory_info().rss, loop_lag_s=loop_lag(),
-                             longest_request_s=longest)
+                             longest_request_s=longest,
+                             hung=find_hung(running, hang_threshold_s, thread_stacks))
     return probe
+
+
+def find_hung(running: list[tuple[str, float, str]], threshold_s: float,
+              stacks: Callable[[], str]) -> list[HungRequest]:
+    """The requests of ``running`` (``recorder.running()``) in flight longer than
+    ``threshold_s``, oldest first, each with ``stacks()``: taken once, shared by all."""
+    if not threshold_s > 0:
+        return []
+    hung = sorted((r for r in running if r[1] > threshold_s), key=lambda r: -r[1])
+    if not hung:
+        return []
+    try:
+        text = stacks()
+    except Exception as e:  # the report without stacks still says which request hangs
+        text = f"stacks unavailable: {e!r}"
+    return [HungRequest(method, rid, round(age, 3), text) for method, age, rid in hung]
+
+
+def thread_stacks(limit_bytes: int = MAX_STACK_BYTES, frames: Optional[dict] = None,
+                  names: Optional[dict[int, str]] = None) -> str:
+    """Every thread's stack but the caller's, innermost ``STACK_FRAMES`` frames each,
+    within ``limit_bytes`` (UTF-8). Threads running code outside the Python installation
+    (the user's) come first, so a hung request's stack survives the cut."""
+    frames = sys._current_frames() if frames is None else frames
+    if names is None:
+        names = {t.ident: t.name for t in threading.enumerate()}
+    me = threading.get_ident()
+    roots = tuple({p for p in (sys.prefix, sys.base_prefix, sys.exec_prefix) if p})
+    parts = []
+    for ident, frame in frames.items():
+        if ident == me:
+            continue
+        summary = traceback.extract_stack(frame, limit=STACK_FRAMES)
+        user = any(not f.filename.startswith(roots) and "site-packages" not in f.filename
+                   and not f.filename.startswith("<") for f in summary)
+        text = (f"Thread {names.get(ident, '?')} ({ident}):\n"
+                + "".join(traceback.format_list(summary)))
+        parts.append((not user, names.get(ident, ""), text))
+    parts.sort(key=lambda p: (p[0], p[1]))
+    out, used, left_out = [], 0, 0
+    for _, _, text in parts:
+        size = len(text.encode())
+        if used + size > limit_bytes:
+            left_out += 1
+            continue
+        out.append(text)
+        used += size
+    if left_out:
+        out.append(f"... {left_out} more thread(s) left out to stay within {limit_bytes} bytes\n")
+    return "\n".join(out)

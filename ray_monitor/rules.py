@@ -73,6 +73,7 @@ __all__ = [
     "ActiveAlert", "AlertRule", "Condition", "EvalError", "EvalResult", "Problem",
     "RuleEngine", "RuleError", "RuleGroup", "RuleSet", "ScaleAction", "Source", "Template",
     "EXPORT_NOTE", "export_prometheus", "export_prometheus_yaml", "format_duration",
+    "not_exported",
     "load_rules", "parse_duration", "parse_expr",
 ]
 
@@ -503,18 +504,81 @@ def _close(name: str, choices) -> str:
     return f"; did you mean {near[0]!r}?" if near else ""
 
 
+_ALL_FUNCTIONS = {**catalog.FUNCTIONS, **catalog.MODEL_FUNCTIONS}
+_ALL_METRICS = (*catalog.METRICS, catalog.PREDICTIONS, catalog.PREDICTION,
+                catalog.FEATURE_PREFIX + "<name>")
+
+
+def _check_model_condition(c: dict) -> tuple[Optional[Condition], list[str]]:
+    """A quality or drift condition: ``accuracy(predictions[1h])``, ``psi(feature_age[1h])``."""
+    errors: list[str] = []
+    fn, metric_name = c["function"], c["metric"]
+    at = lambda p: f" at position {p}"  # noqa: E731
+    quality = sorted(n for n, m in catalog.MODEL_FUNCTIONS.items() if m.kind == "quality")
+    drift = sorted(n for n, m in catalog.MODEL_FUNCTIONS.items() if m.kind == "drift")
+    model_fn = catalog.MODEL_FUNCTIONS.get(fn)
+    is_drift_metric = metric_name == catalog.PREDICTION or (
+        metric_name.startswith(catalog.FEATURE_PREFIX) and len(metric_name) > len(catalog.FEATURE_PREFIX))
+    if fn not in _ALL_FUNCTIONS:
+        errors.append(f"unknown function {fn!r}{at(c['function_pos'])}{_close(fn, _ALL_FUNCTIONS)}"
+                      f" (functions: {', '.join(sorted(_ALL_FUNCTIONS))})")
+    elif model_fn is None:
+        errors.append(f"function {fn!r}{at(c['function_pos'])} does not apply to {metric_name!r}; "
+                      + (f"use one of {', '.join(quality)} on predictions"
+                         if metric_name == catalog.PREDICTIONS else
+                         f"use one of {', '.join(drift)} (drift against the reference)"))
+    elif model_fn.kind == "quality" and metric_name != catalog.PREDICTIONS:
+        errors.append(f"{fn} reads the joined predictions; write {fn}({catalog.PREDICTIONS}[1h]), "
+                      f"not {fn}({metric_name}[...])")
+    elif model_fn.kind == "drift" and not is_drift_metric:
+        errors.append(f"{fn} compares {catalog.PREDICTION} or {catalog.FEATURE_PREFIX}<name> with its "
+                      f"reference; write {fn}({catalog.FEATURE_PREFIX}age[1h]) or "
+                      f"{fn}({catalog.PREDICTION}[1h]), not {fn}({metric_name}[...])")
+    if c["param"] is not None:
+        errors.append(f"{fn} takes no number argument{at(c['param_pos'])}")
+    labels = catalog.MODEL_LABELS
+    for label, pos in (c["by"] or []):
+        if label not in labels:
+            errors.append(f"label {label!r} in by (...){at(pos)} is not a label of model quality "
+                          f"and drift (per model, not per replica){_close(label, labels)} "
+                          f"(labels: {', '.join(labels)})")
+    matchers = []
+    for label, op, value, pos in c["matchers"]:
+        if label not in labels:
+            errors.append(f"label {label!r} in a matcher{at(pos)} is not a label of model quality "
+                          f"and drift{_close(label, labels)} (labels: {', '.join(labels)})")
+        if op in ("=~", "!~"):
+            try:
+                re.compile(value)
+            except re.error as exc:
+                errors.append(f"matcher {label}{op}{_quote(value)}{at(pos)} is not a valid "
+                              f"regular expression: {exc}")
+        matchers.append(catalog.Matcher(label, op, value))
+    names = [label for label, _ in (c["by"] or [])]
+    if len(set(names)) != len(names):
+        errors.append(f"by ({', '.join(names)}) names a label twice")
+    if errors:
+        return None, errors
+    query = catalog.Query(function=fn, metric=metric_name, window_s=c["window_s"],
+                          by=tuple(sorted(set(names))) if names else None,
+                          matchers=tuple(matchers))
+    return Condition(query, c["op"], c["threshold"]), []
+
+
 def _check_condition(c: dict) -> tuple[Optional[Condition], list[str]]:
     """Turn a parsed condition into a Condition, or say everything wrong with it."""
     errors: list[str] = []
     fn, metric_name = c["function"], c["metric"]
+    if catalog.is_model_query(fn, metric_name):
+        return _check_model_condition(c)
     at = lambda p: f" at position {p}"  # noqa: E731
     if fn not in catalog.FUNCTIONS:
-        errors.append(f"unknown function {fn!r}{at(c['function_pos'])}{_close(fn, catalog.FUNCTIONS)}"
-                      f" (functions: {', '.join(sorted(catalog.FUNCTIONS))})")
+        errors.append(f"unknown function {fn!r}{at(c['function_pos'])}{_close(fn, _ALL_FUNCTIONS)}"
+                      f" (functions: {', '.join(sorted(_ALL_FUNCTIONS))})")
     metric = catalog.METRICS.get(metric_name)
     if metric is None:
         errors.append(f"unknown metric {metric_name!r}{at(c['metric_pos'])}"
-                      f"{_close(metric_name, catalog.METRICS)} (metrics: {', '.join(catalog.METRICS)})")
+                      f"{_close(metric_name, _ALL_METRICS)} (metrics: {', '.join(_ALL_METRICS)})")
     if fn in catalog.FUNCTIONS and metric is not None:
         if metric.kind not in catalog.FUNCTIONS[fn]:
             fits = sorted(f for f, kinds in catalog.FUNCTIONS.items() if metric.kind in kinds)
@@ -1376,20 +1440,34 @@ def _export_rule(rule: AlertRule) -> dict:
     return out
 
 
+def _is_model_rule(rule: AlertRule) -> bool:
+    return any(catalog.is_model_query(c.query.function, c.query.metric) for c in rule.conditions)
+
+
+def not_exported(ruleset: RuleSet) -> list[str]:
+    """``group/alert`` of the rules over model quality or drift, which Prometheus cannot
+    evaluate: their inputs (predictions joined with late feedback, drift counts) exist
+    only inside the aggregator. /metrics shows their values over a fixed 1h window as
+    ``ray_monitor_model_*`` and ``ray_monitor_drift_*`` gauges."""
+    return [f"{g.name}/{r.name}" for g, r in ruleset.rules() if _is_model_rule(r)]
+
+
 def export_prometheus(ruleset: RuleSet) -> dict:
     """The rule set as a Prometheus rule file (a dict), over the names on /metrics.
 
     SLO entries appear as the alerts they expand to; ``scale`` actions have no
-    Prometheus equivalent and are left out. Approximations are named in the
-    ``ray_monitor_export_note`` annotation of the rule.
+    Prometheus equivalent and are left out, and so are rules over model quality or
+    drift (see :func:`not_exported`; a group left empty is left out too).
+    Approximations are named in the ``ray_monitor_export_note`` annotation of the rule.
     """
     groups = []
     for g in ruleset.groups:
         group: dict = {"name": g.name}
         if g.interval_s:
             group["interval"] = format_duration(g.interval_s)
-        group["rules"] = [_export_rule(r) for r in g.rules]
-        groups.append(group)
+        group["rules"] = [_export_rule(r) for r in g.rules if not _is_model_rule(r)]
+        if group["rules"] or not g.rules:
+            groups.append(group)
     return {"groups": groups}
 
 
@@ -1398,5 +1476,11 @@ def export_prometheus_yaml(ruleset: RuleSet) -> str:
     header = (f"# Prometheus rules exported by ray-monitor from {ruleset.file}.\n"
               f"# Scale actions are not exported; approximations are named in the "
               f"{EXPORT_NOTE} annotation.\n")
+    skipped = not_exported(ruleset)
+    if skipped:
+        header += ("# Not exported: rules over model quality or drift have no Prometheus "
+                   "equivalent (they are computed inside ray-monitor; /metrics has their "
+                   "values over 1h as ray_monitor_model_* and ray_monitor_drift_* gauges): "
+                   + ", ".join(skipped) + "\n")
     return header + yaml.safe_dump(export_prometheus(ruleset), sort_keys=False,
                                    allow_unicode=True, width=1000)

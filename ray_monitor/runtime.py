@@ -84,7 +84,8 @@ class State:
         except RuntimeError:
             loop = None
         self.loop_lag = LoopLag(loop)
-        self.recorder.health = process_health(self.recorder, self.loop_lag)
+        self.recorder.health = process_health(self.recorder, self.loop_lag,
+                                              opts.resolved("hang_threshold_s"))
         ident = self.identity
         self.tracer = tracing.Tracer(
             sample_ratio=opts.resolved("sample_ratio"),

@@ -29,21 +29,39 @@ bucket was more than one step behind the current one on arrival. Series expire b
 time, so a replica catching up on old snapshots is alive.
 
 Storage. Each resolution ``(step, slots)`` is a ring of aligned buckets: bucket ``k`` holds
-times in ``[k*step, (k+1)*step)`` and lives in slot ``k % slots``, which remembers its
-``k``, so stale slots are never read. Counter buckets hold a sum; gauge buckets count, sum,
-min, max and the latest sample with its time; histogram buckets count, sum, zero count,
-min, max and the sparse exponential-bucket counts (packed int32 pairs, compacted when the
-bucket closes). Every sample is written into every resolution, so a coarse bucket is
-exactly the union of its fine buckets. Memory is series x slots x bucket size, whatever
-the traffic. Steps must each be a whole multiple of the previous one.
+times in ``[k*step, (k+1)*step)`` and lives in slot ``k % slots``; the ring remembers each
+slot's ``k`` (one key per slot for all rows: when the clock enters a new bucket its slot is
+cleared in every row), so stale slots are never read. Counter buckets hold a sum; gauge
+buckets count, sum, min, max and the latest sample (with its offset in the bucket);
+histogram buckets count, sum, zero count, min, max and the sparse exponential-bucket counts,
+4 bytes a bucket (int16 index, uint16 count; a count above 65535 takes several entries, and
+an index outside int16 -- values beyond 2**+-512 -- is clamped to the edge, while min and
+max stay exact), compacted when the bucket closes. Every sample is written into every
+resolution, so a coarse bucket is exactly the union of its fine buckets.
+
+Rollups. Every ring is kept per *rollup*: the series' labels without ``replica`` and
+``pid`` (request series: per application, deployment, method, model version and outcome),
+so the coarse rings' memory grows with deployments, not replicas, and queries that need no
+per-series data read a few rollup rows instead of every replica's. The finest ring is also
+kept per series. Memory is (series + rollups) x fine slots + rollups x coarse slots bucket
+sizes, whatever the traffic. A rollup lives while any of its series sends, and then for the
+coarsest span (or ``series_ttl_s`` if longer): the data of a replica that went away stays
+in the rollups (a 6 h SLO still counts its errors) while its own series expires. Metrics
+without those labels (GPU devices) have their series as rollups. Steps must each be a whole
+multiple of the previous one.
 
 Windows. A query over ``window_s`` at time ``now`` reads the finest resolution whose span
 (``step * slots``) covers the window (windows longer than the coarsest span are cut to
 it: see :attr:`WindowStore.max_window_s`) and takes the buckets whose *start* lies in
 ``(now - window_s, now]``, so the edges are honoured to one step of that resolution. Runs
 of whole coarse buckets inside the window are read from the coarser rings (same data, far
-fewer reads). Groups with no data in the window are absent from the result: never NaN,
-never 0 for "no data".
+fewer reads). Per-series queries read the series' finest ring only, and their windows are
+cut to its span (10 min by default): those whose ``by`` or matchers name ``replica`` or
+``pid``, and gauge ``last`` / ``sum`` (which add per-series values) of metrics with those
+labels. Other queries read rollups, and equal the per-series computation up to the order
+of floating-point additions.
+Groups with no data in the window are absent from the result: never NaN, never 0 for
+"no data".
 
 Functions (see :data:`~ray_monitor.catalog.FUNCTIONS`). Matchers (``=``, ``!=``, ``=~``,
 ``!~``; regexes fully anchored, a missing label reads as "") select series, then ``by``
@@ -65,10 +83,12 @@ resolution, the metric's natural value (counter: rate, histogram: mean, gauge: a
 reads 0 and a flat series followed by a jump is a large anomaly. Absent with fewer than 5
 history steps. For counters the step holding ``now`` is left out: it is still filling.
 
-Sharing. Within one evaluation round (same ``now``, no ingest in between) per-series
+Sharing. Within one evaluation round (same ``now``, no ingest in between) per-row
 window aggregates, per-group merges and whole results are memoised, so rules that differ
 only in function or threshold cost one dictionary copy. :meth:`WindowStore.begin_round`
-pins ``now`` for the round; any ingest or expiry invalidates the memo.
+pins ``now`` for the round; any ingest or expiry invalidates the memo. Which rows a
+matcher set selects, and their groups, is kept until a series of the metric comes or goes,
+and is recomputed with array operations over label codes.
 
 Cardinality. At most ``max_series_per_metric`` real series per metric; a new label set
 past the cap is folded into one extra series whose label values are all ``"other"``, and
@@ -82,7 +102,6 @@ from __future__ import annotations
 import math
 import re
 import time
-from array import array
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import chain
@@ -106,14 +125,23 @@ DERIV_MIN_STEPS = 3
 #: std floor of zscore, relative to the history's mean, and absolute.
 ZSCORE_REL_FLOOR = 0.01
 ZSCORE_ABS_FLOOR = 1e-9
+#: Labels the coarse rings leave out (see Rollups in the module docstring).
+ROLLUP_DROPS = frozenset({"replica", "pid"})
 
-_COLUMNS = {"counter": ("v",), "histogram": ("n", "s", "z", "lo", "hi"),
-            "gauge": ("n", "s", "lo", "hi", "last", "t")}
-_EMPTY = -(2 ** 62)  # bucket index of an empty slot: below any real one, even before 1970
+# column -> (dtype, value of an empty bucket); sums and mins read empty buckets as no-ops
+_COLUMNS = {"counter": {"v": (np.float64, np.nan)},
+            "histogram": {"n": (np.float64, 0.0), "s": (np.float64, 0.0), "z": (np.float32, 0.0),
+                          "lo": (np.float64, np.inf), "hi": (np.float64, -np.inf)},
+            "gauge": {"n": (np.float32, 0.0), "s": (np.float64, 0.0), "lo": (np.float64, np.inf),
+                      "hi": (np.float64, -np.inf), "last": (np.float64, 0.0),
+                      "to": (np.float32, -np.inf)}}  # to: the latest sample's offset in the bucket
+_EMPTY = -(2 ** 62)  # bucket key of a slot never used: below any real one, even before 1970
 _GROW_ROWS = 16
 _COMPACT_AT = 8  # appended deltas in one histogram bucket before it is compacted
 _LOG_BASE = math.log(BASE)
-_BYTES_OVERHEAD = 33  # a bytes object's header, for the memory estimate
+_BYTES_OVERHEAD = 41  # a bytes object's header and its pointer, for the memory estimate
+_PAIR = np.dtype([("i", "<i2"), ("c", "<u2")])
+_MAX_COUNT = 65535
 
 # GpuDevice.values key -> gauge metric
 _GPU_GAUGES = (("utilization_ratio", "gpu_utilization"),
@@ -142,21 +170,39 @@ class CumulativeSeries:
     updated: float = 0.0
 
 
+def _encode(idx: np.ndarray, cnt: np.ndarray) -> bytes:
+    """(index, count) entries as 4-byte pairs: indices clamped to int16, counts split at
+    65535 (bincount adds the pieces back up)."""
+    idx = np.clip(idx, -32768, 32767)
+    if len(cnt) and cnt.max() > _MAX_COUNT:
+        reps = -(-cnt // _MAX_COUNT)
+        first = np.repeat(np.cumsum(reps) - reps, reps)
+        piece = np.arange(int(reps.sum())) - first
+        cnt = np.minimum(np.repeat(cnt, reps) - piece * _MAX_COUNT, _MAX_COUNT)
+        idx = np.repeat(idx, reps)
+    out = np.empty(len(idx), dtype=_PAIR)
+    out["i"], out["c"] = idx, cnt
+    return out.tobytes()
+
+
 def _pack(h: Histogram) -> bytes:
-    return array("i", chain.from_iterable(h.buckets.items())).tobytes()
+    b = h.buckets
+    a = np.fromiter(chain.from_iterable(b.items()), dtype=np.int64, count=2 * len(b))
+    idx, cnt = a[0::2], a[1::2]
+    if len(b) and (cnt.max() > _MAX_COUNT or idx.min() < -32768 or idx.max() > 32767):
+        return _encode(idx, cnt)
+    return a.astype(np.int16).tobytes()  # same bytes as _PAIR: counts wrap into int16's bits
 
 
-def _pairs(b: bytes) -> np.ndarray:
-    return np.frombuffer(b, dtype=np.int32).reshape(-1, 2)
+def _unpack(b: bytes) -> tuple[np.ndarray, np.ndarray]:
+    pairs = np.frombuffer(b, dtype=_PAIR)
+    return pairs["i"].astype(np.int64), pairs["c"].astype(np.int64)
 
 
 def _compact(b: bytes) -> bytes:
-    a = _pairs(b)
-    idx, inv = np.unique(a[:, 0], return_inverse=True)
-    out = np.empty((len(idx), 2), dtype=np.int32)
-    out[:, 0] = idx
-    out[:, 1] = np.bincount(inv.ravel(), weights=a[:, 1])
-    return out.tobytes()
+    idx, cnt = _unpack(b)
+    u, inv = np.unique(idx, return_inverse=True)
+    return _encode(u, np.bincount(inv.ravel(), weights=cnt).astype(np.int64))
 
 
 def _bucket_values(idx: np.ndarray) -> np.ndarray:
@@ -181,109 +227,226 @@ def _matches(m: Matcher, value: str) -> bool:
     return hit if m.op == "=~" else not hit
 
 
+def _pad(a: np.ndarray, rows: int, fill) -> np.ndarray:
+    return np.concatenate((a, np.full((rows - a.shape[0],) + a.shape[1:], fill, dtype=a.dtype)))
+
+
 class _Ring:
-    """One resolution of one metric: 2-D arrays [series row, slot]."""
+    """One resolution of one metric: 2-D arrays [row, slot] (rows of series or rollups)."""
 
     def __init__(self, step: float, slots: int, kind: str) -> None:
         self.step, self.slots, self.kind = step, slots, kind
-        self.keys = np.full((0, slots), _EMPTY, dtype=np.int64)
-        for c in _COLUMNS[kind]:
-            setattr(self, c, np.zeros((0, slots)))
+        self.columns = _COLUMNS[kind]
+        for c, (dtype, fill) in self.columns.items():
+            setattr(self, c, np.full((0, slots), fill, dtype=dtype))
         if kind == "histogram":
-            self.hb = np.empty((0, slots), dtype=object)  # packed pairs, or None
-            self.hbn = np.zeros((0, slots), dtype=np.int16)  # deltas appended since compaction
-            self.open = np.full(0, _EMPTY, dtype=np.int64)  # newest bucket written, per row
+            self.hb = np.full((0, slots), None, dtype=object)  # packed pairs, or None
+            self.hbn = np.zeros((0, slots), dtype=np.int8)  # deltas appended since compaction
             self.hb_bytes = 0
 
-    def grow(self, cap: int) -> None:
-        extra = cap - self.keys.shape[0]
-        pad = lambda a, fill: np.concatenate(  # noqa: E731
-            (a, np.full((extra,) + a.shape[1:], fill, dtype=a.dtype)))
-        self.keys = pad(self.keys, _EMPTY)
-        for c in _COLUMNS[self.kind]:
-            setattr(self, c, pad(getattr(self, c), 0.0))
-        if self.kind == "histogram":
-            self.hb = pad(self.hb, None)
-            self.hbn = pad(self.hbn, 0)
-            self.open = pad(self.open, _EMPTY)
+    @property
+    def rows(self) -> int:
+        return getattr(self, next(iter(self.columns))).shape[0]
 
-    def clear_row(self, row: int) -> None:
-        self.keys[row] = _EMPTY
+    def grow(self, cap: int) -> None:
+        for c, (_, fill) in self.columns.items():
+            setattr(self, c, _pad(getattr(self, c), cap, fill))
         if self.kind == "histogram":
-            self.hb_bytes -= sum(len(b) + _BYTES_OVERHEAD for b in self.hb[row] if b is not None)
-            self.hb[row] = None
-            self.hbn[row] = 0
-            self.open[row] = _EMPTY
+            self.hb = _pad(self.hb, cap, None)
+            self.hbn = _pad(self.hbn, cap, 0)
+
+    def clear(self, rows, slots) -> None:
+        """Empties ``[rows, slots]`` (index expressions)."""
+        for c, (_, fill) in self.columns.items():
+            getattr(self, c)[rows, slots] = fill
+        if self.kind == "histogram":
+            old = self.hb[rows, slots]
+            self.hb_bytes -= sum(len(b) + _BYTES_OVERHEAD for b in np.ravel(old) if b is not None)
+            self.hb[rows, slots] = None
+            self.hbn[rows, slots] = 0
+
+    def close(self, p: int) -> None:
+        """The bucket in slot ``p`` is complete: compact what was appended to it."""
+        if self.kind != "histogram":
+            return
+        for row in np.flatnonzero(self.hbn[:, p] > 1).tolist():
+            old = self.hb[row, p]
+            self.hb[row, p] = new = _compact(old)
+            self.hbn[row, p] = 1
+            self.hb_bytes += len(new) - len(old)
 
     def nbytes(self) -> int:
-        n = self.keys.nbytes + sum(getattr(self, c).nbytes for c in _COLUMNS[self.kind])
+        n = sum(getattr(self, c).nbytes for c in self.columns)
         if self.kind == "histogram":
-            n += self.hb.nbytes + self.hbn.nbytes + self.open.nbytes + self.hb_bytes
+            n += self.hb.nbytes + self.hbn.nbytes + self.hb_bytes
         return n
 
 
-class _Table:
-    """All series of one metric: label index, rings, cumulative values."""
+class _Space:
+    """Rows and their label values: a metric's series, or its rollups. Label values are
+    also kept as integer codes per label, so matchers and ``by`` run as array operations."""
 
-    def __init__(self, metric: Metric, resolutions: tuple[tuple[float, int], ...]) -> None:
-        self.metric = metric
-        self.kind = metric.kind
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self.pos = {n: i for i, n in enumerate(names)}
         self.index: dict[tuple[str, ...], int] = {}
         self.labels: list[Optional[tuple[str, ...]]] = []
         self.free: list[int] = []
-        self.updated: list[float] = []
-        self.cum: list = []  # per row: [total] | [value, time] | [Histogram, exemplars]
-        self.rings = [_Ring(step, slots, metric.kind) for step, slots in resolutions]
-        self.version = 0  # bumps when a series comes or goes: selections depend on it
-        self.other = (OTHER,) * len(metric.labels)
-        self.folded: set[int] = set()
-        self.selections: dict = {}
+        self.updated = np.zeros(0)
+        self.live = np.zeros(0, dtype=bool)
+        self.codes = np.zeros((0, len(names)), dtype=np.int32)
+        self._recode()
 
-    def row_for(self, values: tuple[str, ...], cap: int) -> int:
-        row = self.index.get(values)
-        if row is not None:
-            return row
-        if len(self.index) - (self.other in self.index) >= cap:
-            self.folded.add(hash(values))
-            values = self.other
-            row = self.index.get(values)
-            if row is not None:
-                return row
+    def _recode(self) -> None:
+        self.code_of: list[dict[str, int]] = [{} for _ in self.names]
+        self.strings: list[list[str]] = [[] for _ in self.names]
+        for values, row in self.index.items():
+            self._set_codes(row, values)
+
+    def _set_codes(self, row: int, values: tuple[str, ...]) -> None:
+        for j, v in enumerate(values):
+            c = self.code_of[j].get(v)
+            if c is None:
+                c = self.code_of[j][v] = len(self.strings[j])
+                self.strings[j].append(v)
+            self.codes[row, j] = c
+
+    def add(self, values: tuple[str, ...]) -> int:
         if self.free:
             row = self.free.pop()
         else:
             row = len(self.labels)
             self.labels.append(None)
-            self.updated.append(0.0)
-            self.cum.append(None)
-            if row >= self.rings[0].keys.shape[0]:
-                cap_rows = row + max(_GROW_ROWS, row // 2)
-                for ring in self.rings:
-                    ring.grow(cap_rows)
+            if row >= len(self.live):
+                cap = row + max(_GROW_ROWS, row // 8)  # grows rarely: series come in bursts
+                self.updated = _pad(self.updated, cap, 0.0)
+                self.live = _pad(self.live, cap, False)
+                self.codes = _pad(self.codes, cap, 0)
         self.index[values] = row
         self.labels[row] = values
+        self.live[row] = True
+        self._set_codes(row, values)
+        return row
+
+    def remove(self, row: int) -> None:
+        del self.index[self.labels[row]]
+        self.labels[row] = None
+        self.live[row] = False
+        self.free.append(row)
+
+    def forget_codes(self) -> None:
+        """Drops codes of values no live row has any more (replica names churn)."""
+        if max(map(len, self.strings), default=0) > 2 * len(self.index) + 64:
+            self._recode()
+
+    def select(self, matchers: tuple[Matcher, ...],
+               by_names: list[str]) -> tuple[np.ndarray, list[GroupKey], np.ndarray]:
+        """Live rows matching ``matchers``: (rows, group keys, group index per row)."""
+        n = len(self.labels)
+        ok = self.live[:n].copy()
+        for m in matchers:
+            j = self.pos.get(m.label)
+            if j is None:  # a label the metric lacks reads as ""
+                if not _matches(m, ""):
+                    ok[:] = False
+                continue
+            truth = np.fromiter((_matches(m, v) for v in self.strings[j]), dtype=bool,
+                                count=len(self.strings[j]))
+            ok &= truth[self.codes[:n, j]]
+        rows = np.flatnonzero(ok)
+        cols = [self.pos[b] for b in by_names if b in self.pos]
+        if not len(rows):
+            return rows, [], np.zeros(0, dtype=np.int64)
+        if not cols:
+            return rows, [tuple((b, "") for b in by_names)], np.zeros(len(rows), dtype=np.int64)
+        combos, inv = np.unique(self.codes[rows][:, cols], axis=0, return_inverse=True)
+        keys = []
+        for combo in combos.tolist():
+            value = dict(zip((self.names[j] for j in cols),
+                             (self.strings[j][c] for j, c in zip(cols, combo))))
+            keys.append(tuple((b, value.get(b, "")) for b in by_names))
+        return rows, keys, inv.ravel()
+
+
+class _Table:
+    """All series of one metric: label index, per-series fine ring, rollup rings (every
+    resolution, see Rollups in the module docstring), cumulative values."""
+
+    def __init__(self, metric: Metric, resolutions: tuple[tuple[float, int], ...]) -> None:
+        self.metric = metric
+        self.kind = metric.kind
+        self.series = _Space(metric.labels)
+        self.cum: list = []  # per row: [total] | [value, time] | [Histogram, exemplars]
+        self.keep = tuple(i for i, n in enumerate(metric.labels) if n not in ROLLUP_DROPS)
+        self.has_drops = len(self.keep) < len(metric.labels)
+        # without labels to drop, a rollup is its series: one space, one set of rings
+        self.rollups = _Space(tuple(metric.labels[i] for i in self.keep)) \
+            if self.has_drops else self.series
+        self.rings = [_Ring(step, slots, metric.kind) for step, slots in resolutions]
+        self.series_ring = _Ring(*resolutions[0], metric.kind) if self.has_drops else self.rings[0]
+        self.up: list[int] = []  # series row -> rollup row
+        self.version = 0  # bumps when a series or rollup comes or goes: selections depend on it
+        self.other = (OTHER,) * len(metric.labels)
+        self.folded: set[int] = set()
+        self.selections: dict = {}
+
+    def all_rings(self, ri: int) -> list[_Ring]:
+        return [self.rings[ri], self.series_ring] if ri == 0 and self.has_drops else [self.rings[ri]]
+
+    def row_for(self, values: tuple[str, ...], cap: int) -> int:
+        row = self.series.index.get(values)
+        if row is not None:
+            return row
+        if len(self.series.index) - (self.other in self.series.index) >= cap:
+            self.folded.add(hash(values))
+            values = self.other
+            row = self.series.index.get(values)
+            if row is not None:
+                return row
+        row = self.series.add(values)
+        if row >= len(self.cum):
+            self.cum.append(None)
+            self.up.append(-1)
         self.cum[row] = ([0.0] if self.kind == "counter" else [math.nan, -math.inf]
                          if self.kind == "gauge" else [Histogram(), {}])
+        up = row
+        if self.has_drops:
+            if len(self.series.live) > self.series_ring.rows:
+                self.series_ring.grow(len(self.series.live))
+            rvalues = tuple(values[i] for i in self.keep)
+            up = self.rollups.index.get(rvalues)
+            if up is None:
+                up = self.rollups.add(rvalues)
+        if len(self.rollups.live) > self.rings[0].rows:
+            for ring in self.rings:
+                ring.grow(len(self.rollups.live))
+        self.up[row] = up
         self.version += 1
         return row
 
-    def remove(self, values: tuple[str, ...]) -> None:
-        row = self.index.pop(values)
-        self.labels[row] = None
+    def remove(self, row: int) -> None:
+        values = self.series.labels[row]
+        self.series.remove(row)
         self.cum[row] = None
-        for ring in self.rings:
-            ring.clear_row(row)
-        self.free.append(row)
+        for ring in [self.series_ring] if self.has_drops else self.rings:
+            ring.clear(row, slice(None))
         self.version += 1
         if values == self.other:
             self.folded.clear()
 
+    def remove_rollup(self, row: int) -> None:
+        self.rollups.remove(row)
+        for ring in self.rings:
+            ring.clear(row, slice(None))
+        self.version += 1
+
 
 class _SeriesWindow:
-    """Per-row aggregates of one metric over one window (arrays indexed by row)."""
+    """Per-row aggregates of one metric over one window: rows of the series (per-series
+    queries, finest ring only) or of the rollups (all rings)."""
 
-    def __init__(self, ri: int, a: int, b: int, rows: int) -> None:
-        self.ri, self.a, self.b = ri, a, b
+    def __init__(self, ri: int, a: int, b: int, fine_only: bool, rows: int) -> None:
+        self.ri, self.a, self.b, self.fine_only = ri, a, b, fine_only
         self.present = np.zeros(rows, dtype=bool)
         self.pair_rows: list[np.ndarray] = []
         self.pair_objs: list[list] = []
@@ -297,20 +460,19 @@ class _SeriesWindow:
             if not objs:
                 self._dense = (np.zeros((rows, 0)), np.zeros(0, dtype=np.int64))
                 return self._dense
-            lens = np.fromiter(map(len, objs), dtype=np.int64, count=len(objs)) // 8
-            pairs = _pairs(b"".join(objs))
+            lens = np.fromiter(map(len, objs), dtype=np.int64, count=len(objs)) // _PAIR.itemsize
+            idx, cnt = _unpack(b"".join(objs))
             tags = np.repeat(np.concatenate(self.pair_rows), lens)
-            idx = pairs[:, 0].astype(np.int64)
             lo, hi = int(idx.min()), int(idx.max())
             width = hi - lo + 1
             if rows * width <= 50_000_000:
-                d = np.bincount(tags * width + (idx - lo), weights=pairs[:, 1],
+                d = np.bincount(tags * width + (idx - lo), weights=cnt,
                                 minlength=rows * width).reshape(rows, width)
                 used = np.flatnonzero(d.any(axis=0))
                 self._dense = (d[:, used], used + lo)
             else:  # outliers spread the range: index the buckets actually used
                 cols, inv = np.unique(idx, return_inverse=True)
-                d = np.bincount(tags * len(cols) + inv.ravel(), weights=pairs[:, 1],
+                d = np.bincount(tags * len(cols) + inv.ravel(), weights=cnt,
                                 minlength=rows * len(cols)).reshape(rows, len(cols))
                 self._dense = (d, cols)
         return self._dense
@@ -363,6 +525,9 @@ class WindowStore:
         self._clock = clock
         self._mult = [round(self._res[i + 1][0] / self._res[i][0]) for i in range(len(self._res) - 1)]
         self._tables = {name: _Table(m, self._res) for name, m in METRICS.items()}
+        # per resolution: the newest bucket the clock has entered, and each slot's bucket
+        self._cur = [_EMPTY] * len(self._res)
+        self._keys = [np.full(slots, _EMPTY, dtype=np.int64) for _, slots in self._res]
         self._replicas: dict[tuple[str, str, str], list] = {}  # -> [last seq, dropped, seen]
         self._xid: dict[tuple[str, str], tuple[dict[int, int], float]] = {}
         self._max_time = -math.inf  # newest sample time held: tells if the future is empty
@@ -406,17 +571,36 @@ class WindowStore:
 
     # ------------------------------------------------------------------ ingest
 
-    def _placement(self, t: float, now: float) -> list[tuple[int, int, int]]:
+    def _advance(self, now: float) -> None:
+        """Moves every ring to the bucket holding ``now``, emptying the slots it reuses."""
+        for ri, (step, slots) in enumerate(self._res):
+            k = math.floor(now / step)
+            cur = self._cur[ri]
+            if k <= cur:
+                continue
+            keys = self._keys[ri]
+            rings = [ring for table in self._tables.values() for ring in table.all_rings(ri)]
+            if cur != _EMPTY:
+                for ring in rings:
+                    ring.close(cur % slots)
+            fresh = range(max(cur + 1, k - slots + 1), k + 1)
+            reused = [j % slots for j in fresh if keys[j % slots] != _EMPTY]
+            if reused:
+                cols = slice(None) if len(reused) == slots else np.array(reused)
+                for ring in rings:
+                    ring.clear(slice(None), cols)
+            for j in fresh:
+                keys[j % slots] = j
+            self._cur[ri] = k
+
+    def _begin_write(self, t: float, now: float) -> Optional[list[tuple[int, int, int]]]:
         """(ring, bucket, slot) for each resolution that still keeps time ``t``."""
+        self._advance(now)
         where = []
         for ri, (step, slots) in enumerate(self._res):
             k = math.floor(t / step)
-            if k > math.floor(now / step) - slots:
+            if k > self._cur[ri] - slots:
                 where.append((ri, k, k % slots))
-        return where
-
-    def _begin_write(self, t: float, now: float) -> Optional[list[tuple[int, int, int]]]:
-        where = self._placement(t, now)
         if not where:
             self._counts["too_old_snapshots"] += 1
             return None
@@ -531,91 +715,77 @@ class WindowStore:
                     table = tables[name]
                     self._add_gauge(table, table.row_for(labels, cap), where, float(value), t, now)
 
-    @staticmethod
-    def _add_counter(table: _Table, row: int, where, value: float, now: float) -> None:
-        for ri, k, p in where:
-            ring = table.rings[ri]
-            cur = ring.keys[row, p]
-            if cur == k:
-                ring.v[row, p] += value
-            elif cur < k:  # a slot holding a newer bucket means k has left this ring
-                ring.keys[row, p] = k
-                ring.v[row, p] = value
-        table.cum[row][0] += value
-        table.updated[row] = now
 
     @staticmethod
-    def _add_gauge(table: _Table, row: int, where, value: float, t: float, now: float) -> None:
-        for ri, k, p in where:
-            ring = table.rings[ri]
-            cur = ring.keys[row, p]
-            if cur == k:
-                ring.n[row, p] += 1
-                ring.s[row, p] += value
-                if value < ring.lo[row, p]:
-                    ring.lo[row, p] = value
-                if value > ring.hi[row, p]:
-                    ring.hi[row, p] = value
-                if t >= ring.t[row, p]:
-                    ring.last[row, p] = value
-                    ring.t[row, p] = t
-            elif cur < k:
-                ring.keys[row, p] = k
-                ring.n[row, p] = 1
-                ring.s[row, p] = ring.lo[row, p] = ring.hi[row, p] = ring.last[row, p] = value
-                ring.t[row, p] = t
+    def _targets(table: _Table, row: int, where, now: float) -> list[tuple[_Ring, int, int, int]]:
+        """(ring, row, bucket, slot) to write: the rollup in every ring that keeps the time,
+        and the series in the finest one."""
+        up = table.up[row]
+        out = [(table.rings[ri], up, k, p) for ri, k, p in where]
+        if table.has_drops and where[0][0] == 0:
+            out.append((table.series_ring, row, where[0][1], where[0][2]))
+        table.series.updated[row] = now
+        table.rollups.updated[up] = now
+        return out
+
+    def _add_counter(self, table: _Table, row: int, where, value: float, now: float) -> None:
+        for ring, r, k, p in self._targets(table, row, where, now):
+            v = ring.v
+            cur = v[r, p]
+            v[r, p] = value if cur != cur else cur + value  # NaN: the bucket was empty
+        table.cum[row][0] += value
+
+    def _add_gauge(self, table: _Table, row: int, where, value: float, t: float,
+                   now: float) -> None:
+        for ring, r, k, p in self._targets(table, row, where, now):
+            off = t - k * ring.step
+            if ring.n[r, p]:
+                ring.n[r, p] += 1
+                ring.s[r, p] += value
+                if value < ring.lo[r, p]:
+                    ring.lo[r, p] = value
+                if value > ring.hi[r, p]:
+                    ring.hi[r, p] = value
+                if off >= ring.to[r, p]:
+                    ring.last[r, p] = value
+                    ring.to[r, p] = off
+            else:
+                ring.n[r, p] = 1
+                ring.s[r, p] = ring.lo[r, p] = ring.hi[r, p] = ring.last[r, p] = value
+                ring.to[r, p] = off
         cum = table.cum[row]
         if t >= cum[1]:
             cum[0], cum[1] = value, t
-        table.updated[row] = now
 
-    @staticmethod
-    def _add_hist(table: _Table, row: int, where, h: Histogram, t: float, now: float,
+    def _add_hist(self, table: _Table, row: int, where, h: Histogram, t: float, now: float,
                   exemplars: Optional[dict[int, Exemplar]]) -> None:
         packed = _pack(h)
-        for ri, k, p in where:
-            ring = table.rings[ri]
-            cur = ring.keys[row, p]
-            if cur == k:
-                ring.n[row, p] += h.count
-                ring.s[row, p] += h.sum
-                ring.z[row, p] += h.zero_count
-                if h.min < ring.lo[row, p]:
-                    ring.lo[row, p] = h.min
-                if h.max > ring.hi[row, p]:
-                    ring.hi[row, p] = h.max
-                old = ring.hb[row, p]
+        for ring, r, k, p in self._targets(table, row, where, now):
+            if ring.n[r, p]:
+                ring.n[r, p] += h.count
+                ring.s[r, p] += h.sum
+                ring.z[r, p] += h.zero_count
+                if h.min < ring.lo[r, p]:
+                    ring.lo[r, p] = h.min
+                if h.max > ring.hi[r, p]:
+                    ring.hi[r, p] = h.max
+                old = ring.hb[r, p]
                 new = old + packed
-                n = ring.hbn[row, p] + 1
+                n = ring.hbn[r, p] + 1
                 if n >= _COMPACT_AT:
                     new, n = _compact(new), 1
-                ring.hb[row, p] = new
-                ring.hbn[row, p] = n
+                ring.hb[r, p] = new
+                ring.hbn[r, p] = n
                 ring.hb_bytes += len(new) - len(old)
-            elif cur < k:
-                prev = ring.open[row]
-                if prev > k:
-                    pass  # a late write into an old bucket: the open one stays open
-                else:
-                    ring.open[row] = k
-                    pp = prev % ring.slots
-                    # the bucket being left is complete: compact it once
-                    if prev != _EMPTY and ring.keys[row, pp] == prev and ring.hbn[row, pp] > 1:
-                        old = ring.hb[row, pp]
-                        ring.hb[row, pp] = new = _compact(old)
-                        ring.hbn[row, pp] = 1
-                        ring.hb_bytes += len(new) - len(old)
-                old = ring.hb[row, p]
-                ring.hb_bytes += len(packed) + _BYTES_OVERHEAD - (
-                    len(old) + _BYTES_OVERHEAD if old is not None else 0)
-                ring.keys[row, p] = k
-                ring.n[row, p] = h.count
-                ring.s[row, p] = h.sum
-                ring.z[row, p] = h.zero_count
-                ring.lo[row, p] = h.min
-                ring.hi[row, p] = h.max
-                ring.hb[row, p] = packed
-                ring.hbn[row, p] = 1
+            else:
+                ring.n[r, p] = h.count
+                ring.s[r, p] = h.sum
+                ring.z[r, p] = h.zero_count
+                ring.lo[r, p] = h.min
+                ring.hi[r, p] = h.max
+                ring.hb[r, p] = packed
+                ring.hbn[r, p] = 1
+                ring.hb_bytes += len(packed) + _BYTES_OVERHEAD
         cum_hist, cum_ex = table.cum[row]
         cum_hist.merge(h)
         if exemplars:
@@ -623,7 +793,6 @@ class WindowStore:
                 cur = cum_ex.get(i)
                 if cur is None or ex.timestamp >= cur.timestamp:
                     cum_ex[i] = ex
-        table.updated[row] = now
 
     # ------------------------------------------------------------------ queries
 
@@ -673,10 +842,20 @@ class WindowStore:
             result = self._memo[query] = self._compute(query, table, now)
         return dict(result)
 
-    def _span(self, window_s: float, now: float) -> tuple[int, int, int]:
+    @staticmethod
+    def _per_series(q: Query, table: _Table) -> bool:
+        """Whether the query needs per-series data, which only the finest ring holds."""
+        if not table.has_drops:
+            return False
+        if table.kind == "gauge" and q.function in ("last", "sum"):
+            return True
+        return any(m.label in ROLLUP_DROPS for m in q.matchers) or \
+            any(b in ROLLUP_DROPS for b in q.by or ())
+
+    def _span(self, window_s: float, now: float, fine_only: bool) -> tuple[int, int, int]:
         """(ring, first bucket, last bucket) of a window: the buckets starting inside it."""
         for ri, (step, slots) in enumerate(self._res):
-            if step * slots >= window_s:
+            if fine_only or step * slots >= window_s:
                 break
         step, slots = self._res[ri]
         b = math.floor(now / step)
@@ -702,51 +881,64 @@ class WindowStore:
             parts.append((ri, (jb + 1) * m, b))
         return parts
 
-    def _series_window(self, table: _Table, window_s: float, now: float) -> _SeriesWindow:
-        key = ("series", table.metric.name, window_s)
+    def _columns(self, ri: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """Buckets lo..hi of ring ``ri`` that it still holds: (bucket keys, slots)."""
+        slots = self._res[ri][1]
+        ks = np.arange(max(lo, self._cur[ri] - slots + 1), min(hi, self._cur[ri]) + 1)
+        ps = ks % slots
+        held = self._keys[ri][ps] == ks
+        return ks[held], ps[held]
+
+    def _series_window(self, table: _Table, window_s: float, now: float,
+                       fine_only: bool) -> _SeriesWindow:
+        key = ("series", table.metric.name, window_s, fine_only)
         sw = self._memo.get(key)
         if sw is not None:
             return sw
-        ri, a, b = self._span(window_s, now)
-        rows = len(table.labels)
-        sw = _SeriesWindow(ri, a, b, rows)
+        ri, a, b = self._span(window_s, now, fine_only)
+        space = table.series if fine_only else table.rollups
+        rows = len(space.labels)
+        sw = _SeriesWindow(ri, a, b, fine_only, rows)
         kind = table.kind
         if kind == "counter":
             sw.v = np.zeros(rows)
-        elif kind == "histogram":
-            sw.n, sw.s, sw.z = np.zeros(rows), np.zeros(rows), np.zeros(rows)
-            sw.lo, sw.hi = np.full(rows, np.inf), np.full(rows, -np.inf)
         else:
-            sw.n, sw.s, sw.last = np.zeros(rows), np.zeros(rows), np.zeros(rows)
+            sw.n, sw.s = np.zeros(rows), np.zeros(rows)
             sw.lo, sw.hi = np.full(rows, np.inf), np.full(rows, -np.inf)
-            sw.last_t = np.full(rows, -np.inf)
-        every = np.arange(rows)
-        for pri, lo, hi in self._cover(ri, a, b, now >= self._max_time):
-            ring = table.rings[pri]
-            ks = np.arange(lo, hi + 1)
-            slots = ks % ring.slots
-            mask = ring.keys[:rows, slots] == ks
-            sw.present |= mask.any(axis=1)
-            take = lambda col, fill=0.0: np.where(mask, col[:rows, slots], fill)  # noqa: E731
-            if kind == "counter":
-                sw.v += take(ring.v).sum(axis=1)
-                continue
-            sw.n += take(ring.n).sum(axis=1)
-            sw.s += take(ring.s).sum(axis=1)
-            np.minimum(sw.lo, take(ring.lo, np.inf).min(axis=1), out=sw.lo)
-            np.maximum(sw.hi, take(ring.hi, -np.inf).max(axis=1), out=sw.hi)
             if kind == "histogram":
-                sw.z += take(ring.z).sum(axis=1)
-                r, c = np.nonzero(mask)
-                sw.pair_rows.append(r)
-                sw.pair_objs.append(ring.hb[r, slots[c]].tolist())
+                sw.z = np.zeros(rows)
             else:
-                tt = take(ring.t, -np.inf)
-                j = tt.argmax(axis=1)
-                newest_t = tt[every, j]
-                newer = newest_t > sw.last_t
-                sw.last = np.where(newer, ring.last[every, slots[j]], sw.last)
-                sw.last_t = np.where(newer, newest_t, sw.last_t)
+                sw.last = np.zeros(rows)
+        parts = [(ri, a, b)] if fine_only else self._cover(ri, a, b, now >= self._max_time)
+        for pri, lo, hi in parts:
+            _, cols = self._columns(pri, lo, hi)
+            if not len(cols):
+                continue
+            ring = table.series_ring if fine_only else table.rings[pri]
+            n = rows
+            out = slice(0, n)
+            if kind == "counter":
+                v = ring.v[:n, cols]
+                has = ~np.isnan(v)
+                sw.present[out] |= has.any(axis=1)
+                sw.v[out] += np.where(has, v, 0.0).sum(axis=1)
+                continue
+            cnt = ring.n[:n, cols]
+            has = cnt > 0
+            sw.present[out] |= has.any(axis=1)
+            sw.n[out] += cnt.sum(axis=1, dtype=np.float64)
+            sw.s[out] += ring.s[:n, cols].sum(axis=1)
+            np.minimum(sw.lo[out], ring.lo[:n, cols].min(axis=1), out=sw.lo[out])
+            np.maximum(sw.hi[out], ring.hi[:n, cols].max(axis=1), out=sw.hi[out])
+            if kind == "histogram":
+                sw.z[out] += ring.z[:n, cols].sum(axis=1, dtype=np.float64)
+                r, c = np.nonzero(has)
+                sw.pair_rows.append(r)
+                sw.pair_objs.append(ring.hb[r, cols[c]].tolist())
+            else:  # parts come in time order: the newest column with data holds the latest
+                newest = len(cols) - 1 - has[:, ::-1].argmax(axis=1)
+                any_ = has.any(axis=1)
+                sw.last[out] = np.where(any_, ring.last[np.arange(n), cols[newest]], sw.last[out])
         if kind == "gauge":
             with np.errstate(invalid="ignore", divide="ignore"):
                 sw.avg = sw.s / sw.n
@@ -754,60 +946,55 @@ class WindowStore:
         return sw
 
     def _selection(self, table: _Table, matchers: tuple[Matcher, ...],
-                   by: Optional[tuple[str, ...]]) -> tuple[np.ndarray, np.ndarray, list[GroupKey]]:
-        """Rows matching ``matchers``, their group ids and the group keys; kept until a
-        series of the metric comes or goes."""
-        key = (matchers, by)
+                   by: Optional[tuple[str, ...]], fine_only: bool,
+                   ) -> tuple[np.ndarray, np.ndarray, list[GroupKey]]:
+        """Rows (of series or of rollups) matching ``matchers``, sorted by group id, their
+        group ids and the group keys; kept until a series or rollup of the metric comes or
+        goes."""
+        key = (matchers, by, fine_only)
         hit = table.selections.get(key)
         if hit is not None and hit[0] == table.version:
             return hit[1]
-        names = table.metric.labels
-        pos = {n: i for i, n in enumerate(names)}
-        by_names = sorted(by) if by else []
-        groups: dict[GroupKey, int] = {}
-        rows, gids = [], []
-        for values, row in table.index.items():
-            label = lambda n: values[pos[n]] if n in pos else ""  # noqa: E731
-            if all(_matches(m, label(m.label)) for m in matchers):
-                gk = tuple((n, label(n)) for n in by_names)
-                rows.append(row)
-                gids.append(groups.setdefault(gk, len(groups)))
-        sel = (np.array(rows, dtype=np.int64), np.array(gids, dtype=np.int64), list(groups))
+        space = table.series if fine_only else table.rollups
+        rows, keys, gids = space.select(matchers, sorted(by) if by else [])
+        order = np.argsort(gids, kind="stable")
+        sel = (rows[order], gids[order], keys)
         if len(table.selections) > 4096:  # rules change: forget selections nobody asks for
             table.selections.clear()
         table.selections[key] = (table.version, sel)
         return sel
 
-    def _groups(self, table: _Table, window_s: float, matchers: tuple[Matcher, ...],
-                by: Optional[tuple[str, ...]], now: float) -> _Groups:
-        key = ("groups", table.metric.name, window_s, matchers, by)
+    def _groups(self, table: _Table, q: Query, now: float) -> _Groups:
+        fine_only = self._per_series(q, table)
+        key = ("groups", table.metric.name, q.window_s, q.matchers, q.by, fine_only)
         g = self._memo.get(key)
         if g is not None:
             return g
-        sw = self._series_window(table, window_s, now)
-        rows, gids, keys = self._selection(table, matchers, by)
-        keep = sw.present[rows]
-        rows, gids = rows[keep], gids[keep]
-        order = np.argsort(gids, kind="stable")
-        rows, gids = rows[order], gids[order]
+        sw = self._series_window(table, q.window_s, now, fine_only)
+        sel_rows, sel_gids, keys = self._selection(table, q.matchers, q.by, fine_only)
+        keep = sw.present[sel_rows]
+        rows, gids = sel_rows[keep], sel_gids[keep]
         starts = np.flatnonzero(np.r_[True, gids[1:] != gids[:-1]]) if len(gids) else \
             np.zeros(0, dtype=np.int64)
         g = self._memo[key] = _Groups([keys[i] for i in gids[starts]], rows, starts, sw)
+        g.selected = (sel_rows, sel_gids)
+        g.gid_pos = np.full(len(keys), -1, dtype=np.int64)
+        g.gid_pos[gids[starts]] = np.arange(len(starts))
         return g
 
     def _compute(self, q: Query, table: _Table, now: float) -> dict[GroupKey, float]:
         if q.function == "error_ratio":
-            req = self._groups(self._tables["requests"], q.window_s, q.matchers, q.by, now)
-            err = self._groups(self._tables["errors"], q.window_s, q.matchers, q.by, now)
+            req = self._groups(self._tables["requests"], q, now)
+            err = self._groups(self._tables["errors"], q, now)
             errors = dict(zip(err.keys, err.reduce("v").tolist())) if err.keys else {}
             return {k: errors.get(k, 0.0) / n
                     for k, n in zip(req.keys, req.reduce("v").tolist()) if n > 0}
-        g = self._groups(table, q.window_s, q.matchers, q.by, now)
+        g = self._groups(table, q, now)
         if not g.keys:
             return {}
         f, kind = q.function, table.kind
         if f == "zscore":
-            return self._zscore(q, table, g, now)
+            return self._zscore(table, g, now)
         if f == "deriv":
             return self._deriv(table, g)
         if kind == "counter":
@@ -863,23 +1050,34 @@ class WindowStore:
         return above / np.where(n > 0, n, 1)
 
     def _steps(self, table: _Table, g: _Groups) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per group and step of the window's resolution: (bucket indices, sum, count).
+        """Per group and held step of the window's resolution: (bucket keys, sum, count).
 
         Counter: (increase, samples); histogram: (sum of values, observations); gauge:
-        (sum of samples, samples). A step has data where its count is > 0."""
+        (sum of samples, samples). A step has data where its count is > 0. The fine ring
+        is read from the group's series rows, a coarse one from its rollup rows."""
         memo = g._memo.get("steps")
         if memo is not None:
             return memo
         sw = g.sw
-        ring = table.rings[sw.ri]
-        ks = np.arange(sw.a, sw.b + 1)
-        idx = np.ix_(g.rows, ks % ring.slots)
-        mask = ring.keys[idx] == ks
+        ring = table.series_ring if sw.fine_only else table.rings[sw.ri]
+        ks, cols = self._columns(sw.ri, sw.a, sw.b)
+        rows, gids = g.selected  # present in the window's cover or not
+        pos = g.gid_pos[gids]
+        rows, pos = rows[pos >= 0], pos[pos >= 0]
+        idx = np.ix_(rows, cols)
         if table.kind == "counter":
-            total, count = np.where(mask, ring.v[idx], 0.0), mask.astype(float)
+            v = ring.v[idx]
+            has = ~np.isnan(v)
+            total, count = np.where(has, v, 0.0), has.astype(np.float64)
         else:
-            total, count = np.where(mask, ring.s[idx], 0.0), np.where(mask, ring.n[idx], 0.0)
-        memo = (ks, np.add.reduceat(total, g.starts, axis=0), np.add.reduceat(count, g.starts, axis=0))
+            total, count = ring.s[idx], ring.n[idx].astype(np.float64)
+        out_t = np.zeros((len(g.keys), len(cols)))
+        out_c = np.zeros((len(g.keys), len(cols)))
+        if len(rows):
+            starts = np.flatnonzero(np.r_[True, pos[1:] != pos[:-1]])
+            out_t[pos[starts]] = np.add.reduceat(total, starts, axis=0)
+            out_c[pos[starts]] = np.add.reduceat(count, starts, axis=0)
+        memo = (ks, out_t, out_c)
         g._memo["steps"] = memo
         return memo
 
@@ -896,7 +1094,7 @@ class WindowStore:
             out[key] = float((x * (y - y.mean())).sum() / (x * x).sum())
         return out
 
-    def _zscore(self, q: Query, table: _Table, g: _Groups, now: float) -> dict[GroupKey, float]:
+    def _zscore(self, table: _Table, g: _Groups, now: float) -> dict[GroupKey, float]:
         ks, total, count = self._steps(table, g)
         step = self._res[g.sw.ri][0]
         out = {}
@@ -918,17 +1116,36 @@ class WindowStore:
     # ------------------------------------------------------------------ upkeep and reads
 
     def expire(self, now: Optional[float] = None) -> int:
-        """Drops series (and replica / GPU trackers) not updated for ``series_ttl_s``;
-        returns how many series went."""
-        cutoff = self._now(now) - self._ttl
+        """Drops series (and replica / GPU trackers) not updated for ``series_ttl_s``, and
+        rollups not updated for the coarsest span; returns how many series went.
+
+        Cost: one array comparison per metric, plus the rows that go."""
+        now = self._now(now)
+        cutoff = now - self._ttl
+        roll_cutoff = now - max(self._ttl, self.max_window_s)
         gone = 0
         for table in self._tables.values():
-            stale = [v for v, row in table.index.items() if table.updated[row] < cutoff]
-            for values in stale:
-                table.remove(values)
+            sp = table.series
+            n = len(sp.labels)
+            stale = np.flatnonzero(sp.live[:n] & (sp.updated[:n] < cutoff)).tolist()
+            for row in stale:
+                table.remove(row)
             gone += len(stale)
-        self._replicas = {k: v for k, v in self._replicas.items() if v[2] >= cutoff}
-        self._xid = {k: v for k, v in self._xid.items() if v[1] >= cutoff}
+            if stale:
+                sp.forget_codes()
+            rp = table.rollups
+            if table.has_drops:
+                n = len(rp.labels)
+                old = np.flatnonzero(rp.live[:n] & (rp.updated[:n] < roll_cutoff)).tolist()
+                for row in old:
+                    table.remove_rollup(row)
+                if old:
+                    rp.forget_codes()
+                    self._version += 1
+        if any(v[2] < cutoff for v in self._replicas.values()):
+            self._replicas = {k: v for k, v in self._replicas.items() if v[2] >= cutoff}
+        if any(v[1] < cutoff for v in self._xid.values()):
+            self._xid = {k: v for k, v in self._xid.items() if v[1] >= cutoff}
         if gone:
             self._version += 1
         return gone
@@ -938,10 +1155,10 @@ class WindowStore:
         out = []
         for name, table in self._tables.items():
             names, kind = table.metric.labels, table.kind
-            for values, row in table.index.items():
+            for values, row in table.series.index.items():
                 cum = table.cum[row]
                 s = CumulativeSeries(metric=name, kind=kind, labels=dict(zip(names, values)),
-                                     updated=table.updated[row])
+                                     updated=float(table.series.updated[row]))
                 if kind == "histogram":
                     s.histogram, s.exemplars = cum[0].copy(), dict(cum[1])
                 else:
@@ -950,15 +1167,29 @@ class WindowStore:
         return out
 
     def stats(self) -> dict:
-        """Sizes and counters for the monitor's own metrics and status page."""
-        series = {name: len(t.index) for name, t in self._tables.items()}
-        buckets = sum(int((ring.keys[:len(t.labels)] != _EMPTY).sum())
-                      for t in self._tables.values() for ring in t.rings)
-        nbytes = sum(ring.nbytes() for t in self._tables.values() for ring in t.rings)
-        nbytes += sum(200 * len(t.index) for t in self._tables.values())  # labels and index
+        """Sizes and counters for the monitor's own metrics and status page.
+
+        ``buckets`` counts the finest buckets of series plus the coarser buckets of rollups
+        (the rollups' own finest ring, which serves queries that need no per-series data,
+        is in ``approx_bytes`` but not counted here)."""
+        series = {name: len(t.series.index) for name, t in self._tables.items()}
+        buckets = 0
+        for ri in range(len(self._res)):
+            _, cols = self._columns(ri, _EMPTY + 1, self._cur[ri])
+            for t in self._tables.values():
+                for ring in [t.series_ring if ri == 0 else t.rings[ri]]:
+                    if t.kind == "counter":
+                        buckets += int((~np.isnan(ring.v[:, cols])).sum())
+                    else:
+                        buckets += int((ring.n[:, cols] > 0).sum())
+        nbytes = sum(ring.nbytes() for t in self._tables.values() for ring in t.all_rings(0)
+                     + t.rings[1:])
+        nbytes += sum(200 * (len(t.series.index) + len(t.rollups.index) * t.has_drops)
+                      for t in self._tables.values())  # labels and index
         return {
             "series": series,
             "series_total": sum(series.values()),
+            "rollups_total": sum(len(t.rollups.index) for t in self._tables.values()),
             "buckets": buckets,
             "approx_bytes": nbytes,
             "overflowed_series": {n: len(t.folded) for n, t in self._tables.items() if t.folded},

@@ -257,8 +257,15 @@ def test_error_arrives_as_an_error_span(mon, otlp, serve_apps, serve_http):
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @monitor
 class Streamer:
+    """Ray Serve's HTTP streaming: a StreamingResponse over a generator."""
+
     def __call__(self, request):
+        from starlette.responses import StreamingResponse
+
         n = int(request.query_params.get("n", "3"))
+        return StreamingResponse(self.lines(n), media_type="text/plain")
+
+    def lines(self, n):
         for i in range(n):
             yield f"{i}\n"
 
@@ -270,7 +277,7 @@ def test_http_streaming_generator_records_first_item_and_total(mon, serve_apps, 
     for _ in range(4):
         r = requests.get(f"{serve_http}/{app}?n=5", timeout=30, stream=True)
         assert list(r.iter_lines(decode_unicode=True)) == ["0", "1", "2", "3", "4"]
-    wait_counts(mon, app, {("Streamer", "__call__", "ok"): 4})
+    wait_counts(mon, app, {("Streamer", "__call__", "200"): 4})
     import json
     first = mon.query("count", "first_item_seconds", 600.0, by=("application",))
     assert {json.loads(k)["application"]: v for k, v in first.items()}.get(app) == 4

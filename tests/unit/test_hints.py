@@ -429,3 +429,14 @@ groups:
     assert "autoscaling.deployments[0]" in problems[0] and "did you mean 'Classifier'" in problems[0]
     assert "rule 'A'" in problems[1] and "'Rankr'" in problems[1]
     assert validate_against(cfg, [(APP, "Clasifier"), ("x", "Ranker")]) == []
+
+
+def test_a_target_over_model_quality_is_refused_with_the_field_named():
+    import pytest as _pytest
+
+    from ray_monitor.hints import HintConfigError, parse_hint_config
+
+    with _pytest.raises(HintConfigError) as info:
+        parse_hint_config({"deployments": [{"deployment": "Classifier", "targets": [
+            {"metric": "accuracy(predictions[1h])", "value": 0.9}]}]})
+    assert "targets[0]" in str(info.value) and "scale action" in str(info.value)

@@ -393,3 +393,25 @@ def test_bad_environment_value_is_logged_and_the_default_used(monkeypatch, caplo
     assert "RAY_MONITOR_SAMPLE_RATIO" in caplog.text
     monkeypatch.setenv("RAY_MONITOR_SAMPLE_RATIO", "0.5")
     assert from_env("sample_ratio") == 0.5
+
+
+def test_a_method_the_deployment_calls_on_itself_is_not_a_request(no_otlp):
+    @monitor(flush_interval_s=3600)
+    class Pipeline:
+        def __call__(self, x):
+            return self.postprocess(self.preprocess(x))
+
+        def preprocess(self, x):
+            return x + 1
+
+        def postprocess(self, x):
+            return list(self.stream(x))
+
+        def stream(self, n):
+            yield from range(n)
+    p = Pipeline()
+    assert p(2) == [0, 1, 2]
+    assert p.preprocess(1) == 2  # called from outside: a request of its own
+    got = {k: s.count for k, s in series(Pipeline).items()}
+    assert got == {("__call__", "ok"): 1, ("preprocess", "ok"): 1}
+    Pipeline.__ray_monitor__.close()

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from ray_monitor.catalog import Matcher, Query
-from ray_monitor.histogram import Histogram
+from ray_monitor.catalog import SHORTHAND_QUANTILES, Matcher, Query
+from ray_monitor.histogram import Histogram, bucket_index, bucket_value
 from ray_monitor.snapshot import (Exemplar, GpuDevice, GpuProcess, GpuSnapshot, HungRequest,
                                   ReplicaHealth, ReplicaIdentity, ReplicaSnapshot, SeriesDelta)
 from ray_monitor.windows import WindowStore
@@ -495,3 +495,149 @@ def test_stats_shape(store):
     assert stats["series"]["latency_seconds"] == 1
     assert stats["buckets"] == 3 * stats["series_total"]  # one bucket per ring per series
     assert stats["approx_bytes"] > 0
+
+
+# ---------------------------------------------------------------------------- reference model
+
+def _reference(samples, query, now):
+    """A plain recomputation of ``query`` from raw samples: (labels, t, kind, value) with
+    value a number (counter, gauge) or a Histogram; step-1 buckets starting in the window."""
+    first, last = math.floor(now - query.window_s) + 1, math.floor(now)
+    by = sorted(query.by) if query.by else []
+    per_series: dict = {}
+    for labels, t, value in samples:
+        if first <= math.floor(t) <= last and all(
+                (labels.get(m.label, "") == m.value) == (m.op == "=") for m in query.matchers):
+            per_series.setdefault(tuple(sorted(labels.items())), []).append((t, value))
+    groups: dict = {}
+    for series, points in per_series.items():
+        labels = dict(series)
+        groups.setdefault(tuple((b, labels.get(b, "")) for b in by), []).append(points)
+    out = {}
+    for key, members in groups.items():
+        values = [v for points in members for _, v in points]
+        f = query.function
+        if isinstance(values[0], Histogram):
+            h = Histogram.merged(values)
+            if not h.count:
+                continue
+            out[key] = {"count": h.count, "sum": h.sum, "avg": h.mean, "min": h.min,
+                        "max": h.max}.get(f) if f not in ("ratio_above", "p50", "p99") else (
+                sum(c for i, c in h.buckets.items() if bucket_value(i) > query.param) / h.count
+                if f == "ratio_above" else h.quantile(SHORTHAND_QUANTILES[f]))
+        elif f in ("count", "rate") and query.metric == "requests":
+            out[key] = sum(values) / (query.window_s if f == "rate" else 1.0)
+        elif f == "last":
+            out[key] = sum(max(points)[1] for points in members)
+        elif f == "sum":
+            out[key] = sum(sum(v for _, v in points) / len(points) for points in members)
+        else:
+            out[key] = {"avg": sum(values) / len(values), "min": min(values),
+                        "max": max(values), "count": float(len(values))}[f]
+    return out
+
+
+def test_results_match_a_reference_computation(store, clock):
+    rng = np.random.default_rng(21)
+    samples = {"requests": [], "latency_seconds": [], "inflight": []}
+    seq = 0
+    for i in range(400):
+        t = T0 - 400 + i + 0.25
+        clock.t = t
+        for dep in ("d1", "d2"):
+            for rep in ("a", "b", "c"):
+                if rep == "c" and i % 3:  # one replica sends every third second only
+                    continue
+                seq += 1
+                latency = hist(*rng.lognormal(-2.5, 0.7, int(rng.integers(1, 25))))
+                inflight = float(rng.integers(0, 9))
+                base = {"application": "app", "deployment": dep, "replica": f"{dep}-{rep}"}
+                store.ingest(snap(t, replica=base["replica"], deployment=dep, seq=seq,
+                                  series=[SeriesDelta("__call__", "ok", False, latency)],
+                                  inflight={"__call__": inflight}))
+                labels = {**base, "method": "__call__", "model_version": "v1"}
+                samples["requests"].append(({**labels, "outcome": "ok"}, t, latency.count))
+                samples["latency_seconds"].append(({**labels, "outcome": "ok"}, t, latency))
+                samples["inflight"].append((labels, t, inflight))
+    funcs = {"requests": ("count", "rate"),
+             "latency_seconds": ("count", "sum", "avg", "min", "max", "p50", "p99", "ratio_above"),
+             "inflight": ("avg", "min", "max", "count", "last", "sum")}
+    compared = 0
+    for now in (T0 + 0.5, T0 + 3.75):
+        for metric, fs in funcs.items():
+            for f in fs:
+                for w in (1.0, 45.0, 60.0, 300.0, 390.0):
+                    for by in (None, ("deployment",), ("replica",)):
+                        for matchers in ((), (Matcher("deployment", "=", "d2"),),
+                                         (Matcher("replica", "!=", "d1-a"),)):
+                            query = q(f, metric, w, by=by, matchers=matchers,
+                                      param=0.08 if f == "ratio_above" else None)
+                            got, want = store.evaluate(query, now), _reference(
+                                samples[metric], query, now)
+                            assert got.keys() == want.keys(), query
+                            # pNN: the store reports a bucket's value where Histogram.quantile
+                            # reports the exact min or max; both are within 1%
+                            rel = 0.011 if f in ("p50", "p99") else 1e-9
+                            for k in want:
+                                assert got[k] == pytest.approx(want[k], rel=rel), (query, k)
+                            compared += 1
+    assert compared == 2 * 16 * 5 * 3 * 3
+
+
+# ---------------------------------------------------------------------------- rollups, encoding
+
+def test_coarse_rings_are_per_rollup_and_per_replica_queries_use_the_fine_ring(clock):
+    store = WindowStore(series_ttl_s=60.0, clock=clock)
+    clock.t = T0
+    for rep in ("r1", "r2"):
+        store.ingest(snap(T0 - 1800, replica=rep, seq=1, series=[ok(0.1)],
+                          inflight={"__call__": 5}))  # late: only the coarse rings keep it
+        store.ingest(snap(T0, replica=rep, seq=2, series=[ok(0.2), err(0.3)],
+                          inflight={"__call__": 1}))
+    hour = 3600.0
+    assert store.evaluate(q("count", "requests", hour)) == {(): 6.0}
+    assert store.evaluate(q("count", "requests", hour, by=("deployment",))) == {
+        (("deployment", "d1"),): 6.0}
+    # by replica: the window is cut to the finest ring's span (10 min)
+    assert store.evaluate(q("count", "requests", hour, by=("replica",))) == {
+        (("replica", "r1"),): 2.0, (("replica", "r2"),): 2.0}
+    assert store.evaluate(q("count", "requests", hour,
+                            matchers=[Matcher("replica", "=", "r1")])) == {(): 2.0}
+    # gauge last/sum add per-series values: also per series, also cut
+    assert store.evaluate(q("last", "inflight", hour)) == {(): 2.0}
+    assert store.evaluate(q("max", "inflight", hour)) == {(): 5.0}
+    stats = store.stats()  # 2 replicas x (requests 2, errors 1, latency 2, inflight 1)
+    assert (stats["series_total"], stats["rollups_total"]) == (12, 6)
+    # a replica that goes away: its series expire, its past stays in the coarse rings
+    clock.t = T0 + 50
+    store.ingest(snap(T0 + 50, replica="r1", seq=3, series=[ok(0.1)]))
+    clock.t = T0 + 61
+    store.expire()
+    assert {s.labels["replica"] for s in store.cumulative()} == {"r1"}
+    assert store.evaluate(q("count", "requests", hour)) == {(): 7.0}
+    # r1's error series went too (no errors for 61 s); per-series reads lose it
+    assert store.evaluate(q("count", "requests", hour, by=("replica",))) == {
+        (("replica", "r1"),): 2.0}
+    # rollups go once the coarsest span has passed without data
+    clock.t = T0 + store.max_window_s + 100
+    store.expire()
+    assert store.stats()["rollups_total"] == 0
+    assert store.evaluate(q("count", "requests", hour)) == {}
+
+
+def test_histogram_counts_above_16_bits_and_extreme_values_are_kept(store, clock):
+    h = Histogram()
+    for v in (0.1, 0.1, 1e-200, 1e200):
+        h.record(v)
+    h.buckets[bucket_index(0.1)] += 200_000  # as if 200,000 more requests took 0.1 s
+    h.count += 200_000
+    h.sum += 20_000.0
+    store.ingest(snap(T0, series=[SeriesDelta("__call__", "ok", False, h)]))
+    lat = "latency_seconds"
+    assert store.evaluate(q("count", lat)) == {(): 200_004.0}
+    assert store.evaluate(q("p50", lat))[()] == pytest.approx(0.1, rel=0.01)
+    assert store.evaluate(q("ratio_above", lat, param=0.2))[()] == pytest.approx(1 / 200_004)
+    # min and max stay exact though the extreme values' buckets are clamped
+    assert store.evaluate(q("min", lat)) == {(): 1e-200}
+    assert store.evaluate(q("max", lat)) == {(): 1e200}
+    assert [s.histogram for s in store.cumulative() if s.metric == lat] == [h]
