@@ -70,10 +70,18 @@ def ray_cluster(otlp, tmp_path_factory):
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 8, "include_dashboard": False,
-        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 5},
-    })
+    head_args = {"num_cpus": 8, "include_dashboard": False,
+                 "_system_config": {"health_check_period_ms": 1000,
+                                    "health_check_failure_threshold": 5}}
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args=head_args)
+    except Exception as e:
+        # Ray gives a raylet 30 s to register, hard-coded; on a loaded two-core machine
+        # that is sometimes too little. One more try, said out loud.
+        import warnings
+
+        warnings.warn(f"Ray cluster did not start ({e}); trying once more")
+        cluster = Cluster(initialize_head=True, head_node_args=head_args)
     ray.init(address=cluster.address, namespace="ray_monitor_tests", log_to_driver=True)
     yield cluster
     try:
