@@ -162,15 +162,31 @@ def alerts_table(alerts: Iterable[Mapping[str, Any]], now: float, *, state: bool
     return render_table(headers, rows)
 
 
+def _because(reason: Mapping[str, Any]) -> str:
+    """One reason of a hint (see ``hints.Hint.to_dict``) in a few words."""
+    src = reason.get("source")
+    if src == "rule":
+        how = f"+{reason['step']}" if reason.get("step") else f"x{reason.get('factor')}"
+        return f"rule {reason.get('name')} ({how})"
+    if src == "target":
+        return (f"target {reason.get('metric')}={format_value(reason.get('value'))}"
+                f" (want {format_value(reason.get('target'))})")
+    if src == "stabilization":
+        return f"holding {reason.get('desired')} for {format_age(reason.get('window_s'))}"
+    return str(src or reason)
+
+
 def hints_table(hints: Iterable[Mapping[str, Any]]) -> str:
-    """Autoscaling hints: the desired replicas per deployment and the rules behind them."""
+    """Autoscaling hints: the desired replicas per deployment and the reasons behind them."""
     rows = []
     for h in hints:
-        reasons = h.get("reasons") or h.get("rules") or ()
-        rows.append([h.get("application", "-"), h.get("deployment", "-"),
-                     h.get("current_replicas", "-"), h.get("desired_replicas", "-"),
-                     ", ".join(map(str, reasons)) if not isinstance(reasons, str) else reasons])
-    return render_table(["APPLICATION", "DEPLOYMENT", "REPLICAS", "DESIRED", "BECAUSE"], rows)
+        reasons = h.get("reasons") or ()
+        because = "; ".join(_because(r) for r in reasons) if reasons else h.get("reason", "-")
+        desired = h.get("desired")
+        rows.append([h.get("application", "-"), h.get("deployment", "-"), h.get("current", "-"),
+                     "-" if desired is None else desired, h.get("apply", "policy"), because])
+    return render_table(["APPLICATION", "DEPLOYMENT", "REPLICAS", "DESIRED", "APPLY", "BECAUSE"],
+                        rows)
 
 
 def _gpu_nodes(gpus: Any) -> list[dict]:

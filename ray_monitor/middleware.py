@@ -498,8 +498,18 @@ async def _timed_async_generator(hook: _Hook, req: Optional[_Request], agen,
                                  done_outcome: str = OK, done_error: bool = False):
     first = None
     outcome, error, is_error = done_outcome, None, done_error
+    it = agen.__aiter__()
     try:
-        async for item in agen:
+        while True:
+            if req is not None:
+                req.enter()  # the request's context while the stream produces an item
+            try:
+                item = await it.__anext__()
+            except StopAsyncIteration:
+                break
+            finally:
+                if req is not None:
+                    req.exit()
             if first is None and req is not None:
                 first = _perf() - req.t0
             yield item

@@ -259,14 +259,18 @@ def test_status_table():
 def test_status_with_gpus_and_hints():
     class Monitor(FakeGpuMonitor):
         def hints(self):
-            return [{"application": "default", "deployment": "Classifier", "current_replicas": 2,
-                     "desired_replicas": 3, "reasons": ["HighLatencyP99"]}]
+            # The shape of hints.Hint.to_dict(), as /api/v1/hints returns it.
+            return [{"application": "default", "deployment": "Classifier", "current": 2,
+                     "desired": 3, "direction": "up", "reason": "rule", "apply": "policy",
+                     "updated_at": 0.0, "reasons": [{"source": "rule", "name": "HighLatencyP99",
+                                                     "value": 1.2, "desired": 3, "step": 1}]}]
 
     code, out, _ = run(["status"], connect=Monitor)
     assert code == 0
     lines = out.splitlines()
     hint = lines.index("AUTOSCALING HINTS (1)") + 2
-    assert lines[hint].split() == ["default", "Classifier", "2", "3", "HighLatencyP99"]
+    assert lines[hint].split() == ["default", "Classifier", "2", "3", "policy", "rule",
+                                   "HighLatencyP99", "(+1)"]
     gpu = lines.index("GPUS") + 1
     assert lines[gpu].split() == ["NODE", "GPU", "MODEL", "UTIL", "MEMORY", "POWER", "TEMP", "REPLICAS"]
     assert lines[gpu + 1].split() == ["node-one-012", "0", "NVIDIA", "H100", "87.0%", "40.0/80.0GiB",

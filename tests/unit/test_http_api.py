@@ -1,0 +1,88 @@
+"""The aggregator's HTTP API without Ray: writes need the token unless bound to loopback,
+and a bad rule file is refused while the old rules keep running."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from ray_monitor.aggregator import AggregatorCore
+from ray_monitor.http_api import make_app, writes_allowed
+
+GOOD = """
+groups:
+  - name: g
+    rules:
+      - alert: Busy
+        expr: rate(requests[1m]) by (deployment) > 100
+"""
+
+
+class Agg:
+    """The actor's surface that the HTTP app uses, around a real AggregatorCore."""
+
+    def __init__(self, host: str, token):
+        self.host, self.token = host, token
+        self.core = AggregatorCore({"rules_text": GOOD})
+
+    async def hints(self):
+        return []
+
+    async def reload(self, text, filename=None):
+        return self.core.reload(text, filename)
+
+    async def record_feedback(self, items):
+        return self.core.record_feedback(items)
+
+
+def call(agg, method: str, path: str, **kw):
+    async def go():
+        async with TestClient(TestServer(make_app(agg))) as client:
+            resp = await client.request(method, path, **kw)
+            return resp.status, await resp.json()
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("host, token, header, allowed", [
+    ("127.0.0.1", None, None, True),
+    ("0.0.0.0", None, None, False),
+    ("0.0.0.0", "s3cret", None, False),
+    ("0.0.0.0", "s3cret", "Bearer wrong", False),
+    ("0.0.0.0", "s3cret", "Bearer s3cret", True),
+    ("127.0.0.1", "s3cret", None, False),  # a token, once set, is always required
+])
+def test_who_may_write(host, token, header, allowed):
+    ok, why = writes_allowed(host, token, header)
+    assert ok is allowed and (ok or why)
+
+
+def test_reload_without_the_token_is_refused_and_changes_nothing():
+    agg = Agg("0.0.0.0", "s3cret")
+    status, body = call(agg, "POST", "/api/v1/rules/reload", data="groups: []")
+    assert status == 401 and "Authorization" in body["error"]
+    assert [r["alert"] for r in agg.core.rules()] == ["Busy"]
+    status, body = call(agg, "POST", "/api/v1/rules/reload", data="groups: []",
+                        headers={"Authorization": "Bearer s3cret"})
+    assert status == 200 and agg.core.rules() == []
+
+
+def test_open_address_without_a_token_refuses_writes():
+    agg = Agg("0.0.0.0", None)
+    status, body = call(agg, "POST", "/api/v1/rules/reload", data="groups: []")
+    assert status == 403 and "token" in body["error"]
+
+
+def test_bad_rule_file_keeps_the_old_rules():
+    agg = Agg("127.0.0.1", None)
+    status, body = call(agg, "POST", "/api/v1/rules/reload?filename=new.yaml",
+                        data="groups:\n  - name: g\n    rules:\n      - alert: X\n        expr: nope(requests[1m]) > 1\n")
+    assert status == 400 and "new.yaml" in body["error"] and "nope" in body["error"]
+    assert [r["alert"] for r in agg.core.rules()] == ["Busy"]
+
+
+def test_reads_are_open():
+    agg = Agg("0.0.0.0", "s3cret")
+    status, body = call(agg, "GET", "/api/v1/rules")
+    assert status == 200 and body["data"][0]["alert"] == "Busy"
