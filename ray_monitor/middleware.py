@@ -258,36 +258,29 @@ def _outcome(e: BaseException) -> tuple[str, bool]:
     return name, True
 
 
+try:  # Starlette ships with Ray Serve; the classes are looked up once, not per request
+    from starlette.requests import Request as _HttpRequest
+    from starlette.responses import Response as _HttpResponse
+except ImportError:  # pragma: no cover - without Starlette nothing is an HTTP object
+    class _HttpRequest:  # type: ignore[no-redef]
+        pass
+
+    class _HttpResponse:  # type: ignore[no-redef]
+        pass
+
+
 def _result_outcome(result: Any) -> tuple[str, bool]:
-    status = getattr(result, "status_code", None)
-    if type(status) is int and _is_response(result):
+    if isinstance(result, _HttpResponse):
+        status = result.status_code
         return str(status), status >= 500
     return OK, False
 
 
-def _is_response(obj: Any) -> bool:
-    try:
-        from starlette.responses import Response
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(obj, Response)
-
-
-def _headers(args: tuple) -> Any:
-    """HTTP headers when the first argument is a Starlette request (Serve's HTTP path)."""
-    if args:
-        headers = getattr(args[0], "headers", None)
-        if headers is not None and hasattr(headers, "get") and _is_request(args[0]):
-            return headers
+def _headers(args: tuple, i: int) -> Any:
+    """HTTP headers when argument ``i`` is a Starlette request (Serve's HTTP path)."""
+    if len(args) > i and isinstance(args[i], _HttpRequest):
+        return args[i].headers
     return None
-
-
-def _is_request(obj: Any) -> bool:
-    try:
-        from starlette.requests import Request
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(obj, Request)
 
 
 class _Hook:
@@ -378,11 +371,11 @@ def wrap_callable(fn: Callable, name: str, runtime: Runtime, bound: bool = True)
     hook = _Hook(runtime, name)
     runtime.hooks.append(hook)
     # Headers are the first argument after `self` for methods.
-    hdr = (lambda a: _headers(a[1:2])) if bound else _headers
+    at = 1 if bound else 0  # where a Starlette request would be: after `self`
 
     if inspect.isasyncgenfunction(fn):
         async def wrapper(*args, **kwargs):
-            req = hook.start(hdr(args))
+            req = hook.start(_headers(args, at))
             if req is not None:
                 req.exit()
             first = None
@@ -412,7 +405,7 @@ def wrap_callable(fn: Callable, name: str, runtime: Runtime, bound: bool = True)
 
     elif inspect.iscoroutinefunction(fn):
         async def wrapper(*args, **kwargs):
-            req = hook.start(hdr(args))
+            req = hook.start(_headers(args, at))
             try:
                 result = await fn(*args, **kwargs)
             except BaseException as e:
@@ -423,14 +416,14 @@ def wrap_callable(fn: Callable, name: str, runtime: Runtime, bound: bool = True)
 
     elif inspect.isgeneratorfunction(fn):
         def wrapper(*args, **kwargs):
-            req = hook.start(hdr(args))
+            req = hook.start(_headers(args, at))
             if req is not None:
                 req.exit()
             return (yield from _timed_generator(hook, req, fn(*args, **kwargs)))
 
     else:
         def wrapper(*args, **kwargs):
-            req = hook.start(hdr(args))
+            req = hook.start(_headers(args, at))
             try:
                 result = fn(*args, **kwargs)
             except BaseException as e:
@@ -480,8 +473,8 @@ def _timed_generator(hook: _Hook, req: Optional[_Request], gen):
 def _finish(hook: _Hook, req: Optional[_Request], result: Any) -> Any:
     """Records a returned result. A streaming HTTP response (Starlette's
     ``StreamingResponse``) is timed to its last chunk, with its status as outcome."""
-    status = getattr(result, "status_code", None)
-    if type(status) is int and _is_response(result):
+    if isinstance(result, _HttpResponse):
+        status = result.status_code
         body = getattr(result, "body_iterator", None)
         if body is not None and req is not None:
             req.exit()

@@ -164,7 +164,11 @@ class Tracer:
                  processors: Sequence[SpanProcessor] = (), on_failure=None,
                  enabled: Optional[bool] = None) -> None:
         self.sample_ratio = sample_ratio
+        self._sample_bound = round(sample_ratio * (_TRACE_ID_LIMIT + 1))
         self.slow_threshold_s = slow_threshold_s
+        # Serve's span is our parent only when its tracing is on (set up before the
+        # deployment is built); without it, looking up the context would be wasted work.
+        self._serve_parents = serve_tracing_enabled()
         self._on_failure = on_failure or (lambda cause, exc: None)
         if enabled is None:
             enabled = bool(exporter or processors) or otlp_traces_configured()
@@ -190,9 +194,10 @@ class Tracer:
     def parent_context(self, headers: Any = None) -> Optional[otel_context.Context]:
         """The incoming context: Ray Serve's current span when its tracing is on, else
         a W3C ``traceparent`` from HTTP headers (a mapping with ``.get``)."""
-        cur = trace.get_current_span()
-        if cur.get_span_context().is_valid:
-            return otel_context.get_current()
+        if self._serve_parents:
+            cur = trace.get_current_span()
+            if cur.get_span_context().is_valid:
+                return otel_context.get_current()
         if headers is not None and headers.get("traceparent"):
             return _PROPAGATOR.extract(headers)
         return None
@@ -206,7 +211,7 @@ class Tracer:
             sampled = parent_sc.trace_flags.sampled
         else:
             trace_id = random.getrandbits(128)
-            sampled = head_sampled(trace_id, self.sample_ratio)
+            sampled = (trace_id & _TRACE_ID_LIMIT) < self._sample_bound  # see head_sampled
         span_id = random.getrandbits(64)
         span = None
         if sampled:
