@@ -75,6 +75,7 @@ class AggregatorCore:
         from .notify import Notifier
         from .quality_store import QualityStore
         from .rules import RuleEngine, load_rules
+        from .trace_store import TraceStore
         from .windows import WindowStore
 
         self.config = config
@@ -85,6 +86,7 @@ class AggregatorCore:
             clock=clock, horizon_s=float(config.get("feedback_horizon_s", 3600.0)),
             reference_size=int(config.get("drift_reference_size", 1000)))
         self.source = CompositeSource(self.store, self.quality)
+        self.trace_store = TraceStore(clock=clock)
         # replica -> (identity, hung requests, when reported): the latest report only
         self.hung_latest: dict[str, tuple[ReplicaIdentity, list, float]] = {}
         self.rules_text = config.get("rules_text")
@@ -128,6 +130,12 @@ class AggregatorCore:
                     self.hung_latest[snap.identity.replica] = (snap.identity, snap.health.hung, now)
                 else:
                     self.hung_latest.pop(snap.identity.replica, None)
+            traces = getattr(snap, "traces", None)  # absent in older replicas' pickles
+            if traces:
+                try:
+                    self.trace_store.add(traces, snap.identity, now)
+                except Exception as e:
+                    self.count_error("aggregator", f"traces_failed:{type(e).__name__}", e)
             predictions = getattr(snap, "predictions", None)  # absent in older replicas' pickles
             if predictions:
                 try:
@@ -143,6 +151,11 @@ class AggregatorCore:
     def set_drift_reference(self, application: str, deployment: str, model_version: str,
                             references: dict) -> dict:
         return self.quality.set_references(application, deployment, model_version, references)
+
+    def traces(self, kind: Optional[str] = None, limit: int = 50) -> list[dict]:
+        """Kept traces of slow (``slow``) or failed (``errors``) requests, or both
+        (None), newest first, each with its spans (see :mod:`~ray_monitor.trace_store`)."""
+        return self.trace_store.traces(kind, limit)
 
     def hung(self) -> list[dict]:
         """The hung requests each replica reported last, oldest first within a replica."""
@@ -426,6 +439,11 @@ class AggregatorCore:
             "snapshots_ingested": ("Replica snapshots ingested.", float(self.ingested)),
             "evaluations": ("Rule evaluations run.", float(self.evaluations)),
         }
+        ts = self.trace_store.stats()
+        gauges["traces_kept"] = ("Traces of slow or failed requests the aggregator keeps.",
+                                 float(ts["traces"]))
+        counters["trace_spans_received"] = ("Span records received from replicas.",
+                                            float(ts["spans_received"]))
         q = self.quality.stats()
         gauges["predictions_pending"] = ("Captured predictions waiting for their feedback.",
                                          float(q["pending"]))
@@ -602,6 +620,9 @@ class Aggregator:
     async def hung(self) -> list[dict]:
         return self.core.hung()
 
+    async def traces(self, kind: Optional[str] = None, limit: int = 50) -> list[dict]:
+        return self.core.traces(kind, limit)
+
     async def quality(self, window_s: float = 0.0) -> list[dict]:
         return self.core.quality_summary(window_s)
 
@@ -619,7 +640,8 @@ class Aggregator:
     async def stats(self) -> dict:
         return {"ingested": self.core.ingested, "evaluations": self.core.evaluations,
                 "store": self.core.store.stats(), "replicas": len(self.core.replicas),
-                "notifier": self.core.notifier.stats(), "quality": self.core.quality.stats()}
+                "notifier": self.core.notifier.stats(), "quality": self.core.quality.stats(),
+                "traces": self.core.trace_store.stats()}
 
     async def shutdown(self) -> None:
         if self._gpu is not None:

@@ -84,6 +84,14 @@ class Monitor:
         """Requests running longer than their replica's ``hang_threshold_s``, with stacks."""
         return self._get(self.actor.hung.remote())
 
+    def traces(self, kind: Optional[str] = None, limit: int = 50) -> list[dict]:
+        """Kept traces of slow (``kind="slow"``) or failed (``kind="errors"``) requests,
+        or both (None), newest first, each with its spans from every replica. Traces are
+        kept whether or not an OTLP endpoint is configured."""
+        from .trace_store import check_kind, check_limit
+
+        return self._get(self.actor.traces.remote(check_kind(kind), check_limit(limit)))
+
     def compare(self, deployment: str, versions: tuple[str, str], *,
                 application: Optional[str] = None, window_s: float = 600.0) -> dict:
         """Two model versions side by side, each difference with its significance test."""

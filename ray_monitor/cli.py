@@ -1,5 +1,5 @@
-"""The ``ray-monitor`` command line: start, stop, status, alerts, rule files, dashboard,
-compare.
+"""The ``ray-monitor`` command line: start, stop, status, alerts, traces, rule files,
+dashboard, compare.
 
 Each command is a function ``(args, *, out, ...)`` whose seams (``connect``,
 ``start``, ``stop``, ``clock``, ``sleep``) are injectable, so tests drive it with a
@@ -218,6 +218,25 @@ def gpus_table(nodes: Iterable[Mapping[str, Any]]) -> str:
     return render_table(["NODE", "GPU", "MODEL", "UTIL", "MEMORY", "POWER", "TEMP", "REPLICAS"], rows)
 
 
+#: Characters of a trace's error shown in the table (``--json`` has all of it).
+TRACE_ERROR_WIDTH = 60
+
+
+def traces_table(traces: Iterable[Mapping[str, Any]], now: float) -> str:
+    """Kept traces, one a line: when, id, kind, where, root span, duration, spans, error."""
+    rows = []
+    for t in traces:
+        error = t.get("error") or "-"
+        if len(error) > TRACE_ERROR_WIDTH:
+            error = error[:TRACE_ERROR_WIDTH - 3] + "..."
+        rows.append([_ago(t.get("start"), now), t.get("trace_id", "-"),
+                     ",".join(t.get("kinds") or ()) or "-",
+                     f"{t.get('application', '')}/{t.get('deployment', '')}", t.get("root", "-"),
+                     format_ms(t.get("duration_s")), t.get("span_count", 0), error])
+    return render_table(["WHEN", "TRACE", "KIND", "APPLICATION/DEPLOYMENT", "ROOT", "DURATION(ms)",
+                         "SPANS", "ERROR"], rows)
+
+
 # ------------------------------------------------------------------------- the cluster
 
 def _init_ray(address: str) -> None:
@@ -344,6 +363,23 @@ def cmd_alerts(args, *, connect: Optional[Callable[[], Any]] = None, out: TextIO
     except KeyboardInterrupt:
         out.write("\n")
         return EXIT_OK
+
+
+def cmd_traces(args, *, connect: Optional[Callable[[], Any]] = None, out: TextIO = sys.stdout,
+               clock: Callable[[], float] = time.time) -> int:
+    kind = "slow" if args.slow else "errors" if args.errors else None
+    traces = _connect(args, connect).traces(kind=kind, limit=args.limit)
+    if args.json:
+        _print_json(out, traces)
+        return EXIT_OK
+    what = {"slow": "slow", "errors": "failed", None: "slow or failed"}[kind]
+    if not traces:
+        out.write(f"No {what} requests kept yet. A request that fails, or takes at least its "
+                  "deployment's slow_threshold_s, shows here within seconds.\n")
+        return EXIT_OK
+    out.write(f"{what.upper()} TRACES ({len(traces)}, newest first; --json for their spans)\n")
+    out.write(traces_table(traces, clock()) + "\n")
+    return EXIT_OK
 
 
 def cmd_rules_check(args, *, out: TextIO = sys.stdout) -> int:
@@ -500,6 +536,14 @@ def _window(text: str) -> float:
     return v
 
 
+def _trace_limit(text: str) -> int:
+    from .trace_store import MAX_LIMIT
+
+    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count; use 1 to {MAX_LIMIT}")
+    return int(text)
+
+
 def _port(text: str) -> int:
     if not text.isdigit() or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port; use 0 to 65535 (0: any free port)")
@@ -519,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = argparse.ArgumentParser(
-        prog="ray-monitor", description="Monitoring for Ray Serve: status, alerts and alert rules.",
+        prog="ray-monitor", description="Monitoring for Ray Serve: status, alerts, traces and alert rules.",
         epilog="Exit codes: 0 done, 1 input refused, 2 usage error, 3 no monitor or no Ray cluster.")
     parser.add_argument("--version", action="version", version=f"ray-monitor {__version__}")
     cluster = argparse.ArgumentParser(add_help=False)
@@ -545,6 +589,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=_positive_float, default=2.0, metavar="S",
                    help="seconds between refreshes with --watch (default 2)")
     p.set_defaults(run="alerts")
+
+    p = sub.add_parser("traces", parents=[cluster, as_json],
+                       help="the traces of slow and failed requests the monitor keeps")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--slow", action="store_true", help="only slow requests")
+    kind.add_argument("--errors", action="store_true", help="only failed requests")
+    p.add_argument("--limit", type=_trace_limit, default=20, metavar="N",
+                   help="newest N traces (default 20)")
+    p.set_defaults(run="traces")
 
     rules = sub.add_parser("rules", help="check, export or reload alert rule files")
     rsub = rules.add_subparsers(dest="rules_command", required=True, metavar="COMMAND")
@@ -601,6 +654,7 @@ def main(argv: Optional[Sequence[str]] = None, *, connect: Optional[Callable[[],
         "stop": lambda: cmd_stop(args, stop=stop, out=out),
         "status": lambda: cmd_status(args, connect=connect, out=out, clock=clock),
         "alerts": lambda: cmd_alerts(args, connect=connect, out=out, clock=clock, sleep=sleep),
+        "traces": lambda: cmd_traces(args, connect=connect, out=out, clock=clock),
         "rules_check": lambda: cmd_rules_check(args, out=out),
         "rules_export": lambda: cmd_rules_export(args, out=out),
         "rules_reload": lambda: cmd_rules_reload(args, connect=connect, out=out),

@@ -33,6 +33,16 @@ MAX_PREDICTIONS_PER_FLUSH = 2000
 MAX_STACK_BYTES = 32 * 1024
 #: Innermost frames kept of each thread's stack.
 STACK_FRAMES = 40
+#: Buffered snapshots (the aggregator away) that keep their span records; older ones
+#: lose them, so a replica's memory for traces stays bounded however long it waits.
+MAX_TRACE_SNAPSHOTS_BUFFERED = 10
+
+
+class SpanSource(Protocol):
+    """Where the span records come from (``tracing.SpanRecords``)."""
+
+    def drain(self) -> tuple[list[dict], dict[str, int]]:
+        """The records since the last drain, and drops by cause."""
 
 
 class Sink(Protocol):
@@ -49,10 +59,10 @@ class SelfErrors:
         self.counts: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def count(self, cause: str, exc: Optional[BaseException] = None) -> None:
+    def count(self, cause: str, exc: Optional[BaseException] = None, n: int = 1) -> None:
         with self._lock:
             first = cause not in self.counts
-            self.counts[cause] = self.counts.get(cause, 0) + 1
+            self.counts[cause] = self.counts.get(cause, 0) + n
         if first:
             logger.warning("ray-monitor: %s%s (logged once; counted in "
                            "ray_monitor_self_errors_total{cause=%r})", cause,
@@ -126,7 +136,8 @@ class Recorder:
                  hang_threshold_s: float = 0.0, clock: Callable[[], float] = time.time,
                  health: Optional[Callable[[], ReplicaHealth]] = None,
                  on_flush: Optional[Callable[[ReplicaSnapshot], None]] = None,
-                 max_predictions: int = MAX_PREDICTIONS_PER_FLUSH) -> None:
+                 max_predictions: int = MAX_PREDICTIONS_PER_FLUSH,
+                 spans: Optional[SpanSource] = None) -> None:
         self.identity = identity
         self.sink = sink
         self.flush_interval_s = flush_interval_s
@@ -135,6 +146,7 @@ class Recorder:
         self.health = health
         self.on_flush = on_flush
         self.max_predictions = max_predictions
+        self.spans = spans
         self._predictions: list[Any] = []
         self.self_errors = SelfErrors()
         self.methods: dict[str, MethodCells] = {}
@@ -176,6 +188,11 @@ class Recorder:
             for outcome, c in cells.items():
                 series.append(SeriesDelta(name, outcome, c.error, c.latency, c.first_item,
                                           c.exemplars))
+        traces: list[dict] = []
+        if self.spans is not None:
+            traces, drops = self.spans.drain()
+            for cause, n in drops.items():
+                self.self_errors.count(cause, n=n)
         inflight = {m.name: len(m.running) for m in self.methods.values()}
         health = None
         if self.health is not None:
@@ -186,7 +203,7 @@ class Recorder:
         self._seq += 1
         snap = ReplicaSnapshot(self.identity, self._seq, self._window_start, now, series,
                                inflight, health, self.self_errors.snapshot(), self._dropped,
-                               predictions)
+                               predictions, traces)
         self._window_start = now
         return snap
 
@@ -217,10 +234,18 @@ class Recorder:
         if self.sink is None:
             return
         self._buffer.append(snap)
+        self._trim_traces()
         try:
             self._buffer = self.sink.send(self._buffer)
         except Exception as e:
             self.self_errors.count(f"sink_failed:{type(e).__name__}", e)
+
+    def _trim_traces(self) -> None:
+        """Buffered snapshots past the newest few give up their span records."""
+        for old in self._buffer[:-MAX_TRACE_SNAPSHOTS_BUFFERED]:
+            if old.traces:
+                self.self_errors.count("trace_spans_dropped:aggregator_away", n=len(old.traces))
+                old.traces = []
 
     def start(self) -> None:
         if self._thread is not None:

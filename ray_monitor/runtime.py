@@ -77,8 +77,13 @@ class State:
         from .sink import make_sinks
 
         sink, on_flush = make_sinks(self.identity)
+        # The aggregator's copy of kept spans: on unless tracing is off for the
+        # deployment or RAY_MONITOR_TRACES=0.
+        self.spans = tracing.SpanRecords() if opts.tracing_enabled is not False and \
+            tracing.aggregator_traces_enabled() else None
         self.recorder = Recorder(identity=self.identity, sink=sink, on_flush=on_flush,
-                                 flush_interval_s=opts.resolved("flush_interval_s"))
+                                 flush_interval_s=opts.resolved("flush_interval_s"),
+                                 spans=self.spans)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -91,7 +96,9 @@ class State:
             sample_ratio=opts.resolved("sample_ratio"),
             slow_threshold_s=opts.resolved("slow_threshold_s"),
             resource=_resource(ident), on_failure=self.recorder.self_errors.count,
-            enabled=opts.tracing_enabled if opts.tracing_enabled is not None else None)
+            enabled=opts.tracing_enabled, records=self.spans)
+        if self.spans is not None and self.tracer.enabled:
+            tracing.claim_serve_spans(self.spans)  # Serve's own spans in this replica
         self._base_attrs = {
             "ray.serve.application": ident.application, "ray.serve.deployment": ident.deployment,
             "ray.serve.replica": ident.replica, "ray.serve.model_version": ident.model_version,
@@ -156,8 +163,10 @@ class Runtime:
         self.state = None
         for hook in self.hooks:
             hook.cells = None
+        st.tracer.shutdown()  # first: the spans it still holds go into the last flush
+        if st.spans is not None:
+            tracing.release_serve_spans(st.spans)
         st.recorder.close()
-        st.tracer.shutdown()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"target_name": self.target_name, "options": self.options, "hooks": self.hooks}

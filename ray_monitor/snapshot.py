@@ -85,6 +85,9 @@ class ReplicaSnapshot:
     dropped: int = 0  # snapshots this replica dropped because its buffer was full, cumulative
     # quality.Prediction of requests finished in the window (deployments with an extractor)
     predictions: list[Any] = field(default_factory=list)
+    # span records (tracing.span_record) of failed and slow requests, and head-sampled
+    # spans as their context, that ended in the window; bounded per snapshot
+    traces: list[dict] = field(default_factory=list)
 
 
 @dataclass

@@ -9,8 +9,8 @@ Routes added to the aggregator's aiohttp app by :func:`add_routes`:
 - ``/api/v1/timeseries?function=p99&metric=latency_seconds&window=1h&step=1m&by=...``: one
   rule-language query evaluated at each step of the window (see :func:`timeseries`).
 - ``/api/v1/gpus``: the latest GPU snapshot of each node (see :func:`gpu_nodes`).
-- ``/api/v1/traces?kind=slow|errors``: the aggregator keeps no traces yet, so this says so
-  and returns none (see :func:`traces_view`).
+- ``/api/v1/traces?kind=slow|errors&limit=50``: the kept traces of slow and failed
+  requests, newest first, each with its spans (see :func:`traces_view`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,10 @@ DEFAULT_WINDOW_S = 3600.0
 DEFAULT_STEP_S = 60.0
 #: Points per series at most: a poll must stay cheap for the aggregator's event loop.
 MAX_POINTS = 720
-TRACE_KINDS = ("slow", "errors")
+DEFAULT_TRACE_LIMIT = 50
+#: What the page says while the aggregator has no trace of the kind asked for.
+NO_TRACES_NOTE = ("no slow or failed request yet: a request that fails or takes at least its "
+                  "deployment's slow_threshold_s (default 1 s) shows here within seconds")
 DEFAULT_BY = ("application", "deployment")
 
 
@@ -131,16 +134,27 @@ def gpu_nodes(gpu_latest: Mapping[str, Any]) -> list[dict]:
     return out
 
 
-def traces_view(kind: str) -> dict:
-    """Recent slow or failed traces. The aggregator does not keep traces yet: the answer
-    says so rather than showing made-up ones. The page draws items shaped ``{trace_id,
-    application, deployment, duration_s, error}`` once there are some."""
-    if kind not in TRACE_KINDS:
-        raise BadRequest(f"kind={kind!r} is unknown; use one of {list(TRACE_KINDS)}")
-    return {"status": "success", "data": [],
-            "note": "the aggregator does not keep traces yet; find slow and failed requests "
-                    "in your OTLP backend (OTEL_EXPORTER_OTLP_ENDPOINT), by the trace ids of "
-                    "the exemplars on /metrics"}
+def traces_view(store, kind: Optional[str] = None, limit: Any = None) -> dict:
+    """The body of ``/api/v1/traces``: kept traces of ``kind`` (``slow``, ``errors``;
+    absent or ``all``: both) from a :class:`~ray_monitor.trace_store.TraceStore`, newest
+    first, at most ``limit`` (text from the query string, default 50); with a note that
+    says why when there are none."""
+    from .trace_store import MAX_LIMIT, check_kind, check_limit
+
+    try:
+        kind = check_kind(kind)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    if limit is None or limit == "":
+        n = DEFAULT_TRACE_LIMIT
+    else:
+        try:
+            n = check_limit(int(limit))
+        except ValueError:
+            raise BadRequest(f"limit={limit!r}: expected a whole number from 1 to "
+                             f"{MAX_LIMIT}") from None
+    data = store.traces(kind, n)
+    return {"status": "success", "data": data, **({} if data else {"note": NO_TRACES_NOTE})}
 
 
 def _clean(obj: Any) -> Any:
@@ -196,10 +210,11 @@ def add_routes(app: web.Application, agg) -> None:
 
     async def traces(request: web.Request) -> web.Response:
         try:
-            view = traces_view(request.query.get("kind", "slow"))
+            view = traces_view(core.trace_store, request.query.get("kind"),
+                               request.query.get("limit"))
         except BadRequest as e:
             return _bad(e)
-        return web.json_response(view)
+        return web.json_response(_clean(view))
 
     app.add_routes([web.get("/", page), web.get("/status", page),
                     web.get("/api/v1/timeseries", series), web.get("/api/v1/gpus", gpus),

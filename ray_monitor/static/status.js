@@ -213,19 +213,51 @@
     show($(".empty", section), !nodes.length);
   }
 
-  function renderTraces(slow, errors) {
-    var section = $("#traces");
-    var rows = [];
-    [["slow", slow], ["error", errors]].forEach(function (pair) {
-      pair[1].data.forEach(function (t) {
-        rows.push(row([pair[0], t.trace_id, key(t), ms(t.duration_s), t.error || "-"],
-                      [null, "labels", null, "num", "wrap"]));
-      });
+  // Traces whose spans are shown; kept across redraws so a poll does not fold them up.
+  var openTraces = {};
+
+  function spansTable(t) {
+    var table = document.createElement("table");
+    table.className = "spans";
+    t.spans.forEach(function (s) {
+      var name = new Array(s.depth + 1).join("\u2003") + s.name;  // indent by depth
+      var status = s.status === "error" ? "error: " + (s.exception ? s.exception.type + ": " + s.exception.message
+                                                                   : s.status_message || "-") : "ok";
+      var tr = row([name, (s.application || "") + "/" + (s.deployment || ""), ms(s.duration_s), status],
+                   ["span-name", "labels", "num", s.status === "error" ? "state-firing wrap" : "wrap"]);
+      tr.className = "span";
+      table.appendChild(tr);
     });
-    fill($("tbody", section), rows);
-    show($("table", section), rows.length > 0);
-    var note = slow.note || errors.note || "";
-    $(".note", section).textContent = rows.length ? note : "No traces to show" + (note ? ": " + note : ".");
+    return table;
+  }
+
+  function renderTraces(body) {
+    var section = $("#traces"), tbody = $("tbody", section);
+    tbody.textContent = "";
+    body.data.forEach(function (t) {
+      var tr = row([age(Date.now() / 1000 - t.start) + " ago", t.kinds.join(", "), t.trace_id, key(t), t.root,
+                    ms(t.duration_s), t.span_count, t.error || "-"],
+                   [null, null, "labels", null, null, "num", "num", "wrap"]);
+      tr.className = "trace";
+      tr.dataset.trace = t.trace_id;
+      tr.title = "click to show or hide its spans";
+      tr.addEventListener("click", function () {
+        openTraces[t.trace_id] = !openTraces[t.trace_id];
+        show(detail, !!openTraces[t.trace_id]);
+      });
+      var detail = document.createElement("tr");
+      detail.className = "trace-spans";
+      var td = document.createElement("td");
+      td.colSpan = 8;
+      td.appendChild(spansTable(t));
+      detail.appendChild(td);
+      show(detail, !!openTraces[t.trace_id]);
+      tbody.appendChild(tr);
+      tbody.appendChild(detail);
+    });
+    show($("table", section), body.data.length > 0);
+    $(".note", section).textContent = body.data.length ? "Click a trace to show its spans." :
+      "No traces to show: " + (body.note || "none kept yet.");
   }
 
   // ------------------------------------------------------------------------------ loop
@@ -238,13 +270,13 @@
     return Promise.all([
       getJSON("api/v1/deployments"), getJSON("api/v1/alerts"), series("p50", "latency_seconds"),
       series("p99", "latency_seconds"), series("error_ratio", "requests"), getJSON("api/v1/gpus"),
-      getJSON("api/v1/traces?kind=slow"), getJSON("api/v1/traces?kind=errors"),
+      getJSON("api/v1/traces?limit=20"),
     ]).then(function (r) {
       renderDeployments(r[0].data);
       renderAlerts(r[1].data);
       renderCharts(r[2].data, r[3].data, r[4].data);
       renderGpus(r[5].data);
-      renderTraces(r[6], r[7]);
+      renderTraces(r[6]);
       $("#updated").textContent = "updated " + new Date().toLocaleTimeString();
       show($("#problem"), false);
     }, function (err) {

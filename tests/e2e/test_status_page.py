@@ -114,9 +114,10 @@ def test_status_page_shows_deployments_alerts_charts_and_gpus(mon, serve_apps):
                     if any(snap.devices for snap in mon.gpus().values()):  # the fake NVML's GPUs
                         assert "NVIDIA H100" in page.locator("#gpus tr.gpu").first.inner_text()
 
-                    note = page.locator("#traces .note")
-                    note.wait_for()
-                    assert "does not keep traces" in note.inner_text()
+                    # The failed requests' traces, kept by the aggregator.
+                    trace = page.locator("#traces tr.trace", has_text="Faulty")
+                    trace.first.wait_for(timeout=30_000)
+                    assert "Faulty" in trace.first.inner_text()
 
                     page.wait_for_timeout(2500)  # one more poll: the redraw must not error either
                     ARTIFACTS.mkdir(exist_ok=True)

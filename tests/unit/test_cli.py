@@ -353,7 +353,7 @@ def test_alerts_watch_json_is_one_document_per_round_and_stops_on_ctrl_c():
 # --------------------------------------------------------------- no monitor, usage
 
 @pytest.mark.parametrize("argv", [["status"], ["alerts"], ["alerts", "--watch"],
-                                  ["rules", "reload", str(DEFAULT_RULES)]])
+                                  ["rules", "reload", str(DEFAULT_RULES)], ["traces", "--errors"]])
 def test_no_monitor_is_one_line_and_exit_3(argv):
     code, out, err = run(argv, connect=not_running)
     assert code == 3 and out == ""
@@ -363,7 +363,8 @@ def test_no_monitor_is_one_line_and_exit_3(argv):
 
 @pytest.mark.parametrize("argv", [[], ["frobnicate"], ["alerts", "--interval", "0"],
                                   ["alerts", "--state", "sleeping"], ["rules", "check"],
-                                  ["start", "--port", "99999"]])
+                                  ["start", "--port", "99999"], ["traces", "--slow", "--errors"],
+                                  ["traces", "--limit", "0"]])
 def test_usage_errors_exit_2(argv):
     code, out, err = run(argv, connect=FakeMonitor)
     assert code == 2 and "usage: ray-monitor" in err
@@ -402,3 +403,67 @@ def test_console_script_entry_point():
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "deployments/rules/default.yaml: OK (9 rules in 2 groups)\n"
+
+
+# ------------------------------------------------------------------------- traces
+
+class FakeTraceMonitor(FakeMonitor):
+    """Answers ``traces()`` from a real trace store, so the shapes are the aggregator's."""
+
+    def __init__(self):
+        from ray_monitor.trace_store import TraceStore
+        from tests.unit.test_trace_store import INGRESS, MODEL, composed_failure, record
+
+        super().__init__()
+        self.store = TraceStore(clock=lambda: NOW)
+        ingress, model = composed_failure(0xabc, start=NOW - 75)
+        self.store.add(ingress, INGRESS)
+        self.store.add(model, MODEL)
+        self.store.add([record(0xdef, 1, name="Model.__call__", start=NOW - 5, duration=1.25,
+                               slow=True)], MODEL)
+        self.asked = []
+
+    def traces(self, kind=None, limit=50):
+        self.asked.append((kind, limit))
+        return self.store.traces(kind, limit)
+
+
+def test_traces_table_shows_when_where_what_and_why():
+    fake = FakeTraceMonitor()
+    code, out, err = run(["traces", "--errors", "--limit", "5"], connect=lambda: fake)
+    assert code == 0 and err == "" and fake.asked == [("errors", 5)]
+    lines = out.splitlines()
+    assert lines[0] == "FAILED TRACES (1, newest first; --json for their spans)"
+    assert lines[1].split() == ["WHEN", "TRACE", "KIND", "APPLICATION/DEPLOYMENT", "ROOT",
+                                "DURATION(ms)", "SPANS", "ERROR"]
+    assert lines[2].split()[:7] == ["1m15s", "ago", f"{0xabc:032x}", "errors", "shop/Ingress",
+                                    "Ingress.__call__", "50.0"]
+    assert lines[2].split()[7:] == ["3", "KeyError:", "'x'"]
+
+
+def test_traces_slow_and_both_kinds_newest_first():
+    fake = FakeTraceMonitor()
+    code, out, _ = run(["traces", "--slow"], connect=lambda: fake)
+    assert code == 0 and fake.asked == [("slow", 20)]
+    assert f"{0xdef:032x}" in out and f"{0xabc:032x}" not in out and "1250" in out
+    code, out, _ = run(["traces"], connect=lambda: fake)
+    rows = out.splitlines()[2:]
+    assert out.startswith("SLOW OR FAILED TRACES (2") and [r.split()[2][-3:] for r in rows] == [
+        "def", "abc"]
+
+
+def test_traces_json_has_the_spans_and_parent_links():
+    fake = FakeTraceMonitor()
+    code, out, _ = run(["traces", "--errors", "--json"], connect=lambda: fake)
+    [t] = json.loads(out)
+    spans = t["spans"]
+    assert code == 0 and [s["deployment"] for s in spans] == ["Ingress", "Model", "Model"]
+    assert spans[1]["parent_span_id"] == spans[0]["span_id"]
+    assert spans[2]["parent_span_id"] == spans[1]["span_id"]
+
+
+def test_traces_none_kept_says_so():
+    fake = FakeTraceMonitor()
+    fake.store = type(fake.store)(clock=lambda: NOW)
+    code, out, _ = run(["traces", "--slow"], connect=lambda: fake)
+    assert code == 0 and out.startswith("No slow requests kept yet.")

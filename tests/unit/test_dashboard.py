@@ -238,11 +238,28 @@ def test_gpu_nodes_show_readings_and_why_a_node_has_none():
     json.dumps(nodes)
 
 
-def test_traces_are_not_kept_yet_and_the_answer_says_so():
-    view = traces_view("slow")
-    assert view["data"] == [] and "does not keep traces" in view["note"]
-    with pytest.raises(BadRequest, match="kind='all'"):
-        traces_view("all")
+def test_traces_view_lists_kept_traces_and_says_why_there_are_none():
+    from ray_monitor.trace_store import TraceStore
+    from tests.unit.test_trace_store import INGRESS, composed_failure
+
+    store = TraceStore(clock=lambda: T0)
+    view = traces_view(store, "slow")
+    assert view["data"] == [] and "slow_threshold_s" in view["note"]
+    for i in (1, 2, 3):
+        ingress, model = composed_failure(i, start=T0 + i)
+        store.add(ingress + model, INGRESS)
+    view = traces_view(store, "errors", "2")
+    assert [t["trace_id"][-1] for t in view["data"]] == ["3", "2"] and "note" not in view
+    # What the page draws: every item has these, and its spans.
+    item = view["data"][0]
+    assert {"trace_id", "application", "deployment", "duration_s", "error", "kinds", "root",
+            "span_count", "start", "spans"} <= set(item)
+    assert len(traces_view(store, None)["data"]) == 3 == len(traces_view(store, "all")["data"])
+    with pytest.raises(BadRequest, match="kind='fast'"):
+        traces_view(store, "fast")
+    with pytest.raises(BadRequest, match="limit='lots'"):
+        traces_view(store, "errors", "lots")
+    json.dumps(view)
 
 
 def test_the_aggregator_app_serves_the_page_its_assets_and_its_json():
@@ -284,6 +301,43 @@ def test_the_aggregator_app_serves_the_page_its_assets_and_its_json():
             assert gpus[0]["devices"][0]["model"] == "NVIDIA H100 80GB HBM3"
             traces = await (await client.get("/api/v1/traces?kind=errors")).json()
             assert traces["data"] == [] and traces["note"]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        core.notifier.close(2.0)
+
+
+def test_the_aggregator_keeps_the_traces_replicas_send_and_serves_them():
+    import asyncio
+    from types import SimpleNamespace
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from ray_monitor.aggregator import AggregatorCore
+    from ray_monitor.http_api import make_app
+    from tests.unit.test_trace_store import composed_failure
+
+    clock = Clock()
+    clock.t = T0
+    core = AggregatorCore({}, clock=clock)
+    ingress, model = composed_failure(5, start=T0)
+    a, b = replica_snap(T0, 1, deployment="Ingress"), replica_snap(T0, 1, deployment="Model")
+    a.traces, b.traces = ingress, model
+    core.ingest([b, a])
+    assert core.self_metrics()["gauges"]["traces_kept"][1] == 1.0
+
+    async def scenario() -> None:
+        agg = SimpleNamespace(core=core, host="127.0.0.1", token=None)
+        async with TestClient(TestServer(make_app(agg))) as client:
+            res = await client.get("/api/v1/traces?kind=errors&limit=5")
+            [t] = (await res.json())["data"]
+            assert (t["deployment"], t["error"], t["error_deployment"]) == (
+                "Ingress", "KeyError: 'x'", "Model")
+            assert [(s["deployment"], s["depth"]) for s in t["spans"]] == [
+                ("Ingress", 0), ("Model", 1), ("Model", 2)]
+            bad = await client.get("/api/v1/traces?kind=fast")
+            assert bad.status == 400 and "kind='fast'" in (await bad.json())["error"]
 
     try:
         asyncio.run(scenario())

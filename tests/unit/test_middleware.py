@@ -415,3 +415,182 @@ def test_a_method_the_deployment_calls_on_itself_is_not_a_request(no_otlp):
     got = {k: s.count for k, s in series(Pipeline).items()}
     assert got == {("__call__", "ok"): 1, ("preprocess", "ok"): 1}
     Pipeline.__ray_monitor__.close()
+
+
+# -- the aggregator's copy of kept traces ----------------------------------------------
+
+def test_without_an_endpoint_failed_and_slow_requests_reach_the_snapshot(no_otlp):
+    M = make(sample_ratio=1.0, slow_threshold_s=SLOW)
+    m = M()
+    for i in range(20):
+        m.sync(i)
+    with pytest.raises(ValueError):
+        m.sync(-1)
+    m.slow(SLOW * 2)
+    state = M.__ray_monitor__.state
+    # Nothing would take a head-sampled ok span: only kept requests become spans.
+    assert state.tracer.enabled and not state.tracer.head_sampling
+    snap = state.recorder.snapshot()
+    traces = snap.traces
+    assert sorted((r["name"], r["kept"]) for r in traces) == [
+        ("Model.slow", "slow"), ("Model.sync", "error")]
+    err = next(r for r in traces if r["kept"] == "error")
+    assert err["exception"] == {"type": "ValueError", "message": "negative"}
+    assert err["status"] == "error" and err["attributes"]["ray.serve.method"] == "sync"
+    slow = next(r for r in traces if r["kept"] == "slow")
+    assert slow["duration_s"] >= SLOW * 2 * 0.9 and slow["slow"] and slow["status"] == "ok"
+    # The exemplars of the kept requests' buckets lead to their records.
+    exemplars = {e.trace_id for s in snap.series for e in s.exemplars.values()}
+    assert exemplars == {err["trace_id"], slow["trace_id"]}
+    assert state.recorder.snapshot().traces == []  # drained
+    M.__ray_monitor__.close()
+
+
+def test_with_an_endpoint_kept_spans_go_to_the_backend_and_the_aggregator(otlp_env):
+    M = make(sample_ratio=0.0)
+    m = M()
+    with pytest.raises(ValueError):
+        m.sync(-1)
+    state = M.__ray_monitor__.state
+    state.tracer.provider.force_flush()
+    [span] = otlp_env.wait_for(lambda rx: rx.spans())
+    [rec] = state.recorder.snapshot().traces
+    assert (rec["trace_id"], rec["span_id"]) == (span.trace_id, span.span_id)
+    M.__ray_monitor__.close()
+
+
+def test_a_kept_request_under_an_unsampled_caller_is_still_traced(otlp_env):
+    from starlette.requests import Request
+
+    @monitor(sample_ratio=1.0, flush_interval_s=3600)
+    class Http:
+        def __call__(self, request):
+            raise RuntimeError("boom")
+    trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": [
+        (b"traceparent", f"00-{trace_id}-{parent}-00".encode())], "query_string": b""}
+    with pytest.raises(RuntimeError):
+        Http()(Request(scope))
+    state = Http.__ray_monitor__.state
+    state.tracer.provider.force_flush()
+    span = otlp_env.wait_for(lambda rx: rx.spans())[0]
+    assert span.trace_id == trace_id and span.parent_span_id == parent
+    [rec] = state.recorder.snapshot().traces
+    assert rec["parent_span_id"] == parent and rec["kept"] == "error"
+    Http.__ray_monitor__.close()
+
+
+def test_metrics_only_sends_no_traces(no_otlp, monkeypatch):
+    M = make(tracing_enabled=False)
+    m = M()
+    with pytest.raises(ValueError):
+        m.sync(-1)
+    state = M.__ray_monitor__.state
+    assert not state.tracer.enabled and state.recorder.snapshot().traces == []
+    M.__ray_monitor__.close()
+    monkeypatch.setenv("RAY_MONITOR_TRACES", "0")
+    M = make()
+    m = M()
+    with pytest.raises(ValueError):
+        m.sync(-1)
+    state = M.__ray_monitor__.state
+    assert not state.tracer.enabled and state.recorder.snapshot().traces == []
+    M.__ray_monitor__.close()
+
+
+def _ended_spans(tracer, n, *, fail=False):
+    for _ in range(n):
+        rs = tracer.begin("Model.run", {"ray.serve.method": "run"}, None)
+        tracer.end(rs, 0.001, ValueError("bad") if fail else None)
+
+
+def test_span_records_are_bounded_per_flush_kept_spans_first_and_drops_counted():
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from ray_monitor.tracing import SpanRecords, Tracer
+
+    records = SpanRecords(max_spans=5, max_context=2)
+    tracer = Tracer(sample_ratio=1.0, slow_threshold_s=1.0, exporter=InMemorySpanExporter(),
+                    records=records)
+    assert tracer.head_sampling
+    _ended_spans(tracer, 4)  # head-sampled, ok: context
+    _ended_spans(tracer, 5, fail=True)
+    rec = Recorder(identity=ReplicaIdentity("app", "dep", "r1", "node", 1), spans=records,
+                   clock=lambda: 0.0)
+    snap = rec.snapshot()
+    assert [r["kept"] for r in snap.traces] == ["", "", "error", "error", "error"]
+    assert snap.self_errors == {"trace_context_dropped:buffer_full": 2,
+                                "trace_spans_dropped:buffer_full": 2}
+    assert rec.snapshot().traces == []
+    tracer.shutdown()
+
+
+def test_snapshots_buffered_while_the_aggregator_is_away_keep_few_traces():
+    from ray_monitor.recorder import MAX_TRACE_SNAPSHOTS_BUFFERED
+
+    class OneRecordPerFlush:
+        def drain(self):
+            return [{"trace_id": "t", "span_id": "s", "kept": "error"}], {}
+    sink = _Sink()  # down: keeps everything
+    rec = Recorder(identity=ReplicaIdentity("app", "dep", "r1", "node", 1), sink=sink,
+                   spans=OneRecordPerFlush(), clock=lambda: 0.0)
+    for i in range(MAX_TRACE_SNAPSHOTS_BUFFERED + 5):
+        rec.flush(now=float(i))
+    assert rec.buffered == MAX_TRACE_SNAPSHOTS_BUFFERED + 5
+    assert sum(len(s.traces) for s in rec._buffer) == MAX_TRACE_SNAPSHOTS_BUFFERED
+    assert rec.self_errors.snapshot()["trace_spans_dropped:aggregator_away"] == 5
+
+
+def test_serve_spans_of_a_monitored_replica_become_context_records(monkeypatch):
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from ray_monitor import tracing
+
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
+    provider = TracerProvider()
+    for p in tracing.serve_span_processors():  # what Ray Serve calls in each process
+        provider.add_span_processor(p)
+    serve_tracer = provider.get_tracer("serve")
+    serve_tracer.start_span("proxy_http_request").end()  # no monitored replica here: nothing
+    records = tracing.SpanRecords()
+    tracing.claim_serve_spans(records)
+    try:
+        serve_tracer.start_span("replica_handle_request Model __call__",
+                                attributes={"request_id": "r-1", "app": "shop"}).end()
+    finally:
+        tracing.release_serve_spans(records)
+    serve_tracer.start_span("after release").end()
+    [rec], drops = records.drain()
+    assert (rec["name"], rec["source"], rec["kept"]) == (
+        "replica_handle_request Model __call__", "ray_serve", "")
+    assert rec["attributes"] == {"request_id": "r-1", "app": "shop"} and drops == {}
+    monkeypatch.setenv("RAY_MONITOR_TRACES", "0")
+    assert tracing.serve_span_processors() == []
+
+
+def test_traces_switch_reads_the_environment(caplog):
+    from ray_monitor.tracing import aggregator_traces_enabled
+
+    assert aggregator_traces_enabled({}) and aggregator_traces_enabled({"RAY_MONITOR_TRACES": "1"})
+    assert not aggregator_traces_enabled({"RAY_MONITOR_TRACES": "off"})
+    with caplog.at_level(logging.WARNING):
+        assert aggregator_traces_enabled({"RAY_MONITOR_TRACES": "maybe"})
+    assert "RAY_MONITOR_TRACES" in caplog.text
+
+
+def test_with_only_the_aggregator_to_take_them_no_span_is_made_once_the_buffer_is_full():
+    from ray_monitor.tracing import SpanRecords, Tracer
+
+    records = SpanRecords(max_spans=2)
+    tracer = Tracer(sample_ratio=1.0, slow_threshold_s=1.0, records=records)
+    assert tracer.enabled and not tracer.head_sampling
+    made = []
+    for _ in range(5):
+        rs = tracer.begin("Model.run", {}, None)
+        made.append(tracer.end(rs, 0.001, ValueError("bad")))
+    assert made == [True, True, False, False, False]
+    kept, drops = records.drain()
+    assert [r["exception"] for r in kept] == [{"type": "ValueError", "message": "bad"}] * 2
+    assert drops == {"trace_spans_dropped:buffer_full": 3}
+    tracer.shutdown()
