@@ -378,30 +378,12 @@ def wrap_callable(fn: Callable, name: str, runtime: Runtime, bound: bool = True)
             req = hook.start(_headers(args, at))
             if req is not None:
                 req.exit()
-            first = None
-            outcome, error, is_error = OK, None, False
-            agen = fn(*args, **kwargs)
+            timed = _timed_async_generator(hook, req, fn(*args, **kwargs))
             try:
-                while True:
-                    if req is not None:
-                        req.enter()
-                    try:
-                        item = await agen.__anext__()
-                    except StopAsyncIteration:
-                        break
-                    finally:
-                        if req is not None:
-                            req.exit()
-                    if first is None and req is not None:
-                        first = _perf() - req.t0
+                async for item in timed:
                     yield item
-            except BaseException as e:
-                outcome, is_error = _outcome(e)
-                error = e
-                raise
             finally:
-                await agen.aclose()
-                _done(hook, req, outcome, error, is_error, first)
+                await timed.aclose()
 
     elif inspect.iscoroutinefunction(fn):
         async def wrapper(*args, **kwargs):
