@@ -406,9 +406,10 @@ class AggregatorCore:
         inflight = self.store.evaluate(Query("last", "inflight", 5.0, by), now)
         replicas: dict[tuple, set] = {}
         versions: dict[tuple, set] = {}
-        for ident, _ in self.replicas.values():
+        for ident, seen in self.replicas.values():
             key = (("application", ident.application), ("deployment", ident.deployment))
-            replicas.setdefault(key, set()).add(ident.replica)
+            if now - seen <= REPLICA_ALIVE_S:  # running now, as the hints count them
+                replicas.setdefault(key, set()).add(ident.replica)
             if ident.model_version:
                 versions.setdefault(key, set()).add(ident.model_version)
         out = []

@@ -90,7 +90,7 @@ class MonitorOptions:
     flush_interval_s: Optional[float] = None
     hang_threshold_s: Optional[float] = None
     exclude: frozenset[str] = frozenset()
-    tracing_enabled: Optional[bool] = None  # None: on when an OTLP endpoint is configured
+    tracing_enabled: Optional[bool] = None  # None: on (aggregator copy; OTLP when configured)
     prediction: Optional[Callable[..., Any]] = None  # the extractor: result -> prediction dict
     prediction_input: bool = False  # call it as fn(result, args, kwargs)
     prediction_methods: tuple[str, ...] = ("__call__",)
