@@ -85,7 +85,7 @@ class FaultSwitch:
 class Classifier:
     """A logistic regression on iris, trained when the replica starts."""
 
-    def __init__(self, switch) -> None:
+    def __init__(self, switch=None) -> None:
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
@@ -96,6 +96,8 @@ class Classifier:
         self.switch, self.fault, self.checked = switch, {"error_ratio": 0.0, "delay_s": 0.0}, 0.0
 
     async def _fault(self) -> dict:
+        if self.switch is None:  # deployed from the Serve config: no fault to inject
+            return self.fault
         if time.monotonic() - self.checked > 0.5:  # ask the switch twice a second at most
             self.checked = time.monotonic()
             self.fault = await self.switch.get.remote()
@@ -130,6 +132,12 @@ class Preprocess:
         if len(features) != 4:
             return JSONResponse({"error": "iris has 4 features"}, status_code=400)
         return await self.classifier.remote(features)
+
+
+def serve_app(args: dict | None = None):
+    """The demo app without its fault switch, for Serve's config file
+    (``deployments/serve-demo.yaml``)."""
+    return Preprocess.bind(Classifier.bind())
 
 
 class Traffic:
