@@ -579,7 +579,7 @@ def test_traces_switch_reads_the_environment(caplog):
     assert "RAY_MONITOR_TRACES" in caplog.text
 
 
-def test_with_only_the_aggregator_to_take_them_no_span_is_made_once_the_buffer_is_full():
+def test_with_only_the_aggregator_to_take_them_no_span_is_made_once_the_buffer_is_full(no_otlp):
     from ray_monitor.tracing import SpanRecords, Tracer
 
     records = SpanRecords(max_spans=2)
