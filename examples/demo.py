@@ -287,8 +287,9 @@ def summary(w: Watch, traffic: Traffic, phases: dict, mon) -> tuple[list[str], t
         print(f"  traces:       sent over OTLP to {endpoint} (service.name {APP!r}); "
               "every failed or slow request is kept")
     else:
-        print("  traces:       none exported: set OTEL_EXPORTER_OTLP_ENDPOINT (Jaeger, Tempo, "
-              "Phoenix) before ./demo.sh and they go there")
+        print("  traces:       slow and failed ones kept by the monitor: the status page, "
+              "`ray-monitor traces --errors` (with --keep); set OTEL_EXPORTER_OTLP_ENDPOINT "
+              "(Jaeger, Tempo, Phoenix) to export them all")
     print("  logs:         /tmp/ray/session_latest/logs/serve/ (each line of a request "
           "carries its trace_id)")
     print("  (all of it stops when the demo exits; ./demo.sh --keep keeps it running)")
