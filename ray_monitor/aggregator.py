@@ -35,6 +35,8 @@ KV_NAMESPACE = "ray_monitor"
 SUMMARY_WINDOW_S = 60.0
 #: A replica counts as running when it reported this recently (it flushes every second).
 REPLICA_ALIVE_S = 5.0
+#: How often the autoscaling config is checked against the running deployments.
+CONFIG_CHECK_S = 30.0
 #: Default window of ``compare``.
 COMPARE_WINDOW_S = 600.0
 
@@ -97,6 +99,8 @@ class AggregatorCore:
         self.hints = HintEngine(config=load_hint_config(self.rules_text, filename=self.rules_file),
                                 clock=clock)
         self._applied: dict[tuple[str, str], int] = {}  # external scaler: last target sent
+        self.config_warnings: list[str] = []  # autoscaling names no running deployment
+        self._next_config_check = 0.0
         self.notifier = Notifier(config.get("notifications") or {}, clock=clock)
         self.replicas: dict[str, tuple[ReplicaIdentity, float]] = {}  # replica -> (identity, seen)
         self.gpu_latest: dict[str, GpuSnapshot] = {}
@@ -223,6 +227,7 @@ class AggregatorCore:
         finally:
             self.store.end_round()
         self._apply_external(hints)
+        self._check_scaling_config(now)
         self.evaluations += 1
         self.last_eval_s = time.perf_counter() - t
         self.save()
@@ -236,6 +241,24 @@ class AggregatorCore:
                 key = (ident.application, ident.deployment)
                 out[key] = out.get(key, 0) + 1
         return out
+
+    def _check_scaling_config(self, now: float) -> None:
+        """Deployments named by the autoscaling config or a scale action that are not
+        running: reported (log once, /api/v1/hints warnings), not refused, since rules
+        are often loaded before ``serve.run``."""
+        from .hints import validate_against
+
+        if now < self._next_config_check:
+            return
+        self._next_config_check = now + CONFIG_CHECK_S
+        known = set(self.current_replicas(now))
+        if not known:  # nothing has reported yet: nothing to check against
+            return
+        problems = validate_against(self.hints.config, known, ruleset=self.engine.ruleset)
+        for problem in problems:
+            if problem not in self.config_warnings:
+                logger.warning("ray-monitor: %s", problem)
+        self.config_warnings = problems
 
     def _apply_external(self, hints) -> None:
         """Deployments with ``apply: external`` are scaled through Serve's external
@@ -297,6 +320,7 @@ class AggregatorCore:
         hint_config = load_hint_config(rules_text, filename=filename or self.rules_file)
         self.engine.reload(ruleset, now=self.clock())
         self.hints.reload(hint_config)
+        self._next_config_check = 0.0  # check the new names at the next evaluation
         self.rules_text, self.rules_file = rules_text, filename or self.rules_file
         return {"status": "ok", "rules": sum(1 for _ in ruleset.rules())}
 

@@ -113,7 +113,9 @@ def make_app(agg) -> web.Application:
         return _json({"status": "success", "data": core.deployments()})
 
     async def hints(request):
-        return _json({"status": "success", "data": await agg.hints()})
+        # Like Prometheus' API, problems that do not stop the answer go in "warnings".
+        return _json({"status": "success", "data": await agg.hints(),
+                      "warnings": list(core.config_warnings)})
 
     async def reload(request):
         ok, why = writes_allowed(agg.host, agg.token, request.headers.get("Authorization"))

@@ -86,3 +86,25 @@ def test_reads_are_open():
     agg = Agg("0.0.0.0", "s3cret")
     status, body = call(agg, "GET", "/api/v1/rules")
     assert status == 200 and body["data"][0]["alert"] == "Busy"
+
+
+def test_autoscaling_config_naming_no_running_deployment_is_reported_not_refused():
+    from ray_monitor.snapshot import ReplicaIdentity, ReplicaSnapshot
+
+    agg = Agg("127.0.0.1", None)
+    rules = GOOD + """
+autoscaling:
+  deployments:
+    - deployment: Classifer
+      max_replicas: 3
+"""
+    status, _ = call(agg, "POST", "/api/v1/rules/reload", data=rules)
+    assert status == 200  # accepted: deployments often come after the rules
+    now = agg.core.clock()
+    agg.core.ingest([ReplicaSnapshot(ReplicaIdentity("app", "Classifier", "r1", "n", 1), 1,
+                                     now - 1, now)])
+    agg.core.evaluate(now)
+    status, body = call(agg, "GET", "/api/v1/hints")
+    [warning] = body["warnings"]
+    assert "autoscaling.deployments[0]" in warning and "'Classifer'" in warning
+    assert "Classifier" in warning  # the close match is suggested
