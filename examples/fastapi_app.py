@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import random
-import socket
 import sys
 import time
 import urllib.error
@@ -28,6 +26,11 @@ from fastapi import FastAPI, HTTPException
 from ray import serve
 
 from ray_monitor import monitor
+
+try:  # imported as examples.NAME (the tests) or run as a script (examples/ on sys.path)
+    from examples._local import local_cluster
+except ImportError:
+    from _local import local_cluster
 
 APP = "bookshop"
 BOOKS = {1: "Designing Data-Intensive Applications", 2: "Site Reliability Engineering",
@@ -140,30 +143,12 @@ def run(mon, base_url: str, *, app: str = APP, requests: int = 60,
     return 0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=60, help="requests to send (default 60)")
     args = parser.parse_args(argv)
-    import ray
-
-    import ray_monitor
-
-    # A Ray of its own ("local"), so that the clean-up below never touches another cluster.
-    ray.init(address="local", include_dashboard=False, log_to_driver=False,
-             logging_level=logging.ERROR)
-    try:
-        mon = ray_monitor.start(port=0, gpu=False)
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        return run(mon, f"http://127.0.0.1:{port}", requests=args.requests)
-    finally:
-        ray.shutdown()  # the cluster is this process's own: Serve and the monitor stop with it
+    with local_cluster(gpu=False) as (mon, url):
+        return run(mon, url, requests=args.requests)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
-import socket
 import sys
 import time
 
@@ -29,6 +27,11 @@ import numpy as np
 from ray import serve
 
 from ray_monitor import monitor
+
+try:  # imported as examples.NAME (the tests) or run as a script (examples/ on sys.path)
+    from examples._local import local_cluster
+except ImportError:
+    from _local import local_cluster
 
 APP = "gpu-model"
 LAYERS = (256, 1024, 1024, 10)
@@ -170,30 +173,13 @@ def run(mon, *, app: str = APP, requests: int = 40, batch: int = 64,
     return 0 if agree else 1
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=40, help="batches to send (default 40)")
     parser.add_argument("--batch", type=int, default=64, help="rows per batch (default 64)")
     args = parser.parse_args(argv)
-    import ray
-
-    import ray_monitor
-
-    # A Ray of its own ("local"), so that the clean-up below never touches another cluster.
-    ray.init(address="local", include_dashboard=False, log_to_driver=False,
-             logging_level=logging.ERROR)
-    try:
-        mon = ray_monitor.start(port=0)  # gpu=True: one GPU-stats actor per node
-        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    with local_cluster() as (mon, _):  # gpu=True: one GPU-stats actor per node
         return run(mon, requests=args.requests, batch=args.batch)
-    finally:
-        ray.shutdown()  # the cluster is this process's own: Serve and the monitor stop with it
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import socket
 import sys
 import time
 import urllib.request
@@ -28,6 +26,11 @@ from typing import Any
 from ray import serve
 
 from ray_monitor import monitor
+
+try:  # imported as examples.NAME (the tests) or run as a script (examples/ on sys.path)
+    from examples._local import local_cluster
+except ImportError:
+    from _local import local_cluster
 
 APP, MODEL_VERSION = "cancer", "logreg-1"
 LABELS = ("malignant", "benign")  # scikit-learn's target 0 and 1
@@ -85,12 +88,6 @@ def post(url: str, body: Any) -> tuple[dict, Any]:
         return json.loads(resp.read()), resp.headers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(mon, base_url: str, *, app: str = APP, requests: int = 171, labelled: float = 0.7,
         timeout_s: float = 30.0) -> int:
     """Deploys the classifier as ``app`` on the running Serve (HTTP at ``base_url``), sends
@@ -145,20 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("this example needs scikit-learn: pip install -e '.[examples]'", file=sys.stderr)
         return 2
-    import ray
-
-    import ray_monitor
-
-    # A Ray of its own ("local"), so that the clean-up below never touches another cluster.
-    ray.init(address="local", include_dashboard=False, log_to_driver=False,
-             logging_level=logging.ERROR)
-    try:
-        mon = ray_monitor.start(port=0, gpu=False, feedback_horizon_s=600)
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        return run(mon, f"http://127.0.0.1:{port}", requests=args.requests, labelled=args.labelled)
-    finally:
-        ray.shutdown()  # the cluster is this process's own: Serve and the monitor stop with it
+    with local_cluster(gpu=False, feedback_horizon_s=600) as (mon, url):
+        return run(mon, url, requests=args.requests, labelled=args.labelled)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,7 @@ import argparse
 import asyncio
 import codecs
 import json
-import logging
 import random
-import socket
 import sys
 import time
 import urllib.parse
@@ -31,6 +29,11 @@ from typing import AsyncIterator
 from ray import serve
 
 from ray_monitor import monitor
+
+try:  # imported as examples.NAME (the tests) or run as a script (examples/ on sys.path)
+    from examples._local import local_cluster
+except ImportError:
+    from _local import local_cluster
 
 APP = "streaming"
 PROMPTS = ("Beautiful is", "Errors should", "Now is", "Simple is", "Special cases",
@@ -173,31 +176,13 @@ def run(mon, base_url: str, *, app: str = APP, requests: int = 6, tokens: int = 
     return 0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=6, help="streams per way (default 6)")
     parser.add_argument("--tokens", type=int, default=24, help="tokens per stream (default 24)")
     args = parser.parse_args(argv)
-    import ray
-
-    import ray_monitor
-
-    # A Ray of its own ("local"), so that the clean-up below never touches another cluster.
-    ray.init(address="local", include_dashboard=False, log_to_driver=False,
-             logging_level=logging.ERROR)
-    try:
-        mon = ray_monitor.start(port=0, gpu=False)
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        return run(mon, f"http://127.0.0.1:{port}", requests=args.requests, tokens=args.tokens)
-    finally:
-        ray.shutdown()  # the cluster is this process's own: Serve and the monitor stop with it
+    with local_cluster(gpu=False) as (mon, url):
+        return run(mon, url, requests=args.requests, tokens=args.tokens)
 
 
 if __name__ == "__main__":

@@ -185,8 +185,6 @@ def start(rules: Union[None, str, Path, dict] = None, **options: Any) -> Monitor
                              f"got {v!r}")
     text, filename = _rules_source(rules)  # a bad file is refused here, before any actor
     if "notifications" in options and options["notifications"] is not None:
-        from .notify import Notifier
-
         from .notify import NotifyConfig
 
         NotifyConfig.from_dict(options["notifications"])  # a bad section is refused here

@@ -18,7 +18,7 @@ import traceback
 from typing import Any, Callable, Optional, Protocol
 
 from .histogram import Histogram, bucket_index
-from .snapshot import (OK, Exemplar, HungRequest, ReplicaHealth, ReplicaIdentity,
+from .snapshot import (Exemplar, HungRequest, ReplicaHealth, ReplicaIdentity,
                        ReplicaSnapshot, SeriesDelta)
 
 logger = logging.getLogger(__name__)

@@ -509,6 +509,35 @@ _ALL_METRICS = (*catalog.METRICS, catalog.PREDICTIONS, catalog.PREDICTION,
                 catalog.FEATURE_PREFIX + "<name>")
 
 
+def _check_selection(c: dict, labels: Optional[tuple[str, ...]], owner: str, owner_by: str,
+                     errors: list[str]) -> tuple[tuple[catalog.Matcher, ...],
+                                                 Optional[tuple[str, ...]]]:
+    """The matchers and ``by`` of a condition, checked against the labels its metric has
+    (``None``: the metric is unknown, already reported); problems go to ``errors``."""
+    at = lambda p: f" at position {p}"  # noqa: E731
+    matchers = []
+    if labels is not None:
+        for label, pos in (c["by"] or []):
+            if label not in labels:
+                errors.append(f"label {label!r} in by (...){at(pos)} is not a label of {owner_by}"
+                              f"{_close(label, labels)} (labels: {', '.join(labels)})")
+        for label, op, value, pos in c["matchers"]:
+            if label not in labels:
+                errors.append(f"label {label!r} in a matcher{at(pos)} is not a label of {owner}"
+                              f"{_close(label, labels)} (labels: {', '.join(labels)})")
+            if op in ("=~", "!~"):
+                try:
+                    re.compile(value)
+                except re.error as exc:
+                    errors.append(f"matcher {label}{op}{_quote(value)}{at(pos)} is not a valid "
+                                  f"regular expression: {exc}")
+            matchers.append(catalog.Matcher(label, op, value))
+    names = [label for label, _ in (c["by"] or [])]
+    if len(set(names)) != len(names):
+        errors.append(f"by ({', '.join(names)}) names a label twice")
+    return tuple(matchers), (tuple(sorted(set(names))) if names else None)
+
+
 def _check_model_condition(c: dict) -> tuple[Optional[Condition], list[str]]:
     """A quality or drift condition: ``accuracy(predictions[1h])``, ``psi(feature_age[1h])``."""
     errors: list[str] = []
@@ -536,32 +565,13 @@ def _check_model_condition(c: dict) -> tuple[Optional[Condition], list[str]]:
                       f"{fn}({catalog.PREDICTION}[1h]), not {fn}({metric_name}[...])")
     if c["param"] is not None:
         errors.append(f"{fn} takes no number argument{at(c['param_pos'])}")
-    labels = catalog.MODEL_LABELS
-    for label, pos in (c["by"] or []):
-        if label not in labels:
-            errors.append(f"label {label!r} in by (...){at(pos)} is not a label of model quality "
-                          f"and drift (per model, not per replica){_close(label, labels)} "
-                          f"(labels: {', '.join(labels)})")
-    matchers = []
-    for label, op, value, pos in c["matchers"]:
-        if label not in labels:
-            errors.append(f"label {label!r} in a matcher{at(pos)} is not a label of model quality "
-                          f"and drift{_close(label, labels)} (labels: {', '.join(labels)})")
-        if op in ("=~", "!~"):
-            try:
-                re.compile(value)
-            except re.error as exc:
-                errors.append(f"matcher {label}{op}{_quote(value)}{at(pos)} is not a valid "
-                              f"regular expression: {exc}")
-        matchers.append(catalog.Matcher(label, op, value))
-    names = [label for label, _ in (c["by"] or [])]
-    if len(set(names)) != len(names):
-        errors.append(f"by ({', '.join(names)}) names a label twice")
+    matchers, by = _check_selection(c, catalog.MODEL_LABELS, "model quality and drift",
+                                    "model quality and drift (per model, not per replica)",
+                                    errors)
     if errors:
         return None, errors
-    query = catalog.Query(function=fn, metric=metric_name, window_s=c["window_s"],
-                          by=tuple(sorted(set(names))) if names else None,
-                          matchers=tuple(matchers))
+    query = catalog.Query(function=fn, metric=metric_name, window_s=c["window_s"], by=by,
+                          matchers=matchers)
     return Condition(query, c["op"], c["threshold"]), []
 
 
@@ -597,34 +607,12 @@ def _check_condition(c: dict) -> tuple[Optional[Condition], list[str]]:
         errors.append(f"quantile {_num(c['param'])} is not between 0 and 1; write 0.95 for p95")
     if fn == "ratio_above" and c["param"] is not None and not c["param"] > 0:
         errors.append(f"ratio_above threshold {_num(c['param'])} must be above 0 (seconds)")
-    matchers = []
-    if metric is not None:
-        for label, pos in (c["by"] or []):
-            if label not in metric.labels:
-                errors.append(f"label {label!r} in by (...){at(pos)} is not a label of {metric_name!r}"
-                              f"{_close(label, metric.labels)} (labels: {', '.join(metric.labels)})")
-        for label, op, value, pos in c["matchers"]:
-            if label not in metric.labels:
-                errors.append(f"label {label!r} in a matcher{at(pos)} is not a label of "
-                              f"{metric_name!r}{_close(label, metric.labels)} "
-                              f"(labels: {', '.join(metric.labels)})")
-            if op in ("=~", "!~"):
-                try:
-                    re.compile(value)
-                except re.error as exc:
-                    errors.append(f"matcher {label}{op}{_quote(value)}{at(pos)} is not a valid "
-                                  f"regular expression: {exc}")
-            matchers.append(catalog.Matcher(label, op, value))
-    by = None
-    if c["by"]:
-        names = [label for label, _ in c["by"]]
-        if len(set(names)) != len(names):
-            errors.append(f"by ({', '.join(names)}) names a label twice")
-        by = tuple(sorted(set(names)))
+    matchers, by = _check_selection(c, metric.labels if metric is not None else None,
+                                    repr(metric_name), repr(metric_name), errors)
     if errors:
         return None, errors
     query = catalog.Query(function=fn, metric=metric_name, window_s=c["window_s"], by=by,
-                          matchers=tuple(matchers), param=c["param"])
+                          matchers=matchers, param=c["param"])
     return Condition(query, c["op"], c["threshold"]), []
 
 

@@ -62,7 +62,7 @@ def set_delay_everywhere(h, delay: float) -> None:
 
 
 def scaling_rules(app: str, *, rule: bool, target: bool) -> str:
-    text = f"""
+    text = """
 groups:
   - name: scaling
     interval: 1s
