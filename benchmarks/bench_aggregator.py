@@ -23,11 +23,12 @@ import tracemalloc
 
 import numpy as np
 
-from ray_monitor.catalog import Matcher, Query
-from ray_monitor.histogram import Histogram
-from ray_monitor.snapshot import (ReplicaHealth, ReplicaIdentity, ReplicaSnapshot,
+from ray_monitor.common.catalog import Query
+from ray_monitor.common.matchers import Matcher
+from ray_monitor.common.histogram import Histogram
+from ray_monitor.common.snapshot import (ReplicaHealth, ReplicaIdentity, ReplicaSnapshot,
                                   SeriesDelta)
-from ray_monitor.windows import WindowStore
+from ray_monitor.aggregator.windows import WindowStore
 
 
 class Clock:

@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from ray_monitor.gpu import GpuSampler  # noqa: E402
+from ray_monitor.gpu.sampler import GpuSampler  # noqa: E402
 from tests.fake_nvml import FakeGpu, FakeNvml, FakeProcess  # noqa: E402
 
 

@@ -54,7 +54,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind
 
-from ray_monitor import monitor, tracing
+from ray_monitor import monitor
+from ray_monitor.replica import tracing
 
 US = 1000.0
 TARGET_METRICS_NS = 3 * US

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ray_monitor.alert import AlertMessage
-from ray_monitor.notify import Notifier
+from ray_monitor.alerting.message import AlertMessage
+from ray_monitor.alerting.notify import Notifier
 from tests.servers import amtool, promtool, start_alertmanager, start_prometheus
 
 pytestmark = pytest.mark.e2e

@@ -17,7 +17,7 @@ import requests
 from ray import serve
 
 import ray_monitor
-from ray_monitor.rules import export_prometheus_yaml, load_rules
+from ray_monitor.alerting.rules import export_prometheus_yaml, load_rules
 from tests.conftest import wait_until
 from tests.integration.test_alerts_serve import Faulty, Traffic
 from tests.servers import promtool, start_alertmanager, start_prometheus

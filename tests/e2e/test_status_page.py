@@ -14,7 +14,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
-from ray_monitor.dashboard import build_dashboard, queried_metrics
+from ray_monitor.client.dashboard import build_dashboard, queried_metrics
 from tests.conftest import wait_until
 from tests.integration.test_alerts_serve import Faulty, Traffic
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from ray_monitor.gpu import GpuSampler
+from ray_monitor.gpu.sampler import GpuSampler
 
 pytestmark = pytest.mark.gpu
 

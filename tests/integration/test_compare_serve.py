@@ -14,7 +14,8 @@ import pytest
 from ray import serve
 
 import ray_monitor
-from ray_monitor import cli, monitor
+from ray_monitor import monitor
+from ray_monitor.client import cli
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.ray

@@ -20,7 +20,7 @@ import requests
 from ray import serve
 
 from ray_monitor import monitor
-from ray_monitor.gpu_actor import actor_name
+from ray_monitor.common.names import gpu_actor_name as actor_name
 from tests.conftest import wait_until
 from tests.fake_nvml import GiB, ExtraProcess, set_cluster_processes
 from tests.servers import promtool

@@ -19,7 +19,7 @@ import requests
 from ray import serve
 
 from ray_monitor import monitor
-from ray_monitor.cli import main
+from ray_monitor.client.cli import main
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.ray

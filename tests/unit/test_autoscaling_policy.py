@@ -19,8 +19,9 @@ from ray.serve._private.constants import (SERVE_AUTOSCALING_DECISION_COUNTERS_KE
 from ray.serve.autoscaling_policy import _apply_autoscaling_config
 from ray.serve.config import AutoscalingConfig, AutoscalingContext, AutoscalingPolicy
 
-from ray_monitor import autoscaling
-from ray_monitor.autoscaling import (STATE_KEY, ExternalScaleError, MonitorPolicy, apply_external,
+from ray_monitor.autoscaling import policy as autoscaling
+from ray_monitor.autoscaling.external import ExternalScaleError, apply_external
+from ray_monitor.autoscaling.policy import (STATE_KEY, MonitorPolicy,
                                      monitor_policy)
 
 APP, DEP = "app1", "Classifier"

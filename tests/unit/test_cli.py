@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from ray_monitor import MonitorNotRunning
-from ray_monitor.cli import (format_age, format_ms, format_percent, format_rate, format_value,
+from ray_monitor.client.cli import (format_age, format_ms, format_percent, format_rate, format_value,
                              main, render_table)
-from ray_monitor.snapshot import GpuDevice, GpuProcess, GpuSnapshot, ReplicaIdentity
+from ray_monitor.common.snapshot import GpuDevice, GpuProcess, GpuSnapshot, ReplicaIdentity
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RULES = ROOT / "deployments" / "rules" / "default.yaml"
@@ -324,7 +324,7 @@ def test_alerts_filtered_by_state_and_json():
 
 
 def test_alerts_watch_refreshes_for_max_rounds():
-    from ray_monitor import cli
+    from ray_monitor.client import cli
 
     slept = []
     out = io.StringIO()
@@ -337,7 +337,7 @@ def test_alerts_watch_refreshes_for_max_rounds():
 
 
 def test_alerts_watch_json_is_one_document_per_round_and_stops_on_ctrl_c():
-    from ray_monitor import cli
+    from ray_monitor.client import cli
 
     def sleep(_):
         if len(out.getvalue().splitlines()) >= 2:
@@ -411,7 +411,7 @@ class FakeTraceMonitor(FakeMonitor):
     """Answers ``traces()`` from a real trace store, so the shapes are the aggregator's."""
 
     def __init__(self):
-        from ray_monitor.trace_store import TraceStore
+        from ray_monitor.aggregator.trace_store import TraceStore
         from tests.unit.test_trace_store import INGRESS, MODEL, composed_failure, record
 
         super().__init__()

@@ -12,15 +12,15 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from ray_monitor.catalog import METRICS
-from ray_monitor.dashboard import build_dashboard, dashboard_json, exported_name, queried_metrics
-from ray_monitor.exposition import MonitorCollector, render
-from ray_monitor.histogram import Histogram
-from ray_monitor.rules import export_prometheus_yaml, load_rules
-from ray_monitor.snapshot import (GpuDevice, GpuSnapshot, ReplicaHealth, ReplicaIdentity,
+from ray_monitor.common.catalog import METRICS
+from ray_monitor.client.dashboard import build_dashboard, dashboard_json, exported_name, queried_metrics
+from ray_monitor.aggregator.exposition import MonitorCollector, render
+from ray_monitor.common.histogram import Histogram
+from ray_monitor.alerting.rules import export_prometheus_yaml, load_rules
+from ray_monitor.common.snapshot import (GpuDevice, GpuSnapshot, ReplicaHealth, ReplicaIdentity,
                                   ReplicaSnapshot, SeriesDelta)
-from ray_monitor.status_page import BadRequest, gpu_nodes, parse_seconds, timeseries, traces_view
-from ray_monitor.windows import WindowStore
+from ray_monitor.aggregator.status_page import BadRequest, gpu_nodes, parse_seconds, timeseries, traces_view
+from ray_monitor.aggregator.windows import WindowStore
 from tests.servers import PROMTOOL, require_binary
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -239,7 +239,7 @@ def test_gpu_nodes_show_readings_and_why_a_node_has_none():
 
 
 def test_traces_view_lists_kept_traces_and_says_why_there_are_none():
-    from ray_monitor.trace_store import TraceStore
+    from ray_monitor.aggregator.trace_store import TraceStore
     from tests.unit.test_trace_store import INGRESS, composed_failure
 
     store = TraceStore(clock=lambda: T0)
@@ -268,8 +268,8 @@ def test_the_aggregator_app_serves_the_page_its_assets_and_its_json():
 
     from aiohttp.test_utils import TestClient, TestServer
 
-    from ray_monitor.aggregator import AggregatorCore
-    from ray_monitor.http_api import make_app
+    from ray_monitor.aggregator.actor import AggregatorCore
+    from ray_monitor.aggregator.http_api import make_app
 
     clock = Clock()
     core = AggregatorCore({}, clock=clock)
@@ -314,8 +314,8 @@ def test_the_aggregator_keeps_the_traces_replicas_send_and_serves_them():
 
     from aiohttp.test_utils import TestClient, TestServer
 
-    from ray_monitor.aggregator import AggregatorCore
-    from ray_monitor.http_api import make_app
+    from ray_monitor.aggregator.actor import AggregatorCore
+    from ray_monitor.aggregator.http_api import make_app
     from tests.unit.test_trace_store import composed_failure
 
     clock = Clock()

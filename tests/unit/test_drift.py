@@ -10,9 +10,9 @@ import pytest
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import ks_2samp
 
-from ray_monitor.drift import (PSI_EPSILON, DriftMonitor, FeatureCounts, Reference, jensen_shannon,
+from ray_monitor.quality.drift import (PSI_EPSILON, DriftMonitor, FeatureCounts, Reference, jensen_shannon,
                                ks_bound, ks_from_counts, ks_statistic, psi)
-from ray_monitor.quality import Prediction
+from ray_monitor.quality.metrics import Prediction
 
 
 def test_psi_against_hand_computed_values():

@@ -10,8 +10,8 @@ import time
 import pynvml
 import pytest
 
-from ray_monitor.gpu import GpuSampler, XidWatcher, attribute_processes
-from ray_monitor.snapshot import GpuProcess, GpuSnapshot, ReplicaIdentity
+from ray_monitor.gpu.sampler import GpuSampler, XidWatcher, attribute_processes
+from ray_monitor.common.snapshot import GpuProcess, GpuSnapshot, ReplicaIdentity
 from tests.fake_nvml import GiB, FakeGpu, FakeHandle, FakeMig, FakeNvml, FakeProcess
 
 NODE = "a" * 56
@@ -189,7 +189,7 @@ def test_transient_error_skips_the_reading_for_one_sample_and_logs_once(caplog):
     fake.gpus[0].unsupported_fields.add(pynvml.NVML_FI_DEV_POWER_INSTANT)
     fake.fail("nvmlDeviceGetTemperature", pynvml.NVML_ERROR_UNKNOWN, times=1)
     sampler = make(fake)
-    with caplog.at_level(logging.WARNING, logger="ray_monitor.gpu"):
+    with caplog.at_level(logging.WARNING, logger="ray_monitor.gpu.sampler"):
         snaps = [sampler.sample() for _ in range(4)]
     assert "temperature_celsius" not in snaps[0].devices[0].values
     assert snaps[1].devices[0].values["temperature_celsius"] == 63.0
@@ -235,7 +235,7 @@ def test_a_gpu_lost_at_start_is_opened_when_it_returns():
 def test_without_nvml_every_snapshot_says_why_and_it_is_logged_once(caplog, code, words):
     fake = FakeNvml(gpus=2, clock=Clock(), init_error=code)
     sampler = make(fake)
-    with caplog.at_level(logging.WARNING, logger="ray_monitor.gpu"):
+    with caplog.at_level(logging.WARNING, logger="ray_monitor.gpu.sampler"):
         snaps = [sampler.sample() for _ in range(3)]
     assert all(words in s.no_gpus_reason and s.devices == [] and s.processes == [] for s in snaps)
     assert fake.calls["nvmlInit"] == 1
@@ -290,7 +290,7 @@ def test_mig_memory_per_mig_device_and_no_per_process_utilization(caplog):
             FakeMig(uuid="MIG-c", memory_total=20 * GiB, memory_used=0)]
     fake = FakeNvml(gpus=[fixed_gpu(mig=migs, process_samples=[(200, 1, 50, 5)]), fixed_gpu()], clock=Clock())
     sampler = make(fake)
-    with caplog.at_level(logging.INFO, logger="ray_monitor.gpu"):
+    with caplog.at_level(logging.INFO, logger="ray_monitor.gpu.sampler"):
         sampler.sample()
         snap = sampler.sample()
     assert [(d.index, d.uuid[:5], d.mig_parent) for d in snap.devices] == [
@@ -318,7 +318,7 @@ def wait_until(predicate, timeout_s: float = 10.0):
 def test_xid_errors_are_counted_per_gpu_and_code(caplog):
     fake = FakeNvml(gpus=[FakeGpu(), FakeGpu(xid_supported=False), FakeGpu()], clock=Clock())
     sampler = make(fake, watch_xid=True, xid_wait_ms=20)
-    with caplog.at_level(logging.INFO, logger="ray_monitor.gpu"):
+    with caplog.at_level(logging.INFO, logger="ray_monitor.gpu.sampler"):
         sampler.sample()
     assert sum("cannot be watched on GPU" in r.getMessage() for r in caplog.records) == 1
     for gpu, xid in ((0, 79), (0, 79), (0, 48), (2, 13)):

@@ -10,9 +10,9 @@ import time
 import pytest
 
 from ray_monitor import monitor
-from ray_monitor.aggregator import AggregatorCore
-from ray_monitor.recorder import Recorder, find_hung, thread_stacks
-from ray_monitor.snapshot import HungRequest, ReplicaHealth, ReplicaIdentity, ReplicaSnapshot
+from ray_monitor.aggregator.actor import AggregatorCore
+from ray_monitor.replica.recorder import Recorder, find_hung, thread_stacks
+from ray_monitor.common.snapshot import HungRequest, ReplicaHealth, ReplicaIdentity, ReplicaSnapshot
 
 IDENT = ReplicaIdentity("app", "Dep", "rep-1", "node", 1, "v1")
 
@@ -55,7 +55,7 @@ def test_stacks_are_bounded_and_user_threads_come_first(blocked_thread):
 
 
 def test_the_health_probe_reports_hung_requests():
-    from ray_monitor.recorder import process_health
+    from ray_monitor.replica.recorder import process_health
 
     rec = Recorder(identity=IDENT)
     rec.method("slow").begin(time.perf_counter() - 5.0, "r1")

@@ -8,9 +8,9 @@ import logging
 
 import pytest
 
-from ray_monitor.hints import (HintConfig, HintConfigError, HintEngine, load_hint_config,
+from ray_monitor.autoscaling.hints import (HintConfig, HintConfigError, HintEngine, load_hint_config,
                                parse_hint_config, validate_against)
-from ray_monitor.rules import ActiveAlert, RuleEngine, load_rules
+from ray_monitor.alerting.rules import ActiveAlert, RuleEngine, load_rules
 
 APP, DEP = "app1", "Classifier"
 KEY = (APP, DEP)
@@ -122,7 +122,7 @@ def test_missing_data_never_scales(store):
 def test_a_failing_query_is_missing_data_and_is_logged_once(store, caplog):
     engine = HintEngine(config=config(targets=[{"metric": P95, "value": 0.2}]))
     store.fail = True
-    with caplog.at_level(logging.WARNING, logger="ray_monitor.hints"):
+    with caplog.at_level(logging.WARNING, logger="ray_monitor.autoscaling.hints"):
         assert run(engine, store, 0.0, 3).desired is None
         assert run(engine, store, 1.0, 3).desired is None
     assert sum("failed, treated as no data" in r.getMessage() for r in caplog.records) == 1
@@ -259,12 +259,12 @@ def test_an_entry_without_application_matches_every_application(store):
 
 def test_decisions_are_counted_and_a_change_is_logged_once(store, caplog):
     engine = HintEngine(config=config(cooldown="30s"))
-    with caplog.at_level(logging.INFO, logger="ray_monitor.hints"):
+    with caplog.at_level(logging.INFO, logger="ray_monitor.autoscaling.hints"):
         run(engine, store, 0.0, 2, [alert(step=1)])
         run(engine, store, 1.0, 3, [alert(step=1)])
         run(engine, store, 2.0, 3, [alert(step=1)])
     assert engine.decisions == {(APP, DEP, "up", "rule"): 1, (APP, DEP, "none", "rule"): 2}
-    lines = [r.getMessage() for r in caplog.records if r.name == "ray_monitor.hints"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "ray_monitor.autoscaling.hints"]
     assert len(lines) == 1
     assert "app1/Classifier: desired none -> 3" in lines[0] and "HighLatency" in lines[0]
 
@@ -434,7 +434,7 @@ groups:
 def test_a_target_over_model_quality_is_refused_with_the_field_named():
     import pytest as _pytest
 
-    from ray_monitor.hints import HintConfigError, parse_hint_config
+    from ray_monitor.autoscaling.hints import HintConfigError, parse_hint_config
 
     with _pytest.raises(HintConfigError) as info:
         parse_hint_config({"deployments": [{"deployment": "Classifier", "targets": [

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from ray_monitor.histogram import (BASE, DEFAULT_CLASSIC_BOUNDS, RELATIVE_ERROR, Histogram,
+from ray_monitor.common.histogram import (BASE, DEFAULT_CLASSIC_BOUNDS, RELATIVE_ERROR, Histogram,
                                    bucket_index, bucket_upper)
 
 QUANTILES = (0.0, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 1.0)

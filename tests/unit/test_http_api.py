@@ -8,8 +8,8 @@ import asyncio
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from ray_monitor.aggregator import AggregatorCore
-from ray_monitor.http_api import make_app, writes_allowed
+from ray_monitor.aggregator.actor import AggregatorCore
+from ray_monitor.aggregator.http_api import make_app, writes_allowed
 
 GOOD = """
 groups:
@@ -89,7 +89,7 @@ def test_reads_are_open():
 
 
 def test_autoscaling_config_naming_no_running_deployment_is_reported_not_refused():
-    from ray_monitor.snapshot import ReplicaIdentity, ReplicaSnapshot
+    from ray_monitor.common.snapshot import ReplicaIdentity, ReplicaSnapshot
 
     agg = Agg("127.0.0.1", None)
     rules = GOOD + """

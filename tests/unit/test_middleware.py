@@ -12,8 +12,8 @@ import logging
 import pytest
 
 from ray_monitor import monitor
-from ray_monitor.recorder import MAX_OUTCOMES_PER_METHOD, Recorder
-from ray_monitor.snapshot import ReplicaIdentity
+from ray_monitor.replica.recorder import MAX_OUTCOMES_PER_METHOD, Recorder
+from ray_monitor.common.snapshot import ReplicaIdentity
 from tests.otlp_receiver import OtlpReceiver
 
 SLOW = 0.05
@@ -385,7 +385,7 @@ def test_buffer_while_the_aggregator_is_away_is_bounded_and_delivered_in_order()
 
 
 def test_bad_environment_value_is_logged_and_the_default_used(monkeypatch, caplog):
-    from ray_monitor.options import from_env
+    from ray_monitor.replica.options import from_env
 
     monkeypatch.setenv("RAY_MONITOR_SAMPLE_RATIO", "lots")
     with caplog.at_level(logging.WARNING):
@@ -507,7 +507,7 @@ def _ended_spans(tracer, n, *, fail=False):
 def test_span_records_are_bounded_per_flush_kept_spans_first_and_drops_counted():
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from ray_monitor.tracing import SpanRecords, Tracer
+    from ray_monitor.replica.tracing import SpanRecords, Tracer
 
     records = SpanRecords(max_spans=5, max_context=2)
     tracer = Tracer(sample_ratio=1.0, slow_threshold_s=1.0, exporter=InMemorySpanExporter(),
@@ -526,7 +526,7 @@ def test_span_records_are_bounded_per_flush_kept_spans_first_and_drops_counted()
 
 
 def test_snapshots_buffered_while_the_aggregator_is_away_keep_few_traces():
-    from ray_monitor.recorder import MAX_TRACE_SNAPSHOTS_BUFFERED
+    from ray_monitor.replica.recorder import MAX_TRACE_SNAPSHOTS_BUFFERED
 
     class OneRecordPerFlush:
         def drain(self):
@@ -544,7 +544,7 @@ def test_snapshots_buffered_while_the_aggregator_is_away_keep_few_traces():
 def test_serve_spans_of_a_monitored_replica_become_context_records(monkeypatch):
     from opentelemetry.sdk.trace import TracerProvider
 
-    from ray_monitor import tracing
+    from ray_monitor.replica import tracing
 
     monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
     monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
@@ -570,7 +570,7 @@ def test_serve_spans_of_a_monitored_replica_become_context_records(monkeypatch):
 
 
 def test_traces_switch_reads_the_environment(caplog):
-    from ray_monitor.tracing import aggregator_traces_enabled
+    from ray_monitor.replica.tracing import aggregator_traces_enabled
 
     assert aggregator_traces_enabled({}) and aggregator_traces_enabled({"RAY_MONITOR_TRACES": "1"})
     assert not aggregator_traces_enabled({"RAY_MONITOR_TRACES": "off"})
@@ -580,7 +580,7 @@ def test_traces_switch_reads_the_environment(caplog):
 
 
 def test_with_only_the_aggregator_to_take_them_no_span_is_made_once_the_buffer_is_full(no_otlp):
-    from ray_monitor.tracing import SpanRecords, Tracer
+    from ray_monitor.replica.tracing import SpanRecords, Tracer
 
     records = SpanRecords(max_spans=2)
     tracer = Tracer(sample_ratio=1.0, slow_threshold_s=1.0, records=records)

@@ -12,8 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from ray_monitor.alert import AlertMessage, fingerprint
-from ray_monitor.notify import (
+from ray_monitor.alerting.message import AlertMessage, fingerprint
+from ray_monitor.alerting.notify import (
     Notification, Notifier, NotifyConfig, NotifyConfigError, parse_duration, slack_payload,
     webhook_payload,
 )
@@ -145,7 +145,7 @@ def test_urls_from_environment_when_config_is_silent(caplog):
     env = {"RAY_MONITOR_ALERTMANAGER_URL": "http://am:9093",
            "RAY_MONITOR_WEBHOOK_URL": "http://hook/x",
            "RAY_MONITOR_SLACK_WEBHOOK_URL": "not a url"}
-    with caplog.at_level(logging.WARNING, logger="ray_monitor.notify"):
+    with caplog.at_level(logging.WARNING, logger="ray_monitor.alerting.notify"):
         config = NotifyConfig.from_dict({}, env=env)
     assert [r.url for r in config.alertmanager] == ["http://am:9093"]
     assert [r.url for r in config.webhooks] == ["http://hook/x"]
@@ -379,7 +379,7 @@ def test_retries_5xx_and_429_with_capped_backoff(status):
 def test_no_retry_on_400_and_logged_once_per_cause(caplog):
     clock, t = Clock(), Transport(400, 400)
     n = notifier(clock, t)
-    with caplog.at_level(logging.WARNING, logger="ray_monitor.notify"):
+    with caplog.at_level(logging.WARNING, logger="ray_monitor.alerting.notify"):
         n.submit([alert(deployment="a"), alert(deployment="b")])
         clock.t += 10
         n.flush()

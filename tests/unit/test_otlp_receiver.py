@@ -25,7 +25,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from ray_monitor.histogram import BASE, SCALE, bucket_index
+from ray_monitor.common.histogram import BASE, SCALE, bucket_index
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 
 RESOURCE = Resource.create(

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from ray_monitor.quality import (QUALITY_METRICS, ClassificationCounts, FeedbackJoin,
+from ray_monitor.common.catalog import QUALITY_METRICS
+from ray_monitor.quality.metrics import (ClassificationCounts, FeedbackJoin,
                                  LabeledOutcome, Prediction, QualityAccumulator, ScoreHistogram,
                                  validate_extractor_result)
 

@@ -9,16 +9,17 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
-from ray_monitor.aggregator import AggregatorCore, CompositeSource
-from ray_monitor.catalog import Matcher, Query
-from ray_monitor.histogram import Histogram
-from ray_monitor.quality import Prediction
-from ray_monitor.quality_store import (QualityStore, compare_versions, quantile_levels,
+from ray_monitor.aggregator.actor import AggregatorCore, CompositeSource
+from ray_monitor.common.catalog import Query
+from ray_monitor.common.matchers import Matcher
+from ray_monitor.common.histogram import Histogram
+from ray_monitor.quality.metrics import Prediction
+from ray_monitor.quality.store import (QualityStore, compare_versions, quantile_levels,
                                        two_proportion_p)
-from ray_monitor.rules import (RuleEngine, export_prometheus, export_prometheus_yaml,
+from ray_monitor.alerting.rules import (RuleEngine, export_prometheus, export_prometheus_yaml,
                                load_rules, parse_expr)
-from ray_monitor.snapshot import ReplicaIdentity, ReplicaSnapshot, SeriesDelta
-from ray_monitor.windows import WindowStore
+from ray_monitor.common.snapshot import ReplicaIdentity, ReplicaSnapshot, SeriesDelta
+from ray_monitor.aggregator.windows import WindowStore
 
 T0 = 1_700_000_000.0
 
@@ -315,7 +316,7 @@ def test_the_compare_command_prints_both_versions_and_the_verdicts():
     import io
     import json
 
-    from ray_monitor import cli
+    from ray_monitor.client import cli
 
     a = figures("v1", 1000, 10, 0.010, (0.0098, 0.0102), 900, 1000)
     b = figures("v2", 1000, 150, 0.050, (0.049, 0.051), 700, 1000)

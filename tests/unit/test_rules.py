@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ray_monitor import catalog
-from ray_monitor.rules import RuleEngine, RuleError, Template, load_rules
+from ray_monitor.common import catalog
+from ray_monitor.alerting.rules import RuleEngine, RuleError, Template, load_rules
 
 ROOT = Path(__file__).resolve().parents[2]
 K1 = (("application", "shop"), ("deployment", "Classifier"))
@@ -487,7 +487,7 @@ def test_default_rules_load_and_each_has_for_severity_and_summary():
 
 def test_restored_alerts_are_held_until_their_window_has_new_data():
     """After a restart the windows are empty; "no data" must not resolve a firing alert."""
-    from ray_monitor.rules import RuleEngine, load_rules
+    from ray_monitor.alerting.rules import RuleEngine, load_rules
 
     rules = load_rules({"groups": [{"name": "g", "rules": [
         {"alert": "A", "expr": "error_ratio(requests[30s]) by (deployment) > 0.5"}]}]})

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ray_monitor import catalog
-from ray_monitor.rules import RuleError, format_duration, load_rules, parse_duration, parse_expr
+from ray_monitor.common import catalog
+from ray_monitor.alerting.rules import RuleError, format_duration, load_rules, parse_duration, parse_expr
 
 
 def one_rule(rule: str) -> str:

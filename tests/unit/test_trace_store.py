@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from ray_monitor.snapshot import ReplicaIdentity
-from ray_monitor.trace_store import TraceStore, check_kind, check_limit, tree_order
+from ray_monitor.common.snapshot import ReplicaIdentity
+from ray_monitor.aggregator.trace_store import TraceStore, check_kind, check_limit, tree_order
 
 T0 = 1_700_000_000.0
 INGRESS = ReplicaIdentity("shop", "Ingress", "Ingress#a1", "node1", 11, "v1")

@@ -7,11 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from ray_monitor.catalog import SHORTHAND_QUANTILES, Matcher, Query
-from ray_monitor.histogram import Histogram, bucket_index, bucket_value
-from ray_monitor.snapshot import (Exemplar, GpuDevice, GpuProcess, GpuSnapshot, HungRequest,
+from ray_monitor.common.catalog import SHORTHAND_QUANTILES, Query
+from ray_monitor.common.matchers import Matcher
+from ray_monitor.common.histogram import Histogram, bucket_index, bucket_value
+from ray_monitor.common.snapshot import (Exemplar, GpuDevice, GpuProcess, GpuSnapshot, HungRequest,
                                   ReplicaHealth, ReplicaIdentity, ReplicaSnapshot, SeriesDelta)
-from ray_monitor.windows import WindowStore
+from ray_monitor.aggregator.windows import WindowStore
 
 T0 = 1_000_020.0  # a multiple of 60: bucket edges of every ring fall on whole numbers
 

@@ -1,0 +1,1 @@
+"""Runs in the aggregator actor (one per cluster): windows, HTTP, status page."""

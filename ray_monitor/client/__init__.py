@@ -1,0 +1,1 @@
+"""Runs in the user's driver and the CLI: start/connect/stop and the command line."""

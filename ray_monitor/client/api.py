@@ -1,0 +1,236 @@
+"""``ray_monitor.start()``, ``connect()``, ``stop()`` and the handle they return."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import ray
+
+from ray_monitor.common.names import AGGREGATOR_NAME, NAMESPACE
+
+_START_OPTIONS = {"host", "port", "token", "eval_interval_s", "notifications", "gpu",
+                  "gpu_interval_s", "series_ttl_s", "nvml_factory", "feedback_horizon_s",
+                  "drift_reference_size"}
+
+
+class MonitorNotRunning(RuntimeError):
+    """No aggregator is running in this cluster."""
+
+
+class Monitor:
+    """A handle on the cluster's aggregator."""
+
+    def __init__(self, actor, url: str) -> None:
+        self.actor = actor
+        self.url = url
+
+    @property
+    def metrics_url(self) -> str:
+        return f"{self.url}/metrics"
+
+    def _get(self, ref, timeout: float = 30.0):
+        return ray.get(ref, timeout=timeout)
+
+    def alerts(self) -> list[dict]:
+        return self._get(self.actor.alerts.remote())
+
+    def rules(self) -> list[dict]:
+        return self._get(self.actor.rules.remote())
+
+    def hints(self) -> list[dict]:
+        return self._get(self.actor.hints.remote())
+
+    def deployments(self) -> list[dict]:
+        return self._get(self.actor.deployments.remote())
+
+    def query(self, function: str, metric: str, window_s: float, by=None, param=None) -> dict:
+        """One rule-language query, e.g. ``query("count", "requests", 60, by=("method",))``."""
+        return self._get(self.actor.query.remote(function, metric, window_s, by, param))
+
+    def stats(self) -> dict:
+        return self._get(self.actor.stats.remote())
+
+    def gpus(self) -> dict:
+        """The latest GPU snapshot of each node: ``{node_id: GpuSnapshot}``."""
+        return self._get(self.actor.gpus.remote())
+
+    def gpu_actors(self) -> dict:
+        """The GPU-stats actor of each node: ``{node_id: actor handle}``."""
+        return self._get(self.actor.gpu_actors.remote())
+
+    def reload(self, rules: Union[str, Path, dict]) -> dict:
+        text, filename = _rules_source(rules)
+        return self._get(self.actor.reload.remote(text, filename))
+
+    def record_feedback(self, request_id: Any, label: Any = None, *, value: Any = None) -> dict:
+        """As :func:`record_feedback`, through this handle."""
+        return self._get(self.actor.feedback.remote(_feedback_items(request_id, label, value)))
+
+    def quality(self, window_s: float = 3600.0) -> list[dict]:
+        """Per model (application, deployment, model_version) over the window: the
+        predictions made, every quality metric with data, and drift per metric."""
+        return self._get(self.actor.quality.remote(window_s))
+
+    def set_drift_reference(self, application: str, deployment: str, references: dict, *,
+                            model_version: str = "") -> dict:
+        """Sets a model's drift references, e.g. from its training data:
+        ``{"feature_age": [31, 45, ...], "prediction": ["spam", "ham", ...]}``."""
+        return self._get(self.actor.set_drift_reference.remote(application, deployment,
+                                                               model_version, references))
+
+    def hung(self) -> list[dict]:
+        """Requests running longer than their replica's ``hang_threshold_s``, with stacks."""
+        return self._get(self.actor.hung.remote())
+
+    def traces(self, kind: Optional[str] = None, limit: int = 50) -> list[dict]:
+        """Kept traces of slow (``kind="slow"``) or failed (``kind="errors"``) requests,
+        or both (None), newest first, each with its spans from every replica. Traces are
+        kept whether or not an OTLP endpoint is configured."""
+        from ray_monitor.aggregator.trace_store import check_kind, check_limit
+
+        return self._get(self.actor.traces.remote(check_kind(kind), check_limit(limit)))
+
+    def compare(self, deployment: str, versions: tuple[str, str], *,
+                application: Optional[str] = None, window_s: float = 600.0) -> dict:
+        """Two model versions side by side, each difference with its significance test."""
+        return self._get(self.actor.compare.remote(deployment, tuple(versions), application,
+                                                   window_s))
+
+    def __repr__(self) -> str:
+        return f"Monitor(url={self.url!r})"
+
+
+def _feedback_items(request_id: Any, label: Any, value: Any) -> list:
+    if isinstance(request_id, (list, tuple)):
+        if label is not None or value is not None:
+            raise TypeError("record_feedback([...]) takes the labels inside the items: "
+                            '[{"request_id": ..., "label": ...}, ...]')
+        return list(request_id)
+    if label is None and value is None:
+        raise TypeError("record_feedback(request_id, label) needs a label (classification) or "
+                        "value=... (regression)")
+    item = {"request_id": request_id}
+    if label is not None:
+        item["label"] = label
+    if value is not None:
+        item["value"] = value
+    return [item]
+
+
+def record_feedback(request_id: Any, label: Any = None, *, value: Any = None,
+                    timeout: float = 30.0) -> dict:
+    """Ground truth for earlier predictions, joined by request id (the ``X-Request-ID``
+    Ray Serve returned): ``record_feedback(rid, "spam")``, ``record_feedback(rid,
+    value=3.2)``, or a batch ``record_feedback([{"request_id": rid, "label": "spam"},
+    ...])``. Returns ``{"counts": {status: n}, "problems": [...]}``: items that did not
+    join (unknown, expired, duplicate, invalid, held for a late prediction) say why; a
+    bad item never loses the rest of a batch. Raises :class:`MonitorNotRunning` when no
+    monitor runs."""
+    items = _feedback_items(request_id, label, value)
+    _ensure_ray()
+    try:
+        actor = ray.get_actor(AGGREGATOR_NAME, namespace=NAMESPACE)
+    except ValueError:
+        raise MonitorNotRunning("no ray-monitor is running in this cluster; start one with "
+                                "ray_monitor.start() or `ray-monitor start`") from None
+    return ray.get(actor.feedback.remote(items), timeout=timeout)
+
+
+def _rules_source(rules: Union[None, str, Path, dict]) -> tuple[Any, Optional[str]]:
+    """Rules as text (or a dict) plus a filename for error messages, checked here."""
+    from ray_monitor.alerting.rules import load_rules
+
+    if rules is None:
+        return None, None
+    if isinstance(rules, dict):
+        load_rules(rules, filename="<dict>")
+        return rules, "<dict>"
+    if isinstance(rules, Path) or (isinstance(rules, str) and "\n" not in rules
+                                   and rules.endswith((".yaml", ".yml"))):
+        path = Path(rules)
+        if not path.is_file():
+            raise FileNotFoundError(f"rules: no file {str(path)!r}; pass a path to a YAML "
+                                    "rule file, the YAML text itself, or a dict")
+        text = path.read_text()
+        load_rules(text, filename=str(path))
+        return text, str(path)
+    load_rules(rules, filename="<rules>")
+    return rules, "<rules>"
+
+
+def _ensure_ray() -> None:
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, ignore_reinit_error=True)
+
+
+def start(rules: Union[None, str, Path, dict] = None, **options: Any) -> Monitor:
+    """Starts the cluster's monitor, or returns the running one (updating its rules
+    when ``rules`` is given). Options: ``host`` (127.0.0.1), ``port`` (8266; 0 for
+    any), ``token``, ``eval_interval_s`` (1), ``notifications`` (see README),
+    ``gpu`` (True), ``gpu_interval_s`` (1), ``series_ttl_s`` (300), ``feedback_horizon_s``
+    (3600: how long a prediction waits for its ground truth), ``drift_reference_size``
+    (1000: observations that make a drift reference when none is set)."""
+    unknown = set(options) - _START_OPTIONS
+    if unknown:
+        raise TypeError(f"ray_monitor.start(): unknown option(s) {sorted(unknown)}; "
+                        f"known: {sorted(_START_OPTIONS)}")
+    for name in ("feedback_horizon_s", "drift_reference_size"):
+        v = options.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
+                              or (name == "drift_reference_size" and not isinstance(v, int))):
+            raise ValueError(f"ray_monitor.start({name}=...): expected a positive "
+                             f"{'int' if name == 'drift_reference_size' else 'number of seconds'}, "
+                             f"got {v!r}")
+    text, filename = _rules_source(rules)  # a bad file is refused here, before any actor
+    if "notifications" in options and options["notifications"] is not None:
+        from ray_monitor.alerting.notify import NotifyConfig
+
+        NotifyConfig.from_dict(options["notifications"])  # a bad section is refused here
+    _ensure_ray()
+    config = {"host": os.environ.get("RAY_MONITOR_HOST", "127.0.0.1"),
+              "port": int(os.environ.get("RAY_MONITOR_PORT", "8266")),
+              "token": os.environ.get("RAY_MONITOR_TOKEN") or None, **options,
+              "rules_text": text, "rules_file": filename}
+    from ray_monitor.aggregator.actor import get_or_create
+
+    actor = get_or_create(config)
+    url = ray.get(actor.ready.remote(), timeout=120)
+    if text is not None:
+        ray.get(actor.reload.remote(text, filename), timeout=60)
+    if options.get("notifications") is not None:
+        ray.get(actor.configure.remote(options["notifications"]), timeout=60)
+    return Monitor(actor, url)
+
+
+def connect(timeout: float = 30.0) -> Monitor:
+    """Attaches to the running monitor; raises :class:`MonitorNotRunning` if none."""
+    _ensure_ray()
+    try:
+        actor = ray.get_actor(AGGREGATOR_NAME, namespace=NAMESPACE)
+    except ValueError:
+        raise MonitorNotRunning("no ray-monitor is running in this cluster; start one with "
+                                "ray_monitor.start() or `ray-monitor start`") from None
+    return Monitor(actor, ray.get(actor.ready.remote(), timeout=timeout))
+
+
+def stop() -> bool:
+    """Removes the monitor (and its GPU actors); False if none was running."""
+    _ensure_ray()
+    try:
+        actor = ray.get_actor(AGGREGATOR_NAME, namespace=NAMESPACE)
+    except ValueError:
+        return False
+    try:
+        ray.get(actor.shutdown.remote(), timeout=30)
+    except Exception:
+        pass
+    ray.kill(actor, no_restart=True)
+    from ray.experimental import internal_kv
+
+    from ray_monitor.common.names import CONFIG_KEY, KV_NAMESPACE, PORT_KEY, STATE_KEY
+
+    for key in (STATE_KEY, CONFIG_KEY, PORT_KEY):
+        internal_kv._internal_kv_del(key, namespace=KV_NAMESPACE)
+    return True

@@ -1,0 +1,1 @@
+"""The shared layer: value types, names and rules that every process imports."""

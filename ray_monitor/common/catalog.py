@@ -1,0 +1,200 @@
+"""The metrics that rules can use, the functions over them, and a parsed query.
+
+One table so that the rule parser, the window store, the Prometheus exposition and
+the rule exporter agree on names: a rule says ``p99(latency_seconds[1m])``, the store
+knows ``latency_seconds`` is a histogram, and ``/metrics`` calls it
+``ray_monitor_request_duration_seconds``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from ray_monitor.common.matchers import Matcher
+
+
+Kind = Literal["counter", "histogram", "gauge"]
+
+#: Labels of request series, in exposition order.
+REQUEST_LABELS = ("application", "deployment", "replica", "method", "model_version", "outcome")
+#: Labels of replica health series.
+REPLICA_LABELS = ("application", "deployment", "replica", "model_version", "node")
+#: Labels of GPU device series. ``deployment``/``application`` are present when a
+#: replica of that deployment uses the GPU (one series per deployment on it).
+GPU_LABELS = ("node", "gpu", "uuid", "model", "application", "deployment")
+#: Labels of per-replica GPU use.
+GPU_REPLICA_LABELS = ("node", "gpu", "uuid", "application", "deployment", "replica", "pid")
+
+#: Label names the monitor sets; user-chosen labels may not use them.
+RESERVED_LABELS = frozenset(REQUEST_LABELS + REPLICA_LABELS + GPU_LABELS + GPU_REPLICA_LABELS
+                            + ("alertname", "le", "quantile", "direction", "reason", "cause"))
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str  # the name in rules
+    kind: Kind
+    labels: tuple[str, ...]
+    prometheus: str  # the name on /metrics (counters without the _total suffix)
+    help: str
+    unit: str = ""
+
+
+METRICS: dict[str, Metric] = {m.name: m for m in (
+    Metric("requests", "counter", REQUEST_LABELS, "ray_monitor_requests",
+           "Requests finished, by outcome."),
+    Metric("errors", "counter", REQUEST_LABELS, "ray_monitor_request_errors",
+           "Requests that raised, or answered with an HTTP status of 500 or more."),
+    Metric("latency_seconds", "histogram", REQUEST_LABELS, "ray_monitor_request_duration_seconds",
+           "Time from the start of a request to its end (the last item for streams).", "s"),
+    Metric("first_item_seconds", "histogram", REQUEST_LABELS,
+           "ray_monitor_request_first_item_seconds",
+           "Streaming methods: time from the start of a request to its first item.", "s"),
+    Metric("inflight", "gauge", REQUEST_LABELS[:-1], "ray_monitor_inflight_requests",
+           "Requests running in a replica."),
+    Metric("cpu_percent", "gauge", REPLICA_LABELS, "ray_monitor_replica_cpu_percent",
+           "CPU used by a replica's process, in percent of one core."),
+    Metric("rss_bytes", "gauge", REPLICA_LABELS, "ray_monitor_replica_rss_bytes",
+           "Resident memory of a replica's process.", "By"),
+    Metric("loop_lag_seconds", "gauge", REPLICA_LABELS, "ray_monitor_replica_event_loop_lag_seconds",
+           "How late the replica's event loop ran a timer.", "s"),
+    Metric("longest_request_seconds", "gauge", REPLICA_LABELS,
+           "ray_monitor_replica_longest_request_seconds",
+           "Age of the oldest request still running in a replica.", "s"),
+    Metric("hung_requests", "gauge", REPLICA_LABELS, "ray_monitor_replica_hung_requests",
+           "Requests running longer than hang_threshold_s.")
+    ,
+    Metric("gpu_utilization", "gauge", GPU_LABELS, "ray_monitor_gpu_utilization_ratio",
+           "Share of time a kernel ran on the GPU (0..1)."),
+    Metric("gpu_memory_used_bytes", "gauge", GPU_LABELS, "ray_monitor_gpu_memory_used_bytes",
+           "GPU memory in use.", "By"),
+    Metric("gpu_memory_total_bytes", "gauge", GPU_LABELS, "ray_monitor_gpu_memory_total_bytes",
+           "GPU memory in all.", "By"),
+    Metric("gpu_memory_utilization", "gauge", GPU_LABELS, "ray_monitor_gpu_memory_used_ratio",
+           "Share of GPU memory in use (0..1)."),
+    Metric("gpu_temperature_celsius", "gauge", GPU_LABELS, "ray_monitor_gpu_temperature_celsius",
+           "GPU die temperature.", "Cel"),
+    Metric("gpu_power_watts", "gauge", GPU_LABELS, "ray_monitor_gpu_power_watts",
+           "GPU power draw.", "W"),
+    Metric("gpu_throttled", "gauge", GPU_LABELS, "ray_monitor_gpu_throttled",
+           "1 while the GPU's clocks are held down for a reason other than idling."),
+    Metric("gpu_xid_errors", "counter", GPU_LABELS, "ray_monitor_gpu_xid_errors",
+           "XID critical errors reported by the driver."),
+    Metric("replica_gpu_memory_bytes", "gauge", GPU_REPLICA_LABELS,
+           "ray_monitor_gpu_replica_memory_used_bytes", "GPU memory used by a replica.", "By"),
+    Metric("replica_gpu_utilization", "gauge", GPU_REPLICA_LABELS,
+           "ray_monitor_gpu_replica_utilization_ratio",
+           "Share of the GPU's SMs a replica kept busy (0..1)."),
+)}
+
+#: Functions by the kinds of metric they accept. Counters: ``count``/``sum`` are the
+#: increase over the window, ``rate`` that per second. Histograms: merged over the
+#: window and the group. Gauges: ``avg``/``min``/``max`` over every sample of every
+#: series in the group; ``last`` and ``sum`` add the series' latest values / averages
+#: (the total in flight of a deployment); ``deriv`` is the least-squares slope per second.
+FUNCTIONS: dict[str, frozenset[Kind]] = {
+    "rate": frozenset({"counter", "histogram"}),
+    "count": frozenset({"counter", "histogram", "gauge"}),
+    "sum": frozenset({"counter", "histogram", "gauge"}),
+    "avg": frozenset({"histogram", "gauge"}),
+    "min": frozenset({"histogram", "gauge"}),
+    "max": frozenset({"histogram", "gauge"}),
+    "last": frozenset({"gauge"}),
+    "deriv": frozenset({"gauge"}),
+    "p50": frozenset({"histogram"}),
+    "p90": frozenset({"histogram"}),
+    "p95": frozenset({"histogram"}),
+    "p99": frozenset({"histogram"}),
+    "quantile": frozenset({"histogram"}),
+    "error_ratio": frozenset({"counter"}),  # errors / requests, over `requests` or `errors`
+    "ratio_above": frozenset({"histogram"}),  # share of observations above a threshold
+    "zscore": frozenset({"counter", "histogram", "gauge"}),
+}
+
+#: Labels of quality and drift series: per model, not per replica.
+QUALITY_LABELS = ("application", "deployment", "model_version")
+
+
+# -- what rules can ask for ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class QualityMetric:
+    """A rule function over quality or drift data.
+
+    ``kind == "quality"``: ``FUNC(predictions[W]) by (...)`` merges the group's
+    :class:`~ray_monitor.quality.metrics.QualityAccumulator` buckets in the window and reads :meth:`~ray_monitor.quality.metrics.QualityAccumulator.value`.
+    ``kind == "drift"``: ``FUNC(feature_<name>[W])`` or ``FUNC(prediction[W])`` merges the
+    window's :class:`~ray_monitor.quality.drift.FeatureCounts` of one model and reads
+    :meth:`~ray_monitor.quality.drift.DriftMonitor.value`.
+    """
+
+    name: str
+    kind: str  # "quality" | "drift"
+    prometheus: str
+    help: str
+
+
+QUALITY_METRICS: dict[str, QualityMetric] = {m.name: m for m in (
+    QualityMetric("accuracy", "quality", "ray_monitor_model_accuracy_ratio",
+                  "Share of labelled predictions whose class was right."),
+    *(QualityMetric(f"{name}{suffix}", "quality", f"ray_monitor_model_{name}{suffix}_ratio",
+                    f"{title}, {avg} over the classes (scikit-learn, zero_division=0).")
+      for name, title in (("precision", "Precision"), ("recall", "Recall"), ("f1", "F1 score"))
+      for suffix, avg in (("", "macro average"), ("_weighted", "average weighted by true count"),
+                          ("_binary", "of the positive class"))),
+    QualityMetric("roc_auc", "quality", "ray_monitor_model_roc_auc_ratio",
+                  "Binary ROC AUC of the positive class's score (1/1000 score bins)."),
+    QualityMetric("label_coverage", "quality", "ray_monitor_model_label_coverage_ratio",
+                  "Share of the predictions made in the window that have ground truth by now."),
+    QualityMetric("labeled", "quality", "ray_monitor_model_labeled_predictions",
+                  "Predictions made in the window that have ground truth by now."),
+    QualityMetric("mae", "quality", "ray_monitor_model_mean_absolute_error",
+                  "Mean absolute error of regression predictions."),
+    QualityMetric("rmse", "quality", "ray_monitor_model_root_mean_squared_error",
+                  "Root mean squared error of regression predictions."),
+    QualityMetric("psi", "drift", "ray_monitor_drift_psi",
+                  "Population stability index against the reference (10 quantile bins)."),
+    QualityMetric("js", "drift", "ray_monitor_drift_jensen_shannon",
+                  "Jensen-Shannon distance (base 2, 0..1) against the reference."),
+    QualityMetric("ks", "drift", "ray_monitor_drift_ks",
+                  "Two-sample Kolmogorov-Smirnov D against the reference (numbers only)."),
+)}
+
+
+#: Functions over model quality and drift, answered by the aggregator's quality store:
+#: ``accuracy(predictions[1h])``, ``psi(feature_age[1h])``, ``js(prediction[1h])``.
+MODEL_FUNCTIONS = QUALITY_METRICS
+#: Labels of quality and drift series: per model, not per replica.
+MODEL_LABELS = QUALITY_LABELS
+#: The metric quality functions read, the model's output, and the prefix of input features.
+PREDICTIONS = "predictions"
+PREDICTION = "prediction"
+FEATURE_PREFIX = "feature_"
+
+
+def is_model_query(function: str, metric: str) -> bool:
+    """Whether a query goes to the quality store rather than the window store."""
+    return (function in MODEL_FUNCTIONS or metric in (PREDICTIONS, PREDICTION)
+            or metric.startswith(FEATURE_PREFIX))
+
+
+#: Quantile of the pN shorthands.
+SHORTHAND_QUANTILES = {"p50": 0.5, "p90": 0.9, "p95": 0.95, "p99": 0.99}
+
+
+@dataclass(frozen=True)
+class Query:
+    """``FUNCTION(METRIC{matchers}[WINDOW]) by (LABELS)`` after parsing.
+
+    ``param`` is the quantile for ``quantile`` and the threshold for ``ratio_above``.
+    ``by`` is ``None`` when the rule gave no ``by``: everything is aggregated into one
+    series with no labels. ``window_s`` is in seconds.
+    """
+
+    function: str
+    metric: str
+    window_s: float
+    by: Optional[tuple[str, ...]] = None
+    matchers: tuple[Matcher, ...] = field(default_factory=tuple)
+    param: Optional[float] = None

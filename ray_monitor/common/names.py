@@ -1,0 +1,30 @@
+"""The names by which the cluster's parts find each other.
+
+Imported by every process: replicas and GPU actors find the aggregator by its actor
+name; the aggregator finds its state in Ray's GCS key-value store under these keys; the
+driver and the CLI find both. Changing one is a change of the wire contract.
+"""
+
+__all__ = ["AGGREGATOR_NAME", "CONFIG_KEY", "GPU_ACTOR_PREFIX", "KV_NAMESPACE", "NAMESPACE",
+           "PORT_KEY", "STATE_KEY", "gpu_actor_name"]
+
+#: The aggregator actor's name and Ray namespace.
+AGGREGATOR_NAME = "ray_monitor_aggregator"
+NAMESPACE = "ray_monitor"
+
+#: Ray GCS key-value namespace and keys of the aggregator's state.
+KV_NAMESPACE = "ray_monitor"
+#: Alert state, notification log and hints, written after each evaluation that changed them.
+STATE_KEY = b"ray_monitor/aggregator/state"
+#: Rules and notifications changed after start: a restarted actor uses these, not the
+#: arguments it was first created with.
+CONFIG_KEY = b"ray_monitor/aggregator/config"
+#: The HTTP port, reused by a restarted aggregator so scrape configs keep working.
+PORT_KEY = b"ray_monitor/aggregator/port"
+
+#: GPU-stats actors are named this plus the first 12 hex digits of their node id.
+GPU_ACTOR_PREFIX = "ray_monitor_gpu_"
+
+
+def gpu_actor_name(node_id: str) -> str:
+    return GPU_ACTOR_PREFIX + node_id[:12]

@@ -1,0 +1,132 @@
+"""What replicas and GPU actors send to the aggregator: plain, picklable value types.
+
+A replica snapshot is a *delta*: the requests that finished between ``start`` and
+``end`` (wall-clock seconds), so the aggregator only ever adds. Gauges (in-flight,
+health) are the value at ``end``. ``seq`` increases by one per snapshot a replica
+produces, so the aggregator can tell a gap (snapshots dropped while it was away)
+from a restart of the replica (a new ``replica`` id).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Optional
+
+from ray_monitor.common.histogram import Histogram
+
+OK = "ok"
+
+
+@dataclass(frozen=True)
+class ReplicaIdentity:
+    application: str
+    deployment: str
+    replica: str
+    node_id: str
+    pid: int
+    model_version: str = ""
+
+
+class Exemplar(NamedTuple):
+    trace_id: str  # 32 hex digits
+    span_id: str  # 16 hex digits
+    value: float
+    timestamp: float
+
+
+@dataclass
+class SeriesDelta:
+    """Requests of one method with one outcome, finished inside the snapshot's window.
+
+    ``outcome`` is ``"ok"``, the exception's type name, or the HTTP status code as a
+    string for ingress routes; ``error`` says whether the outcome counts as an error
+    (any exception, or an HTTP status of 500 and above).
+    """
+
+    method: str
+    outcome: str
+    error: bool
+    latency: Histogram
+    first_item: Optional[Histogram] = None  # streaming methods: time to first item
+    exemplars: dict[int, Exemplar] = field(default_factory=dict)  # latency bucket -> trace
+
+    @property
+    def count(self) -> int:
+        return self.latency.count
+
+
+@dataclass
+class HungRequest:
+    method: str
+    request_id: str
+    running_s: float
+    stack: str  # all threads of the replica, bounded in size
+
+
+@dataclass
+class ReplicaHealth:
+    cpu_percent: float = 0.0
+    rss_bytes: int = 0
+    loop_lag_s: Optional[float] = None  # None for replicas without an event loop to watch
+    longest_request_s: float = 0.0
+    hung: list[HungRequest] = field(default_factory=list)
+
+
+@dataclass
+class ReplicaSnapshot:
+    identity: ReplicaIdentity
+    seq: int
+    start: float
+    end: float
+    series: list[SeriesDelta] = field(default_factory=list)
+    inflight: dict[str, int] = field(default_factory=dict)  # method -> requests running at end
+    health: Optional[ReplicaHealth] = None
+    self_errors: dict[str, int] = field(default_factory=dict)  # cause -> count, cumulative
+    dropped: int = 0  # snapshots this replica dropped because its buffer was full, cumulative
+    # quality.Prediction of requests finished in the window (deployments with an extractor)
+    predictions: list[Any] = field(default_factory=list)
+    # span records (tracing.span_record) of failed and slow requests, and head-sampled
+    # spans as their context, that ended in the window; bounded per snapshot
+    traces: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class GpuDevice:
+    """One GPU (or MIG device) at one sample. Absent readings are left out of ``values``.
+
+    ``values`` keys (base units): ``utilization_ratio``, ``memory_utilization_ratio``,
+    ``memory_used_bytes``, ``memory_free_bytes``, ``memory_total_bytes``,
+    ``memory_reserved_bytes``, ``power_watts``, ``power_limit_watts``, ``energy_joules``,
+    ``temperature_celsius``, ``sm_clock_hz``, ``memory_clock_hz``, ``throttle_reasons``
+    (NVML bit mask), ``throttled`` (0/1, a reason other than idle), ``ecc_corrected_total``,
+    ``ecc_uncorrected_total``, ``pcie_replay_total``.
+    """
+
+    index: int
+    uuid: str
+    model: str
+    values: dict[str, float] = field(default_factory=dict)
+    xid_errors: dict[int, int] = field(default_factory=dict)  # XID code -> count, cumulative
+    mig_parent: Optional[int] = None  # index of the physical GPU for a MIG device
+    lost: bool = False  # fell off the bus: reported, sampling goes on for the others
+
+
+@dataclass
+class GpuProcess:
+    gpu_index: int
+    gpu_uuid: str
+    pid: int
+    memory_bytes: Optional[int]
+    sm_utilization_ratio: Optional[float]  # None where NVML cannot say (MIG, no sample yet)
+    ancestors: tuple[int, ...] = ()  # parent pids, nearest first: a replica's child processes
+    replica: Optional[ReplicaIdentity] = None  # filled by the join; None: no Serve replica
+
+
+@dataclass
+class GpuSnapshot:
+    node_id: str
+    time: float
+    devices: list[GpuDevice] = field(default_factory=list)
+    processes: list[GpuProcess] = field(default_factory=list)
+    no_gpus_reason: Optional[str] = None  # set when NVML is unusable on this node
+    self_errors: dict[str, int] = field(default_factory=dict)  # cause -> count, cumulative

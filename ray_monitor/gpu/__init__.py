@@ -1,0 +1,1 @@
+"""Runs in the GPU-stats actor on every node: NVML sampling."""

@@ -1,0 +1,401 @@
+"""The aggregator's model-quality and drift data over time, and the comparison of two
+model versions.
+
+:class:`QualityStore` receives the predictions that replicas capture and the ground-truth
+feedback that users send; it joins them (:class:`~ray_monitor.quality.metrics.FeedbackJoin`) and
+keeps, per model (``application``, ``deployment``, ``model_version``) and time bucket, one
+:class:`~ray_monitor.quality.metrics.QualityAccumulator` and the drift counts of
+:class:`~ray_monitor.quality.drift.FeatureCounts`. Rules read it through :meth:`QualityStore.evaluate`,
+with the same :class:`~ray_monitor.common.catalog.Query` the window store answers.
+
+Time. A prediction, and the outcome its feedback makes later, are placed at the
+*prediction's* time (clamped to the store's clock), so ``accuracy(predictions[1h])`` means
+"predictions made in the last hour, with the labels that have arrived for them by now".
+Buckets come at two resolutions (5 s for 10 min, 60 s for 6 h, by default) and every
+observation goes into both; a query reads the finest resolution whose span covers its
+window and takes the buckets whose start lies in ``(now - window, now]``. Buckets exist
+only where there was data; past the coarsest span they are dropped. Feedback for a
+prediction older than that still joins (and counts in the join's statistics) but lands in
+no window.
+
+Groups. Quality metrics merge the accumulators of every model in a group, so
+``accuracy(predictions[1h]) by (deployment)`` is the accuracy over all its versions. Drift
+compares each model with its own reference; a group's drift value is the largest of its
+models' values, so a rule fires when any model in the group drifts.
+
+References. A metric's reference is the first ``reference_size`` observations a model
+makes (see :class:`~ray_monitor.quality.drift.DriftMonitor`), unless one is set with
+:meth:`QualityStore.set_references` (e.g. the training data).
+
+Comparison. :func:`compare_versions` decides, from per-version figures, whether each
+difference between two versions is larger than noise: a two-proportion z-test for the
+error ratio and the accuracy, and for latency quantiles binomial order-statistic intervals
+read through the histogram and widened by its relative error (significant when the two
+intervals do not overlap).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from statistics import NormalDist
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+from ray_monitor.common.catalog import QUALITY_LABELS, QUALITY_METRICS, Query
+from ray_monitor.common.histogram import RELATIVE_ERROR
+from ray_monitor.common.matchers import Matcher, matches_all
+from ray_monitor.quality.drift import DriftMonitor, FeatureCounts
+from ray_monitor.quality.metrics import (FeedbackJoin, FeedbackResult,
+                      LabeledOutcome, Prediction, QualityAccumulator)
+
+__all__ = ["QualityStore", "compare_versions", "two_proportion_p", "quantile_levels",
+           "DEFAULT_RESOLUTIONS", "GAUGE_WINDOW_S", "ALPHA", "Z_INTERVAL"]
+
+#: (step seconds, buckets kept): 5 s for 10 minutes, 60 s for 6 hours.
+DEFAULT_RESOLUTIONS = ((5.0, 120), (60.0, 360))
+#: The window of the quality and drift gauges on /metrics and of ``GET /api/v1/quality``.
+GAUGE_WINDOW_S = 3600.0
+#: Significance level of the comparison's tests, and the z of its quantile intervals (99%).
+ALPHA = 0.01
+Z_INTERVAL = NormalDist().inv_cdf(1 - ALPHA / 2)
+#: Quantiles the comparison reports.
+COMPARE_QUANTILES = (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
+
+ModelKey = tuple[str, str, str]  # application, deployment, model_version
+GroupKey = tuple[tuple[str, str], ...]
+
+
+class _Bucket:
+    __slots__ = ("quality", "drift")
+
+    def __init__(self) -> None:
+        self.quality = QualityAccumulator()
+        self.drift = FeatureCounts()
+
+
+class _Model:
+    """One model's buckets per resolution and its drift references."""
+
+    __slots__ = ("rings", "drift")
+
+    def __init__(self, resolutions: int, drift: DriftMonitor) -> None:
+        self.rings: list[dict[int, _Bucket]] = [{} for _ in range(resolutions)]
+        self.drift = drift
+
+
+class QualityStore:
+    """Predictions, feedback, quality accumulators and drift counts, in time buckets.
+
+    Not thread-safe: the aggregator calls it from one thread.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.time, horizon_s: float = 3600.0,
+                 max_pending: int = 100_000, early_grace_s: float = 10.0,
+                 reference_size: int = 1000, min_observations: int = 30,
+                 resolutions: tuple[tuple[float, int], ...] = DEFAULT_RESOLUTIONS) -> None:
+        if not callable(clock):
+            raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
+        res = tuple((float(step), int(slots)) for step, slots in resolutions)
+        if not res or any(step <= 0 or slots < 1 for step, slots in res) or any(
+                a[0] * a[1] > b[0] * b[1] for a, b in zip(res, res[1:])):
+            raise ValueError("resolutions must be (step seconds > 0, buckets >= 1) pairs with "
+                             f"spans that do not shrink, e.g. ((5, 120), (60, 360)); got {resolutions!r}")
+        self._clock = clock
+        self._res = res
+        self.join = FeedbackJoin(horizon_s=horizon_s, max_pending=max_pending,
+                                 early_grace_s=early_grace_s, clock=clock)
+        self._drift_options = {"reference_size": reference_size,
+                               "min_observations": min_observations}
+        DriftMonitor(**self._drift_options)  # a bad option is refused now, not per model
+        self._models: dict[ModelKey, _Model] = {}
+
+    @property
+    def max_window_s(self) -> float:
+        step, slots = self._res[-1]
+        return step * slots
+
+    def _model(self, key: ModelKey) -> _Model:
+        m = self._models.get(key)
+        if m is None:
+            m = self._models[key] = _Model(len(self._res), DriftMonitor(**self._drift_options))
+        return m
+
+    def _buckets(self, model: _Model, t: float, now: float) -> list[_Bucket]:
+        """The bucket of time ``t`` in every resolution that still keeps it."""
+        out = []
+        for ring, (step, slots) in zip(model.rings, self._res):
+            k = math.floor(t / step)
+            if k > math.floor(now / step) - slots:
+                b = ring.get(k)
+                if b is None:
+                    b = ring[k] = _Bucket()
+                out.append(b)
+        return out
+
+    # -- writes ------------------------------------------------------------------------
+
+    def add_predictions(self, preds: Iterable[Prediction]) -> None:
+        """Counts captured predictions, their drift observations, and joins any feedback
+        that is already waiting for them."""
+        now = self._clock()
+        preds = list(preds)
+        batches: dict[tuple[ModelKey, int], list[Prediction]] = {}
+        step = self._res[0][0]
+        for p in preds:
+            t = min(p.time, now)
+            model_key = (p.application, p.deployment, p.model_version)
+            for b in self._buckets(self._model(model_key), t, now):
+                b.quality.add_prediction(p)
+            batches.setdefault((model_key, math.floor(t / step)), []).append(p)
+        for (model_key, k), batch in batches.items():
+            model = self._models[model_key]
+            counts = model.drift.observe(batch)
+            if counts:
+                for b in self._buckets(model, min(batch[0].time, now), now):
+                    b.drift.merge(counts)
+        self._add_outcomes(self.join.add_predictions(p for p in preds if p.request_id), now)
+
+    def add_feedback(self, items: Iterable[Any]) -> FeedbackResult:
+        """Joins ground truth (see :meth:`FeedbackJoin.add_feedback`): never raises for a
+        bad item; each item's fate is in the result."""
+        result = self.join.add_feedback(items)
+        self._add_outcomes(result.outcomes, self._clock())
+        return result
+
+    def _add_outcomes(self, outcomes: list[LabeledOutcome], now: float) -> None:
+        for o in outcomes:
+            p = o.prediction
+            model = self._model((p.application, p.deployment, p.model_version))
+            for b in self._buckets(model, min(p.time, now), now):
+                b.quality.add_outcome(o)
+
+    def set_references(self, application: str, deployment: str, model_version: str,
+                       references: Mapping[str, Any]) -> dict[str, dict]:
+        """Sets drift references of one model (``{metric: values or Reference JSON}``, as
+        :meth:`DriftMonitor.set_references`); returns each reference's kind and bins."""
+        for name, v in (("application", application), ("deployment", deployment),
+                        ("model_version", model_version)):
+            if not isinstance(v, str):
+                raise TypeError(f"{name} must be a string, got {type(v).__name__} {v!r:.60}")
+        if not deployment:
+            raise ValueError("deployment must name the deployment whose reference this is")
+        drift = self._model((application, deployment, model_version)).drift
+        drift.set_references(references)
+        refs = drift.references()
+        return {m: {"kind": refs[m].kind, "bins": refs[m].size, "observations": sum(refs[m].counts)}
+                for m in references}
+
+    def expire(self, now: Optional[float] = None) -> None:
+        """Drops buckets past each resolution's span, and models left with neither data
+        nor references."""
+        now = self._clock() if now is None else now
+        for key, model in list(self._models.items()):
+            for ring, (step, slots) in zip(model.rings, self._res):
+                oldest = math.floor(now / step) - slots
+                for k in [k for k in ring if k <= oldest]:
+                    del ring[k]
+            if not any(model.rings) and not model.drift.stats()["references"] \
+                    and not model.drift.stats()["building"]:
+                del self._models[key]
+
+    # -- reads -------------------------------------------------------------------------
+
+    def _span(self, window_s: float, now: float) -> tuple[int, int, int]:
+        for ri, (step, slots) in enumerate(self._res):
+            if step * slots >= window_s:
+                break
+        step, slots = self._res[ri]
+        b = math.floor(now / step)
+        return ri, max(math.floor((now - window_s) / step) + 1, b - slots + 1), b
+
+    def window(self, key: ModelKey, window_s: float,
+               now: Optional[float] = None) -> Optional[_Bucket]:
+        """One model's buckets in the window, merged; None without any."""
+        model = self._models.get(key)
+        if model is None:
+            return None
+        now = self._clock() if now is None else now
+        ri, a, b = self._span(window_s, now)
+        merged, seen = _Bucket(), False
+        for k, bucket in model.rings[ri].items():
+            if a <= k <= b:
+                merged.quality.merge(bucket.quality)
+                merged.drift.merge(bucket.drift)
+                seen = True
+        return merged if seen else None
+
+    def evaluate(self, query: Query, now: Optional[float] = None) -> dict[GroupKey, float]:
+        """A quality or drift query's value per group; groups without data are absent."""
+        metric = QUALITY_METRICS.get(query.function)
+        if metric is None:
+            raise ValueError(f"{query.function!r} is not a quality or drift function")
+        if not query.window_s > 0:
+            raise ValueError(f"query window_s must be > 0, got {query.window_s!r}")
+        now = self._clock() if now is None else float(now)
+        by = query.by or ()
+        groups: dict[GroupKey, list[tuple[ModelKey, _Bucket]]] = {}
+        for key in self._models:
+            labels = dict(zip(QUALITY_LABELS, key))
+            if not matches_all(query.matchers, labels):
+                continue
+            data = self.window(key, query.window_s, now)
+            if data is None:
+                continue
+            gkey = tuple(sorted((name, labels.get(name, "")) for name in by))
+            groups.setdefault(gkey, []).append((key, data))
+        out: dict[GroupKey, float] = {}
+        for gkey, members in groups.items():
+            if metric.kind == "quality":
+                acc = QualityAccumulator()
+                for _, data in members:
+                    acc.merge(data.quality)
+                value = acc.value(query.function)
+            else:
+                values = [self._models[key].drift.value(query.function, query.metric, data.drift)
+                          for key, data in members]
+                values = [v for v in values if v is not None]
+                value = max(values) if values else None
+            if value is not None and math.isfinite(value):
+                out[gkey] = float(value)
+        return out
+
+    def summary(self, window_s: float = GAUGE_WINDOW_S,
+                now: Optional[float] = None) -> list[dict]:
+        """Per model over the window: every quality metric with data, and each drift
+        metric's ``n``, ``psi``, ``js`` and ``ks``; for the API and the /metrics gauges."""
+        now = self._clock() if now is None else now
+        out = []
+        for key in sorted(self._models):
+            data = self.window(key, window_s, now)
+            model = self._models[key]
+            if data is None and not model.drift.stats()["references"]:
+                continue
+            acc = data.quality if data is not None else QualityAccumulator()
+            quality = {name: acc.value(name) for name, m in QUALITY_METRICS.items()
+                       if m.kind == "quality"}
+            out.append({**dict(zip(QUALITY_LABELS, key)), "window_s": window_s,
+                        "predictions": acc.predictions,
+                        "quality": {k: v for k, v in quality.items() if v is not None},
+                        "drift": model.drift.statistics(data.drift if data is not None
+                                                        else FeatureCounts()),
+                        "drift_building": model.drift.stats()["building"]})
+        return out
+
+    def figures(self, *, deployment: str, model_version: str, window_s: float,
+                application: Optional[str] = None, now: Optional[float] = None) -> dict:
+        """Quality figures of one version (all its applications unless one is named),
+        for :func:`compare_versions`."""
+        now = self._clock() if now is None else now
+        acc = QualityAccumulator()
+        for key in self._models:
+            if key[1] == deployment and key[2] == model_version and \
+                    (application is None or key[0] == application):
+                data = self.window(key, window_s, now)
+                if data is not None:
+                    acc.merge(data.quality)
+        n = acc.classes.n
+        correct = sum(c for (t, p), c in acc.classes.pairs.items() if t == p)
+        out = {"predictions": acc.predictions, "labeled_classes": n, "correct": correct}
+        for name in ("accuracy", "label_coverage", "f1", "roc_auc", "mae", "rmse"):
+            out[name] = acc.value(name)
+        return out
+
+    def stats(self) -> dict[str, int]:
+        """The join's counters and gauges, and how many models and buckets are held."""
+        return {**self.join.stats(), "models": len(self._models),
+                "buckets": sum(len(r) for m in self._models.values() for r in m.rings)}
+
+
+# -- comparing two versions ---------------------------------------------------------------
+
+def two_proportion_p(x1: int, n1: int, x2: int, n2: int) -> Optional[float]:
+    """Two-sided p-value of the pooled two-proportion z-test that ``x1/n1`` and ``x2/n2``
+    come from one proportion; None without observations on either side."""
+    if n1 <= 0 or n2 <= 0:
+        return None
+    pooled = (x1 + x2) / (n1 + n2)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    if se == 0:
+        return 1.0  # both all-or-nothing alike: no evidence of a difference
+    z = (x1 / n1 - x2 / n2) / se
+    return math.erfc(abs(z) / math.sqrt(2))
+
+
+def quantile_levels(q: float, n: int, alpha: float = ALPHA) -> Optional[tuple[float, float]]:
+    """Quantile levels whose values bound the ``q``-quantile of ``n`` observations with
+    confidence ``1 - alpha``: the distribution-free order-statistic interval. The number
+    of observations below the true quantile is Binomial(n, q); the lower bound is the
+    ``l``-th smallest with ``P(X <= l - 1) <= alpha / 2``, the upper the ``u``-th with
+    ``P(X <= u - 1) >= 1 - alpha / 2``. Returned as levels ``(l - 1) / n`` and ``u / n``
+    (0 and 1 where the bound is the minimum or maximum, or beyond it). None without
+    observations."""
+    if n <= 0:
+        return None
+    half = alpha / 2
+    # Sum the pmf only where it is not negligible: 12 standard deviations around n q.
+    sd = math.sqrt(n * q * (1 - q))
+    k0, k1 = max(0, math.floor(n * q - 12 * sd - 1)), min(n, math.ceil(n * q + 12 * sd + 1))
+    log_q, log_p = math.log(q), math.log1p(-q)
+    base = math.lgamma(n + 1)
+    cdf, lower, upper = 0.0, 0, n + 1
+    for k in range(k0, k1 + 1):
+        cdf += math.exp(base - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+                        + k * log_q + (n - k) * log_p)
+        if cdf <= half:
+            lower = k + 1  # P(X <= lower - 1) <= alpha / 2
+        if cdf >= 1 - half:
+            upper = k + 1
+            break
+    return max(0.0, (lower - 1) / n), min(1.0, upper / n)
+
+
+def _row(metric: str, a: Optional[float], b: Optional[float], **extra: Any) -> dict:
+    diff = None if a is None or b is None else b - a
+    return {"metric": metric, "a": a, "b": b, "difference": diff, "test": None,
+            "p_value": None, "significant": None, **extra}
+
+
+def compare_versions(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[dict]:
+    """Rows comparing version ``a`` with ``b``, from the figures the aggregator gathers:
+    ``requests``, ``errors``, ``window_s``, ``quantiles`` (``{"p50": {"value", "low",
+    "high"}}``, low/high read at :func:`quantile_levels`) and ``quality`` (as
+    :meth:`QualityStore.figures`). Each row says its test, p-value (proportions) or
+    intervals (quantiles), and ``significant``: True or False where a test applies and
+    both sides have data, else None. Level: :data:`ALPHA` (the intervals are at
+    ``1 - ALPHA`` each, so disjoint intervals are a stricter test than ``p < ALPHA``)."""
+    alpha = ALPHA
+    rows = []
+    w = float(a["window_s"])
+    na, nb = a["requests"], b["requests"]
+    rows.append(_row("rate_per_s", na / w, nb / w))
+    era = a["errors"] / na if na else None
+    erb = b["errors"] / nb if nb else None
+    rows.append(_proportion_row("error_ratio", a["errors"], na, b["errors"], nb, era, erb, alpha))
+    for name, _ in COMPARE_QUANTILES:
+        qa, qb = a["quantiles"].get(name), b["quantiles"].get(name)
+        row = _row(f"{name}_s", qa and qa["value"], qb and qb["value"])
+        if qa and qb and None not in (qa["low"], qa["high"], qb["low"], qb["high"]):
+            ia = (qa["low"] * (1 - RELATIVE_ERROR), qa["high"] * (1 + RELATIVE_ERROR))
+            ib = (qb["low"] * (1 - RELATIVE_ERROR), qb["high"] * (1 + RELATIVE_ERROR))
+            row.update(test=f"{1 - alpha:.0%} order-statistic intervals, widened by the "
+                            f"histogram's {RELATIVE_ERROR:.2%} error; significant when disjoint",
+                       a_interval=list(ia), b_interval=list(ib),
+                       significant=ia[1] < ib[0] or ib[1] < ia[0])
+        rows.append(row)
+    qa, qb = a["quality"], b["quality"]
+    rows.append(_proportion_row("accuracy", qa["correct"], qa["labeled_classes"], qb["correct"],
+                                qb["labeled_classes"], qa["accuracy"], qb["accuracy"], alpha))
+    for name in ("label_coverage", "f1", "roc_auc", "mae", "rmse"):
+        if qa.get(name) is not None or qb.get(name) is not None:
+            rows.append(_row(name, qa.get(name), qb.get(name)))
+    return rows
+
+
+def _proportion_row(metric: str, xa: int, na: int, xb: int, nb: int, va: Optional[float],
+                    vb: Optional[float], alpha: float) -> dict:
+    row = _row(metric, va, vb, a_n=na, b_n=nb)
+    p = two_proportion_p(xa, na, xb, nb)
+    if p is not None:
+        row.update(test=f"two-proportion z-test, two-sided, significant when p < {alpha:g}",
+                   p_value=p, significant=p < alpha)
+    return row

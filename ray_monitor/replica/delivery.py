@@ -1,0 +1,94 @@
+"""Delivery of replica snapshots to the aggregator actor, from the flush thread.
+
+Fire-and-forget: a batch is sent with ``.remote()`` and not waited on; at the next
+round the refs that finished are checked, and a batch whose call failed (the
+aggregator died or is restarting) goes back to the front of the buffer to be sent
+again. So while the aggregator is away the recorder's bounded buffer holds the
+snapshots, and they arrive, in order, once it is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Optional
+
+from ray_monitor.common.names import AGGREGATOR_NAME, NAMESPACE
+from ray_monitor.common.snapshot import ReplicaIdentity, ReplicaSnapshot
+
+logger = logging.getLogger(__name__)
+
+#: Batches sent but not yet acknowledged; past this we wait (the aggregator is slow).
+MAX_IN_FLIGHT = 8
+LOOKUP_EVERY_S = 2.0
+
+
+class ActorSink:
+    def __init__(self, *, name: str = AGGREGATOR_NAME, namespace: str = NAMESPACE,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self.namespace = namespace
+        self.clock = clock
+        self._actor = None
+        self._next_lookup = 0.0
+        self._in_flight: list[tuple[object, list[ReplicaSnapshot]]] = []
+
+    def _lookup(self):
+        if self._actor is None and self.clock() >= self._next_lookup:
+            import ray
+
+            try:
+                self._actor = ray.get_actor(self.name, namespace=self.namespace)
+            except ValueError:  # not started (yet): keep buffering
+                self._next_lookup = self.clock() + LOOKUP_EVERY_S
+        return self._actor
+
+    def send(self, snapshots: list[ReplicaSnapshot]) -> list[ReplicaSnapshot]:
+        import ray
+
+        retry: list[ReplicaSnapshot] = []
+        if self._in_flight:
+            refs = [r for r, _ in self._in_flight]
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            done_set = set(done)
+            still = []
+            for ref, batch in self._in_flight:
+                if ref not in done_set:
+                    still.append((ref, batch))
+                    continue
+                try:
+                    ray.get(ref, timeout=0)
+                except Exception:
+                    retry.extend(batch)  # the call failed: deliver again, in order
+                    self._actor = None
+            self._in_flight = still
+        pending = retry + snapshots
+        if not pending or len(self._in_flight) >= MAX_IN_FLIGHT:
+            return pending
+        actor = self._lookup()
+        if actor is None:
+            return pending
+        try:
+            ref = actor.ingest.remote(pending)
+        except Exception:
+            self._actor = None
+            raise
+        self._in_flight.append((ref, pending))
+        return []
+
+
+def make_sinks(identity: ReplicaIdentity) -> tuple[Optional[ActorSink], Optional[Callable]]:
+    """The aggregator sink when Ray is up, and the OTLP metrics export when an
+    endpoint is configured."""
+    sink = None
+    try:
+        import ray
+
+        if ray.is_initialized():
+            sink = ActorSink()
+    except ImportError:  # pragma: no cover
+        pass
+    from ray_monitor.replica.otlp_metrics import OtlpMetrics, otlp_metrics_configured
+
+    on_flush = OtlpMetrics(identity) if otlp_metrics_configured() else None
+    return sink, on_flush

@@ -1,0 +1,584 @@
+"""``@monitor``: wraps every public method of a Ray Serve deployment.
+
+Each wrapper has the same kind as what it wraps (sync, async, generator, async
+generator), because Ray Serve decides how to call a method by inspecting it. Per
+request it does a timer, a span (see :mod:`tracing`) and an O(1) record (see
+:mod:`recorder`), and any failure of its own is counted and swallowed: the user's
+result or exception passes through untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import inspect
+import logging
+import time
+from types import AsyncGeneratorType, GeneratorType
+from typing import Any, Callable, Optional
+
+from opentelemetry import context as otel_context
+
+from ray_monitor.replica import tracing
+from ray_monitor.replica.options import MonitorOptions, UNSET
+from ray_monitor.quality.metrics import Prediction, validate_extractor_result
+from ray_monitor.replica.runtime import Runtime
+from ray_monitor.common.snapshot import OK, Exemplar
+
+logger = logging.getLogger(__name__)
+
+#: Methods Ray Serve calls itself: passed through untouched.
+SERVE_HOOKS = frozenset({"reconfigure", "check_health", "record_autoscaling_stats",
+                         "__serve_build_asgi_app__"})
+_CANCELLED = "cancelled"
+#: The monitored deployment whose request is running in this context: a public method
+#: the deployment calls on itself (``self.preprocess(x)``) is part of that request, not
+#: a request of its own.
+ACTIVE: contextvars.ContextVar[Any] = contextvars.ContextVar("ray_monitor_active", default=None)
+_perf = time.perf_counter
+
+
+def monitor(target: Any = None, /, *, model_version: Any = UNSET, sample_ratio: Any = UNSET,
+            slow_threshold_s: Any = UNSET, exclude: Any = UNSET, flush_interval_s: Any = UNSET,
+            tracing_enabled: Any = UNSET, hang_threshold_s: Any = UNSET,
+            prediction: Any = UNSET, prediction_input: Any = UNSET,
+            prediction_methods: Any = UNSET, positive_label: Any = UNSET):
+    """Monitor a Ray Serve deployment (a class, a function, or a ``Deployment``).
+
+    Works bare (``@monitor``) and with options (``@monitor(model_version="v3")``),
+    above or below ``@serve.deployment``. Bad options raise ``TypeError`` or
+    ``ValueError`` here, naming the option.
+
+    Model quality (opt-in): ``prediction=fn`` runs ``fn(result)`` (``fn(result, args,
+    kwargs)`` with ``prediction_input=True``) after each successful call of the
+    ``prediction_methods`` (default ``("__call__",)``); it returns ``{"label": L,
+    "score": p}`` or ``{"value": x}``, optionally with ``"features": {name: value}``,
+    or None to skip the request. Only that is kept, never the payload.
+    ``positive_label`` is the class ``score`` is the probability of.
+    """
+    options = MonitorOptions.build(model_version=model_version, sample_ratio=sample_ratio,
+                                   slow_threshold_s=slow_threshold_s, exclude=exclude,
+                                   flush_interval_s=flush_interval_s,
+                                   tracing_enabled=tracing_enabled,
+                                   hang_threshold_s=hang_threshold_s, prediction=prediction,
+                                   prediction_input=prediction_input,
+                                   prediction_methods=prediction_methods,
+                                   positive_label=positive_label)
+    if target is None:
+        return functools.partial(_apply, options=options)
+    return _apply(target, options=options)
+
+
+def _apply(target: Any, *, options: MonitorOptions):
+    try:
+        from ray.serve.deployment import Deployment
+    except ImportError:  # pragma: no cover - ray[serve] is a dependency
+        Deployment = ()
+    if isinstance(target, Deployment):
+        return target.options(func_or_class=_apply(target.func_or_class, options=options))
+    if getattr(target, "__ray_monitor__", None) is not None:
+        raise ValueError(f"{_name(target)} is already monitored: apply @monitor once")
+    if inspect.isclass(target):
+        return _wrap_class(target, options)
+    if inspect.isfunction(target) or inspect.ismethod(target):
+        return _wrap_function(target, options)
+    raise TypeError(
+        f"@monitor takes a deployment class, function or Deployment, got {target!r}; "
+        "options are keyword-only, e.g. @monitor(model_version='v3')")
+
+
+def _name(target: Any) -> str:
+    return getattr(target, "__qualname__", None) or getattr(target, "__name__", repr(target))
+
+
+def _is_asgi_wrapper(cls: type) -> bool:
+    try:
+        from ray.serve._private.http_util import ASGIAppReplicaWrapper
+    except ImportError:  # pragma: no cover
+        return False
+    return issubclass(cls, ASGIAppReplicaWrapper)
+
+
+def public_methods(cls: type, exclude: frozenset[str] = frozenset()) -> dict[str, Callable]:
+    """The methods a handle can call: ``__call__`` and every public function."""
+    out = {}
+    for klass in reversed(cls.__mro__[:-1]):  # base first, so subclasses override
+        for name, raw in vars(klass).items():
+            if name != "__call__" and name.startswith("_"):
+                continue
+            if name in SERVE_HOOKS or name in exclude:
+                out.pop(name, None)
+                continue
+            if inspect.isfunction(raw):
+                out[name] = raw
+            else:
+                out.pop(name, None)  # staticmethod, property, attribute: not a request
+    return out
+
+
+def _wrap_class(cls: type, options: MonitorOptions) -> type:
+    unknown = [n for n in options.exclude if not hasattr(cls, n)]
+    if unknown:
+        raise ValueError(f"@monitor(exclude=...): {cls.__name__} has no method "
+                         f"{', '.join(map(repr, unknown))}; name methods of the class")
+    asgi = _is_asgi_wrapper(cls)
+    methods = public_methods(cls, options.exclude)
+    if options.prediction is not None:
+        _check_prediction_methods(cls.__name__, methods, options, asgi)
+    runtime = Runtime(cls.__name__, options)
+    ns: dict[str, Any] = {"__ray_monitor__": runtime, "__module__": cls.__module__,
+                          "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}
+    for name, fn in methods.items():
+        if asgi and name == "__call__":
+            ns[name] = _wrap_asgi(fn, runtime)
+        else:
+            ns[name] = wrap_callable(fn, name, runtime)
+    user_init = cls.__init__
+    if inspect.iscoroutinefunction(user_init):
+        async def __init__(self, *args, **kwargs):
+            await user_init(self, *args, **kwargs)
+            runtime.start()
+    else:
+        def __init__(self, *args, **kwargs):
+            user_init(self, *args, **kwargs)
+            runtime.start()
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    ns["__init__"] = __init__
+    wrapped = type(cls.__name__, (cls,), ns)
+    return wrapped
+
+
+def _check_prediction_methods(owner: str, methods: dict[str, Callable],
+                              options: MonitorOptions, asgi: bool = False) -> None:
+    for name in options.prediction_methods:
+        fn = methods.get(name)
+        if fn is None or (asgi and name == "__call__"):
+            where = ("a FastAPI ingress is called per route; put the extractor on a deployment "
+                     "it calls (the request id is shared)") if asgi else \
+                f"monitored methods: {', '.join(sorted(methods)) or 'none'}"
+            raise ValueError(f"@monitor(prediction_methods=...): {owner} has no monitored method "
+                             f"{name!r} to take predictions from ({where})")
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            raise ValueError(f"@monitor(prediction_methods=...): {owner}.{name} streams its "
+                             "result; predictions come from methods that return one value")
+
+
+def _wrap_function(fn: Callable, options: MonitorOptions) -> Callable:
+    # A function deployment is called as `__call__` through its handle.
+    if options.prediction is not None:
+        _check_prediction_methods(fn.__name__, {"__call__": fn}, options)
+    runtime = Runtime(fn.__name__, options)
+    wrapped = wrap_callable(fn, "__call__", runtime, bound=False)
+    wrapped.__ray_monitor__ = runtime
+    return wrapped
+
+
+# -- the per-request part ------------------------------------------------------
+
+class _Request:
+    """State of one request between start and finish; lives only as long as it."""
+
+    __slots__ = ("cells", "token", "t0", "span", "ctx_token", "otel_token", "tracer", "runtime",
+                 "active_token")
+
+    def __init__(self, hook: "_Hook", headers: Any) -> None:
+        self.runtime = hook.runtime
+        st = hook.runtime.state or hook.runtime.start()
+        self.cells = st.recorder.method(hook.name) if hook.cells is None else hook.cells
+        self.t0 = _perf()
+        self.token = self.cells.begin(self.t0, _request_id())
+        self.tracer = st.tracer
+        self.span = None
+        self.ctx_token = self.otel_token = self.active_token = None
+        if st.tracer.enabled:
+            self.span = st.tracer.begin(hook.span_name, st.span_attributes(hook.name),
+                                        st.tracer.parent_context(headers))
+
+    def enter(self) -> None:
+        """Marks the deployment busy with this request around user code, and makes the
+        request's ids current there (log records, child spans)."""
+        self.active_token = ACTIVE.set(self.runtime)
+        sp = self.span
+        if sp is None:
+            return
+        self.ctx_token = tracing.CURRENT.set(sp.ids)
+        if sp.span is not None:
+            self.otel_token = otel_context.attach(sp.otel_context())
+
+    def exit(self) -> None:
+        if self.otel_token is not None:
+            otel_context.detach(self.otel_token)
+            self.otel_token = None
+        if self.ctx_token is not None:
+            tracing.CURRENT.reset(self.ctx_token)
+            self.ctx_token = None
+        if self.active_token is not None:
+            ACTIVE.reset(self.active_token)
+            self.active_token = None
+
+    def finish(self, outcome: str, error: Optional[BaseException], is_error: bool,
+               first_item: Optional[float] = None, extra: Optional[dict] = None) -> None:
+        latency = _perf() - self.t0
+        exemplar = None
+        sp = self.span
+        if sp is not None:
+            kept = self.tracer.end(sp, latency, error if is_error else None, extra,
+                                   error_status=outcome if is_error and error is None else None)
+            if kept:
+                exemplar = Exemplar(f"{sp.trace_id:032x}", f"{sp.span_id:016x}", latency,
+                                    time.time())
+        self.cells.end(self.token, outcome, is_error, latency, first_item, exemplar)
+
+
+_REQUEST_CONTEXT: Any = None  # Serve's request-context variable, looked up once
+
+
+def _request_id() -> str:
+    global _REQUEST_CONTEXT
+    var = _REQUEST_CONTEXT
+    if var is None:
+        try:
+            from ray.serve.context import _serve_request_context as var
+        except ImportError:  # pragma: no cover - ray[serve] is a dependency
+            return ""
+        _REQUEST_CONTEXT = var
+    ctx = var.get()
+    return ctx.request_id if ctx is not None else ""
+
+
+def _outcome(e: BaseException) -> tuple[str, bool]:
+    if isinstance(e, (asyncio.CancelledError, GeneratorExit)):
+        return _CANCELLED, False  # the caller went away: not the server's fault
+    name = type(e).__name__
+    if name.startswith("RayTaskError(") and name.endswith(")"):
+        # A downstream deployment's error arrives wrapped; label it by its cause, so
+        # one KeyError reads the same in the deployment that raised it and its callers.
+        name = name[len("RayTaskError("):-1]
+    return name, True
+
+
+try:  # Starlette ships with Ray Serve; the classes are looked up once, not per request
+    from starlette.requests import Request as _HttpRequest
+    from starlette.responses import Response as _HttpResponse
+except ImportError:  # pragma: no cover - without Starlette nothing is an HTTP object
+    class _HttpRequest:  # type: ignore[no-redef]
+        pass
+
+    class _HttpResponse:  # type: ignore[no-redef]
+        pass
+
+
+def _result_outcome(result: Any) -> tuple[str, bool]:
+    if isinstance(result, _HttpResponse):
+        status = result.status_code
+        return str(status), status >= 500
+    return OK, False
+
+
+def _headers(args: tuple, i: int) -> Any:
+    """HTTP headers when argument ``i`` is a Starlette request (Serve's HTTP path)."""
+    if len(args) > i and isinstance(args[i], _HttpRequest):
+        return args[i].headers
+    return None
+
+
+class _Hook:
+    """What a wrapper needs, bound once: the runtime, the method's name and cells."""
+
+    __slots__ = ("runtime", "name", "span_name", "cells")
+
+    def __init__(self, runtime: Runtime, name: str) -> None:
+        self.runtime = runtime
+        self.name = name
+        self.span_name = f"{runtime.target_name}.{name}"
+        self.cells = None  # bound by the runtime when it starts
+
+    def start(self, headers: Any) -> Optional[_Request]:
+        if ACTIVE.get() is self.runtime:
+            return None  # the deployment calling its own method: part of the same request
+        try:
+            req = _Request(self, headers)
+            req.enter()
+            return req
+        except Exception as e:
+            self.runtime.self_error("middleware_failed", e)
+            return None
+
+    def __getstate__(self):
+        return {"runtime": self.runtime, "name": self.name, "span_name": self.span_name}
+
+    def __setstate__(self, state):
+        self.runtime, self.name, self.span_name = (state["runtime"], state["name"],
+                                                   state["span_name"])
+        self.cells = None
+
+
+def _done(hook: _Hook, req: Optional[_Request], outcome: str, error: Optional[BaseException],
+          is_error: bool, first_item: Optional[float] = None) -> None:
+    if req is None:
+        return
+    try:
+        req.exit()
+        req.finish(outcome, error, is_error, first_item)
+    except Exception as e:
+        hook.runtime.self_error("middleware_failed", e)
+
+
+def _capture(runtime: Runtime, result: Any, args: tuple, kwargs: dict) -> None:
+    """Runs the extractor on an ok result and keeps the prediction; never raises."""
+    opts = runtime.options
+    try:
+        if _result_outcome(result)[1]:
+            return  # an HTTP error response is not a prediction
+        raw = opts.prediction(result, args, kwargs) if opts.prediction_input else \
+            opts.prediction(result)
+        if raw is None:
+            return
+        fields = validate_extractor_result(raw)
+        st = runtime.state or runtime.start()
+        ident = st.identity
+        st.recorder.record_prediction(Prediction(
+            _request_id(), time.time(), ident.application, ident.deployment,
+            ident.model_version, positive_label=opts.positive_label, **fields))
+    except Exception as e:  # a bad extractor must never fail the request
+        runtime.self_error(f"prediction_extractor:{type(e).__name__}", e)
+
+
+def _capturing(fn: Callable, runtime: Runtime, bound: bool) -> Callable:
+    """``fn`` with the prediction extractor after it, of the same kind. Only methods
+    with an extractor get this layer: the others pay nothing for the feature."""
+    skip = 1 if bound else 0  # the extractor sees the call's arguments without `self`
+    if inspect.iscoroutinefunction(fn):
+        async def capture(*args, **kwargs):
+            result = await fn(*args, **kwargs)
+            _capture(runtime, result, args[skip:], kwargs)
+            return result
+    else:
+        def capture(*args, **kwargs):
+            result = fn(*args, **kwargs)
+            _capture(runtime, result, args[skip:], kwargs)
+            return result
+    functools.update_wrapper(capture, fn)
+    return capture
+
+
+def wrap_callable(fn: Callable, name: str, runtime: Runtime, bound: bool = True) -> Callable:
+    """Wraps one method (``bound``) or function, keeping its kind."""
+    original = fn
+    if runtime.options.extractor(name) is not None:
+        fn = _capturing(fn, runtime, bound)
+    hook = _Hook(runtime, name)
+    runtime.hooks.append(hook)
+    # Headers are the first argument after `self` for methods.
+    at = 1 if bound else 0  # where a Starlette request would be: after `self`
+
+    if inspect.isasyncgenfunction(fn):
+        async def wrapper(*args, **kwargs):
+            req = hook.start(_headers(args, at))
+            if req is not None:
+                req.exit()
+            timed = _timed_async_generator(hook, req, fn(*args, **kwargs))
+            try:
+                async for item in timed:
+                    yield item
+            finally:
+                await timed.aclose()
+
+    elif inspect.iscoroutinefunction(fn):
+        async def wrapper(*args, **kwargs):
+            req = hook.start(_headers(args, at))
+            try:
+                result = await fn(*args, **kwargs)
+            except BaseException as e:
+                outcome, is_error = _outcome(e)
+                _done(hook, req, outcome, e, is_error)
+                raise
+            return _finish(hook, req, result)
+
+    elif inspect.isgeneratorfunction(fn):
+        def wrapper(*args, **kwargs):
+            req = hook.start(_headers(args, at))
+            if req is not None:
+                req.exit()
+            return (yield from _timed_generator(hook, req, fn(*args, **kwargs)))
+
+    else:
+        def wrapper(*args, **kwargs):
+            req = hook.start(_headers(args, at))
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as e:
+                outcome, is_error = _outcome(e)
+                _done(hook, req, outcome, e, is_error)
+                raise
+            kind = type(result)
+            if req is not None and (kind is GeneratorType or kind is AsyncGeneratorType):
+                # A plain function that returns a stream: time the stream, not the call.
+                req.exit()
+                if kind is GeneratorType:
+                    return _timed_generator(hook, req, result)
+                return _timed_async_generator(hook, req, result)
+            return _finish(hook, req, result)
+
+    functools.update_wrapper(wrapper, original)
+    wrapper.__wrapped_by_ray_monitor__ = True
+    return wrapper
+
+
+def _timed_generator(hook: _Hook, req: Optional[_Request], gen):
+    first = None
+    outcome, error, is_error = OK, None, False
+    try:
+        while True:
+            if req is not None:
+                req.enter()
+            try:
+                item = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            finally:
+                if req is not None:
+                    req.exit()
+            if first is None and req is not None:
+                first = _perf() - req.t0
+            yield item
+    except BaseException as e:
+        outcome, is_error = _outcome(e)
+        error = e
+        raise
+    finally:
+        gen.close()
+        _done(hook, req, outcome, error, is_error, first)
+
+
+def _finish(hook: _Hook, req: Optional[_Request], result: Any) -> Any:
+    """Records a returned result. A streaming HTTP response (Starlette's
+    ``StreamingResponse``) is timed to its last chunk, with its status as outcome."""
+    if isinstance(result, _HttpResponse):
+        status = result.status_code
+        body = getattr(result, "body_iterator", None)
+        if body is not None and req is not None:
+            req.exit()
+            result.body_iterator = _timed_async_generator(hook, req, body, str(status),
+                                                          status >= 500)
+            return result
+        _done(hook, req, str(status), None, status >= 500)
+        return result
+    _done(hook, req, OK, None, False)
+    return result
+
+
+async def _timed_async_generator(hook: _Hook, req: Optional[_Request], agen,
+                                 done_outcome: str = OK, done_error: bool = False):
+    first = None
+    outcome, error, is_error = done_outcome, None, done_error
+    it = agen.__aiter__()
+    try:
+        while True:
+            if req is not None:
+                req.enter()  # the request's context while the stream produces an item
+            try:
+                item = await it.__anext__()
+            except StopAsyncIteration:
+                break
+            finally:
+                if req is not None:
+                    req.exit()
+            if first is None and req is not None:
+                first = _perf() - req.t0
+            yield item
+    except BaseException as e:
+        outcome, is_error = _outcome(e)
+        error = e
+        raise
+    finally:
+        aclose = getattr(agen, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        _done(hook, req, outcome, error, is_error, first)
+
+
+# -- FastAPI / ASGI ingress -----------------------------------------------------
+
+def _route_label(scope: dict) -> str:
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    if path is None:
+        # No matched route (404, or a plain ASGI app): a fixed label keeps the
+        # label set bounded whatever paths clients try.
+        return f"{scope.get('method', 'GET')} unmatched" if route is None else \
+            f"{scope.get('method', 'GET')} {scope.get('path', '')}"
+    return f"{scope.get('method', 'GET')} {path}"
+
+
+def _wrap_asgi(fn: Callable, runtime: Runtime) -> Callable:
+    # Per-route cells: the method label is ``GET /items/{id}``.
+    hook = _Hook(runtime, "__call__")
+
+    async def __call__(self, scope, receive, send):
+        if scope.get("type") != "http":
+            return await fn(self, scope, receive, send)
+        status = [None]
+
+        async def send_status(message):
+            if message.get("type") == "http.response.start":
+                status[0] = message.get("status")
+            await send(message)
+
+        req = None
+        try:
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                       for k, v in scope.get("headers", ())}
+            req = hook.start(headers)
+        except Exception as e:
+            runtime.self_error("middleware_failed", e)
+        error = None
+        try:
+            await fn(self, scope, receive, send_status)
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            _finish_route(hook, req, scope, status[0], error)
+
+    functools.update_wrapper(__call__, fn)
+    return __call__
+
+
+def _finish_route(hook: _Hook, req: Optional[_Request], scope: dict, status: Optional[int],
+                  error: Optional[BaseException]) -> None:
+    if req is None:
+        return
+    try:
+        req.exit()
+        label = _route_label(scope)
+        req.cells = hook.runtime.state.recorder.method(label)
+        # the request was begun on the generic cells; move its in-flight entry
+        hook_cells = hook.runtime.state.recorder.method(hook.name)
+        hook_cells.running.pop(req.token, None)
+        if error is not None and status is None:
+            outcome, is_error = _outcome(error)
+            if is_error:
+                outcome = "500"
+        else:
+            outcome = str(status or 500)
+            is_error = (status or 500) >= 500
+        attrs = {"http.response.status_code": status or 500,
+                 "http.route": getattr(scope.get("route"), "path", "") or "",
+                 "http.request.method": scope.get("method", "")}
+        if req.span is not None:
+            req.span.name = label
+            if req.span.span is not None:
+                req.span.span.update_name(label)
+        latency = _perf() - req.t0
+        exemplar = None
+        if req.span is not None:
+            kept = req.tracer.end(req.span, latency, error if is_error else None, attrs,
+                                  error_status=outcome if is_error and error is None else None)
+            if kept:
+                exemplar = Exemplar(f"{req.span.trace_id:032x}", f"{req.span.span_id:016x}",
+                                    latency, time.time())
+        req.cells.end(req.token, outcome, is_error, latency, None, exemplar)
+    except Exception as e:
+        hook.runtime.self_error("middleware_failed", e)

@@ -1,0 +1,347 @@
+"""Per-replica cells that the middleware records into, and the loop that flushes them.
+
+The write path is one lock and a few additions (prometheus_client's habit): no I/O,
+no actor call, nothing that grows with traffic. Everything else (building a
+snapshot, health readings, delivery) runs on the flush thread, every
+``flush_interval_s``, and can fail without the request ever noticing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable, Optional, Protocol
+
+from ray_monitor.common.histogram import Histogram, bucket_index
+from ray_monitor.common.snapshot import (Exemplar, HungRequest, ReplicaHealth, ReplicaIdentity,
+                       ReplicaSnapshot, SeriesDelta)
+
+logger = logging.getLogger(__name__)
+
+#: Outcomes beyond this many per method are counted under ``other`` (label cap).
+MAX_OUTCOMES_PER_METHOD = 32
+OTHER = "other"
+#: Captured predictions kept per flush; the excess is dropped and counted, so quality
+#: metrics become a sample rather than memory growing with traffic.
+MAX_PREDICTIONS_PER_FLUSH = 2000
+#: Bound of the thread stacks sent with hung requests, per replica and snapshot.
+MAX_STACK_BYTES = 32 * 1024
+#: Innermost frames kept of each thread's stack.
+STACK_FRAMES = 40
+#: Buffered snapshots (the aggregator away) that keep their span records; older ones
+#: lose them, so a replica's memory for traces stays bounded however long it waits.
+MAX_TRACE_SNAPSHOTS_BUFFERED = 10
+
+
+class SpanSource(Protocol):
+    """Where the span records come from (``tracing.SpanRecords``)."""
+
+    def drain(self) -> tuple[list[dict], dict[str, int]]:
+        """The records since the last drain, and drops by cause."""
+
+
+class Sink(Protocol):
+    """Where snapshots go. ``send`` may raise; the recorder keeps them and counts."""
+
+    def send(self, snapshots: list[ReplicaSnapshot]) -> list[ReplicaSnapshot]:
+        """Delivers what it can and returns the snapshots to try again later."""
+
+
+class SelfErrors:
+    """Failures of the monitor itself, counted by cause and logged once per cause."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def count(self, cause: str, exc: Optional[BaseException] = None, n: int = 1) -> None:
+        with self._lock:
+            first = cause not in self.counts
+            self.counts[cause] = self.counts.get(cause, 0) + n
+        if first:
+            logger.warning("ray-monitor: %s%s (logged once; counted in "
+                           "ray_monitor_self_errors_total{cause=%r})", cause,
+                           f": {exc!r}" if exc is not None else "", cause)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.counts)
+
+
+class _Cell:
+    __slots__ = ("latency", "first_item", "exemplars", "error")
+
+    def __init__(self, error: bool) -> None:
+        self.latency = Histogram()
+        self.first_item: Optional[Histogram] = None
+        self.exemplars: dict[int, Exemplar] = {}
+        self.error = error
+
+
+class MethodCells:
+    """The pre-bound cells of one method: what a request touches, and only that."""
+
+    __slots__ = ("name", "running", "cells", "_lock", "_ids", "_recorder")
+
+    def __init__(self, name: str, recorder: "Recorder") -> None:
+        self.name = name
+        self.running: dict[int, tuple[float, str]] = {}  # token -> (start, request id)
+        self.cells: dict[str, _Cell] = {}
+        self._lock = recorder._lock
+        self._ids = recorder._ids
+        self._recorder = recorder
+
+    def begin(self, start: float, request_id: str = "") -> int:
+        token = next(self._ids)  # itertools.count is atomic under the GIL
+        self.running[token] = (start, request_id)
+        return token
+
+    def end(self, token: int, outcome: str, error: bool, latency: float,
+            first_item: Optional[float] = None, exemplar: Optional[Exemplar] = None) -> None:
+        self.running.pop(token, None)
+        with self._lock:
+            cell = self.cells.get(outcome)
+            if cell is None:
+                cell = self._new_cell(outcome, error)
+            cell.latency.record(latency)
+            if first_item is not None:
+                if cell.first_item is None:
+                    cell.first_item = Histogram()
+                cell.first_item.record(first_item)
+            if exemplar is not None and latency > 0.0:
+                cell.exemplars[bucket_index(latency)] = exemplar
+
+    def _new_cell(self, outcome: str, error: bool) -> _Cell:
+        # Exception type names come from user code: cap them so a bug cannot grow labels.
+        if len(self.cells) >= MAX_OUTCOMES_PER_METHOD:
+            self._recorder.self_errors.count("label_overflow:outcome")
+            outcome = OTHER
+            cell = self.cells.get(outcome)
+            if cell is not None:
+                return cell
+        cell = self.cells[outcome] = _Cell(error)
+        return cell
+
+
+class Recorder:
+    """All the cells of one monitored deployment in one process, and its flush loop."""
+
+    def __init__(self, *, identity: ReplicaIdentity, sink: Optional[Sink] = None,
+                 flush_interval_s: float = 1.0, buffer_size: int = 300,
+                 hang_threshold_s: float = 0.0, clock: Callable[[], float] = time.time,
+                 health: Optional[Callable[[], ReplicaHealth]] = None,
+                 on_flush: Optional[Callable[[ReplicaSnapshot], None]] = None,
+                 max_predictions: int = MAX_PREDICTIONS_PER_FLUSH,
+                 spans: Optional[SpanSource] = None) -> None:
+        self.identity = identity
+        self.sink = sink
+        self.flush_interval_s = flush_interval_s
+        self.buffer_size = buffer_size
+        self.clock = clock
+        self.health = health
+        self.on_flush = on_flush
+        self.max_predictions = max_predictions
+        self.spans = spans
+        self._predictions: list[Any] = []
+        self.self_errors = SelfErrors()
+        self.methods: dict[str, MethodCells] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._seq = 0
+        self._window_start = clock()
+        self._buffer: list[ReplicaSnapshot] = []
+        self._dropped = 0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def method(self, name: str) -> MethodCells:
+        cells = self.methods.get(name)
+        if cells is None:
+            cells = self.methods.setdefault(name, MethodCells(name, self))
+        return cells
+
+    def record_prediction(self, prediction: Any) -> None:
+        """Keeps one captured prediction for the next snapshot (extractor methods only)."""
+        with self._lock:
+            if len(self._predictions) < self.max_predictions:
+                self._predictions.append(prediction)
+                return
+        self.self_errors.count("predictions_dropped:buffer_full")
+
+    # -- off the request path -------------------------------------------------
+
+    def snapshot(self, now: Optional[float] = None) -> ReplicaSnapshot:
+        """Takes the deltas since the last snapshot (and resets them)."""
+        now = self.clock() if now is None else now
+        series: list[SeriesDelta] = []
+        with self._lock:
+            taken = [(m.name, m.cells) for m in self.methods.values()]
+            for m in self.methods.values():
+                m.cells = {}
+            predictions, self._predictions = self._predictions, []
+        for name, cells in taken:
+            for outcome, c in cells.items():
+                series.append(SeriesDelta(name, outcome, c.error, c.latency, c.first_item,
+                                          c.exemplars))
+        traces: list[dict] = []
+        if self.spans is not None:
+            traces, drops = self.spans.drain()
+            for cause, n in drops.items():
+                self.self_errors.count(cause, n=n)
+        inflight = {m.name: len(m.running) for m in self.methods.values()}
+        health = None
+        if self.health is not None:
+            try:
+                health = self.health()
+            except Exception as e:  # health is a nice-to-have; never lose the counts for it
+                self.self_errors.count("health_probe_failed", e)
+        self._seq += 1
+        snap = ReplicaSnapshot(self.identity, self._seq, self._window_start, now, series,
+                               inflight, health, self.self_errors.snapshot(), self._dropped,
+                               predictions, traces)
+        self._window_start = now
+        return snap
+
+    def running(self, now: Optional[float] = None) -> list[tuple[str, float, str]]:
+        """``(method, seconds running, request id)`` of every request in flight."""
+        now = time.perf_counter() if now is None else now
+        out = []
+        for m in list(self.methods.values()):
+            for start, rid in list(m.running.values()):
+                out.append((m.name, now - start, rid))
+        return out
+
+    def flush(self, now: Optional[float] = None) -> None:
+        """One round: snapshot, buffer, deliver what can be delivered."""
+        if self.sink is not None and len(self._buffer) >= self.buffer_size:
+            # Make room first, oldest out: the newest data matters most to alerts, and
+            # the new snapshot then tells the aggregator how many never arrived.
+            excess = len(self._buffer) - self.buffer_size + 1
+            del self._buffer[:excess]
+            self._dropped += excess
+            self.self_errors.count("snapshot_buffer_full")
+        snap = self.snapshot(now)
+        if self.on_flush is not None:
+            try:
+                self.on_flush(snap)
+            except Exception as e:
+                self.self_errors.count("otlp_metrics_export_failed", e)
+        if self.sink is None:
+            return
+        self._buffer.append(snap)
+        self._trim_traces()
+        try:
+            self._buffer = self.sink.send(self._buffer)
+        except Exception as e:
+            self.self_errors.count(f"sink_failed:{type(e).__name__}", e)
+
+    def _trim_traces(self) -> None:
+        """Buffered snapshots past the newest few give up their span records."""
+        for old in self._buffer[:-MAX_TRACE_SNAPSHOTS_BUFFERED]:
+            if old.traces:
+                self.self_errors.count("trace_spans_dropped:aggregator_away", n=len(old.traces))
+                old.traces = []
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._loop, name="ray-monitor-flush",
+                                        daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.flush_interval_s):
+            try:
+                self.flush()
+            except Exception as e:  # the loop must outlive any single bad round
+                self.self_errors.count("flush_failed", e)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stops the loop after one last flush, so short-lived replicas lose nothing."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        try:
+            self.flush()
+        except Exception as e:
+            self.self_errors.count("flush_failed", e)
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+
+def process_health(recorder: "Recorder", loop_lag: Callable[[], Optional[float]],
+                   hang_threshold_s: float = 0.0) -> Callable[[], ReplicaHealth]:
+    """A health probe for the flush thread: CPU and RSS of this process (psutil ships
+    with Ray), the event loop's lag, the oldest request still running, and the requests
+    running longer than ``hang_threshold_s`` (0: none reported) with every thread's stack."""
+    import psutil
+
+    proc = psutil.Process(os.getpid())
+    proc.cpu_percent(None)  # the first call only primes the counter
+
+    def probe() -> ReplicaHealth:
+        running = recorder.running()
+        longest = max((r[1] for r in running), default=0.0)
+        return ReplicaHealth(cpu_percent=proc.cpu_percent(None),
+                             rss_bytes=proc.memory_info().rss, loop_lag_s=loop_lag(),
+                             longest_request_s=longest,
+                             hung=find_hung(running, hang_threshold_s, thread_stacks))
+    return probe
+
+
+def find_hung(running: list[tuple[str, float, str]], threshold_s: float,
+              stacks: Callable[[], str]) -> list[HungRequest]:
+    """The requests of ``running`` (``recorder.running()``) in flight longer than
+    ``threshold_s``, oldest first, each with ``stacks()``: taken once, shared by all."""
+    if not threshold_s > 0:
+        return []
+    hung = sorted((r for r in running if r[1] > threshold_s), key=lambda r: -r[1])
+    if not hung:
+        return []
+    try:
+        text = stacks()
+    except Exception as e:  # the report without stacks still says which request hangs
+        text = f"stacks unavailable: {e!r}"
+    return [HungRequest(method, rid, round(age, 3), text) for method, age, rid in hung]
+
+
+def thread_stacks(limit_bytes: int = MAX_STACK_BYTES, frames: Optional[dict] = None,
+                  names: Optional[dict[int, str]] = None) -> str:
+    """Every thread's stack but the caller's, innermost ``STACK_FRAMES`` frames each,
+    within ``limit_bytes`` (UTF-8). Threads running code outside the Python installation
+    (the user's) come first, so a hung request's stack survives the cut."""
+    frames = sys._current_frames() if frames is None else frames
+    if names is None:
+        names = {t.ident: t.name for t in threading.enumerate()}
+    me = threading.get_ident()
+    roots = tuple({p for p in (sys.prefix, sys.base_prefix, sys.exec_prefix) if p})
+    parts = []
+    for ident, frame in frames.items():
+        if ident == me:
+            continue
+        summary = traceback.extract_stack(frame, limit=STACK_FRAMES)
+        user = any(not f.filename.startswith(roots) and "site-packages" not in f.filename
+                   and not f.filename.startswith("<") for f in summary)
+        text = (f"Thread {names.get(ident, '?')} ({ident}):\n"
+                + "".join(traceback.format_list(summary)))
+        parts.append((not user, names.get(ident, ""), text))
+    parts.sort(key=lambda p: (p[0], p[1]))
+    out, used, left_out = [], 0, 0
+    for _, _, text in parts:
+        size = len(text.encode())
+        if used + size > limit_bytes:
+            left_out += 1
+            continue
+        out.append(text)
+        used += size
+    if left_out:
+        out.append(f"... {left_out} more thread(s) left out to stay within {limit_bytes} bytes\n")
+    return "\n".join(out)

@@ -1,0 +1,176 @@
+"""What a monitored deployment holds inside its replica process once it starts.
+
+The decorator creates a :class:`Runtime` in the driver; it travels to the replica
+with the class (pickled without its live parts) and starts when the replica builds
+the deployment (or on the first call of a function deployment): it finds out which
+replica it is, creates the recorder and the tracer, and starts the flush loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any, Optional
+
+from ray_monitor.replica import tracing
+from ray_monitor.replica.options import MonitorOptions
+from ray_monitor.replica.recorder import Recorder, process_health
+from ray_monitor.common.snapshot import ReplicaIdentity
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_identity(model_version: str) -> ReplicaIdentity:
+    """Who we are: from Ray Serve's replica context, or ``deployment="unknown"``
+    outside Serve (a plain class in a unit test, a script)."""
+    app, dep, rep = "", "unknown", f"{socket.gethostname()}:{os.getpid()}"
+    try:
+        from ray import serve
+
+        ctx = serve.get_replica_context()
+        app, dep, rep = ctx.app_name, ctx.deployment, ctx.replica_id.unique_id
+    except Exception:
+        pass
+    node_id = ""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node_id = ray.get_runtime_context().get_node_id()
+    except Exception:
+        pass
+    return ReplicaIdentity(application=app, deployment=dep, replica=rep, node_id=node_id,
+                           pid=os.getpid(), model_version=model_version)
+
+
+class LoopLag:
+    """How late the replica's event loop runs a callback, measured from the flush thread."""
+
+    def __init__(self, loop: Optional[asyncio.AbstractEventLoop]) -> None:
+        self.loop = loop
+        self.last: Optional[float] = None
+
+    def __call__(self) -> Optional[float]:
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            return None
+        t = time.perf_counter()
+
+        def ran() -> None:
+            self.last = time.perf_counter() - t
+        try:
+            loop.call_soon_threadsafe(ran)
+        except RuntimeError:
+            return None
+        return self.last
+
+
+class State:
+    def __init__(self, runtime: "Runtime") -> None:
+        opts = runtime.options
+        self.identity = resolve_identity(opts.model_version)
+        from ray_monitor.replica.delivery import make_sinks
+
+        sink, on_flush = make_sinks(self.identity)
+        # The aggregator's copy of kept spans: on unless tracing is off for the
+        # deployment or RAY_MONITOR_TRACES=0.
+        self.spans = tracing.SpanRecords() if opts.tracing_enabled is not False and \
+            tracing.aggregator_traces_enabled() else None
+        self.recorder = Recorder(identity=self.identity, sink=sink, on_flush=on_flush,
+                                 flush_interval_s=opts.resolved("flush_interval_s"),
+                                 spans=self.spans)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        self.loop_lag = LoopLag(loop)
+        self.recorder.health = process_health(self.recorder, self.loop_lag,
+                                              opts.resolved("hang_threshold_s"))
+        ident = self.identity
+        self.tracer = tracing.Tracer(
+            sample_ratio=opts.resolved("sample_ratio"),
+            slow_threshold_s=opts.resolved("slow_threshold_s"),
+            resource=_resource(ident), on_failure=self.recorder.self_errors.count,
+            enabled=opts.tracing_enabled, records=self.spans)
+        if self.spans is not None and self.tracer.enabled:
+            tracing.claim_serve_spans(self.spans)  # Serve's own spans in this replica
+        self._base_attrs = {
+            "ray.serve.application": ident.application, "ray.serve.deployment": ident.deployment,
+            "ray.serve.replica": ident.replica, "ray.serve.model_version": ident.model_version,
+        }
+        self._attrs: dict[str, dict] = {}
+        if self.tracer.enabled:
+            tracing.install_log_correlation()
+
+    def span_attributes(self, method: str) -> dict:
+        a = self._attrs.get(method)
+        if a is None:
+            a = self._attrs[method] = {**self._base_attrs, "ray.serve.method": method}
+        return a
+
+
+def _resource(ident: ReplicaIdentity) -> dict:
+    attrs = {"service.instance.id": ident.replica, "ray.node.id": ident.node_id,
+             "ray.serve.replica.id": ident.replica, "ray.serve.deployment": ident.deployment,
+             "ray.serve.application": ident.application, "process.pid": ident.pid}
+    if ident.model_version:
+        attrs["service.version"] = ident.model_version
+    if not os.environ.get("OTEL_SERVICE_NAME"):
+        attrs["service.name"] = ident.application or ident.deployment
+    return attrs
+
+
+class Runtime:
+    def __init__(self, target_name: str, options: MonitorOptions) -> None:
+        self.target_name = target_name
+        self.options = options
+        self.hooks: list = []
+        self.state: Optional[State] = None
+        self._lock = threading.Lock()
+        self._logged: set[str] = set()
+
+    def start(self) -> State:
+        state = self.state
+        if state is not None:
+            return state
+        with self._lock:
+            if self.state is None:
+                state = State(self)
+                for hook in self.hooks:
+                    hook.cells = state.recorder.method(hook.name)
+                state.recorder.start()
+                atexit.register(self.close)
+                self.state = state
+        return self.state
+
+    def self_error(self, cause: str, exc: Optional[BaseException] = None) -> None:
+        st = self.state
+        if st is not None:
+            st.recorder.self_errors.count(cause, exc)
+        elif cause not in self._logged:
+            self._logged.add(cause)
+            logger.warning("ray-monitor: %s: %r", cause, exc)
+
+    def close(self) -> None:
+        st = self.state
+        if st is None:
+            return
+        self.state = None
+        for hook in self.hooks:
+            hook.cells = None
+        st.tracer.shutdown()  # first: the spans it still holds go into the last flush
+        if st.spans is not None:
+            tracing.release_serve_spans(st.spans)
+        st.recorder.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"target_name": self.target_name, "options": self.options, "hooks": self.hooks}
+
+    def __setstate__(self, d: dict[str, Any]) -> None:
+        self.__init__(d["target_name"], d["options"])
+        self.hooks = d["hooks"]
