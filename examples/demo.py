@@ -36,7 +36,7 @@ from ray.serve.config import AutoscalingConfig, AutoscalingPolicy
 
 import ray_monitor
 from ray_monitor import monitor
-from ray_monitor.client.cli import deployments_table
+from ray_monitor.client.tables import deployments_table
 
 REPO = Path(__file__).resolve().parents[1]
 APP, MODEL = "demo", "Classifier"

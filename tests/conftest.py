@@ -43,6 +43,15 @@ def wait_until(fn: Callable[[], T], timeout: float = 60.0, interval: float = 0.2
         time.sleep(interval)
 
 
+@pytest.fixture
+def capture_server():
+    """An HTTP server on loopback recording every POST (see :class:`tests.helpers.CaptureServer`)."""
+    from tests.helpers import CaptureServer
+
+    with CaptureServer() as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def otlp():
     from tests.otlp_receiver import OtlpReceiver

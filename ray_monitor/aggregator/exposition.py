@@ -1,25 +1,30 @@
-"""``/metrics``: the window store's cumulative series through prometheus_client.
+"""``/metrics``: the aggregator's series through prometheus_client's registry and encoders.
 
-A custom collector, built at scrape time (the registry never holds per-series
-state of its own): counters, gauges, classic-bucket histograms derived from our
-exponential buckets (with trace-id exemplars in OpenMetrics), the ``ALERTS``-style
-series, and the monitor's own health as ``ray_monitor_self_*``.
+Runs in the aggregator actor. Custom collectors, built at scrape time (the registry never
+holds per-series state of its own): counters, gauges, classic-bucket histograms derived
+from our exponential buckets (with trace-id exemplars in OpenMetrics), the ``ALERTS``-style
+series, the autoscaling hints, the monitor's own health as ``ray_monitor_self_*``, and the
+quality and drift gauges of each model. The format is prometheus_client's choice for the
+scraper's ``Accept`` header (:func:`prometheus_client.exposition.choose_encoder`):
+OpenMetrics for Prometheus, which asks for it, the text format otherwise.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, Metric)
-from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OM_CONTENT_TYPE
-from prometheus_client.openmetrics.exposition import generate_latest as om_generate
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
 from prometheus_client.samples import Exemplar
 
-from ray_monitor.common.catalog import METRICS
+from ray_monitor.common.catalog import METRICS, QUALITY_LABELS, QUALITY_METRICS
 from ray_monitor.common.histogram import DEFAULT_CLASSIC_BOUNDS
+
+__all__ = ["MonitorCollector", "QualityCollector", "autoscale_families", "registry", "render",
+           "self_families"]
 
 
 def _le(v: float) -> str:
@@ -38,29 +43,24 @@ class MonitorCollector:
         self._autoscale = autoscale
 
     def collect(self) -> Iterable[Metric]:
-        families: dict[str, Metric] = {}
+        families: dict[str, tuple[Metric, list[str]]] = {}  # metric -> (family, label names)
         for s in self._series():
             m = METRICS[s.metric]
             labels = dict(s.labels)
-            names = list(m.labels)
-            for k in labels:
-                if k not in names:
-                    names.append(k)
-            fam = families.get(m.name)
+            fam, names = families.get(m.name) or (None, None)
             if fam is None:
-                if m.kind == "counter":
-                    fam = CounterMetricFamily(m.prometheus, m.help, labels=names)
-                elif m.kind == "gauge":
-                    fam = GaugeMetricFamily(m.prometheus, m.help, labels=names)
-                else:
-                    fam = HistogramMetricFamily(m.prometheus, m.help, labels=names)
-                families[m.name] = fam
-            values = [str(labels.get(n, "")) for n in fam._labelnames]
+                names = list(m.labels)
+                names.extend(k for k in labels if k not in names)
+                family = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily}.get(
+                    m.kind, HistogramMetricFamily)
+                fam = family(m.prometheus, m.help, labels=names)
+                families[m.name] = (fam, names)
+            values = [str(labels.get(n, "")) for n in names]
             if m.kind == "histogram":
                 fam.add_metric(values, _buckets(s.histogram, s.exemplars), s.histogram.sum)
             else:
                 fam.add_metric(values, float(s.value))
-        yield from families.values()
+        yield from (fam for fam, _ in families.values())
         # Like Prometheus' ALERTS: one series per pending or firing alert, with its
         # labels; alerts of different rules have different label names, so the family
         # takes their union and leaves the missing ones empty (as PromQL reads them).
@@ -130,11 +130,43 @@ def self_families(stats: dict) -> Iterable[Metric]:
         yield CounterMetricFamily(f"ray_monitor_self_{name}", help_, value=value)
 
 
-def render(collector: MonitorCollector, accept: str = "") -> tuple[bytes, str]:
-    """The exposition in OpenMetrics when asked (exemplars), else Prometheus text."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
-    if "application/openmetrics-text" in (accept or ""):
-        return om_generate(registry), OM_CONTENT_TYPE
-    return generate_latest(registry), CONTENT_TYPE_LATEST
+class QualityCollector:
+    """Quality and drift of each model over the fixed gauge window (1h), as gauges:
+    ``ray_monitor_model_*`` per application, deployment and model_version, and
+    ``ray_monitor_drift_*`` with a ``metric`` label (``prediction`` or ``feature_<name>``)."""
 
+    def __init__(self, summary: Callable[[], list[dict]]) -> None:
+        self._summary = summary
+
+    def collect(self) -> Iterable[Metric]:
+        models = self._summary()
+        for name, m in QUALITY_METRICS.items():
+            drift = m.kind == "drift"
+            fam = GaugeMetricFamily(m.prometheus, m.help + " Over the last hour.",
+                                    labels=list(QUALITY_LABELS) + (["metric"] if drift else []))
+            for model in models:
+                labels = [model[k] for k in QUALITY_LABELS]
+                if drift:
+                    for metric, values in sorted(model["drift"].items()):
+                        if values.get(name) is not None:
+                            fam.add_metric(labels + [metric], float(values[name]))
+                elif model["quality"].get(name) is not None:
+                    fam.add_metric(labels, float(model["quality"][name]))
+            yield fam
+
+
+def registry(*collectors: Collector) -> CollectorRegistry:
+    """A registry of ``collectors``, which are asked for their series at each scrape."""
+    reg = CollectorRegistry(auto_describe=False)
+    for c in collectors:
+        reg.register(c)
+    return reg
+
+
+def render(source: Union[CollectorRegistry, Collector], accept: str = "") -> tuple[bytes, str]:
+    """The exposition of a registry (or of one collector) in the format prometheus_client
+    picks for the ``Accept`` header: OpenMetrics (with exemplars) when asked for, else the
+    Prometheus text format. Returns the body and its content type."""
+    reg = source if isinstance(source, CollectorRegistry) else registry(source)
+    encode, content_type = choose_encoder(accept or "")
+    return encode(reg), content_type

@@ -1,21 +1,51 @@
-"""The aggregator's HTTP server: ``/metrics``, ``/api/v1/...``, and reload.
+"""The aggregator's HTTP API: every route of ``/metrics``, ``/api/v1/...`` and ``/-/healthy``.
 
-aiohttp on the actor's own event loop (Ray ships aiohttp). Reads are open; anything
-that writes needs ``Authorization: Bearer TOKEN`` unless the server is bound to
-loopback, where only processes on the node can reach it.
+Runs in the aggregator actor: aiohttp on the actor's own event loop (Ray ships aiohttp).
+It decides who may write and how a request's parameters read; what each answer holds is
+:mod:`~ray_monitor.aggregator.views`, and the status page that polls some of these routes
+is :mod:`~ray_monitor.aggregator.status_page`.
+
+Reads are open; anything that writes needs ``Authorization: Bearer TOKEN`` unless the
+server is bound to loopback, where only processes on the node can reach it. Every JSON
+answer is ``{"status": "success", "data": ...}`` or ``{"status": "error", "error": ...}``
+(a :class:`~ray_monitor.common.errors.BadRequest`, answered with its ``status``), with
+non-finite numbers as ``null`` (JSON has no NaN). Durations in query strings are seconds
+(``90``) or Prometheus durations (``90s``, ``5m``, ``1h``).
+
+- ``GET /metrics``: prometheus_client's exposition, OpenMetrics when the scraper asks for it.
+- ``GET /api/v1/alerts``, ``/rules``, ``/deployments``, ``/hung``: the current state.
+- ``GET /api/v1/hints``: autoscaling hints; config problems that do not stop them in ``warnings``.
+- ``GET /api/v1/quality?window=1h``: quality and drift per model.
+- ``GET /api/v1/compare?deployment=D&versions=v1,v2&window=10m[&application=A]``.
+- ``GET /api/v1/timeseries?function=p99&metric=latency_seconds&window=1h&step=1m&by=...``:
+  one rule-language query at each step of the window (the page's charts).
+- ``GET /api/v1/gpus``: the latest GPU snapshot of each node.
+- ``GET /api/v1/traces?kind=slow|errors&limit=50``: kept traces of slow and failed requests.
+- ``POST /api/v1/rules/reload[?filename=F]`` (a rule file), ``POST /api/v1/feedback``
+  (ground truth), ``POST /api/v1/drift/reference``: writes.
+- ``GET /-/healthy``: ``ok``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import logging
-from typing import Any
+import math
+from typing import Any, Mapping, Optional
 
 from aiohttp import web
 
-from ray_monitor.aggregator import status_page
-from ray_monitor.aggregator.exposition import MonitorCollector, render
+from ray_monitor.aggregator import status_page, views
+from ray_monitor.aggregator.exposition import MonitorCollector, QualityCollector, registry, render
+from ray_monitor.common.durations import parse_seconds
+from ray_monitor.common.errors import BadRequest, ConfigError
+from ray_monitor.quality.compare import COMPARE_WINDOW_S
+from ray_monitor.quality.store import GAUGE_WINDOW_S
+
+__all__ = ["LOOPBACK", "MAX_BODY_BYTES", "make_app", "query_seconds", "start_server",
+           "writes_allowed"]
 
 logger = logging.getLogger("ray_monitor.http")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -23,60 +53,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_BODY_BYTES = 16 * 1024 * 1024
 
 
-class _Collectors:
-    """Several collectors rendered as one registry entry."""
-
-    def __init__(self, *collectors) -> None:
-        self._collectors = collectors
-
-    def collect(self):
-        for c in self._collectors:
-            yield from c.collect()
-
-
-class QualityCollector:
-    """Quality and drift of each model over the fixed gauge window (1h), as gauges:
-    ``ray_monitor_model_*`` per application, deployment and model_version, and
-    ``ray_monitor_drift_*`` with a ``metric`` label (``prediction`` or ``feature_<name>``)."""
-
-    def __init__(self, summary) -> None:
-        self._summary = summary
-
-    def collect(self):
-        from prometheus_client.core import GaugeMetricFamily
-
-        from ray_monitor.common.catalog import QUALITY_LABELS, QUALITY_METRICS
-
-        models = self._summary()
-        for name, m in QUALITY_METRICS.items():
-            drift = m.kind == "drift"
-            fam = GaugeMetricFamily(m.prometheus, m.help + " Over the last hour.",
-                                    labels=list(QUALITY_LABELS) + (["metric"] if drift else []))
-            for model in models:
-                labels = [model[k] for k in QUALITY_LABELS]
-                if drift:
-                    for metric, values in sorted(model["drift"].items()):
-                        if values.get(name) is not None:
-                            fam.add_metric(labels + [metric], float(values[name]))
-                elif model["quality"].get(name) is not None:
-                    fam.add_metric(labels, float(model["quality"][name]))
-            yield fam
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(text=json.dumps(data, default=_default, indent=1), status=status,
-                        content_type="application/json")
-
-
-def _default(o: Any):
-    if hasattr(o, "__dataclass_fields__"):
-        from dataclasses import asdict
-
-        return asdict(o)
-    if isinstance(o, (set, frozenset, tuple)):
-        return list(o)
-    return str(o)
-
+# -- what requests say, what answers hold ------------------------------------------------
 
 def writes_allowed(host: str, token: str | None, header: str | None) -> tuple[bool, str]:
     """Whether a write request may proceed, and why not."""
@@ -91,137 +68,197 @@ def writes_allowed(host: str, token: str | None, header: str | None) -> tuple[bo
                    "start the monitor with token=... (or RAY_MONITOR_TOKEN)")
 
 
+def query_seconds(text: Optional[str], field: str, default: float) -> float:
+    """A duration from a query string (``1h``, ``90s``, ``5m`` or a bare number of
+    seconds), above 0; ``default`` when absent. Raises :class:`BadRequest` naming ``field``."""
+    if text is None or text == "":
+        return default
+    try:
+        value = parse_seconds(text)
+    except ValueError:
+        raise BadRequest(f"{field}={text!r} is not a duration; write it like 60, 30s, 5m or 1h",
+                         field=field) from None
+    if not value > 0:
+        raise BadRequest(f"{field}={text!r} must be a duration above 0", field=field)
+    return value
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: non-finite floats as null (JSON has no Infinity), dataclasses as dicts,
+    tuples and sets as lists, keys as strings."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _clean(dataclasses.asdict(obj))
+    if isinstance(obj, Mapping):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(_clean(body), default=str), status=status,
+                        content_type="application/json")
+
+
+def _ok(data: Any, **extra: Any) -> web.Response:
+    return _json({"status": "success", "data": data, **extra})
+
+
+@web.middleware
+async def _bad_requests(request: web.Request, handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except BadRequest as e:
+        return _json({"status": "error", "error": str(e)}, e.status)
+    except ConfigError as e:  # a rule file or section that cannot be used: every problem
+        return _json({"status": "error", "error": str(e), "problems": e.as_dicts()}, 400)
+
+
+async def _body_json(request: web.Request) -> Any:
+    try:
+        return json.loads(await request.text())
+    except ValueError as e:
+        raise BadRequest(f"the body must be JSON: {e}") from None
+
+
+def _float_param(query: Mapping[str, str], name: str) -> Optional[float]:
+    if not query.get(name):
+        return None
+    try:
+        return float(query[name])
+    except ValueError:
+        raise BadRequest(f"{name}={query[name]!r} is not a number", field=name) from None
+
+
+# -- the app ------------------------------------------------------------------------------
+
 def make_app(agg) -> web.Application:
+    """The aggregator's app; ``agg`` is the actor (``core``, ``host``, ``token``, and the
+    async ``hints()`` and ``reload()`` that also keep the GCS copy current)."""
     core = agg.core
-    collector = _Collectors(
+    metrics_registry = registry(
         MonitorCollector(series=core.store.cumulative, alerts=core.engine.alert_series,
                          self_metrics=core.self_metrics,
                          autoscale=lambda: (core.hints.hints(), core.hints.decisions)),
         QualityCollector(core.quality_summary))
 
-    async def metrics(request: web.Request) -> web.Response:
-        body, ctype = render(collector, request.headers.get("Accept", ""))
+    def check_writer(request: web.Request) -> None:
+        ok, why = writes_allowed(agg.host, agg.token, request.headers.get("Authorization"))
+        if not ok:
+            raise BadRequest(why, field="Authorization", status=403 if agg.token is None else 401)
+
+    async def metrics(request):
+        body, ctype = render(metrics_registry, request.headers.get("Accept", ""))
         return web.Response(body=body, headers={"Content-Type": ctype})
 
     async def alerts(request):
-        return _json({"status": "success", "data": core.alerts()})
+        return _ok(core.alerts())
 
     async def rules(request):
-        return _json({"status": "success", "data": core.rules()})
+        return _ok(core.rules())
 
     async def deployments(request):
-        return _json({"status": "success", "data": core.deployments()})
+        return _ok(core.deployments())
 
     async def hints(request):
         # Like Prometheus' API, problems that do not stop the answer go in "warnings".
-        return _json({"status": "success", "data": await agg.hints(),
-                      "warnings": list(core.config_warnings)})
+        return _ok(await agg.hints(), warnings=list(core.config_warnings))
+
+    async def hung(request):
+        return _ok(core.hung())
+
+    async def quality(request):
+        return _ok(core.quality_summary(
+            query_seconds(request.query.get("window"), "window", GAUGE_WINDOW_S)))
+
+    async def compare(request):
+        q = request.query
+        versions = [v for v in q.get("versions", "").split(",") if v]
+        if len(versions) != 2:
+            raise BadRequest("versions: name two model versions, e.g. versions=v1,v2",
+                             field="versions")
+        window_s = query_seconds(q.get("window"), "window", COMPARE_WINDOW_S)
+        try:
+            data = core.compare(q.get("deployment", ""), tuple(versions),
+                                application=q.get("application") or None, window_s=window_s)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+        return _ok(data)
+
+    async def timeseries(request):
+        qs = request.query
+        by_text = qs.get("by")
+        by = views.DEFAULT_BY if by_text is None else \
+            tuple(b for b in by_text.split(",") if b) or None
+        return _ok(views.timeseries(
+            core.store, qs.get("function", "rate"), qs.get("metric", "requests"),
+            now=core.clock(), by=by, param=_float_param(qs, "param"),
+            window_s=query_seconds(qs.get("window"), "window", views.DEFAULT_WINDOW_S),
+            step_s=query_seconds(qs.get("step"), "step", views.DEFAULT_STEP_S)))
+
+    async def gpus(request):
+        return _ok(views.gpu_nodes(core.gpu_latest))
+
+    async def traces(request):
+        return _json(views.traces_view(core.trace_store, request.query.get("kind"),
+                                       request.query.get("limit")))
 
     async def reload(request):
-        ok, why = writes_allowed(agg.host, agg.token, request.headers.get("Authorization"))
-        if not ok:
-            return _json({"status": "error", "error": why}, 403 if agg.token is None else 401)
+        check_writer(request)
         text = await request.text()
-        from ray_monitor.alerting.rules import RuleError
-
-        try:
-            res = await agg.reload(text, request.query.get("filename"))
-        except RuleError as e:  # the old rules keep running
-            return _json({"status": "error", "error": str(e)}, 400)
-        return _json({"status": "success", "data": res})
-
-    def refused(request) -> web.Response | None:
-        ok, why = writes_allowed(agg.host, agg.token, request.headers.get("Authorization"))
-        if ok:
-            return None
-        return _json({"status": "error", "error": why}, 403 if agg.token is None else 401)
-
-    async def body_json(request) -> Any:
-        try:
-            return json.loads(await request.text())
-        except ValueError as e:
-            raise _BadRequest(f"the body must be JSON: {e}") from None
+        # A bad file raises ConfigError (400, every problem listed); the old rules and
+        # receivers keep running.
+        return _ok(await agg.reload(text, request.query.get("filename")))
 
     async def feedback(request):
-        if (no := refused(request)) is not None:
-            return no
-        try:
-            body = await body_json(request)
-        except _BadRequest as e:
-            return _json({"status": "error", "error": str(e)}, 400)
+        check_writer(request)
+        body = await _body_json(request)
         if isinstance(body, dict):
             body = [body]
         if not isinstance(body, list):
-            return _json({"status": "error", "error": 'send one object {"request_id": ..., '
-                          '"label": ...} or a list of them'}, 400)
-        return _json({"status": "success", "data": core.feedback(body)})
+            raise BadRequest('send one object {"request_id": ..., "label": ...} or a list of them')
+        return _ok(core.feedback(body))
 
     async def drift_reference(request):
-        if (no := refused(request)) is not None:
-            return no
+        check_writer(request)
+        body = await _body_json(request)
+        if not isinstance(body, dict) or not isinstance(body.get("references"), dict):
+            raise BadRequest('send {"application": ..., "deployment": ..., '
+                             '"model_version": "", "references": {"feature_age": [values...]}}')
         try:
-            body = await body_json(request)
-            if not isinstance(body, dict) or not isinstance(body.get("references"), dict):
-                raise _BadRequest('send {"application": ..., "deployment": ..., '
-                                  '"model_version": "", "references": {"feature_age": [values...]}}')
             data = core.set_drift_reference(body.get("application", ""), body.get("deployment"),
                                             body.get("model_version", ""), body["references"])
-        except (_BadRequest, TypeError, ValueError) as e:
-            return _json({"status": "error", "error": str(e)}, 400)
-        return _json({"status": "success", "data": data})
-
-    async def hung(request):
-        return _json({"status": "success", "data": core.hung()})
-
-    async def quality(request):
-        from ray_monitor.common.durations import parse_duration
-
-        try:
-            window = parse_duration(request.query.get("window", "1h"))
-        except ValueError as e:
-            return _json({"status": "error", "error": f"window: {e}"}, 400)
-        return _json({"status": "success", "data": core.quality_summary(window)})
-
-    async def compare(request):
-        from ray_monitor.common.durations import parse_duration
-
-        q = request.query
-        versions = [v for v in q.get("versions", "").split(",") if v]
-        try:
-            if len(versions) != 2:
-                raise ValueError("versions: name two model versions, e.g. versions=v1,v2")
-            data = core.compare(q.get("deployment", ""), tuple(versions),
-                                application=q.get("application") or None,
-                                window_s=parse_duration(q.get("window", "10m")))
-        except ValueError as e:
-            return _json({"status": "error", "error": str(e)}, 400)
-        return _json({"status": "success", "data": data})
+        except (TypeError, ValueError) as e:
+            raise BadRequest(str(e)) from None
+        return _ok(data)
 
     async def health(request):
         return web.Response(text="ok")
 
-    app = web.Application(client_max_size=MAX_BODY_BYTES)
-    app.add_routes([web.get("/metrics", metrics), web.get("/api/v1/alerts", alerts),
-                    web.get("/api/v1/rules", rules), web.get("/api/v1/deployments", deployments),
-                    web.get("/api/v1/hints", hints), web.post("/api/v1/rules/reload", reload),
-                    web.post("/api/v1/feedback", feedback),
-                    web.post("/api/v1/drift/reference", drift_reference),
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_bad_requests])
+    app.add_routes([web.get("/metrics", metrics),
+                    web.get("/api/v1/alerts", alerts), web.get("/api/v1/rules", rules),
+                    web.get("/api/v1/deployments", deployments), web.get("/api/v1/hints", hints),
                     web.get("/api/v1/hung", hung), web.get("/api/v1/quality", quality),
                     web.get("/api/v1/compare", compare),
+                    web.get("/api/v1/timeseries", timeseries), web.get("/api/v1/gpus", gpus),
+                    web.get("/api/v1/traces", traces),
+                    web.post("/api/v1/rules/reload", reload),
+                    web.post("/api/v1/feedback", feedback),
+                    web.post("/api/v1/drift/reference", drift_reference),
                     web.get("/-/healthy", health)])
-    status_page.add_routes(app, agg)
+    status_page.add_routes(app)
     return app
 
 
-class _BadRequest(ValueError):
-    pass
-
-
 async def start_server(agg, host: str, port: int):
+    """Serves :func:`make_app` on ``host:port`` (0: any free port); returns the runner and
+    the port bound."""
     runner = web.AppRunner(make_app(agg), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    bound = site._server.sockets[0].getsockname()[1]
+    await web.TCPSite(runner, host, port).start()
+    bound = runner.addresses[0][1]
     logger.info("ray-monitor: serving /metrics and /api/v1 on %s:%s", host, bound)
     return runner, bound

@@ -1,12 +1,13 @@
 """The aggregator's traces of slow and failed requests, grouped by trace id, bounded.
 
-Replicas send span records (:func:`ray_monitor.replica.tracing.span_record`) in their
-snapshots. A trace is kept once one of its spans failed (kind ``errors``) or was
-slower than its deployment's ``slow_threshold_s`` (kind ``slow``); from then on every
-span of it that arrives, from any replica, joins it, up to ``max_spans`` per trace.
-Head-sampled ok spans are context: they wait ``pending_s`` in a bounded pending area
-for a kept span of their trace (another replica's flush may bring it a second later)
-and are dropped if none comes.
+Runs in the aggregator actor (the CLI and ``Monitor.traces`` use its checks of ``kind``
+and ``limit``). It decides which spans are kept and for how long. Replicas send span
+records (:func:`ray_monitor.replica.tracing.span_record`) in their snapshots. A trace is
+kept once one of its spans failed (kind ``errors``) or was slower than its deployment's
+``slow_threshold_s`` (kind ``slow``); from then on every span of it that arrives, from any
+replica, joins it, up to ``max_spans`` per trace. Head-sampled ok spans are context: they
+wait ``pending_s`` in a bounded pending area for a kept span of their trace (another
+replica's flush may bring it a second later) and are dropped if none comes.
 
 Bounds, independent of traffic: the newest ``max_traces`` traces of each kind (the
 oldest out), ``max_spans`` per trace, ``max_pending_spans`` context spans waiting.
@@ -19,6 +20,9 @@ from collections import OrderedDict
 from typing import Callable, Iterable, Optional
 
 from ray_monitor.common.snapshot import ReplicaIdentity
+
+__all__ = ["KINDS", "MAX_LIMIT", "TraceStore", "check_kind", "check_limit", "error_text",
+           "tree_order"]
 
 KINDS = ("errors", "slow")
 MAX_TRACES = 500

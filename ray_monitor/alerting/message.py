@@ -1,7 +1,8 @@
 """An alert as notifiers send it: the shape of Alertmanager's ``POST /api/v2/alerts``.
 
-The rule engine produces these; notifiers turn them into Alertmanager, webhook
-(payload version "4"), Slack and email messages. Times are Unix seconds.
+Made and sent in the aggregator: the rule engine produces these; notifiers turn them
+into Alertmanager, webhook (payload version "4"), Slack and email messages. Times are
+Unix seconds; fingerprints are Alertmanager's, so both name an alert alike.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Literal, Optional
+
+__all__ = ["AlertMessage", "fingerprint", "rfc3339"]
 
 _FNV_OFFSET = 14695981039346656037
 _FNV_PRIME = 1099511628211

@@ -28,13 +28,12 @@ arguments (its thread and cache start afresh where it lands).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
 import time
 import weakref
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from ray_monitor.common.names import AGGREGATOR_NAME, NAMESPACE
 

@@ -1,23 +1,22 @@
-"""``ray_monitor.start()``, ``connect()``, ``stop()`` and the handle they return."""
+"""``ray_monitor.start()``, ``connect()``, ``stop()`` and the handle they return.
+
+Runs in the user's driver and in the CLI: it checks what it is given (rule file, options)
+before anything starts, then creates or finds the aggregator actor and talks to it.
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import ray
 
+from ray_monitor.common import env
+from ray_monitor.common.config import StartConfig
+from ray_monitor.common.errors import MonitorNotRunning
 from ray_monitor.common.names import AGGREGATOR_NAME, NAMESPACE
 
-_START_OPTIONS = {"host", "port", "token", "eval_interval_s", "notifications", "gpu",
-                  "gpu_interval_s", "series_ttl_s", "nvml_factory", "feedback_horizon_s",
-                  "drift_reference_size"}
-
-
-class MonitorNotRunning(RuntimeError):
-    """No aggregator is running in this cluster."""
-
+__all__ = ["Monitor", "connect", "record_feedback", "start", "stop"]
 
 class Monitor:
     """A handle on the cluster's aggregator."""
@@ -129,89 +128,63 @@ def record_feedback(request_id: Any, label: Any = None, *, value: Any = None,
     bad item never loses the rest of a batch. Raises :class:`MonitorNotRunning` when no
     monitor runs."""
     items = _feedback_items(request_id, label, value)
+    return ray.get(_running_aggregator().feedback.remote(items), timeout=timeout)
+
+
+def _running_aggregator():
+    """The aggregator actor; :class:`MonitorNotRunning` when there is none."""
     _ensure_ray()
     try:
-        actor = ray.get_actor(AGGREGATOR_NAME, namespace=NAMESPACE)
+        return ray.get_actor(AGGREGATOR_NAME, namespace=NAMESPACE)
     except ValueError:
         raise MonitorNotRunning("no ray-monitor is running in this cluster; start one with "
                                 "ray_monitor.start() or `ray-monitor start`") from None
-    return ray.get(actor.feedback.remote(items), timeout=timeout)
 
 
 def _rules_source(rules: Union[None, str, Path, dict]) -> tuple[Any, Optional[str]]:
-    """Rules as text (or a dict) plus a filename for error messages, checked here."""
-    from ray_monitor.alerting.rules import load_rules
+    """The rule file's content (text or a dict) and its name, every section checked here,
+    in the caller: the aggregator gets content, never a path on another machine."""
+    from ray_monitor.alerting.loader import load_rule_file
 
     if rules is None:
         return None, None
-    if isinstance(rules, dict):
-        load_rules(rules, filename="<dict>")
-        return rules, "<dict>"
-    if isinstance(rules, Path) or (isinstance(rules, str) and "\n" not in rules
-                                   and rules.endswith((".yaml", ".yml"))):
-        path = Path(rules)
-        if not path.is_file():
-            raise FileNotFoundError(f"rules: no file {str(path)!r}; pass a path to a YAML "
-                                    "rule file, the YAML text itself, or a dict")
-        text = path.read_text()
-        load_rules(text, filename=str(path))
-        return text, str(path)
-    load_rules(rules, filename="<rules>")
-    return rules, "<rules>"
+    rule_file = load_rule_file(rules)
+    return rule_file.source, rule_file.file
 
 
 def _ensure_ray() -> None:
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, ignore_reinit_error=True)
+        ray.init(address=env.RAY_ADDRESS.get(), ignore_reinit_error=True)
 
 
-def start(rules: Union[None, str, Path, dict] = None, **options: Any) -> Monitor:
+def start(rules: Union[None, str, Path, dict] = None, *, config: Optional[StartConfig] = None,
+          **options: Any) -> Monitor:
     """Starts the cluster's monitor, or returns the running one (updating its rules
-    when ``rules`` is given). Options: ``host`` (127.0.0.1), ``port`` (8266; 0 for
-    any), ``token``, ``eval_interval_s`` (1), ``notifications`` (see README),
-    ``gpu`` (True), ``gpu_interval_s`` (1), ``series_ttl_s`` (300), ``feedback_horizon_s``
-    (3600: how long a prediction waits for its ground truth), ``drift_reference_size``
-    (1000: observations that make a drift reference when none is set)."""
-    unknown = set(options) - _START_OPTIONS
-    if unknown:
-        raise TypeError(f"ray_monitor.start(): unknown option(s) {sorted(unknown)}; "
-                        f"known: {sorted(_START_OPTIONS)}")
-    for name in ("feedback_horizon_s", "drift_reference_size"):
-        v = options.get(name)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
-                              or (name == "drift_reference_size" and not isinstance(v, int))):
-            raise ValueError(f"ray_monitor.start({name}=...): expected a positive "
-                             f"{'int' if name == 'drift_reference_size' else 'number of seconds'}, "
-                             f"got {v!r}")
-    text, filename = _rules_source(rules)  # a bad file is refused here, before any actor
-    if "notifications" in options and options["notifications"] is not None:
-        from ray_monitor.alerting.notify import NotifyConfig
+    when ``rules`` is given).
 
-        NotifyConfig.from_dict(options["notifications"])  # a bad section is refused here
+    ``rules`` is a rule file: a path, its YAML text, or a dict. Options are the fields of
+    :class:`~ray_monitor.StartConfig` (``host``, ``port``, ``token``, ``eval_interval_s``,
+    ``notifications``, ``gpu``, ``gpu_interval_s``, ``series_ttl_s``,
+    ``feedback_horizon_s``, ``drift_reference_size``, ...), as keywords or as ``config=``
+    (keywords win). A bad rule file or option raises
+    :class:`~ray_monitor.ConfigError` naming every problem, before anything starts."""
+    cfg = StartConfig.build(config, **options)
+    text, filename = _rules_source(rules)  # a bad file is refused here, before any actor
     _ensure_ray()
-    config = {"host": os.environ.get("RAY_MONITOR_HOST", "127.0.0.1"),
-              "port": int(os.environ.get("RAY_MONITOR_PORT", "8266")),
-              "token": os.environ.get("RAY_MONITOR_TOKEN") or None, **options,
-              "rules_text": text, "rules_file": filename}
     from ray_monitor.aggregator.actor import get_or_create
 
-    actor = get_or_create(config)
+    actor = get_or_create(cfg, rules_text=text, rules_file=filename)
     url = ray.get(actor.ready.remote(), timeout=120)
     if text is not None:
         ray.get(actor.reload.remote(text, filename), timeout=60)
-    if options.get("notifications") is not None:
-        ray.get(actor.configure.remote(options["notifications"]), timeout=60)
+    if cfg.notifications is not None:
+        ray.get(actor.configure.remote(cfg.notifications), timeout=60)
     return Monitor(actor, url)
 
 
 def connect(timeout: float = 30.0) -> Monitor:
     """Attaches to the running monitor; raises :class:`MonitorNotRunning` if none."""
-    _ensure_ray()
-    try:
-        actor = ray.get_actor(AGGREGATOR_NAME, namespace=NAMESPACE)
-    except ValueError:
-        raise MonitorNotRunning("no ray-monitor is running in this cluster; start one with "
-                                "ray_monitor.start() or `ray-monitor start`") from None
+    actor = _running_aggregator()
     return Monitor(actor, ray.get(actor.ready.remote(), timeout=timeout))
 
 

@@ -1,240 +1,44 @@
 """The ``ray-monitor`` command line: start, stop, status, alerts, traces, rule files,
 dashboard, compare.
 
-Each command is a function ``(args, *, out, ...)`` whose seams (``connect``,
-``start``, ``stop``, ``clock``, ``sleep``) are injectable, so tests drive it with a
-fake monitor and no Ray. Exit codes: 0 done, 1 an input was refused (a bad rule
-file), 2 a usage error (argparse's), 3 no monitor or no Ray cluster to talk to.
+Runs wherever a user types it; it parses arguments, reads rule files through the one
+reader (:func:`~ray_monitor.alerting.loader.load_rule_file`) before anything touches a
+cluster, and prints with :mod:`~ray_monitor.client.tables`. Each command is a function
+``(args, *, out, ...)`` whose seams (``connect``, ``start``, ``stop``, ``clock``,
+``sleep``) are injectable, so tests drive it with a fake monitor and no Ray. Exit codes:
+0 done, 1 an input was refused (a bad rule file), 2 a usage error (argparse's), 3 no
+monitor or no Ray cluster to talk to.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
-import json
-import math
-import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, TextIO
+
+from ray_monitor.client.tables import (alerts_table, compare_table, deployments_table, gpu_nodes,
+                                       gpus_table, hints_table, print_json, sort_alerts,
+                                       traces_table)
+from ray_monitor.common import env
+from ray_monitor.common.errors import ConfigError, MonitorNotRunning
+
+if TYPE_CHECKING:
+    from ray_monitor.alerting.loader import RuleFile
+
+__all__ = ["ALERT_STATES", "EXIT_NO_MONITOR", "EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE", "NoCluster",
+           "build_parser", "cmd_alerts", "cmd_compare", "cmd_dashboard_export", "cmd_rules_check",
+           "cmd_rules_export", "cmd_rules_reload", "cmd_start", "cmd_status", "cmd_stop",
+           "cmd_traces", "main"]
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NO_MONITOR = 0, 1, 2, 3
 ALERT_STATES = ("firing", "pending", "all")
-_STATE_ORDER = {"firing": 0, "pending": 1, "resolved": 2}
 
 
 class NoCluster(RuntimeError):
     """No Ray cluster answers at the address given."""
-
-
-# ------------------------------------------------------------------------ formatting
-
-def format_age(seconds: Optional[float]) -> str:
-    """Elapsed time the way ``kubectl`` prints an age: ``42s``, ``3m12s``, ``2h5m``, ``1d3h``."""
-    if seconds is None:
-        return "-"
-    s = max(0, int(seconds))  # a clock slightly behind the aggregator's reads as 0s
-    days, s = divmod(s, 86400)
-    hours, s = divmod(s, 3600)
-    minutes, s = divmod(s, 60)
-    if days:
-        return f"{days}d{hours}h"
-    if hours:
-        return f"{hours}h{minutes}m"
-    if minutes:
-        return f"{minutes}m{s}s"
-    return f"{s}s"
-
-
-def format_rate(per_s: Optional[float]) -> str:
-    """Requests per second: ``0``, ``<0.01``, ``0.25``, ``12.4``, ``1530``."""
-    if per_s is None:
-        return "-"
-    if per_s == 0:
-        return "0"
-    if per_s < 0.01:
-        return "<0.01"
-    return f"{per_s:.2f}" if per_s < 10 else f"{per_s:.1f}" if per_s < 100 else f"{per_s:.0f}"
-
-
-def format_percent(ratio: Optional[float]) -> str:
-    """A ratio as a percentage: 0.005 -> ``0.50%``, 0.125 -> ``12.5%``."""
-    if ratio is None:
-        return "-"
-    if ratio == 0:
-        return "0%"
-    pct = ratio * 100
-    if pct < 0.01:
-        return "<0.01%"
-    return f"{pct:.2f}%" if pct < 10 else f"{pct:.1f}%"
-
-
-def format_ms(seconds: Optional[float]) -> str:
-    """Seconds as milliseconds: 0.00045 -> ``0.45``, 0.0123 -> ``12.3``, 0.85 -> ``850``."""
-    if seconds is None:
-        return "-"
-    ms = seconds * 1000
-    return f"{ms:.2f}" if ms < 10 else f"{ms:.1f}" if ms < 100 else f"{ms:.0f}"
-
-
-def format_value(v: Optional[float]) -> str:
-    """An alert's value, four significant digits: ``1.234``, ``0.0625``, ``3``."""
-    return "-" if v is None else f"{v:.4g}"
-
-
-def render_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """Left-aligned columns two spaces apart, as ``kubectl get`` prints them."""
-    cells = [list(headers)] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
-
-
-def _clean(obj: Any) -> Any:
-    """JSON-safe: dataclasses as dicts, non-finite floats as null (JSON has no Infinity)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _clean(dataclasses.asdict(obj))
-    if isinstance(obj, Mapping):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def _print_json(out: TextIO, data: Any, *, compact: bool = False) -> None:
-    if compact:
-        out.write(json.dumps(_clean(data), sort_keys=True, default=str) + "\n")
-    else:
-        out.write(json.dumps(_clean(data), sort_keys=True, indent=2, default=str) + "\n")
-
-
-# ---------------------------------------------------------------------------- tables
-
-def _labels_text(labels: Mapping[str, str]) -> str:
-    # alertname is the ALERT column already
-    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()) if k != "alertname") or "-"
-
-
-def _state_since(alert: Mapping[str, Any]) -> Optional[float]:
-    """When the alert entered its current state."""
-    key = {"firing": "fired_at", "resolved": "resolved_at"}.get(alert.get("state"), "active_at")
-    return alert.get(key) or alert.get("active_at")
-
-
-def _ago(t: Optional[float], now: float) -> str:
-    return "-" if t is None else f"{format_age(now - t)} ago"
-
-
-def sort_alerts(alerts: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """Firing first, then pending, then resolved; by name and labels within each."""
-    return sorted(alerts, key=lambda a: (_STATE_ORDER.get(a.get("state"), 9), a.get("name", ""),
-                                         _labels_text(a.get("labels") or {})))
-
-
-def deployments_table(deployments: Iterable[Mapping[str, Any]]) -> str:
-    rows = []
-    for d in deployments:
-        inflight = d.get("inflight")
-        rows.append([d.get("application", "-"), d.get("deployment", "-"), d.get("replicas", 0),
-                     ",".join(d.get("model_versions") or ()) or "-",
-                     format_rate(d.get("rate_per_s")), format_percent(d.get("error_ratio")),
-                     format_ms(d.get("p50_s")), format_ms(d.get("p99_s")),
-                     "-" if inflight is None else round(inflight)])
-    return render_table(["APPLICATION", "DEPLOYMENT", "REPLICAS", "VERSIONS", "RATE/S", "ERRORS",
-                         "P50(ms)", "P99(ms)", "IN-FLIGHT"], rows)
-
-
-def alerts_table(alerts: Iterable[Mapping[str, Any]], now: float, *, state: bool = True,
-                 summary: bool = True) -> str:
-    headers = ["ALERT"] + (["STATE"] if state else []) + ["LABELS", "SINCE", "VALUE"] + (
-        ["SUMMARY"] if summary else [])
-    rows = []
-    for a in sort_alerts(alerts):
-        row = [a.get("name", "-")] + ([a.get("state", "-")] if state else []) + [
-            _labels_text(a.get("labels") or {}), _ago(_state_since(a), now),
-            format_value(a.get("value"))]
-        if summary:
-            row.append((a.get("annotations") or {}).get("summary", "") or "-")
-        rows.append(row)
-    return render_table(headers, rows)
-
-
-def _because(reason: Mapping[str, Any]) -> str:
-    """One reason of a hint (see ``hints.Hint.to_dict``) in a few words."""
-    src = reason.get("source")
-    if src == "rule":
-        how = f"+{reason['step']}" if reason.get("step") else f"x{reason.get('factor')}"
-        return f"rule {reason.get('name')} ({how})"
-    if src == "target":
-        return (f"target {reason.get('metric')}={format_value(reason.get('value'))}"
-                f" (want {format_value(reason.get('target'))})")
-    if src == "stabilization":
-        return f"holding {reason.get('desired')} for {format_age(reason.get('window_s'))}"
-    return str(src or reason)
-
-
-def hints_table(hints: Iterable[Mapping[str, Any]]) -> str:
-    """Autoscaling hints: the desired replicas per deployment and the reasons behind them."""
-    rows = []
-    for h in hints:
-        reasons = h.get("reasons") or ()
-        because = "; ".join(_because(r) for r in reasons) if reasons else h.get("reason", "-")
-        desired = h.get("desired")
-        rows.append([h.get("application", "-"), h.get("deployment", "-"), h.get("current", "-"),
-                     "-" if desired is None else desired, h.get("apply", "policy"), because])
-    return render_table(["APPLICATION", "DEPLOYMENT", "REPLICAS", "DESIRED", "APPLY", "BECAUSE"],
-                        rows)
-
-
-def _gpu_nodes(gpus: Any) -> list[dict]:
-    """``Monitor.gpus()`` as a list of snapshot dicts, from a node->snapshot mapping or a list."""
-    nodes = list(gpus.values()) if isinstance(gpus, Mapping) else list(gpus or ())
-    return [_clean(n) for n in nodes]
-
-
-def gpus_table(nodes: Iterable[Mapping[str, Any]]) -> str:
-    rows = []
-    for node in nodes:
-        name = str(node.get("node_id", "-"))[:12]
-        if not node.get("devices"):
-            rows.append([name, "-", f"no GPUs: {node.get('no_gpus_reason') or 'none found'}",
-                         "-", "-", "-", "-", "-"])
-            continue
-        for dev in node["devices"]:
-            v = dev.get("values") or {}
-            used, total = v.get("memory_used_bytes"), v.get("memory_total_bytes")
-            replicas = sorted({(p.get("replica") or {}).get("replica") for p in node.get("processes") or ()
-                               if p.get("gpu_index") == dev.get("index") and p.get("replica")})
-            rows.append([
-                name, dev.get("index", "-"), dev.get("model", "-") + (" (lost)" if dev.get("lost") else ""),
-                format_percent(v.get("utilization_ratio")),
-                "-" if used is None or total is None else f"{used / 2**30:.1f}/{total / 2**30:.1f}GiB",
-                "-" if v.get("power_watts") is None else f"{v['power_watts']:.0f}W",
-                "-" if v.get("temperature_celsius") is None else f"{v['temperature_celsius']:.0f}C",
-                ",".join(replicas) or "-"])
-    return render_table(["NODE", "GPU", "MODEL", "UTIL", "MEMORY", "POWER", "TEMP", "REPLICAS"], rows)
-
-
-#: Characters of a trace's error shown in the table (``--json`` has all of it).
-TRACE_ERROR_WIDTH = 60
-
-
-def traces_table(traces: Iterable[Mapping[str, Any]], now: float) -> str:
-    """Kept traces, one a line: when, id, kind, where, root span, duration, spans, error."""
-    rows = []
-    for t in traces:
-        error = t.get("error") or "-"
-        if len(error) > TRACE_ERROR_WIDTH:
-            error = error[:TRACE_ERROR_WIDTH - 3] + "..."
-        rows.append([_ago(t.get("start"), now), t.get("trace_id", "-"),
-                     ",".join(t.get("kinds") or ()) or "-",
-                     f"{t.get('application', '')}/{t.get('deployment', '')}", t.get("root", "-"),
-                     format_ms(t.get("duration_s")), t.get("span_count", 0), error])
-    return render_table(["WHEN", "TRACE", "KIND", "APPLICATION/DEPLOYMENT", "ROOT", "DURATION(ms)",
-                         "SPANS", "ERROR"], rows)
 
 
 # ------------------------------------------------------------------------- the cluster
@@ -264,16 +68,19 @@ def _connect(args, connect: Optional[Callable[[], Any]]):
     return connect()
 
 
-def _load_checked(path: str):
-    from ray_monitor.alerting.rules import load_rules
+def _load_checked(path: str) -> "RuleFile":
+    """The rule file at ``path``, every section checked; raises ``ConfigError`` naming the
+    file and, for each problem, the group and rule or the deployment, and the field."""
+    from ray_monitor.alerting.loader import load_rule_file
 
-    return load_rules(Path(path), filename=path)  # raises RuleError naming file, rule and field
+    # As given, not as a Path: 'myrules' is refused as load_rule_file refuses it anywhere.
+    return load_rule_file(path)
 
 
 # ---------------------------------------------------------------------------- commands
 
 def cmd_start(args, *, start: Optional[Callable[..., Any]] = None, out: TextIO = sys.stdout) -> int:
-    ruleset = _load_checked(args.rules) if args.rules else None  # refused before any cluster work
+    ruleset = _load_checked(args.rules).ruleset if args.rules else None  # before any cluster work
     if start is None:
         import ray_monitor
 
@@ -284,7 +91,7 @@ def cmd_start(args, *, start: Optional[Callable[..., Any]] = None, out: TextIO =
     info = {"url": monitor.url, "metrics_url": monitor.metrics_url, "rules_file": args.rules,
             "rules": None if ruleset is None else sum(1 for _ in ruleset.rules())}
     if args.json:
-        _print_json(out, info)
+        print_json(out, info)
         return EXIT_OK
     out.write(f"ray-monitor is running at {info['url']}\n")
     out.write(f"  metrics: {info['metrics_url']}\n")
@@ -310,11 +117,11 @@ def cmd_status(args, *, connect: Optional[Callable[[], Any]] = None, out: TextIO
     deployments, alerts, hints = monitor.deployments(), monitor.alerts(), monitor.hints()
     # GPU hook: Monitor may gain gpus(); older monitors lack it and the section is left out.
     gpus_fn = getattr(monitor, "gpus", None)
-    gpus = _gpu_nodes(gpus_fn()) if callable(gpus_fn) else None
+    gpus = gpu_nodes(gpus_fn()) if callable(gpus_fn) else None
     firing = [a for a in alerts if a.get("state") == "firing"]
     pending = sum(1 for a in alerts if a.get("state") == "pending")
     if args.json:
-        _print_json(out, {"url": getattr(monitor, "url", None), "deployments": deployments,
+        print_json(out, {"url": getattr(monitor, "url", None), "deployments": deployments,
                           "alerts": sort_alerts(firing), "pending_alerts": pending,
                           "hints": hints, "gpus": gpus})
         return EXIT_OK
@@ -346,7 +153,7 @@ def cmd_alerts(args, *, connect: Optional[Callable[[], Any]] = None, out: TextIO
             alerts = [a for a in monitor.alerts() if args.state == "all" or a.get("state") == args.state]
             now = clock()
             if args.json:
-                _print_json(out, sort_alerts(alerts), compact=args.watch)
+                print_json(out, sort_alerts(alerts), compact=args.watch)
             else:
                 if args.watch:
                     if out.isatty():
@@ -370,7 +177,7 @@ def cmd_traces(args, *, connect: Optional[Callable[[], Any]] = None, out: TextIO
     kind = "slow" if args.slow else "errors" if args.errors else None
     traces = _connect(args, connect).traces(kind=kind, limit=args.limit)
     if args.json:
-        _print_json(out, traces)
+        print_json(out, traces)
         return EXIT_OK
     what = {"slow": "slow", "errors": "failed", None: "slow or failed"}[kind]
     if not traces:
@@ -383,21 +190,22 @@ def cmd_traces(args, *, connect: Optional[Callable[[], Any]] = None, out: TextIO
 
 
 def cmd_rules_check(args, *, out: TextIO = sys.stdout) -> int:
-    from ray_monitor.alerting.rules import RuleError
-
+    """Every section of every file checked; each problem on its own line, naming the file,
+    the group and rule or the deployment, and the field."""
     results, failed = [], False
     for file in args.files:
         try:
-            ruleset = _load_checked(file)
-        except RuleError as exc:
+            rule_file = _load_checked(file)
+        except ConfigError as exc:
             failed = True
             results.append({"file": file, "ok": False, "message": str(exc),
-                            "problems": [dataclasses.asdict(p) for p in exc.problems]})
+                            "problems": exc.as_dicts()})
             continue
+        ruleset = rule_file.ruleset
         results.append({"file": file, "ok": True, "rules": sum(1 for _ in ruleset.rules()),
                         "groups": len(ruleset.groups)})
     if args.json:
-        _print_json(out, results)
+        print_json(out, results)
     else:
         for r in results:
             out.write(f"{r['file']}: OK ({r['rules']} rules in {r['groups']} groups)\n" if r["ok"]
@@ -406,9 +214,9 @@ def cmd_rules_check(args, *, out: TextIO = sys.stdout) -> int:
 
 
 def cmd_rules_export(args, *, out: TextIO = sys.stdout) -> int:
-    from ray_monitor.alerting.rules import export_prometheus_yaml
+    from ray_monitor.alerting.export import export_prometheus_yaml
 
-    text = export_prometheus_yaml(_load_checked(args.file))
+    text = export_prometheus_yaml(_load_checked(args.file).ruleset)
     if args.output in (None, "-"):
         out.write(text)
     else:
@@ -419,75 +227,25 @@ def cmd_rules_export(args, *, out: TextIO = sys.stdout) -> int:
 
 def cmd_rules_reload(args, *, connect: Optional[Callable[[], Any]] = None,
                      out: TextIO = sys.stdout) -> int:
-    ruleset = _load_checked(args.file)  # refused here, before the monitor sees it
+    ruleset = _load_checked(args.file).ruleset  # refused here, before the monitor sees it
     result = _connect(args, connect).reload(Path(args.file))
     if args.json:
-        _print_json(out, {"file": args.file, **result})
+        print_json(out, {"file": args.file, **result})
     else:
         n = result.get("rules", sum(1 for _ in ruleset.rules()))
         out.write(f"{args.file}: reloaded ({n} rules)\n")
     return EXIT_OK
 
 
-_COMPARE_LABELS = {"rate_per_s": "rate/s", "error_ratio": "error ratio", "p50_s": "p50 (ms)",
-                   "p95_s": "p95 (ms)", "p99_s": "p99 (ms)", "accuracy": "accuracy",
-                   "label_coverage": "label coverage", "f1": "f1 (macro)", "roc_auc": "roc auc",
-                   "mae": "mae", "rmse": "rmse"}
-
-
-_LATENCY_ROWS = ("p50_s", "p95_s", "p99_s")
-_RATIO_ROWS = ("error_ratio", "accuracy", "label_coverage")
-
-
-def _compare_cell(metric: str, v: Optional[float], n: Optional[int] = None,
-                  interval: Optional[Sequence[float]] = None) -> str:
-    if v is None:
-        return "-"
-    if metric in _LATENCY_ROWS:
-        text = format_ms(v)
-        if interval:
-            text += f" [{format_ms(interval[0])}, {format_ms(interval[1])}]"
-        return text
-    if metric == "rate_per_s":
-        return format_rate(v)
-    text = format_percent(v) if metric in _RATIO_ROWS else format_value(v)
-    return text + (f" (n={n})" if n is not None else "")
-
-
-def compare_table(report: Mapping[str, Any]) -> str:
-    """The rows of ``Monitor.compare`` as a table: both values, the difference, the test."""
-    a, b = report["versions"]
-    rows = []
-    for r in report["rows"]:
-        m = r["metric"]
-        diff = r.get("difference")
-        if diff is None:
-            diff_text = "-"
-        elif m in _LATENCY_ROWS:
-            diff_text = f"{diff * 1000:+.3g}ms"
-        elif m in _RATIO_ROWS:
-            diff_text = f"{diff * 100:+.3g}pp"
-        else:
-            diff_text = f"{diff:+.4g}"
-        p = r.get("p_value")
-        test = "-" if r.get("test") is None else (f"p={p:.2g}" if p is not None else "intervals")
-        sig = {True: "yes", False: "no", None: "-"}[r.get("significant")]
-        rows.append([_COMPARE_LABELS.get(m, m),
-                     _compare_cell(m, r.get("a"), r.get("a_n"), r.get("a_interval")),
-                     _compare_cell(m, r.get("b"), r.get("b_n"), r.get("b_interval")),
-                     diff_text, test, sig])
-    return render_table(["METRIC", a, b, "DIFFERENCE", "TEST", "SIGNIFICANT"], rows)
-
-
 def cmd_compare(args, *, connect: Optional[Callable[[], Any]] = None,
                 out: TextIO = sys.stdout) -> int:
-    from ray_monitor.quality.store import ALPHA
+    from ray_monitor.quality.compare import ALPHA
     from ray_monitor.common.durations import format_duration
 
     report = _connect(args, connect).compare(args.deployment, tuple(args.versions),
                                              application=args.application, window_s=args.window)
     if args.json:
-        _print_json(out, report)
+        print_json(out, report)
         return EXIT_OK
     where = f"application {args.application}" if args.application else "all applications"
     out.write(f"{args.deployment}: {args.versions[0]} vs {args.versions[1]} ({where}, last "
@@ -514,23 +272,15 @@ def cmd_dashboard_export(args, *, out: TextIO = sys.stdout) -> int:
 
 # ------------------------------------------------------------------------------ parser
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a number of seconds above 0")
-    return v
-
-
-def _window(text: str) -> float:
-    from ray_monitor.common.durations import parse_duration
+def _seconds(text: str) -> float:
+    """A positive number of seconds or a duration (``2``, ``500ms``, ``10m``)."""
+    from ray_monitor.common.durations import parse_seconds
 
     try:
-        v = parse_duration(text)
+        v = parse_seconds(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration; write it like 10m or 1h") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration; write it like 2 (seconds), 30s, 10m or 1h") from None
     if not v > 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
     return v
@@ -567,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 done, 1 input refused, 2 usage error, 3 no monitor or no Ray cluster.")
     parser.add_argument("--version", action="version", version=f"ray-monitor {__version__}")
     cluster = argparse.ArgumentParser(add_help=False)
-    cluster.add_argument("--address", default=os.environ.get("RAY_ADDRESS") or "auto",
+    cluster.add_argument("--address", default=env.RAY_ADDRESS.get() or "auto",
                          help="Ray cluster address (default: $RAY_ADDRESS or auto)")
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -586,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("alerts", parents=[cluster, as_json], help="alerts and their state")
     p.add_argument("--state", choices=ALERT_STATES, default="all", help="which alerts (default all)")
     p.add_argument("--watch", "-w", action="store_true", help="refresh until Ctrl-C")
-    p.add_argument("--interval", type=_positive_float, default=2.0, metavar="S",
+    p.add_argument("--interval", type=_seconds, default=2.0, metavar="S",
                    help="seconds between refreshes with --watch (default 2)")
     p.set_defaults(run="alerts")
 
@@ -618,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--versions", nargs=2, required=True, metavar=("A", "B"),
                    help="the two model_version values to compare")
     p.add_argument("--application", help="only this application (default: all of them)")
-    p.add_argument("--window", type=_window, default=600.0, metavar="DURATION",
+    p.add_argument("--window", type=_seconds, default=600.0, metavar="DURATION",
                    help="how far back to look (default 10m)")
     p.set_defaults(run="compare")
 
@@ -639,9 +389,6 @@ def main(argv: Optional[Sequence[str]] = None, *, connect: Optional[Callable[[],
          out: Optional[TextIO] = None, err: Optional[TextIO] = None,
          clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep) -> int:
     """Runs one command and returns its exit code; the seams default to the real monitor."""
-    from ray_monitor.client.api import MonitorNotRunning
-    from ray_monitor.alerting.rules import RuleError
-
     out = out or sys.stdout
     err = err or sys.stderr
     try:
@@ -666,7 +413,7 @@ def main(argv: Optional[Sequence[str]] = None, *, connect: Optional[Callable[[],
     except (MonitorNotRunning, NoCluster) as exc:
         err.write(f"ray-monitor: {exc}\n")
         return EXIT_NO_MONITOR
-    except (RuleError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError) as exc:
         err.write(f"{exc}\n")
         return EXIT_REFUSED
 

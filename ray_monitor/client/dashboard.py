@@ -1,5 +1,8 @@
 """A Grafana dashboard for ray-monitor's ``/metrics``, generated from the catalog's names.
 
+Runs in the CLI (``ray-monitor dashboard export``); the output is checked against a live
+``/metrics`` by the tests.
+
 Every query is built from :data:`~ray_monitor.common.catalog.METRICS` (``Metric.prometheus``
 plus the suffix the exposition adds: ``_total`` for counters, ``_bucket``/``_sum``/
 ``_count`` for histograms), so the dashboard cannot ask for a name the code does not
@@ -17,6 +20,9 @@ import re
 from typing import Optional
 
 from ray_monitor.common.catalog import METRICS
+
+__all__ = ["ALERTS_METRIC", "DEFAULT_TITLE", "DEFAULT_UID", "build_dashboard", "dashboard_json",
+           "exported_name", "queried_metrics"]
 
 #: The ALERTS-like series of :mod:`ray_monitor.aggregator.exposition`.
 ALERTS_METRIC = "ray_monitor_alerts"

@@ -1,5 +1,7 @@
 """The metrics that rules can use, the functions over them, and a parsed query.
 
+Imported everywhere (the rule parser, the window store, the exposition, the CLI).
+
 One table so that the rule parser, the window store, the Prometheus exposition and
 the rule exporter agree on names: a rule says ``p99(latency_seconds[1m])``, the store
 knows ``latency_seconds`` is a histogram, and ``/metrics`` calls it
@@ -12,6 +14,10 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from ray_monitor.common.matchers import Matcher
+
+__all__ = ["FEATURE_PREFIX", "FUNCTIONS", "METRICS", "MODEL_FUNCTIONS", "MODEL_LABELS", "Metric",
+           "PREDICTION", "PREDICTIONS", "QUALITY_LABELS", "QUALITY_METRICS", "QualityMetric",
+           "Query", "RESERVED_LABELS", "SHORTHAND_QUANTILES", "is_model_query"]
 
 
 Kind = Literal["counter", "histogram", "gauge"]

@@ -77,7 +77,7 @@ class StartConfig(BaseModel):
     @classmethod
     def _notifications(cls, v: Optional[dict]) -> Optional[dict]:
         if v is not None:
-            from ray_monitor.alerting.notify import NotifyConfig
+            from ray_monitor.alerting.notify_config import NotifyConfig
 
             NotifyConfig.from_dict(v)  # raises ConfigError naming the field
         return v

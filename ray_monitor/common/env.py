@@ -19,7 +19,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Mapping, Optional, TypeVar
 
-__all__ = ["ALL", "EnvVar", "flag", "positive_seconds", "port", "ratio", "text", "url"]
+__all__ = ["ALL", "EnvVar", "flag", "positive_seconds", "port", "ratio", "reset_warnings", "text",
+           "url"]
 
 logger = logging.getLogger("ray_monitor.env")
 T = TypeVar("T")
@@ -35,6 +36,12 @@ def _warn_once(name: str, raw: str, expects: str, default: Any) -> None:
         _warned.add((name, raw))
     logger.warning("ray-monitor: ignoring %s=%r (expected %s); using %r", name, raw[:200],
                    expects, default)
+
+
+def reset_warnings() -> None:
+    """Forget which bad values were logged (tests)."""
+    with _warned_lock:
+        _warned.clear()
 
 
 @dataclass(frozen=True)

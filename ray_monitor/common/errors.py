@@ -45,6 +45,10 @@ class Problem:
     deployment: Optional[str] = None
 
     def __str__(self) -> str:
+        if self.field is not None and (self.file.startswith("@") or self.file.endswith("()")):
+            # An option of a call reads as the call: "@monitor(sample_ratio=...): ..."
+            return f"{self.file.removesuffix('()')}({self.field}=...): {self.message}"
+
         def name(kind: str, v: str) -> str:
             return f"{kind} {v}" if v.startswith("#") else f"{kind} {v!r}"  # "#2": the 2nd, unnamed
 

@@ -1,5 +1,7 @@
 """A mergeable latency histogram with a bounded relative error.
 
+Imported everywhere: replicas record into it, the aggregator merges and queries it.
+
 Buckets are OpenTelemetry's exponential buckets at scale 6: bucket ``i`` holds the
 values in ``(base**i, base**(i+1)]`` with ``base = 2 ** (2 ** -6)``. Reporting the
 value ``2 * base**(i+1) / (base + 1)`` for a bucket is off by at most
@@ -13,6 +15,9 @@ from __future__ import annotations
 
 import math
 from typing import Iterable, Iterator
+
+__all__ = ["BASE", "DEFAULT_CLASSIC_BOUNDS", "Histogram", "RELATIVE_ERROR", "SCALE",
+           "bucket_index", "bucket_value"]
 
 SCALE = 6
 BASE = 2.0 ** (2.0 ** -SCALE)

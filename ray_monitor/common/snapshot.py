@@ -1,5 +1,7 @@
 """What replicas and GPU actors send to the aggregator: plain, picklable value types.
 
+Imported by replicas and GPU actors (which build them) and the aggregator (which reads them).
+
 A replica snapshot is a *delta*: the requests that finished between ``start`` and
 ``end`` (wall-clock seconds), so the aggregator only ever adds. Gauges (in-flight,
 health) are the value at ``end``. ``seq`` increases by one per snapshot a replica
@@ -13,6 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional
 
 from ray_monitor.common.histogram import Histogram
+
+__all__ = ["OK", "Exemplar", "GpuDevice", "GpuProcess", "GpuSnapshot", "HungRequest",
+           "ReplicaHealth", "ReplicaIdentity", "ReplicaSnapshot", "SeriesDelta"]
 
 OK = "ok"
 

@@ -1,34 +1,36 @@
 """One GPU-stats actor per node: runs a GpuSampler and pushes its snapshots to the aggregator.
 
-``GpuActorManager`` lives in the aggregator and keeps exactly one ``GpuStatsActor`` per alive
-node, pinned there with hard node affinity, so an actor whose node dies is never re-created
-elsewhere. The actors are owned by whoever calls ``reconcile()`` and share its fate.
+Runs on every node, pinned there (one actor each). The aggregator starts and forgets them
+(:class:`~ray_monitor.aggregator.gpu_actors.GpuActorManager`); this module decides how a
+node is sampled and how its snapshots reach the aggregator without ever queueing
+without bound.
 """
 
 from __future__ import annotations
 
 import importlib
-import logging
 import threading
 import time
 from typing import Any, Callable, Optional
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ray_monitor.gpu.sampler import GpuSampler, attribute_processes
-from ray_monitor.common.names import gpu_actor_name
 from ray_monitor.common.snapshot import GpuSnapshot, ReplicaIdentity
+from ray_monitor.gpu.attribution import attribute_processes
+from ray_monitor.gpu.sampler import GpuSampler
 
-log = logging.getLogger(__name__)
+__all__ = ["GpuStatsActor", "check_factory", "check_interval"]
 
-def _check_interval(gpu_interval_s: object) -> float:
+
+def check_interval(gpu_interval_s: object) -> float:
+    """``gpu_interval_s`` as float seconds; raises ``ValueError`` unless it is above 0."""
     if isinstance(gpu_interval_s, bool) or not isinstance(gpu_interval_s, (int, float)) or not gpu_interval_s > 0:
         raise ValueError(f"gpu_interval_s must be a positive number of seconds, got {gpu_interval_s!r}")
     return float(gpu_interval_s)
 
 
-def _check_factory(nvml_factory: object) -> Optional[str]:
+def check_factory(nvml_factory: object) -> Optional[str]:
+    """``nvml_factory`` when it is None or a ``'module:function'`` path; else ``ValueError``."""
     if nvml_factory is None:
         return None
     if not isinstance(nvml_factory, str) or nvml_factory.count(":") != 1 or not all(nvml_factory.split(":")):
@@ -56,8 +58,8 @@ class GpuStatsActor:
     def __init__(self, *, node_id: str, sink: Any = None, gpu_interval_s: float = 1.0,
                  nvml_factory: Optional[str] = None, max_pending: int = 8,
                  sink_namespace: Optional[str] = None) -> None:
-        self._interval = _check_interval(gpu_interval_s)
-        factory = _check_factory(nvml_factory)
+        self._interval = check_interval(gpu_interval_s)
+        factory = check_factory(nvml_factory)
         if not isinstance(max_pending, int) or max_pending < 1:
             raise ValueError(f"max_pending must be a positive int, got {max_pending!r}")
         self._sampler = GpuSampler(node_id=node_id, nvml=_load_factory(factory)() if factory else None)
@@ -141,92 +143,3 @@ class GpuStatsActor:
     def _forget_named_sink(self) -> None:
         if self._sink_name is not None:
             self._sink = None
-
-
-class GpuActorManager:
-    """Keeps one ``GpuStatsActor`` per alive node; call ``reconcile()`` every few seconds.
-
-    ``sink`` is passed to every actor: an actor handle, or the name of a named actor in
-    ``namespace`` (preferred for the aggregator: see ``GpuStatsActor``).
-    """
-
-    def __init__(self, *, sink: Any, namespace: str, gpu_interval_s: float = 1.0,
-                 nvml_factory: Optional[str] = None, list_nodes: Callable[[], list[dict]] = ray.nodes) -> None:
-        if not isinstance(namespace, str) or not namespace:
-            raise ValueError(f"namespace must be the monitor's Ray namespace (a non-empty string), got {namespace!r}")
-        if not callable(list_nodes):
-            raise TypeError(f"list_nodes must be a callable returning ray.nodes()-shaped dicts, got {list_nodes!r}")
-        self._sink = sink
-        self._namespace = namespace
-        self._interval = _check_interval(gpu_interval_s)
-        self._factory = _check_factory(nvml_factory)
-        self._list_nodes = list_nodes
-        self._actors: dict[str, Any] = {}
-        self._failed: set[str] = set()  # causes already logged
-
-    def actors(self) -> dict[str, Any]:
-        """node_id -> actor handle, for the nodes that were alive at the last reconcile."""
-        return dict(self._actors)
-
-    def reconcile(self) -> tuple[list[str], list[str]]:
-        """Starts actors on new nodes, forgets those of dead nodes; returns (started, forgotten)."""
-        try:
-            alive = {n["NodeID"] for n in self._list_nodes() if n.get("Alive")}
-        except Exception as exc:
-            self._log_once(f"list_nodes:{type(exc).__name__}", exc)
-            return [], []
-        started, forgotten = [], []
-        for node_id in sorted(alive - self._actors.keys()):
-            try:
-                self._actors[node_id] = self._start(node_id)
-                started.append(node_id)
-            except Exception as exc:  # e.g. the node died meanwhile: try again next reconcile
-                self._log_once(f"start:{type(exc).__name__}", exc)
-        for node_id in sorted(self._actors.keys() - alive):
-            handle = self._actors.pop(node_id)
-            forgotten.append(node_id)
-            try:
-                ray.kill(handle, no_restart=True)
-            except Exception:
-                pass  # the node and its actor are already gone
-        if started or forgotten:
-            log.info("GPU-stats actors: started on %s, forgotten for %s", started, forgotten)
-        return started, forgotten
-
-    def stop_all(self, timeout_s: float = 10.0) -> None:
-        """Stops every actor (NVML shut down cleanly where reachable), then kills them."""
-        handles = list(self._actors.values())
-        self._actors.clear()
-        refs = []
-        for handle in handles:
-            try:
-                refs.append(handle.stop.remote())
-            except Exception:
-                pass
-        if refs:
-            ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        for handle in handles:
-            try:
-                ray.kill(handle, no_restart=True)
-            except Exception:
-                pass
-
-    def _start(self, node_id: str) -> Any:
-        return GpuStatsActor.options(
-            name=gpu_actor_name(node_id),
-            namespace=self._namespace,
-            get_if_exists=True,  # a restarted aggregator finds the actors that still run
-            num_cpus=0,
-            max_restarts=-1,
-            # soft=False: never placed, nor restarted, on any other node
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
-        ).remote(node_id=node_id, sink=self._sink, sink_namespace=self._namespace,
-                 gpu_interval_s=self._interval, nvml_factory=self._factory)
-
-    def _log_once(self, cause: str, exc: BaseException) -> None:
-        if cause not in self._failed:
-            self._failed.add(cause)
-            log.warning("GPU actor manager: %s (%s); logged once", cause, exc)
-
-
-__all__ = ["GpuActorManager", "GpuStatsActor"]

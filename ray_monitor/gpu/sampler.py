@@ -1,4 +1,5 @@
-"""GPU sampling through NVML: the per-node sampler, the XID watcher and the pid-to-replica join.
+"""Runs in the GPU-stats actor on every node: the NVML sampler, which decides what one
+GPU snapshot of the node holds (devices, MIG devices, processes) and what it leaves out.
 
 ``GpuSampler.sample()`` never raises. A node without NVML gets snapshots with
 ``no_gpus_reason`` set; an NVML call that fails for one device leaves that reading out of
@@ -15,18 +16,23 @@ device). A process without a new sample, including every process when NVML answe
 ``NotFound`` (no sample since then: the GPU was idle for it), is reported as ``None``
 rather than with a stale older value. MIG devices have no per-process utilization
 (NVML cannot measure it): ``None`` there too.
+
+XID errors are counted by :class:`~ray_monitor.gpu.xid.XidWatcher`; processes are joined
+to replicas by :func:`~ray_monitor.gpu.attribution.attribute_processes`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
-from ray_monitor.common.snapshot import GpuDevice, GpuProcess, GpuSnapshot, ReplicaIdentity
+from ray_monitor.common.snapshot import GpuDevice, GpuProcess, GpuSnapshot
+from ray_monitor.gpu.errors import ErrorBook, nvml_reason
+from ray_monitor.gpu.xid import XidWatcher
+
+__all__ = ["GpuSampler"]
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +43,6 @@ _TEMPERATURE_GPU = 0  # NVML_TEMPERATURE_GPU
 _CLOCK_SM, _CLOCK_MEM = 1, 2  # NVML_CLOCK_SM, NVML_CLOCK_MEM
 _ECC_CORRECTED, _ECC_UNCORRECTED, _ECC_VOLATILE = 0, 1, 0
 _MIG_ENABLED = 1  # NVML_DEVICE_MIG_ENABLE
-_XID_CRITICAL = 0x8  # nvmlEventTypeXidCriticalError
 # Clock-event reasons that are not throttling: the GPU is idle, or clocks were set on purpose.
 _BENIGN_CLOCK_REASONS = 0x1 | 0x2  # GpuIdle | ApplicationsClocksSetting
 _NVML_SUCCESS = 0
@@ -60,34 +65,6 @@ _FIELDS = (
     _Field(83, "energy_joules", 1e-3, "nvmlDeviceGetTotalEnergyConsumption"),  # mJ
     _Field(186, "power_watts", 1e-3, "nvmlDeviceGetPowerUsage"),  # POWER_INSTANT, mW
 )
-
-
-def _reason(exc: BaseException) -> str:
-    """``NVMLError_NotSupported`` -> ``NotSupported``; a missing attribute is a missing function."""
-    if isinstance(exc, AttributeError):
-        return "FunctionNotFound"
-    name = type(exc).__name__
-    return name[len("NVMLError_"):] if name.startswith("NVMLError_") else name
-
-
-class _ErrorBook:
-    """Cumulative failure counts by cause, each cause logged once. Thread-safe."""
-
-    def __init__(self, what: str) -> None:
-        self._what = what
-        self._counts: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def count(self, cause: str, detail: object = "") -> None:
-        with self._lock:
-            first = cause not in self._counts
-            self._counts[cause] = self._counts.get(cause, 0) + 1
-        if first:
-            log.warning("%s: %s (%s); counted in self_errors, logged once", self._what, cause, detail)
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._counts)
 
 
 def _proc_ancestors(pid: int) -> tuple[int, ...]:
@@ -145,103 +122,6 @@ class _Device:
         return self.handle is not None and bool(self.uuid)
 
 
-class XidWatcher:
-    """Counts XID critical errors per device and code, on a daemon thread of its own.
-
-    ``devices`` are ``(uuid, handle)`` pairs of physical GPUs. The event set is freed by the
-    thread itself after its last wait, never while a wait is in flight.
-    """
-
-    def __init__(self, *, nvml: Any, devices: Sequence[tuple[str, Any]], wait_ms: int = 1000,
-                 retry_s: float = 1.0) -> None:
-        if not isinstance(wait_ms, int) or wait_ms <= 0:
-            raise ValueError(f"wait_ms must be a positive int of milliseconds, got {wait_ms!r}")
-        self._nvml = nvml
-        self._devices = list(devices)
-        self._wait_ms = wait_ms
-        self._retry_s = retry_s
-        self._errors = _ErrorBook("XID watcher")
-        self._counts: dict[str, dict[int, int]] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._set: Any = None
-        self._thread: Optional[threading.Thread] = None
-
-    def start(self) -> bool:
-        """Registers for XID events; False (and no thread) where no device supports them."""
-        try:
-            self._set = self._nvml.nvmlEventSetCreate()
-        except Exception as exc:
-            self._errors.count(f"nvmlEventSetCreate:{_reason(exc)}", exc)
-            return False
-        registered = 0
-        for uuid, handle in self._devices:
-            try:
-                self._nvml.nvmlDeviceRegisterEvents(handle, _XID_CRITICAL, self._set)
-                registered += 1
-            except Exception as exc:
-                log.info("XID events cannot be watched on GPU %s (%s); it is skipped", uuid, _reason(exc))
-        if not registered:
-            self._free()
-            return False
-        self._thread = threading.Thread(target=self._run, name="ray-monitor-xid", daemon=True)
-        self._thread.start()
-        return True
-
-    def counts(self) -> dict[str, dict[int, int]]:
-        """Cumulative counts: device UUID -> XID code -> count."""
-        with self._lock:
-            return {uuid: dict(codes) for uuid, codes in self._counts.items()}
-
-    def errors(self) -> dict[str, int]:
-        return self._errors.snapshot()
-
-    def stop(self, timeout_s: Optional[float] = None) -> bool:
-        """Stops the thread; True once it has ended (and freed the event set)."""
-        self._stop.set()
-        if self._thread is None:
-            return True
-        self._thread.join(self._wait_ms / 1000 + 5 if timeout_s is None else timeout_s)
-        return not self._thread.is_alive()
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                try:
-                    data = self._nvml.nvmlEventSetWait(self._set, self._wait_ms)
-                except Exception as exc:
-                    reason = _reason(exc)
-                    if reason != "Timeout":
-                        self._errors.count(f"nvmlEventSetWait:{reason}", exc)
-                        self._stop.wait(self._retry_s)  # a lasting failure must not spin
-                    continue
-                if int(data.eventType) & _XID_CRITICAL:
-                    self._record(data)
-        finally:
-            self._free()
-
-    def _record(self, data: Any) -> None:
-        try:
-            uuid = self._nvml.nvmlDeviceGetUUID(data.device)
-        except Exception as exc:
-            self._errors.count(f"nvmlDeviceGetUUID:{_reason(exc)}", exc)
-            uuid = ""  # counted, under an unknown device, rather than lost
-        xid = int(data.eventData)
-        log.warning("XID %d on GPU %s", xid, uuid or "(unknown)")
-        with self._lock:
-            codes = self._counts.setdefault(uuid, {})
-            codes[xid] = codes.get(xid, 0) + 1
-
-    def _free(self) -> None:
-        event_set, self._set = self._set, None
-        if event_set is None:
-            return
-        try:
-            self._nvml.nvmlEventSetFree(event_set)
-        except Exception as exc:
-            self._errors.count(f"nvmlEventSetFree:{_reason(exc)}", exc)
-
-
 class GpuSampler:
     """Samples every GPU of this node through NVML; one ``sample()`` per interval.
 
@@ -268,7 +148,7 @@ class GpuSampler:
         self._ancestors_of = process_ancestors or _proc_ancestors
         self._watch_xid = watch_xid
         self._xid_wait_ms = xid_wait_ms
-        self._errors = _ErrorBook("GPU sampler")
+        self._errors = ErrorBook("GPU sampler", log)
         self._said: set[str] = set()
         self._started = False
         self._initialized = False
@@ -312,7 +192,7 @@ class GpuSampler:
             try:
                 self._nvml.nvmlShutdown()
             except Exception as exc:
-                self._errors.count(f"nvmlShutdown:{_reason(exc)}", exc)
+                self._errors.count(f"nvmlShutdown:{nvml_reason(exc)}", exc)
         self._initialized = False
 
     # -- setup ---------------------------------------------------------------------------
@@ -338,7 +218,7 @@ class GpuSampler:
         try:
             self._nvml.nvmlInit()
         except Exception as exc:
-            reason = _reason(exc)
+            reason = nvml_reason(exc)
             self._errors.count(f"nvmlInit:{reason}", exc)
             self._unavailable({
                 "LibraryNotFound": "NVML library (libnvidia-ml.so.1) not found: no NVIDIA driver installed",
@@ -349,8 +229,8 @@ class GpuSampler:
         try:
             count = int(self._nvml.nvmlDeviceGetCount())
         except Exception as exc:
-            self._errors.count(f"nvmlDeviceGetCount:{_reason(exc)}", exc)
-            self._unavailable(f"nvmlDeviceGetCount failed: {_reason(exc)} ({exc})")
+            self._errors.count(f"nvmlDeviceGetCount:{nvml_reason(exc)}", exc)
+            self._unavailable(f"nvmlDeviceGetCount failed: {nvml_reason(exc)} ({exc})")
             return
         if count == 0:
             self._unavailable("NVML sees no NVIDIA GPU")
@@ -419,7 +299,7 @@ class GpuSampler:
         try:
             return getattr(self._nvml, name)(*args, **kwargs)
         except Exception as exc:
-            reason = _reason(exc)
+            reason = nvml_reason(exc)
             if reason == "TypeError" and kwargs:
                 reason = "FunctionNotFound"  # a binding older than that keyword argument
             if reason == "FunctionNotFound":
@@ -572,7 +452,7 @@ class GpuSampler:
 
     def _return_reason(self, code: int) -> str:
         try:
-            return _reason(self._nvml.NVMLError(code))
+            return nvml_reason(self._nvml.NVMLError(code))
         except Exception:
             return _RETURN_REASONS.get(code, f"Error{code}")
 
@@ -610,23 +490,3 @@ class GpuSampler:
                 self._errors.count(f"process_ancestors:{type(exc).__name__}", exc)
                 return ()
         return self._ancestors[pid]
-
-
-def attribute_processes(snapshot: GpuSnapshot, replicas: dict[int, ReplicaIdentity]) -> GpuSnapshot:
-    """Sets ``GpuProcess.replica``: the replica whose pid is the process's own or nearest ancestor's.
-
-    ``replicas`` maps pid -> identity and may hold other nodes' replicas too; only those on
-    ``snapshot.node_id`` are used, since pids mean nothing across nodes. Processes that no
-    replica owns keep ``replica=None``. The input snapshot is left unchanged.
-    """
-    local = {pid: r for pid, r in replicas.items() if r.node_id == snapshot.node_id}
-    processes = []
-    for p in snapshot.processes:
-        owner = local.get(p.pid)
-        if owner is None:
-            owner = next((local[a] for a in p.ancestors if a in local), None)
-        processes.append(dataclasses.replace(p, replica=owner))
-    return dataclasses.replace(snapshot, processes=processes)
-
-
-__all__ = ["GpuSampler", "XidWatcher", "attribute_processes"]

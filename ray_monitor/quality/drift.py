@@ -1,4 +1,6 @@
-"""Drift of a model's inputs and outputs against a reference: PSI, Jensen-Shannon and KS.
+"""Runs in the aggregator: drift of a model's inputs and outputs against a reference
+(PSI, Jensen-Shannon and KS), which decides the values of the ``psi``, ``js`` and ``ks``
+rule functions.
 
 A :class:`Reference` describes one feature (or the prediction itself) as it was: numbers
 are cut at the reference's own quantiles, categories counted one by one. Current
@@ -30,7 +32,8 @@ from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
 
-from ray_monitor.quality.metrics import MAX_FEATURES, Prediction
+from ray_monitor.common.catalog import FEATURE_PREFIX, PREDICTION
+from ray_monitor.quality.prediction import MAX_FEATURES, Prediction
 
 __all__ = ["Reference", "FeatureCounts", "DriftMonitor", "psi", "jensen_shannon",
            "ks_statistic", "ks_from_counts", "ks_bound", "PSI_EPSILON", "PREDICTION",
@@ -39,8 +42,6 @@ __all__ = ["Reference", "FeatureCounts", "DriftMonitor", "psi", "jensen_shannon"
 #: Floor of each bin's share in PSI, so an empty bin gives a large but finite term
 #: instead of infinity (the common practice, as in Evidently and NannyML).
 PSI_EPSILON = 1e-4
-PREDICTION = "prediction"
-FEATURE_PREFIX = "feature_"
 UNSEEN = "<unseen>"
 DRIFT_FUNCTIONS = ("psi", "js", "ks")
 

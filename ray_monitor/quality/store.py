@@ -1,12 +1,13 @@
-"""The aggregator's model-quality and drift data over time, and the comparison of two
-model versions.
+"""The aggregator's model-quality and drift data over time.
 
-:class:`QualityStore` receives the predictions that replicas capture and the ground-truth
-feedback that users send; it joins them (:class:`~ray_monitor.quality.metrics.FeedbackJoin`) and
-keeps, per model (``application``, ``deployment``, ``model_version``) and time bucket, one
+Runs in the aggregator actor. :class:`QualityStore` receives the predictions that replicas
+capture and the ground-truth feedback that users send; it joins them
+(:class:`~ray_monitor.quality.feedback.FeedbackJoin`) and keeps, per model
+(``application``, ``deployment``, ``model_version``) and time bucket, one
 :class:`~ray_monitor.quality.metrics.QualityAccumulator` and the drift counts of
-:class:`~ray_monitor.quality.drift.FeatureCounts`. Rules read it through :meth:`QualityStore.evaluate`,
-with the same :class:`~ray_monitor.common.catalog.Query` the window store answers.
+:class:`~ray_monitor.quality.drift.FeatureCounts`. Rules read it through
+:meth:`QualityStore.evaluate`, with the same :class:`~ray_monitor.common.catalog.Query`
+the window store answers.
 
 Time. A prediction, and the outcome its feedback makes later, are placed at the
 *prediction's* time (clamped to the store's clock), so ``accuracy(predictions[1h])`` means
@@ -27,39 +28,29 @@ References. A metric's reference is the first ``reference_size`` observations a 
 makes (see :class:`~ray_monitor.quality.drift.DriftMonitor`), unless one is set with
 :meth:`QualityStore.set_references` (e.g. the training data).
 
-Comparison. :func:`compare_versions` decides, from per-version figures, whether each
-difference between two versions is larger than noise: a two-proportion z-test for the
-error ratio and the accuracy, and for latency quantiles binomial order-statistic intervals
-read through the histogram and widened by its relative error (significant when the two
-intervals do not overlap).
+Figures. :meth:`QualityStore.figures` gathers one version's figures for the comparison of
+two versions (:mod:`~ray_monitor.quality.compare`).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from statistics import NormalDist
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 from ray_monitor.common.catalog import QUALITY_LABELS, QUALITY_METRICS, Query
-from ray_monitor.common.histogram import RELATIVE_ERROR
-from ray_monitor.common.matchers import Matcher, matches_all
+from ray_monitor.common.matchers import matches_all
 from ray_monitor.quality.drift import DriftMonitor, FeatureCounts
-from ray_monitor.quality.metrics import (FeedbackJoin, FeedbackResult,
-                      LabeledOutcome, Prediction, QualityAccumulator)
+from ray_monitor.quality.feedback import FeedbackJoin, FeedbackResult, LabeledOutcome
+from ray_monitor.quality.metrics import QualityAccumulator
+from ray_monitor.quality.prediction import Prediction
 
-__all__ = ["QualityStore", "compare_versions", "two_proportion_p", "quantile_levels",
-           "DEFAULT_RESOLUTIONS", "GAUGE_WINDOW_S", "ALPHA", "Z_INTERVAL"]
+__all__ = ["DEFAULT_RESOLUTIONS", "GAUGE_WINDOW_S", "QualityStore"]
 
 #: (step seconds, buckets kept): 5 s for 10 minutes, 60 s for 6 hours.
 DEFAULT_RESOLUTIONS = ((5.0, 120), (60.0, 360))
 #: The window of the quality and drift gauges on /metrics and of ``GET /api/v1/quality``.
 GAUGE_WINDOW_S = 3600.0
-#: Significance level of the comparison's tests, and the z of its quantile intervals (99%).
-ALPHA = 0.01
-Z_INTERVAL = NormalDist().inv_cdf(1 - ALPHA / 2)
-#: Quantiles the comparison reports.
-COMPARE_QUANTILES = (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
 
 ModelKey = tuple[str, str, str]  # application, deployment, model_version
 GroupKey = tuple[tuple[str, str], ...]
@@ -284,7 +275,7 @@ class QualityStore:
     def figures(self, *, deployment: str, model_version: str, window_s: float,
                 application: Optional[str] = None, now: Optional[float] = None) -> dict:
         """Quality figures of one version (all its applications unless one is named),
-        for :func:`compare_versions`."""
+        for :func:`~ray_monitor.quality.compare.compare_versions`."""
         now = self._clock() if now is None else now
         acc = QualityAccumulator()
         for key in self._models:
@@ -304,98 +295,3 @@ class QualityStore:
         """The join's counters and gauges, and how many models and buckets are held."""
         return {**self.join.stats(), "models": len(self._models),
                 "buckets": sum(len(r) for m in self._models.values() for r in m.rings)}
-
-
-# -- comparing two versions ---------------------------------------------------------------
-
-def two_proportion_p(x1: int, n1: int, x2: int, n2: int) -> Optional[float]:
-    """Two-sided p-value of the pooled two-proportion z-test that ``x1/n1`` and ``x2/n2``
-    come from one proportion; None without observations on either side."""
-    if n1 <= 0 or n2 <= 0:
-        return None
-    pooled = (x1 + x2) / (n1 + n2)
-    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
-    if se == 0:
-        return 1.0  # both all-or-nothing alike: no evidence of a difference
-    z = (x1 / n1 - x2 / n2) / se
-    return math.erfc(abs(z) / math.sqrt(2))
-
-
-def quantile_levels(q: float, n: int, alpha: float = ALPHA) -> Optional[tuple[float, float]]:
-    """Quantile levels whose values bound the ``q``-quantile of ``n`` observations with
-    confidence ``1 - alpha``: the distribution-free order-statistic interval. The number
-    of observations below the true quantile is Binomial(n, q); the lower bound is the
-    ``l``-th smallest with ``P(X <= l - 1) <= alpha / 2``, the upper the ``u``-th with
-    ``P(X <= u - 1) >= 1 - alpha / 2``. Returned as levels ``(l - 1) / n`` and ``u / n``
-    (0 and 1 where the bound is the minimum or maximum, or beyond it). None without
-    observations."""
-    if n <= 0:
-        return None
-    half = alpha / 2
-    # Sum the pmf only where it is not negligible: 12 standard deviations around n q.
-    sd = math.sqrt(n * q * (1 - q))
-    k0, k1 = max(0, math.floor(n * q - 12 * sd - 1)), min(n, math.ceil(n * q + 12 * sd + 1))
-    log_q, log_p = math.log(q), math.log1p(-q)
-    base = math.lgamma(n + 1)
-    cdf, lower, upper = 0.0, 0, n + 1
-    for k in range(k0, k1 + 1):
-        cdf += math.exp(base - math.lgamma(k + 1) - math.lgamma(n - k + 1)
-                        + k * log_q + (n - k) * log_p)
-        if cdf <= half:
-            lower = k + 1  # P(X <= lower - 1) <= alpha / 2
-        if cdf >= 1 - half:
-            upper = k + 1
-            break
-    return max(0.0, (lower - 1) / n), min(1.0, upper / n)
-
-
-def _row(metric: str, a: Optional[float], b: Optional[float], **extra: Any) -> dict:
-    diff = None if a is None or b is None else b - a
-    return {"metric": metric, "a": a, "b": b, "difference": diff, "test": None,
-            "p_value": None, "significant": None, **extra}
-
-
-def compare_versions(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[dict]:
-    """Rows comparing version ``a`` with ``b``, from the figures the aggregator gathers:
-    ``requests``, ``errors``, ``window_s``, ``quantiles`` (``{"p50": {"value", "low",
-    "high"}}``, low/high read at :func:`quantile_levels`) and ``quality`` (as
-    :meth:`QualityStore.figures`). Each row says its test, p-value (proportions) or
-    intervals (quantiles), and ``significant``: True or False where a test applies and
-    both sides have data, else None. Level: :data:`ALPHA` (the intervals are at
-    ``1 - ALPHA`` each, so disjoint intervals are a stricter test than ``p < ALPHA``)."""
-    alpha = ALPHA
-    rows = []
-    w = float(a["window_s"])
-    na, nb = a["requests"], b["requests"]
-    rows.append(_row("rate_per_s", na / w, nb / w))
-    era = a["errors"] / na if na else None
-    erb = b["errors"] / nb if nb else None
-    rows.append(_proportion_row("error_ratio", a["errors"], na, b["errors"], nb, era, erb, alpha))
-    for name, _ in COMPARE_QUANTILES:
-        qa, qb = a["quantiles"].get(name), b["quantiles"].get(name)
-        row = _row(f"{name}_s", qa and qa["value"], qb and qb["value"])
-        if qa and qb and None not in (qa["low"], qa["high"], qb["low"], qb["high"]):
-            ia = (qa["low"] * (1 - RELATIVE_ERROR), qa["high"] * (1 + RELATIVE_ERROR))
-            ib = (qb["low"] * (1 - RELATIVE_ERROR), qb["high"] * (1 + RELATIVE_ERROR))
-            row.update(test=f"{1 - alpha:.0%} order-statistic intervals, widened by the "
-                            f"histogram's {RELATIVE_ERROR:.2%} error; significant when disjoint",
-                       a_interval=list(ia), b_interval=list(ib),
-                       significant=ia[1] < ib[0] or ib[1] < ia[0])
-        rows.append(row)
-    qa, qb = a["quality"], b["quality"]
-    rows.append(_proportion_row("accuracy", qa["correct"], qa["labeled_classes"], qb["correct"],
-                                qb["labeled_classes"], qa["accuracy"], qb["accuracy"], alpha))
-    for name in ("label_coverage", "f1", "roc_auc", "mae", "rmse"):
-        if qa.get(name) is not None or qb.get(name) is not None:
-            rows.append(_row(name, qa.get(name), qb.get(name)))
-    return rows
-
-
-def _proportion_row(metric: str, xa: int, na: int, xb: int, nb: int, va: Optional[float],
-                    vb: Optional[float], alpha: float) -> dict:
-    row = _row(metric, va, vb, a_n=na, b_n=nb)
-    p = two_proportion_p(xa, na, xb, nb)
-    if p is not None:
-        row.update(test=f"two-proportion z-test, two-sided, significant when p < {alpha:g}",
-                   p_value=p, significant=p < alpha)
-    return row

@@ -1,5 +1,8 @@
 """Delivery of replica snapshots to the aggregator actor, from the flush thread.
 
+Runs in every replica, on its flush thread; decides nothing about the data, only
+where it goes and what happens while the aggregator is away.
+
 Fire-and-forget: a batch is sent with ``.remote()`` and not waited on; at the next
 round the refs that finished are checked, and a batch whose call failed (the
 aggregator died or is restarting) goes back to the front of the buffer to be sent
@@ -15,6 +18,8 @@ from typing import Callable, Optional
 
 from ray_monitor.common.names import AGGREGATOR_NAME, NAMESPACE
 from ray_monitor.common.snapshot import ReplicaIdentity, ReplicaSnapshot
+
+__all__ = ["make_sinks"]
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,8 @@
 """``@monitor``: wraps every public method of a Ray Serve deployment.
 
+Runs in the driver (decoration) and in every replica (each request): decides what is
+wrapped, and what one request records.
+
 Each wrapper has the same kind as what it wraps (sync, async, generator, async
 generator), because Ray Serve decides how to call a method by inspecting it. Per
 request it does a timer, a span (see :mod:`tracing`) and an O(1) record (see
@@ -21,10 +24,12 @@ from typing import Any, Callable, Optional
 from opentelemetry import context as otel_context
 
 from ray_monitor.replica import tracing
-from ray_monitor.replica.options import MonitorOptions, UNSET
-from ray_monitor.quality.metrics import Prediction, validate_extractor_result
+from ray_monitor.replica.options import UNSET, MonitorOptions, refuse
+from ray_monitor.quality.prediction import Prediction, validate_extractor_result
 from ray_monitor.replica.runtime import Runtime
 from ray_monitor.common.snapshot import OK, Exemplar
+
+__all__ = ["monitor", "public_methods", "wrap_callable"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +125,8 @@ def public_methods(cls: type, exclude: frozenset[str] = frozenset()) -> dict[str
 def _wrap_class(cls: type, options: MonitorOptions) -> type:
     unknown = [n for n in options.exclude if not hasattr(cls, n)]
     if unknown:
-        raise ValueError(f"@monitor(exclude=...): {cls.__name__} has no method "
-                         f"{', '.join(map(repr, unknown))}; name methods of the class")
+        raise refuse("exclude", f"{cls.__name__} has no method "
+                     f"{', '.join(map(repr, unknown))}; name methods of the class")
     asgi = _is_asgi_wrapper(cls)
     methods = public_methods(cls, options.exclude)
     if options.prediction is not None:
@@ -157,11 +162,11 @@ def _check_prediction_methods(owner: str, methods: dict[str, Callable],
             where = ("a FastAPI ingress is called per route; put the extractor on a deployment "
                      "it calls (the request id is shared)") if asgi else \
                 f"monitored methods: {', '.join(sorted(methods)) or 'none'}"
-            raise ValueError(f"@monitor(prediction_methods=...): {owner} has no monitored method "
-                             f"{name!r} to take predictions from ({where})")
+            raise refuse("prediction_methods", f"{owner} has no monitored method "
+                         f"{name!r} to take predictions from ({where})")
         if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
-            raise ValueError(f"@monitor(prediction_methods=...): {owner}.{name} streams its "
-                             "result; predictions come from methods that return one value")
+            raise refuse("prediction_methods", f"{owner}.{name} streams its "
+                         "result; predictions come from methods that return one value")
 
 
 def _wrap_function(fn: Callable, options: MonitorOptions) -> Callable:

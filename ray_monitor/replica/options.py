@@ -1,20 +1,24 @@
 """Options of ``@monitor``, checked at decoration time, with documented env fallbacks.
 
+Checked in the driver when the class is decorated; resolved in each replica when it
+starts.
+
 An option passed to the decorator wins; an option not passed falls back to its
 environment variable, read in the replica when it starts (so one image can be tuned
 per cluster); a bad environment value is logged and the default used, as
-OpenTelemetry's SDK does. A bad decorator argument raises at once, naming the option.
+OpenTelemetry's SDK does (see :mod:`ray_monitor.common.env`). A bad decorator argument raises at once, naming the option.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-logger = logging.getLogger(__name__)
+from ray_monitor.common import env
+from ray_monitor.common.errors import ConfigError
+
+__all__ = ["ENV_VARS", "MonitorOptions", "UNSET", "from_env", "refuse"]
 
 
 class _Unset:
@@ -30,31 +34,36 @@ class _Unset:
 #: "Not passed", as distinct from ``None``.
 UNSET: Any = _Unset()
 
-# name: (environment variable, default)
-DEFAULTS: dict[str, tuple[str, Any]] = {
-    "sample_ratio": ("RAY_MONITOR_SAMPLE_RATIO", 0.1),
-    "slow_threshold_s": ("RAY_MONITOR_SLOW_THRESHOLD_S", 1.0),
-    "flush_interval_s": ("RAY_MONITOR_FLUSH_INTERVAL_S", 1.0),
-    "hang_threshold_s": ("RAY_MONITOR_HANG_THRESHOLD_S", 60.0),
+
+def refuse(option: str, message: str) -> ConfigError:
+    """The error for a bad ``@monitor`` option: it names the option and the fix."""
+    return ConfigError.one("@monitor", option, message)
+
+#: The options that fall back to an environment variable when not passed.
+ENV_VARS: dict[str, env.EnvVar] = {
+    "sample_ratio": env.SAMPLE_RATIO,
+    "slow_threshold_s": env.SLOW_THRESHOLD_S,
+    "flush_interval_s": env.FLUSH_INTERVAL_S,
+    "hang_threshold_s": env.HANG_THRESHOLD_S,
 }
 
 
 def _ratio(name: str, v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"@monitor({name}=...): expected a number between 0 and 1, "
-                        f"got {type(v).__name__} {v!r}")
+        raise refuse(name, "expected a number between 0 and 1, "
+                     f"got {type(v).__name__} {v!r}")
     if not 0.0 <= float(v) <= 1.0:
-        raise ValueError(f"@monitor({name}={v!r}): must be between 0 and 1 "
-                         "(0.1 keeps one request in ten, plus every error and slow one)")
+        raise refuse(name, f"{v!r} must be between 0 and 1 "
+                     "(0.1 keeps one request in ten, plus every error and slow one)")
     return float(v)
 
 
 def _positive(name: str, v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"@monitor({name}=...): expected seconds as a number, "
-                        f"got {type(v).__name__} {v!r}")
+        raise refuse(name, "expected seconds as a number, "
+                     f"got {type(v).__name__} {v!r}")
     if not (float(v) > 0.0 and math.isfinite(float(v))):
-        raise ValueError(f"@monitor({name}={v!r}): must be a positive number of seconds")
+        raise refuse(name, f"{v!r} must be a positive number of seconds")
     return float(v)
 
 
@@ -66,15 +75,7 @@ _CHECKS: dict[str, Callable[[str, Any], float]] = {
 
 def from_env(name: str, environ: Optional[dict] = None) -> Any:
     """The environment's value for option ``name``, or its default if unset or bad."""
-    env_name, default = DEFAULTS[name]
-    raw = (os.environ if environ is None else environ).get(env_name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return _CHECKS[name](name, float(raw))
-    except (TypeError, ValueError) as e:
-        logger.warning("ray-monitor: ignoring %s=%r (%s); using %r", env_name, raw, e, default)
-        return default
+    return ENV_VARS[name].get(environ)
 
 
 @dataclass(frozen=True)
@@ -101,20 +102,20 @@ class MonitorOptions:
         mv = kwargs.pop("model_version")
         if mv is not UNSET and mv is not None:
             if not isinstance(mv, str):
-                raise TypeError(f"@monitor(model_version=...): expected a string such as "
-                                f"'v3', got {type(mv).__name__} {mv!r}")
+                raise refuse("model_version", "expected a string such as "
+                             f"'v3', got {type(mv).__name__} {mv!r}")
             out["model_version"] = mv
         ex = kwargs.pop("exclude")
         if ex is not UNSET and ex is not None:
             if isinstance(ex, str) or not all(isinstance(n, str) for n in ex):
-                raise TypeError("@monitor(exclude=...): expected a list of method names, "
-                                f"e.g. exclude=['health'], got {ex!r}")
+                raise refuse("exclude", "expected a list of method names, "
+                             f"e.g. exclude=['health'], got {ex!r}")
             out["exclude"] = frozenset(ex)
         te = kwargs.pop("tracing_enabled")
         if te is not UNSET and te is not None:
             if not isinstance(te, bool):
-                raise TypeError(f"@monitor(tracing_enabled=...): expected True, False or "
-                                f"None (auto), got {te!r}")
+                raise refuse("tracing_enabled", "expected True, False or "
+                             f"None (auto), got {te!r}")
             out["tracing_enabled"] = te
         for name, v in kwargs.items():
             if v is UNSET or v is None:
@@ -138,29 +139,30 @@ def _prediction_options(fn: Any, with_input: Any, methods: Any, positive: Any) -
         given = [n for n, v in (("prediction_input", with_input), ("prediction_methods", methods),
                                 ("positive_label", positive)) if v is not UNSET and v is not None]
         if given:
-            raise ValueError(f"@monitor({given[0]}=...) needs prediction=<extractor>, a function "
-                             "from the method's result to {'label': ..., 'score': ...} or "
+            raise refuse(given[0], "needs prediction=<extractor>, a function "
+                         "from the method's result to {'label': ..., 'score': ...} or "
                              "{'value': ...}")
         return out
     if not callable(fn):
-        raise TypeError(f"@monitor(prediction=...): expected a function such as "
-                        f"lambda result: {{'label': result['label']}}, got {type(fn).__name__} {fn!r:.60}")
+        raise refuse("prediction", "expected a function such as "
+                     f"lambda result: {{'label': result['label']}}, got {type(fn).__name__} {fn!r:.60}")
     out["prediction"] = fn
     if with_input is not UNSET and with_input is not None:
         if not isinstance(with_input, bool):
-            raise TypeError(f"@monitor(prediction_input=...): expected True or False, got {with_input!r}")
+            raise refuse("prediction_input", f"expected True or False, got {with_input!r}")
         out["prediction_input"] = with_input
     if methods is not UNSET and methods is not None:
         if isinstance(methods, str) or not methods or not all(
                 isinstance(n, str) and n for n in methods):
-            raise TypeError("@monitor(prediction_methods=...): expected a non-empty list of "
-                            f"method names, e.g. prediction_methods=['predict'], got {methods!r}")
+            raise refuse("prediction_methods", "expected a non-empty list of "
+                         f"method names, e.g. prediction_methods=['predict'], got {methods!r}")
         out["prediction_methods"] = tuple(dict.fromkeys(methods))
     if positive is not UNSET and positive is not None:
-        from ray_monitor.quality.metrics import _label
+        from ray_monitor.quality.prediction import check_label
 
         try:
-            out["positive_label"] = _label(positive, "@monitor(positive_label=...)")
+            out["positive_label"] = check_label(positive, "positive_label")
         except (TypeError, ValueError) as e:
-            raise type(e)(f"{e}; it names the class whose score the extractor returns") from None
+            raise refuse("positive_label", f"{e}; it names the class whose score the "
+                         "extractor returns") from None
     return out

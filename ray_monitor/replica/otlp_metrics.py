@@ -1,5 +1,7 @@
 """The replica's request metrics as OTLP metrics, built from the recorder's snapshots.
 
+Runs in every replica, on its flush thread.
+
 No OpenTelemetry instrument sits on the request path: the flush thread folds each
 delta snapshot into cumulative series and, every ``OTEL_METRIC_EXPORT_INTERVAL`` ms
 (the SDK's variable, default 60000), hands them to the standard OTLP metric exporter
@@ -12,7 +14,6 @@ conventions' ``http.server.request.duration``; handle methods use
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Optional
 
@@ -25,25 +26,24 @@ from opentelemetry.sdk.metrics._internal.exemplar import Exemplar as OtelExempla
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
+from ray_monitor.common import env
 from ray_monitor.common.histogram import SCALE, Histogram
 from ray_monitor.common.snapshot import ReplicaIdentity, ReplicaSnapshot
+
+__all__ = ["OtlpMetrics", "otlp_metrics_configured"]
 
 logger = logging.getLogger(__name__)
 _HTTP_VERBS = ("GET ", "POST ", "PUT ", "DELETE ", "PATCH ", "HEAD ", "OPTIONS ")
 
 
 def otlp_metrics_configured() -> bool:
-    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+    if env.OTEL_SDK_DISABLED.get() or env.OTEL_METRICS_EXPORTER.get() == "none":
         return False
-    if os.environ.get("OTEL_METRICS_EXPORTER", "otlp").lower() == "none":
-        return False
-    return bool(os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
-                or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    return env.OTLP_METRICS_ENDPOINT.is_set() or env.OTLP_ENDPOINT.is_set()
 
 
 def otlp_metric_exporter() -> MetricExporter:
-    protocol = (os.environ.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL")
-                or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf")
+    protocol = env.OTLP_METRICS_PROTOCOL.get() or env.OTLP_PROTOCOL.get()
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
     else:
@@ -52,12 +52,7 @@ def otlp_metric_exporter() -> MetricExporter:
 
 
 def _interval_s() -> float:
-    raw = os.environ.get("OTEL_METRIC_EXPORT_INTERVAL", "60000")
-    try:
-        return max(float(raw) / 1000.0, 0.1)
-    except ValueError:
-        logger.warning("ray-monitor: ignoring OTEL_METRIC_EXPORT_INTERVAL=%r; using 60000", raw)
-        return 60.0
+    return max(env.OTEL_METRIC_EXPORT_INTERVAL.get() / 1000.0, 0.1)
 
 
 class OtlpMetrics:
@@ -75,7 +70,7 @@ class OtlpMetrics:
         self._series: dict[tuple[str, str], list] = {}
         self._inflight: dict[str, int] = {}
         self.resource = Resource.create({
-            "service.name": os.environ.get("OTEL_SERVICE_NAME")
+            "service.name": env.OTEL_SERVICE_NAME.get()
             or identity.application or identity.deployment,
             "service.instance.id": identity.replica, "ray.node.id": identity.node_id,
             "ray.serve.deployment": identity.deployment,

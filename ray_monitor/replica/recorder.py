@@ -1,5 +1,7 @@
 """Per-replica cells that the middleware records into, and the loop that flushes them.
 
+Runs in every replica: the request path writes the cells; the flush thread reads them.
+
 The write path is one lock and a few additions (prometheus_client's habit): no I/O,
 no actor call, nothing that grows with traffic. Everything else (building a
 snapshot, health readings, delivery) runs on the flush thread, every
@@ -20,6 +22,12 @@ from typing import Any, Callable, Optional, Protocol
 from ray_monitor.common.histogram import Histogram, bucket_index
 from ray_monitor.common.snapshot import (Exemplar, HungRequest, ReplicaHealth, ReplicaIdentity,
                        ReplicaSnapshot, SeriesDelta)
+
+#: The ray_monitor package's folder: threads running only its code are not the user's.
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+__all__ = ["MAX_OUTCOMES_PER_METHOD", "MAX_PREDICTIONS_PER_FLUSH", "MAX_TRACE_SNAPSHOTS_BUFFERED",
+           "Recorder", "SelfErrors", "find_hung", "process_health", "thread_stacks"]
 
 logger = logging.getLogger(__name__)
 
@@ -322,7 +330,9 @@ def thread_stacks(limit_bytes: int = MAX_STACK_BYTES, frames: Optional[dict] = N
     if names is None:
         names = {t.ident: t.name for t in threading.enumerate()}
     me = threading.get_ident()
-    roots = tuple({p for p in (sys.prefix, sys.base_prefix, sys.exec_prefix) if p})
+    # Not user code: the Python installation, installed packages, and ray-monitor itself
+    # (its flush and notifier threads, wherever the package is installed from).
+    roots = tuple({p for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, _PACKAGE_DIR) if p})
     parts = []
     for ident, frame in frames.items():
         if ident == me:

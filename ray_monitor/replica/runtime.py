@@ -1,5 +1,7 @@
 """What a monitored deployment holds inside its replica process once it starts.
 
+Runs in every replica (built in the driver, started where it lands).
+
 The decorator creates a :class:`Runtime` in the driver; it travels to the replica
 with the class (pickled without its live parts) and starts when the replica builds
 the deployment (or on the first call of a function deployment): it finds out which
@@ -17,10 +19,13 @@ import threading
 import time
 from typing import Any, Optional
 
+from ray_monitor.common import env
 from ray_monitor.replica import tracing
 from ray_monitor.replica.options import MonitorOptions
 from ray_monitor.replica.recorder import Recorder, process_health
 from ray_monitor.common.snapshot import ReplicaIdentity
+
+__all__ = ["Runtime", "resolve_identity"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +125,7 @@ def _resource(ident: ReplicaIdentity) -> dict:
              "ray.serve.application": ident.application, "process.pid": ident.pid}
     if ident.model_version:
         attrs["service.version"] = ident.model_version
-    if not os.environ.get("OTEL_SERVICE_NAME"):
+    if not env.OTEL_SERVICE_NAME.is_set():
         attrs["service.name"] = ident.application or ident.deployment
     return attrs
 

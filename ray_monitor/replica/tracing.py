@@ -1,5 +1,8 @@
 """One span per request, head-sampled, with every error and slow request kept.
 
+Runs in every replica (and in Serve's proxy and controller when Serve's tracing loads
+:func:`serve_span_processors`).
+
 The head sampler's "no" has to be nearly free, so an unsampled request gets no SDK
 span at all: only two random ids and a context variable for log correlation. When it
 ends slow or failed, the span is made after the fact with its real start time and the
@@ -26,7 +29,6 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import os
 import random
 import threading
 import time
@@ -43,6 +45,12 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFl
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.trace.status import Status, StatusCode
 
+from ray_monitor.common import env
+
+__all__ = ["CURRENT", "SpanRecords", "Tracer", "aggregator_traces_enabled", "claim_serve_spans",
+           "current_trace_id", "install_log_correlation", "otlp_traces_configured",
+           "release_serve_spans", "serve_span_processors", "serve_tracing_config", "span_record"]
+
 logger = logging.getLogger(__name__)
 
 _TRACE_ID_LIMIT = (1 << 64) - 1
@@ -58,8 +66,6 @@ MAX_TEXT = 256
 RECORD_ATTRIBUTES = ("ray.serve.method", "ray_monitor.kept", "http.request.method", "http.route",
                      "http.response.status_code", "request_id", "call_method", "deployment",
                      "app", "route")
-TRACES_ENV = "RAY_MONITOR_TRACES"
-_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 #: (trace_id, span_id) of the request running in this context, for log records.
 CURRENT: contextvars.ContextVar[Optional[tuple[int, int]]] = contextvars.ContextVar(
@@ -68,23 +74,15 @@ CURRENT: contextvars.ContextVar[Optional[tuple[int, int]]] = contextvars.Context
 
 def otlp_traces_configured() -> bool:
     """Whether the standard variables name somewhere to send traces."""
-    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+    if env.OTEL_SDK_DISABLED.get() or env.OTEL_TRACES_EXPORTER.get() == "none":
         return False
-    if os.environ.get("OTEL_TRACES_EXPORTER", "otlp").lower() == "none":
-        return False
-    return bool(os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-                or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    return env.OTLP_TRACES_ENDPOINT.is_set() or env.OTLP_ENDPOINT.is_set()
 
 
 def aggregator_traces_enabled(environ: Optional[dict] = None) -> bool:
     """Whether replicas send the traces of slow and failed requests to the aggregator
     (``RAY_MONITOR_TRACES``, default on; ``0`` turns it off)."""
-    raw = (os.environ if environ is None else environ).get(TRACES_ENV, "").strip().lower()
-    if raw in _OFF:
-        return False
-    if raw and raw not in _ON:
-        logger.warning("ray-monitor: ignoring %s=%r (expected 1 or 0); using 1", TRACES_ENV, raw)
-    return True
+    return env.TRACES.get(environ)
 
 
 def serve_tracing_enabled() -> bool:
@@ -97,8 +95,7 @@ def serve_tracing_enabled() -> bool:
 
 def otlp_span_exporter() -> SpanExporter:
     """The OTLP span exporter the standard variables ask for (gRPC or HTTP/protobuf)."""
-    protocol = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-                or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf")
+    protocol = env.OTLP_TRACES_PROTOCOL.get() or env.OTLP_PROTOCOL.get()
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     else:

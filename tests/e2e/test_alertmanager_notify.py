@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import queue
-import threading
 import time
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from ray_monitor.alerting.message import AlertMessage
-from ray_monitor.alerting.notify import Notifier
+from ray_monitor.alerting.notifier import Notifier
 from tests.servers import amtool, promtool, start_alertmanager, start_prometheus
 
 pytestmark = pytest.mark.e2e
@@ -77,28 +74,6 @@ def test_firing_then_resolved_through_alertmanager_api(tmp_path):
                  what="the resolved alert to leave Alertmanager's active list", logs=[am])
 
 
-class _Recorder(BaseHTTPRequestHandler):
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.server.received.put((self.path, json.loads(body)))
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def recorder():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
-    server.received = queue.Queue()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
 def _when(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
@@ -111,8 +86,8 @@ def _normalised(payload: dict) -> dict:
     return out
 
 
-def test_our_webhook_payload_matches_alertmanagers(tmp_path, recorder):
-    hook = f"http://127.0.0.1:{recorder.server_address[1]}"
+def test_our_webhook_payload_matches_alertmanagers(tmp_path, capture_server):
+    hook = capture_server.url
     config = f"""\
 route:
   receiver: webhook
@@ -143,8 +118,8 @@ receivers:
             notifier.flush(timeout=10)  # our group timers run on flush
             try:
                 while True:
-                    path, body = recorder.received.get(timeout=0.2)
-                    got[path].append(body)
+                    c = capture_server.get(timeout=0.2)
+                    got[c.path].append(c.body)
             except queue.Empty:
                 pass
             return all(b and b[-1]["status"] == status for b in got.values())

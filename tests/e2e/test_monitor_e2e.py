@@ -17,7 +17,8 @@ import requests
 from ray import serve
 
 import ray_monitor
-from ray_monitor.alerting.rules import export_prometheus_yaml, load_rules
+from ray_monitor.alerting.export import export_prometheus_yaml
+from ray_monitor.alerting.loader import load_rules
 from tests.conftest import wait_until
 from tests.integration.test_alerts_serve import Faulty, Traffic
 from tests.servers import promtool, start_alertmanager, start_prometheus

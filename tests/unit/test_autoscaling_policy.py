@@ -23,6 +23,7 @@ from ray_monitor.autoscaling import policy as autoscaling
 from ray_monitor.autoscaling.external import ExternalScaleError, apply_external
 from ray_monitor.autoscaling.policy import (STATE_KEY, MonitorPolicy,
                                      monitor_policy)
+from tests.helpers import Clock
 
 APP, DEP = "app1", "Classifier"
 LOGGER = "ray.serve.ray_monitor"
@@ -41,14 +42,6 @@ def context(*, current=2, target=2, requests=4.0, policy_state=None, config=None
         capacity_adjusted_min_replicas=1, capacity_adjusted_max_replicas=max_replicas,
         policy_state=dict(policy_state or {}), last_scale_up_time=None,
         last_scale_down_time=None, current_time=now, config=config)
-
-
-class Clock:
-    def __init__(self, t=1000.0):
-        self.t = t
-
-    def __call__(self):
-        return self.t
 
 
 class Aggregator:

@@ -13,8 +13,9 @@ import pytest
 import yaml
 
 from ray_monitor import MonitorNotRunning
-from ray_monitor.client.cli import (format_age, format_ms, format_percent, format_rate, format_value,
-                             main, render_table)
+from ray_monitor.client.cli import main
+from ray_monitor.client.tables import (format_age, format_ms, format_percent, format_rate,
+                                       format_value, render_table)
 from ray_monitor.common.snapshot import GpuDevice, GpuProcess, GpuSnapshot, ReplicaIdentity
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -169,6 +170,84 @@ def test_rules_check_json(tmp_path):
 def test_rules_check_missing_file(tmp_path):
     code, out, _ = run(["rules", "check", str(tmp_path / "nope.yaml")])
     assert code == 1 and "nope.yaml" in out and "cannot read" in out
+
+
+BAD_AUTOSCALING = """\
+groups: []
+autoscaling:
+  deployments:
+    - {deployment: Classifier, min_replicas: 5, max_replicas: 2, cooldown: soon}
+    - deployment: Ranker
+      targets:
+        - {metric: 'p95(latency[30s])', value: 0.2}
+        - {metric: 'p96(latency_seconds[30s])', value: -1}
+"""
+
+
+def test_rules_check_refuses_a_bad_autoscaling_section_one_problem_a_line(tmp_path):
+    bad = tmp_path / "scaling.yaml"
+    bad.write_text(BAD_AUTOSCALING)
+    code, out, _ = run(["rules", "check", str(bad)])
+    assert code == 1
+    head, *lines = out.splitlines()
+    assert head == f"5 problems in {bad}:"
+    where = [line.split(": ")[1:3] for line in lines]
+    assert where == [
+        ["deployment 'Classifier'", "field 'autoscaling.deployments[0].min_replicas'"],
+        ["deployment 'Classifier'", "field 'autoscaling.deployments[0].cooldown'"],
+        ["deployment 'Ranker'", "field 'autoscaling.deployments[1].targets[0].metric'"],
+        ["deployment 'Ranker'", "field 'autoscaling.deployments[1].targets[1].value'"],
+        ["deployment 'Ranker'", "field 'autoscaling.deployments[1].targets[1].metric'"]]
+    assert all(line.startswith(f"  - {bad}: deployment ") for line in lines)
+    assert "above max_replicas 2" in lines[0] and "unknown metric 'latency'" in lines[2]
+    assert "above 0" in lines[3] and "unknown function 'p96'" in lines[4]
+
+
+def test_rules_check_json_names_the_deployment_of_each_problem(tmp_path):
+    bad = tmp_path / "scaling.yaml"
+    bad.write_text(BAD_AUTOSCALING)
+    code, out, _ = run(["rules", "check", "--json", str(bad)])
+    [result] = json.loads(out)
+    assert code == 1 and result["ok"] is False
+    assert [(p["deployment"], p["field"]) for p in result["problems"]] == [
+        ("Classifier", "autoscaling.deployments[0].min_replicas"),
+        ("Classifier", "autoscaling.deployments[0].cooldown"),
+        ("Ranker", "autoscaling.deployments[1].targets[0].metric"),
+        ("Ranker", "autoscaling.deployments[1].targets[1].value"),
+        ("Ranker", "autoscaling.deployments[1].targets[1].metric")]
+    assert all(p["file"] == str(bad) and p["message"] for p in result["problems"])
+
+
+def test_rules_export_and_start_refuse_a_bad_autoscaling_section(tmp_path):
+    bad = tmp_path / "scaling.yaml"
+    bad.write_text(BAD_AUTOSCALING)
+    code, out, err = run(["rules", "export", str(bad)])
+    assert code == 1 and out == "" and "autoscaling.deployments[0].min_replicas" in err
+    started = []
+    code, _, err = run(["start", "--rules", str(bad)], start=lambda **kw: started.append(kw))
+    assert code == 1 and "deployment 'Ranker'" in err and started == []
+
+
+def test_rules_check_accepts_a_file_with_every_section(tmp_path):
+    good = tmp_path / "all.yaml"
+    good.write_text(BAD_RULES.split("      - alert: SlowThings")[0]
+                    + "      - {slo: availability, objective: 99.9, sli: error_ratio}\n"
+                    "autoscaling:\n  deployments: [{deployment: Classifier, max_replicas: 4}]\n"
+                    "notifications:\n  webhooks: [{url: 'http://hooks.test/x'}]\n")
+    code, out, _ = run(["rules", "check", str(good)])
+    assert (code, out) == (0, f"{good}: OK (2 rules in 1 groups)\n")
+
+
+def test_a_word_is_refused_by_the_cli_as_by_load_rule_file(tmp_path, monkeypatch):
+    from ray_monitor.alerting.loader import load_rule_file
+    from ray_monitor.common.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_rule_file("myrules")
+    assert "no rule file 'myrules'" in str(info.value)
+    assert run(["rules", "check", "myrules"])[:2] == (1, f"{info.value}\n")
+    assert run(["rules", "export", "myrules"]) == (1, "", f"{info.value}\n")
 
 
 def test_rules_export_prints_a_prometheus_rule_file(tmp_path):

@@ -15,32 +15,20 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray_monitor.common.catalog import METRICS
 from ray_monitor.client.dashboard import build_dashboard, dashboard_json, exported_name, queried_metrics
 from ray_monitor.aggregator.exposition import MonitorCollector, render
-from ray_monitor.common.histogram import Histogram
-from ray_monitor.alerting.rules import export_prometheus_yaml, load_rules
+from ray_monitor.alerting.export import export_prometheus_yaml
+from ray_monitor.alerting.loader import load_rules
 from ray_monitor.common.snapshot import (GpuDevice, GpuSnapshot, ReplicaHealth, ReplicaIdentity,
                                   ReplicaSnapshot, SeriesDelta)
-from ray_monitor.aggregator.status_page import BadRequest, gpu_nodes, parse_seconds, timeseries, traces_view
+from ray_monitor.aggregator.http_api import query_seconds as parse_seconds
+from ray_monitor.aggregator.views import gpu_nodes, timeseries, traces_view
+from ray_monitor.common.errors import BadRequest
 from ray_monitor.aggregator.windows import WindowStore
 from tests.servers import PROMTOOL, require_binary
+from tests.helpers import Clock, hist
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOYMENTS = ROOT / "deployments"
 T0 = 1_700_000_040.0  # a multiple of 60: every ring's bucket edges are whole seconds
-
-
-class Clock:
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def hist(*values: float) -> Histogram:
-    h = Histogram()
-    for v in values:
-        h.record(v)
-    return h
 
 
 def replica_snap(t: float, seq: int, *, deployment: str = "Classifier", latency: float = 0.1,
@@ -63,7 +51,7 @@ def gpu_snap(t: float) -> GpuSnapshot:
 
 def exposition_names() -> set[str]:
     """Sample and family names of a real /metrics built from one snapshot of everything."""
-    clock = Clock()
+    clock = Clock(T0)
     store = WindowStore(clock=clock)
     store.ingest(replica_snap(T0, 0, errors=1))
     store.ingest_gpu(gpu_snap(T0))
@@ -185,7 +173,7 @@ def test_prometheus_config_passes_promtool_and_loads_the_exported_rules():
 # -------------------------------------------------------------- the status page's JSON
 
 def test_timeseries_covers_the_hour_per_minute_with_gaps_as_none():
-    clock = Clock()
+    clock = Clock(T0)
     store = WindowStore(clock=clock)
     # An hour of traffic: slow (0.5 s) in minutes 20 to 29, errors in minutes 40 to 44,
     # and nothing at all in minutes 50 to 52.
@@ -213,7 +201,7 @@ def test_timeseries_covers_the_hour_per_minute_with_gaps_as_none():
 
 
 def test_timeseries_names_the_bad_parameter():
-    store = WindowStore(clock=Clock())
+    store = WindowStore(clock=Clock(T0))
     with pytest.raises(BadRequest, match="metric='latency'"):
         timeseries(store, "p99", "latency", now=T0)
     with pytest.raises(BadRequest, match="function='p99' does not apply to the counter"):
@@ -268,10 +256,10 @@ def test_the_aggregator_app_serves_the_page_its_assets_and_its_json():
 
     from aiohttp.test_utils import TestClient, TestServer
 
-    from ray_monitor.aggregator.actor import AggregatorCore
+    from ray_monitor.aggregator.core import AggregatorCore
     from ray_monitor.aggregator.http_api import make_app
 
-    clock = Clock()
+    clock = Clock(T0)
     core = AggregatorCore({}, clock=clock)
     for i in range(120):
         clock.t = T0 + i
@@ -314,11 +302,11 @@ def test_the_aggregator_keeps_the_traces_replicas_send_and_serves_them():
 
     from aiohttp.test_utils import TestClient, TestServer
 
-    from ray_monitor.aggregator.actor import AggregatorCore
+    from ray_monitor.aggregator.core import AggregatorCore
     from ray_monitor.aggregator.http_api import make_app
     from tests.unit.test_trace_store import composed_failure
 
-    clock = Clock()
+    clock = Clock(T0)
     clock.t = T0
     core = AggregatorCore({}, clock=clock)
     ingress, model = composed_failure(5, start=T0)

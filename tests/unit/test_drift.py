@@ -12,7 +12,7 @@ from scipy.stats import ks_2samp
 
 from ray_monitor.quality.drift import (PSI_EPSILON, DriftMonitor, FeatureCounts, Reference, jensen_shannon,
                                ks_bound, ks_from_counts, ks_statistic, psi)
-from ray_monitor.quality.metrics import Prediction
+from ray_monitor.quality.prediction import Prediction
 
 
 def test_psi_against_hand_computed_values():

@@ -10,19 +10,14 @@ import time
 import pynvml
 import pytest
 
-from ray_monitor.gpu.sampler import GpuSampler, XidWatcher, attribute_processes
+from ray_monitor.gpu.attribution import attribute_processes
+from ray_monitor.gpu.sampler import GpuSampler
+from ray_monitor.gpu.xid import XidWatcher
 from ray_monitor.common.snapshot import GpuProcess, GpuSnapshot, ReplicaIdentity
 from tests.fake_nvml import GiB, FakeGpu, FakeHandle, FakeMig, FakeNvml, FakeProcess
+from tests.helpers import Clock
 
 NODE = "a" * 56
-
-
-class Clock:
-    def __init__(self, t: float = 100.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def make(fake: FakeNvml, clock: Clock | None = None, **kwargs) -> GpuSampler:
@@ -41,7 +36,7 @@ def fixed_gpu(**overrides) -> FakeGpu:
 
 
 def test_every_reading_in_base_units():
-    fake = FakeNvml(gpus=[fixed_gpu(uuid="GPU-x")], clock=Clock())
+    fake = FakeNvml(gpus=[fixed_gpu(uuid="GPU-x")], clock=Clock(100.0))
     snap = make(fake).sample()
     assert snap.node_id == NODE and snap.time == 100.0 and snap.no_gpus_reason is None
     (dev,) = snap.devices
@@ -73,7 +68,7 @@ def test_every_reading_in_base_units():
     (0x4, 1), (0x20 | 0x1, 1), (0x40, 1), (0x8, 1),  # power cap, thermal, hardware slowdown
 ])
 def test_throttled_is_any_reason_but_idle_or_application_clocks(reasons, throttled):
-    fake = FakeNvml(gpus=[fixed_gpu(clock_reasons=reasons)], clock=Clock())
+    fake = FakeNvml(gpus=[fixed_gpu(clock_reasons=reasons)], clock=Clock(100.0))
     values = make(fake).sample().devices[0].values
     assert values["throttle_reasons"] == reasons and values["throttled"] == throttled
 
@@ -99,7 +94,7 @@ def test_readings_follow_time_and_static_facts_are_read_once():
 
 
 def test_power_energy_and_pcie_replays_come_in_one_batched_call():
-    fake = FakeNvml(gpus=2, clock=Clock())
+    fake = FakeNvml(gpus=2, clock=Clock(100.0))
     sampler = make(fake)
     for _ in range(3):
         values = sampler.sample().devices[1].values
@@ -111,7 +106,7 @@ def test_power_energy_and_pcie_replays_come_in_one_batched_call():
 
 def test_a_field_the_driver_lacks_is_read_with_its_own_call_from_then_on():
     gpu = fixed_gpu(unsupported_fields={pynvml.NVML_FI_DEV_POWER_INSTANT})
-    fake = FakeNvml(gpus=[gpu], clock=Clock())
+    fake = FakeNvml(gpus=[gpu], clock=Clock(100.0))
     sampler = make(fake)
     for _ in range(3):
         snap = sampler.sample()
@@ -122,7 +117,7 @@ def test_a_field_the_driver_lacks_is_read_with_its_own_call_from_then_on():
 
 
 def test_a_failing_field_skips_only_that_field_for_that_sample():
-    fake = FakeNvml(gpus=[fixed_gpu()], clock=Clock())
+    fake = FakeNvml(gpus=[fixed_gpu()], clock=Clock(100.0))
     fake.fail(f"field:{pynvml.NVML_FI_DEV_PCIE_REPLAY_COUNTER}", pynvml.NVML_ERROR_UNKNOWN, times=1)
     sampler = make(fake)
     first = sampler.sample()
@@ -135,7 +130,7 @@ def test_a_failing_field_skips_only_that_field_for_that_sample():
 
 
 def test_without_field_values_every_reading_uses_its_own_call():
-    fake = FakeNvml(gpus=[fixed_gpu()], clock=Clock(), missing=("nvmlDeviceGetFieldValues",))
+    fake = FakeNvml(gpus=[fixed_gpu()], clock=Clock(100.0), missing=("nvmlDeviceGetFieldValues",))
     sampler = make(fake)
     for _ in range(2):
         values = sampler.sample().devices[0].values
@@ -146,7 +141,7 @@ def test_without_field_values_every_reading_uses_its_own_call():
 
 
 def test_not_supported_is_counted_once_and_not_asked_again():
-    fake = FakeNvml(gpus=2, clock=Clock())
+    fake = FakeNvml(gpus=2, clock=Clock(100.0))
     fake.fail("nvmlDeviceGetTotalEccErrors", pynvml.NVML_ERROR_NOT_SUPPORTED, gpu=1)
     sampler = make(fake)
     for _ in range(3):
@@ -160,7 +155,7 @@ def test_not_supported_is_counted_once_and_not_asked_again():
 
 
 def test_a_function_the_driver_lacks_is_remembered():
-    fake = FakeNvml(gpus=2, clock=Clock())
+    fake = FakeNvml(gpus=2, clock=Clock(100.0))
     fake.fail("nvmlDeviceGetTemperature", pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
     sampler = make(fake)
     for _ in range(3):
@@ -171,7 +166,7 @@ def test_a_function_the_driver_lacks_is_remembered():
 
 
 def test_old_binding_names_and_pre_v2_memory_info():
-    fake = FakeNvml(gpus=[fixed_gpu(clock_reasons=0x4)], clock=Clock(),
+    fake = FakeNvml(gpus=[fixed_gpu(clock_reasons=0x4)], clock=Clock(100.0),
                     missing=("nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetMemoryInfo_v2"))
     sampler = make(fake)
     for _ in range(2):
@@ -184,7 +179,7 @@ def test_old_binding_names_and_pre_v2_memory_info():
 
 
 def test_transient_error_skips_the_reading_for_one_sample_and_logs_once(caplog):
-    fake = FakeNvml(gpus=[fixed_gpu()], clock=Clock())
+    fake = FakeNvml(gpus=[fixed_gpu()], clock=Clock(100.0))
     fake.fail("nvmlDeviceGetPowerUsage", pynvml.NVML_ERROR_UNKNOWN)  # read singly: field unsupported
     fake.gpus[0].unsupported_fields.add(pynvml.NVML_FI_DEV_POWER_INSTANT)
     fake.fail("nvmlDeviceGetTemperature", pynvml.NVML_ERROR_UNKNOWN, times=1)
@@ -201,7 +196,7 @@ def test_transient_error_skips_the_reading_for_one_sample_and_logs_once(caplog):
 
 
 def test_a_lost_gpu_is_reported_and_sampled_again_later():
-    fake = FakeNvml(gpus=2, clock=Clock())
+    fake = FakeNvml(gpus=2, clock=Clock(100.0))
     sampler = make(fake)
     sampler.sample()
     fake.fail("*", pynvml.NVML_ERROR_GPU_IS_LOST, gpu=1)
@@ -217,7 +212,7 @@ def test_a_lost_gpu_is_reported_and_sampled_again_later():
 
 
 def test_a_gpu_lost_at_start_is_opened_when_it_returns():
-    fake = FakeNvml(gpus=2, clock=Clock())
+    fake = FakeNvml(gpus=2, clock=Clock(100.0))
     fake.fail("nvmlDeviceGetHandleByIndex", pynvml.NVML_ERROR_GPU_IS_LOST, gpu=1, times=1)
     sampler = make(fake)
     first = sampler.sample()
@@ -233,7 +228,7 @@ def test_a_gpu_lost_at_start_is_opened_when_it_returns():
     (pynvml.NVML_ERROR_UNKNOWN, "nvmlInit failed: Unknown"),
 ])
 def test_without_nvml_every_snapshot_says_why_and_it_is_logged_once(caplog, code, words):
-    fake = FakeNvml(gpus=2, clock=Clock(), init_error=code)
+    fake = FakeNvml(gpus=2, clock=Clock(100.0), init_error=code)
     sampler = make(fake)
     with caplog.at_level(logging.WARNING, logger="ray_monitor.gpu.sampler"):
         snaps = [sampler.sample() for _ in range(3)]
@@ -245,7 +240,7 @@ def test_without_nvml_every_snapshot_says_why_and_it_is_logged_once(caplog, code
 
 
 def test_no_gpus_and_no_pynvml(monkeypatch):
-    assert make(FakeNvml(gpus=0, clock=Clock())).sample().no_gpus_reason == "NVML sees no NVIDIA GPU"
+    assert make(FakeNvml(gpus=0, clock=Clock(100.0))).sample().no_gpus_reason == "NVML sees no NVIDIA GPU"
     monkeypatch.setitem(sys.modules, "pynvml", None)  # `import pynvml` now raises ImportError
     snap = GpuSampler(node_id=NODE, nvml=None, watch_xid=False).sample()
     assert "install nvidia-ml-py" in snap.no_gpus_reason
@@ -254,7 +249,7 @@ def test_no_gpus_and_no_pynvml(monkeypatch):
 def test_process_memory_and_utilization_with_the_timestamp_carried_forward():
     gpu = fixed_gpu(processes=[FakeProcess(100, 3 * GiB), FakeProcess(101, None)],
                     process_samples=[(100, 5_000, 40, 10), (100, 7_000, 60, 12), (101, 6_000, 5, 1)])
-    fake = FakeNvml(gpus=[gpu], clock=Clock())
+    fake = FakeNvml(gpus=[gpu], clock=Clock(100.0))
     sampler = make(fake)
     first = sampler.sample()
     assert [(p.pid, p.memory_bytes, p.sm_utilization_ratio) for p in first.processes] == [
@@ -272,13 +267,13 @@ def test_process_memory_and_utilization_with_the_timestamp_carried_forward():
 def test_ancestors_come_from_the_injected_lookup_and_from_proc_by_default():
     gpu = fixed_gpu(processes=[FakeProcess(100, GiB), FakeProcess(os.getpid(), GiB)])
     asked = []
-    sampler = make(FakeNvml(gpus=[gpu], clock=Clock()),
+    sampler = make(FakeNvml(gpus=[gpu], clock=Clock(100.0)),
                    process_ancestors=lambda pid: asked.append(pid) or (pid + 1, 1))
     sampler.sample()
     snap = sampler.sample()
     assert [p.ancestors for p in snap.processes] == [(101, 1), (os.getpid() + 1, 1)]
     assert asked == [100, os.getpid()]  # looked up once per process while it runs
-    default = GpuSampler(node_id=NODE, nvml=FakeNvml(gpus=[gpu], clock=Clock()), watch_xid=False).sample()
+    default = GpuSampler(node_id=NODE, nvml=FakeNvml(gpus=[gpu], clock=Clock(100.0)), watch_xid=False).sample()
     assert default.processes[1].ancestors[0] == os.getppid()
     assert default.processes[0].ancestors == () or default.processes[0].ancestors[0] > 0
 
@@ -288,7 +283,7 @@ def test_mig_memory_per_mig_device_and_no_per_process_utilization(caplog):
                     processes=[FakeProcess(200, 2 * GiB)]),
             None,  # an empty slot
             FakeMig(uuid="MIG-c", memory_total=20 * GiB, memory_used=0)]
-    fake = FakeNvml(gpus=[fixed_gpu(mig=migs, process_samples=[(200, 1, 50, 5)]), fixed_gpu()], clock=Clock())
+    fake = FakeNvml(gpus=[fixed_gpu(mig=migs, process_samples=[(200, 1, 50, 5)]), fixed_gpu()], clock=Clock(100.0))
     sampler = make(fake)
     with caplog.at_level(logging.INFO, logger="ray_monitor.gpu.sampler"):
         sampler.sample()
@@ -316,9 +311,9 @@ def wait_until(predicate, timeout_s: float = 10.0):
 
 
 def test_xid_errors_are_counted_per_gpu_and_code(caplog):
-    fake = FakeNvml(gpus=[FakeGpu(), FakeGpu(xid_supported=False), FakeGpu()], clock=Clock())
+    fake = FakeNvml(gpus=[FakeGpu(), FakeGpu(xid_supported=False), FakeGpu()], clock=Clock(100.0))
     sampler = make(fake, watch_xid=True, xid_wait_ms=20)
-    with caplog.at_level(logging.INFO, logger="ray_monitor.gpu.sampler"):
+    with caplog.at_level(logging.INFO, logger="ray_monitor.gpu.xid"):
         sampler.sample()
     assert sum("cannot be watched on GPU" in r.getMessage() for r in caplog.records) == 1
     for gpu, xid in ((0, 79), (0, 79), (0, 48), (2, 13)):
@@ -334,14 +329,14 @@ def test_xid_errors_are_counted_per_gpu_and_code(caplog):
 
 
 def test_xid_watcher_without_supporting_devices_starts_no_thread():
-    fake = FakeNvml(gpus=[FakeGpu(xid_supported=False)], clock=Clock())
+    fake = FakeNvml(gpus=[FakeGpu(xid_supported=False)], clock=Clock(100.0))
     watcher = XidWatcher(nvml=fake, devices=[("GPU-0", FakeHandle(0))], wait_ms=20)
     assert watcher.start() is False
     assert fake.event_sets[0].freed and watcher.stop() is True
 
 
 def test_xid_wait_failures_are_counted_and_do_not_stop_the_watcher():
-    fake = FakeNvml(gpus=1, clock=Clock())
+    fake = FakeNvml(gpus=1, clock=Clock(100.0))
     fake.fail("nvmlEventSetWait", pynvml.NVML_ERROR_UNKNOWN, times=1)
     watcher = XidWatcher(nvml=fake, devices=[("GPU-0", FakeHandle(0))], wait_ms=20, retry_s=0.01)
     assert watcher.start()
@@ -352,11 +347,11 @@ def test_xid_wait_failures_are_counted_and_do_not_stop_the_watcher():
 
 
 def test_gpus_without_mig_support_are_not_an_error_and_shutdown_before_start_inits_nothing():
-    fake = FakeNvml(gpus=1, clock=Clock())
+    fake = FakeNvml(gpus=1, clock=Clock(100.0))
     fake.fail("nvmlDeviceGetMigMode", pynvml.NVML_ERROR_NOT_SUPPORTED)
     sampler = make(fake)
     assert sampler.sample().self_errors == {} and sampler.sample().devices[0].mig_parent is None
-    idle = make(FakeNvml(gpus=1, clock=Clock()))
+    idle = make(FakeNvml(gpus=1, clock=Clock(100.0)))
     idle.shutdown()
     assert idle.sample().no_gpus_reason == "the GPU sampler is shut down"
     assert idle._nvml.calls["nvmlInit"] == 0

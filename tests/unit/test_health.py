@@ -10,7 +10,7 @@ import time
 import pytest
 
 from ray_monitor import monitor
-from ray_monitor.aggregator.actor import AggregatorCore
+from ray_monitor.aggregator.core import AggregatorCore
 from ray_monitor.replica.recorder import Recorder, find_hung, thread_stacks
 from ray_monitor.common.snapshot import HungRequest, ReplicaHealth, ReplicaIdentity, ReplicaSnapshot
 
@@ -77,9 +77,9 @@ def hung_snapshot(seq: int, t: float, hung: list) -> ReplicaSnapshot:
 
 def test_the_aggregator_shows_hung_requests_on_the_alert_and_in_the_api():
     clock = [1_700_000_000.0]
-    core = AggregatorCore({"rules_text": {"groups": [{"name": "health", "rules": [
+    core = AggregatorCore({}, rules_text={"groups": [{"name": "health", "rules": [
         {"alert": "HungRequests",
-         "expr": "max(hung_requests[1m]) by (application, deployment, replica) > 0"}]}]}},
+         "expr": "max(hung_requests[1m]) by (application, deployment, replica) > 0"}]}]},
         clock=lambda: clock[0])
     try:
         core.ingest([hung_snapshot(1, clock[0], [HungRequest("__call__", "rid-9", 75.0,

@@ -8,9 +8,11 @@ import logging
 
 import pytest
 
-from ray_monitor.autoscaling.hints import (HintConfig, HintConfigError, HintEngine, load_hint_config,
-                               parse_hint_config, validate_against)
-from ray_monitor.alerting.rules import ActiveAlert, RuleEngine, load_rules
+from ray_monitor.alerting.engine import ActiveAlert, RuleEngine
+from ray_monitor.alerting.loader import load_hint_config, load_rules
+from ray_monitor.autoscaling.config import HintConfig, parse_hint_config
+from ray_monitor.autoscaling.hints import HintEngine, validate_against
+from ray_monitor.common.errors import ConfigError
 
 APP, DEP = "app1", "Classifier"
 KEY = (APP, DEP)
@@ -394,7 +396,7 @@ BAD = [
 
 @pytest.mark.parametrize("entry,field,text", BAD, ids=[b[1] + ":" + b[2] for b in BAD])
 def test_bad_configuration_is_refused_naming_the_field(entry, field, text):
-    with pytest.raises(HintConfigError) as err:
+    with pytest.raises(ConfigError) as err:
         parse_hint_config({"deployments": [entry]}, file="rules.yaml")
     assert err.value.field.startswith("autoscaling.deployments[0].")
     assert err.value.field.endswith(field)
@@ -402,7 +404,7 @@ def test_bad_configuration_is_refused_naming_the_field(entry, field, text):
 
 
 def test_every_problem_is_listed_and_duplicates_are_refused():
-    with pytest.raises(HintConfigError) as err:
+    with pytest.raises(ConfigError) as err:
         parse_hint_config({"deployments": [{"deployment": DEP}, {"deployment": DEP},
                                            {"deployment": "X", "min_replicas": -1}],
                            "deployment": []})
@@ -434,9 +436,10 @@ groups:
 def test_a_target_over_model_quality_is_refused_with_the_field_named():
     import pytest as _pytest
 
-    from ray_monitor.autoscaling.hints import HintConfigError, parse_hint_config
+    from ray_monitor.autoscaling.config import parse_hint_config
+    from ray_monitor.common.errors import ConfigError
 
-    with _pytest.raises(HintConfigError) as info:
+    with _pytest.raises(ConfigError) as info:
         parse_hint_config({"deployments": [{"deployment": "Classifier", "targets": [
             {"metric": "accuracy(predictions[1h])", "value": 0.9}]}]})
     assert "targets[0]" in str(info.value) and "scale action" in str(info.value)

@@ -4,11 +4,12 @@ and a bad rule file is refused while the old rules keep running."""
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from ray_monitor.aggregator.actor import AggregatorCore
+from ray_monitor.aggregator.core import AggregatorCore
 from ray_monitor.aggregator.http_api import make_app, writes_allowed
 
 GOOD = """
@@ -25,7 +26,7 @@ class Agg:
 
     def __init__(self, host: str, token):
         self.host, self.token = host, token
-        self.core = AggregatorCore({"rules_text": GOOD})
+        self.core = AggregatorCore({}, rules_text=GOOD)
 
     async def hints(self):
         return []
@@ -108,3 +109,48 @@ autoscaling:
     [warning] = body["warnings"]
     assert "autoscaling.deployments[0]" in warning and "'Classifer'" in warning
     assert "Classifier" in warning  # the close match is suggested
+
+
+#: What Prometheus sends when it scrapes (it prefers OpenMetrics, which carries exemplars).
+PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,"
+                     "*/*;q=0.1")
+
+
+def test_metrics_answer_openmetrics_when_asked_and_the_text_format_otherwise():
+    from ray_monitor.common.histogram import Histogram
+    from ray_monitor.common.snapshot import Exemplar, ReplicaIdentity, ReplicaSnapshot, SeriesDelta
+    from tests.servers import PROMTOOL, promtool
+
+    agg = Agg("127.0.0.1", None)
+    now = agg.core.clock()
+    latency = Histogram()
+    latency.record(0.2)
+    delta = SeriesDelta("__call__", "ok", False, latency)
+    delta.exemplars = {0: Exemplar("a" * 32, "b" * 16, 0.2, now)}
+    agg.core.ingest([ReplicaSnapshot(ReplicaIdentity("app", "Classifier", "r1", "n", 1), 1,
+                                     now - 1, now, [delta])])
+
+    def scrape(headers):
+        async def go():
+            async with TestClient(TestServer(make_app(agg))) as client:
+                resp = await client.get("/metrics", headers=headers)
+                return resp.status, resp.headers["Content-Type"], await resp.text()
+        return asyncio.run(go())
+
+    try:
+        status, ctype, om = scrape({"Accept": PROMETHEUS_ACCEPT})
+        assert status == 200 and ctype.startswith("application/openmetrics-text")
+        assert om.endswith("# EOF\n")
+        assert 'ray_monitor_request_duration_seconds_bucket{' in om
+        assert '# {span_id="' + "b" * 16 + '",trace_id="' + "a" * 32 + '"} 0.2' in om
+        for headers in ({}, {"Accept": "text/plain;version=0.0.4;q=0.5,*/*;q=0.1"},
+                        {"Accept": "*/*"}):
+            status, ctype, text = scrape(headers)
+            assert status == 200 and ctype.startswith("text/plain"), headers
+            assert "# EOF" not in text and "trace_id" not in text
+            assert 'ray_monitor_requests_total{application="app"' in text
+        if os.access(PROMTOOL, os.X_OK):
+            check = promtool("check", "metrics", input=text)
+            assert check.returncode == 0, check.stdout + check.stderr
+    finally:
+        agg.core.notifier.close(1.0)

@@ -4,36 +4,22 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from ray_monitor.alerting.message import AlertMessage, fingerprint
-from ray_monitor.alerting.notify import (
-    Notification, Notifier, NotifyConfig, NotifyConfigError, parse_duration, slack_payload,
-    webhook_payload,
-)
+from ray_monitor.alerting.dispatch import Notification
+from ray_monitor.alerting.notifier import Notifier
+from ray_monitor.alerting.notify_config import NotifyConfig
+from ray_monitor.alerting.notify_config import parse_seconds_field as parse_duration
+from ray_monitor.alerting.payloads import slack_payload, webhook_payload
+from ray_monitor.common.errors import ConfigError
+from tests.helpers import Clock
 
 T0 = 1_700_000_000.0
-
-
-class Clock:
-    """A clock the test moves; ``sleep`` advances it and records the delay."""
-
-    def __init__(self, t: float = T0):
-        self.t = t
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.t
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.t += seconds
 
 
 class Transport:
@@ -105,7 +91,7 @@ def notifier(clock, transport, route=ROUTE, **receivers) -> Notifier:
     ("webhooks", "notifications: expected a mapping"),
 ])
 def test_bad_config_names_the_field(config, field):
-    with pytest.raises(NotifyConfigError) as info:
+    with pytest.raises(ConfigError) as info:
         NotifyConfig.from_dict(config, env={})
     assert field in str(info.value)
     assert isinstance(info.value, ValueError)
@@ -137,7 +123,7 @@ def test_durations():
     assert parse_duration("1h30m") == 5400
     assert parse_duration("500ms") == 0.5
     assert parse_duration(7) == 7.0
-    with pytest.raises(NotifyConfigError, match="Prometheus duration"):
+    with pytest.raises(ConfigError, match="Prometheus duration"):
         parse_duration("-5s")
 
 
@@ -145,7 +131,7 @@ def test_urls_from_environment_when_config_is_silent(caplog):
     env = {"RAY_MONITOR_ALERTMANAGER_URL": "http://am:9093",
            "RAY_MONITOR_WEBHOOK_URL": "http://hook/x",
            "RAY_MONITOR_SLACK_WEBHOOK_URL": "not a url"}
-    with caplog.at_level(logging.WARNING, logger="ray_monitor.alerting.notify"):
+    with caplog.at_level(logging.WARNING, logger="ray_monitor.env"):
         config = NotifyConfig.from_dict({}, env=env)
     assert [r.url for r in config.alertmanager] == ["http://am:9093"]
     assert [r.url for r in config.webhooks] == ["http://hook/x"]
@@ -166,7 +152,7 @@ ALERT_KEYS = {"status", "labels", "annotations", "startsAt", "endsAt", "generato
 
 
 def test_webhook_payload_is_version_4():
-    clock, t = Clock(), Transport()
+    clock, t = Clock(T0), Transport()
     n = Notifier({"route": ROUTE, "external_url": "http://monitor:8080",
                   "webhooks": [{"url": HOOK, "name": "ops", "max_alerts": 1}]},
                  send=t, clock=clock, sleep=clock.sleep, env={})
@@ -228,7 +214,7 @@ def test_slack_payload_colors_by_status():
 # ---------------------------------------------------------------------------- alertmanager
 
 def test_alertmanager_gets_every_batch_as_it_comes():
-    clock, t = Clock(), Transport()
+    clock, t = Clock(T0), Transport()
     n = notifier(clock, t, alertmanager=[{"url": "http://am:9093"}])
     a = alert()
     n.submit([a])
@@ -244,7 +230,7 @@ def test_alertmanager_gets_every_batch_as_it_comes():
 # ---------------------------------------------------------------------------- dispatching
 
 def test_grouping_and_group_wait():
-    clock, t = Clock(), Transport()
+    clock, t = Clock(T0), Transport()
     n = notifier(clock, t)
     n.submit([alert(deployment="a", zone="1"), alert(deployment="a", zone="2"),
               alert(deployment="b")])
@@ -259,7 +245,7 @@ def test_grouping_and_group_wait():
 
 
 def test_changes_wait_for_group_interval_and_repeats_wait_for_repeat_interval():
-    clock, t = Clock(), Transport()
+    clock, t = Clock(T0), Transport()
     n = notifier(clock, t)
     n.submit([alert(zone="1")])
     clock.t += 10
@@ -283,7 +269,7 @@ def test_changes_wait_for_group_interval_and_repeats_wait_for_repeat_interval():
 
 
 def test_send_resolved_and_a_new_firing_after_resolution():
-    clock, t = Clock(), Transport()
+    clock, t = Clock(T0), Transport()
     n = notifier(clock, t, webhooks=[{"url": HOOK}, {"url": "http://quiet/x",
                                                      "send_resolved": False}])
     n.submit([alert()])
@@ -307,7 +293,7 @@ def test_send_resolved_and_a_new_firing_after_resolution():
 
 
 def test_alert_not_renewed_resolves_at_its_ends_at():
-    clock, t = Clock(), Transport()
+    clock, t = Clock(T0), Transport()
     n = notifier(clock, t)
     n.submit([alert(ends=T0 + 40)])
     clock.t += 10
@@ -326,7 +312,7 @@ def test_old_alert_in_a_new_group_skips_group_wait():
 
 
 def test_restore_prevents_a_duplicate_firing_after_restart():
-    clock, t = Clock(), Transport()
+    clock, t = Clock(T0), Transport()
     first = notifier(clock, t)
     first.submit([alert()])
     clock.t += 10
@@ -360,7 +346,7 @@ def test_restore_prevents_a_duplicate_firing_after_restart():
 
 @pytest.mark.parametrize("status", [500, 503, 429])
 def test_retries_5xx_and_429_with_capped_backoff(status):
-    clock, t = Clock(), Transport(status, status, status, status)
+    clock, t = Clock(T0), Transport(status, status, status, status)
     n = Notifier({"route": ROUTE, "webhooks": [{"url": HOOK}]}, send=t, clock=clock,
                  sleep=clock.sleep, env={}, max_attempts=6, backoff_base=1, backoff_cap=4)
     n.submit([alert()])
@@ -377,9 +363,9 @@ def test_retries_5xx_and_429_with_capped_backoff(status):
 
 
 def test_no_retry_on_400_and_logged_once_per_cause(caplog):
-    clock, t = Clock(), Transport(400, 400)
+    clock, t = Clock(T0), Transport(400, 400)
     n = notifier(clock, t)
-    with caplog.at_level(logging.WARNING, logger="ray_monitor.alerting.notify"):
+    with caplog.at_level(logging.WARNING, logger="ray_monitor.alerting.notifier"):
         n.submit([alert(deployment="a"), alert(deployment="b")])
         clock.t += 10
         n.flush()
@@ -395,7 +381,7 @@ def test_retries_a_refused_connection_over_the_real_transport():
     with socket.socket() as s:  # a loopback port where nothing listens
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    clock = Clock()
+    clock = Clock(T0)
     n = Notifier({"alertmanager": [{"url": f"http://127.0.0.1:{port}", "timeout": 2}]},
                  clock=clock, sleep=clock.sleep, env={}, max_attempts=3)
     n.submit([alert()])
@@ -406,7 +392,7 @@ def test_retries_a_refused_connection_over_the_real_transport():
 
 
 def test_full_queue_drops_the_oldest():
-    clock, t = Clock(), Transport()
+    clock, t = Clock(T0), Transport()
     n = Notifier({"alertmanager": [{"url": "http://am:9093"}]}, send=t, clock=clock,
                  env={}, queue_size=3)
     alerts = [alert(deployment=f"d{i}") for i in range(5)]
@@ -451,31 +437,8 @@ def test_close_delivers_what_is_queued():
 
 # ---------------------------------------------------------------------------- over the wire
 
-class _Recorder(BaseHTTPRequestHandler):
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.server.received.put((self.path, dict(self.headers), json.loads(body)))
-        self.send_response(200)
-        self.end_headers()
-        self.wfile.write(b"ok")
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def http_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
-    server.received = queue.Queue()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
-def test_webhook_and_slack_over_real_http(http_server):
-    base = f"http://127.0.0.1:{http_server.server_address[1]}"
+def test_webhook_and_slack_over_real_http(capture_server):
+    base = capture_server.url
     n = Notifier({"route": {"group_wait": 0, "group_by": ["alertname"]},
                   "webhooks": [{"url": base + "/hook", "headers": {"X-Token": "s3cret"}}],
                   "slack": [{"webhook_url": base + "/slack", "channel": "#alerts"}]},
@@ -484,8 +447,8 @@ def test_webhook_and_slack_over_real_http(http_server):
         n.submit([alert(starts=time.time())])  # real time: the sender thread uses it
         got = {}
         for _ in range(2):
-            path, headers, body = http_server.received.get(timeout=15)
-            got[path] = (headers, body)
+            c = capture_server.get(timeout=15)
+            got[c.path] = (c.headers, c.body)
     finally:
         n.close(timeout=10)
     headers, hook = got["/hook"]
@@ -515,7 +478,7 @@ def test_email_over_real_smtp():
     controller = Controller(inbox, hostname="127.0.0.1", port=port)
     controller.start()
     try:
-        clock = Clock()
+        clock = Clock(T0)
         n = Notifier({"route": {"group_wait": 0},
                       "email": [{"smarthost": f"127.0.0.1:{port}", "from": "monitor@example.org",
                                  "to": ["oncall@example.org"]}]},

@@ -9,17 +9,10 @@ import pytest
 from sklearn import metrics as skm
 
 from ray_monitor.common.catalog import QUALITY_METRICS
-from ray_monitor.quality.metrics import (ClassificationCounts, FeedbackJoin,
-                                 LabeledOutcome, Prediction, QualityAccumulator, ScoreHistogram,
-                                 validate_extractor_result)
-
-
-class Clock:
-    def __init__(self, t: float = 10_000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
+from ray_monitor.quality.feedback import FeedbackJoin, LabeledOutcome
+from ray_monitor.quality.metrics import ClassificationCounts, QualityAccumulator, ScoreHistogram
+from ray_monitor.quality.prediction import Prediction, validate_extractor_result
+from tests.helpers import Clock
 
 
 def pred(rid: str, t: float = 10_000.0, **kw) -> Prediction:
@@ -305,7 +298,7 @@ def test_predictions_expire_after_the_horizon_and_later_feedback_says_so():
 
 
 def test_memory_is_bounded_the_oldest_predictions_are_dropped_and_counted():
-    join = FeedbackJoin(max_pending=3, early_grace_s=0, clock=Clock())
+    join = FeedbackJoin(max_pending=3, early_grace_s=0, clock=Clock(10_000.0))
     join.add_predictions([pred(f"r{i}") for i in range(5)])
     stats = join.stats()
     assert stats["pending"] == 3 and stats["predictions_dropped"] == 2
@@ -336,7 +329,7 @@ def test_feedback_that_beats_its_prediction_is_held_then_joined_or_counted_unkno
 
 
 def test_a_request_through_two_monitored_deployments_joins_both_predictions():
-    clock = Clock()
+    clock = Clock(10_000.0)
     join = FeedbackJoin(early_grace_s=0, clock=clock)
     join.add_predictions([pred("r", label="spam")])
     r = join.add_feedback([{"request_id": "r", "label": "spam"}])

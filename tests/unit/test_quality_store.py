@@ -9,27 +9,22 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
-from ray_monitor.aggregator.actor import AggregatorCore, CompositeSource
+from ray_monitor.aggregator.core import AggregatorCore, CompositeSource
 from ray_monitor.common.catalog import Query
 from ray_monitor.common.matchers import Matcher
 from ray_monitor.common.histogram import Histogram
-from ray_monitor.quality.metrics import Prediction
-from ray_monitor.quality.store import (QualityStore, compare_versions, quantile_levels,
-                                       two_proportion_p)
-from ray_monitor.alerting.rules import (RuleEngine, export_prometheus, export_prometheus_yaml,
-                               load_rules, parse_expr)
+from ray_monitor.quality.prediction import Prediction
+from ray_monitor.quality.compare import compare_versions, quantile_levels, two_proportion_p
+from ray_monitor.quality.store import QualityStore
+from ray_monitor.alerting.engine import RuleEngine
+from ray_monitor.alerting.export import export_prometheus, export_prometheus_yaml
+from ray_monitor.alerting.expr import parse_expr
+from ray_monitor.alerting.loader import load_rules
 from ray_monitor.common.snapshot import ReplicaIdentity, ReplicaSnapshot, SeriesDelta
 from ray_monitor.aggregator.windows import WindowStore
+from tests.helpers import Clock
 
 T0 = 1_700_000_000.0
-
-
-class Clock:
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def pred(rid: str, t: float, label=None, *, score=None, value=None, features=None,
@@ -45,7 +40,7 @@ def q(function: str, metric: str = "predictions", window_s: float = 600.0, by=No
 
 def test_accuracy_and_coverage_match_scikit_learn_as_labels_arrive_late():
     rng = np.random.default_rng(3)
-    clock = Clock()
+    clock = Clock(T0)
     store = QualityStore(clock=clock)
     n = 400
     truth = rng.choice(["a", "b", "c"], size=n, p=[0.6, 0.3, 0.1])
@@ -66,7 +61,7 @@ def test_accuracy_and_coverage_match_scikit_learn_as_labels_arrive_late():
 
 
 def test_outcomes_count_at_the_prediction_time_not_the_feedback_time():
-    clock = Clock()
+    clock = Clock(T0)
     store = QualityStore(clock=clock)
     store.add_predictions([pred("old", T0 - 50, "x"), pred("new", T0 - 5, "y")])
     clock.t += 100
@@ -80,7 +75,7 @@ def test_outcomes_count_at_the_prediction_time_not_the_feedback_time():
 
 def test_regression_and_roc_auc_against_scikit_learn():
     rng = np.random.default_rng(7)
-    store = QualityStore(clock=Clock())
+    store = QualityStore(clock=Clock(T0))
     y = rng.integers(0, 2, 300)
     s = np.round(np.clip(y * 0.3 + rng.random(300) * 0.7, 0, 1), 3)
     store.add_predictions(pred(f"c{i}", T0 - 10, int(s[i] > 0.5), score=float(s[i]))
@@ -99,7 +94,7 @@ def test_regression_and_roc_auc_against_scikit_learn():
 
 
 def test_groups_merge_models_and_matchers_select_them():
-    store = QualityStore(clock=Clock())
+    store = QualityStore(clock=Clock(T0))
     store.add_predictions([pred("1", T0, "a", version="v1"), pred("2", T0, "a", version="v2"),
                            pred("3", T0, "a", version="v2")])
     store.add_feedback([{"request_id": r, "label": "a" if r != "3" else "b"} for r in "123"])
@@ -113,7 +108,7 @@ def test_groups_merge_models_and_matchers_select_them():
 
 def test_drift_against_an_uploaded_reference_and_the_first_observations():
     rng = np.random.default_rng(11)
-    clock = Clock()
+    clock = Clock(T0)
     store = QualityStore(clock=clock, reference_size=200)
     info = store.set_references("app", "Clf", "v1", {"feature_age": rng.normal(40, 5, 2000).tolist()})
     assert info == {"feature_age": {"kind": "numeric", "bins": 100, "observations": 2000}}
@@ -141,7 +136,7 @@ def test_drift_against_an_uploaded_reference_and_the_first_observations():
 
 
 def test_bad_references_are_refused_with_the_field_named():
-    store = QualityStore(clock=Clock())
+    store = QualityStore(clock=Clock(T0))
     with pytest.raises(ValueError, match="feature_<feature name>"):
         store.set_references("app", "Clf", "", {"age": [1, 2, 3]})
     with pytest.raises(TypeError, match="deployment must be a string"):
@@ -149,7 +144,7 @@ def test_bad_references_are_refused_with_the_field_named():
 
 
 def test_buckets_expire_past_the_coarsest_span():
-    clock = Clock()
+    clock = Clock(T0)
     store = QualityStore(clock=clock, resolutions=((5.0, 4), (60.0, 2)))
     store.add_predictions([pred("x", T0, "a")])
     assert store.stats()["buckets"] == 2 and store.stats()["models"] == 1
@@ -175,7 +170,7 @@ def replica_snapshot(t: float, version: str, preds: list, *, n: int = 10, errors
 
 
 def test_composite_source_sends_each_query_to_its_store_and_rules_fire_on_quality():
-    clock = Clock()
+    clock = Clock(T0)
     windows, quality = WindowStore(clock=clock), QualityStore(clock=clock)
     windows.ingest(replica_snapshot(T0, "v1", []))
     quality.add_predictions([pred("1", T0, "a"), pred("2", T0, "a")])
@@ -285,7 +280,7 @@ def test_compare_versions_flags_real_differences_only():
 
 
 def test_aggregator_compare_reads_both_stores():
-    clock = Clock()
+    clock = Clock(T0)
     core = AggregatorCore({}, clock=clock)
     try:
         for i in range(10):

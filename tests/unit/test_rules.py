@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 
 from ray_monitor.common import catalog
-from ray_monitor.alerting.rules import RuleEngine, RuleError, Template, load_rules
+from ray_monitor.alerting.engine import RuleEngine
+from ray_monitor.alerting.loader import load_rules
+from ray_monitor.alerting.templates import Template
+from ray_monitor.common.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 K1 = (("application", "shop"), ("deployment", "Classifier"))
@@ -311,7 +314,7 @@ def test_reload_demotes_firing_alerts_whose_raised_for_has_not_passed():
 def test_a_bad_file_never_reaches_the_engine_and_old_rules_keep_running():
     eng, src = engine_for(), ScriptedSource()
     fire(eng, src)
-    with pytest.raises(RuleError):
+    with pytest.raises(ConfigError):
         eng.reload(load_rules(ruleset(LATENCY.replace("for: 30s", "for: soon"))), now=40.0)
     assert [r.name for _, r in eng.ruleset.rules()] == ["HighLatency"]
     assert eng.evaluate(src, now=41.0).alerts[0].state == "firing"
@@ -487,7 +490,8 @@ def test_default_rules_load_and_each_has_for_severity_and_summary():
 
 def test_restored_alerts_are_held_until_their_window_has_new_data():
     """After a restart the windows are empty; "no data" must not resolve a firing alert."""
-    from ray_monitor.alerting.rules import RuleEngine, load_rules
+    from ray_monitor.alerting.engine import RuleEngine
+    from ray_monitor.alerting.loader import load_rules
 
     rules = load_rules({"groups": [{"name": "g", "rules": [
         {"alert": "A", "expr": "error_ratio(requests[30s]) by (deployment) > 0.5"}]}]})

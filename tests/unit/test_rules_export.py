@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from ray_monitor.common import catalog
-from ray_monitor.alerting.rules import EXPORT_NOTE, export_prometheus, export_prometheus_yaml, load_rules
+from ray_monitor.alerting.export import EXPORT_NOTE, export_prometheus, export_prometheus_yaml
+from ray_monitor.alerting.loader import load_rules
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMTOOL = shutil.which("promtool") or ("/usr/bin/promtool" if Path("/usr/bin/promtool").exists()

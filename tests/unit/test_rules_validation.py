@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+import yaml
 
 from ray_monitor.common import catalog
-from ray_monitor.alerting.rules import RuleError, format_duration, load_rules, parse_duration, parse_expr
+from ray_monitor.alerting.expr import parse_expr
+from ray_monitor.alerting.loader import load_hint_config, load_rule_file, load_rules
+from ray_monitor.common.durations import format_duration, parse_duration
+from ray_monitor.common.errors import ConfigError
 
 
 def one_rule(rule: str) -> str:
@@ -19,8 +25,8 @@ def alert(expr="p99(latency_seconds[1m]) by (application, deployment) > 0.5", **
     return one_rule("\n".join(lines))
 
 
-def refuse(text: str) -> RuleError:
-    with pytest.raises(RuleError) as info:
+def refuse(text: str) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
         load_rules(text, filename="rules.yaml")
     return info.value
 
@@ -168,7 +174,7 @@ def test_every_problem_in_the_file_is_reported_at_once():
 
 
 def test_a_missing_file_is_refused_with_its_path(tmp_path):
-    with pytest.raises(RuleError, match="cannot read"):
+    with pytest.raises(ConfigError, match="cannot read"):
         load_rules(tmp_path / "nope.yaml")
 
 
@@ -218,3 +224,164 @@ def test_expressions_parse_into_catalog_queries():
     assert parse_expr("last(inflight[30s]) != -1")[0].query.by is None
     assert str(parse_expr("rate(requests[90s]) by (deployment) < 2")[0]) == \
         "rate(requests[1m30s]) by (deployment) < 2"
+
+
+# ------------------------------------------------------- the whole file, through one reader
+
+EVERY_SECTION = """\
+groups:
+  - name: serving
+    rules:
+      - alert: HighLatency
+        expr: p99(latency_seconds[1m]) by (application, deployment) > 0.5
+        scale: {step: 1}
+      - {slo: availability, objective: 99.9, sli: error_ratio, by: [application, deployment]}
+autoscaling:
+  deployments:
+    - application: shop
+      deployment: Classifier
+      max_replicas: 4
+      cooldown: 1m
+      targets:
+        - {metric: 'p95(latency_seconds[30s])', value: 0.2}
+        - gpu_utilization: 0.8
+notifications:
+  webhooks: [{url: "http://hooks.test/alerts"}]
+  route: {group_wait: 10s}
+"""
+
+
+def test_a_file_with_every_section_is_read_whole(tmp_path):
+    path = tmp_path / "rules.yaml"
+    path.write_text(EVERY_SECTION)
+    rf = load_rule_file(path)
+    assert (rf.file, rf.source) == (str(path), EVERY_SECTION)
+    assert [r.name for _, r in rf.ruleset.rules()] == [
+        "HighLatency", "AvailabilitySLOBurnRateFast", "AvailabilitySLOBurnRateSlow"]
+    [spec] = rf.autoscaling.deployments
+    assert (spec.application, spec.deployment, spec.max_replicas, spec.cooldown_s,
+            len(spec.targets)) == ("shop", "Classifier", 4, 60.0, 2)
+    assert rf.notifications == {"webhooks": [{"url": "http://hooks.test/alerts"}],
+                                "route": {"group_wait": "10s"}}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rf.file = "other.yaml"  # type: ignore[misc]
+    # The same file as text or as a dict reads the same; a dict is kept as given.
+    data = yaml.safe_load(EVERY_SECTION)
+    for other in (load_rule_file(EVERY_SECTION), load_rule_file(data)):
+        assert other.file == "<rules>"
+        assert (other.ruleset.groups, other.autoscaling) == (rf.ruleset.groups, rf.autoscaling)
+    assert load_rule_file(data).source is data
+    # The narrower readers are the same reader.
+    assert load_rules(path).groups == rf.ruleset.groups
+    assert load_hint_config(path) == rf.autoscaling and load_hint_config(None).deployments == ()
+
+
+def with_autoscaling(entry: str) -> str:
+    return f"groups: []\nautoscaling:\n  deployments:\n    - {entry}\n"
+
+
+# (entry, field under autoscaling.deployments[0], a fragment of the message)
+BAD_AUTOSCALING = {
+    "min above max": ("{deployment: Classifier, min_replicas: 5, max_replicas: 2}",
+                      "min_replicas", "min_replicas 5 is above max_replicas 2"),
+    "target on an unknown metric": (
+        "{deployment: Classifier, targets: [{metric: 'p95(latency[30s])', value: 0.2}]}",
+        "targets[0].metric", "unknown metric 'latency'"),
+    "target with an unknown function": (
+        "{deployment: Classifier, targets: [{metric: 'p96(latency_seconds[30s])', value: 0.2}]}",
+        "targets[0].metric", "unknown function 'p96'"),
+    "negative target value": ("{deployment: Classifier, targets: [{gpu_utilization: -0.5}]}",
+                              "targets[0].gpu_utilization", "must be a number above 0"),
+    "negative max_replicas": ("{deployment: Classifier, max_replicas: -2}", "max_replicas",
+                              "1 or more"),
+    "tolerance not a number": ("{deployment: Classifier, tolerance: lots}", "tolerance",
+                               "must be a number"),
+    "target value not a number": (
+        "{deployment: Classifier, targets: [{metric: 'p95(latency_seconds[30s])', value: fast}]}",
+        "targets[0].value", "must be a number above 0"),
+    "bad cooldown": ("{deployment: Classifier, cooldown: 30 seconds}", "cooldown",
+                     "not a duration"),
+    "bad stabilization": ("{deployment: Classifier, scale_down_stabilization: soon}",
+                          "scale_down_stabilization", "not a duration"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_AUTOSCALING))
+def test_a_bad_autoscaling_section_is_refused_naming_deployment_and_field(name):
+    entry, fld, fragment = BAD_AUTOSCALING[name]
+    with pytest.raises(ConfigError) as info:
+        load_rule_file(with_autoscaling(entry), filename="rules.yaml")
+    err = info.value
+    assert [(p.file, p.deployment, p.field) for p in err.problems] == [
+        ("rules.yaml", "Classifier", f"autoscaling.deployments[0].{fld}")]
+    assert str(err).startswith("rules.yaml: deployment 'Classifier': field "
+                               f"'autoscaling.deployments[0].{fld}': ")
+    assert fragment in str(err)
+    # Whoever asks for part of the file gets the same refusal.
+    for read in (load_rules, load_hint_config):
+        with pytest.raises(ConfigError) as again:
+            read(with_autoscaling(entry), filename="rules.yaml")
+        assert again.value.problems == err.problems
+
+
+def test_an_unnamed_autoscaling_entry_is_named_by_its_place():
+    with pytest.raises(ConfigError) as info:
+        load_rule_file(with_autoscaling("{max_replicas: 3}") + "    - {deployment: B}\n")
+    [p] = info.value.problems
+    assert (p.deployment, p.field) == ("#1", "autoscaling.deployments[0].deployment")
+
+
+def test_every_problem_of_every_section_is_in_one_error():
+    text = (
+        "groups:\n"
+        "  - name: serving\n"
+        "    rules:\n"
+        "      - {alert: A, expr: 'rate(requests[1m]) > 1', for: soon}\n"
+        "      - {slo: availability, objective: 100, sli: error_ratio}\n"
+        "autoscaling:\n"
+        "  deployments:\n"
+        "    - {deployment: Classifier, min_replicas: 3, max_replicas: 1}\n"
+        "notifications:\n"
+        "  webhooks: [{url: not-a-url}]\n"
+        "alerts: []\n")
+    with pytest.raises(ConfigError) as info:
+        load_rule_file(text, filename="rules.yaml")
+    err = info.value
+    assert [(p.group, p.rule, p.deployment, p.field) for p in err.problems] == [
+        (None, None, None, "alerts"),
+        ("serving", "A", None, "for"),
+        ("serving", "availability", None, "objective"),
+        (None, None, "Classifier", "autoscaling.deployments[0].min_replicas"),
+        (None, None, None, "notifications.webhooks[0].url")]
+    assert all(p.file == "rules.yaml" for p in err.problems)
+    assert str(err).startswith("5 problems in rules.yaml:\n")
+    assert len(str(err).splitlines()) == 6  # the count, then one problem a line
+
+
+def test_a_bad_notifications_section_is_refused_with_the_file_named():
+    with pytest.raises(ConfigError) as info:
+        load_rule_file("groups: []\nnotifications: webhooks\n", filename="rules.yaml")
+    assert str(info.value).startswith("rules.yaml: notifications: expected a mapping")
+
+
+MISSING = "<rules>: no rule file 'myrules'; pass a path to a YAML file, the YAML text, or a dict"
+
+
+@pytest.mark.parametrize("read", [load_rule_file, load_rules, load_hint_config])
+def test_a_word_that_names_no_file_is_refused_by_every_reader(read, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        read("myrules")
+    assert str(info.value) == MISSING
+    (tmp_path / "myrules").write_text("groups: []\n")  # once it exists, it is a file
+    assert read("myrules") is not None
+
+
+def test_sources_are_told_apart_as_documented(tmp_path):
+    assert load_rule_file("groups: []").ruleset.groups == ()  # one line of YAML: a mapping
+    with pytest.raises(ConfigError) as info:
+        load_rule_file(str(tmp_path / "nope.yml"))
+    assert str(info.value).endswith("; pass a path to a YAML file, the YAML text, or a dict")
+    assert info.value.file == str(tmp_path / "nope.yml") and "cannot read" in str(info.value)
+    with pytest.raises(ConfigError, match="cannot be a int"):
+        load_rule_file(5)  # type: ignore[arg-type]

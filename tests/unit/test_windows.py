@@ -13,23 +13,9 @@ from ray_monitor.common.histogram import Histogram, bucket_index, bucket_value
 from ray_monitor.common.snapshot import (Exemplar, GpuDevice, GpuProcess, GpuSnapshot, HungRequest,
                                   ReplicaHealth, ReplicaIdentity, ReplicaSnapshot, SeriesDelta)
 from ray_monitor.aggregator.windows import WindowStore
+from tests.helpers import Clock, hist
 
 T0 = 1_000_020.0  # a multiple of 60: bucket edges of every ring fall on whole numbers
-
-
-class Clock:
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def hist(*values: float) -> Histogram:
-    h = Histogram()
-    for v in values:
-        h.record(v)
-    return h
 
 
 def ident(replica: str = "r1", deployment: str = "d1", application: str = "app") -> ReplicaIdentity:
@@ -56,7 +42,7 @@ def q(function: str, metric: str, window_s: float = 60.0, by=None, matchers=(), 
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(T0)
 
 
 @pytest.fixture

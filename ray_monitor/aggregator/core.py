@@ -1,0 +1,404 @@
+"""Everything the aggregator actor does, without Ray: ingestion, the evaluation round, errors.
+
+Runs in the aggregator actor (:mod:`~ray_monitor.aggregator.actor` wraps it), and in unit
+tests, which drive it with an injected clock. It owns the stores (windows, quality,
+traces), the rule and hint engines and the notifier; each round it expires old series,
+evaluates every rule at one instant, hands what must be sent to the notifier's queue,
+updates the autoscaling hints and saves what changed. Nothing that goes wrong in one
+snapshot, rule or hint stops the others: the failure is counted by cause (the
+``ray_monitor_self_errors`` counter) and logged once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Any, Mapping, Optional
+
+from ray_monitor.aggregator import views
+from ray_monitor.aggregator.persistence import StateSaver, restore_state, state_of
+from ray_monitor.common.catalog import is_model_query
+from ray_monitor.common.config import StartConfig
+from ray_monitor.common.snapshot import GpuSnapshot, ReplicaIdentity, ReplicaSnapshot
+from ray_monitor.quality.compare import COMPARE_WINDOW_S, compare
+
+__all__ = ["AggregatorCore", "CONFIG_CHECK_S", "CompositeSource", "EXPIRE_EVERY_S",
+           "REPLICA_ALIVE_S"]
+
+logger = logging.getLogger("ray_monitor.aggregator.actor")
+
+#: A replica counts as running when it reported this recently (it flushes every second).
+REPLICA_ALIVE_S = 5.0
+#: How often the autoscaling config is checked against the running deployments.
+CONFIG_CHECK_S = 30.0
+#: How often series are expired: a scan of every series, not for every round.
+EXPIRE_EVERY_S = 10.0
+
+
+class CompositeSource:
+    """What rules and hints query: quality and drift functions go to the quality store,
+    everything else to the window store."""
+
+    def __init__(self, store, quality) -> None:
+        self.store = store
+        self.quality = quality
+
+    def evaluate(self, query, now: Optional[float] = None) -> dict:
+        if is_model_query(query.function, query.metric):
+            return self.quality.evaluate(query, now)
+        return self.store.evaluate(query, now)
+
+
+class AggregatorCore:
+    """The aggregator's state and decisions; tests drive it with an injected clock.
+
+    ``config`` is a :class:`~ray_monitor.common.config.StartConfig` (or a mapping of its
+    options). ``rules_text`` is the rule file's content (YAML text or a dict) and
+    ``rules_file`` the name its problems are reported under. ``external_url`` is where
+    the aggregator is reached (the actor sets it once its server is up). ``persist`` and
+    ``load`` write and read the saved state (see :mod:`~ray_monitor.aggregator.persistence`).
+    """
+
+    def __init__(self, config: "StartConfig | Mapping[str, Any] | None" = None, *,
+                 rules_text: Any = None, rules_file: Optional[str] = None,
+                 external_url: str = "", clock=time.time, persist=None, load=None) -> None:
+        from ray_monitor.aggregator.trace_store import TraceStore
+        from ray_monitor.aggregator.windows import WindowStore
+        from ray_monitor.alerting.engine import RuleEngine
+        from ray_monitor.alerting.loader import load_rule_file
+        from ray_monitor.alerting.notifier import Notifier
+        from ray_monitor.autoscaling.hints import HintEngine
+        from ray_monitor.quality.store import QualityStore
+
+        self.config = config = StartConfig.of(config)
+        self.clock = clock
+        self.eval_interval_s = config.eval_interval_s
+        self.store = WindowStore(clock=clock, series_ttl_s=config.series_ttl_s)
+        self.quality = QualityStore(clock=clock, horizon_s=config.feedback_horizon_s,
+                                    reference_size=config.drift_reference_size)
+        self.source = CompositeSource(self.store, self.quality)
+        self.trace_store = TraceStore(clock=clock)
+        # replica -> (identity, hung requests, when reported): the latest report only
+        self.hung_latest: dict[str, tuple[ReplicaIdentity, list, float]] = {}
+        self.rules_text = rules_text
+        self.rules_file = rules_file or "<rules>"
+        self.external_url = external_url
+        rule_file = load_rule_file(self.rules_text or {"groups": []}, filename=self.rules_file,
+                                   from_text=True)
+        self.engine = RuleEngine(rules=rule_file.ruleset, clock=clock,
+                                 eval_interval_s=self.eval_interval_s, generator_url=external_url)
+        self.hints = HintEngine(config=rule_file.autoscaling, clock=clock)
+        self._applied: dict[tuple[str, str], int] = {}  # external scaler: last target sent
+        self.config_warnings: list[str] = []  # autoscaling names no running deployment
+        self._next_config_check = 0.0
+        # start(notifications=...) is the caller's word for this start; without it, the
+        # rule file's section; without that, receivers from the environment.
+        notifications = config.notifications if config.notifications is not None \
+            else rule_file.notifications
+        self.config = config = config.model_copy(update={"notifications": notifications})
+        self.notifier = Notifier(notifications or {}, clock=clock)
+        self.replicas: dict[str, tuple[ReplicaIdentity, float]] = {}  # replica -> (identity, seen)
+        self.gpu_latest: dict[str, GpuSnapshot] = {}
+        self.errors: dict[tuple[str, str], int] = {}
+        self.ingested = 0
+        self.evaluations = 0
+        self.last_eval_s = 0.0
+        self._saver = StateSaver(persist) if persist is not None else None
+        self._next_expire = 0.0
+        if load is not None:
+            self.restore(load())
+        self.notifier.start()  # after restore: its notification log must be loaded first
+
+    # -- ingestion ----------------------------------------------------------------
+
+    def ingest(self, snaps: list[ReplicaSnapshot]) -> None:
+        now = self.clock()
+        for snap in snaps:
+            try:
+                self.store.ingest(snap)
+            except Exception as e:  # one bad snapshot never loses the rest of the batch
+                self.count_error("aggregator", f"ingest_failed:{type(e).__name__}", e)
+                continue
+            self.replicas[snap.identity.replica] = (snap.identity, now)
+            for cause, n in snap.self_errors.items():
+                self.errors[("replica", cause)] = max(self.errors.get(("replica", cause), 0), n)
+            self.ingested += 1
+            if snap.health is not None:
+                if snap.health.hung:
+                    self.hung_latest[snap.identity.replica] = (snap.identity, snap.health.hung, now)
+                else:
+                    self.hung_latest.pop(snap.identity.replica, None)
+            traces = getattr(snap, "traces", None)  # absent in older replicas' pickles
+            if traces:
+                try:
+                    self.trace_store.add(traces, snap.identity, now)
+                except Exception as e:
+                    self.count_error("aggregator", f"traces_failed:{type(e).__name__}", e)
+            predictions = getattr(snap, "predictions", None)  # absent in older replicas' pickles
+            if predictions:
+                try:
+                    self.quality.add_predictions(predictions)
+                except Exception as e:
+                    self.count_error("aggregator", f"predictions_failed:{type(e).__name__}", e)
+
+    def ingest_gpu(self, snap: GpuSnapshot) -> None:
+        from ray_monitor.gpu.attribution import attribute_processes
+
+        pids = {ident.pid: ident for ident, _ in self.replicas.values()
+                if ident.node_id == snap.node_id}
+        snap = attribute_processes(snap, pids)
+        self.gpu_latest[snap.node_id] = snap
+        try:
+            self.store.ingest_gpu(snap)
+        except Exception as e:
+            self.count_error("aggregator", f"ingest_gpu_failed:{type(e).__name__}", e)
+
+    def feedback(self, items: list) -> dict:
+        """Joins ground truth; the body of ``POST /api/v1/feedback`` and ``record_feedback``:
+        counts by status and every item that did not join, with why."""
+        return self.quality.add_feedback(items).as_dict()
+
+    def set_drift_reference(self, application: str, deployment: str, model_version: str,
+                            references: dict) -> dict:
+        return self.quality.set_references(application, deployment, model_version, references)
+
+    def count_error(self, component: str, cause: str, exc: Optional[BaseException] = None) -> None:
+        key = (component, cause)
+        if key not in self.errors:
+            logger.warning("ray-monitor aggregator: %s: %s %r (logged once)", component, cause, exc)
+        self.errors[key] = self.errors.get(key, 0) + 1
+
+    # -- evaluation -----------------------------------------------------------------
+
+    def evaluate(self, now: Optional[float] = None):
+        now = self.clock() if now is None else now
+        t = time.perf_counter()
+        if now >= self._next_expire:
+            self._next_expire = now + EXPIRE_EVERY_S
+            self.store.expire(now)
+            self.quality.expire(now)
+        ttl = self.config.series_ttl_s
+        for rid, (_, seen) in list(self.replicas.items()):
+            if now - seen > ttl:
+                del self.replicas[rid]
+        for rid, (_, _, seen) in list(self.hung_latest.items()):
+            if now - seen > REPLICA_ALIVE_S:  # a replica that stopped reporting is not hanging
+                del self.hung_latest[rid]
+        self.store.begin_round(now)  # one instant per round, shared work across rules
+        try:
+            result = self.engine.evaluate(self.source, now)
+        finally:
+            self.store.end_round()
+        for err in getattr(result, "errors", []) or []:
+            self.count_error("rules", f"eval_failed:{err.group}/{err.rule}")
+        if result.to_send:
+            self.notifier.submit(result.to_send, now=now)
+        self.store.begin_round(now)
+        try:
+            hints = self.hints.update(now, current_replicas=self.current_replicas(now),
+                                      firing=[a for a in result.alerts if a.state == "firing"],
+                                      query=self.source.evaluate)
+        except Exception as e:  # a hint bug must not stop alerting
+            self.count_error("hints", f"update_failed:{type(e).__name__}", e)
+            hints = []
+        finally:
+            self.store.end_round()
+        self._apply_external(hints)
+        self._check_scaling_config(now)
+        self.evaluations += 1
+        self.last_eval_s = time.perf_counter() - t
+        self.save()
+        return result
+
+    def current_replicas(self, now: float) -> dict[tuple[str, str], int]:
+        """Replicas per deployment that reported in the last few flushes."""
+        out: dict[tuple[str, str], int] = {}
+        for ident, seen in self.replicas.values():
+            if now - seen <= REPLICA_ALIVE_S:
+                key = (ident.application, ident.deployment)
+                out[key] = out.get(key, 0) + 1
+        return out
+
+    def _check_scaling_config(self, now: float) -> None:
+        """Deployments named by the autoscaling config or a scale action that are not
+        running: reported (log once, /api/v1/hints warnings), not refused, since rules
+        are often loaded before ``serve.run``."""
+        from ray_monitor.autoscaling.hints import validate_against
+
+        if now < self._next_config_check:
+            return
+        self._next_config_check = now + CONFIG_CHECK_S
+        known = set(self.current_replicas(now))
+        if not known:  # nothing has reported yet: nothing to check against
+            return
+        problems = validate_against(self.hints.config, known, ruleset=self.engine.ruleset)
+        for problem in problems:
+            if problem not in self.config_warnings:
+                logger.warning("ray-monitor: %s", problem)
+        self.config_warnings = problems
+
+    def _apply_external(self, hints) -> None:
+        """Deployments with ``apply: external`` are scaled through Serve's external
+        scaler endpoint, off the evaluation loop, only when the target changes."""
+        for h in hints:
+            key = (h.application, h.deployment)
+            if h.apply != "external" or h.desired is None or self._applied.get(key) == h.desired:
+                continue
+            self._applied[key] = h.desired
+            threading.Thread(target=self._post_scale, args=(h,), daemon=True).start()
+
+    def _post_scale(self, hint) -> None:
+        from ray_monitor.autoscaling.external import apply_external
+
+        try:
+            apply_external(hint, dashboard_url=self.config.dashboard_url,
+                           headers=_ray_auth_headers())
+        except Exception as e:
+            self._applied.pop((hint.application, hint.deployment), None)
+            self.count_error("hints", f"external_scale_failed:{type(e).__name__}", e)
+
+    # -- saved state ------------------------------------------------------------------
+
+    def state(self) -> dict:
+        return state_of(self.engine, self.notifier, self.hints)
+
+    def save(self) -> None:
+        if self._saver is None:
+            return
+        try:
+            self._saver.save(self.state())
+        except Exception as e:
+            self.count_error("aggregator", "state_save_failed", e)
+
+    def restore(self, raw: Optional[bytes]) -> None:
+        if not raw:
+            return
+        try:
+            state = json.loads(raw)
+            restore_state(state, self.engine, self.notifier, self.hints, now=self.clock())
+            if self._saver is not None:
+                self._saver.restored(state)
+            logger.info("ray-monitor aggregator: restored %d alerts from the GCS",
+                        len(self.engine.alerts()))
+        except Exception as e:
+            self.count_error("aggregator", "state_restore_failed", e)
+
+    # -- changes after start ----------------------------------------------------------
+
+    def reload(self, rules_text: Any, filename: Optional[str] = None) -> dict:
+        """Replaces the rules, autoscaling and (when the file has that section) the
+        receivers, all or nothing: a bad file raises ConfigError and changes nothing."""
+        from ray_monitor.alerting.loader import load_rule_file
+
+        rule_file = load_rule_file(rules_text, filename=filename or self.rules_file,
+                                   from_text=True)
+        self.engine.reload(rule_file.ruleset, now=self.clock())
+        self.hints.reload(rule_file.autoscaling)
+        if rule_file.notifications is not None:
+            self.configure_notifications(rule_file.notifications)
+        self._next_config_check = 0.0  # check the new names at the next evaluation
+        self.rules_text, self.rules_file = rules_text, filename or self.rules_file
+        return {"status": "ok", "rules": sum(1 for _ in rule_file.ruleset.rules())}
+
+    def set_external_url(self, url: str) -> None:
+        """Where the aggregator is reached: alerts link to it (``generatorURL``)."""
+        self.external_url = url
+        self.engine.generator_url = url
+
+    def configure_notifications(self, notifications: Optional[dict]) -> None:
+        """Replaces the receivers; the notification log carries over (no duplicates)."""
+        from ray_monitor.alerting.notifier import Notifier
+
+        new = Notifier(notifications or {}, clock=self.clock)
+        new.restore(self.notifier.state_dict())
+        self.notifier.close(2.0)
+        self.notifier = new.start()
+        self.config = self.config.model_copy(update={"notifications": notifications})
+
+    # -- what the API shows (shaped in views) -------------------------------------------
+
+    def alerts(self) -> list[dict]:
+        return views.alerts(self.engine.alerts(), self.hung())
+
+    def hung(self) -> list[dict]:
+        """The hung requests each replica reported last, oldest first within a replica."""
+        return views.hung(self.hung_latest)
+
+    def rules(self) -> list[dict]:
+        return views.rules(self.engine.ruleset)
+
+    def deployments(self, now: Optional[float] = None) -> list[dict]:
+        now = self.clock() if now is None else now
+        return views.deployments(self.store, self.replicas, now, REPLICA_ALIVE_S)
+
+    def quality_summary(self, window_s: float = 0.0) -> list[dict]:
+        return views.quality_summary(self.quality, window_s)
+
+    def traces(self, kind: Optional[str] = None, limit: int = 50) -> list[dict]:
+        """Kept traces of slow (``slow``) or failed (``errors``) requests, or both
+        (None), newest first, each with its spans (see :mod:`~ray_monitor.aggregator.trace_store`)."""
+        return self.trace_store.traces(kind, limit)
+
+    def compare(self, deployment: str, versions: tuple[str, str], *,
+                application: Optional[str] = None, window_s: float = COMPARE_WINDOW_S,
+                now: Optional[float] = None) -> dict:
+        """Two model versions of a deployment side by side over a window, each difference
+        with its test (see :func:`~ray_monitor.quality.compare.compare`)."""
+        now = self.clock() if now is None else now
+        return compare(self.store, self.quality, deployment, versions, now=now,
+                       application=application, window_s=window_s)
+
+    def self_metrics(self) -> dict:
+        """The monitor's own health for ``/metrics`` (``ray_monitor_self_*``): errors by
+        component and cause, gauges and counters, each with its help text."""
+        errors = dict(self.errors)
+        for cause, n in (self.notifier.stats().get("by_cause") or {}).items():
+            errors[("notifier", str(cause))] = n
+        st = self.store.stats()
+        gauges = {
+            "series": ("Series held by the aggregator's window store.",
+                       float(sum(st.get("series", {}).values())
+                             if isinstance(st.get("series"), dict) else st.get("series", 0))),
+            "replicas": ("Replicas that reported in the last series_ttl_s.",
+                         float(len(self.replicas))),
+            "last_evaluation_seconds": ("How long the last rule evaluation took.",
+                                        self.last_eval_s),
+        }
+        counters = {
+            "snapshots_ingested": ("Replica snapshots ingested.", float(self.ingested)),
+            "evaluations": ("Rule evaluations run.", float(self.evaluations)),
+        }
+        ts = self.trace_store.stats()
+        gauges["traces_kept"] = ("Traces of slow or failed requests the aggregator keeps.",
+                                 float(ts["traces"]))
+        counters["trace_spans_received"] = ("Span records received from replicas.",
+                                            float(ts["spans_received"]))
+        q = self.quality.stats()
+        gauges["predictions_pending"] = ("Captured predictions waiting for their feedback.",
+                                         float(q["pending"]))
+        for name, help_ in (
+                ("predictions", "Captured predictions received."),
+                ("predictions_joined", "Predictions joined with their ground truth."),
+                ("predictions_expired", "Predictions that got no feedback within the horizon."),
+                ("predictions_dropped", "Predictions dropped to bound the join's memory."),
+                ("feedback_joined", "Feedback items joined with a prediction."),
+                ("feedback_duplicate", "Feedback items for a request that already had one."),
+                ("feedback_unknown", "Feedback items for no known prediction."),
+                ("feedback_expired", "Feedback items that came after the horizon."),
+                ("feedback_dropped", "Feedback items for a prediction dropped to bound memory."),
+                ("feedback_invalid", "Feedback items refused as malformed.")):
+            counters[name] = (help_, float(q[name]))
+        return {"errors": errors, "gauges": gauges, "counters": counters}
+
+
+def _ray_auth_headers() -> dict:
+    """Ray's dashboard wants its token when token authentication is on."""
+    try:
+        from ray._private.authentication.http_token_authentication import (
+            get_auth_headers_if_auth_enabled)
+
+        return dict(get_auth_headers_if_auth_enabled({}) or {})
+    except Exception:
+        return {}

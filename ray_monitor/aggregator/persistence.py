@@ -1,0 +1,97 @@
+"""What the aggregator keeps across restarts, in Ray's GCS key-value store.
+
+Runs in the aggregator actor. Three keys (:mod:`~ray_monitor.common.names`): the alert,
+notification and hint state, written after each evaluation that changed it, so a restarted
+aggregator resumes where it stopped (no duplicate firing); the rules and receivers changed
+after start, which a restarted actor uses instead of the arguments it was created with;
+and the HTTP port, reused so scrape configs keep working. The core never calls Ray: it
+is handed ``persist`` / ``load`` callables (:func:`gcs_state`), and tests hand their own.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Optional
+
+from ray_monitor.common.names import CONFIG_KEY, KV_NAMESPACE, PORT_KEY, STATE_KEY
+
+__all__ = ["StateSaver", "gcs_state", "kv_get", "kv_put", "load_config", "load_port",
+           "restore_state", "save_config", "save_port", "state_of"]
+
+
+def kv_get(key: bytes) -> Optional[bytes]:
+    from ray.experimental import internal_kv
+
+    return internal_kv._internal_kv_get(key, namespace=KV_NAMESPACE)
+
+
+def kv_put(key: bytes, value: bytes) -> None:
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(key, value, overwrite=True, namespace=KV_NAMESPACE)
+
+
+# -- alert, notification and hint state ---------------------------------------------------
+
+def gcs_state() -> tuple[Callable[[bytes], None], Callable[[], Optional[bytes]]]:
+    """(persist, load) of the aggregator's state in the GCS."""
+    return (lambda raw: kv_put(STATE_KEY, raw)), (lambda: kv_get(STATE_KEY))
+
+
+def state_of(engine, notifier, hints) -> dict:
+    """What a restarted aggregator needs: alert states, the notification log, hint state."""
+    return {"alerts": engine.state_dict(), "notifier": notifier.state_dict(),
+            "hints": hints.state_dict()}
+
+
+def restore_state(state: dict, engine, notifier, hints, now: float) -> None:
+    """Loads :func:`state_of`'s dict back into a fresh engine, notifier and hint engine."""
+    engine.restore(state.get("alerts", {}), now=now)
+    notifier.restore(state.get("notifier", {}))
+    if state.get("hints"):
+        hints.restore(state["hints"])
+
+
+class StateSaver:
+    """Writes the state through ``persist`` when it differs from the last one written or
+    restored; the state is compared as sorted JSON, so unchanged rounds cost no write."""
+
+    def __init__(self, persist: Callable[[bytes], None]) -> None:
+        self._persist = persist
+        self._last: Optional[str] = None
+
+    def save(self, state: dict) -> bool:
+        """Writes ``state`` if it changed; True when written. Raises what ``persist``
+        raises, and then tries again next time."""
+        text = json.dumps(state, sort_keys=True)
+        if text == self._last:
+            return False
+        self._persist(text.encode())
+        self._last = text
+        return True
+
+    def restored(self, state: dict) -> None:
+        """``state`` came from the store: no need to write it back."""
+        self._last = json.dumps(state, sort_keys=True)
+
+
+# -- rules and receivers changed after start; the port ------------------------------------
+
+def load_config() -> dict[str, Any]:
+    """``rules_text``, ``rules_file`` and ``notifications`` as last changed, or {}."""
+    raw = kv_get(CONFIG_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def save_config(rules_text: Any, rules_file: Optional[str], notifications: Optional[dict]) -> None:
+    kv_put(CONFIG_KEY, json.dumps({"rules_text": rules_text, "rules_file": rules_file,
+                                   "notifications": notifications}).encode())
+
+
+def load_port() -> Optional[int]:
+    raw = kv_get(PORT_KEY)
+    return int(raw) if raw else None
+
+
+def save_port(port: int) -> None:
+    kv_put(PORT_KEY, str(port).encode())

@@ -1,0 +1,522 @@
+"""The window store's storage: ring buffers of time buckets, label spaces, one table per metric.
+
+Runs in the aggregator actor, under :class:`~ray_monitor.aggregator.windows.WindowStore`,
+which decides what is written (snapshot to series) while this module decides how it is
+held; :mod:`~ray_monitor.aggregator.window_query` reads it.
+
+Storage. Each resolution ``(step, slots)`` is a ring of aligned buckets: bucket ``k`` holds
+times in ``[k*step, (k+1)*step)`` and lives in slot ``k % slots``; the :class:`Timeline`
+remembers each slot's ``k`` (one key per slot for all rows: when the clock enters a new
+bucket its slot is cleared in every row), so stale slots are never read. Counter buckets
+hold a sum; gauge buckets count, sum, min, max and the latest sample (with its offset in
+the bucket); histogram buckets count, sum, zero count, min, max and the sparse
+exponential-bucket counts, 4 bytes a bucket (int16 index, uint16 count; a count above
+65535 takes several entries, and an index outside int16 -- values beyond 2**+-512 -- is
+clamped to the edge, while min and max stay exact), compacted when the bucket closes.
+Every sample is written into every resolution, so a coarse bucket is exactly the union of
+its fine buckets. Steps must each be a whole multiple of the previous one.
+
+Rollups. Every ring is kept per *rollup*: the series' labels without ``replica`` and
+``pid`` (request series: per application, deployment, method, model version and outcome),
+so the coarse rings' memory grows with deployments, not replicas, and queries that need no
+per-series data read a few rollup rows instead of every replica's. The finest ring is also
+kept per series. Memory is (series + rollups) x fine slots + rollups x coarse slots bucket
+sizes, whatever the traffic. A rollup lives while any of its series sends, and then for the
+coarsest span (or ``series_ttl_s`` if longer): the data of a replica that went away stays
+in the rollups (a 6 h SLO still counts its errors) while its own series expires. Metrics
+without those labels (GPU devices) have their series as rollups.
+
+Cardinality. At most ``max_series_per_metric`` real series per metric; a new label set
+past the cap is folded into one extra series whose label values are all ``"other"``, and
+counted (``overflowed_series``: distinct label sets folded, since the overflow series
+was created).
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import chain
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ray_monitor.common.catalog import Metric
+from ray_monitor.common.histogram import BASE, Histogram
+from ray_monitor.common.matchers import Matcher, matches
+from ray_monitor.common.snapshot import Exemplar
+
+__all__ = ["EMPTY", "GroupKey", "LabelSpace", "OTHER", "PAIR", "ROLLUP_DROPS", "Ring", "Table",
+           "Timeline", "bucket_values", "check_resolutions", "unpack"]
+
+#: A group's labels: sorted ``(name, value)`` pairs of the query's ``by``.
+GroupKey = tuple[tuple[str, str], ...]
+
+OTHER = "other"
+#: Labels the coarse rings leave out (see Rollups above).
+ROLLUP_DROPS = frozenset({"replica", "pid"})
+#: Bucket key of a slot never used: below any real one, even before 1970.
+EMPTY = -(2 ** 62)
+
+# column -> (dtype, value of an empty bucket); sums and mins read empty buckets as no-ops
+_COLUMNS = {"counter": {"v": (np.float64, np.nan)},
+            "histogram": {"n": (np.float64, 0.0), "s": (np.float64, 0.0), "z": (np.float32, 0.0),
+                          "lo": (np.float64, np.inf), "hi": (np.float64, -np.inf)},
+            "gauge": {"n": (np.float32, 0.0), "s": (np.float64, 0.0), "lo": (np.float64, np.inf),
+                      "hi": (np.float64, -np.inf), "last": (np.float64, 0.0),
+                      "to": (np.float32, -np.inf)}}  # to: the latest sample's offset in the bucket
+_GROW_ROWS = 16
+_COMPACT_AT = 8  # appended deltas in one histogram bucket before it is compacted
+_LOG_BASE = math.log(BASE)
+_BYTES_OVERHEAD = 41  # a bytes object's header and its pointer, for the memory estimate
+PAIR = np.dtype([("i", "<i2"), ("c", "<u2")])
+_MAX_COUNT = 65535
+
+
+# -- histogram packing -------------------------------------------------------------------
+
+def _encode(idx: np.ndarray, cnt: np.ndarray) -> bytes:
+    """(index, count) entries as 4-byte pairs: indices clamped to int16, counts split at
+    65535 (bincount adds the pieces back up)."""
+    idx = np.clip(idx, -32768, 32767)
+    if len(cnt) and cnt.max() > _MAX_COUNT:
+        reps = -(-cnt // _MAX_COUNT)
+        first = np.repeat(np.cumsum(reps) - reps, reps)
+        piece = np.arange(int(reps.sum())) - first
+        cnt = np.minimum(np.repeat(cnt, reps) - piece * _MAX_COUNT, _MAX_COUNT)
+        idx = np.repeat(idx, reps)
+    out = np.empty(len(idx), dtype=PAIR)
+    out["i"], out["c"] = idx, cnt
+    return out.tobytes()
+
+
+def _pack(h: Histogram) -> bytes:
+    b = h.buckets
+    a = np.fromiter(chain.from_iterable(b.items()), dtype=np.int64, count=2 * len(b))
+    idx, cnt = a[0::2], a[1::2]
+    if len(b) and (cnt.max() > _MAX_COUNT or idx.min() < -32768 or idx.max() > 32767):
+        return _encode(idx, cnt)
+    return a.astype(np.int16).tobytes()  # same bytes as PAIR: counts wrap into int16's bits
+
+
+def unpack(b: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Packed pairs as (bucket indices, counts)."""
+    pairs = np.frombuffer(b, dtype=PAIR)
+    return pairs["i"].astype(np.int64), pairs["c"].astype(np.int64)
+
+
+def _compact(b: bytes) -> bytes:
+    idx, cnt = unpack(b)
+    u, inv = np.unique(idx, return_inverse=True)
+    return _encode(u, np.bincount(inv.ravel(), weights=cnt).astype(np.int64))
+
+
+def bucket_values(idx: np.ndarray) -> np.ndarray:
+    """Vectorised :func:`~ray_monitor.common.histogram.bucket_value`."""
+    return 2.0 * np.exp((idx + 1) * _LOG_BASE) / (BASE + 1.0)
+
+
+def _pad(a: np.ndarray, rows: int, fill) -> np.ndarray:
+    return np.concatenate((a, np.full((rows - a.shape[0],) + a.shape[1:], fill, dtype=a.dtype)))
+
+
+# -- rings and their time axis -----------------------------------------------------------
+
+class Ring:
+    """One resolution of one metric: 2-D arrays [row, slot] (rows of series or rollups)."""
+
+    def __init__(self, step: float, slots: int, kind: str) -> None:
+        self.step, self.slots, self.kind = step, slots, kind
+        self.columns = _COLUMNS[kind]
+        for c, (dtype, fill) in self.columns.items():
+            setattr(self, c, np.full((0, slots), fill, dtype=dtype))
+        if kind == "histogram":
+            self.hb = np.full((0, slots), None, dtype=object)  # packed pairs, or None
+            self.hbn = np.zeros((0, slots), dtype=np.int8)  # deltas appended since compaction
+            self.hb_bytes = 0
+
+    @property
+    def rows(self) -> int:
+        return getattr(self, next(iter(self.columns))).shape[0]
+
+    def grow(self, cap: int) -> None:
+        for c, (_, fill) in self.columns.items():
+            setattr(self, c, _pad(getattr(self, c), cap, fill))
+        if self.kind == "histogram":
+            self.hb = _pad(self.hb, cap, None)
+            self.hbn = _pad(self.hbn, cap, 0)
+
+    def clear(self, rows, slots) -> None:
+        """Empties ``[rows, slots]`` (index expressions)."""
+        for c, (_, fill) in self.columns.items():
+            getattr(self, c)[rows, slots] = fill
+        if self.kind == "histogram":
+            old = self.hb[rows, slots]
+            self.hb_bytes -= sum(len(b) + _BYTES_OVERHEAD for b in np.ravel(old) if b is not None)
+            self.hb[rows, slots] = None
+            self.hbn[rows, slots] = 0
+
+    def close(self, p: int) -> None:
+        """The bucket in slot ``p`` is complete: compact what was appended to it."""
+        if self.kind != "histogram":
+            return
+        for row in np.flatnonzero(self.hbn[:, p] > 1).tolist():
+            old = self.hb[row, p]
+            self.hb[row, p] = new = _compact(old)
+            self.hbn[row, p] = 1
+            self.hb_bytes += len(new) - len(old)
+
+    def nbytes(self) -> int:
+        n = sum(getattr(self, c).nbytes for c in self.columns)
+        if self.kind == "histogram":
+            n += self.hb.nbytes + self.hbn.nbytes + self.hb_bytes
+        return n
+
+
+def check_resolutions(resolutions) -> tuple[tuple[float, int], ...]:
+    """``(step seconds, slots)`` pairs as floats and ints; raises ``ValueError`` naming the
+    pair that is wrong and why."""
+    try:
+        res = tuple((float(step), int(slots)) for step, slots in resolutions)
+    except (TypeError, ValueError):
+        raise ValueError("resolutions must be (step seconds, slots) pairs, "
+                         f"e.g. ((1.0, 600), (10.0, 360)); got {resolutions!r}") from None
+    if not res:
+        raise ValueError("resolutions must name at least one (step seconds, slots) pair")
+    for i, (step, slots) in enumerate(res):
+        if step <= 0 or slots < 1:
+            raise ValueError(f"resolutions[{i}] = {resolutions[i]!r}: step must be > 0 "
+                             "and slots >= 1")
+        if i:
+            prev_step, prev_slots = res[i - 1]
+            m = step / prev_step
+            if m < 2 or abs(m - round(m)) > 1e-9:
+                raise ValueError(f"resolutions[{i}]: step {step:g} must be a whole multiple "
+                                 f"(>= 2) of the previous step {prev_step:g}")
+            if step * slots < prev_step * prev_slots:
+                raise ValueError(f"resolutions[{i}]: span {step * slots:g}s must not be "
+                                 f"shorter than the previous span {prev_step * prev_slots:g}s")
+    return res
+
+
+class Timeline:
+    """The time axis every ring shares: per resolution, the newest bucket the clock has
+    entered and the bucket each slot holds; and which buckets a window reads."""
+
+    def __init__(self, resolutions) -> None:
+        self.res = check_resolutions(resolutions)
+        self.mult = [round(self.res[i + 1][0] / self.res[i][0]) for i in range(len(self.res) - 1)]
+        self.cur = [EMPTY] * len(self.res)
+        self.keys = [np.full(slots, EMPTY, dtype=np.int64) for _, slots in self.res]
+        self.max_time = -math.inf  # newest sample time held: tells if the future is empty
+
+    @property
+    def max_window_s(self) -> float:
+        step, slots = self.res[-1]
+        return step * slots
+
+    def advance(self, now: float, tables: Sequence["Table"]) -> None:
+        """Moves every ring to the bucket holding ``now``, emptying the slots it reuses."""
+        for ri, (step, slots) in enumerate(self.res):
+            k = math.floor(now / step)
+            cur = self.cur[ri]
+            if k <= cur:
+                continue
+            keys = self.keys[ri]
+            rings = [ring for table in tables for ring in table.all_rings(ri)]
+            if cur != EMPTY:
+                for ring in rings:
+                    ring.close(cur % slots)
+            fresh = range(max(cur + 1, k - slots + 1), k + 1)
+            reused = [j % slots for j in fresh if keys[j % slots] != EMPTY]
+            if reused:
+                cols = slice(None) if len(reused) == slots else np.array(reused)
+                for ring in rings:
+                    ring.clear(slice(None), cols)
+            for j in fresh:
+                keys[j % slots] = j
+            self.cur[ri] = k
+
+    def keeping(self, t: float) -> list[tuple[int, int, int]]:
+        """(ring, bucket, slot) of time ``t`` in each resolution that still keeps it."""
+        where = []
+        for ri, (step, slots) in enumerate(self.res):
+            k = math.floor(t / step)
+            if k > self.cur[ri] - slots:
+                where.append((ri, k, k % slots))
+        return where
+
+    def span(self, window_s: float, now: float, fine_only: bool) -> tuple[int, int, int]:
+        """(ring, first bucket, last bucket) of a window: the buckets starting inside it."""
+        for ri, (step, slots) in enumerate(self.res):
+            if fine_only or step * slots >= window_s:
+                break
+        step, slots = self.res[ri]
+        b = math.floor(now / step)
+        a = max(math.floor((now - window_s) / step) + 1, b - slots + 1)
+        return ri, a, b
+
+    def cover(self, ri: int, a: int, b: int, tail_ok: bool) -> list[tuple[int, int, int]]:
+        """Splits buckets [a, b] of ring ``ri`` into runs, using coarser rings where whole
+        coarse buckets fit. ``tail_ok``: nothing is held after ``now``, so the coarse
+        bucket that holds ``now`` may stand for the fine buckets up to it."""
+        if a > b:
+            return []
+        if ri + 1 >= len(self.res):
+            return [(ri, a, b)]
+        m = self.mult[ri]
+        ja = -(-a // m)
+        jb = b // m if tail_ok else (b + 1) // m - 1
+        if ja > jb:
+            return [(ri, a, b)]
+        parts = [(ri, a, ja * m - 1)] if a < ja * m else []
+        parts += self.cover(ri + 1, ja, jb, tail_ok)
+        if not tail_ok and (jb + 1) * m <= b:
+            parts.append((ri, (jb + 1) * m, b))
+        return parts
+
+    def columns(self, ri: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """Buckets lo..hi of ring ``ri`` that it still holds: (bucket keys, slots)."""
+        slots = self.res[ri][1]
+        ks = np.arange(max(lo, self.cur[ri] - slots + 1), min(hi, self.cur[ri]) + 1)
+        ps = ks % slots
+        held = self.keys[ri][ps] == ks
+        return ks[held], ps[held]
+
+
+# -- label spaces and tables -------------------------------------------------------------
+
+class LabelSpace:
+    """Rows and their label values: a metric's series, or its rollups. Label values are
+    also kept as integer codes per label, so matchers and ``by`` run as array operations."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self.pos = {n: i for i, n in enumerate(names)}
+        self.index: dict[tuple[str, ...], int] = {}
+        self.labels: list[Optional[tuple[str, ...]]] = []
+        self.free: list[int] = []
+        self.updated = np.zeros(0)
+        self.live = np.zeros(0, dtype=bool)
+        self.codes = np.zeros((0, len(names)), dtype=np.int32)
+        self._recode()
+
+    def _recode(self) -> None:
+        self.code_of: list[dict[str, int]] = [{} for _ in self.names]
+        self.strings: list[list[str]] = [[] for _ in self.names]
+        for values, row in self.index.items():
+            self._set_codes(row, values)
+
+    def _set_codes(self, row: int, values: tuple[str, ...]) -> None:
+        for j, v in enumerate(values):
+            c = self.code_of[j].get(v)
+            if c is None:
+                c = self.code_of[j][v] = len(self.strings[j])
+                self.strings[j].append(v)
+            self.codes[row, j] = c
+
+    def add(self, values: tuple[str, ...]) -> int:
+        if self.free:
+            row = self.free.pop()
+        else:
+            row = len(self.labels)
+            self.labels.append(None)
+            if row >= len(self.live):
+                cap = row + max(_GROW_ROWS, row // 8)  # grows rarely: series come in bursts
+                self.updated = _pad(self.updated, cap, 0.0)
+                self.live = _pad(self.live, cap, False)
+                self.codes = _pad(self.codes, cap, 0)
+        self.index[values] = row
+        self.labels[row] = values
+        self.live[row] = True
+        self._set_codes(row, values)
+        return row
+
+    def remove(self, row: int) -> None:
+        del self.index[self.labels[row]]
+        self.labels[row] = None
+        self.live[row] = False
+        self.free.append(row)
+
+    def forget_codes(self) -> None:
+        """Drops codes of values no live row has any more (replica names churn)."""
+        if max(map(len, self.strings), default=0) > 2 * len(self.index) + 64:
+            self._recode()
+
+    def select(self, matchers: tuple[Matcher, ...],
+               by_names: list[str]) -> tuple[np.ndarray, list[GroupKey], np.ndarray]:
+        """Live rows matching ``matchers``: (rows, group keys, group index per row)."""
+        n = len(self.labels)
+        ok = self.live[:n].copy()
+        for m in matchers:
+            j = self.pos.get(m.label)
+            if j is None:  # a label the metric lacks reads as ""
+                if not matches(m, ""):
+                    ok[:] = False
+                continue
+            truth = np.fromiter((matches(m, v) for v in self.strings[j]), dtype=bool,
+                                count=len(self.strings[j]))
+            ok &= truth[self.codes[:n, j]]
+        rows = np.flatnonzero(ok)
+        cols = [self.pos[b] for b in by_names if b in self.pos]
+        if not len(rows):
+            return rows, [], np.zeros(0, dtype=np.int64)
+        if not cols:
+            return rows, [tuple((b, "") for b in by_names)], np.zeros(len(rows), dtype=np.int64)
+        combos, inv = np.unique(self.codes[rows][:, cols], axis=0, return_inverse=True)
+        keys = []
+        for combo in combos.tolist():
+            value = dict(zip((self.names[j] for j in cols),
+                             (self.strings[j][c] for j, c in zip(cols, combo))))
+            keys.append(tuple((b, value.get(b, "")) for b in by_names))
+        return rows, keys, inv.ravel()
+
+
+class Table:
+    """All series of one metric: label index, per-series fine ring, rollup rings (every
+    resolution, see Rollups above), cumulative values; and the writes into them."""
+
+    def __init__(self, metric: Metric, resolutions: tuple[tuple[float, int], ...]) -> None:
+        self.metric = metric
+        self.kind = metric.kind
+        self.series = LabelSpace(metric.labels)
+        self.cum: list = []  # per row: [total] | [value, time] | [Histogram, exemplars]
+        self.keep = tuple(i for i, n in enumerate(metric.labels) if n not in ROLLUP_DROPS)
+        self.has_drops = len(self.keep) < len(metric.labels)
+        # without labels to drop, a rollup is its series: one space, one set of rings
+        self.rollups = LabelSpace(tuple(metric.labels[i] for i in self.keep)) \
+            if self.has_drops else self.series
+        self.rings = [Ring(step, slots, metric.kind) for step, slots in resolutions]
+        self.series_ring = Ring(*resolutions[0], metric.kind) if self.has_drops else self.rings[0]
+        self.up: list[int] = []  # series row -> rollup row
+        self.version = 0  # bumps when a series or rollup comes or goes: selections depend on it
+        self.other = (OTHER,) * len(metric.labels)
+        self.folded: set[int] = set()
+        self.selections: dict = {}
+
+    def all_rings(self, ri: int) -> list[Ring]:
+        return [self.rings[ri], self.series_ring] if ri == 0 and self.has_drops else [self.rings[ri]]
+
+    def row_for(self, values: tuple[str, ...], cap: int) -> int:
+        row = self.series.index.get(values)
+        if row is not None:
+            return row
+        if len(self.series.index) - (self.other in self.series.index) >= cap:
+            self.folded.add(hash(values))
+            values = self.other
+            row = self.series.index.get(values)
+            if row is not None:
+                return row
+        row = self.series.add(values)
+        if row >= len(self.cum):
+            self.cum.append(None)
+            self.up.append(-1)
+        self.cum[row] = ([0.0] if self.kind == "counter" else [math.nan, -math.inf]
+                         if self.kind == "gauge" else [Histogram(), {}])
+        up = row
+        if self.has_drops:
+            if len(self.series.live) > self.series_ring.rows:
+                self.series_ring.grow(len(self.series.live))
+            rvalues = tuple(values[i] for i in self.keep)
+            up = self.rollups.index.get(rvalues)
+            if up is None:
+                up = self.rollups.add(rvalues)
+        if len(self.rollups.live) > self.rings[0].rows:
+            for ring in self.rings:
+                ring.grow(len(self.rollups.live))
+        self.up[row] = up
+        self.version += 1
+        return row
+
+    def remove(self, row: int) -> None:
+        values = self.series.labels[row]
+        self.series.remove(row)
+        self.cum[row] = None
+        for ring in [self.series_ring] if self.has_drops else self.rings:
+            ring.clear(row, slice(None))
+        self.version += 1
+        if values == self.other:
+            self.folded.clear()
+
+    def remove_rollup(self, row: int) -> None:
+        self.rollups.remove(row)
+        for ring in self.rings:
+            ring.clear(row, slice(None))
+        self.version += 1
+
+    # -- writes: ``where`` is Timeline.keeping() of the sample's time ------------------
+
+    def _targets(self, row: int, where, now: float) -> list[tuple[Ring, int, int, int]]:
+        """(ring, row, bucket, slot) to write: the rollup in every ring that keeps the time,
+        and the series in the finest one."""
+        up = self.up[row]
+        out = [(self.rings[ri], up, k, p) for ri, k, p in where]
+        if self.has_drops and where[0][0] == 0:
+            out.append((self.series_ring, row, where[0][1], where[0][2]))
+        self.series.updated[row] = now
+        self.rollups.updated[up] = now
+        return out
+
+    def add_counter(self, row: int, where, value: float, now: float) -> None:
+        for ring, r, k, p in self._targets(row, where, now):
+            v = ring.v
+            cur = v[r, p]
+            v[r, p] = value if cur != cur else cur + value  # NaN: the bucket was empty
+        self.cum[row][0] += value
+
+    def add_gauge(self, row: int, where, value: float, t: float, now: float) -> None:
+        for ring, r, k, p in self._targets(row, where, now):
+            off = t - k * ring.step
+            if ring.n[r, p]:
+                ring.n[r, p] += 1
+                ring.s[r, p] += value
+                if value < ring.lo[r, p]:
+                    ring.lo[r, p] = value
+                if value > ring.hi[r, p]:
+                    ring.hi[r, p] = value
+                if off >= ring.to[r, p]:
+                    ring.last[r, p] = value
+                    ring.to[r, p] = off
+            else:
+                ring.n[r, p] = 1
+                ring.s[r, p] = ring.lo[r, p] = ring.hi[r, p] = ring.last[r, p] = value
+                ring.to[r, p] = off
+        cum = self.cum[row]
+        if t >= cum[1]:
+            cum[0], cum[1] = value, t
+
+    def add_hist(self, row: int, where, h: Histogram, now: float,
+                 exemplars: Optional[dict[int, Exemplar]]) -> None:
+        packed = _pack(h)
+        for ring, r, k, p in self._targets(row, where, now):
+            if ring.n[r, p]:
+                ring.n[r, p] += h.count
+                ring.s[r, p] += h.sum
+                ring.z[r, p] += h.zero_count
+                if h.min < ring.lo[r, p]:
+                    ring.lo[r, p] = h.min
+                if h.max > ring.hi[r, p]:
+                    ring.hi[r, p] = h.max
+                old = ring.hb[r, p]
+                new = old + packed
+                n = ring.hbn[r, p] + 1
+                if n >= _COMPACT_AT:
+                    new, n = _compact(new), 1
+                ring.hb[r, p] = new
+                ring.hbn[r, p] = n
+                ring.hb_bytes += len(new) - len(old)
+            else:
+                ring.n[r, p] = h.count
+                ring.s[r, p] = h.sum
+                ring.z[r, p] = h.zero_count
+                ring.lo[r, p] = h.min
+                ring.hi[r, p] = h.max
+                ring.hb[r, p] = packed
+                ring.hbn[r, p] = 1
+                ring.hb_bytes += len(packed) + _BYTES_OVERHEAD
+        cum_hist, cum_ex = self.cum[row]
+        cum_hist.merge(h)
+        if exemplars:
+            for i, ex in exemplars.items():
+                cur = cum_ex.get(i)
+                if cur is None or ex.timestamp >= cur.timestamp:
+                    cum_ex[i] = ex

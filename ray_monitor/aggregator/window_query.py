@@ -1,0 +1,415 @@
+"""What a rule's query means over the window store: which buckets, which series, which function.
+
+Runs in the aggregator actor, under :meth:`~ray_monitor.aggregator.windows.WindowStore.evaluate`,
+reading the rings of :mod:`~ray_monitor.aggregator.rings`; it never writes them.
+
+Windows. A query over ``window_s`` at time ``now`` reads the finest resolution whose span
+(``step * slots``) covers the window (windows longer than the coarsest span are cut to
+it: see :attr:`~ray_monitor.aggregator.windows.WindowStore.max_window_s`) and takes the
+buckets whose *start* lies in ``(now - window_s, now]``, so the edges are honoured to one
+step of that resolution. Runs of whole coarse buckets inside the window are read from the
+coarser rings (same data, far fewer reads). Per-series queries read the series' finest
+ring only, and their windows are cut to its span (10 min by default): those whose ``by``
+or matchers name ``replica`` or ``pid``, and gauge ``last`` / ``sum`` (which add
+per-series values) of metrics with those labels. Other queries read rollups, and equal
+the per-series computation up to the order of floating-point additions.
+Groups with no data in the window are absent from the result: never NaN, never 0 for
+"no data".
+
+Functions (see :data:`~ray_monitor.common.catalog.FUNCTIONS`). Matchers (``=``, ``!=``, ``=~``,
+``!~``; regexes fully anchored, a missing label reads as "") select series, then ``by``
+groups them; the result key is the sorted ``(label, value)`` pairs of ``by`` (``()``
+without ``by``). Counters: ``count``/``sum`` = increase in the window, ``rate`` = that
+over ``window_s``; ``error_ratio`` (on ``requests`` or ``errors``) = errors / requests of
+the group, absent when there were no requests. Histograms (merged over the window and
+group): ``pNN``/``quantile`` (within 1%, see :mod:`~ray_monitor.common.histogram`), ``avg``
+(mean), ``min``/``max`` (exact), ``count``, ``sum`` (of observed values), ``rate`` =
+count / ``window_s``, ``ratio_above`` = share of observations above ``param``, decided
+per exponential bucket by its representative value, so the threshold is honoured to
+within 0.54%. Gauges: ``avg``/``min``/``max``/``count`` over every sample of every series
+of the group; ``last`` = sum of each series' latest sample in the window; ``sum`` = sum of
+each series' average; ``deriv`` = least-squares slope per second of the group's per-step
+average (absent with fewer than 3 steps with data). ``zscore``: per step of the chosen
+resolution, the metric's natural value (counter: rate, histogram: mean, gauge: average);
+``latest`` is the newest step with data and the history the earlier ones in the window;
+``z = (latest - mean) / max(std, 1% of |mean|, 1e-9)`` (population std), so a flat series
+reads 0 and a flat series followed by a jump is a large anomaly. Absent with fewer than 5
+history steps. For counters the step holding ``now`` is left out: it is still filling.
+
+Sharing. Within one evaluation round (same ``now``, no ingest in between) per-row
+window aggregates, per-group merges and whole results are memoised, so rules that differ
+only in function or threshold cost one dictionary copy. Which rows a matcher set selects,
+and their groups, is kept until a series of the metric comes or goes, and is recomputed
+with array operations over label codes.
+"""
+
+from __future__ import annotations
+
+from itertools import chain
+from typing import Mapping, Optional
+
+import numpy as np
+
+from ray_monitor.aggregator.rings import (PAIR, ROLLUP_DROPS, GroupKey, Table, Timeline,
+                                          bucket_values, unpack)
+from ray_monitor.common.catalog import FUNCTIONS, SHORTHAND_QUANTILES, Query
+from ray_monitor.common.matchers import Matcher, check_regex
+
+__all__ = ["DERIV_MIN_STEPS", "GroupKey", "WindowQuery", "ZSCORE_ABS_FLOOR", "ZSCORE_MIN_HISTORY",
+           "ZSCORE_REL_FLOOR"]
+
+ZSCORE_MIN_HISTORY = 5
+DERIV_MIN_STEPS = 3
+#: std floor of zscore, relative to the history's mean, and absolute.
+ZSCORE_REL_FLOOR = 0.01
+ZSCORE_ABS_FLOOR = 1e-9
+
+
+class _SeriesWindow:
+    """Per-row aggregates of one metric over one window: rows of the series (per-series
+    queries, finest ring only) or of the rollups (all rings)."""
+
+    def __init__(self, ri: int, a: int, b: int, fine_only: bool, rows: int) -> None:
+        self.ri, self.a, self.b, self.fine_only = ri, a, b, fine_only
+        self.present = np.zeros(rows, dtype=bool)
+        self.pair_rows: list[np.ndarray] = []
+        self.pair_objs: list[list] = []
+        self._dense = None
+
+    def dense(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-row histogram counts ``[rows, C]`` and the bucket index of each column."""
+        if self._dense is None:
+            objs = list(chain.from_iterable(self.pair_objs))
+            rows = len(self.present)
+            if not objs:
+                self._dense = (np.zeros((rows, 0)), np.zeros(0, dtype=np.int64))
+                return self._dense
+            lens = np.fromiter(map(len, objs), dtype=np.int64, count=len(objs)) // PAIR.itemsize
+            idx, cnt = unpack(b"".join(objs))
+            tags = np.repeat(np.concatenate(self.pair_rows), lens)
+            lo, hi = int(idx.min()), int(idx.max())
+            width = hi - lo + 1
+            if rows * width <= 50_000_000:
+                d = np.bincount(tags * width + (idx - lo), weights=cnt,
+                                minlength=rows * width).reshape(rows, width)
+                used = np.flatnonzero(d.any(axis=0))
+                self._dense = (d[:, used], used + lo)
+            else:  # outliers spread the range: index the buckets actually used
+                cols, inv = np.unique(idx, return_inverse=True)
+                d = np.bincount(tags * len(cols) + inv.ravel(), weights=cnt,
+                                minlength=rows * len(cols)).reshape(rows, len(cols))
+                self._dense = (d, cols)
+        return self._dense
+
+
+class _Groups:
+    """One (metric, window, matchers, by): the present rows sorted by group, and sums."""
+
+    def __init__(self, keys: list[GroupKey], rows: np.ndarray, starts: np.ndarray,
+                 sw: _SeriesWindow) -> None:
+        self.keys, self.rows, self.starts, self.sw = keys, rows, starts, sw
+        self._memo: dict = {}
+
+    def reduce(self, name: str, ufunc=np.add) -> np.ndarray:
+        """``ufunc``-reduce the per-row array ``sw.<name>`` within each group (memoised)."""
+        key = (name, ufunc)
+        if key not in self._memo:
+            self._memo[key] = ufunc.reduceat(getattr(self.sw, name)[self.rows], self.starts)
+        return self._memo[key]
+
+    def hist_cum(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-group cumulative bucket counts, and the columns' bucket indices and values."""
+        if "cum" not in self._memo:
+            d, cols = self.sw.dense()
+            g = np.add.reduceat(d[self.rows], self.starts, axis=0) if d.shape[1] else \
+                np.zeros((len(self.starts), 0))
+            self._memo["cum"] = (np.cumsum(g, axis=1), cols, bucket_values(cols))
+        return self._memo["cum"]
+
+
+class WindowQuery:
+    """Answers queries over a store's tables, sharing work within a round (see Sharing).
+
+    ``stamp`` (the instant and the store's data version) says when the round's memo is
+    stale: any other stamp empties it.
+    """
+
+    def __init__(self, timeline: Timeline, tables: Mapping[str, Table]) -> None:
+        self._tl = timeline
+        self._tables = tables
+        self._memo: dict = {}
+        self._stamp: Optional[tuple[float, int]] = None
+
+    def forget(self) -> None:
+        """Frees the round's memo."""
+        self._memo.clear()
+        self._stamp = None
+
+    def evaluate(self, query: Query, now: float, version: int) -> dict[GroupKey, float]:
+        """The query's value per group at ``now``; groups without data are absent. Raises
+        ``ValueError`` naming what is wrong with the query."""
+        table = self._tables.get(query.metric)
+        if table is None:
+            raise ValueError(f"query metric {query.metric!r} is unknown; "
+                             f"use one of {sorted(self._tables)}")
+        kinds = FUNCTIONS.get(query.function)
+        if kinds is None or table.kind not in kinds:
+            raise ValueError(f"query function {query.function!r} does not apply to "
+                             f"{table.kind} {query.metric!r}")
+        if query.function in ("quantile", "ratio_above") and query.param is None:
+            raise ValueError(f"query function {query.function!r} needs a param")
+        if query.function == "quantile" and not 0.0 <= query.param <= 1.0:
+            raise ValueError(f"quantile param must be between 0 and 1, got {query.param!r}")
+        for m in query.matchers:
+            if m.op in ("=~", "!~"):
+                check_regex(m.value)
+        if not query.window_s > 0:
+            raise ValueError(f"query window_s must be > 0, got {query.window_s!r}")
+        stamp = (now, version)
+        if stamp != self._stamp:
+            self._memo.clear()
+            self._stamp = stamp
+        result = self._memo.get(query)
+        if result is None:
+            result = self._memo[query] = self._compute(query, table, now)
+        return dict(result)
+
+    # -- which rows, which buckets ---------------------------------------------------------
+
+    @staticmethod
+    def _per_series(q: Query, table: Table) -> bool:
+        """Whether the query needs per-series data, which only the finest ring holds."""
+        if not table.has_drops:
+            return False
+        if table.kind == "gauge" and q.function in ("last", "sum"):
+            return True
+        return any(m.label in ROLLUP_DROPS for m in q.matchers) or \
+            any(b in ROLLUP_DROPS for b in q.by or ())
+
+    def _series_window(self, table: Table, window_s: float, now: float,
+                       fine_only: bool) -> _SeriesWindow:
+        key = ("series", table.metric.name, window_s, fine_only)
+        sw = self._memo.get(key)
+        if sw is not None:
+            return sw
+        tl = self._tl
+        ri, a, b = tl.span(window_s, now, fine_only)
+        space = table.series if fine_only else table.rollups
+        rows = len(space.labels)
+        sw = _SeriesWindow(ri, a, b, fine_only, rows)
+        kind = table.kind
+        if kind == "counter":
+            sw.v = np.zeros(rows)
+        else:
+            sw.n, sw.s = np.zeros(rows), np.zeros(rows)
+            sw.lo, sw.hi = np.full(rows, np.inf), np.full(rows, -np.inf)
+            if kind == "histogram":
+                sw.z = np.zeros(rows)
+            else:
+                sw.last = np.zeros(rows)
+        parts = [(ri, a, b)] if fine_only else tl.cover(ri, a, b, now >= tl.max_time)
+        for pri, lo, hi in parts:
+            _, cols = tl.columns(pri, lo, hi)
+            if not len(cols):
+                continue
+            ring = table.series_ring if fine_only else table.rings[pri]
+            n = rows
+            out = slice(0, n)
+            if kind == "counter":
+                v = ring.v[:n, cols]
+                has = ~np.isnan(v)
+                sw.present[out] |= has.any(axis=1)
+                sw.v[out] += np.where(has, v, 0.0).sum(axis=1)
+                continue
+            cnt = ring.n[:n, cols]
+            has = cnt > 0
+            sw.present[out] |= has.any(axis=1)
+            sw.n[out] += cnt.sum(axis=1, dtype=np.float64)
+            sw.s[out] += ring.s[:n, cols].sum(axis=1)
+            np.minimum(sw.lo[out], ring.lo[:n, cols].min(axis=1), out=sw.lo[out])
+            np.maximum(sw.hi[out], ring.hi[:n, cols].max(axis=1), out=sw.hi[out])
+            if kind == "histogram":
+                sw.z[out] += ring.z[:n, cols].sum(axis=1, dtype=np.float64)
+                r, c = np.nonzero(has)
+                sw.pair_rows.append(r)
+                sw.pair_objs.append(ring.hb[r, cols[c]].tolist())
+            else:  # parts come in time order: the newest column with data holds the latest
+                newest = len(cols) - 1 - has[:, ::-1].argmax(axis=1)
+                any_ = has.any(axis=1)
+                sw.last[out] = np.where(any_, ring.last[np.arange(n), cols[newest]], sw.last[out])
+        if kind == "gauge":
+            with np.errstate(invalid="ignore", divide="ignore"):
+                sw.avg = sw.s / sw.n
+        self._memo[key] = sw
+        return sw
+
+    @staticmethod
+    def _selection(table: Table, matchers: tuple[Matcher, ...],
+                   by: Optional[tuple[str, ...]], fine_only: bool,
+                   ) -> tuple[np.ndarray, np.ndarray, list[GroupKey]]:
+        """Rows (of series or of rollups) matching ``matchers``, sorted by group id, their
+        group ids and the group keys; kept until a series or rollup of the metric comes or
+        goes."""
+        key = (matchers, by, fine_only)
+        hit = table.selections.get(key)
+        if hit is not None and hit[0] == table.version:
+            return hit[1]
+        space = table.series if fine_only else table.rollups
+        rows, keys, gids = space.select(matchers, sorted(by) if by else [])
+        order = np.argsort(gids, kind="stable")
+        sel = (rows[order], gids[order], keys)
+        if len(table.selections) > 4096:  # rules change: forget selections nobody asks for
+            table.selections.clear()
+        table.selections[key] = (table.version, sel)
+        return sel
+
+    def _groups(self, table: Table, q: Query, now: float) -> _Groups:
+        fine_only = self._per_series(q, table)
+        key = ("groups", table.metric.name, q.window_s, q.matchers, q.by, fine_only)
+        g = self._memo.get(key)
+        if g is not None:
+            return g
+        sw = self._series_window(table, q.window_s, now, fine_only)
+        sel_rows, sel_gids, keys = self._selection(table, q.matchers, q.by, fine_only)
+        keep = sw.present[sel_rows]
+        rows, gids = sel_rows[keep], sel_gids[keep]
+        starts = np.flatnonzero(np.r_[True, gids[1:] != gids[:-1]]) if len(gids) else \
+            np.zeros(0, dtype=np.int64)
+        g = self._memo[key] = _Groups([keys[i] for i in gids[starts]], rows, starts, sw)
+        g.selected = (sel_rows, sel_gids)
+        g.gid_pos = np.full(len(keys), -1, dtype=np.int64)
+        g.gid_pos[gids[starts]] = np.arange(len(starts))
+        return g
+
+    # -- the functions ---------------------------------------------------------------------
+
+    def _compute(self, q: Query, table: Table, now: float) -> dict[GroupKey, float]:
+        if q.function == "error_ratio":
+            req = self._groups(self._tables["requests"], q, now)
+            err = self._groups(self._tables["errors"], q, now)
+            errors = dict(zip(err.keys, err.reduce("v").tolist())) if err.keys else {}
+            return {k: errors.get(k, 0.0) / n
+                    for k, n in zip(req.keys, req.reduce("v").tolist()) if n > 0}
+        g = self._groups(table, q, now)
+        if not g.keys:
+            return {}
+        f, kind = q.function, table.kind
+        if f == "zscore":
+            return self._zscore(table, g, now)
+        if f == "deriv":
+            return self._deriv(table, g)
+        if kind == "counter":
+            inc = g.reduce("v")
+            return dict(zip(g.keys, (inc / q.window_s if f == "rate" else inc).tolist()))
+        if kind == "gauge":
+            values = {"avg": lambda: g.reduce("s") / g.reduce("n"),
+                      "min": lambda: g.reduce("lo", np.minimum),
+                      "max": lambda: g.reduce("hi", np.maximum),
+                      "count": lambda: g.reduce("n"),
+                      "last": lambda: g.reduce("last"),
+                      "sum": lambda: g.reduce("avg")}[f]()
+            return dict(zip(g.keys, values.tolist()))
+        n = g.reduce("n")
+        if f in ("count", "rate"):
+            return dict(zip(g.keys, (n / q.window_s if f == "rate" else n).tolist()))
+        if f == "sum":
+            return dict(zip(g.keys, g.reduce("s").tolist()))
+        if f == "avg":
+            values = g.reduce("s") / np.where(n > 0, n, 1)
+        elif f == "min":
+            values = g.reduce("lo", np.minimum)
+        elif f == "max":
+            values = g.reduce("hi", np.maximum)
+        elif f == "ratio_above":
+            values = self._ratio_above(g, q.param, n)
+        else:
+            values = self._quantile(g, SHORTHAND_QUANTILES.get(f, q.param), n)
+        return {k: v for k, v, c in zip(g.keys, values.tolist(), n.tolist()) if c > 0}
+
+    @staticmethod
+    def _quantile(g: _Groups, q: float, n: np.ndarray) -> np.ndarray:
+        """Histogram.quantile for every group at once (same rank rule, same clamping)."""
+        cum, _, values = g.hist_cum()
+        zero = g.reduce("z")
+        rank = np.floor(q * (n - 1))
+        if cum.shape[1] == 0:
+            return np.zeros(len(n))
+        j = (cum <= (rank - zero)[:, None]).sum(axis=1)
+        value = values[np.minimum(j, len(values) - 1)]
+        value = np.minimum(np.maximum(value, g.reduce("lo", np.minimum)), g.reduce("hi", np.maximum))
+        return np.where(rank < zero, 0.0, value)
+
+    @staticmethod
+    def _ratio_above(g: _Groups, threshold: float, n: np.ndarray) -> np.ndarray:
+        cum, _, values = g.hist_cum()
+        above = np.zeros(len(n))
+        if cum.shape[1]:
+            below = np.flatnonzero(values <= threshold)
+            above = cum[:, -1] - (cum[:, below[-1]] if len(below) else 0.0)
+        if threshold < 0:  # the zero bucket holds values <= 0
+            above = above + g.reduce("z")
+        return above / np.where(n > 0, n, 1)
+
+    def _steps(self, table: Table, g: _Groups) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per group and held step of the window's resolution: (bucket keys, sum, count).
+
+        Counter: (increase, samples); histogram: (sum of values, observations); gauge:
+        (sum of samples, samples). A step has data where its count is > 0. The fine ring
+        is read from the group's series rows, a coarse one from its rollup rows."""
+        memo = g._memo.get("steps")
+        if memo is not None:
+            return memo
+        sw = g.sw
+        ring = table.series_ring if sw.fine_only else table.rings[sw.ri]
+        ks, cols = self._tl.columns(sw.ri, sw.a, sw.b)
+        rows, gids = g.selected  # present in the window's cover or not
+        pos = g.gid_pos[gids]
+        rows, pos = rows[pos >= 0], pos[pos >= 0]
+        idx = np.ix_(rows, cols)
+        if table.kind == "counter":
+            v = ring.v[idx]
+            has = ~np.isnan(v)
+            total, count = np.where(has, v, 0.0), has.astype(np.float64)
+        else:
+            total, count = ring.s[idx], ring.n[idx].astype(np.float64)
+        out_t = np.zeros((len(g.keys), len(cols)))
+        out_c = np.zeros((len(g.keys), len(cols)))
+        if len(rows):
+            starts = np.flatnonzero(np.r_[True, pos[1:] != pos[:-1]])
+            out_t[pos[starts]] = np.add.reduceat(total, starts, axis=0)
+            out_c[pos[starts]] = np.add.reduceat(count, starts, axis=0)
+        memo = (ks, out_t, out_c)
+        g._memo["steps"] = memo
+        return memo
+
+    def _deriv(self, table: Table, g: _Groups) -> dict[GroupKey, float]:
+        ks, total, count = self._steps(table, g)
+        x_all = ks * self._tl.res[g.sw.ri][0]
+        out = {}
+        for key, tot, cnt in zip(g.keys, total, count):
+            has = cnt > 0
+            if has.sum() < DERIV_MIN_STEPS:
+                continue
+            x, y = x_all[has], tot[has] / cnt[has]
+            x = x - x.mean()
+            out[key] = float((x * (y - y.mean())).sum() / (x * x).sum())
+        return out
+
+    def _zscore(self, table: Table, g: _Groups, now: float) -> dict[GroupKey, float]:
+        ks, total, count = self._steps(table, g)
+        step = self._tl.res[g.sw.ri][0]
+        out = {}
+        for key, tot, cnt in zip(g.keys, total, count):
+            has = cnt > 0
+            if table.kind == "counter":
+                has = has & ((ks + 1) * step <= now)  # the step still filling is left out
+                values = tot[has] / step
+            else:
+                values = tot[has] / cnt[has]
+            if len(values) < ZSCORE_MIN_HISTORY + 1:
+                continue
+            history, latest = values[:-1], values[-1]
+            mean = history.mean()
+            std = max(history.std(), ZSCORE_REL_FLOOR * abs(mean), ZSCORE_ABS_FLOOR)
+            out[key] = float((latest - mean) / std)
+        return out

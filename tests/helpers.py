@@ -1,0 +1,122 @@
+"""What several tests share: an injected clock, histogram builders, an HTTP capture server.
+
+Plain objects, importable from any test (``from tests.helpers import Clock``); the
+fixtures that wrap them live in ``tests/conftest.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Optional
+
+from ray_monitor.common.histogram import Histogram
+
+__all__ = ["Captured", "CaptureServer", "Clock", "hist"]
+
+
+class Clock:
+    """A clock the test moves: pass it where code takes ``clock=``. ``sleep`` advances it
+    and records the delay, for code that takes ``sleep=``."""
+
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> float:
+        self.t += seconds
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.t += seconds
+
+
+def hist(*values: float) -> Histogram:
+    """A histogram holding ``values``."""
+    h = Histogram()
+    for v in values:
+        h.record(v)
+    return h
+
+
+@dataclass(frozen=True)
+class Captured:
+    path: str
+    headers: dict
+    body: Any  # parsed JSON, or the raw text when it is not JSON
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = raw.decode("utf-8", "replace")
+        server: CaptureServer = self.server.owner  # type: ignore[attr-defined]
+        server.received.put(Captured(self.path, dict(self.headers), body))
+        status = server.next_status()
+        self.send_response(status)
+        self.end_headers()
+        self.wfile.write(b"ok" if status < 300 else b"refused")
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+class CaptureServer:
+    """An HTTP server on loopback that records every POST (webhooks, Alertmanager,
+    Slack) and answers 200, or the statuses queued with :meth:`answer`."""
+
+    def __init__(self) -> None:
+        self.received: "queue.Queue[Captured]" = queue.Queue()
+        self._statuses: list[int] = []
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self._server.owner = self  # type: ignore[attr-defined]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def answer(self, *statuses: int) -> None:
+        """Answer the next requests with these statuses, then 200 again."""
+        with self._lock:
+            self._statuses.extend(statuses)
+
+    def next_status(self) -> int:
+        with self._lock:
+            return self._statuses.pop(0) if self._statuses else 200
+
+    def get(self, timeout: float = 15.0) -> Captured:
+        return self.received.get(timeout=timeout)
+
+    def drain(self) -> list[Captured]:
+        out = []
+        while True:
+            try:
+                out.append(self.received.get_nowait())
+            except queue.Empty:
+                return out
+
+    def start(self) -> "CaptureServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> "CaptureServer":
+        return self.start()
+
+    def __exit__(self, *exc: Optional[BaseException]) -> None:
+        self.stop()
