@@ -154,3 +154,31 @@ def test_metrics_answer_openmetrics_when_asked_and_the_text_format_otherwise():
             assert check.returncode == 0, check.stdout + check.stderr
     finally:
         agg.core.notifier.close(1.0)
+
+
+@pytest.mark.parametrize("entry, field, words", [
+    ("min_replicas: 5\n      max_replicas: 2", "autoscaling.deployments[0].min_replicas", "above"),
+    ("targets:\n        - metric: p95(nothing_seconds[30s])\n          value: 0.2",
+     "autoscaling.deployments[0].targets[0].metric", "nothing_seconds"),
+    ("targets:\n        - metric: p96(latency_seconds[30s])\n          value: 0.2",
+     "autoscaling.deployments[0].targets[0].metric", "p96"),
+    ("tolerance: -0.1", "autoscaling.deployments[0].tolerance", "-0.1"),
+    ("cooldown: soon", "autoscaling.deployments[0].cooldown", "duration"),
+])
+def test_reload_refuses_a_bad_autoscaling_section_with_400_naming_the_field(entry, field, words):
+    agg = Agg("127.0.0.1", None)
+    rules = "groups: []\nautoscaling:\n  deployments:\n    - deployment: Classifier\n      " + entry
+    status, body = call(agg, "POST", "/api/v1/rules/reload?filename=scale.yaml", data=rules)
+    assert status == 400, body
+    [problem] = body["problems"]
+    assert problem["file"] == "scale.yaml" and problem["deployment"] == "Classifier"
+    assert problem["field"] == field and words in problem["message"]
+    assert [r["alert"] for r in agg.core.rules()] == ["Busy"]  # the old rules keep running
+
+
+def test_reload_reads_the_body_never_a_path_on_the_aggregators_disk(tmp_path):
+    path = tmp_path / "elsewhere.yaml"
+    path.write_text("groups: []\n")
+    agg = Agg("127.0.0.1", None)
+    status, body = call(agg, "POST", "/api/v1/rules/reload", data=str(path))
+    assert status == 400 and [r["alert"] for r in agg.core.rules()] == ["Busy"]
