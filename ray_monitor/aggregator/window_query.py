@@ -331,7 +331,7 @@ class WindowQuery:
         """Histogram.quantile for every group at once (same rank rule, same clamping)."""
         cum, _, values = g.hist_cum()
         zero = g.reduce("z")
-        rank = np.floor(q * (n - 1))
+        rank = np.maximum(np.ceil(q * n) - 1, 0)  # histogram.quantile_rank, vectorised
         if cum.shape[1] == 0:
             return np.zeros(len(n))
         j = (cum <= (rank - zero)[:, None]).sum(axis=1)

@@ -17,7 +17,7 @@ import math
 from typing import Iterable, Iterator
 
 __all__ = ["BASE", "DEFAULT_CLASSIC_BOUNDS", "Histogram", "RELATIVE_ERROR", "SCALE",
-           "bucket_index", "bucket_value"]
+           "bucket_index", "bucket_value", "quantile_rank"]
 
 SCALE = 6
 BASE = 2.0 ** (2.0 ** -SCALE)
@@ -40,6 +40,13 @@ def bucket_index(value: float) -> int:
 def bucket_value(index: int) -> float:
     """The value reported for a bucket: the point of least relative error in it."""
     return 2.0 * math.exp((index + 1) * _LOG_BASE) / (BASE + 1.0)
+
+
+def quantile_rank(q: float, count: int) -> int:
+    """The 0-based rank of the ``q`` quantile among ``count`` observations:
+    ``ceil(q * count) - 1``, at least 0, with ``q * count`` computed in floating point as
+    Prometheus computes its rank (the window store's vectorised form does the same)."""
+    return max(math.ceil(q * count) - 1, 0)
 
 
 def bucket_upper(index: int) -> float:
@@ -110,15 +117,19 @@ class Histogram:
     def quantile(self, q: float) -> float:
         """The ``q`` quantile (0..1) of the recorded values, NaN when empty.
 
-        The rank is ``floor(q * (count - 1))`` (0-based), i.e. the exact answer is
-        ``numpy.quantile(values, q, method="lower")``; the result is within
-        :data:`RELATIVE_ERROR` of it, and clamped to the observed min and max.
+        The value is the ``ceil(q * count)``-th smallest (1-based; the smallest for
+        ``q == 0``): the smallest value with at least a share ``q`` of the observations at
+        or below it, i.e. ``numpy.quantile(values, q, method="inverted_cdf")``. That is the
+        rank Prometheus' ``histogram_quantile`` uses (``q * count``), so "p99 > T" is the
+        same decision on both sides when ``T`` is a classic bucket bound. The result is
+        within :data:`RELATIVE_ERROR` of the exact value, and clamped to the observed min
+        and max.
         """
         if not 0.0 <= q <= 1.0:
             raise ValueError(f"quantile must be between 0 and 1, got {q!r}")
         if self.count == 0:
             return math.nan
-        rank = math.floor(q * (self.count - 1))
+        rank = quantile_rank(q, self.count)
         if rank == self.count - 1:
             return self.max  # the extremes are known exactly
         if rank == 0:
