@@ -245,14 +245,15 @@ class Timeline:
                 where.append((ri, k, k % slots))
         return where
 
-    def span(self, window_s: float, now: float, fine_only: bool) -> tuple[int, int, int]:
-        """(ring, first bucket, last bucket) of a window: the buckets starting inside it."""
+    def span(self, window_s: float, end: float, fine_only: bool) -> tuple[int, int, int]:
+        """(ring, first bucket, last bucket) of the window ``[end - window_s, end)``: the
+        buckets starting inside it."""
         for ri, (step, slots) in enumerate(self.res):
             if fine_only or step * slots >= window_s:
                 break
         step, slots = self.res[ri]
-        b = math.floor(now / step)
-        a = max(math.floor((now - window_s) / step) + 1, b - slots + 1)
+        b = math.ceil(end / step - 1e-9) - 1
+        a = max(math.ceil((end - window_s) / step - 1e-9), b - slots + 1)
         return ri, a, b
 
     def cover(self, ri: int, a: int, b: int, tail_ok: bool) -> list[tuple[int, int, int]]:
@@ -388,6 +389,7 @@ class Table:
         self.rings = [Ring(step, slots, metric.kind) for step, slots in resolutions]
         self.series_ring = Ring(*resolutions[0], metric.kind) if self.has_drops else self.rings[0]
         self.up: list[int] = []  # series row -> rollup row
+        self.live_series = np.zeros(0, dtype=np.int32)  # rollup row -> its live series
         self.version = 0  # bumps when a series or rollup comes or goes: selections depend on it
         self.other = (OTHER,) * len(metric.labels)
         self.folded: set[int] = set()
@@ -424,11 +426,33 @@ class Table:
             for ring in self.rings:
                 ring.grow(len(self.rollups.live))
         self.up[row] = up
+        if self.has_drops:
+            if len(self.rollups.live) > len(self.live_series):
+                self.live_series = _pad(self.live_series, len(self.rollups.live), 0)
+            self.live_series[up] += 1
         self.version += 1
         return row
 
+    def touch(self, row: int, now: float) -> None:
+        """Marks a series (and its rollup) as current without writing data: its replica
+        still reports it."""
+        self.series.updated[row] = now
+        up = self.up[row]
+        if self.rollups.updated[up] < now:
+            self.rollups.updated[up] = now
+
+    def alive(self, fine_only: bool) -> np.ndarray:
+        """Per row of the series (``fine_only``) or of the rollups: whether it is alive,
+        i.e. a series that has not expired, or a rollup with such a series. A counter or
+        histogram that is alive reads 0 over a window without data (see window_query)."""
+        if fine_only or not self.has_drops:
+            return self.series.live
+        return self.live_series > 0
+
     def remove(self, row: int) -> None:
         values = self.series.labels[row]
+        if self.has_drops:
+            self.live_series[self.up[row]] -= 1
         self.series.remove(row)
         self.cum[row] = None
         for ring in [self.series_ring] if self.has_drops else self.rings:

@@ -52,8 +52,9 @@ import numpy as np
 
 from ray_monitor.aggregator.rings import (PAIR, ROLLUP_DROPS, GroupKey, Table, Timeline,
                                           bucket_values, unpack)
-from ray_monitor.common.catalog import FUNCTIONS, SHORTHAND_QUANTILES, Query
-from ray_monitor.common.matchers import Matcher, check_regex
+from ray_monitor.common.catalog import (ABSENT, FUNCTIONS, SHORTHAND_QUANTILES, Query,
+                                        absence_metric, absent_labels)
+from ray_monitor.common.matchers import Matcher, check_regex, matches
 
 __all__ = ["DERIV_MIN_STEPS", "GroupKey", "WindowQuery", "ZSCORE_ABS_FLOOR", "ZSCORE_MIN_HISTORY",
            "ZSCORE_REL_FLOOR"]
@@ -139,15 +140,19 @@ class WindowQuery:
         self._tables = tables
         self._memo: dict = {}
         self._stamp: Optional[tuple[float, int]] = None
+        #: (application, deployment) -> replicas Ray Serve runs (None: unknown), for
+        #: ``absent_over_time(...) by (...)``; the store sets it.
+        self.running: Optional[dict[tuple[str, str], int]] = None
 
     def forget(self) -> None:
         """Frees the round's memo."""
         self._memo.clear()
         self._stamp = None
 
-    def evaluate(self, query: Query, now: float, version: int) -> dict[GroupKey, float]:
-        """The query's value per group at ``now``; groups without data are absent. Raises
-        ``ValueError`` naming what is wrong with the query."""
+    def evaluate(self, query: Query, end: float, version: int) -> dict[GroupKey, float]:
+        """The query's value per group over the window that ends at ``end`` (see
+        Windows); groups without a value are absent. Raises ``ValueError`` naming what is
+        wrong with the query."""
         table = self._tables.get(query.metric)
         if table is None:
             raise ValueError(f"query metric {query.metric!r} is unknown; "
@@ -165,13 +170,13 @@ class WindowQuery:
                 check_regex(m.value)
         if not query.window_s > 0:
             raise ValueError(f"query window_s must be > 0, got {query.window_s!r}")
-        stamp = (now, version)
+        stamp = (end, version)
         if stamp != self._stamp:
             self._memo.clear()
             self._stamp = stamp
         result = self._memo.get(query)
         if result is None:
-            result = self._memo[query] = self._compute(query, table, now)
+            result = self._memo[query] = self._compute(query, table, end)
         return dict(result)
 
     # -- which rows, which buckets ---------------------------------------------------------
@@ -186,14 +191,14 @@ class WindowQuery:
         return any(m.label in ROLLUP_DROPS for m in q.matchers) or \
             any(b in ROLLUP_DROPS for b in q.by or ())
 
-    def _series_window(self, table: Table, window_s: float, now: float,
+    def _series_window(self, table: Table, window_s: float, end: float,
                        fine_only: bool) -> _SeriesWindow:
         key = ("series", table.metric.name, window_s, fine_only)
         sw = self._memo.get(key)
         if sw is not None:
             return sw
         tl = self._tl
-        ri, a, b = tl.span(window_s, now, fine_only)
+        ri, a, b = tl.span(window_s, end, fine_only)
         space = table.series if fine_only else table.rollups
         rows = len(space.labels)
         sw = _SeriesWindow(ri, a, b, fine_only, rows)
@@ -207,7 +212,7 @@ class WindowQuery:
                 sw.z = np.zeros(rows)
             else:
                 sw.last = np.zeros(rows)
-        parts = [(ri, a, b)] if fine_only else tl.cover(ri, a, b, now >= tl.max_time)
+        parts = [(ri, a, b)] if fine_only else tl.cover(ri, a, b, tl.max_time < end)
         for pri, lo, hi in parts:
             _, cols = tl.columns(pri, lo, hi)
             if not len(cols):
@@ -237,9 +242,12 @@ class WindowQuery:
                 newest = len(cols) - 1 - has[:, ::-1].argmax(axis=1)
                 any_ = has.any(axis=1)
                 sw.last[out] = np.where(any_, ring.last[np.arange(n), cols[newest]], sw.last[out])
+        sw.has_data = sw.present.copy()
         if kind == "gauge":
             with np.errstate(invalid="ignore", divide="ignore"):
                 sw.avg = sw.s / sw.n
+        else:  # zero is a value: an alive counter or histogram without data reads 0
+            sw.present |= table.alive(fine_only)[:rows]
         self._memo[key] = sw
         return sw
 
@@ -263,13 +271,13 @@ class WindowQuery:
         table.selections[key] = (table.version, sel)
         return sel
 
-    def _groups(self, table: Table, q: Query, now: float) -> _Groups:
+    def _groups(self, table: Table, q: Query, end: float) -> _Groups:
         fine_only = self._per_series(q, table)
         key = ("groups", table.metric.name, q.window_s, q.matchers, q.by, fine_only)
         g = self._memo.get(key)
         if g is not None:
             return g
-        sw = self._series_window(table, q.window_s, now, fine_only)
+        sw = self._series_window(table, q.window_s, end, fine_only)
         sel_rows, sel_gids, keys = self._selection(table, q.matchers, q.by, fine_only)
         keep = sw.present[sel_rows]
         rows, gids = sel_rows[keep], sel_gids[keep]
@@ -283,19 +291,21 @@ class WindowQuery:
 
     # -- the functions ---------------------------------------------------------------------
 
-    def _compute(self, q: Query, table: Table, now: float) -> dict[GroupKey, float]:
+    def _compute(self, q: Query, table: Table, end: float) -> dict[GroupKey, float]:
+        if q.function == ABSENT:
+            return self._absent(q, end)
         if q.function == "error_ratio":
-            req = self._groups(self._tables["requests"], q, now)
-            err = self._groups(self._tables["errors"], q, now)
+            req = self._groups(self._tables["requests"], q, end)
+            err = self._groups(self._tables["errors"], q, end)
             errors = dict(zip(err.keys, err.reduce("v").tolist())) if err.keys else {}
             return {k: errors.get(k, 0.0) / n
                     for k, n in zip(req.keys, req.reduce("v").tolist()) if n > 0}
-        g = self._groups(table, q, now)
+        g = self._groups(table, q, end)
         if not g.keys:
             return {}
         f, kind = q.function, table.kind
         if f == "zscore":
-            return self._zscore(table, g, now)
+            return self._zscore(table, g, end)
         if f == "deriv":
             return self._deriv(table, g)
         if kind == "counter":
@@ -395,14 +405,16 @@ class WindowQuery:
             out[key] = float((x * (y - y.mean())).sum() / (x * x).sum())
         return out
 
-    def _zscore(self, table: Table, g: _Groups, now: float) -> dict[GroupKey, float]:
+    def _zscore(self, table: Table, g: _Groups, end: float) -> dict[GroupKey, float]:
         ks, total, count = self._steps(table, g)
         step = self._tl.res[g.sw.ri][0]
         out = {}
         for key, tot, cnt in zip(g.keys, total, count):
             has = cnt > 0
             if table.kind == "counter":
-                has = has & ((ks + 1) * step <= now)  # the step still filling is left out
+                # zero is a value: after its first step with data, a counter's empty steps
+                # read 0 (its group is alive); a step not yet complete is left out
+                has = (np.cumsum(has) > 0) & ((ks + 1) * step <= end)
                 values = tot[has] / step
             else:
                 values = tot[has] / cnt[has]
@@ -413,3 +425,38 @@ class WindowQuery:
             std = max(history.std(), ZSCORE_REL_FLOOR * abs(mean), ZSCORE_ABS_FLOOR)
             out[key] = float((latest - mean) / std)
         return out
+
+    # -- absence ---------------------------------------------------------------------------
+
+    def _absent(self, q: Query, end: float) -> dict[GroupKey, float]:
+        """``absent_over_time``: 1 where nothing matching reported in the window.
+
+        A sample of a request series is a report of its replica (the ``inflight`` gauge of
+        the same method, written with every report); of any other metric, its own data.
+        Without ``by``: one group labelled by the equality matchers (Prometheus' rule),
+        present only when no matching series has a sample. With ``by``: one group per
+        deployment Ray Serve runs (at least one replica) that the matchers on
+        ``application``/``deployment`` select, present when none of its matching series
+        has a sample."""
+        metric = absence_metric(q.metric)
+        table = self._tables[metric]
+        names = table.metric.labels
+        matchers = tuple(m for m in q.matchers if m.label in names)
+        sq = Query("count", metric, q.window_s, by=q.by, matchers=matchers)
+        fine_only = self._per_series(sq, table)
+        sw = self._series_window(table, q.window_s, end, fine_only)
+        rows, gids, keys = self._selection(table, matchers, q.by, fine_only)
+        has = sw.has_data[rows]
+        if q.by is None:
+            return {} if has.any() else {absent_labels(q.matchers): 1.0}
+        seen = {keys[i] for i in np.unique(gids[has]).tolist()}
+        out = {}
+        for (app, dep), replicas in (self.running or {}).items():
+            value = {"application": app, "deployment": dep}
+            if replicas > 0 and all(matches(m, value[m.label]) for m in q.matchers
+                                    if m.label in value):
+                key = tuple((b, value.get(b, "")) for b in q.by)
+                if key not in seen:
+                    out[key] = 1.0
+        return out
+

@@ -52,11 +52,19 @@ from ray_monitor.aggregator.rings import EMPTY, GroupKey, Table, Timeline
 from ray_monitor.aggregator.window_query import WindowQuery
 from ray_monitor.common.catalog import METRICS, Query
 from ray_monitor.common.histogram import Histogram
-from ray_monitor.common.snapshot import Exemplar, GpuSnapshot, ReplicaSnapshot
+from ray_monitor.common.snapshot import OK, Exemplar, GpuSnapshot, ReplicaSnapshot
 
 __all__ = ["CumulativeSeries", "DEFAULT_RESOLUTIONS", "GroupKey", "WindowStore"]
 
 DEFAULT_RESOLUTIONS = ((1.0, 600), (10.0, 360), (60.0, 360))
+#: How long past its expected time a replica's next snapshot is waited for before windows
+#: read its second without it (see Complete windows).
+COMPLETE_WAIT_S = 2.0
+#: A gauge is on /metrics while its source reported within this long (or three of its
+#: report intervals, if longer), as Prometheus drops the series of a target that is down.
+GAUGE_FRESH_S = 3.0
+#: Request series a replica's report keeps alive (see Zero is a value).
+_REPLICA_FED = ("requests", "errors", "latency_seconds", "first_item_seconds")
 
 # GpuDevice.values key -> gauge metric
 _GPU_GAUGES = (("utilization_ratio", "gpu_utilization"),
@@ -108,7 +116,14 @@ class WindowStore:
         self._tables = {name: Table(m, self._tl.res) for name, m in METRICS.items()}
         self._table_list = list(self._tables.values())
         self._query = WindowQuery(self._tl, self._tables)
-        self._replicas: dict[tuple[str, str, str], list] = {}  # -> [last seq, dropped, seen]
+        # (application, deployment, replica) -> [last seq, dropped, seen, data end, interval]
+        self._replicas: dict[tuple[str, str, str], list] = {}
+        self._gpu_nodes: dict[str, tuple[float, float, float]] = {}  # node -> (seen, time, interval)
+        self._ends: Optional[tuple[float, int, float]] = None  # (now, version) -> window end
+        self._read_through = -math.inf  # newest window end a round has read
+        #: (application, deployment) -> replicas Ray Serve runs, from its controller; None
+        #: until the aggregator has asked (see absent_over_time in window_query).
+        self.serve_deployments: Optional[dict[tuple[str, str], int]] = None
         self._xid: dict[tuple[str, str], tuple[dict[int, int], float]] = {}
         self._version = 0  # bumps on every change of data: the round memo depends on it
         self._round_now: Optional[float] = None
@@ -131,8 +146,7 @@ class WindowStore:
         if not where:
             self._counts["too_old_snapshots"] += 1
             return None
-        step = tl.res[0][0]
-        if math.floor(t / step) < math.floor(now / step) - 1:
+        if t < self._read_through:  # a round already read this second as complete
             self._counts["late_snapshots"] += 1
         self._version += 1
         if t > tl.max_time:
@@ -145,22 +159,37 @@ class WindowStore:
         self._counts["snapshots_ingested"] += 1
         ident = snap.identity
         rkey = (ident.application, ident.deployment, ident.replica)
+        # A delta covers (start, end]: it lands in the second of its midpoint, so flushes on
+        # whole seconds fill one bucket each (see Time).
+        if snap.end > snap.start:
+            interval = min(snap.end - snap.start, 3600.0)
+            mid = snap.end - interval / 2
+        else:  # no interval given: the delta is a point in time
+            interval, mid = 1.0, snap.end
+        end = min(snap.end, now)
         seen = self._replicas.get(rkey)
         if seen is None:
-            self._replicas[rkey] = [snap.seq, snap.dropped, now]
+            self._replicas[rkey] = [snap.seq, snap.dropped, now, end, interval]
         else:
             if snap.seq > seen[0] + 1:
                 self._counts["snapshots_missed"] += snap.seq - seen[0] - 1
             seen[0] = max(seen[0], snap.seq)
             seen[1] = snap.dropped
             seen[2] = now
-        t = min(snap.end, now)
+            if end >= seen[3]:
+                seen[3], seen[4] = end, interval
+        t = min(mid, now)
         where = self._begin_write(t, now)
         if where is None:
             return
         app, dep, rep, mv = ident.application, ident.deployment, ident.replica, ident.model_version
         tables, cap = self._tables, self._cap
         requests, errors = tables["requests"], tables["errors"]
+        for method in snap.inflight:  # a known method has its outcome series from the start
+            labels = (app, dep, rep, method, mv, OK)
+            for table in (requests, errors):
+                if labels not in table.series.index:
+                    table.touch(table.row_for(labels, cap), now)
         latency, first_item = tables["latency_seconds"], tables["first_item_seconds"]
         for d in snap.series:
             labels = (app, dep, rep, d.method, mv, d.outcome)
@@ -174,9 +203,9 @@ class WindowStore:
                 first_item.add_hist(first_item.row_for(labels, cap), where, d.first_item,
                                     now, None)
         inflight = tables["inflight"]
-        for method, value in snap.inflight.items():
+        for method, value in snap.inflight.items():  # gauges: read at the end of the delta
             row = inflight.row_for((app, dep, rep, method, mv), cap)
-            inflight.add_gauge(row, where, float(value), t, now)
+            inflight.add_gauge(row, where, float(value), end, now)
         h = snap.health
         if h is not None:
             labels = (app, dep, rep, mv, ident.node_id)
@@ -186,7 +215,7 @@ class WindowStore:
                                 ("hung_requests", len(h.hung))):
                 if value is not None:
                     table = tables[name]
-                    table.add_gauge(table.row_for(labels, cap), where, float(value), t, now)
+                    table.add_gauge(table.row_for(labels, cap), where, float(value), end, now)
 
     def ingest_gpu(self, snap: GpuSnapshot) -> None:
         """Adds one GPU sample of a node (see the module docstring for what it becomes)."""
@@ -204,7 +233,11 @@ class WindowStore:
             self._xid[key] = (dict(dev.xid_errors), now)
             increases[dev.uuid] = inc
         t = min(snap.time, now)
-        where = self._begin_write(t, now)
+        last = self._gpu_nodes.get(node)
+        interval = min(t - last[1], 60.0) if last and t > last[1] else 1.0
+        self._gpu_nodes[node] = (now, t, interval)
+        # a sample stands for the interval it ends, like a replica's delta (see Time)
+        where = self._begin_write(t - interval / 2, now)
         if where is None:
             return
         tables, cap = self._tables, self._cap
@@ -260,9 +293,40 @@ class WindowStore:
         return self._round_now if self._round_now is not None else self._clock()
 
     def evaluate(self, query: Query, now: Optional[float] = None) -> dict[GroupKey, float]:
-        """The query's value per group at ``now``; groups without data are absent (see
-        :mod:`~ray_monitor.aggregator.window_query` for what each function means)."""
-        return self._query.evaluate(query, self._now(now), self._version)
+        """The query's value per group at ``now``, over the window that ends at
+        :meth:`window_end` (see :mod:`~ray_monitor.aggregator.window_query` for what each
+        function means, and when a group is absent)."""
+        end = self.window_end(now)
+        if self._round_now is not None and end > self._read_through:
+            self._read_through = end
+        return self._query.evaluate(query, end, self._version)
+
+    def window_end(self, now: Optional[float] = None) -> float:
+        """Where windows end at ``now``: the start of the first second whose data may still
+        be on its way (see Complete windows in the module docstring)."""
+        now = self._now(now)
+        hit = self._ends
+        if hit is not None and hit[0] == now and hit[1] == self._version:
+            return hit[2]
+        end = now
+        for _, _, _, data_end, interval in self._replicas.values():
+            # complete up to where its next delta's midpoint will fall, unless that delta
+            # is overdue: a replica that stopped (or lags) holds no window back for long
+            through = data_end + interval / 2
+            if through < end and now < data_end + interval + COMPLETE_WAIT_S:
+                end = through
+        step = self._tl.res[0][0]
+        end = math.floor(end / step + 1e-9) * step
+        self._ends = (now, self._version, end)
+        return end
+
+    def set_serve_deployments(self, running: Optional[dict[tuple[str, str], int]]) -> None:
+        """What Ray Serve runs: ``(application, deployment) -> replicas running``, from its
+        controller (None: unknown). ``absent_over_time(...) by (...)`` reads it."""
+        if running != self.serve_deployments:
+            self.serve_deployments = None if running is None else dict(running)
+            self._query.running = self.serve_deployments
+            self._version += 1
 
     # ------------------------------------------------------------------ upkeep and reads
 
@@ -275,10 +339,19 @@ class WindowStore:
         cutoff = now - self._ttl
         roll_cutoff = now - max(self._ttl, self.max_window_s)
         gone = 0
-        for table in self._tables.values():
+        for name, table in self._tables.items():
             sp = table.series
             n = len(sp.labels)
             stale = np.flatnonzero(sp.live[:n] & (sp.updated[:n] < cutoff)).tolist()
+            if stale and name in _REPLICA_FED:  # alive while its replica reports
+                kept = []
+                for row in stale:
+                    seen = self._replicas.get(sp.labels[row][:3])
+                    if seen is not None and seen[2] >= cutoff:
+                        table.touch(row, seen[2])
+                        kept.append(row)
+                if kept:
+                    stale = sorted(set(stale) - set(kept))
             for row in stale:
                 table.remove(row)
             gone += len(stale)
@@ -297,16 +370,36 @@ class WindowStore:
             self._replicas = {k: v for k, v in self._replicas.items() if v[2] >= cutoff}
         if any(v[1] < cutoff for v in self._xid.values()):
             self._xid = {k: v for k, v in self._xid.items() if v[1] >= cutoff}
+        if any(v[0] < cutoff for v in self._gpu_nodes.values()):
+            self._gpu_nodes = {k: v for k, v in self._gpu_nodes.items() if v[0] >= cutoff}
         if gone:
             self._version += 1
         return gone
 
-    def cumulative(self) -> list[CumulativeSeries]:
-        """Every live series since the store started (totals, latest values, histograms)."""
+    def _fresh_s(self, labels: tuple[str, ...], by_node: bool) -> Optional[float]:
+        """How recently the source of a gauge series last reported (None: unknown)."""
+        if by_node:
+            seen = self._gpu_nodes.get(labels[0])
+            return None if seen is None else max(GAUGE_FRESH_S, 3 * seen[2])
+        seen = self._replicas.get(labels[:3])
+        return None if seen is None else max(GAUGE_FRESH_S, 3 * seen[4])
+
+    def cumulative(self, now: Optional[float] = None) -> list[CumulativeSeries]:
+        """Every live series since the store started (totals, latest values, histograms),
+        for ``/metrics``. A gauge is left out once its source (replica, or GPU node) has
+        not reported for :data:`GAUGE_FRESH_S` (or three of its intervals), as Prometheus
+        drops the series of a target that stopped answering; counters and histograms stay
+        while the series is alive, so ``rate()`` over them reads 0, not nothing."""
+        now = self._clock() if now is None else now
         out = []
         for name, table in self._tables.items():
             names, kind = table.metric.labels, table.kind
+            by_node = names[0] == "node"
             for values, row in table.series.index.items():
+                if kind == "gauge":
+                    fresh = self._fresh_s(values, by_node)
+                    if fresh is not None and now - table.series.updated[row] > fresh:
+                        continue
                 cum = table.cum[row]
                 s = CumulativeSeries(metric=name, kind=kind, labels=dict(zip(names, values)),
                                      updated=float(table.series.updated[row]))

@@ -15,9 +15,10 @@ from typing import Literal, Optional
 
 from ray_monitor.common.matchers import Matcher
 
-__all__ = ["FEATURE_PREFIX", "FUNCTIONS", "METRICS", "MODEL_FUNCTIONS", "MODEL_LABELS", "Metric",
-           "PREDICTION", "PREDICTIONS", "QUALITY_LABELS", "QUALITY_METRICS", "QualityMetric",
-           "Query", "RESERVED_LABELS", "SHORTHAND_QUANTILES", "is_model_query"]
+__all__ = ["ABSENT", "ABSENT_BY", "FEATURE_PREFIX", "FUNCTIONS", "METRICS", "MODEL_FUNCTIONS",
+           "MODEL_LABELS", "Metric", "PREDICTION", "PREDICTIONS", "QUALITY_LABELS",
+           "QUALITY_METRICS", "QualityMetric", "Query", "REQUEST_METRICS", "RESERVED_LABELS",
+           "SHORTHAND_QUANTILES", "absence_metric", "absent_labels", "is_model_query"]
 
 
 Kind = Literal["counter", "histogram", "gauge"]
@@ -116,7 +117,40 @@ FUNCTIONS: dict[str, frozenset[Kind]] = {
     "error_ratio": frozenset({"counter"}),  # errors / requests, over `requests` or `errors`
     "ratio_above": frozenset({"histogram"}),  # share of observations above a threshold
     "zscore": frozenset({"counter", "histogram", "gauge"}),
+    "absent_over_time": frozenset({"counter", "histogram", "gauge"}),
 }
+
+#: Prometheus' ``absent_over_time``: 1 when nothing matching reported in the window (see
+#: :func:`absence_metric`); with ``by (application, deployment)``, per deployment Ray
+#: Serve runs. The one function whose rule needs no comparison.
+ABSENT = "absent_over_time"
+#: Labels an ``absent_over_time(...) by (...)`` may group by: Serve knows deployments.
+ABSENT_BY = ("application", "deployment")
+#: Series written per request: a replica reports them with every snapshot (its
+#: ``inflight`` gauge is the sample), even when no request finished.
+REQUEST_METRICS = ("requests", "errors", "latency_seconds", "first_item_seconds", "inflight")
+
+
+def absence_metric(metric: str) -> str:
+    """The metric whose samples say that ``metric`` was reported: a request series is
+    sampled by every report of its replica, which writes the ``inflight`` gauge of each
+    method it knows; any other metric by its own samples."""
+    return "inflight" if metric in REQUEST_METRICS else metric
+
+
+def absent_labels(matchers) -> tuple[tuple[str, str], ...]:
+    """The labels of ``absent_over_time``'s 1, as Prometheus makes them
+    (``createLabelsForAbsentFunction``): each ``=`` matcher's label, in order, unless the
+    label is matched again (then it is dropped); empty values are no label."""
+    out: dict[str, str] = {}
+    seen: set[str] = set()
+    for m in matchers:
+        if m.op == "=" and m.label not in seen:
+            out[m.label] = m.value
+            seen.add(m.label)
+        else:
+            out.pop(m.label, None)
+    return tuple(sorted((k, v) for k, v in out.items() if v))
 
 #: Labels of quality and drift series: per model, not per replica.
 QUALITY_LABELS = ("application", "deployment", "model_version")

@@ -12,7 +12,7 @@ from ray_monitor.common.matchers import Matcher
 from ray_monitor.common.histogram import Histogram, bucket_index, bucket_value
 from ray_monitor.common.snapshot import (Exemplar, GpuDevice, GpuProcess, GpuSnapshot, HungRequest,
                                   ReplicaHealth, ReplicaIdentity, ReplicaSnapshot, SeriesDelta)
-from ray_monitor.aggregator.windows import WindowStore
+from ray_monitor.aggregator.windows import COMPLETE_WAIT_S, WindowStore
 from tests.helpers import Clock, hist
 
 T0 = 1_000_020.0  # a multiple of 60: bucket edges of every ring fall on whole numbers
@@ -198,33 +198,57 @@ def test_zscore_of_noise_is_small_and_needs_history(store, clock):
 def test_zscore_of_a_counter_jump(store, clock):
     for i in range(40):
         clock.t = T0 - 39 + i
-        n = 10 if i < 38 else 100
+        n = 10 if i < 39 else 100
         store.ingest(snap(clock.t, seq=i, series=[ok(*[0.1] * n)]))
-    clock.t = T0 + 0.5  # steps up to T0 - 1 are complete, the 100-request one at T0-1 is latest
+    clock.t = T0 + 0.5  # the delta ending at T0 is the second T0 - 1: complete, and latest
     assert store.evaluate(q("zscore", "requests"))[()] > 100
+
+
+def test_zscore_of_a_counter_that_stops_reads_the_silence(store, clock):
+    for i in range(40):
+        clock.t = T0 - 39 + i
+        store.ingest(snap(clock.t, seq=i, series=[ok(*[0.1] * (10 + i % 3))] if i < 39 else []))
+    clock.t = T0 + 0.5  # the last second had no request: a step of 0, far below the history
+    assert store.evaluate(q("zscore", "requests"))[()] < -10
 
 
 # ---------------------------------------------------------------------------- windows
 
-def test_window_edges_count_buckets_starting_inside(store, clock):
-    for t in (T0 - 60.5, T0 - 59.0, T0 - 0.5, T0):
+def test_window_edges_count_whole_seconds_before_the_window_end(store, clock):
+    # deltas of one second each, landing in the second of their midpoint
+    for t in (T0 - 60.5, T0 - 59.0, T0 - 0.5, T0):  # seconds T0-61, T0-60, T0-1, T0-1
         clock.t = t
         store.ingest(snap(t, series=[ok(0.1)]))
     clock.t = T0
-    # buckets start in (T0 - 60, T0]: the one at T0 - 61 is out, T0 - 59 and on are in
+    assert store.window_end() == T0
+    # a window of W seconds is the W whole seconds before its end: [T0 - W, T0)
+    assert store.evaluate(q("count", "requests", 1.0)) == {(): 2.0}
     assert store.evaluate(q("count", "requests", 60.0)) == {(): 3.0}
-    assert store.evaluate(q("count", "requests", 61.0)) == {(): 3.0}
-    assert store.evaluate(q("count", "requests", 62.0)) == {(): 4.0}
+    assert store.evaluate(q("count", "requests", 61.0)) == {(): 4.0}
+    assert store.evaluate(q("count", "requests", 59.5)) == {(): 2.0}  # starts inside T0-60
 
 
-def test_absent_when_no_data_in_window(store, clock):
+def test_silence_reads_zero_while_the_series_is_alive(store, clock):
     for m in ("requests", "latency_seconds", "inflight"):
-        assert store.evaluate(q("count", m)) == {}
+        assert store.evaluate(q("count", m)) == {}  # no series at all: no value
     store.ingest(snap(T0, series=[ok(0.1)], inflight={"__call__": 1}))
-    clock.t = T0 + 300
-    for f, m in (("rate", "requests"), ("p99", "latency_seconds"), ("avg", "latency_seconds"),
-                 ("max", "inflight"), ("last", "inflight"), ("zscore", "inflight")):
-        assert store.evaluate(q(f, m)) == {}, f
+    clock.t = T0 + 299  # no request for longer than the window, the series still alive
+    # counters and histogram counts read 0, as Prometheus' rate over a counter that stopped
+    for f, m in (("rate", "requests"), ("count", "requests"), ("count", "latency_seconds"),
+                 ("rate", "latency_seconds"), ("sum", "latency_seconds"),
+                 ("count", "errors")):  # errors: the known method's ok series, at 0
+        assert store.evaluate(q(f, m)) == {(): 0.0}, (f, m)
+    # what needs an observation or a sample has none: no value (Prometheus: NaN)
+    for f, m in (("p99", "latency_seconds"), ("avg", "latency_seconds"),
+                 ("max", "latency_seconds"), ("ratio_above", "latency_seconds"),
+                 ("error_ratio", "requests"), ("max", "inflight"), ("last", "inflight"),
+                 ("zscore", "inflight")):
+        assert store.evaluate(q(f, m, param=0.5 if f == "ratio_above" else None)) == {}, f
+    assert store.evaluate(q("count", "requests", 600.0)) == {(): 1.0}
+    clock.t = T0 + 301  # past series_ttl_s: the series are gone, and so are the zeros
+    store.expire()
+    assert store.evaluate(q("rate", "requests")) == {}
+    # its data stays in the deployment's rollup (a longer window still counts it)
     assert store.evaluate(q("count", "requests", 600.0)) == {(): 1.0}
 
 
@@ -236,7 +260,7 @@ def test_resolution_choice(store, clock):
     store.ingest(snap(T0 - 5 * 3600, seq=1, series=[ok(0.1)]))  # only the 60 s ring keeps it
     assert store.evaluate(q("count", "requests", 1800.0)) == {(): 1.0}  # read from the 10 s ring
     assert store.evaluate(q("count", "requests", 6 * 3600.0)) == {(): 2.0}  # from the 60 s ring
-    assert store.evaluate(q("count", "requests", 600.0)) == {}  # the 1 s ring never had them
+    assert store.evaluate(q("count", "requests", 600.0)) == {(): 0.0}  # alive, none in 10 min
     assert store.max_window_s == 6 * 3600.0
 
 
@@ -274,10 +298,44 @@ def test_late_snapshots_land_at_their_own_time(store, clock):
     store.ingest(snap(T0 - 7 * 3600, seq=3, series=[ok(0.1)]))
     assert store.evaluate(q("count", "requests", 6 * 3600.0)) == {(): 3.0}
     stats = store.stats()
-    assert stats["late_snapshots"] == 2 and stats["too_old_snapshots"] == 1
+    assert stats["late_snapshots"] == 0 and stats["too_old_snapshots"] == 1
     # a replica clock ahead of ours cannot write the future
     store.ingest(snap(T0 + 500, seq=4, series=[ok(0.1)]))
-    assert store.evaluate(q("count", "requests", 1.0)) == {(): 1.0}
+    assert store.evaluate(q("count", "requests", 1.0), now=T0 + 3.5) == {(): 0.0}
+    assert store.evaluate(q("count", "requests", 4.0), now=T0 + 3.5) == {(): 1.0}  # second T0
+
+
+def test_windows_wait_for_every_replicas_flush_and_count_late_ones(store, clock):
+    # two replicas flushing on whole seconds, 10 requests a second each
+    def flush(rep: str, end: float, seq: int) -> None:
+        store.ingest(ReplicaSnapshot(ident(rep), seq, end - 1.0, end, [ok(*[0.1] * 10)], {}))
+
+    for i in range(1, 21):
+        clock.t = T0 + i + 0.05
+        flush("r1", T0 + i + 0.01, i)
+        flush("r2", T0 + i + 0.02, i)
+    # r2's flush of the second T0 + 21 is late: the window ends one second earlier, so
+    # it holds 10 complete seconds of both replicas: rate 20 exactly, never 19
+    clock.t = T0 + 21.3
+    flush("r1", T0 + 21.01, 21)
+    assert store.window_end() == T0 + 20
+    assert store.evaluate(q("rate", "requests", 10.0)) == {(): 20.0}
+    # once it arrives, the window moves on
+    flush("r2", T0 + 21.02, 21)
+    assert store.window_end() == T0 + 21
+    assert store.evaluate(q("rate", "requests", 10.0)) == {(): 20.0}
+    # a replica that stops reporting is waited for only until its next flush is
+    # COMPLETE_WAIT_S overdue
+    for i in range(22, 26):
+        clock.t = T0 + i + 0.05
+        flush("r1", T0 + i + 0.01, i)
+        assert store.window_end() == (T0 + 21 if i < 24 else T0 + i)
+    # a flush for a second a round has already read is counted as late
+    store.begin_round(T0 + 25.5)
+    store.evaluate(q("rate", "requests", 10.0))
+    store.end_round()
+    flush("r2", T0 + 22.02, 22)
+    assert store.stats()["late_snapshots"] == 1
 
 
 # ---------------------------------------------------------------------------- matchers, by
@@ -333,12 +391,12 @@ def test_round_memo_is_shared_and_never_stale(store, clock):
     first[()] = -1.0  # the caller's copy: the memo must not see it
     assert store.evaluate(q("count", "requests")) == {(): 1.0}
     clock.t = now
-    store.ingest(snap(T0 + 0.5, seq=1, series=[ok(0.1)]))  # data arrives mid-round
+    store.ingest(snap(T0, replica="r2", series=[ok(0.1)]))  # data arrives mid-round
     assert store.evaluate(q("count", "requests")) == {(): 2.0}
-    assert store.evaluate(q("count", "requests"), now=T0 + 120) == {}
+    assert store.evaluate(q("count", "requests"), now=T0 + 120) == {(): 0.0}
     store.end_round()
     clock.t = T0 + 1000
-    assert store.evaluate(q("count", "requests")) == {}  # the clock again, not the round's now
+    assert store.evaluate(q("count", "requests")) == {(): 0.0}  # the clock, not the round's now
 
 
 # ---------------------------------------------------------------------------- upkeep
@@ -403,7 +461,7 @@ def test_cumulative_contents(store, clock):
     by = {(s.metric, s.labels.get("outcome")): s for s in store.cumulative()}
     assert by[("requests", "ok")].value == 3.0 and by[("requests", "ok")].kind == "counter"
     assert by[("errors", "ValueError")].value == 1.0
-    assert ("errors", "ok") not in by
+    assert by[("errors", "ok")].value == 0.0  # a known method's ok series exist from the start
     lat = by[("latency_seconds", "ok")]
     assert lat.histogram == hist(0.1, 0.2, 0.3)
     assert lat.exemplars == {5: ex_new, 7: ex_old}
@@ -486,27 +544,36 @@ def test_stats_shape(store):
 
 # ---------------------------------------------------------------------------- reference model
 
-def _reference(samples, query, now):
-    """A plain recomputation of ``query`` from raw samples: (labels, t, kind, value) with
-    value a number (counter, gauge) or a Histogram; step-1 buckets starting in the window."""
-    first, last = math.floor(now - query.window_s) + 1, math.floor(now)
+def _reference(samples, query, end):
+    """A plain recomputation of ``query`` from raw samples ``(labels, t, value)``, value a
+    number (counter, gauge) or a Histogram, each read at ``t`` for the second before it
+    (placed at ``t - 0.5``); the window is the whole seconds in ``[end - window, end)``.
+    Zero is a value: a counter or histogram series that exists reads 0 without data."""
+    first, last = end - query.window_s, end - 1
     by = sorted(query.by) if query.by else []
     per_series: dict = {}
     for labels, t, value in samples:
-        if first <= math.floor(t) <= last and all(
-                (labels.get(m.label, "") == m.value) == (m.op == "=") for m in query.matchers):
-            per_series.setdefault(tuple(sorted(labels.items())), []).append((t, value))
+        if not all((labels.get(m.label, "") == m.value) == (m.op == "=") for m in query.matchers):
+            continue
+        points = per_series.setdefault(tuple(sorted(labels.items())), [])
+        if first <= math.floor(t - 0.5) <= last:
+            points.append((t, value))
+    gauge = query.metric == "inflight"
     groups: dict = {}
     for series, points in per_series.items():
+        if gauge and not points:
+            continue
         labels = dict(series)
         groups.setdefault(tuple((b, labels.get(b, "")) for b in by), []).append(points)
     out = {}
     for key, members in groups.items():
         values = [v for points in members for _, v in points]
         f = query.function
-        if isinstance(values[0], Histogram):
+        if query.metric == "latency_seconds":
             h = Histogram.merged(values)
             if not h.count:
+                if f in ("count", "sum"):
+                    out[key] = 0.0
                 continue
             out[key] = {"count": h.count, "sum": h.sum, "avg": h.mean, "min": h.min,
                         "max": h.max}.get(f) if f not in ("ratio_above", "p50", "p99") else (
@@ -550,7 +617,11 @@ def test_results_match_a_reference_computation(store, clock):
              "latency_seconds": ("count", "sum", "avg", "min", "max", "p50", "p99", "ratio_above"),
              "inflight": ("avg", "min", "max", "count", "last", "sum")}
     compared = 0
-    for now in (T0 + 0.5, T0 + 3.75):
+    # every replica reported up to T0 - 0.75: the window ends at T0 - 1 (T0 - 0.25, where
+    # the next delta's midpoint will fall, rounded down to the second); 3.25 s later no
+    # replica is waited for any more and the window ends at the last whole second
+    for now, end in ((T0 + 0.5, T0 - 1), (T0 + 3.75, T0 + 3)):
+        assert store.window_end(now) == end
         for metric, fs in funcs.items():
             for f in fs:
                 for w in (1.0, 45.0, 60.0, 300.0, 390.0):
@@ -560,7 +631,7 @@ def test_results_match_a_reference_computation(store, clock):
                             query = q(f, metric, w, by=by, matchers=matchers,
                                       param=0.08 if f == "ratio_above" else None)
                             got, want = store.evaluate(query, now), _reference(
-                                samples[metric], query, now)
+                                samples[metric], query, end)
                             assert got.keys() == want.keys(), query
                             # pNN: the store reports a bucket's value where Histogram.quantile
                             # reports the exact min or max; both are within 1%
@@ -593,8 +664,8 @@ def test_coarse_rings_are_per_rollup_and_per_replica_queries_use_the_fine_ring(c
     # gauge last/sum add per-series values: also per series, also cut
     assert store.evaluate(q("last", "inflight", hour)) == {(): 2.0}
     assert store.evaluate(q("max", "inflight", hour)) == {(): 5.0}
-    stats = store.stats()  # 2 replicas x (requests 2, errors 1, latency 2, inflight 1)
-    assert (stats["series_total"], stats["rollups_total"]) == (12, 6)
+    stats = store.stats()  # 2 replicas x (requests 2, errors 2, latency 2, inflight 1)
+    assert (stats["series_total"], stats["rollups_total"]) == (14, 7)
     # a replica that goes away: its series expire, its past stays in the coarse rings
     clock.t = T0 + 50
     store.ingest(snap(T0 + 50, replica="r1", seq=3, series=[ok(0.1)]))
@@ -602,9 +673,9 @@ def test_coarse_rings_are_per_rollup_and_per_replica_queries_use_the_fine_ring(c
     store.expire()
     assert {s.labels["replica"] for s in store.cumulative()} == {"r1"}
     assert store.evaluate(q("count", "requests", hour)) == {(): 7.0}
-    # r1's error series went too (no errors for 61 s); per-series reads lose it
+    # r1 still reports: its series without new data (the error outcome) stay alive
     assert store.evaluate(q("count", "requests", hour, by=("replica",))) == {
-        (("replica", "r1"),): 2.0}
+        (("replica", "r1"),): 3.0}
     # rollups go once the coarsest span has passed without data
     clock.t = T0 + store.max_window_s + 100
     store.expire()
