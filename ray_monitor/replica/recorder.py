@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import sys
 import threading
@@ -262,12 +263,30 @@ class Recorder:
                                         daemon=True)
         self._thread.start()
 
+    def next_flush_at(self, now: float) -> float:
+        """The next whole multiple of ``flush_interval_s`` after ``now`` (wall clock).
+
+        Flushes on whole seconds make every delta cover one second of the aggregator's
+        windows exactly (it files a delta under the second of its midpoint), so a window
+        of N seconds holds N deltas of each replica, never N - 1 or N + 1 as free-running
+        flushes drift across second boundaries (see the window store's Time)."""
+        interval = self.flush_interval_s
+        return (math.floor(now / interval) + 1) * interval
+
     def _loop(self) -> None:
-        while not self._stop.wait(self.flush_interval_s):
+        # the first flush a whole interval away at least: a replica's first delta is not
+        # a sliver, and a test that takes snapshots itself (a long interval) is never raced
+        target = self.next_flush_at(self.clock() + self.flush_interval_s)
+        while not self._stop.wait(max(0.0, target - self.clock())):
             try:
                 self.flush()
             except Exception as e:  # the loop must outlive any single bad round
                 self.self_errors.count("flush_failed", e)
+            # the next grid point (a wake-up a hair early must not flush twice); a flush
+            # that overran skips the points it missed
+            target += self.flush_interval_s
+            if target <= self.clock():
+                target = self.next_flush_at(self.clock())
 
     def close(self, timeout: float = 5.0) -> None:
         """Stops the loop after one last flush, so short-lived replicas lose nothing."""
