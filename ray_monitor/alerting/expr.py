@@ -34,10 +34,11 @@ _ERROR_RATIO_METRICS = ("requests", "errors")
 
 @dataclass(frozen=True)
 class Condition:
-    """One ``FUNCTION(METRIC[WINDOW]) by (...) OP NUMBER`` of an expression."""
+    """One ``FUNCTION(METRIC[WINDOW]) by (...) OP NUMBER`` of an expression; ``op`` is
+    None for ``absent_over_time(...)`` written without a comparison (any value holds)."""
 
     query: catalog.Query
-    op: str
+    op: Optional[str]
     threshold: float
 
     def __str__(self) -> str:
@@ -48,10 +49,12 @@ class Condition:
         sel += f"[{format_duration(q.window_s)}]"
         arg = f"{format_number(q.param)}, {sel}" if q.param is not None else sel
         by = f" by ({', '.join(q.by)})" if q.by is not None else ""
+        if self.op is None:
+            return f"{q.function}({arg}){by}"
         return f"{q.function}({arg}){by} {self.op} {format_number(self.threshold)}"
 
     def holds(self, value: float) -> bool:
-        return _OPS[self.op](value, self.threshold)
+        return self.op is None or _OPS[self.op](value, self.threshold)
 
 
 def format_number(v: float) -> str:
@@ -202,6 +205,10 @@ class _ExprParser:
                 c["op"] = op
                 break
         else:
+            rest = self.text[self.pos:]
+            if c["function"] == catalog.ABSENT and (not rest or re.match(r"and\b", rest)):
+                c["op"], c["threshold"] = None, 1.0  # Prometheus' form: absence alone
+                return c
             raise _ExprError(self.pos, f"expected a comparison (> >= < <= == !=), {self._found()}")
         num, _ = self._regex(_NUMBER_RE, "a number to compare with")
         c["threshold"] = float(num)
@@ -328,11 +335,26 @@ def _check_condition(c: dict) -> tuple[Optional[Condition], list[str]]:
         errors.append(f"ratio_above threshold {format_number(c['param'])} must be above 0 (seconds)")
     matchers, by = _check_selection(c, metric.labels if metric is not None else None,
                                     repr(metric_name), repr(metric_name), errors)
+    if fn == catalog.ABSENT and metric is not None:
+        _check_absent(c, metric_name, errors)
     if errors:
         return None, errors
     query = catalog.Query(function=fn, metric=metric_name, window_s=c["window_s"], by=by,
                           matchers=matchers, param=c["param"])
     return Condition(query, c["op"], c["threshold"]), []
+
+
+def _check_absent(c: dict, metric: str, errors: list[str]) -> None:
+    """What ``absent_over_time`` may select: it asks whether something reports."""
+    bad_by = [b for b, _ in (c["by"] or []) if b not in catalog.ABSENT_BY]
+    if bad_by:
+        errors.append(f"absent_over_time(...) by (...) gives one group per deployment Ray Serve "
+                      f"runs, so it can group by {' and '.join(catalog.ABSENT_BY)} only, "
+                      f"not {', '.join(bad_by)}")
+    if metric in catalog.REQUEST_METRICS and any(m[0] == "outcome" for m in c["matchers"]):
+        errors.append("absent_over_time of a request series asks whether its replicas report "
+                      "(every report samples each method, whatever the outcome); leave the "
+                      "outcome matcher out")
 
 
 def check_expr(text: Any) -> tuple[tuple[Condition, ...], list[str]]:

@@ -7,7 +7,9 @@ alerts (SRE workbook, ch. 5: multiwindow, multi-burn-rate, a 30-day budget of
 both exceed 14.4x the budget, ``<Name>SLOBurnRateSlow`` for 6h and 30m over 6x
 (``<Name>`` is the SLO name in CamelCase). They carry ``severity: page`` (overridable),
 ``slo: <name>`` and ``burn_rate_window: 1h|6h``, and no ``for``: the short window
-already ends the page soon after the burn stops.
+already ends the page soon after the burn stops. ``period`` (default 30d) is the budget's
+period: the windows scale with it (``period: 7d`` gives 14m/70s and 1h24m/7m, as the
+workbook's windows are 1/720 and 1/120 of the period), the burn factors do not.
 """
 
 from __future__ import annotations
@@ -21,18 +23,21 @@ from ray_monitor.alerting.expr import Condition, did_you_mean, format_number
 from ray_monitor.alerting.model import AlertRule
 from ray_monitor.alerting.templates import Template
 from ray_monitor.common import catalog
-from ray_monitor.common.durations import format_duration
+from ray_monitor.common.durations import format_duration, parse_duration
 
-__all__ = ["SLO_BURN_WINDOWS", "SLO_KEYS", "SLO_LABELS", "SLO_PERIOD_S", "Slo", "check_slo",
-           "expand_slo"]
+__all__ = ["SLO_BURN_WINDOWS", "SLO_KEYS", "SLO_LABELS", "SLO_MIN_PERIOD_S", "SLO_PERIOD_S", "Slo",
+           "check_slo", "expand_slo"]
 
-SLO_KEYS = ("slo", "objective", "sli", "by", "labels", "annotations")
+SLO_KEYS = ("slo", "objective", "sli", "by", "period", "labels", "annotations")
 #: Labels the expansion sets on the alerts it makes; an entry's own labels may not use them.
 SLO_LABELS = ("slo", "burn_rate_window")
 #: (suffix, burn-rate factor, long window, short window) from the SRE workbook, ch. 5,
 #: for a 30-day budget: 14.4x spends 2% of it in 1h, 6x spends 5% in 6h.
 SLO_BURN_WINDOWS = (("Fast", 14.4, 3600.0, 300.0), ("Slow", 6.0, 21600.0, 1800.0))
 SLO_PERIOD_S = 30 * 86400.0
+#: Shortest period whose windows are all at least a second (5m x 2h24m / 30d = 1s); the
+#: longest is 30d, whose 6h window is all the window store keeps.
+SLO_MIN_PERIOD_S = 8640.0
 
 Add = Callable[[Optional[str], str], None]  # (field, message)
 
@@ -46,6 +51,13 @@ class Slo:
     objective: float
     threshold: Optional[float] = None
     by: Optional[tuple[str, ...]] = None
+    period_s: float = SLO_PERIOD_S
+
+    def windows(self) -> tuple[tuple[str, float, float, float], ...]:
+        """(suffix, burn factor, long window, short window) of each alert, for this period."""
+        scale = self.period_s / SLO_PERIOD_S
+        return tuple((suffix, factor, float(round(long_w * scale)), float(round(short_w * scale)))
+                     for suffix, factor, long_w, short_w in SLO_BURN_WINDOWS)
 
     @property
     def budget(self) -> float:
@@ -87,8 +99,21 @@ def check_slo(raw: Mapping, add: Add) -> Slo:
             threshold = None
     elif sli != "error_ratio":
         add("sli", f"{sli!r} is not an SLI; use error_ratio or {{latency_threshold: 0.5}} (seconds)")
+    period = SLO_PERIOD_S
+    if "period" in raw:
+        try:
+            period = parse_duration(raw["period"])
+        except ValueError as exc:
+            add("period", str(exc))
+        else:
+            if not SLO_MIN_PERIOD_S <= period <= SLO_PERIOD_S:
+                add("period", f"{raw['period']!r} must be between {format_duration(SLO_MIN_PERIOD_S)} "
+                    f"(its shortest window is then 1s) and 30d (its longest, 6h, is what the "
+                    "monitor keeps)")
+                period = SLO_PERIOD_S
     slo = Slo(str(name), float(objective), None if threshold is None else float(threshold))
-    return Slo(slo.name, slo.objective, slo.threshold, _check_by(raw.get("by"), slo.metric, add))
+    return Slo(slo.name, slo.objective, slo.threshold, _check_by(raw.get("by"), slo.metric, add),
+               period)
 
 
 def _check_by(by: Any, metric: catalog.Metric, add: Add) -> Optional[tuple[str, ...]]:
@@ -117,7 +142,7 @@ def expand_slo(slo: Slo, labels: Mapping[str, str],
     what = (f"requests slower than {format_number(slo.threshold)}s" if slo.threshold is not None
             else "requests that failed")
     rules = []
-    for suffix, factor, long_w, short_w in SLO_BURN_WINDOWS:
+    for suffix, factor, long_w, short_w in slo.windows():
         level = float(f"{factor * budget:.12g}")
         conds = tuple(
             Condition(catalog.Query(
@@ -129,9 +154,9 @@ def expand_slo(slo: Slo, labels: Mapping[str, str],
                        f"{format_number(factor)}x too fast",
             "description": f"{{{{ $value | humanizePercentage }}}} of {what} over the last "
                            f"{format_duration(long_w)} (and over {format_duration(short_w)}) "
-                           f"against a budget of {budget * 100:.4g}% ({objective}% over 30 days); "
-                           f"at this rate the whole budget is spent in "
-                           f"{format_duration(SLO_PERIOD_S / factor)}.",
+                           f"against a budget of {budget * 100:.4g}% ({objective}% over "
+                           f"{format_duration(slo.period_s)}); at this rate the whole budget is "
+                           f"spent in {format_duration(slo.period_s / factor)}.",
         }
         anns = {k: Template.parse(v, by or ()) for k, v in default_ann.items()}
         anns.update(annotations)

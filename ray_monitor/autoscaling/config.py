@@ -277,6 +277,10 @@ def _parse_query(text: str, path: str, add: Add) -> Optional[catalog.Query]:
         add(path, f"{text!r}: {'; '.join(problems)}")
         return None
     q = conditions[0].query
+    if q.function == catalog.ABSENT:
+        add(path, f"{text!r}: absent_over_time says whether data exists, not a load to track; "
+            "use it in an alert rule")
+        return None
     if catalog.is_model_query(q.function, q.metric):
         add(path, f"{text!r}: model quality and drift are per model, not per replica load, so "
             "they cannot be tracked to a replica count; use an alert rule with a scale action")

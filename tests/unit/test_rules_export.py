@@ -10,7 +10,10 @@ import pytest
 import yaml
 
 from ray_monitor.common import catalog
-from ray_monitor.alerting.export import EXPORT_NOTE, export_prometheus, export_prometheus_yaml
+from ray_monitor.alerting.export import (EXPORT_NOTE, classic_bounds, export_prometheus,
+                                         export_prometheus_yaml)
+from ray_monitor.common.errors import ConfigError
+from ray_monitor.common.histogram import DEFAULT_CLASSIC_BOUNDS
 from ray_monitor.alerting.loader import load_rules
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,8 +49,6 @@ def export_expr(expr: str) -> dict:
      "max by (gpu, node) (max_over_time(ray_monitor_gpu_temperature_celsius[5m])) >= 85"),
     ("last(inflight[30s]) by (application, deployment) > 100",
      f"{BY} (last_over_time(ray_monitor_inflight_requests[30s])) > 100"),
-    ("deriv(rss_bytes[10m]) by (replica) > 1000",
-     "avg by (replica) (deriv(ray_monitor_replica_rss_bytes[10m])) > 1000"),
     ("ratio_above(0.5, latency_seconds[5m]) by (deployment) > 0.01",
      "1 - (sum by (deployment) (rate(ray_monitor_request_duration_seconds_bucket{le=\"0.5\"}[5m])) / "
      "sum by (deployment) (rate(ray_monitor_request_duration_seconds_count[5m]))) > 0.01"),
@@ -62,10 +63,55 @@ def test_exported_expressions(expr, promql):
     assert EXPORT_NOTE not in rule.get("annotations", {})
 
 
+def test_thresholds_become_classic_bounds_so_the_export_is_exact():
+    rs = load_rules({"groups": [{"name": "g", "rules": [
+        {"alert": "A", "expr": "ratio_above(0.3, latency_seconds[5m]) > 0.01"},
+        {"alert": "B", "expr": "p99(latency_seconds[15s]) by (deployment) > 0.4"},
+        {"alert": "C", "expr": "max(first_item_seconds[1m]) > 2"},
+        {"alert": "D", "expr": "p50(latency_seconds[1m]) > 0.5 and avg(latency_seconds[1m]) > 7"},
+        {"slo": "fast", "objective": 99, "sli": {"latency_threshold": 0.15}}]}]})
+    bounds = classic_bounds(rs)
+    assert set(bounds["latency_seconds"]) == set(DEFAULT_CLASSIC_BOUNDS) | {0.3, 0.4, 0.15}
+    assert set(bounds["first_item_seconds"]) == set(DEFAULT_CLASSIC_BOUNDS) | {2.0}
+    a, b = export_prometheus(rs)["groups"][0]["rules"][:2]
+    assert 'le="0.3"' in a["expr"] and EXPORT_NOTE not in a.get("annotations", {})
+    assert EXPORT_NOTE not in b.get("annotations", {})
+    text = export_prometheus_yaml(rs)
+    assert ("ray_monitor_request_duration_seconds_bucket 0.15, 0.3, 0.4" in text
+            and "ray_monitor_request_first_item_seconds_bucket 2.0" in text), text[:800]
+    assert classic_bounds(None)["latency_seconds"] == DEFAULT_CLASSIC_BOUNDS
+
+
+@pytest.mark.parametrize("expr, promql", [
+    ('absent_over_time(requests{application="shop", deployment="Cart"}[1m])',
+     'absent_over_time(ray_monitor_inflight_requests{application="shop", deployment="Cart"}[1m])'),
+    ('absent_over_time(gpu_utilization{node="n1"}[30s]) == 1',
+     'absent_over_time(ray_monitor_gpu_utilization_ratio{node="n1"}[30s]) == 1'),
+    ('absent_over_time(inflight{application="shop", method="predict"}[1m]) by (deployment)',
+     'group by (deployment) (ray_monitor_serve_running_replicas{application="shop"} > 0) unless '
+     'group by (deployment) (count_over_time(ray_monitor_inflight_requests{application="shop", '
+     'method="predict"}[1m]))'),
+    ("error_ratio(requests[1m]) != 0",
+     "(sum (rate(ray_monitor_request_errors_total[1m])) / sum (rate(ray_monitor_requests_total[1m])))"
+     " != 0 unless (sum (rate(ray_monitor_request_errors_total[1m])) / "
+     "sum (rate(ray_monitor_requests_total[1m]))) != (sum (rate(ray_monitor_request_errors_total[1m])) / "
+     "sum (rate(ray_monitor_requests_total[1m])))"),
+    ("rate(requests[1m]) != 0", "sum (rate(ray_monitor_requests_total[1m])) != 0"),
+])
+def test_absence_and_nan_guards(expr, promql):
+    assert export_expr(expr)["expr"] == promql
+
+
 def test_approximations_are_named_in_an_annotation():
-    rule = export_expr("ratio_above(0.3, latency_seconds[5m]) > 0.01")
-    assert 'le="0.5"' in rule["expr"]
-    assert "0.3s is not a classic bucket bound" in rule["annotations"][EXPORT_NOTE]
+    rule = export_expr('absent_over_time(requests{deployment="Cart"}[1m])')
+    assert "ray_monitor_inflight_requests" in rule["annotations"][EXPORT_NOTE]
+    rule = export_expr("absent_over_time(inflight[1m]) by (application, deployment)")
+    assert "ray_monitor_serve_running_replicas" in rule["annotations"][EXPORT_NOTE]
+    assert "ray_serve_deployment_replica_healthy" in rule["annotations"][EXPORT_NOTE]
+    rule = export_expr("deriv(rss_bytes[10m]) by (replica) > 1000")
+    assert rule["expr"] == "avg by (replica) (deriv(ray_monitor_replica_rss_bytes[10m])) > 1000"
+    assert "raw samples" in rule["annotations"][EXPORT_NOTE]
+    assert "count of a gauge" in export_expr("count(inflight[1m]) > 5")["annotations"][EXPORT_NOTE]
     rule = export_expr("zscore(rss_bytes[1h]) by (replica) > 3")
     assert rule["expr"] == (
         "((avg by (replica) (ray_monitor_replica_rss_bytes)) - avg_over_time((avg by (replica) "
@@ -96,6 +142,18 @@ groups:
     assert rule["annotations"] == {"summary": "p99 {{ $value | humanizeDuration }} on "
                                               "{{ $labels.deployment }}"}
     assert "scale" not in rule
+
+
+def test_slo_period_scales_its_windows():
+    rs = load_rules({"groups": [{"name": "slo", "rules": [
+        {"slo": "availability", "objective": 99, "sli": "error_ratio", "period": "12h"}]}]})
+    fast, slow = export_prometheus(rs)["groups"][0]["rules"]
+    assert "[1m]" in fast["expr"] and "[5s]" in fast["expr"] and fast["expr"].count("> 0.144") == 2
+    assert "[6m]" in slow["expr"] and "[30s]" in slow["expr"]
+    assert fast["labels"]["burn_rate_window"] == "1m"
+    with pytest.raises(ConfigError, match="period"):
+        load_rules({"groups": [{"name": "slo", "rules": [
+            {"slo": "a", "objective": 99, "sli": "error_ratio", "period": "1h"}]}]})
 
 
 def test_slo_exports_as_its_burn_rate_alerts():
