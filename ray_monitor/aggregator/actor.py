@@ -57,6 +57,8 @@ class Aggregator:
         self.token = config.token or None
         self._server = None
         self._loop_task = None
+        self._serve_task = None
+        self._serve_poll = None  # the poll in flight on a worker thread
         self._gpu = None
         self._start_lock: Optional[asyncio.Lock] = None
 
@@ -86,6 +88,7 @@ class Aggregator:
         persistence.save_port(self.port)
         self.core.set_external_url(self.url())
         self._loop_task = asyncio.get_running_loop().create_task(self._loop())
+        self._serve_task = asyncio.get_running_loop().create_task(self._serve_loop())
         if self.config.gpu:
             from ray_monitor.aggregator.gpu_actors import GpuActorManager
 
@@ -111,6 +114,24 @@ class Aggregator:
                 except Exception as e:
                     self.core.count_error("gpu", f"reconcile_failed:{type(e).__name__}", e)
             await asyncio.sleep(max(0.0, self.core.eval_interval_s - (time.monotonic() - started)))
+
+    async def _serve_loop(self) -> None:
+        """Asks Serve's controller what it runs every few seconds, on a worker thread so
+        the evaluation loop never waits on it; at most one poll in flight, each bounded."""
+        from ray_monitor.aggregator import serve_state
+
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._serve_poll is None or self._serve_poll.done():
+                self._serve_poll = loop.run_in_executor(None, serve_state.poll)
+            try:
+                running = await asyncio.wait_for(asyncio.shield(self._serve_poll),
+                                                 serve_state.TIMEOUT_S)
+            except Exception as e:  # a slow or failed poll is counted; the last answer ages
+                self.core.count_error("serve", f"status_failed:{type(e).__name__}", e)
+            else:
+                self.core.set_serve_state(running)
+            await asyncio.sleep(serve_state.POLL_S)
 
     def url(self) -> str:
         host = self.host

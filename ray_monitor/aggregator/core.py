@@ -19,6 +19,7 @@ from typing import Any, Mapping, Optional
 
 from ray_monitor.aggregator import views
 from ray_monitor.aggregator.persistence import StateSaver, restore_state, state_of
+from ray_monitor.aggregator.serve_state import MAX_AGE_S as SERVE_STATE_MAX_AGE_S
 from ray_monitor.common.catalog import is_model_query
 from ray_monitor.common.config import StartConfig
 from ray_monitor.common.snapshot import GpuSnapshot, ReplicaIdentity, ReplicaSnapshot
@@ -67,6 +68,7 @@ class AggregatorCore:
         from ray_monitor.aggregator.trace_store import TraceStore
         from ray_monitor.aggregator.windows import WindowStore
         from ray_monitor.alerting.engine import RuleEngine
+        from ray_monitor.alerting.export import classic_bounds
         from ray_monitor.alerting.loader import load_rule_file
         from ray_monitor.alerting.notifier import Notifier
         from ray_monitor.autoscaling.hints import HintEngine
@@ -89,6 +91,10 @@ class AggregatorCore:
                                    from_text=True)
         self.engine = RuleEngine(rules=rule_file.ruleset, clock=clock,
                                  eval_interval_s=self.eval_interval_s, generator_url=external_url)
+        #: Classic ``le`` bounds per histogram on /metrics: the defaults and every threshold
+        #: a loaded rule compares a quantile with (see alerting.export.classic_bounds).
+        self.classic_bounds = classic_bounds(rule_file.ruleset)
+        self._serve_state_at: Optional[float] = None  # when Serve's controller last answered
         self.hints = HintEngine(config=rule_file.autoscaling, clock=clock)
         self._applied: dict[tuple[str, str], int] = {}  # external scaler: last target sent
         self.config_warnings: list[str] = []  # autoscaling names no running deployment
@@ -186,6 +192,9 @@ class AggregatorCore:
         for rid, (_, _, seen) in list(self.hung_latest.items()):
             if now - seen > REPLICA_ALIVE_S:  # a replica that stopped reporting is not hanging
                 del self.hung_latest[rid]
+        if self._serve_state_at is not None and now - self._serve_state_at > SERVE_STATE_MAX_AGE_S:
+            self._serve_state_at = None  # too old to stand for what Serve runs now
+            self.store.set_serve_deployments(None)
         self.store.begin_round(now)  # one instant per round, shared work across rules
         try:
             result = self.engine.evaluate(self.source, now)
@@ -295,12 +304,34 @@ class AggregatorCore:
         rule_file = load_rule_file(rules_text, filename=filename or self.rules_file,
                                    from_text=True)
         self.engine.reload(rule_file.ruleset, now=self.clock())
+        self._add_bounds(rule_file.ruleset)
         self.hints.reload(rule_file.autoscaling)
         if rule_file.notifications is not None:
             self.configure_notifications(rule_file.notifications)
         self._next_config_check = 0.0  # check the new names at the next evaluation
         self.rules_text, self.rules_file = rules_text, filename or self.rules_file
         return {"status": "ok", "rules": sum(1 for _ in rule_file.ruleset.rules())}
+
+    def _add_bounds(self, ruleset) -> None:
+        """New thresholds become classic bounds; bounds of thresholds that went stay until
+        a restart, so a reload back and forth does not make and end ``le`` series (see the
+        README on what a new bound does to a Prometheus rate over the change)."""
+        from ray_monitor.alerting.export import classic_bounds
+
+        for name, bounds in classic_bounds(ruleset).items():
+            self.classic_bounds[name] = tuple(sorted(set(self.classic_bounds.get(name, ()))
+                                                     | set(bounds)))
+
+    def set_serve_state(self, running: Optional[dict], now: Optional[float] = None) -> None:
+        """What Ray Serve's controller says it runs (``serve_state.poll``); rules with
+        ``absent_over_time(...) by (...)`` expect data from each deployment with a replica
+        running. Kept for :data:`SERVE_STATE_MAX_AGE_S` while later polls fail."""
+        self._serve_state_at = self.clock() if now is None else now
+        self.store.set_serve_deployments(running)
+
+    def serve_running(self) -> dict[tuple[str, str], int]:
+        """``(application, deployment) -> replicas running``, as last polled (fresh only)."""
+        return dict(self.store.serve_deployments or {})
 
     def set_external_url(self, url: str) -> None:
         """Where the aggregator is reached: alerts link to it (``generatorURL``)."""

@@ -2,8 +2,11 @@
 
 Runs in the aggregator actor. Custom collectors, built at scrape time (the registry never
 holds per-series state of its own): counters, gauges, classic-bucket histograms derived
-from our exponential buckets (with trace-id exemplars in OpenMetrics), the ``ALERTS``-style
-series, the autoscaling hints, the monitor's own health as ``ray_monitor_self_*``, and the
+from our exponential buckets (with trace-id exemplars in OpenMetrics; the ``le`` bounds are
+Prometheus' defaults plus every threshold a loaded rule compares a quantile with, so
+``histogram_quantile`` decides at the threshold as the monitor does), the ``ALERTS``-style
+series, what Ray Serve runs (``ray_monitor_serve_running_replicas``, for exported absence
+rules), the autoscaling hints, the monitor's own health as ``ray_monitor_self_*``, and the
 quality and drift gauges of each model. The format is prometheus_client's choice for the
 scraper's ``Accept`` header (:func:`prometheus_client.exposition.choose_encoder`):
 OpenMetrics for Prometheus, which asks for it, the text format otherwise.
@@ -11,7 +14,7 @@ OpenMetrics for Prometheus, which asks for it, the text format otherwise.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, Mapping, Optional, Union
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
@@ -20,6 +23,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Exemplar
 
+from ray_monitor.alerting.export import SERVE_REPLICAS, le_value
 from ray_monitor.common.catalog import METRICS, QUALITY_LABELS, QUALITY_METRICS
 from ray_monitor.common.histogram import DEFAULT_CLASSIC_BOUNDS
 
@@ -27,8 +31,7 @@ __all__ = ["MonitorCollector", "QualityCollector", "autoscale_families", "regist
            "self_families"]
 
 
-def _le(v: float) -> str:
-    return "+Inf" if v == float("inf") else repr(float(v))
+_le = le_value  # the text of an le label: exported rules match it exactly
 
 
 class MonitorCollector:
@@ -36,14 +39,19 @@ class MonitorCollector:
 
     def __init__(self, *, series: Callable[[], Iterable], alerts: Callable[[], Iterable],
                  self_metrics: Callable[[], dict],
-                 autoscale: Optional[Callable[[], tuple[list, dict]]] = None) -> None:
+                 autoscale: Optional[Callable[[], tuple[list, dict]]] = None,
+                 bounds: Optional[Callable[[], Mapping[str, tuple[float, ...]]]] = None,
+                 serve: Optional[Callable[[], Mapping[tuple[str, str], int]]] = None) -> None:
         self._series = series
         self._alerts = alerts
         self._self = self_metrics
         self._autoscale = autoscale
+        self._bounds = bounds  # histogram metric -> classic bounds (default: Prometheus')
+        self._serve = serve  # (application, deployment) -> replicas Serve runs
 
     def collect(self) -> Iterable[Metric]:
         families: dict[str, tuple[Metric, list[str]]] = {}  # metric -> (family, label names)
+        bounds = self._bounds() if self._bounds is not None else {}
         for s in self._series():
             m = METRICS[s.metric]
             labels = dict(s.labels)
@@ -57,7 +65,9 @@ class MonitorCollector:
                 families[m.name] = (fam, names)
             values = [str(labels.get(n, "")) for n in names]
             if m.kind == "histogram":
-                fam.add_metric(values, _buckets(s.histogram, s.exemplars), s.histogram.sum)
+                fam.add_metric(values, _buckets(s.histogram, s.exemplars,
+                                                bounds.get(m.name, DEFAULT_CLASSIC_BOUNDS)),
+                               s.histogram.sum)
             else:
                 fam.add_metric(values, float(s.value))
         yield from (fam for fam, _ in families.values())
@@ -75,16 +85,24 @@ class MonitorCollector:
             row = {**labels, "alertstate": state}
             alerts.add_metric([str(row.get(n, "")) for n in names], 1.0)
         yield alerts
+        if self._serve is not None:
+            serve = GaugeMetricFamily(
+                SERVE_REPLICAS, "Replicas Ray Serve's controller reports running, per deployment "
+                "(polled by the aggregator; absent while it cannot ask).",
+                labels=["application", "deployment"])
+            for (app, dep), n in sorted(self._serve().items()):
+                serve.add_metric([app, dep], float(n))
+            yield serve
         if self._autoscale is not None:
             yield from autoscale_families(*self._autoscale())
         yield from self_families(self._self())
 
 
-def _buckets(h, exemplars) -> list:
+def _buckets(h, exemplars, classic: tuple[float, ...] = DEFAULT_CLASSIC_BOUNDS) -> list:
     out = []
     # The newest exemplar whose value falls in each classic bucket.
     by_le: dict[float, Exemplar] = {}
-    bounds = list(DEFAULT_CLASSIC_BOUNDS) + [float("inf")]
+    bounds = list(classic) + [float("inf")]
     for e in (exemplars or {}).values():
         for le in bounds:
             if e.value <= le:
@@ -93,7 +111,7 @@ def _buckets(h, exemplars) -> list:
                     by_le[le] = Exemplar({"trace_id": e.trace_id, "span_id": e.span_id},
                                          e.value, e.timestamp)
                 break
-    for le, count in h.classic(DEFAULT_CLASSIC_BOUNDS):
+    for le, count in h.classic(classic):
         ex = by_le.get(le)
         out.append([_le(le), count, ex] if ex is not None else [_le(le), count])
     return out

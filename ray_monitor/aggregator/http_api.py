@@ -141,7 +141,8 @@ def make_app(agg) -> web.Application:
     metrics_registry = registry(
         MonitorCollector(series=core.store.cumulative, alerts=core.engine.alert_series,
                          self_metrics=core.self_metrics,
-                         autoscale=lambda: (core.hints.hints(), core.hints.decisions)),
+                         autoscale=lambda: (core.hints.hints(), core.hints.decisions),
+                         bounds=lambda: core.classic_bounds, serve=core.serve_running),
         QualityCollector(core.quality_summary))
 
     def check_writer(request: web.Request) -> None:
