@@ -113,10 +113,38 @@ class Alertmanager(Server):
 
 
 class Prometheus(Server):
+    config_path: Optional[Path] = None
+    config: Optional[dict] = None
+
     def query(self, expr: str) -> list[dict]:
         """The ``result`` of an instant query."""
         body = self.get_json("/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
         return body["data"]["result"]
+
+    def query_range(self, expr: str, start: float, end: float, step: float = 1.0) -> list[dict]:
+        """The ``result`` of a range query (a matrix: ``values`` of ``[t, "v"]``)."""
+        body = self.get_json("/api/v1/query_range?" + urllib.parse.urlencode(
+            {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step:g}"}))
+        return body["data"]["result"]
+
+    def alerts(self) -> list[dict]:
+        """``GET /api/v1/alerts``: pending and firing alerts with ``activeAt`` and value."""
+        return self.get_json("/api/v1/alerts")["data"]["alerts"]
+
+    def load_rule_files(self, rule_files: Sequence[str | Path], timeout: float = 30.0) -> None:
+        """Rewrites the config with these rule files and reloads it (SIGHUP), so rules can
+        start once the first scrapes are in; returns when the rules API lists them."""
+        import signal
+
+        self.config["rule_files"] = [str(Path(f).resolve()) for f in rule_files]
+        self.config_path.write_text(json.dumps(self.config, indent=2))
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.get_json("/api/v1/rules")["data"]["groups"] or not rule_files:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"prometheus did not load {rule_files}\n{self.log_tail()}")
 
     def targets(self) -> list[dict]:
         """Active scrape targets, with ``health`` and ``lastError``."""
@@ -191,7 +219,9 @@ def start_prometheus(tmp_path: Path, scrape_targets: Sequence[str] = (),
     argv = [binary, f"--config.file={config_path}", f"--storage.tsdb.path={base / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}", f"--rules.alert.resend-delay={resend_delay}",
             "--log.level=info"]
-    return _launch(Prometheus, "prometheus", argv, port, base / "prometheus.log")
+    prom = _launch(Prometheus, "prometheus", argv, port, base / "prometheus.log")
+    prom.config_path, prom.config = config_path, config
+    return prom
 
 
 def promtool(*args: str, input: Optional[str] = None) -> subprocess.CompletedProcess:

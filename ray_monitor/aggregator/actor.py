@@ -183,6 +183,9 @@ class Aggregator:
                                               tuple(by) if by else None, (), param), None)
         return {json.dumps(dict(k), sort_keys=True): v for k, v in res.items()}
 
+    async def evaluate(self, exprs: list) -> list:
+        return self.core.evaluate_exprs(exprs)
+
     async def feedback(self, items: list) -> dict:
         return self.core.feedback(items)
 
@@ -217,6 +220,8 @@ class Aggregator:
                 "traces": self.core.trace_store.stats()}
 
     async def shutdown(self) -> None:
+        if self._serve_task is not None:  # no more calls into Ray from the poll thread
+            self._serve_task.cancel()
         if self._gpu is not None:
             self._gpu.stop_all()
         self.core.notifier.flush(2.0)

@@ -221,6 +221,21 @@ class AggregatorCore:
         self.save()
         return result
 
+    def evaluate_exprs(self, exprs: list, now: Optional[float] = None) -> list[list[dict]]:
+        """Each rule expression's conditions evaluated now, comparisons left out: per
+        expression, per condition, ``{json of the group's labels: value}``. Raises
+        ``ValueError`` naming what is wrong with an expression."""
+        from ray_monitor.alerting.expr import parse_expr
+
+        out = []
+        for expr in exprs:
+            values = []
+            for cond in parse_expr(expr):
+                res = self.source.evaluate(cond.query, now)
+                values.append({json.dumps(dict(k), sort_keys=True): v for k, v in res.items()})
+            out.append(values)
+        return out
+
     def current_replicas(self, now: float) -> dict[tuple[str, str], int]:
         """Replicas per deployment that reported in the last few flushes."""
         out: dict[tuple[str, str], int] = {}

@@ -3,18 +3,28 @@
 Runs in the aggregator actor, under :meth:`~ray_monitor.aggregator.windows.WindowStore.evaluate`,
 reading the rings of :mod:`~ray_monitor.aggregator.rings`; it never writes them.
 
-Windows. A query over ``window_s`` at time ``now`` reads the finest resolution whose span
-(``step * slots``) covers the window (windows longer than the coarsest span are cut to
-it: see :attr:`~ray_monitor.aggregator.windows.WindowStore.max_window_s`) and takes the
-buckets whose *start* lies in ``(now - window_s, now]``, so the edges are honoured to one
-step of that resolution. Runs of whole coarse buckets inside the window are read from the
-coarser rings (same data, far fewer reads). Per-series queries read the series' finest
-ring only, and their windows are cut to its span (10 min by default): those whose ``by``
-or matchers name ``replica`` or ``pid``, and gauge ``last`` / ``sum`` (which add
-per-series values) of metrics with those labels. Other queries read rollups, and equal
-the per-series computation up to the order of floating-point additions.
-Groups with no data in the window are absent from the result: never NaN, never 0 for
-"no data".
+Windows. A query over ``window_s`` ending at ``end`` (the store's
+:meth:`~ray_monitor.aggregator.windows.WindowStore.window_end`: the last whole second whose
+data has arrived) reads the finest resolution whose span (``step * slots``) covers the
+window (windows longer than the coarsest span are cut to it: see
+:attr:`~ray_monitor.aggregator.windows.WindowStore.max_window_s`) and takes the buckets
+whose *start* lies in ``[end - window_s, end)``: ``window_s`` whole seconds at the finest
+resolution, and to one step at a coarser one (whose newest bucket may hold seconds past
+``end``). Runs of whole coarse buckets inside the window are read from the coarser rings
+(same data, far fewer reads). Per-series queries read the series' finest ring only, and
+their windows are cut to its span (10 min by default): those whose ``by`` or matchers
+name ``replica`` or ``pid``, and gauge ``last`` / ``sum`` (which add per-series values)
+of metrics with those labels. Other queries read rollups, and equal the per-series
+computation up to the order of floating-point additions.
+
+No data and zero, as Prometheus over ``/metrics``. A counter or histogram series that is
+alive (:meth:`~ray_monitor.aggregator.rings.Table.alive`: its replica reports, or did
+within ``series_ttl_s``) reads 0 over a window without data: ``count``, ``sum``,
+``rate`` are 0, as ``rate()`` is over a counter that stopped moving. What needs an
+observation or a sample has no value without one, and its group is absent from the
+result (never NaN): ``error_ratio`` without requests (0/0), quantiles, ``avg``, ``min``,
+``max`` and ``ratio_above`` of a histogram without observations, gauges without samples
+(Prometheus: NaN, which no comparison but ``!=`` matches, or an empty result).
 
 Functions (see :data:`~ray_monitor.common.catalog.FUNCTIONS`). Matchers (``=``, ``!=``, ``=~``,
 ``!~``; regexes fully anchored, a missing label reads as "") select series, then ``by``
@@ -30,13 +40,15 @@ within 0.54%. Gauges: ``avg``/``min``/``max``/``count`` over every sample of eve
 of the group; ``last`` = sum of each series' latest sample in the window; ``sum`` = sum of
 each series' average; ``deriv`` = least-squares slope per second of the group's per-step
 average (absent with fewer than 3 steps with data). ``zscore``: per step of the chosen
-resolution, the metric's natural value (counter: rate, histogram: mean, gauge: average);
-``latest`` is the newest step with data and the history the earlier ones in the window;
+resolution, the metric's natural value (counter: rate, 0 in a step without data after
+its first one; histogram: mean; gauge: average); ``latest`` is the newest step with a
+value and the history the earlier ones in the window;
 ``z = (latest - mean) / max(std, 1% of |mean|, 1e-9)`` (population std), so a flat series
 reads 0 and a flat series followed by a jump is a large anomaly. Absent with fewer than 5
-history steps. For counters the step holding ``now`` is left out: it is still filling.
+history steps. For counters a step past ``end`` is left out: it is still filling.
+``absent_over_time``: see :meth:`WindowQuery._absent`.
 
-Sharing. Within one evaluation round (same ``now``, no ingest in between) per-row
+Sharing. Within one evaluation round (same ``end``, no ingest in between) per-row
 window aggregates, per-group merges and whole results are memoised, so rules that differ
 only in function or threshold cost one dictionary copy. Which rows a matcher set selects,
 and their groups, is kept until a series of the metric comes or goes, and is recomputed

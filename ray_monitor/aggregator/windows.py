@@ -24,16 +24,35 @@ Per-process series (``replica_gpu_*``) always carry the pid; unattributed proces
 ``application``/``deployment``/``replica`` "". Values absent from ``GpuDevice.values`` are
 skipped, and so are all values (not the XID counts) of ``lost`` devices.
 
-Time. A replica delta is placed at ``snap.end`` and a GPU sample at ``snap.time``, each
-clamped to the store's clock (a replica clock running ahead cannot write the future).
-A snapshot delivered late (buffered while the aggregator was away) still lands at its own
-time in every resolution that keeps that time; one older than the coarsest resolution is
-dropped and counted (``too_old_snapshots``). ``late_snapshots`` counts those whose finest
-bucket was more than one step behind the current one on arrival. Series expire by arrival
-time, so a replica catching up on old snapshots is alive.
+Time. A replica delta covers ``(start, end]`` and lands in the second of its midpoint;
+its gauges (in flight, health) are read at ``end`` and travel with it. Replicas flush on
+whole seconds (the recorder's grid), so each second holds exactly one delta of each
+replica, whatever the jitter of the flush thread (up to half a second). A GPU sample
+stands for the interval since the node's previous one and lands at its midpoint too.
+Both are clamped to the store's clock (a replica clock running ahead cannot write the
+future). A snapshot delivered late (buffered while the aggregator was away) still lands
+at its own time in every resolution that keeps that time; one older than the coarsest
+resolution is dropped and counted (``too_old_snapshots``). ``late_snapshots`` counts
+those that land in a second a round has already read as complete.
 
-Rounds. :meth:`WindowStore.begin_round` pins ``now`` for a round of rules, so they see one
-instant and share work; any ingest or expiry invalidates what the round shared.
+Complete windows. :meth:`WindowStore.window_end` is where every query's window ends: the
+first second whose data may still be on its way. A replica has delivered everything up
+to where its next delta's midpoint will fall (its last ``end`` plus half its interval);
+the end is the earliest of these over the replicas that report, rounded down to the
+second, and never later than now. A replica whose next delta is more than
+:data:`COMPLETE_WAIT_S` overdue is not waited for (it stopped, or lags): its second is
+read without it, and the delta counts as late when it lands. So a window of ``W``
+seconds holds ``W`` complete seconds: at steady traffic ``rate`` is exact every round.
+
+Zero is a value. A request series (``requests``, ``errors``, the latency histograms)
+stays alive while its replica reports, and ``series_ttl_s`` after its last report, data
+or not; an alive counter or histogram reads 0 over a window without data (see
+:mod:`~ray_monitor.aggregator.window_query`). Each method in a report's ``inflight`` has
+``requests`` and ``errors`` series with outcome ``ok`` from that report on, at 0 until a
+request ends that way. :meth:`WindowStore.cumulative` (for ``/metrics``) shows counters
+and histograms while they are alive, gauges only while their source reports
+(:data:`GAUGE_FRESH_S`), as Prometheus drops the series of a target that stopped.
+Series expire by arrival time, so a replica catching up on old snapshots is alive.
 
 Gaps. ``seq`` jumps of a replica are counted as ``snapshots_missed``; the sum of the
 replicas' own ``dropped`` counters (the usual reason) is ``replica_dropped``.

@@ -29,8 +29,8 @@ from ray_monitor.common import catalog
 from ray_monitor.common.durations import format_duration
 from ray_monitor.common.histogram import DEFAULT_CLASSIC_BOUNDS
 
-__all__ = ["EXPORT_NOTE", "SERVE_REPLICAS", "classic_bounds", "export_prometheus",
-           "export_prometheus_yaml", "le_value", "not_exported"]
+__all__ = ["EXPORT_NOTE", "SERVE_REPLICAS", "classic_bounds", "condition_promql",
+           "export_prometheus", "export_prometheus_yaml", "le_value", "not_exported"]
 
 #: Annotation that says where an exported rule only approximates the monitor's own.
 EXPORT_NOTE = "ray_monitor_export_note"
@@ -182,6 +182,12 @@ def _promql(q: catalog.Query, cond: Optional[Condition] = None) -> tuple[str, li
     # threshold is a bound on /metrics while the rule is loaded (classic_bounds)
     below = agg("sum", f"rate({sel(base + '_bucket', 'le=' + quote(le_value(q.param)))})")
     return f"1 - ({below} / {count_rate})", notes
+
+
+def condition_promql(cond: Condition) -> str:
+    """The PromQL of a condition's query alone (no comparison): the value Prometheus
+    compares, for setting it beside the monitor's."""
+    return _promql(cond.query, cond)[0]
 
 
 def _condition(cond: Condition) -> tuple[str, list[str]]:

@@ -48,6 +48,14 @@ class Monitor:
         """One rule-language query, e.g. ``query("count", "requests", 60, by=("method",))``."""
         return self._get(self.actor.query.remote(function, metric, window_s, by, param))
 
+    def evaluate(self, exprs: Union[str, list[str]]) -> list[list[dict]]:
+        """The values of rule expressions now, whether or not their comparisons hold: per
+        expression, per condition (sides of ``and``), ``{json of the group's labels:
+        value}``, over the windows the next evaluation round reads. A bad expression
+        raises ``ValueError`` naming the problem."""
+        return self._get(self.actor.evaluate.remote([exprs] if isinstance(exprs, str)
+                                                    else list(exprs)))
+
     def stats(self) -> dict:
         return self._get(self.actor.stats.remote())
 
