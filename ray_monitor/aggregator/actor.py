@@ -113,7 +113,8 @@ class Aggregator:
                         self.core.gpu_latest.pop(node_id, None)
                 except Exception as e:
                     self.core.count_error("gpu", f"reconcile_failed:{type(e).__name__}", e)
-            await asyncio.sleep(max(0.0, self.core.eval_interval_s - (time.monotonic() - started)))
+            now = time.time()
+            await asyncio.sleep(max(0.0, self.core.next_round_at(now) - now))
 
     async def _serve_loop(self) -> None:
         """Asks Serve's controller what it runs every few seconds, on a worker thread so

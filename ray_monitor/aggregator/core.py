@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from typing import Any, Mapping, Optional
@@ -25,7 +26,7 @@ from ray_monitor.common.config import StartConfig
 from ray_monitor.common.snapshot import GpuSnapshot, ReplicaIdentity, ReplicaSnapshot
 from ray_monitor.quality.compare import COMPARE_WINDOW_S, compare
 
-__all__ = ["AggregatorCore", "CONFIG_CHECK_S", "CompositeSource", "EXPIRE_EVERY_S",
+__all__ = ["AggregatorCore", "CONFIG_CHECK_S", "CompositeSource", "EVAL_PHASE_S", "EXPIRE_EVERY_S",
            "REPLICA_ALIVE_S"]
 
 logger = logging.getLogger("ray_monitor.aggregator.actor")
@@ -36,6 +37,10 @@ REPLICA_ALIVE_S = 5.0
 CONFIG_CHECK_S = 30.0
 #: How often series are expired: a scan of every series, not for every round.
 EXPIRE_EVERY_S = 10.0
+#: Rounds run this long after each whole ``eval_interval_s`` of the wall clock: replicas
+#: flush on whole seconds, so their deltas of the second just ended have arrived and
+#: the windows end at it (see windows.WindowStore.window_end).
+EVAL_PHASE_S = 0.3
 
 
 class CompositeSource:
@@ -235,6 +240,14 @@ class AggregatorCore:
                 values.append({json.dumps(dict(k), sort_keys=True): v for k, v in res.items()})
             out.append(values)
         return out
+
+    def next_round_at(self, now: float) -> float:
+        """When the next evaluation round runs: :data:`EVAL_PHASE_S` past a whole multiple
+        of ``eval_interval_s`` (at most half an interval past), the first such after
+        ``now``; a round that overran skips the points it missed."""
+        interval = self.eval_interval_s
+        phase = min(EVAL_PHASE_S, interval / 2)
+        return (math.floor((now - phase) / interval) + 1) * interval + phase
 
     def current_replicas(self, now: float) -> dict[tuple[str, str], int]:
         """Replicas per deployment that reported in the last few flushes."""

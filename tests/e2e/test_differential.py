@@ -289,8 +289,7 @@ def disturbed(prom, watch: Watch, started: float, end: float) -> list[tuple[floa
     up = {}
     for s in prom.query_range('up{job="ray-monitor"}', first, end, 1.0):
         up.update({round(float(t)): float(v) for t, v in s["values"]})
-    zones = [(t - 2.0, t + DISTURBED_AFTER_S) for t in range(first, math.ceil(end))
-             if up.get(t) != 1.0]
+    zones = [(t - 2.0, t + DISTURBED_AFTER_S) for t, v in sorted(up.items()) if v != 1.0]
     polls = [t for t, _ in watch.values]
     zones += [(a - 2.0, b + DISTURBED_AFTER_S) for a, b in zip(polls, polls[1:]) if b - a > 3.0]
     merged: list[list[float]] = []

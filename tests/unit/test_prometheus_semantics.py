@@ -284,6 +284,19 @@ def test_replicas_flush_on_whole_seconds():
     assert rec.next_flush_at(T0 + 0.2) == T0 + 1
 
 
+def test_rounds_run_just_after_the_replicas_flush():
+    sim = Sim(rules())
+    try:
+        # 0.3 s past each whole second: the deltas of the second just ended are in
+        assert sim.core.next_round_at(T0 + 0.1) == T0 + 0.3
+        assert sim.core.next_round_at(T0 + 0.3) == T0 + 1.3
+        assert sim.core.next_round_at(T0 + 2.95) == T0 + 3.3  # an overrun skips, never bunches
+        sim.core.eval_interval_s = 10.0
+        assert sim.core.next_round_at(T0 + 4) == T0 + 10.3
+    finally:
+        sim.close()
+
+
 # -- the quantile decision at a threshold ---------------------------------------------------
 
 def prometheus_histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float:
