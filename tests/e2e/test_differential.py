@@ -305,18 +305,11 @@ def _inside(t, zones) -> bool:
     return t is not None and any(a <= t <= b for a, b in zones)
 
 
-def undisturbed(eps: list, zones: list) -> list:
-    """Episodes without what a disturbance made: one that began and ended inside a
-    disturbed zone is dropped, two separated by one are joined."""
-    out: list = []
-    for fired, resolved in eps:
-        if _inside(fired, zones) and _inside(resolved, zones):
-            continue
-        if out and _inside(out[-1][1], zones) and _inside(fired, zones):
-            out[-1] = (out[-1][0], resolved)
-        else:
-            out.append((fired, resolved))
-    return out
+def undisturbed(eps: list, zones: list, end: float) -> list:
+    """Episodes that overlap no disturbed zone: what a disturbance touched (on either side
+    the same zones apply) is not compared."""
+    return [(f, r) for f, r in eps
+            if not any(a <= (r if r is not None else end) and f <= b for a, b in zones)]
 
 
 def scenario(mon, prom, h, app: str, text: str, rules_path: Path) -> dict:
@@ -424,36 +417,42 @@ def test_monitor_and_prometheus_decide_the_same_alerts(mon, serve_apps, tmp_path
                                      f"count(errors{{{sel}}}[10m]) > 0"])
         assert (sum(req.values()), sum(err.values())) == (total, counted["failed"])
 
+    check_run(run, classic_bounds(ruleset)["latency_seconds"])
+
+
+def check_run(run: dict, bounds: tuple) -> None:
+    """The assertions on one run's record (also for a look at a dump by hand)."""
     # -- alerts: the same episodes; the monitor fires no later than Prometheus + 2 s -------
-    zones, end = run["disturbed"], run["end"]
-    mon_eps = {tuple(json.loads(k)): undisturbed(v, zones) for k, v in run["mon_episodes"].items()}
-    prom_eps = {tuple(json.loads(k)): undisturbed(v, zones) for k, v in run["prom_episodes"].items()}
-    mon_eps = {k: v for k, v in mon_eps.items() if v}
-    prom_eps = {k: v for k, v in prom_eps.items() if v}
-    report = json.dumps({"disturbed": zones, "monitor": {str(k): v for k, v in mon_eps.items()},
-                         "prometheus": {str(k): v for k, v in prom_eps.items()}}, indent=1)
+    zones, end, started = run["disturbed"], run["end"], run["started"]
+    raw = [{tuple(json.loads(k)): v for k, v in run[side].items()}
+           for side in ("mon_episodes", "prom_episodes")]
+    mon_eps, prom_eps = ({k: e for k, v in side.items() if (e := undisturbed(v, zones, end))}
+                         for side in raw)
+    report = json.dumps({"disturbed": zones, "monitor": run["mon_episodes"],
+                         "prometheus": run["prom_episodes"]}, indent=1)
     assert set(mon_eps) == set(prom_eps), report
     for key in mon_eps:
         ours, theirs = mon_eps[key], prom_eps[key]
         assert len(ours) == len(theirs), (key, report)
         for (m_fired, m_resolved), (p_fired, p_resolved) in zip(ours, theirs):
-            if not (_inside(m_fired, zones) or _inside(p_fired, zones)):
-                assert m_fired <= p_fired + FIRE_SLACK_S, (key, m_fired - p_fired, report)
+            assert m_fired <= p_fired + FIRE_SLACK_S, (key, m_fired - p_fired, report)
             assert (m_resolved is None) == (p_resolved is None), (key, report)
-    # what the phases were for: each kind fired on both sides
-    fired = {name for name, _ in mon_eps}
-    assert fired >= {"DiffErrorRatio", "DiffP99InBucket", "DiffHighRate", "DiffNoTraffic",
-                     "DiffErrorsKept", "DiffStuck", "DiffAbsent", "DiffUnreported",
-                     "DiffAvailabilitySLOBurnRateFast", "DiffAvailabilitySLOBurnRateSlow"}, report
-    # the issue's quantile case: Prometheus paged for the whole fault over (0.25, 0.5];
-    # now neither side does (a second or two on both if the loaded machine makes 1% of
-    # requests 0.2 s late, as the episodes above already compared)
-    for eps in (mon_eps, prom_eps):
-        assert sum((r or end) - f for f, r in eps.get(("DiffP99NotAbove", "Diff"), [])) <= 5.0, report
+    # what the phases were for: each kind fired, on both sides
+    kinds = {"DiffErrorRatio", "DiffP99InBucket", "DiffHighRate", "DiffNoTraffic",
+             "DiffErrorsKept", "DiffStuck", "DiffAbsent", "DiffUnreported",
+             "DiffAvailabilitySLOBurnRateFast", "DiffAvailabilitySLOBurnRateSlow"}
+    for side in raw:
+        assert {name for name, _ in side} >= kinds, report
+    # the issue's quantile case: with requests of 0.27 s, (0.25, 0.5] alone made
+    # Prometheus read 0.4975 and page for the whole fault; with 0.48 as a bound it reads
+    # about 0.478, as the monitor reads 0.27-0.3 (a late request on a loaded machine can
+    # still make both exceed 0.48 for a moment, as the episodes above compared)
+    [p99] = [s["prometheus"] for s in run["values"] if s["cond"].endswith("> 0.48")]
+    fault = [v for t, vals in p99 if started + 45 <= t <= started + 58 for v in vals.values()]
+    assert fault and sum(v <= 0.48 for v in fault) >= len(fault) / 2, fault
 
     # -- values: every condition, wherever either side has one ------------------------------
-    checked, problems = compare_values(run["values"], classic_bounds(ruleset)["latency_seconds"],
-                                       run["started"], end, zones)
+    checked, problems = compare_values(run["values"], bounds, started, end, zones)
     assert checked > 1000
     assert not problems, "\n".join(problems[:20]) + f"\n({len(problems)} in all)"
 
