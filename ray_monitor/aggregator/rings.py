@@ -12,7 +12,8 @@ hold a sum; gauge buckets count, sum, min, max and the latest sample (with its o
 the bucket); histogram buckets count, sum, zero count, min, max and the sparse
 exponential-bucket counts, 4 bytes a bucket (int16 index, uint16 count; a count above
 65535 takes several entries, and an index outside int16 -- values beyond 2**+-512 -- is
-clamped to the edge, while min and max stay exact), compacted when the bucket closes.
+clamped to the edge, while min and max stay exact), compacted when the clock has left
+the bucket and the next one (deltas still land in the bucket behind the clock).
 Every sample is written into every resolution, so a coarse bucket is exactly the union of
 its fine buckets. Steps must each be a whole multiple of the previous one.
 
@@ -223,9 +224,12 @@ class Timeline:
                 continue
             keys = self.keys[ri]
             rings = [ring for table in tables for ring in table.all_rings(ri)]
-            if cur != EMPTY:
-                for ring in rings:
-                    ring.close(cur % slots)
+            # Compact the bucket the clock leaves, and the one before it: deltas land in
+            # the second of their midpoint, so the previous bucket still fills for a while.
+            for b in (cur - 1, cur):
+                if cur != EMPTY and keys[b % slots] == b:
+                    for ring in rings:
+                        ring.close(b % slots)
             fresh = range(max(cur + 1, k - slots + 1), k + 1)
             reused = [j % slots for j in fresh if keys[j % slots] != EMPTY]
             if reused:
