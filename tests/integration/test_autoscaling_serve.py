@@ -10,6 +10,7 @@ controller's log.
 from __future__ import annotations
 
 import glob
+import os
 import time
 import uuid
 
@@ -143,8 +144,15 @@ def test_latency_scales_out_and_back_after_stabilization(mon, serve_apps, source
 
 
 def _controller_log() -> str:
+    # this cluster's controller, found by its pid: session_latest follows whichever Ray
+    # session on the machine started last (other test runs share it)
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    pid = ray.get(controller.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+    paths = glob.glob(f"/tmp/ray/session_*/logs/serve/controller_{pid}.log")
     text = ""
-    for path in glob.glob("/tmp/ray/session_latest/logs/serve/controller_*.log"):
+    for path in sorted(paths, key=os.path.getmtime)[-1:]:
         with open(path, errors="replace") as f:
             text += f.read()
     return text
