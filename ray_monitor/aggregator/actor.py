@@ -128,9 +128,12 @@ class Aggregator:
         await self._ensure_started()
         return self.url()
 
-    async def ingest(self, snaps: list[ReplicaSnapshot]) -> None:
+    async def ingest(self, snaps: list[ReplicaSnapshot], kept_since: Any = None) -> dict:
+        """Takes a replica's snapshots; answers with the trace ids kept anywhere since
+        ``kept_since`` (see :class:`~ray_monitor.aggregator.trace_store.KeptLog`)."""
         await self._ensure_started()
         self.core.ingest(snaps)
+        return self.core.kept_log.reply(kept_since)
 
     async def ingest_gpu(self, snap: GpuSnapshot) -> None:
         self.core.ingest_gpu(snap)

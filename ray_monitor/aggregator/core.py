@@ -64,7 +64,7 @@ class AggregatorCore:
     def __init__(self, config: "StartConfig | Mapping[str, Any] | None" = None, *,
                  rules_text: Any = None, rules_file: Optional[str] = None,
                  external_url: str = "", clock=time.time, persist=None, load=None) -> None:
-        from ray_monitor.aggregator.trace_store import TraceStore
+        from ray_monitor.aggregator.trace_store import KeptLog, TraceStore
         from ray_monitor.aggregator.windows import WindowStore
         from ray_monitor.alerting.engine import RuleEngine
         from ray_monitor.alerting.loader import load_rule_file
@@ -80,6 +80,7 @@ class AggregatorCore:
                                     reference_size=config.drift_reference_size)
         self.source = CompositeSource(self.store, self.quality)
         self.trace_store = TraceStore(clock=clock)
+        self.kept_log = KeptLog()  # where whole-request tail keeping meets
         # replica -> (identity, hung requests, when reported): the latest report only
         self.hung_latest: dict[str, tuple[ReplicaIdentity, list, float]] = {}
         self.rules_text = rules_text
@@ -130,6 +131,9 @@ class AggregatorCore:
                     self.hung_latest[snap.identity.replica] = (snap.identity, snap.health.hung, now)
                 else:
                     self.hung_latest.pop(snap.identity.replica, None)
+            kept = getattr(snap, "kept_traces", None)  # absent in older replicas' pickles
+            if kept:
+                self.kept_log.add(kept)
             traces = getattr(snap, "traces", None)  # absent in older replicas' pickles
             if traces:
                 try:
@@ -375,6 +379,12 @@ class AggregatorCore:
                                  float(ts["traces"]))
         counters["trace_spans_received"] = ("Span records received from replicas.",
                                             float(ts["spans_received"]))
+        counters["trace_kept_ids"] = ("Trace ids replicas kept, named back to every replica "
+                                      "so it exports what it holds of them.",
+                                      float(self.kept_log.seq))
+        counters["trace_kept_ids_missed"] = ("Kept trace ids a replica was not told of (it "
+                                             "fell behind the kept log).",
+                                             float(self.kept_log.missed))
         q = self.quality.stats()
         gauges["predictions_pending"] = ("Captured predictions waiting for their feedback.",
                                          float(q["pending"]))

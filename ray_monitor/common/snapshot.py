@@ -93,6 +93,9 @@ class ReplicaSnapshot:
     # span records (tracing.span_record) of failed and slow requests, and head-sampled
     # spans as their context, that ended in the window; bounded per snapshot
     traces: list[dict] = field(default_factory=list)
+    # trace ids (hex) of requests this replica kept (a failed or slow span) in the window:
+    # the aggregator names them to every replica, which exports what it holds of them
+    kept_traces: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -8,13 +8,17 @@ round the refs that finished are checked, and a batch whose call failed (the
 aggregator died or is restarting) goes back to the front of the buffer to be sent
 again. So while the aggregator is away the recorder's bounded buffer holds the
 snapshots, and they arrive, in order, once it is back.
+
+The aggregator's answer to a batch names the trace ids kept anywhere in the cluster
+since this replica's previous batch (see :mod:`ray_monitor.replica.tail`); they go to
+``on_kept``, which exports the spans this replica holds of them.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from ray_monitor.common.names import AGGREGATOR_NAME, NAMESPACE
 from ray_monitor.common.snapshot import ReplicaIdentity, ReplicaSnapshot
@@ -37,6 +41,10 @@ class ActorSink:
         self._actor = None
         self._next_lookup = 0.0
         self._in_flight: list[tuple[object, list[ReplicaSnapshot]]] = []
+        #: Gets the trace ids kept anywhere since the last batch (flush thread).
+        self.on_kept: Optional[Callable[[list[str]], Any]] = None
+        self.kept_cursor: Optional[tuple[str, int]] = None  # the aggregator's (epoch, seq)
+        self._kept_failed = False
 
     def _lookup(self):
         if self._actor is None and self.clock() >= self._next_lookup:
@@ -62,10 +70,12 @@ class ActorSink:
                     still.append((ref, batch))
                     continue
                 try:
-                    ray.get(ref, timeout=0)
+                    reply = ray.get(ref, timeout=0)
                 except Exception:
                     retry.extend(batch)  # the call failed: deliver again, in order
                     self._actor = None
+                    continue
+                self._take_reply(reply)
             self._in_flight = still
         pending = retry + snapshots
         if not pending or len(self._in_flight) >= MAX_IN_FLIGHT:
@@ -74,12 +84,27 @@ class ActorSink:
         if actor is None:
             return pending
         try:
-            ref = actor.ingest.remote(pending)
+            ref = actor.ingest.remote(pending, self.kept_cursor)
         except Exception:
             self._actor = None
             raise
         self._in_flight.append((ref, pending))
         return []
+
+    def _take_reply(self, reply: Any) -> None:
+        """``{"epoch", "seq", "kept"}`` from the aggregator (None from one that predates it)."""
+        if not isinstance(reply, dict) or "seq" not in reply:
+            return
+        self.kept_cursor = (reply.get("epoch"), reply["seq"])
+        kept = reply.get("kept")
+        if kept and self.on_kept is not None:
+            try:
+                self.on_kept(kept)
+            except Exception as e:  # never in the way of delivery
+                if not self._kept_failed:
+                    self._kept_failed = True
+                    logger.warning("ray-monitor: exporting the spans of kept traces failed "
+                                   "(logged once): %r", e)
 
 
 def make_sinks(identity: ReplicaIdentity) -> tuple[Optional[ActorSink], Optional[Callable]]:

@@ -24,6 +24,8 @@ from typing import Any, Callable, Optional
 from opentelemetry import context as otel_context
 
 from ray_monitor.replica import tracing
+from ray_monitor.replica.http_semantics import from_scope, status_of
+from ray_monitor.replica.span_errors import error_type
 from ray_monitor.replica.options import UNSET, MonitorOptions, refuse
 from ray_monitor.quality.prediction import Prediction, validate_extractor_result
 from ray_monitor.replica.runtime import Runtime
@@ -187,18 +189,23 @@ class _Request:
     __slots__ = ("cells", "token", "t0", "span", "ctx_token", "otel_token", "tracer", "runtime",
                  "active_token")
 
-    def __init__(self, hook: "_Hook", headers: Any) -> None:
+    def __init__(self, hook: "_Hook", scope: Any, asgi: bool = False) -> None:
         self.runtime = hook.runtime
         st = hook.runtime.state or hook.runtime.start()
         self.cells = st.recorder.method(hook.name) if hook.cells is None else hook.cells
         self.t0 = _perf()
-        self.token = self.cells.begin(self.t0, _request_id())
+        ctx = _serve_context()
+        self.token = self.cells.begin(self.t0, ctx.request_id if ctx is not None else "")
         self.tracer = st.tracer
         self.span = None
         self.ctx_token = self.otel_token = self.active_token = None
         if st.tracer.enabled:
-            self.span = st.tracer.begin(hook.span_name, st.span_attributes(hook.name),
-                                        st.tracer.parent_context(headers))
+            # A plain HTTP ingress's route is Serve's route prefix; FastAPI's is its
+            # template, known once the app has routed the request.
+            http = None if scope is None else from_scope(
+                scope, None if asgi or ctx is None else ctx.route)
+            self.span = st.tracer.begin(hook.span_name, st.span_attributes(hook.name), ctx,
+                                        http)
 
     def enter(self) -> None:
         """Marks the deployment busy with this request around user code, and makes the
@@ -207,8 +214,8 @@ class _Request:
         sp = self.span
         if sp is None:
             return
-        self.ctx_token = tracing.CURRENT.set(sp.ids)
-        if sp.span is not None:
+        self.ctx_token = tracing.CURRENT.set(sp)
+        if sp.span is not None or self.tracer.attach_unsampled:
             self.otel_token = otel_context.attach(sp.otel_context())
 
     def exit(self) -> None:
@@ -229,7 +236,8 @@ class _Request:
         sp = self.span
         if sp is not None:
             kept = self.tracer.end(sp, latency, error if is_error else None, extra,
-                                   error_status=outcome if is_error and error is None else None)
+                                   error_status=outcome if is_error and error is None else None,
+                                   status=None if sp.http is None else status_of(outcome, is_error))
             if kept:
                 exemplar = Exemplar(f"{sp.trace_id:032x}", f"{sp.span_id:016x}", latency,
                                     time.time())
@@ -239,28 +247,30 @@ class _Request:
 _REQUEST_CONTEXT: Any = None  # Serve's request-context variable, looked up once
 
 
-def _request_id() -> str:
+def _serve_context() -> Any:
+    """Ray Serve's context of the request running here (None outside Serve)."""
     global _REQUEST_CONTEXT
     var = _REQUEST_CONTEXT
     if var is None:
         try:
             from ray.serve.context import _serve_request_context as var
         except ImportError:  # pragma: no cover - ray[serve] is a dependency
-            return ""
+            return None
         _REQUEST_CONTEXT = var
-    ctx = var.get()
+    return var.get()
+
+
+def _request_id() -> str:
+    ctx = _serve_context()
     return ctx.request_id if ctx is not None else ""
 
 
 def _outcome(e: BaseException) -> tuple[str, bool]:
     if isinstance(e, (asyncio.CancelledError, GeneratorExit)):
         return _CANCELLED, False  # the caller went away: not the server's fault
-    name = type(e).__name__
-    if name.startswith("RayTaskError(") and name.endswith(")"):
-        # A downstream deployment's error arrives wrapped; label it by its cause, so
-        # one KeyError reads the same in the deployment that raised it and its callers.
-        name = name[len("RayTaskError("):-1]
-    return name, True
+    # A downstream deployment's error arrives wrapped; label it by its cause, so one
+    # KeyError reads the same in the deployment that raised it and its callers.
+    return error_type(e), True
 
 
 try:  # Starlette ships with Ray Serve; the classes are looked up once, not per request
@@ -282,9 +292,9 @@ def _result_outcome(result: Any) -> tuple[str, bool]:
 
 
 def _headers(args: tuple, i: int) -> Any:
-    """HTTP headers when argument ``i`` is a Starlette request (Serve's HTTP path)."""
+    """The ASGI scope when argument ``i`` is a Starlette request (Serve's HTTP path)."""
     if len(args) > i and isinstance(args[i], _HttpRequest):
-        return args[i].headers
+        return args[i].scope
     return None
 
 
@@ -299,11 +309,11 @@ class _Hook:
         self.span_name = f"{runtime.target_name}.{name}"
         self.cells = None  # bound by the runtime when it starts
 
-    def start(self, headers: Any) -> Optional[_Request]:
+    def start(self, scope: Any, asgi: bool = False) -> Optional[_Request]:
         if ACTIVE.get() is self.runtime:
             return None  # the deployment calling its own method: part of the same request
         try:
-            req = _Request(self, headers)
+            req = _Request(self, scope, asgi)
             req.enter()
             return req
         except Exception as e:
@@ -533,9 +543,9 @@ def _wrap_asgi(fn: Callable, runtime: Runtime) -> Callable:
 
         req = None
         try:
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                       for k, v in scope.get("headers", ())}
-            req = hook.start(headers)
+            req = hook.start(scope, asgi=True)
+            if req is not None and req.span is not None and req.tracer.attach_unsampled:
+                _carry_in_headers(scope, req.span)
         except Exception as e:
             runtime.self_error("middleware_failed", e)
         error = None
@@ -549,6 +559,16 @@ def _wrap_asgi(fn: Callable, runtime: Runtime) -> Callable:
 
     functools.update_wrapper(__call__, fn)
     return __call__
+
+
+def _carry_in_headers(scope: dict, rs: "tracing.RequestSpan") -> None:
+    """Our span as the request's ``traceparent``: FastAPI's own telemetry (on whenever a
+    global TracerProvider is set, as Serve's tracing does) takes its span's parent from
+    the headers alone, and would start a trace of its own."""
+    tp = f"00-{rs.trace_id:032x}-{rs.span_id:016x}-{'01' if rs.sampled else '00'}"
+    headers = [h for h in scope.get("headers", ()) if h[0] != b"traceparent"]
+    headers.append((b"traceparent", tp.encode("latin-1")))
+    scope["headers"] = headers
 
 
 def _finish_route(hook: _Hook, req: Optional[_Request], scope: dict, status: Optional[int],
@@ -569,9 +589,8 @@ def _finish_route(hook: _Hook, req: Optional[_Request], scope: dict, status: Opt
         else:
             outcome = str(status or 500)
             is_error = (status or 500) >= 500
-        attrs = {"http.response.status_code": status or 500,
-                 "http.route": getattr(scope.get("route"), "path", "") or "",
-                 "http.request.method": scope.get("method", "")}
+        template = getattr(scope.get("route"), "path", None)
+        attrs = {"http.route": f"{scope.get('root_path', '')}{template}"} if template else None
         if req.span is not None:
             req.span.name = label
             if req.span.span is not None:
@@ -580,7 +599,8 @@ def _finish_route(hook: _Hook, req: Optional[_Request], scope: dict, status: Opt
         exemplar = None
         if req.span is not None:
             kept = req.tracer.end(req.span, latency, error if is_error else None, attrs,
-                                  error_status=outcome if is_error and error is None else None)
+                                  error_status=outcome if is_error and error is None else None,
+                                  status=status or (500 if is_error else None))
             if kept:
                 exemplar = Exemplar(f"{req.span.trace_id:032x}", f"{req.span.span_id:016x}",
                                     latency, time.time())

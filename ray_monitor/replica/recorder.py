@@ -53,6 +53,13 @@ class SpanSource(Protocol):
         """The records since the last drain, and drops by cause."""
 
 
+class KeptSource(Protocol):
+    """The trace ids this replica kept (``tail.TailBuffer``), for the aggregator to spread."""
+
+    def drain(self) -> tuple[list[str], dict[str, int]]:
+        """The kept trace ids (hex) since the last drain, and drops by cause."""
+
+
 class Sink(Protocol):
     """Where snapshots go. ``send`` may raise; the recorder keeps them and counts."""
 
@@ -145,7 +152,8 @@ class Recorder:
                  health: Optional[Callable[[], ReplicaHealth]] = None,
                  on_flush: Optional[Callable[[ReplicaSnapshot], None]] = None,
                  max_predictions: int = MAX_PREDICTIONS_PER_FLUSH,
-                 spans: Optional[SpanSource] = None) -> None:
+                 spans: Optional[SpanSource] = None,
+                 kept: Optional[KeptSource] = None) -> None:
         self.identity = identity
         self.sink = sink
         self.flush_interval_s = flush_interval_s
@@ -155,6 +163,7 @@ class Recorder:
         self.on_flush = on_flush
         self.max_predictions = max_predictions
         self.spans = spans
+        self.kept = kept
         self._predictions: list[Any] = []
         self.self_errors = SelfErrors()
         self.methods: dict[str, MethodCells] = {}
@@ -201,6 +210,11 @@ class Recorder:
             traces, drops = self.spans.drain()
             for cause, n in drops.items():
                 self.self_errors.count(cause, n=n)
+        kept: list[str] = []
+        if self.kept is not None:
+            kept, drops = self.kept.drain()
+            for cause, n in drops.items():
+                self.self_errors.count(cause, n=n)
         inflight = {m.name: len(m.running) for m in self.methods.values()}
         health = None
         if self.health is not None:
@@ -211,7 +225,7 @@ class Recorder:
         self._seq += 1
         snap = ReplicaSnapshot(self.identity, self._seq, self._window_start, now, series,
                                inflight, health, self.self_errors.snapshot(), self._dropped,
-                               predictions, traces)
+                               predictions, traces, kept_traces=kept)
         self._window_start = now
         return snap
 
@@ -254,6 +268,7 @@ class Recorder:
             if old.traces:
                 self.self_errors.count("trace_spans_dropped:aggregator_away", n=len(old.traces))
                 old.traces = []
+            old.kept_traces = []  # by the time it arrives, no replica holds their spans
 
     def start(self) -> None:
         if self._thread is not None:

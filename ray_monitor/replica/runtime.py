@@ -20,7 +20,7 @@ import time
 from typing import Any, Optional
 
 from ray_monitor.common import env
-from ray_monitor.replica import tracing
+from ray_monitor.replica import otlp_refusal, propagation, tracing
 from ray_monitor.replica.options import MonitorOptions
 from ray_monitor.replica.recorder import Recorder, process_health
 from ray_monitor.common.snapshot import ReplicaIdentity
@@ -97,20 +97,31 @@ class State:
         self.recorder.health = process_health(self.recorder, self.loop_lag,
                                               opts.resolved("hang_threshold_s"))
         ident = self.identity
+        errors = self.recorder.self_errors
         self.tracer = tracing.Tracer(
             sample_ratio=opts.resolved("sample_ratio"),
             slow_threshold_s=opts.resolved("slow_threshold_s"),
-            resource=_resource(ident), on_failure=self.recorder.self_errors.count,
+            resource=_resource(ident), on_failure=errors.count,
             enabled=opts.tracing_enabled, records=self.spans)
+        otlp_refusal.on_refused = errors.count
         if self.spans is not None and self.tracer.enabled:
             tracing.claim_serve_spans(self.spans)  # Serve's own spans in this replica
-        self._base_attrs = {
-            "ray.serve.application": ident.application, "ray.serve.deployment": ident.deployment,
-            "ray.serve.replica": ident.replica, "ray.serve.model_version": ident.model_version,
-        }
+        # Empty values are left out: an attribute says something or is not there.
+        self._base_attrs = {k: v for k, v in (
+            ("ray.serve.application", ident.application),
+            ("ray.serve.deployment", ident.deployment), ("ray.serve.replica", ident.replica),
+            ("ray.serve.model_version", ident.model_version)) if v}
         self._attrs: dict[str, dict] = {}
         if self.tracer.enabled:
             tracing.install_log_correlation()
+            # The request's context rides along every handle call made from here, and
+            # the trace ids kept anywhere come back with the aggregator's answers.
+            propagation.on_failure = errors.count
+            propagation.install()
+            self.recorder.kept = self.tracer.tail
+            if sink is not None:
+                sink.on_kept = self.tracer.export_kept
+            _say_who_samples(opts, self.tracer)
 
     def span_attributes(self, method: str) -> dict:
         a = self._attrs.get(method)
@@ -122,12 +133,26 @@ class State:
 def _resource(ident: ReplicaIdentity) -> dict:
     attrs = {"service.instance.id": ident.replica, "ray.node.id": ident.node_id,
              "ray.serve.replica.id": ident.replica, "ray.serve.deployment": ident.deployment,
-             "ray.serve.application": ident.application, "process.pid": ident.pid}
-    if ident.model_version:
-        attrs["service.version"] = ident.model_version
+             "ray.serve.application": ident.application, "process.pid": ident.pid,
+             "service.version": ident.model_version}
     if not env.OTEL_SERVICE_NAME.is_set():
         attrs["service.name"] = ident.application or ident.deployment
-    return attrs
+    return {k: v for k, v in attrs.items() if v != ""}
+
+
+def _say_who_samples(opts: MonitorOptions, tracer: "tracing.Tracer") -> None:
+    """With Ray Serve's tracing on, its sampler decides; a ratio of ours set anyway is
+    not used, and the replica says so once."""
+    if not tracer.serve_tracing:
+        return
+    given = "sample_ratio" if opts.sample_ratio is not None else \
+        env.SAMPLE_RATIO.name if env.SAMPLE_RATIO.is_set() else None
+    if given is not None:
+        logger.warning(
+            "ray-monitor: %s=%s is not used here: Ray Serve's tracing is on, so its sampler "
+            "(RAY_SERVE_TRACING_SAMPLING_RATIO, in its proxy for HTTP requests) makes each "
+            "request's one sampling decision and every deployment follows it",
+            given, opts.resolved("sample_ratio"))
 
 
 class Runtime:
