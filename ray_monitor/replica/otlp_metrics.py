@@ -20,8 +20,9 @@ from typing import Optional
 from opentelemetry.sdk.metrics.export import (AggregationTemporality, Buckets,
                                               ExponentialHistogram,
                                               ExponentialHistogramDataPoint, Gauge, Metric,
-                                              MetricExporter, MetricsData, NumberDataPoint,
-                                              ResourceMetrics, ScopeMetrics, Sum)
+                                              MetricExporter, MetricExportResult, MetricsData,
+                                              NumberDataPoint, ResourceMetrics, ScopeMetrics,
+                                              Sum)
 from opentelemetry.sdk.metrics._internal.exemplar import Exemplar as OtelExemplar
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
@@ -29,6 +30,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from ray_monitor.common import env
 from ray_monitor.common.histogram import SCALE, Histogram
 from ray_monitor.common.snapshot import ReplicaIdentity, ReplicaSnapshot
+from ray_monitor.replica.otlp_refusal import RefusalGuard
 
 __all__ = ["OtlpMetrics", "otlp_metrics_configured"]
 
@@ -48,7 +50,8 @@ def otlp_metric_exporter() -> MetricExporter:
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
     else:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-    return OTLPMetricExporter()
+    # A backend that takes traces but not metrics (Phoenix) is told once, then left alone.
+    return RefusalGuard(OTLPMetricExporter(), "metrics", MetricExportResult.SUCCESS)
 
 
 def _interval_s() -> float:
