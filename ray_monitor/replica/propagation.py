@@ -17,7 +17,11 @@ it as its parent, so Serve follows the same decision.
 In Serve's proxy, a request that Serve's sampler declined and that came without a
 ``traceparent`` has no context at all; the proxy then sends a placeholder parent marked
 ``tracestate: ray_monitor=root``, which carries the "no" to the first deployment and is
-never a span: a span under it is the root of its trace.
+never a span: a span under it is the root of its trace. Serve's proxy would also decide
+twice (Ray 2.60): its routing span, started under no current span when the request span
+was declined, is a root with a sampling decision of its own, so about 2% of requests
+would be traced at 1%; :func:`one_decision_in_proxy` gives the proxy a sampler whose
+roots are its request spans only.
 
 What wins as the parent of a request's span is :func:`resolve`; the hook is
 :func:`install`, once per process, feature-detected; if this Ray's internals differ it
@@ -35,8 +39,11 @@ import re
 import threading
 from typing import Any, Callable, Optional
 
+from opentelemetry.sdk.trace import sampling
+
 __all__ = ["CURRENT", "DECLINED", "PLACEHOLDER", "Parent", "carrier", "install", "installed",
-           "outgoing", "parse_traceparent", "resolve"]
+           "one_decision_in_proxy", "outgoing", "parse_traceparent", "request_root_sampler",
+           "resolve"]
 
 logger = logging.getLogger(__name__)
 
@@ -268,3 +275,50 @@ def install() -> bool:
             RunningReplica.try_send_request = _wrap(current)
         _installed = True
         return True
+
+
+# -- Serve's proxy: one decision ------------------------------------------------------
+
+#: The names Serve's proxy gives its request spans when it starts them.
+PROXY_REQUEST_SPANS = ("proxy_http_request", "proxy_grpc_request")
+
+
+class _RequestRoots(sampling.Sampler):
+    """Roots only for the proxy's request spans, decided as Serve's sampler does."""
+
+    def __init__(self, ratio: float) -> None:
+        self._ratio = sampling.TraceIdRatioBased(ratio)
+
+    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None,
+                      links=None, trace_state=None):
+        if name.startswith(PROXY_REQUEST_SPANS):
+            return self._ratio.should_sample(parent_context, trace_id, name, kind, attributes,
+                                             links, trace_state)
+        return sampling.SamplingResult(sampling.Decision.DROP, None, trace_state)
+
+    def get_description(self) -> str:
+        return f"RequestRoots{{{self._ratio.get_description()}}}"
+
+
+def request_root_sampler(ratio: float) -> sampling.Sampler:
+    """Serve's proxy sampler (``ParentBasedTraceIdRatio(ratio)``) where only the request
+    span may be a root; any other span with no parent (the routing span of a declined
+    request) is not sampled. Children follow their parent, as before."""
+    return sampling.ParentBased(root=_RequestRoots(ratio))
+
+
+def one_decision_in_proxy() -> bool:
+    """In Serve's proxy, before Serve builds its TracerProvider: its sampler becomes
+    :func:`request_root_sampler`. Elsewhere, or if Serve differs, nothing (said once)."""
+    if not _proxy():
+        return False
+    try:
+        from ray.serve._private import tracing_utils
+    except ImportError:  # pragma: no cover - ray[serve] is a dependency
+        return False
+    if not isinstance(getattr(tracing_utils, "ParentBasedTraceIdRatio", None), type):
+        logger.warning("ray-monitor: Ray Serve's proxy has no ParentBasedTraceIdRatio to "
+                       "replace; its routing spans may be sampled on their own")
+        return False
+    tracing_utils.ParentBasedTraceIdRatio = request_root_sampler
+    return True

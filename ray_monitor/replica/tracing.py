@@ -49,7 +49,7 @@ from ray_monitor.replica.span_errors import MAX_MESSAGE, clean, exception_attrib
 from ray_monitor.replica.span_records import (MAX_CONTEXT_SPANS_PER_FLUSH, MAX_SPANS_PER_FLUSH,
                                               MAX_TEXT, RECORD_ATTRIBUTES, RecordingProcessor,
                                               SpanRecords, span_record)
-from ray_monitor.replica.tail import TailBuffer
+from ray_monitor.replica.tail import HeldRecord, TailBuffer
 
 __all__ = ["CURRENT", "MAX_CONTEXT_SPANS_PER_FLUSH", "MAX_SPANS_PER_FLUSH", "MAX_TEXT",
            "RECORD_ATTRIBUTES", "RequestSpan", "SpanRecords", "Tracer",
@@ -243,7 +243,7 @@ class Tracer:
                                                trace.ProxyTracerProvider)
         if not enabled:
             return
-        self.tail = TailBuffer(hold or env.TRACE_HOLD_SPANS.get())
+        self.tail = tail = TailBuffer(hold or env.TRACE_HOLD_SPANS.get())
         # The decision is ours (begin/end): the provider records every span it is given,
         # so a kept span under an unsampled parent is still made.
         self.provider = TracerProvider(resource=Resource.create(resource or {}),
@@ -256,8 +256,8 @@ class Tracer:
         for p in processors:
             self.provider.add_span_processor(p)
         if records is not None:
-            self.provider.add_span_processor(
-                RecordingProcessor(records, slow_threshold_s=slow_threshold_s))
+            self.provider.add_span_processor(RecordingProcessor(
+                records, slow_threshold_s=slow_threshold_s, hold=tail.hold_record))
         # Head-sampled ok spans feed a backend, a processor, or (with Serve's tracing) the
         # context of kept traces; with none of these a request becomes a span only if kept.
         self.head_sampling = exporter is not None or bool(processors) or self.serve_tracing
@@ -379,6 +379,10 @@ class Tracer:
                 continue
         made = 0
         for rs in self.tail.take(wanted):
+            if isinstance(rs, HeldRecord):  # exported to OTLP already: the aggregator's copy
+                if self.records is not None:
+                    self.records.add({**rs.record, "kept": "trace"})
+                continue
             if self._records_only and self.records.full():
                 self.records.count("trace_spans_dropped:buffer_full")
                 continue
@@ -436,13 +440,15 @@ def current_trace_id() -> Optional[str]:
 # -- Ray Serve's own tracing ----------------------------------------------------
 
 _SERVE_RECORDS: Optional[SpanRecords] = None
+_SERVE_HOLD: Optional[TailBuffer] = None
 
 
-def claim_serve_spans(records: Optional[SpanRecords]) -> None:
+def claim_serve_spans(records: Optional[SpanRecords], tail: Optional[TailBuffer] = None) -> None:
     """Serve's spans ended in this process go to ``records`` (a monitored replica's),
-    or nowhere with None (a process with no monitored deployment: the proxy)."""
-    global _SERVE_RECORDS
-    _SERVE_RECORDS = records
+    held in ``tail`` until their request is kept (None: at once), or nowhere with None
+    (a process with no monitored deployment: the proxy)."""
+    global _SERVE_RECORDS, _SERVE_HOLD
+    _SERVE_RECORDS, _SERVE_HOLD = records, tail
 
 
 def release_serve_spans(records: SpanRecords) -> None:
@@ -451,14 +457,19 @@ def release_serve_spans(records: SpanRecords) -> None:
 
 
 class _ServeSpans(SpanProcessor):
-    """Ray Serve's spans as context records of the monitored replica in this process."""
+    """Ray Serve's spans as records of the monitored replica in this process, sent with
+    the rest of a kept request (see :mod:`tail`)."""
 
     def on_end(self, span: ReadableSpan) -> None:
-        records = _SERVE_RECORDS
+        records, hold = _SERVE_RECORDS, _SERVE_HOLD
         if records is None:
             return
         try:
-            records.add(span_record(span, None, "ray_serve"))
+            record = span_record(span, None, "ray_serve")
+            if hold is not None:
+                hold.hold_record(record)
+            else:
+                records.add(record)
         except Exception:
             records.count("trace_record_failed")
 
@@ -471,8 +482,10 @@ def serve_span_processors() -> list[SpanProcessor]:
 
     Serve calls it in every process it traces, so it is also where ray-monitor's
     context propagation is installed in Serve's proxy (see :mod:`propagation`): the
-    proxy's sampling decision then reaches the first deployment even when it is "no"."""
+    proxy's sampling decision then reaches the first deployment even when it is "no",
+    and is the proxy's only one (see :func:`propagation.one_decision_in_proxy`)."""
     propagation.install()
+    propagation.one_decision_in_proxy()
     processors: list[SpanProcessor] = []
     if otlp_traces_configured():
         processors.append(BatchSpanProcessor(otlp_span_exporter()))

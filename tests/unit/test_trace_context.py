@@ -316,3 +316,29 @@ def test_the_sink_hands_kept_ids_on_and_keeps_the_cursor(caplog):
         sink._take_reply({"epoch": "e", "seq": 4, "kept": ["b" * 32]})
         sink._take_reply({"epoch": "e", "seq": 5, "kept": ["c" * 32]})
     assert sink.kept_cursor == ("e", 5) and caplog.text.count("kept traces failed") == 1
+
+
+def test_serves_proxy_decides_once_for_its_request_span(monkeypatch):
+    from ray.serve._private import tracing_utils
+
+    from ray_monitor.replica.propagation import one_decision_in_proxy, request_root_sampler
+
+    provider = TracerProvider(sampler=request_root_sampler(1.0))
+    tracer = provider.get_tracer("serve")
+    request = tracer.start_span("proxy_http_request")
+    assert request.is_recording()
+    # The routing span of a request the proxy declined has no parent: not a second root.
+    assert not tracer.start_span("route_to_replica Ingress __call__").is_recording()
+    child = tracer.start_span("route_to_replica Ingress __call__",
+                              context=trace.set_span_in_context(request))
+    assert child.is_recording()
+    declined = TracerProvider(sampler=request_root_sampler(0.0)).get_tracer("s")
+    assert not declined.start_span("proxy_http_request").is_recording()
+
+    monkeypatch.setattr(tracing_utils, "ParentBasedTraceIdRatio",
+                        tracing_utils.ParentBasedTraceIdRatio)
+    monkeypatch.setattr(propagation, "_in_proxy", False)
+    assert not one_decision_in_proxy()  # a replica keeps Serve's sampler
+    monkeypatch.setattr(propagation, "_in_proxy", True)
+    assert one_decision_in_proxy()
+    assert tracing_utils.ParentBasedTraceIdRatio is request_root_sampler
