@@ -105,7 +105,8 @@ class State:
             enabled=opts.tracing_enabled, records=self.spans)
         otlp_refusal.on_refused = errors.count
         if self.spans is not None and self.tracer.enabled:
-            tracing.claim_serve_spans(self.spans)  # Serve's own spans in this replica
+            # Serve's own spans in this replica, sent with the rest of a kept request
+            tracing.claim_serve_spans(self.spans, self.tracer.tail)
         # Empty values are left out: an attribute says something or is not there.
         self._base_attrs = {k: v for k, v in (
             ("ray.serve.application", ident.application),

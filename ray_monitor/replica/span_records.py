@@ -4,15 +4,15 @@ Runs in every replica (a span processor on the tracer's provider, and on Ray Ser
 its tracing is on); the recorder drains the records into every snapshot.
 
 A :class:`RecordingProcessor` turns each ended span into a small picklable dict. Kept
-spans (failed, slow, or of a request kept elsewhere) take the room first; head-sampled ok
-spans go as context, at most ``max_context`` per flush, so a kept trace shows every span
-of it that was recorded.
+spans (failed, slow) go at once; a head-sampled span that ended ok and fast is held
+(:mod:`~ray_monitor.replica.tail`) and goes only if its request is kept somewhere, as
+``kept="trace"``. :class:`SpanRecords` bounds what goes per flush.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.trace.status import StatusCode
@@ -130,13 +130,20 @@ class RecordingProcessor(SpanProcessor):
     ends, so it only builds a small dict and never raises."""
 
     def __init__(self, records: SpanRecords, *, slow_threshold_s: Optional[float] = None,
-                 source: str = "ray_monitor") -> None:
+                 source: str = "ray_monitor",
+                 hold: Optional[Callable[[dict], None]] = None) -> None:
+        """``hold``: where a record that is not kept waits (None: it goes as context)."""
         self.records = records
         self.slow_threshold_s = slow_threshold_s
         self.source = source
+        self.hold = hold
 
     def on_end(self, span: ReadableSpan) -> None:
         try:
-            self.records.add(span_record(span, self.slow_threshold_s, self.source))
+            record = span_record(span, self.slow_threshold_s, self.source)
+            if record["kept"] or self.hold is None:
+                self.records.add(record)
+            else:
+                self.hold(record)
         except Exception:
             self.records.count("trace_record_failed")

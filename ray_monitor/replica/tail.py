@@ -29,7 +29,7 @@ import threading
 import time
 from typing import Any, Iterable
 
-__all__ = ["DEFAULT_CAPACITY", "MAX_KEPT_PER_FLUSH", "MIN_HOLD_S", "TailBuffer"]
+__all__ = ["DEFAULT_CAPACITY", "HeldRecord", "MAX_KEPT_PER_FLUSH", "MIN_HOLD_S", "TailBuffer"]
 
 #: Spans held per monitored deployment in a replica, by default.
 DEFAULT_CAPACITY = 4096
@@ -40,8 +40,22 @@ MAX_KEPT_PER_FLUSH = 1000
 MIN_HOLD_S = 5.0
 
 
+class HeldRecord:
+    """A span already exported to OTLP (head-sampled; or Ray Serve's), whose record for
+    the aggregator waits here until its request is known to be kept."""
+
+    __slots__ = ("trace_id", "end_ns", "done", "record")
+
+    def __init__(self, record: dict) -> None:
+        self.trace_id = int(record["trace_id"], 16)
+        self.end_ns = time.time_ns()
+        self.done = False
+        self.record = record
+
+
 class TailBuffer:
-    """The held spans (``tracing.RequestSpan`` with ``end_ns`` set) and kept trace ids."""
+    """The held spans (``tracing.RequestSpan`` with ``end_ns`` set, or
+    :class:`HeldRecord`) and the trace ids kept here."""
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY, *,
                  max_kept: int = MAX_KEPT_PER_FLUSH) -> None:
@@ -59,6 +73,9 @@ class TailBuffer:
 
     def hold(self, rs: Any) -> None:
         self._ring.append(rs)
+
+    def hold_record(self, record: dict) -> None:
+        self._ring.append(HeldRecord(record))
 
     def kept(self, trace_id: int) -> None:
         """This replica kept a span of ``trace_id`` (failed or slow)."""
