@@ -6,6 +6,7 @@ Spans are read back over the wire from the test OTLP receiver, as a backend sees
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
@@ -18,15 +19,12 @@ from ray_monitor.replica.span_errors import MAX_MESSAGE, exception_attributes, o
 from tests.otlp_receiver import OtlpReceiver
 
 
-@pytest.fixture
-def otlp(monkeypatch):
-    with OtlpReceiver() as rx:
-        for k, v in rx.env("http/protobuf").items():
-            monkeypatch.setenv(k, v)
-        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "20")
-        otlp_refusal.reset()
-        yield rx
-        otlp_refusal.reset()
+@pytest.fixture(autouse=True)
+def fresh_refusals():
+    """A refusal stops a signal for the whole process: each test starts without one."""
+    otlp_refusal.reset()
+    yield
+    otlp_refusal.reset()
 
 
 def _request(method="GET", path="/shop/items", headers=()):
@@ -63,7 +61,7 @@ def test_errors_read_as_the_user_wrote_them():
     assert len(long["exception.message"]) == MAX_MESSAGE and "exception.stacktrace" not in long
 
 
-def test_http_ingress_spans_carry_the_semantic_conventions(otlp):
+def test_http_ingress_spans_carry_the_semantic_conventions(otlp_env):
     @monitor(sample_ratio=1.0, flush_interval_s=3600)
     class Ingress:
         def __call__(self, request):
@@ -81,7 +79,7 @@ def test_http_ingress_spans_carry_the_semantic_conventions(otlp):
     assert m(_request("GET", "/shop/down")).status_code == 503
     with pytest.raises(KeyError):
         m(_request("PURGE", "/shop/fail"))
-    spans = {s.attributes["url.path"]: s for s in _spans(Ingress, otlp, 4)}
+    spans = {s.attributes["url.path"]: s for s in _spans(Ingress, otlp_env, 4)}
     ok = spans["/shop/items"]
     assert ok.attributes["http.request.method"] == "GET"
     assert ok.attributes["http.response.status_code"] == 200 and ok.status_code == "UNSET"
@@ -106,28 +104,33 @@ def test_http_ingress_spans_carry_the_semantic_conventions(otlp):
     Ingress.__ray_monitor__.close()
 
 
-def test_a_function_deployment_is_an_http_ingress_too(otlp):
+def test_a_function_deployment_is_an_http_ingress_too(otlp_env):
     @monitor(sample_ratio=0.0, flush_interval_s=3600)
     def handler(request):
         raise RuntimeError("boom")
     with pytest.raises(RuntimeError):
         handler(_request("GET", "/fn"))
-    [span] = _spans(handler, otlp, 1)
+    [span] = _spans(handler, otlp_env, 1)
     assert (span.attributes["http.response.status_code"], span.attributes["url.path"],
             span.attributes["ray_monitor.kept"], span.status_code) == (500, "/fn", "error",
                                                                         "ERROR")
     handler.__ray_monitor__.close()
 
 
-@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
-def test_a_backend_that_refuses_traces_is_told_once(protocol, monkeypatch, caplog):
+@contextlib.contextmanager
+def _refusing(monkeypatch, protocol: str, signal: str, http_status: int = 405):
+    """A receiver that does not take ``signal``, and the variables pointing at it."""
     with OtlpReceiver() as rx:
         for k, v in rx.env(protocol).items():
             monkeypatch.setenv(k, v)
         monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "20")
-        otlp_refusal.reset()
-        rx.refuse("traces")
+        rx.refuse(signal, http_status=http_status)
+        yield rx
 
+
+@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
+def test_a_backend_that_refuses_traces_is_told_once(protocol, monkeypatch, caplog):
+    with _refusing(monkeypatch, protocol, "traces") as rx:
         @monitor(sample_ratio=1.0, flush_interval_s=3600)
         class M:
             def __call__(self, x):
@@ -147,7 +150,6 @@ def test_a_backend_that_refuses_traces_is_told_once(protocol, monkeypatch, caplo
         assert ("HTTP 405" if protocol != "grpc" else "gRPC UNIMPLEMENTED") in said[0]
         assert state.recorder.self_errors.snapshot() == {"otlp_traces_refused": 1}
         M.__ray_monitor__.close()
-        otlp_refusal.reset()
 
 
 @pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
@@ -155,11 +157,7 @@ def test_a_backend_that_refuses_metrics_is_told_once(protocol, monkeypatch, capl
     from ray_monitor.common.snapshot import ReplicaIdentity
     from ray_monitor.replica.otlp_metrics import OtlpMetrics
 
-    with OtlpReceiver() as rx:
-        for k, v in rx.env(protocol).items():
-            monkeypatch.setenv(k, v)
-        otlp_refusal.reset()
-        rx.refuse("metrics", http_status=404)
+    with _refusing(monkeypatch, protocol, "metrics", 404) as rx:
         counted = []
         monkeypatch.setattr(otlp_refusal, "on_refused", lambda c, e: counted.append((c, e)))
         metrics = OtlpMetrics(ReplicaIdentity("app", "dep", "r1", "node", 1), interval_s=60)
@@ -173,4 +171,3 @@ def test_a_backend_that_refuses_metrics_is_told_once(protocol, monkeypatch, capl
         assert "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT" in str(err)
         assert ("HTTP 404" if protocol != "grpc" else "gRPC UNIMPLEMENTED") in str(err)
         metrics.shutdown()
-        otlp_refusal.reset()
