@@ -39,6 +39,7 @@ import re
 import threading
 from typing import Any, Callable, Optional
 
+from opentelemetry import trace
 from opentelemetry.sdk.trace import sampling
 
 __all__ = ["CURRENT", "DECLINED", "PLACEHOLDER", "Parent", "carrier", "install", "installed",
@@ -56,6 +57,7 @@ CURRENT: contextvars.ContextVar[Any] = contextvars.ContextVar("ray_monitor_curre
 PLACEHOLDER = "ray_monitor=root"
 _TRACEPARENT = re.compile(
     r"^[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?[ \t]*$")
+_HEX = "0123456789abcdef"
 _PROXY_ACTOR_PREFIX = "SERVE_PROXY_ACTOR"
 
 
@@ -87,10 +89,15 @@ def parse_traceparent(value: Any, tracestate: Any = None) -> Optional[Parent]:
     not valid (as the spec asks, an invalid one is ignored, never an error)."""
     if not isinstance(value, str):
         return None
-    m = _TRACEPARENT.match(value)
-    if m is None:
-        return None
-    version, tid, sid, flags, rest = m.groups()
+    if len(value) == 55 and value[2] == value[35] == value[52] == "-" and \
+            not (value[:2] + value[3:35] + value[36:52] + value[53:]).strip(_HEX):
+        # The common form, without the regular expression (the callee's hot path).
+        version, tid, sid, flags, rest = value[:2], value[3:35], value[36:52], value[53:], None
+    else:
+        m = _TRACEPARENT.match(value)
+        if m is None:
+            return None
+        version, tid, sid, flags, rest = m.groups()
     if version == "ff" or (version == "00" and rest):
         return None
     trace_id, span_id = int(tid, 16), int(sid, 16)
@@ -148,12 +155,18 @@ def installed() -> Optional[bool]:
     return _installed
 
 
+_REQUEST_CONTEXT: Any = None  # Serve's request-context variable, looked up once
+
+
 def _current_request() -> Any:
-    try:
-        from ray.serve.context import _serve_request_context
-    except ImportError:  # pragma: no cover - ray[serve] is a dependency
-        return None
-    return _serve_request_context.get()
+    global _REQUEST_CONTEXT
+    if _REQUEST_CONTEXT is None:
+        try:
+            from ray.serve.context import _serve_request_context
+        except ImportError:  # pragma: no cover - ray[serve] is a dependency
+            return None
+        _REQUEST_CONTEXT = _serve_request_context
+    return _REQUEST_CONTEXT.get()
 
 
 def _proxy() -> bool:
@@ -179,8 +192,6 @@ def outgoing() -> Optional[dict[str, str]]:
     other valid current span (the proxy: the caller's ``traceparent``); in the proxy, a
     placeholder that carries its sampler's "no".
     """
-    from opentelemetry import trace
-
     span = trace.get_current_span()
     sc = span.get_span_context()
     if sc.is_valid and sc.trace_flags & 1:

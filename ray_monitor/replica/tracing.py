@@ -62,6 +62,7 @@ logger = logging.getLogger(__name__)
 
 _TRACE_ID_LIMIT = (1 << 64) - 1
 _EMPTY = otel_context.Context()
+_FLAGS = (TraceFlags(TraceFlags.DEFAULT), TraceFlags(TraceFlags.SAMPLED))
 
 
 def otlp_traces_configured() -> bool:
@@ -190,18 +191,16 @@ class RequestSpan:
         """The current context with this request's span in it, to attach around user code."""
         if self.span is not None:
             return trace.set_span_in_context(self.span)
-        sc = SpanContext(self.trace_id, self.span_id, is_remote=False,
-                         trace_flags=TraceFlags(TraceFlags.SAMPLED if self.sampled else 0),
-                         trace_state=_trace_state(self.tracestate))
+        sc = SpanContext(self.trace_id, self.span_id, False, _FLAGS[self.sampled],
+                         _trace_state(self.tracestate))
         return trace.set_span_in_context(NonRecordingSpan(sc))
 
     def parent_context(self) -> otel_context.Context:
         """The parent's context alone (empty for a root), to make the SDK span under it."""
         if not self.parent_id:
             return _EMPTY
-        sc = SpanContext(self.trace_id, self.parent_id, is_remote=self.remote,
-                         trace_flags=TraceFlags(TraceFlags.SAMPLED if self.sampled else 0),
-                         trace_state=_trace_state(self.tracestate))
+        sc = SpanContext(self.trace_id, self.parent_id, self.remote, _FLAGS[self.sampled],
+                         _trace_state(self.tracestate))
         return trace.set_span_in_context(NonRecordingSpan(sc), _EMPTY)
 
 
