@@ -285,13 +285,23 @@ def test_snapshots_carry_the_trace_ids_kept_here(memory_tracer):
 # -- where the decision and the spans meet: the aggregator ---------------------------
 
 def test_the_kept_log_names_each_id_to_each_replica_once():
-    log = KeptLog(max_ids=8, max_reply=3)
+    from tests.helpers import Clock
+
+    clock = Clock()
+    log = KeptLog(max_ids=8, max_reply=3, first_s=30, clock=clock)
     first = log.reply(None)
     assert first["kept"] == [] and first["seq"] == 0
     cursor = (first["epoch"], first["seq"])
+    log.add(["0" * 32])
+    clock.advance(31)
+    log.add(["1" * 32])
+    # A replica without an answer yet gets what was kept while it served its first
+    # requests (the last 30 s), not the whole log.
+    assert log.reply(None)["kept"] == ["1" * 32]
+    cursor = (log.epoch, log.seq)
     log.add(["a" * 32, "b" * 32, "short"])
     r = log.reply(cursor)
-    assert r["kept"] == ["a" * 32, "b" * 32] and r["seq"] == 2
+    assert r["kept"] == ["a" * 32, "b" * 32] and r["seq"] == 4
     assert log.reply((r["epoch"], r["seq"]))["kept"] == []
     log.add([c * 32 for c in "cdefg"])
     r2 = log.reply((r["epoch"], r["seq"]))
