@@ -160,7 +160,7 @@ class RequestSpan:
 
     __slots__ = ("trace_id", "span_id", "parent_id", "remote", "sampled", "tracestate", "span",
                  "start_ns", "end_ns", "name", "attributes", "kind", "request_id", "http",
-                 "status", "extra", "done")
+                 "status", "extra", "done", "_context")
 
     def __init__(self, trace_id: int, span_id: int, parent: Optional[Parent], sampled: bool,
                  start_ns: int, name: str, attributes: dict, kind: SpanKind,
@@ -182,18 +182,25 @@ class RequestSpan:
         self.status: Optional[int] = None  # its HTTP status
         self.extra: Optional[dict] = None
         self.done = False
+        self._context: Optional[otel_context.Context] = None
 
     @property
     def ids(self) -> tuple[int, int]:
         return self.trace_id, self.span_id
 
     def otel_context(self) -> otel_context.Context:
-        """The current context with this request's span in it, to attach around user code."""
-        if self.span is not None:
-            return trace.set_span_in_context(self.span)
-        sc = SpanContext(self.trace_id, self.span_id, False, _FLAGS[self.sampled],
-                         _trace_state(self.tracestate))
-        return trace.set_span_in_context(NonRecordingSpan(sc))
+        """The current context with this request's span in it, to attach around user code;
+        made once (a stream attaches it around every item)."""
+        ctx = self._context
+        if ctx is None:
+            if self.span is not None:
+                ctx = trace.set_span_in_context(self.span)
+            else:
+                sc = SpanContext(self.trace_id, self.span_id, False, _FLAGS[self.sampled],
+                                 _trace_state(self.tracestate))
+                ctx = trace.set_span_in_context(NonRecordingSpan(sc))
+            self._context = ctx
+        return ctx
 
     def parent_context(self) -> otel_context.Context:
         """The parent's context alone (empty for a root), to make the SDK span under it."""
@@ -290,7 +297,10 @@ class Tracer:
     def begin(self, name: str, attributes: dict, request: Any = None, http: Any = None,
               kind: SpanKind = SpanKind.SERVER) -> RequestSpan:
         start_ns = time.time_ns()
-        parent = request if isinstance(request, Parent) else self.parent(request, http)
+        if request is None and http is None and not self.serve_tracing:
+            parent = None  # outside Serve, or a plain call: nothing can have come in
+        else:
+            parent = request if isinstance(request, Parent) else self.parent(request, http)
         if parent is None:
             trace_id = random.getrandbits(128)
             sampled = (trace_id & _TRACE_ID_LIMIT) < self._sample_bound  # see head_sampled
@@ -315,6 +325,7 @@ class Tracer:
         kept = "error" if failed else "slow" if latency_s >= self.slow_threshold_s else ""
         rs.end_ns = rs.start_ns + int(latency_s * 1e9)
         rs.status = status
+        rs._context = None  # not needed once the request ended (and not held with it)
         if kept:
             self.tail.kept(rs.trace_id)  # the rest of the request, wherever it ran
         if span is None:
