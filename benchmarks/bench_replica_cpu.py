@@ -11,10 +11,14 @@ the replica processes does not depend on how long they waited for a core. So eac
 variant is deployed as its own application (one replica per deployment), driven in
 turn, and charged the ``utime + stime`` (``/proc/PID/stat``) its replica processes used
 while it was driven, divided by its requests: microseconds of replica CPU per request,
-summed over the application's deployments. Runs interleave the variants in a rotated
-order; the table gives the median over ``--runs`` with min..max, and each variant's
-ratio to ``plain``. ``plain-control`` is a second plain application: its ratio to
-``plain`` is what this machine's noise alone makes of "no difference".
+summed over the application's deployments. A replica also burns CPU when idle (Ray's
+and Serve's own threads, ray-monitor's flush every second), in proportion to time, not
+requests; so before each round the same processes are watched idle for ``--idle-s``,
+and that rate times the round's duration is taken off ("net"; "raw" keeps it, and the
+idle rate is reported too). Runs interleave the variants in a rotated order; the table
+gives the median over ``--runs`` with min..max, and each variant's ratio to ``plain``.
+``plain-control`` is a second plain application: its ratio to ``plain`` is what this
+machine's noise alone makes of "no difference".
 
 Variants (``--variant`` adds or replaces; defaults below): ``KIND`` is ``plain`` or
 ``monitor``; ``VAR=VALUE`` pairs go to the application's replicas as environment
@@ -176,6 +180,10 @@ def summarize(samples: dict, variants: list[str]) -> list[dict]:
             totals = [r["us_per_request"] for r in runs]
             row = {"path": path, "variant": v, "us_per_request": statistics.median(totals),
                    "min": min(totals), "max": max(totals),
+                   "raw_us_per_request": statistics.median(r["raw_us_per_request"]
+                                                           for r in runs),
+                   "idle_ms_per_s": statistics.median(r["idle_ms_per_s"] for r in runs),
+                   "requests_per_s": statistics.median(r["requests_per_s"] for r in runs),
                    "by_deployment": {d: statistics.median(r["by_deployment"][d] for r in runs)
                                      for d in runs[0]["by_deployment"]}}
             if base is not None:
@@ -192,6 +200,8 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=2000, help="per variant, path and run")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--idle-s", type=float, default=2.0,
+                    help="idle watch before each round (0: none)")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--paths", default="http,handle")
     ap.add_argument("--variant", action="append", default=None,
@@ -266,14 +276,25 @@ def main(argv=None) -> int:
                 k = run % len(names)
                 for name in names[k:] + names[:k]:
                     app, handle, pids = apps[name]
-                    before = {d: cpu_seconds(p) for d, p in pids.items()}
+                    idle = {d: 0.0 for d in pids}
+                    if args.idle_s > 0:
+                        t0, c0 = time.monotonic(), {d: cpu_seconds(p) for d, p in pids.items()}
+                        time.sleep(args.idle_s)
+                        dt = time.monotonic() - t0
+                        idle = {d: (cpu_seconds(p) - c0[d]) / dt for d, p in pids.items()}
+                    t0, before = time.monotonic(), {d: cpu_seconds(p) for d, p in pids.items()}
                     ok = drive_http(port, f"/{app}", args.requests, args.concurrency) \
                         if path == "http" else drive_handle(handle, args.requests,
                                                              args.concurrency)
+                    wall = time.monotonic() - t0
                     after = {d: cpu_seconds(p) for d, p in pids.items()}
-                    by_dep = {d: (after[d] - before[d]) / max(ok, 1) * 1e6 for d in pids}
-                    samples[path][name].append({"requests": ok, "by_deployment": by_dep,
-                                                "us_per_request": sum(by_dep.values())})
+                    raw = {d: after[d] - before[d] for d in pids}
+                    by_dep = {d: (raw[d] - idle[d] * wall) / max(ok, 1) * 1e6 for d in pids}
+                    samples[path][name].append({
+                        "requests": ok, "seconds": wall, "requests_per_s": ok / wall,
+                        "by_deployment": by_dep, "us_per_request": sum(by_dep.values()),
+                        "raw_us_per_request": sum(raw.values()) / max(ok, 1) * 1e6,
+                        "idle_ms_per_s": sum(idle.values()) * 1e3})
             print(f"run {run + 1}/{args.runs} done; load average {os.getloadavg()}")
     finally:
         try:
@@ -283,14 +304,17 @@ def main(argv=None) -> int:
         ray.shutdown()
         sink.shutdown()
     rows = summarize(samples, names)
-    print(f"\n{'path':<8}{'variant':<16}{'us CPU/request':>15}{'  min..max':<18}"
-          f"{'vs plain':>10}{'  min..max':<16}  by deployment (median)")
+    print(f"\n{'path':<8}{'variant':<16}{'net us/req':>11}{'  min..max':<16}"
+          f"{'vs plain':>9}{'  min..max':<16}{'raw us/req':>11}{'idle ms/s':>10}{'req/s':>7}"
+          "  by deployment (net, median)")
     for r in rows:
         ratio = f"{r['vs_plain']:.3f}" if "vs_plain" in r else ""
         rr = f"  {r['vs_plain_min']:.3f}..{r['vs_plain_max']:.3f}" if "vs_plain" in r else ""
         deps = ", ".join(f"{d} {v:.0f}" for d, v in r["by_deployment"].items())
-        print(f"{r['path']:<8}{r['variant']:<16}{r['us_per_request']:>15.0f}"
-              f"{'  %.0f..%.0f' % (r['min'], r['max']):<18}{ratio:>10}{rr:<16}  {deps}")
+        print(f"{r['path']:<8}{r['variant']:<16}{r['us_per_request']:>11.0f}"
+              f"{'  %.0f..%.0f' % (r['min'], r['max']):<16}{ratio:>9}{rr:<16}"
+              f"{r['raw_us_per_request']:>11.0f}{r['idle_ms_per_s']:>10.1f}"
+              f"{r['requests_per_s']:>7.0f}  {deps}")
     env_info["loadavg_end"] = os.getloadavg()
     print(f"\nload average at end: {env_info['loadavg_end']}")
     if args.json:

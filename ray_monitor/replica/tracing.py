@@ -504,15 +504,22 @@ def serve_span_processors() -> list[SpanProcessor]:
     return processors
 
 
-def serve_tracing_config(sampling_ratio: float = 1.0):
-    """The one setting for end-to-end traces across composed deployments::
+def serve_tracing_config(sampling_ratio: Optional[float] = None):
+    """Ray Serve's tracing through ray-monitor, as a config::
 
         serve.start(tracing_config=ray_monitor.serve_tracing_config())
 
-    Serve then carries the trace context over ``DeploymentHandle`` calls and its
-    sampler becomes the head sampler (our spans follow their parent's decision)."""
+    Serve's spans then join ray-monitor's, and its sampler is the head sampler at
+    ``sampling_ratio`` (None: Serve's own default, ``RAY_SERVE_TRACING_SAMPLING_RATIO``
+    or 0.01). Ray 2.60 does not pass this config to its HTTP proxy: for the proxy's
+    spans, set ``RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH`` in the cluster's environment
+    instead (see the README's Traces section)."""
     from ray.serve.schema import TracingConfig
 
+    if sampling_ratio is None:
+        from ray.serve._private.constants import RAY_SERVE_TRACING_SAMPLING_RATIO
+
+        sampling_ratio = RAY_SERVE_TRACING_SAMPLING_RATIO
     return TracingConfig(enabled=True,
                          exporter_import_path="ray_monitor.tracing:serve_span_processors",
                          sampling_ratio=sampling_ratio)

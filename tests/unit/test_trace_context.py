@@ -352,3 +352,14 @@ def test_serves_proxy_decides_once_for_its_request_span(monkeypatch):
     monkeypatch.setattr(propagation, "_in_proxy", True)
     assert one_decision_in_proxy()
     assert tracing_utils.ParentBasedTraceIdRatio is request_root_sampler
+
+
+def test_serve_tracing_config_keeps_serves_ratio_unless_told():
+    from ray.serve._private.constants import RAY_SERVE_TRACING_SAMPLING_RATIO
+
+    from ray_monitor import serve_tracing_config
+
+    assert serve_tracing_config().sampling_ratio == RAY_SERVE_TRACING_SAMPLING_RATIO
+    assert serve_tracing_config(0.5).sampling_ratio == 0.5
+    assert serve_tracing_config().exporter_import_path == \
+        "ray_monitor.tracing:serve_span_processors"
