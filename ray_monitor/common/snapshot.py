@@ -93,6 +93,10 @@ class ReplicaSnapshot:
     # span records (tracing.span_record) of failed and slow requests, and head-sampled
     # spans as their context, that ended in the window; bounded per snapshot
     traces: list[dict] = field(default_factory=list)
+    # requests finished since the replica started, "method\toutcome" -> count: what a
+    # restarted aggregator reads as the replica's own counters, and checks deliveries by
+    totals: dict[str, int] = field(default_factory=dict)
+    flush_s: Optional[float] = None  # how long the replica's previous flush took
 
 
 @dataclass

@@ -82,9 +82,10 @@ class ActorSink:
         return []
 
 
-def make_sinks(identity: ReplicaIdentity) -> tuple[Optional[ActorSink], Optional[Callable]]:
+def make_sinks(identity: ReplicaIdentity, *, on_failure: Optional[Callable] = None
+               ) -> tuple[Optional[ActorSink], Optional[Callable]]:
     """The aggregator sink when Ray is up, and the OTLP metrics export when an
-    endpoint is configured."""
+    endpoint is configured (on a thread of its own; its failures go to ``on_failure``)."""
     sink = None
     try:
         import ray
@@ -95,5 +96,6 @@ def make_sinks(identity: ReplicaIdentity) -> tuple[Optional[ActorSink], Optional
         pass
     from ray_monitor.replica.otlp_metrics import OtlpMetrics, otlp_metrics_configured
 
-    on_flush = OtlpMetrics(identity) if otlp_metrics_configured() else None
+    on_flush = OtlpMetrics(identity, on_failure=on_failure) if otlp_metrics_configured() \
+        else None
     return sink, on_flush
