@@ -50,8 +50,10 @@ class Aggregator:
             config = config.model_copy(update={"notifications": saved.get("notifications")})
         self.config = config
         persist, load = persistence.gcs_state()
+        persist_log, load_log = persistence.gcs_notification_log()
         self.core = AggregatorCore(config, rules_text=rules_text, rules_file=rules_file,
-                                   persist=persist, load=load)
+                                   persist=persist, load=load, persist_log=persist_log,
+                                   load_log=load_log)
         self.host = config.host
         self.port = config.port
         self.token = config.token or None

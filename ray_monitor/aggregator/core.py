@@ -58,12 +58,14 @@ class AggregatorCore:
     options). ``rules_text`` is the rule file's content (YAML text or a dict) and
     ``rules_file`` the name its problems are reported under. ``external_url`` is where
     the aggregator is reached (the actor sets it once its server is up). ``persist`` and
-    ``load`` write and read the saved state (see :mod:`~ray_monitor.aggregator.persistence`).
+    ``load`` write and read the saved alert and hint state, ``persist_log`` and ``load_log``
+    the notification log (see :mod:`~ray_monitor.aggregator.persistence`).
     """
 
     def __init__(self, config: "StartConfig | Mapping[str, Any] | None" = None, *,
                  rules_text: Any = None, rules_file: Optional[str] = None,
-                 external_url: str = "", clock=time.time, persist=None, load=None) -> None:
+                 external_url: str = "", clock=time.time, persist=None, load=None,
+                 persist_log=None, load_log=None) -> None:
         from ray_monitor.aggregator.trace_store import TraceStore
         from ray_monitor.aggregator.windows import WindowStore
         from ray_monitor.alerting.engine import RuleEngine
@@ -98,7 +100,8 @@ class AggregatorCore:
         notifications = config.notifications if config.notifications is not None \
             else rule_file.notifications
         self.config = config = config.model_copy(update={"notifications": notifications})
-        self.notifier = Notifier(notifications or {}, clock=clock)
+        self._persist_log = persist_log
+        self.notifier = Notifier(notifications or {}, clock=clock, persist_log=persist_log)
         self.replicas: dict[str, tuple[ReplicaIdentity, float]] = {}  # replica -> (identity, seen)
         self.gpu_latest: dict[str, GpuSnapshot] = {}
         self.errors: dict[tuple[str, str], int] = {}
@@ -109,6 +112,8 @@ class AggregatorCore:
         self._next_expire = 0.0
         if load is not None:
             self.restore(load())
+        if load_log is not None:
+            self.restore_log(load_log)
         self.notifier.start()  # after restore: its notification log must be loaded first
 
     # -- ingestion ----------------------------------------------------------------
@@ -262,7 +267,7 @@ class AggregatorCore:
     # -- saved state ------------------------------------------------------------------
 
     def state(self) -> dict:
-        return state_of(self.engine, self.notifier, self.hints)
+        return state_of(self.engine, self.hints)
 
     def save(self) -> None:
         if self._saver is None:
@@ -277,13 +282,24 @@ class AggregatorCore:
             return
         try:
             state = json.loads(raw)
-            restore_state(state, self.engine, self.notifier, self.hints, now=self.clock())
+            restore_state(state, self.engine, self.hints, now=self.clock())
+            if state.get("notifier"):  # saved by a version that kept the log here
+                self.notifier.restore(state["notifier"], restarted=True)
             if self._saver is not None:
                 self._saver.restored(state)
             logger.info("ray-monitor aggregator: restored %d alerts from the GCS",
                         len(self.engine.alerts()))
         except Exception as e:
             self.count_error("aggregator", "state_restore_failed", e)
+
+    def restore_log(self, load_log) -> None:
+        """The notification log as the notifier last saved it (before each send)."""
+        try:
+            log = load_log()
+            if log:
+                self.notifier.restore(log, restarted=True)
+        except Exception as e:
+            self.count_error("aggregator", "notification_log_restore_failed", e)
 
     # -- changes after start ----------------------------------------------------------
 
@@ -311,7 +327,7 @@ class AggregatorCore:
         """Replaces the receivers; the notification log carries over (no duplicates)."""
         from ray_monitor.alerting.notifier import Notifier
 
-        new = Notifier(notifications or {}, clock=self.clock)
+        new = Notifier(notifications or {}, clock=self.clock, persist_log=self._persist_log)
         new.restore(self.notifier.state_dict())
         self.notifier.close(2.0)
         self.notifier = new.start()

@@ -202,8 +202,9 @@ def stop() -> bool:
     ray.kill(actor, no_restart=True)
     from ray.experimental import internal_kv
 
-    from ray_monitor.common.names import CONFIG_KEY, KV_NAMESPACE, PORT_KEY, STATE_KEY
+    from ray_monitor.common.names import (CONFIG_KEY, KV_NAMESPACE, NOTIFY_LOG_KEY, PORT_KEY,
+                                          STATE_KEY)
 
-    for key in (STATE_KEY, CONFIG_KEY, PORT_KEY):
+    for key in (STATE_KEY, NOTIFY_LOG_KEY, CONFIG_KEY, PORT_KEY):
         internal_kv._internal_kv_del(key, namespace=KV_NAMESPACE)
     return True
