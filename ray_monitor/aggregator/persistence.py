@@ -86,14 +86,18 @@ class StateSaver:
 # -- rules and receivers changed after start; the port ------------------------------------
 
 def load_config() -> dict[str, Any]:
-    """``rules_text``, ``rules_file`` and ``notifications`` as last changed, or {}."""
+    """``rules_text``, ``rules_file``, ``notifications`` and ``http`` (``host``, ``port``,
+    ``token``) as last changed, or {}."""
     raw = kv_get(CONFIG_KEY)
     return json.loads(raw) if raw else {}
 
 
-def save_config(rules_text: Any, rules_file: Optional[str], notifications: Optional[dict]) -> None:
-    kv_put(CONFIG_KEY, json.dumps({"rules_text": rules_text, "rules_file": rules_file,
-                                   "notifications": notifications}).encode())
+def save_config(rules_text: Any, rules_file: Optional[str], notifications: Optional[dict],
+                http: Optional[dict] = None) -> None:
+    record = {"rules_text": rules_text, "rules_file": rules_file, "notifications": notifications}
+    if http is not None:
+        record["http"] = http
+    kv_put(CONFIG_KEY, json.dumps(record).encode())
 
 
 def load_port() -> Optional[int]:
