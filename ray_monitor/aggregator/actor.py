@@ -280,7 +280,8 @@ class Aggregator:
         return {"ingested": self.core.ingested, "evaluations": self.core.evaluations,
                 "store": self.core.store.stats(), "replicas": len(self.core.replicas),
                 "notifier": self.core.notifier.stats(), "quality": self.core.quality.stats(),
-                "traces": self.core.trace_store.stats()}
+                "traces": self.core.trace_store.stats(),
+                "delivery": self.core.ledger.by_deployment()}
 
     async def shutdown(self) -> None:
         if self._gpu is not None:

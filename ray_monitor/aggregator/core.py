@@ -66,6 +66,7 @@ class AggregatorCore:
                  rules_text: Any = None, rules_file: Optional[str] = None,
                  external_url: str = "", clock=time.time, persist=None, load=None,
                  persist_log=None, load_log=None) -> None:
+        from ray_monitor.aggregator.ledger import Ledger
         from ray_monitor.aggregator.trace_store import TraceStore
         from ray_monitor.aggregator.windows import WindowStore
         from ray_monitor.alerting.engine import RuleEngine
@@ -82,6 +83,7 @@ class AggregatorCore:
                                     reference_size=config.drift_reference_size)
         self.source = CompositeSource(self.store, self.quality)
         self.trace_store = TraceStore(clock=clock)
+        self.ledger = Ledger()  # per replica: its totals, what arrived, its flush times
         # replica -> (identity, hung requests, when reported): the latest report only
         self.hung_latest: dict[str, tuple[ReplicaIdentity, list, float]] = {}
         self.rules_text = rules_text
@@ -127,6 +129,10 @@ class AggregatorCore:
                 self.count_error("aggregator", f"ingest_failed:{type(e).__name__}", e)
                 continue
             self.replicas[snap.identity.replica] = (snap.identity, now)
+            try:
+                self.ledger.add(snap)
+            except Exception as e:
+                self.count_error("aggregator", f"ledger_failed:{type(e).__name__}", e)
             for cause, n in snap.self_errors.items():
                 self.errors[("replica", cause)] = max(self.errors.get(("replica", cause), 0), n)
             self.ingested += 1
@@ -188,6 +194,7 @@ class AggregatorCore:
         for rid, (_, seen) in list(self.replicas.items()):
             if now - seen > ttl:
                 del self.replicas[rid]
+                self.ledger.forget(rid)
         for rid, (_, _, seen) in list(self.hung_latest.items()):
             if now - seen > REPLICA_ALIVE_S:  # a replica that stopped reporting is not hanging
                 del self.hung_latest[rid]
@@ -381,6 +388,11 @@ class AggregatorCore:
                          float(len(self.replicas))),
             "last_evaluation_seconds": ("How long the last rule evaluation took.",
                                         self.last_eval_s),
+            "replica_flush_seconds": (
+                "The longest flush (snapshot and delivery) the running replicas reported "
+                "last; over 1 s, the replicas' flush thread waits on something.",
+                self.ledger.flush_now_max_s({r for r, (_, seen) in self.replicas.items()
+                                             if self.clock() - seen <= REPLICA_ALIVE_S})),
         }
         counters = {
             "snapshots_ingested": ("Replica snapshots ingested.", float(self.ingested)),
@@ -406,7 +418,12 @@ class AggregatorCore:
                 ("feedback_dropped", "Feedback items for a prediction dropped to bound memory."),
                 ("feedback_invalid", "Feedback items refused as malformed.")):
             counters[name] = (help_, float(q[name]))
-        return {"errors": errors, "gauges": gauges, "counters": counters}
+        # Per node: the GPU actor's counts are cumulative since it started (a new actor
+        # starts again from 0, a counter reset); a dead node's are dropped with its sample.
+        gpu_errors = {node: dict(snap.self_errors) for node, snap in self.gpu_latest.items()
+                      if snap.self_errors}
+        return {"errors": errors, "gauges": gauges, "counters": counters,
+                "gpu_errors": gpu_errors}
 
 
 def _ray_auth_headers() -> dict:
