@@ -235,7 +235,9 @@ class Aggregator:
         return [h.to_dict() for h in self.core.hints.hints()]
 
     async def reload(self, rules_text: Any, filename: Optional[str] = None) -> dict:
-        res = self.core.reload(rules_text, filename)
+        # Read and checked on a worker thread (a 1 MiB file takes a while); swapped in here.
+        rule_file = await asyncio.to_thread(self.core.read_rules, rules_text, filename)
+        res = self.core.apply_rules(rule_file, rules_text, filename)
         self._save_config()
         return res
 
@@ -250,11 +252,12 @@ class Aggregator:
         return {json.dumps(dict(k), sort_keys=True): v for k, v in res.items()}
 
     async def feedback(self, items: list) -> dict:
-        return self.core.feedback(items)
+        return await self.core.feedback_async(list(items))
 
     async def set_drift_reference(self, application: str, deployment: str, model_version: str,
                                   references: dict) -> dict:
-        return self.core.set_drift_reference(application, deployment, model_version, references)
+        return await self.core.set_drift_reference_async(application, deployment,
+                                                         model_version, references)
 
     async def hung(self) -> list[dict]:
         return self.core.hung()

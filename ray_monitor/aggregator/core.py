@@ -11,6 +11,7 @@ snapshot, rule or hint stops the others: the failure is counted by cause (the
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -25,7 +26,7 @@ from ray_monitor.common.snapshot import GpuSnapshot, ReplicaIdentity, ReplicaSna
 from ray_monitor.quality.compare import COMPARE_WINDOW_S, compare
 
 __all__ = ["AggregatorCore", "CONFIG_CHECK_S", "CompositeSource", "EXPIRE_EVERY_S",
-           "REPLICA_ALIVE_S"]
+           "FEEDBACK_PART", "REPLICA_ALIVE_S"]
 
 logger = logging.getLogger("ray_monitor.aggregator.actor")
 
@@ -35,6 +36,8 @@ REPLICA_ALIVE_S = 5.0
 CONFIG_CHECK_S = 30.0
 #: How often series are expired: a scan of every series, not for every round.
 EXPIRE_EVERY_S = 10.0
+#: Feedback items joined between two yields to the event loop (a few milliseconds' work).
+FEEDBACK_PART = 1000
 
 
 class CompositeSource:
@@ -171,9 +174,28 @@ class AggregatorCore:
         counts by status and every item that did not join, with why."""
         return self.quality.add_feedback(items).as_dict()
 
+    async def feedback_async(self, items: list) -> dict:
+        """As :meth:`feedback`, FEEDBACK_PART items at a time, giving the event loop back
+        in between: a 100,000-item batch never holds evaluation or HTTP for long."""
+        from ray_monitor.quality.feedback import FeedbackResult
+
+        result = FeedbackResult()
+        for start in range(0, len(items), FEEDBACK_PART):
+            self.quality.add_feedback(items[start:start + FEEDBACK_PART], result=result,
+                                      start=start)
+            await asyncio.sleep(0)
+        return result.as_dict()
+
     def set_drift_reference(self, application: str, deployment: str, model_version: str,
                             references: dict) -> dict:
         return self.quality.set_references(application, deployment, model_version, references)
+
+    async def set_drift_reference_async(self, application: str, deployment: str,
+                                        model_version: str, references: dict) -> dict:
+        """As :meth:`set_drift_reference`, the references built on a worker thread (sorting
+        up to 200,000 values each), then set on the loop."""
+        built = await asyncio.to_thread(self.quality.build_references, references)
+        return self.set_drift_reference(application, deployment, model_version, built)
 
     def count_error(self, component: str, cause: str, exc: Optional[BaseException] = None) -> None:
         key = (component, cause)
@@ -313,10 +335,16 @@ class AggregatorCore:
     def reload(self, rules_text: Any, filename: Optional[str] = None) -> dict:
         """Replaces the rules, autoscaling and (when the file has that section) the
         receivers, all or nothing: a bad file raises ConfigError and changes nothing."""
+        return self.apply_rules(self.read_rules(rules_text, filename), rules_text, filename)
+
+    def read_rules(self, rules_text: Any, filename: Optional[str] = None):
+        """The rule file, read and checked (changes nothing: may run on another thread)."""
         from ray_monitor.alerting.loader import load_rule_file
 
-        rule_file = load_rule_file(rules_text, filename=filename or self.rules_file,
-                                   from_text=True)
+        return load_rule_file(rules_text, filename=filename or self.rules_file, from_text=True)
+
+    def apply_rules(self, rule_file, rules_text: Any, filename: Optional[str] = None) -> dict:
+        """Puts a file :meth:`read_rules` read in place of the running one."""
         self.engine.reload(rule_file.ruleset, now=self.clock())
         self.hints.reload(rule_file.autoscaling)
         if rule_file.notifications is not None:
