@@ -81,7 +81,8 @@ class AggregatorCore:
         self.config = config = StartConfig.of(config)
         self.clock = clock
         self.eval_interval_s = config.eval_interval_s
-        self.store = WindowStore(clock=clock, series_ttl_s=config.series_ttl_s)
+        self.store = WindowStore(clock=clock, series_ttl_s=config.series_ttl_s,
+                                 max_series_per_metric=config.max_series_per_metric)
         self.quality = QualityStore(clock=clock, horizon_s=config.feedback_horizon_s,
                                     reference_size=config.drift_reference_size)
         self.source = CompositeSource(self.store, self.quality)

@@ -151,6 +151,13 @@ def _wrap_class(cls: type, options: MonitorOptions) -> type:
     __init__.__qualname__ = f"{cls.__qualname__}.__init__"
     ns["__init__"] = __init__
     wrapped = type(cls.__name__, (cls,), ns)
+
+    def __init_subclass__(sub, **kwargs):
+        # @serve.ingress(app) above @monitor: Serve's ASGI wrapper serves every route.
+        super(wrapped, sub).__init_subclass__(**kwargs)
+        if _is_asgi_wrapper(sub) and not hasattr(sub.__call__, "__wrapped_by_ray_monitor__"):
+            sub.__call__ = _wrap_asgi(sub.__call__, runtime)
+    wrapped.__init_subclass__ = classmethod(__init_subclass__)
     return wrapped
 
 
@@ -506,15 +513,24 @@ async def _timed_async_generator(hook: _Hook, req: Optional[_Request], agen,
 
 # -- FastAPI / ASGI ingress -----------------------------------------------------
 
+#: HTTP methods kept as they are; any other is ``_OTHER`` (OpenTelemetry's HTTP conventions).
+STANDARD_METHODS = frozenset("GET HEAD POST PUT DELETE CONNECT OPTIONS TRACE PATCH".split())
+
+
+def _method(scope: dict) -> str:
+    method = scope.get("method", "GET")
+    return method if method in STANDARD_METHODS else "_OTHER"
+
+
 def _route_label(scope: dict) -> str:
     route = scope.get("route")
     path = getattr(route, "path", None)
     if path is None:
-        # No matched route (404, or a plain ASGI app): a fixed label keeps the
-        # label set bounded whatever paths clients try.
-        return f"{scope.get('method', 'GET')} unmatched" if route is None else \
-            f"{scope.get('method', 'GET')} {scope.get('path', '')}"
-    return f"{scope.get('method', 'GET')} {path}"
+        # No matched route (404, a plain ASGI app) or no path template (a Host route): a
+        # fixed label keeps the label set bounded whatever clients try.
+        return f"{_method(scope)} " + ("unmatched" if route is None else
+                                       getattr(route, "name", None) or type(route).__name__)
+    return f"{_method(scope)} {path}"
 
 
 def _wrap_asgi(fn: Callable, runtime: Runtime) -> Callable:
@@ -548,6 +564,7 @@ def _wrap_asgi(fn: Callable, runtime: Runtime) -> Callable:
             _finish_route(hook, req, scope, status[0], error)
 
     functools.update_wrapper(__call__, fn)
+    __call__.__wrapped_by_ray_monitor__ = True
     return __call__
 
 
@@ -571,7 +588,9 @@ def _finish_route(hook: _Hook, req: Optional[_Request], scope: dict, status: Opt
             is_error = (status or 500) >= 500
         attrs = {"http.response.status_code": status or 500,
                  "http.route": getattr(scope.get("route"), "path", "") or "",
-                 "http.request.method": scope.get("method", "")}
+                 "http.request.method": _method(scope)}
+        if attrs["http.request.method"] == "_OTHER":
+            attrs["http.request.method_original"] = str(scope.get("method", ""))[:32]
         if req.span is not None:
             req.span.name = label
             if req.span.span is not None:
