@@ -31,7 +31,7 @@ class ReplicaLedger:
     totals: dict[str, int]  # totals of the newest snapshot received
     received: dict[str, int] = field(default_factory=dict)  # sum of the deltas received
     flush_s: Optional[float] = None  # the newest snapshot's report
-    flush_max_s: float = 0.0
+    flush_max_s: float = 0.0  # the longest flush the replica reported since it started
 
     def unaccounted(self) -> int:
         keys = set(self.totals) | set(self.base) | set(self.received)
@@ -72,9 +72,9 @@ class Ledger:
             led.flush_s = getattr(snap, "flush_s", None)
         for k, n in deltas.items():
             led.received[k] = led.received.get(k, 0) + n
-        flush_s = getattr(snap, "flush_s", None)
-        if flush_s is not None and flush_s > led.flush_max_s:
-            led.flush_max_s = flush_s
+        longest = max(getattr(snap, "flush_s", None) or 0.0, getattr(snap, "flush_max_s", 0.0))
+        if longest > led.flush_max_s:
+            led.flush_max_s = longest
 
     def forget(self, replica: str) -> None:
         self.replicas.pop(replica, None)
@@ -86,7 +86,7 @@ class Ledger:
 
     def by_deployment(self) -> dict[str, dict]:
         """``"application/deployment"`` -> totals by ``"method\\toutcome"``, requests
-        unaccounted, the longest flush reported since this aggregator started, replicas."""
+        unaccounted, the longest flush of any replica since it started, replicas."""
         out: dict[str, dict] = {}
         for led in self.replicas.values():
             key = f"{led.identity.application}/{led.identity.deployment}"

@@ -97,6 +97,7 @@ class ReplicaSnapshot:
     # restarted aggregator reads as the replica's own counters, and checks deliveries by
     totals: dict[str, int] = field(default_factory=dict)
     flush_s: Optional[float] = None  # how long the replica's previous flush took
+    flush_max_s: float = 0.0  # its longest flush since it started
 
 
 @dataclass

@@ -8,11 +8,17 @@ round the refs that finished are checked, and a batch whose call failed (the
 aggregator died or is restarting) goes back to the front of the buffer to be sent
 again. So while the aggregator is away the recorder's bounded buffer holds the
 snapshots, and they arrive, in order, once it is back.
+
+Nothing here waits on the network: finding the aggregator by name (a GCS call that
+takes a second while the actor restarts) runs on a thread of its own, and the handle
+found is kept across restarts (Ray sends its calls to the restarted actor); a failed
+call only starts another lookup, for an aggregator that was stopped and created anew.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Callable, Optional
 
@@ -36,17 +42,28 @@ class ActorSink:
         self.clock = clock
         self._actor = None
         self._next_lookup = 0.0
+        self._looking = False
         self._in_flight: list[tuple[object, list[ReplicaSnapshot]]] = []
 
-    def _lookup(self):
-        if self._actor is None and self.clock() >= self._next_lookup:
-            import ray
-
-            try:
-                self._actor = ray.get_actor(self.name, namespace=self.namespace)
-            except ValueError:  # not started (yet): keep buffering
-                self._next_lookup = self.clock() + LOOKUP_EVERY_S
+    def _lookup(self, again: bool = False):
+        """The aggregator's handle as last found; starts a lookup on another thread when
+        there is none yet (or ``again``, after a failed call), at most every 2 s."""
+        if (self._actor is None or again) and not self._looking \
+                and self.clock() >= self._next_lookup:
+            self._looking = True
+            self._next_lookup = self.clock() + LOOKUP_EVERY_S
+            threading.Thread(target=self._find, name="ray-monitor-lookup", daemon=True).start()
         return self._actor
+
+    def _find(self) -> None:
+        import ray
+
+        try:
+            self._actor = ray.get_actor(self.name, namespace=self.namespace)
+        except Exception:  # not started (yet), or Ray is going away: keep buffering
+            pass
+        finally:
+            self._looking = False
 
     def send(self, snapshots: list[ReplicaSnapshot]) -> list[ReplicaSnapshot]:
         import ray
@@ -65,7 +82,7 @@ class ActorSink:
                     ray.get(ref, timeout=0)
                 except Exception:
                     retry.extend(batch)  # the call failed: deliver again, in order
-                    self._actor = None
+                    self._lookup(again=True)
             self._in_flight = still
         pending = retry + snapshots
         if not pending or len(self._in_flight) >= MAX_IN_FLIGHT:
@@ -76,7 +93,7 @@ class ActorSink:
         try:
             ref = actor.ingest.remote(pending)
         except Exception:
-            self._actor = None
+            self._lookup(again=True)
             raise
         self._in_flight.append((ref, pending))
         return []

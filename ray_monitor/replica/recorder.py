@@ -218,7 +218,8 @@ class Recorder:
         self._seq += 1
         snap = ReplicaSnapshot(self.identity, self._seq, self._window_start, now, series,
                                inflight, health, self.self_errors.snapshot(), self._dropped,
-                               predictions, traces, dict(totals), self.last_flush_s)
+                               predictions, traces, dict(totals), self.last_flush_s,
+                               self.max_flush_s)
         self._window_start = now
         return snap
 

@@ -144,3 +144,37 @@ def test_snapshots_carry_totals_since_start_and_the_last_flush_time():
     third = rec.snapshot()
     assert third.totals == {"__call__\tok": 3, "__call__\tValueError": 1}
     assert third.flush_s is not None and third.flush_s >= 0
+
+
+def test_finding_the_aggregator_never_holds_the_flush(monkeypatch):
+    """ray.get_actor takes about a second while the aggregator restarts: it runs on a thread
+    of its own, and the handle found is kept across restarts."""
+    import ray
+
+    from ray_monitor.replica.delivery import ActorSink
+
+    release, calls = threading.Event(), []
+
+    class Actor:
+        class ingest:
+            @staticmethod
+            def remote(batch):
+                calls.append(len(batch))
+                return object()
+
+    def slow_get_actor(name, namespace=None):
+        release.wait(10)
+        return Actor()
+
+    monkeypatch.setattr(ray, "get_actor", slow_get_actor)
+    monkeypatch.setattr(ray, "wait", lambda refs, num_returns, timeout: (list(refs), []))
+    monkeypatch.setattr(ray, "get", lambda ref, timeout=None: None)
+    snaps = Recorder(identity=IDENT)
+    sink = ActorSink()
+    first = [snaps.snapshot()]
+    assert sink.send(first) == first  # no handle yet: kept, and the flush goes on
+    release.set()
+    wait = time.monotonic() + 10
+    while sink._actor is None and time.monotonic() < wait:
+        time.sleep(0.01)
+    assert sink.send(first + [snaps.snapshot()]) == [] and calls == [2]
