@@ -18,13 +18,13 @@ import uuid
 
 import pynvml
 import pytest
-import ray
 import requests
 from ray import serve
 
 from ray_monitor import monitor
 from tests.conftest import wait_until
 from tests.fake_nvml import set_cluster_nvml_fault
+from tests.helpers import kill_aggregator
 
 pytestmark = pytest.mark.ray
 
@@ -120,23 +120,6 @@ def _gpus_failing(mon) -> bool:
     return bool(gpus) and all(s.no_gpus_reason is not None for s in gpus.values())
 
 
-def _down(url: str) -> bool:
-    try:
-        requests.get(f"{url}/-/healthy", timeout=0.5)
-        return False
-    except requests.RequestException:
-        return True
-
-
-def _kill_and_wait(mon) -> float:
-    t0 = time.monotonic()
-    ray.kill(mon.actor, no_restart=False)
-    wait_until(lambda: _down(mon.url), timeout=30, interval=0.05, what="the old server to go")
-    wait_until(lambda: requests.get(f"{mon.url}/-/healthy", timeout=1).ok, timeout=90,
-               interval=0.2, what="the aggregator back after a kill")
-    return time.monotonic() - t0
-
-
 def test_steady_load_through_kills_a_dead_otlp_endpoint_and_nvml_failing(
         mon, serve_apps, serve_http):
     healthy, dead = f"fa{uuid.uuid4().hex[:6]}", f"fb{uuid.uuid4().hex[:6]}"
@@ -168,7 +151,7 @@ def test_steady_load_through_kills_a_dead_otlp_endpoint_and_nvml_failing(
             mark("NVML fails on every node")
             wait_until(lambda: _gpus_failing(mon), timeout=60, what="GPUs reported failing")
             mark("GPU actors report NVML failing")
-            took = _kill_and_wait(mon)
+            took = kill_aggregator(mon)
             mark(f"aggregator killed (1), back in {took:.1f} s; its new GPU actors start "
                  "while NVML fails")
             wait_until(lambda: _gpus_failing(mon), timeout=60, what="new GPU actors failing")
@@ -179,7 +162,7 @@ def test_steady_load_through_kills_a_dead_otlp_endpoint_and_nvml_failing(
             wait_until(lambda: _gpus_ok(mon), timeout=60, interval=0.2, what="GPU data back")
             gpu_back_s = time.monotonic() - fixed
             mark(f"GPU data back after {gpu_back_s:.1f} s")
-            took = _kill_and_wait(mon)
+            took = kill_aggregator(mon)
             mark(f"aggregator killed (2), back in {took:.1f} s")
             wait_until(lambda: load.sent >= MIN_REQUESTS + 1000, timeout=600, interval=1,
                        what=f"{MIN_REQUESTS} requests")

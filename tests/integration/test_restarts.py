@@ -15,6 +15,7 @@ import requests
 import ray_monitor
 from ray_monitor.common.errors import ConfigError
 from tests.conftest import wait_until
+from tests.helpers import kill_aggregator
 
 pytestmark = pytest.mark.ray
 
@@ -39,23 +40,11 @@ def _evaluations(url: str) -> float:
 def _kill_and_time_the_comeback(mon) -> tuple[float, float]:
     """Kills the aggregator; returns (seconds to HTTP, seconds to 3 new evaluations),
     watched over HTTP only: no actor call, which would wake a lazily started actor."""
-    ray.kill(mon.actor, no_restart=False)
     t0 = time.monotonic()
-    wait_until(lambda: _down(mon.url), timeout=30, interval=0.05, what="the old server to go")
-    wait_until(lambda: requests.get(f"{mon.url}/-/healthy", timeout=1).ok, timeout=60,
-               interval=0.1, what="HTTP back")
-    http_s = time.monotonic() - t0
+    http_s = kill_aggregator(mon)
     wait_until(lambda: _evaluations(mon.url) >= 3, timeout=60, interval=0.1,
                what="three evaluations")
     return http_s, time.monotonic() - t0
-
-
-def _down(url: str) -> bool:
-    try:
-        requests.get(f"{url}/-/healthy", timeout=0.5)
-        return False
-    except requests.RequestException:
-        return True
 
 
 def test_a_restarted_aggregator_serves_and_evaluates_at_once_with_nothing_running(mon):

@@ -415,22 +415,22 @@ def test_nvml_failing_at_start_is_tried_again_with_backoff_and_recovers(caplog):
     assert sum("GPU readings are back" in m for m in messages) == 1
 
 
-def test_backoff_is_capped_and_long_for_a_node_without_the_library():
+def _init_calls(init_error: int, seconds: int) -> int:
+    """nvmlInit calls over ``seconds`` of one-second samples while nvmlInit fails."""
     clock = Clock(0.0)
-    fake = FakeNvml(gpus=1, clock=clock, init_error=pynvml.NVML_ERROR_UNKNOWN)
+    fake = FakeNvml(gpus=1, clock=clock, init_error=init_error)
     sampler = make(fake, clock)
-    for _ in range(60):
+    for _ in range(seconds):
         sampler.sample()
         clock.advance(1.0)
+    return fake.calls["nvmlInit"]
+
+
+def test_backoff_is_capped_and_long_for_a_node_without_the_library():
     # 0, 1, 3, 7, then every 5 s (the cap) until 60.
-    assert fake.calls["nvmlInit"] == 4 + len(range(12, 60, 5))
-    clock2 = Clock(0.0)
-    none = FakeNvml(gpus=1, clock=clock2, init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
-    sampler = make(none, clock2)
-    for _ in range(120):
-        sampler.sample()
-        clock2.advance(1.0)
-    assert none.calls["nvmlInit"] == 7  # a CPU node: 0, 1, 3, 7, 15, 31, 63 s, then once a minute
+    assert _init_calls(pynvml.NVML_ERROR_UNKNOWN, 60) == 4 + len(range(12, 60, 5))
+    # a CPU node: 0, 1, 3, 7, 15, 31, 63 s, then once a minute
+    assert _init_calls(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND, 120) == 7
 
 
 def test_nvml_failing_under_a_running_sampler_is_started_afresh_and_readings_return():
