@@ -179,8 +179,9 @@ def _parse_steps(text: str, max_depth: int):
                 if isinstance(container, dict):
                     i = _key(text, i, stack)
                 break
-            if sep != ("]" if key is None else "}"):
-                raise _JsonError(f"expected ',' or '{']' if key is None else '}'}' at character {i}")
+            close = "]" if key is None else "}"
+            if sep != close:
+                raise _JsonError(f"expected ',' or '{close}' at character {i}")
             stack.pop()
             value, i = container, i + 1
 
