@@ -570,3 +570,28 @@ def test_email_over_real_smtp():
     assert "Subject: [FIRING:1] HighLatencyP99" in text
     assert "HighLatencyP99 on classifier" in text
     assert n.stats()["by_kind"]["email"]["sent"] == 1
+
+
+def test_a_restarted_aggregator_takes_its_notification_log_from_the_store():
+    """The log's own key (written before each send) wins; a state saved by an older
+    version, with the log inside, is read too."""
+    from ray_monitor.aggregator.core import AggregatorCore
+
+    key = 'alertname="HighLatencyP99"'
+    saved = {"version": 1, "log": {"webhook-0": {key: {"firing": ["f1"], "resolved": [],
+                                                         "at": T0, "unconfirmed": True}}}}
+    config = {"notifications": {"webhooks": [{"url": HOOK}]}}
+    core = AggregatorCore(config, clock=Clock(T0 + 5), load_log=lambda: saved)
+    try:
+        assert core.notifier.state_dict()["log"]["webhook-0"][key]["firing"] == ["f1"]
+        assert core.notifier.stats()["by_cause"]["unconfirmed_at_restart"] == 1
+    finally:
+        core.notifier.close(1)
+    alerts = AggregatorCore({}).engine.state_dict()
+    old = json.dumps({"alerts": alerts, "notifier": {**saved, "log": {"webhook-0": {
+        key: {"firing": ["f1"], "resolved": [], "at": T0}}}}}).encode()
+    core = AggregatorCore(config, clock=Clock(T0 + 5), load=lambda: old)
+    try:
+        assert core.notifier.state_dict()["log"]["webhook-0"][key]["firing"] == ["f1"]
+    finally:
+        core.notifier.close(1)
