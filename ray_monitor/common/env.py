@@ -180,6 +180,11 @@ OTLP_TRACES_PROTOCOL = EnvVar("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", None, _lower
                               "grpc or http/protobuf", "the OTLP transport of traces")
 OTLP_METRICS_PROTOCOL = EnvVar("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", None, _lower,
                                "grpc or http/protobuf", "the OTLP transport of metrics")
+OTLP_TIMEOUT = EnvVar("OTEL_EXPORTER_OTLP_TIMEOUT", None, text, "a timeout",
+                      "the OTLP exporters' timeout (read by the SDK; when unset, OTLP metrics "
+                      "use the shorter of 10 s and the export interval)")
+OTLP_METRICS_TIMEOUT = EnvVar("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", None, text, "a timeout",
+                              "the OTLP metric exporter's timeout (read by the SDK)")
 OTEL_METRIC_EXPORT_INTERVAL = EnvVar("OTEL_METRIC_EXPORT_INTERVAL", 60000.0, _millis,
                                      "milliseconds above 0", "how often OTLP metrics are sent")
 OTEL_SERVICE_NAME = EnvVar("OTEL_SERVICE_NAME", None, text, "a name",

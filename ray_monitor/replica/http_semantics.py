@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-__all__ = ["HttpRequest", "KNOWN_METHODS", "from_scope", "status_of"]
+__all__ = ["HttpRequest", "KNOWN_METHODS", "carry_traceparent", "from_scope", "method_label",
+           "status_of"]
 
 #: OpenTelemetry's known HTTP methods; others are reported as ``_OTHER``.
 KNOWN_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS",
@@ -40,18 +41,31 @@ class HttpRequest:
 
     def attributes(self) -> dict:
         """The request's span attributes (empty values left out)."""
-        method = self.method.upper()
         out: dict[str, Any] = {}
-        if method in KNOWN_METHODS:
-            out["http.request.method"] = method
-        elif method:
-            out["http.request.method"] = "_OTHER"
-            out["http.request.method_original"] = self.method[:64]
+        if self.method:
+            out["http.request.method"] = method_label(self.method)
+            if out["http.request.method"] == "_OTHER":
+                out["http.request.method_original"] = self.method[:64]
         if self.path:
             out["url.path"] = self.path
         if self.route:
             out["http.route"] = self.route
         return out
+
+
+def method_label(method: str) -> str:
+    """The method as OpenTelemetry's HTTP conventions name it: one of the standard nine,
+    else ``_OTHER`` (so clients cannot grow a label set or an attribute's values)."""
+    return method if method in KNOWN_METHODS else "_OTHER"
+
+
+def carry_traceparent(scope: dict, trace_id: int, span_id: int, sampled: bool) -> None:
+    """Makes ``scope``'s ``traceparent`` header the given span: an ASGI app's own
+    telemetry (FastAPI's) that reads its parent from the headers then continues it."""
+    tp = f"00-{trace_id:032x}-{span_id:016x}-{'01' if sampled else '00'}"
+    headers = [h for h in scope.get("headers", ()) if h[0] != b"traceparent"]
+    headers.append((b"traceparent", tp.encode("latin-1")))
+    scope["headers"] = headers
 
 
 def from_scope(scope: Any, route: Optional[str] = None) -> Optional[HttpRequest]:

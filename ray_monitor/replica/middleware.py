@@ -24,7 +24,8 @@ from typing import Any, Callable, Optional
 from opentelemetry import context as otel_context
 
 from ray_monitor.replica import tracing
-from ray_monitor.replica.http_semantics import from_scope, status_of
+from ray_monitor.replica.http_semantics import (carry_traceparent, from_scope, method_label,
+                                                status_of)
 from ray_monitor.replica.span_errors import error_type
 from ray_monitor.replica.options import UNSET, MonitorOptions, refuse
 from ray_monitor.quality.prediction import Prediction, validate_extractor_result
@@ -153,6 +154,13 @@ def _wrap_class(cls: type, options: MonitorOptions) -> type:
     __init__.__qualname__ = f"{cls.__qualname__}.__init__"
     ns["__init__"] = __init__
     wrapped = type(cls.__name__, (cls,), ns)
+
+    def __init_subclass__(sub, **kwargs):
+        # @serve.ingress(app) above @monitor: Serve's ASGI wrapper serves every route.
+        super(wrapped, sub).__init_subclass__(**kwargs)
+        if _is_asgi_wrapper(sub) and not hasattr(sub.__call__, "__wrapped_by_ray_monitor__"):
+            sub.__call__ = _wrap_asgi(sub.__call__, runtime)
+    wrapped.__init_subclass__ = classmethod(__init_subclass__)
     return wrapped
 
 
@@ -516,15 +524,19 @@ async def _timed_async_generator(hook: _Hook, req: Optional[_Request], agen,
 
 # -- FastAPI / ASGI ingress -----------------------------------------------------
 
+def _method(scope: dict) -> str:
+    return method_label(scope.get("method", "GET"))
+
+
 def _route_label(scope: dict) -> str:
     route = scope.get("route")
     path = getattr(route, "path", None)
     if path is None:
-        # No matched route (404, or a plain ASGI app): a fixed label keeps the
-        # label set bounded whatever paths clients try.
-        return f"{scope.get('method', 'GET')} unmatched" if route is None else \
-            f"{scope.get('method', 'GET')} {scope.get('path', '')}"
-    return f"{scope.get('method', 'GET')} {path}"
+        # No matched route (404, a plain ASGI app) or no path template (a Host route): a
+        # fixed label keeps the label set bounded whatever clients try.
+        return f"{_method(scope)} " + ("unmatched" if route is None else
+                                       getattr(route, "name", None) or type(route).__name__)
+    return f"{_method(scope)} {path}"
 
 
 def _wrap_asgi(fn: Callable, runtime: Runtime) -> Callable:
@@ -545,7 +557,10 @@ def _wrap_asgi(fn: Callable, runtime: Runtime) -> Callable:
         try:
             req = hook.start(scope, asgi=True)
             if req is not None and req.span is not None and req.tracer.attach_unsampled:
-                _carry_in_headers(scope, req.span)
+                # FastAPI's own span (on with any global TracerProvider, as Serve's
+                # tracing sets one) takes its parent from the headers alone.
+                rs = req.span
+                carry_traceparent(scope, rs.trace_id, rs.span_id, rs.sampled)
         except Exception as e:
             runtime.self_error("middleware_failed", e)
         error = None
@@ -558,17 +573,8 @@ def _wrap_asgi(fn: Callable, runtime: Runtime) -> Callable:
             _finish_route(hook, req, scope, status[0], error)
 
     functools.update_wrapper(__call__, fn)
+    __call__.__wrapped_by_ray_monitor__ = True
     return __call__
-
-
-def _carry_in_headers(scope: dict, rs: "tracing.RequestSpan") -> None:
-    """Our span as the request's ``traceparent``: FastAPI's own telemetry (on whenever a
-    global TracerProvider is set, as Serve's tracing does) takes its span's parent from
-    the headers alone, and would start a trace of its own."""
-    tp = f"00-{rs.trace_id:032x}-{rs.span_id:016x}-{'01' if rs.sampled else '00'}"
-    headers = [h for h in scope.get("headers", ()) if h[0] != b"traceparent"]
-    headers.append((b"traceparent", tp.encode("latin-1")))
-    scope["headers"] = headers
 
 
 def _finish_route(hook: _Hook, req: Optional[_Request], scope: dict, status: Optional[int],

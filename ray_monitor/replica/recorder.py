@@ -153,6 +153,7 @@ class Recorder:
                  on_flush: Optional[Callable[[ReplicaSnapshot], None]] = None,
                  max_predictions: int = MAX_PREDICTIONS_PER_FLUSH,
                  spans: Optional[SpanSource] = None,
+                 self_errors: Optional[SelfErrors] = None,
                  kept: Optional[KeptSource] = None) -> None:
         self.identity = identity
         self.sink = sink
@@ -165,7 +166,7 @@ class Recorder:
         self.spans = spans
         self.kept = kept
         self._predictions: list[Any] = []
-        self.self_errors = SelfErrors()
+        self.self_errors = self_errors if self_errors is not None else SelfErrors()
         self.methods: dict[str, MethodCells] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -173,6 +174,9 @@ class Recorder:
         self._window_start = clock()
         self._buffer: list[ReplicaSnapshot] = []
         self._dropped = 0
+        self._totals: dict[str, int] = {}  # "method\toutcome" -> requests since start
+        self.last_flush_s: Optional[float] = None
+        self.max_flush_s = 0.0
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -201,10 +205,13 @@ class Recorder:
             for m in self.methods.values():
                 m.cells = {}
             predictions, self._predictions = self._predictions, []
+        totals = self._totals
         for name, cells in taken:
             for outcome, c in cells.items():
                 series.append(SeriesDelta(name, outcome, c.error, c.latency, c.first_item,
                                           c.exemplars))
+                key = f"{name}\t{outcome}"
+                totals[key] = totals.get(key, 0) + c.latency.count
         traces: list[dict] = []
         if self.spans is not None:
             traces, drops = self.spans.drain()
@@ -225,7 +232,8 @@ class Recorder:
         self._seq += 1
         snap = ReplicaSnapshot(self.identity, self._seq, self._window_start, now, series,
                                inflight, health, self.self_errors.snapshot(), self._dropped,
-                               predictions, traces, kept_traces=kept)
+                               predictions, traces, dict(totals), self.last_flush_s,
+                               self.max_flush_s, kept_traces=kept)
         self._window_start = now
         return snap
 
@@ -239,7 +247,18 @@ class Recorder:
         return out
 
     def flush(self, now: Optional[float] = None) -> None:
-        """One round: snapshot, buffer, deliver what can be delivered."""
+        """One round: snapshot, buffer, deliver what can be delivered; timed, and the
+        time sent with the next snapshot (nothing in it may wait on a network)."""
+        t0 = time.perf_counter()
+        try:
+            self._flush(now)
+        finally:
+            took = time.perf_counter() - t0
+            self.last_flush_s = took
+            if took > self.max_flush_s:
+                self.max_flush_s = took
+
+    def _flush(self, now: Optional[float]) -> None:
         if self.sink is not None and len(self._buffer) >= self.buffer_size:
             # Make room first, oldest out: the newest data matters most to alerts, and
             # the new snapshot then tells the aggregator how many never arrived.

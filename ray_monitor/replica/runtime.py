@@ -22,12 +22,17 @@ from typing import Any, Optional
 from ray_monitor.common import env
 from ray_monitor.replica import otlp_refusal, propagation, tracing
 from ray_monitor.replica.options import MonitorOptions
-from ray_monitor.replica.recorder import Recorder, process_health
+from ray_monitor.replica.export_worker import quiet_otel_export_logs
+from ray_monitor.replica.recorder import Recorder, SelfErrors, process_health
 from ray_monitor.common.snapshot import ReplicaIdentity
 
 __all__ = ["Runtime", "resolve_identity"]
 
 logger = logging.getLogger(__name__)
+
+#: How long closing a replica waits for the OTLP exporters (a dead endpoint retries for
+#: seconds); the last snapshot to the aggregator never waits on them longer than this.
+CLOSE_EXPORT_WAIT_S = 2.0
 
 
 def resolve_identity(model_version: str) -> ReplicaIdentity:
@@ -81,14 +86,16 @@ class State:
         self.identity = resolve_identity(opts.model_version)
         from ray_monitor.replica.delivery import make_sinks
 
-        sink, on_flush = make_sinks(self.identity)
+        errors = SelfErrors()
+        quiet_otel_export_logs()  # the OTel exporters' own logs, once per cause
+        sink, on_flush = make_sinks(self.identity, on_failure=errors.count)
         # The aggregator's copy of kept spans: on unless tracing is off for the
         # deployment or RAY_MONITOR_TRACES=0.
         self.spans = tracing.SpanRecords() if opts.tracing_enabled is not False and \
             tracing.aggregator_traces_enabled() else None
         self.recorder = Recorder(identity=self.identity, sink=sink, on_flush=on_flush,
                                  flush_interval_s=opts.resolved("flush_interval_s"),
-                                 spans=self.spans)
+                                 spans=self.spans, self_errors=errors)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -194,10 +201,17 @@ class Runtime:
         self.state = None
         for hook in self.hooks:
             hook.cells = None
-        st.tracer.shutdown()  # first: the spans it still holds go into the last flush
+        # First the tracer, so the spans it still holds go into the last flush; but the
+        # SDK's batch processor flushes without a timeout, so never wait on it for long.
+        _bounded(st.tracer.shutdown, CLOSE_EXPORT_WAIT_S, "tracer_shutdown_slow",
+                 st.recorder.self_errors)
         if st.spans is not None:
             tracing.release_serve_spans(st.spans)
         st.recorder.close()
+        otlp = st.recorder.on_flush
+        if otlp is not None and hasattr(otlp, "shutdown"):
+            _bounded(otlp.shutdown, CLOSE_EXPORT_WAIT_S, "otlp_metrics_shutdown_slow",
+                     st.recorder.self_errors)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"target_name": self.target_name, "options": self.options, "hooks": self.hooks}
@@ -205,3 +219,17 @@ class Runtime:
     def __setstate__(self, d: dict[str, Any]) -> None:
         self.__init__(d["target_name"], d["options"])
         self.hooks = d["hooks"]
+
+
+def _bounded(fn, timeout: float, cause: str, errors: SelfErrors) -> None:
+    """Runs ``fn`` on a daemon thread and waits at most ``timeout`` for it."""
+    def run() -> None:
+        try:
+            fn()
+        except Exception as e:
+            errors.count(f"{cause}:{type(e).__name__}", e)
+    t = threading.Thread(target=run, name="ray-monitor-close", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        errors.count(cause)

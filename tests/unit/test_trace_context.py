@@ -363,3 +363,17 @@ def test_serve_tracing_config_keeps_serves_ratio_unless_told():
     assert serve_tracing_config(0.5).sampling_ratio == 0.5
     assert serve_tracing_config().exporter_import_path == \
         "ray_monitor.tracing:serve_span_processors"
+
+
+def test_an_aggregator_from_before_kept_traces_still_gets_the_snapshots():
+    got = []
+
+    class Old:
+        class ingest:
+            @staticmethod
+            def remote(batch):  # no cursor argument
+                got.append(batch)
+                return "ref"
+    sink = ActorSink()
+    assert sink._ingest(Old, ["s1"]) == "ref" and sink._ingest(Old, ["s2"]) == "ref"
+    assert got == [["s1"], ["s2"]] and sink._old_aggregator
