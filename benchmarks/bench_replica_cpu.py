@@ -2,7 +2,7 @@
 processes themselves, monitored against plain, with a plain-against-plain control.
 
     .venv/bin/python benchmarks/bench_replica_cpu.py [--requests 2000] [--runs 3]
-        [--concurrency 8] [--paths http,handle] [--variant NAME=KIND[:VAR=VALUE,...]]...
+        [--chunks 10] [--concurrency 8] [--paths http,handle] [--variant NAME=KIND[:VAR=VALUE,...]]...
         [--app MODULE:FUNCTION] [--serve-tracing RATIO] [--no-aggregator] [--json OUT]
 
 Throughput on a shared machine swings more than the difference being measured (two runs
@@ -15,8 +15,10 @@ summed over the application's deployments. A replica also burns CPU when idle (R
 and Serve's own threads, ray-monitor's flush every second), in proportion to time, not
 requests; so before each round the same processes are watched idle for ``--idle-s``,
 and that rate times the round's duration is taken off ("net"; "raw" keeps it, and the
-idle rate is reported too). Runs interleave the variants in a rotated order; the table
-gives the median over ``--runs`` with min..max, and each variant's ratio to ``plain``.
+idle rate is reported too). Within a run the variants take turns in ``--chunks``
+chunks of the requests (a load swing on a shared machine falls on all of them alike);
+runs rotate the order. The table gives the median over ``--runs`` with min..max, and
+each variant's ratio to ``plain``.
 ``plain-control`` is a second plain application: its ratio to ``plain`` is what this
 machine's noise alone makes of "no difference".
 
@@ -162,6 +164,16 @@ def drive_handle(handle, n: int, concurrency: int) -> int:
     return asyncio.run(go())
 
 
+def idle_rates(pids: dict, seconds: float) -> dict:
+    """CPU seconds per second each process burns with no request (0 when not watched)."""
+    if seconds <= 0:
+        return {d: 0.0 for d in pids}
+    t0, c0 = time.monotonic(), {d: cpu_seconds(p) for d, p in pids.items()}
+    time.sleep(seconds)
+    dt = time.monotonic() - t0
+    return {d: (cpu_seconds(p) - c0[d]) / dt for d, p in pids.items()}
+
+
 def parse_variant(spec: str) -> tuple[str, bool, dict]:
     name, _, rest = spec.partition("=")
     kind, _, env_text = rest.partition(":")
@@ -201,7 +213,9 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--idle-s", type=float, default=2.0,
-                    help="idle watch before each round (0: none)")
+                    help="idle watch of each variant before each run (0: none)")
+    ap.add_argument("--chunks", type=int, default=10,
+                    help="each run's requests go in this many chunks, variants in turn")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--paths", default="http,handle")
     ap.add_argument("--variant", action="append", default=None,
@@ -274,27 +288,36 @@ def main(argv=None) -> int:
         for run in range(args.runs):
             for path in paths:
                 k = run % len(names)
-                for name in names[k:] + names[:k]:
-                    app, handle, pids = apps[name]
-                    idle = {d: 0.0 for d in pids}
-                    if args.idle_s > 0:
-                        t0, c0 = time.monotonic(), {d: cpu_seconds(p) for d, p in pids.items()}
-                        time.sleep(args.idle_s)
-                        dt = time.monotonic() - t0
-                        idle = {d: (cpu_seconds(p) - c0[d]) / dt for d, p in pids.items()}
-                    t0, before = time.monotonic(), {d: cpu_seconds(p) for d, p in pids.items()}
-                    ok = drive_http(port, f"/{app}", args.requests, args.concurrency) \
-                        if path == "http" else drive_handle(handle, args.requests,
-                                                             args.concurrency)
-                    wall = time.monotonic() - t0
-                    after = {d: cpu_seconds(p) for d, p in pids.items()}
-                    raw = {d: after[d] - before[d] for d in pids}
-                    by_dep = {d: (raw[d] - idle[d] * wall) / max(ok, 1) * 1e6 for d in pids}
+                order = names[k:] + names[:k]
+                idle = {n: idle_rates(apps[n][2], args.idle_s) for n in order}
+                acc = {n: {"requests": 0, "seconds": 0.0, "raw": {d: 0.0 for d in apps[n][2]}}
+                       for n in order}
+                # Small chunks, every variant in turn: a load swing on the machine falls
+                # on all of them alike.
+                for c in range(args.chunks):
+                    n_chunk = args.requests // args.chunks + (c < args.requests % args.chunks)
+                    for name in order:
+                        app, handle, pids = apps[name]
+                        t0, before = time.monotonic(), {d: cpu_seconds(p) for d, p in
+                                                        pids.items()}
+                        ok = drive_http(port, f"/{app}", n_chunk, args.concurrency) \
+                            if path == "http" else drive_handle(handle, n_chunk,
+                                                                 args.concurrency)
+                        a = acc[name]
+                        a["seconds"] += time.monotonic() - t0
+                        a["requests"] += ok
+                        for d, p in pids.items():
+                            a["raw"][d] += cpu_seconds(p) - before[d]
+                for name in order:
+                    a, rate = acc[name], idle[name]
+                    ok, wall = max(a["requests"], 1), a["seconds"]
+                    by_dep = {d: (a["raw"][d] - rate[d] * wall) / ok * 1e6 for d in a["raw"]}
                     samples[path][name].append({
-                        "requests": ok, "seconds": wall, "requests_per_s": ok / wall,
-                        "by_deployment": by_dep, "us_per_request": sum(by_dep.values()),
-                        "raw_us_per_request": sum(raw.values()) / max(ok, 1) * 1e6,
-                        "idle_ms_per_s": sum(idle.values()) * 1e3})
+                        "requests": a["requests"], "seconds": wall,
+                        "requests_per_s": a["requests"] / wall, "by_deployment": by_dep,
+                        "us_per_request": sum(by_dep.values()),
+                        "raw_us_per_request": sum(a["raw"].values()) / ok * 1e6,
+                        "idle_ms_per_s": sum(rate.values()) * 1e3})
             print(f"run {run + 1}/{args.runs} done; load average {os.getloadavg()}")
     finally:
         try:
