@@ -12,6 +12,12 @@ inside one coroutine, on one event loop):
 - ``monitor unsampled``: ``@monitor(tracing_enabled=True, sample_ratio=0.0)``, the
   fast path that still keeps slow and failed requests;
 - ``monitor sampled``: ``@monitor(tracing_enabled=True, sample_ratio=1.0)``;
+- ``monitor unsampled, in context``: unsampled, under a caller's context (Ray Serve's
+  request context carrying a ``traceparent``, as a downstream deployment gets it) and
+  with a global TracerProvider set (as Serve's tracing sets one), so the request's
+  context is made current around the method;
+- ``monitor kept``: unsampled, and every call is slow (``slow_threshold_s=1e-9``): the
+  span is made when the request ends, as for a failed or slow request;
 - ``otel metrics`` / ``otel unsampled`` / ``otel sampled``: the same signals written by
   hand, idiomatically (pre-bound attribute dicts, ``time.perf_counter()`` around the
   body): a histogram record (seconds) and a counter add with the labels application,
@@ -19,7 +25,11 @@ inside one coroutine, on one event loop):
   span from ``start_as_current_span`` under ``ParentBased(TraceIdRatioBased(1 or 0))``.
 
 Plus a streaming case: a generator (and an async generator) of 10 items, drained per
-request, wrapped against unwrapped.
+request, wrapped against unwrapped; the caller's side of a handle call (the hook that
+carries the request's context in Serve's ``RequestMetadata``, against the same call
+unhooked); and the flush thread's cost of making a held span once its request is kept
+elsewhere. Groups the code under test lacks (an older ray-monitor) are left out, so the
+same script measures before and after a change (``PYTHONPATH=OLD_TREE``).
 
 Both tracing sides export through a ``BatchSpanProcessor`` to the same no-op exporter,
 so they pay the same export cost. The monitor's runtime builds its tracer from the
@@ -38,6 +48,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -56,6 +67,9 @@ from opentelemetry.trace import SpanKind
 
 from ray_monitor import monitor
 from ray_monitor.replica import tracing
+
+# Absent before issue 10: the groups that need it are left out.
+HAS_PROPAGATION = importlib.util.find_spec("ray_monitor.replica.propagation") is not None
 
 US = 1000.0
 TARGET_METRICS_NS = 3 * US
@@ -93,7 +107,7 @@ def plain_class() -> type:
     return Model
 
 
-def monitored(**options) -> object:
+def monitored(*, in_context: bool = False, **options) -> object:
     cls = monitor(**options)(plain_class())
     m = cls()  # starts the runtime, as a replica's constructor does
     st = cls.__ray_monitor__.state
@@ -104,7 +118,24 @@ def monitored(**options) -> object:
             resource=dict(old.provider.resource.attributes), exporter=NullExporter(),
             on_failure=st.recorder.self_errors.count, enabled=True)
         old.shutdown()
+        if in_context:
+            st.tracer.attach_unsampled = True  # as with a global provider (Serve's tracing)
     return m
+
+
+def in_serve_request(fn: Callable[[int], float], traceparent: str) -> Callable[[int], float]:
+    """``fn`` run inside Ray Serve's request context with a caller's ``traceparent``."""
+    from ray.serve.context import _RequestContext, _serve_request_context
+
+    ctx = _RequestContext(request_id="bench", _ray_trace_ctx={"traceparent": traceparent})
+
+    def run(n: int) -> float:
+        token = _serve_request_context.set(ctx)
+        try:
+            return fn(n)
+        finally:
+            _serve_request_context.reset(token)
+    return run
 
 
 def handwritten(*, traced: bool, sample_ratio: float = 1.0) -> object:
@@ -220,28 +251,115 @@ def build_cases(loop: asyncio.AbstractEventLoop) -> dict[str, dict[str, Callable
     plain = plain_class()()
     mon = {"monitor metrics": monitored(tracing_enabled=False),
            "monitor unsampled": monitored(tracing_enabled=True, sample_ratio=0.0),
-           "monitor sampled": monitored(tracing_enabled=True, sample_ratio=1.0)}
+           "monitor sampled": monitored(tracing_enabled=True, sample_ratio=1.0),
+           "monitor kept": monitored(tracing_enabled=True, sample_ratio=0.0,
+                                     slow_threshold_s=1e-9)}
+    if HAS_PROPAGATION:
+        mon["monitor unsampled, in context"] = monitored(tracing_enabled=True,
+                                                         sample_ratio=1.0, in_context=True)
     otel = {"otel metrics": handwritten(traced=False),
             "otel unsampled": handwritten(traced=True, sample_ratio=0.0),
             "otel sampled": handwritten(traced=True, sample_ratio=1.0)}
     every = {"unwrapped": plain, **mon, **otel}
     streams = {"unwrapped": plain, **mon}
 
+    unsampled_caller = f"00-{'ab' * 16}-{'cd' * 8}-00"
+
     def sync(m):
-        return lambda n: time_sync(m.sync, n)
+        run = lambda n: time_sync(m.sync, n)  # noqa: E731
+        return in_serve_request(run, unsampled_caller) if m is mon.get(
+            "monitor unsampled, in context") else run
 
     def coro(m):
-        return lambda n: loop.run_until_complete(_time_coro(m.coro, n))
+        run = lambda n: loop.run_until_complete(_time_coro(m.coro, n))  # noqa: E731
+        return in_serve_request(run, unsampled_caller) if m is mon.get(
+            "monitor unsampled, in context") else run
 
     def gen(m):
         return lambda n: time_gen(m.gen, n)
 
     def agen(m):
         return lambda n: loop.run_until_complete(_time_agen(m.agen, n))
-    return {"sync": {k: sync(m) for k, m in every.items()},
-            "async": {k: coro(m) for k, m in every.items()},
-            f"generator x{STREAM_ITEMS}": {k: gen(m) for k, m in streams.items()},
-            f"async generator x{STREAM_ITEMS}": {k: agen(m) for k, m in streams.items()}}
+    cases = {"sync": {k: sync(m) for k, m in every.items()},
+             "async": {k: coro(m) for k, m in every.items()},
+             f"generator x{STREAM_ITEMS}": {k: gen(m) for k, m in streams.items()},
+             f"async generator x{STREAM_ITEMS}": {k: agen(m) for k, m in streams.items()}}
+    if HAS_PROPAGATION:
+        cases["handle call, caller's side"] = handle_call_cases()
+    return cases
+
+
+def handle_call_cases() -> dict[str, Callable[[int], float]]:
+    """``RunningReplica.try_send_request`` as Serve calls it once per handle call:
+    unhooked, and with ray-monitor's hook inside an unsampled and a sampled request."""
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+    from ray.serve._private.common import RequestMetadata
+
+    from ray_monitor.replica import propagation
+
+    md = RequestMetadata(request_id="r", internal_request_id="i")
+
+    def send(self, pr, with_rejection):
+        return pr
+
+    hooked = propagation._wrap(send)
+
+    class Pending:
+        metadata = md
+
+    pr = Pending()
+
+    def loop(fn) -> Callable[[int], float]:
+        def run(n: int) -> float:
+            t0 = time.perf_counter_ns()
+            for _ in range(n):
+                md.tracing_context = None  # a new call: Serve left it empty
+                fn(None, pr, False)
+            return (time.perf_counter_ns() - t0) / n
+        return run
+
+    class Request:  # what the hook reads of the request's span
+        trace_id, span_id, sampled, tracestate = 0xab, 0xcd, False, None
+
+    def within(run, sampled: bool) -> Callable[[int], float]:
+        provider = TracerProvider()
+
+        def wrapped(n: int) -> float:
+            token = propagation.CURRENT.set(Request())
+            span = provider.get_tracer("b").start_span("caller") if sampled else None
+            ctx = otel_context.attach(trace.set_span_in_context(span)) if span else None
+            try:
+                return run(n)
+            finally:
+                if ctx is not None:
+                    otel_context.detach(ctx)
+                propagation.CURRENT.reset(token)
+        return wrapped
+    return {"unwrapped": loop(send), "hook, unsampled request": within(loop(hooked), False),
+            "hook, sampled request": within(loop(hooked), True)}
+
+
+def held_span_cost(n: int = 2000) -> dict:
+    """The flush thread's side of whole-request tail keeping: holding ``n`` unsampled
+    fast requests, then making their spans once the aggregator names their traces, and
+    a scan of a full ring that names nothing held."""
+    tracer = tracing.Tracer(sample_ratio=0.0, slow_threshold_s=1.0, exporter=NullExporter(),
+                            enabled=True, hold=n)
+    ids = []
+    for _ in range(n):
+        rs = tracer.begin("Model.sync", {"ray.serve.method": "sync"}, None)
+        tracer.end(rs, 0.0001, None)
+        ids.append(f"{rs.trace_id:032x}")
+    t0 = time.perf_counter_ns()
+    tracer.export_kept(["0" * 31 + "1"])
+    scan = time.perf_counter_ns() - t0
+    t0 = time.perf_counter_ns()
+    made = tracer.export_kept(ids)
+    spent = time.perf_counter_ns() - t0
+    tracer.shutdown()
+    return {"held": n, "made": made, "ns_per_span_made": spent / max(made, 1),
+            "ns_scan_full_ring_nothing_named": scan}
 
 
 def measure(cases, calls: int, repeats: int) -> dict[str, dict[str, list[float]]]:
@@ -262,12 +380,13 @@ def measure(cases, calls: int, repeats: int) -> dict[str, dict[str, list[float]]
 # -- report ---------------------------------------------------------------------
 
 HANDWRITTEN = {"monitor metrics": "otel metrics", "monitor unsampled": "otel unsampled",
-               "monitor sampled": "otel sampled"}
+               "monitor sampled": "otel sampled", "monitor kept": "otel sampled",
+               "monitor unsampled, in context": "otel unsampled"}
 
 
 def verdict(variant: str, overhead: float, ratio: float | None) -> str:
-    limit = {"monitor metrics": TARGET_METRICS_NS,
-             "monitor unsampled": TARGET_UNSAMPLED_NS}.get(variant)
+    limit = {"monitor metrics": TARGET_METRICS_NS, "monitor unsampled": TARGET_UNSAMPLED_NS,
+             "monitor unsampled, in context": TARGET_UNSAMPLED_NS}.get(variant)
     checks = []
     if limit is not None:
         checks.append(overhead <= limit)
@@ -367,6 +486,12 @@ def main(argv=None) -> int:
         loop.close()
     rows = summarize(samples)
     print_table(rows)
+    held = held_span_cost() if HAS_PROPAGATION else None
+    if held is not None:
+        print(f"\nheld spans (flush thread): {held['ns_per_span_made'] / US:.1f} us per held "
+              f"span made once its trace is named ({held['made']} made); a scan of a full "
+              f"ring of {held['held']} naming nothing: "
+              f"{held['ns_scan_full_ring_nothing_named'] / US:.0f} us")
     env["loadavg_end"] = os.getloadavg()
     env["reference_ns_end"] = reference_ns()
     print(f"\ntargets: monitor metrics overhead <= {TARGET_METRICS_NS:.0f} ns, monitor "
@@ -377,7 +502,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "calls": args.calls, "repeats": args.repeats,
-                       "rows": rows, "samples_ns": samples}, f, indent=2)
+                       "rows": rows, "samples_ns": samples, "held_spans": held}, f, indent=2)
     return 0
 
 

@@ -3,8 +3,11 @@
 The receiver starts before the cluster, and the ``OTEL_*`` variables that point at it
 are set before the raylet starts, so every replica (a child of the raylet) exports
 its spans and metrics to it over the wire. Ray Serve's own tracing is on for the
-session through ``RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH``: the documented setting that
-makes a request one trace from the caller's ``traceparent`` through every deployment.
+session through ``RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH``, as the README sets it up, at
+Serve's default sampling ratio (0.01): the setting people run, so a test that needs a
+head-sampled trace sends a sampled ``traceparent``, as a real client would. Serve's
+tracing off, and other ratios, run on small clusters of their own
+(tests/integration/test_traces_clusters.py).
 """
 
 from __future__ import annotations
@@ -52,6 +55,19 @@ def capture_server():
         yield server
 
 
+@pytest.fixture
+def otlp_env(monkeypatch):
+    """A real OTLP receiver of this test's own, and the standard variables pointing at
+    it (for code that runs in the test's process; the cluster's is ``otlp``)."""
+    from tests.otlp_receiver import OtlpReceiver
+
+    with OtlpReceiver() as rx:
+        for k, v in rx.env("http/protobuf").items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "20")
+        yield rx
+
+
 @pytest.fixture(scope="session")
 def otlp():
     from tests.otlp_receiver import OtlpReceiver
@@ -67,15 +83,19 @@ def ray_cluster(otlp, tmp_path_factory):
     env = {**otlp.env("grpc"), "OTEL_BSP_SCHEDULE_DELAY": "100",
            "OTEL_METRIC_EXPORT_INTERVAL": "1000", "RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "1",
            "RAY_DEDUP_LOGS": "0",
-           # The documented setting for end-to-end traces: Serve's own tracing (proxy,
-           # routing, replicas) exports through ray-monitor; ratio 1 so every test
-           # request is head-sampled.
+           # The README's setting: Serve's own tracing (proxy, routing, replicas) exports
+           # through ray-monitor, at Serve's default ratio (RAY_SERVE_TRACING_SAMPLING_RATIO
+           # unset: 0.01).
            "RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH": "ray_monitor.tracing:serve_span_processors",
-           "RAY_SERVE_TRACING_SAMPLING_RATIO": "1.0", "PYTHONPATH": os.pathsep.join(
+           "RAY_SERVE_TRACING_SAMPLING_RATIO": None, "PYTHONPATH": os.pathsep.join(
                [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                 os.environ.get("PYTHONPATH", "")])}
     saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     import ray
     from ray.cluster_utils import Cluster
 

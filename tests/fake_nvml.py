@@ -14,8 +14,10 @@ Inside a real ``GpuStatsActor`` (``nvml_factory="tests.fake_nvml:make_fake"``) t
 be reached from the test, so ``make_fake()`` reads extra compute processes from Ray's GCS
 key-value store on every call: a test on the cluster publishes them with
 ``set_cluster_processes([ExtraProcess(gpu=0, pid=replica_pid, used_memory=GiB)])`` and
-withdraws them with ``set_cluster_processes([])``. The store is per cluster, so concurrent
-test sessions on other clusters never see each other's processes.
+withdraws them with ``set_cluster_processes([])``; it makes every NVML call of every node
+fail with ``set_cluster_nvml_fault(pynvml.NVML_ERROR_UNKNOWN)`` (``nvmlInit`` included: a
+driver going away) and work again with ``set_cluster_nvml_fault(None)``. The store is per
+cluster, so concurrent test sessions on other clusters never see each other's processes.
 """
 
 from __future__ import annotations
@@ -119,7 +121,8 @@ class FakeNvml:
 
     def __init__(self, *, gpus: Union[int, list[FakeGpu]] = 2, clock: Callable[[], float] = time.time,
                  init_error: Optional[int] = None, missing: tuple[str, ...] = (),
-                 process_source: Optional[Callable[[], Sequence[ExtraProcess]]] = None) -> None:
+                 process_source: Optional[Callable[[], Sequence[ExtraProcess]]] = None,
+                 fault_source: Optional[Callable[[], Optional[int]]] = None) -> None:
         self.gpus = [FakeGpu() for _ in range(gpus)] if isinstance(gpus, int) else list(gpus)
         for i, gpu in enumerate(self.gpus):
             gpu.uuid = gpu.uuid or f"GPU-00000000-0000-0000-0000-{i:012d}"
@@ -127,6 +130,8 @@ class FakeNvml:
         self.init_error = init_error
         self.missing = set(missing)
         self.process_source = process_source  # called at every process query
+        self.fault_source = fault_source  # an NVML error code every call raises, or None
+        self._fault_read = (-1.0, None)  # (monotonic time read, code): read at most 4x a second
         self.calls: Counter = Counter()
         self.process_util_since: list[int] = []  # the timestamps nvmlDeviceGetProcessUtilization was given
         self.event_sets: list[FakeEventSet] = []
@@ -164,6 +169,12 @@ class FakeNvml:
     # -- plumbing ---------------------------------------------------------------------------
 
     def _enter(self, name: str, handle: Optional[FakeHandle] = None) -> None:
+        if self.fault_source is not None:
+            code = self._cluster_fault()
+            if code is not None:
+                with self._lock:
+                    self.calls[name] += 1
+                raise pynvml.NVMLError(code)
         with self._lock:
             self.calls[name] += 1
             for key in (name, "*" if handle is not None else None):
@@ -175,6 +186,14 @@ class FakeNvml:
                             continue
                         fault.times -= 1
                     raise pynvml.NVMLError(fault.code)
+
+    def _cluster_fault(self) -> Optional[int]:
+        read_at, code = self._fault_read
+        now = time.monotonic()
+        if now - read_at > 0.25:
+            code = self.fault_source()
+            self._fault_read = (now, code)
+        return code
 
     def _t(self) -> float:
         return self.clock()
@@ -407,6 +426,8 @@ class FakeNvml:
 
 #: Where ``set_cluster_processes`` puts the extra processes (Ray's GCS key-value store).
 KV_KEY = b"fake_nvml/processes"
+#: Where ``set_cluster_nvml_fault`` puts the error code every call raises.
+FAULT_KEY = b"fake_nvml/fault"
 KV_NAMESPACE = "ray_monitor_tests"
 
 
@@ -432,8 +453,28 @@ def cluster_processes() -> list[ExtraProcess]:
     return [p for p in (ExtraProcess(**d) for d in json.loads(raw)) if p.node_id in ("", node_id)]
 
 
+def set_cluster_nvml_fault(code: Optional[int]) -> None:
+    """From a driver connected to the cluster: every ``make_fake()`` NVML call raises
+    ``pynvml.NVMLError(code)`` from now on (within a quarter second); None: none does."""
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(FAULT_KEY, json.dumps(code).encode(), overwrite=True,
+                                 namespace=KV_NAMESPACE)
+
+
+def cluster_nvml_fault() -> Optional[int]:
+    import ray
+    from ray.experimental import internal_kv
+
+    if not ray.is_initialized():
+        return None
+    raw = internal_kv._internal_kv_get(FAULT_KEY, namespace=KV_NAMESPACE)
+    return json.loads(raw) if raw else None
+
+
 def make_fake() -> FakeNvml:
     """Two busy H100s, for a real GpuStatsActor: ``nvml_factory="tests.fake_nvml:make_fake"``.
 
-    Their compute processes are those published with ``set_cluster_processes``."""
-    return FakeNvml(gpus=2, process_source=cluster_processes)
+    Their compute processes are those published with ``set_cluster_processes``; their
+    faults, the one set with ``set_cluster_nvml_fault``."""
+    return FakeNvml(gpus=2, process_source=cluster_processes, fault_source=cluster_nvml_fault)

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from ray_monitor.common.histogram import Histogram
 
-__all__ = ["Captured", "CaptureServer", "Clock", "hist"]
+__all__ = ["Captured", "CaptureServer", "Clock", "hist", "http_down", "kill_aggregator"]
 
 
 class Clock:
@@ -120,3 +120,33 @@ class CaptureServer:
 
     def __exit__(self, *exc: Optional[BaseException]) -> None:
         self.stop()
+
+
+def http_down(url: str) -> bool:
+    """Whether nothing answers ``url``/-/healthy (within half a second)."""
+    import requests
+
+    try:
+        requests.get(f"{url}/-/healthy", timeout=0.5)
+        return False
+    except requests.RequestException:
+        return True
+
+
+def kill_aggregator(mon) -> float:
+    """Kills the aggregator (Ray restarts it) and waits, over HTTP only, for the old server
+    to go and the new one to answer; returns the seconds that took. No actor call: that
+    would wake an aggregator that starts only when called."""
+    import time
+
+    import ray
+    import requests
+
+    from tests.conftest import wait_until
+
+    t0 = time.monotonic()
+    ray.kill(mon.actor, no_restart=False)
+    wait_until(lambda: http_down(mon.url), timeout=30, interval=0.05, what="the old server to go")
+    wait_until(lambda: requests.get(f"{mon.url}/-/healthy", timeout=1).ok, timeout=90,
+               interval=0.1, what="the aggregator back after a kill")
+    return time.monotonic() - t0

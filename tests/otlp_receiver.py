@@ -13,7 +13,9 @@ test asserts what a user would see in a backend::
         spans = rx.wait_for(lambda r: [s for s in r.spans() if s.name == "predict"])
 
 ``fail_next`` makes the next export requests fail the way a collector does when it is
-overloaded or rejects data, for tests of the exporting side's retries and drops.
+overloaded or rejects data, for tests of the exporting side's retries and drops;
+``refuse`` makes it a backend that does not take a signal at all (Arize Phoenix answers
+405 on ``/v1/metrics``; over gRPC such a backend answers UNIMPLEMENTED).
 """
 
 from __future__ import annotations
@@ -132,6 +134,7 @@ class _Store:
     logs: list[ReceivedLog] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=lambda: {"grpc": 0, "http": 0, "rejected": 0})
     failures: _Failures = field(default_factory=_Failures)
+    refused: dict[str, int] = field(default_factory=dict)  # signal -> HTTP status answered
 
 
 class OtlpReceiver:
@@ -291,6 +294,27 @@ class OtlpReceiver:
         with self._cond:
             self._store.failures = _Failures(n, grpc_code, http_status, retry_after)
 
+    def refuse(self, *signals: str, http_status: int = 405) -> None:
+        """From now on, answer every export of ``signals`` (``traces``, ``metrics``,
+        ``logs``) with ``http_status`` (404 or 405) over HTTP and UNIMPLEMENTED over gRPC,
+        as a backend that does not take them; counted as ``rejected``."""
+        unknown = [s for s in signals if s not in _SIGNALS]
+        if unknown or not signals:
+            raise ValueError(f"signals must be some of {_SIGNALS}, got {signals!r}")
+        if http_status not in (404, 405):
+            raise ValueError(f"http_status must be 404 or 405, got {http_status!r}")
+        with self._cond:
+            for s in signals:
+                self._store.refused[s] = http_status
+
+    def _refuses(self, signal: str) -> int | None:
+        with self._cond:
+            status = self._store.refused.get(signal)
+            if status is not None:
+                self._store.counts["rejected"] += 1
+                self._cond.notify_all()
+            return status
+
     def wait_for(
         self,
         predicate: Callable[[OtlpReceiver], T],
@@ -388,6 +412,7 @@ class OtlpReceiver:
 
 
 _SUMMARY_LIMIT = 20
+_SIGNALS = ("traces", "metrics", "logs")
 
 
 def _describe(predicate: Callable[..., Any]) -> str:
@@ -410,6 +435,10 @@ def _span_summary(span: ReceivedSpan) -> str:
 def _grpc_export(
     receiver: OtlpReceiver, request: Any, context: grpc.ServicerContext, response: T
 ) -> T:
+    if receiver._refuses(_signal_of(request)) is not None:
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details("this receiver does not take this signal (OtlpReceiver.refuse)")
+        return response
     failure = receiver._admit()
     if failure is None:
         receiver._accept(request, "grpc")
@@ -509,6 +538,10 @@ class _HttpHandler(BaseHTTPRequestHandler):
         except (OSError, zlib.error, DecodeError) as error:
             return self._error(400, f"cannot decode {request_type.__name__}: {error}")
         receiver: OtlpReceiver = self.server.receiver  # type: ignore[attr-defined]
+        refused = receiver._refuses(_signal_of(request))
+        if refused is not None:
+            return self._error(refused, "this receiver does not take this signal "
+                               "(OtlpReceiver.refuse)")
         failure = receiver._admit()
         if failure is not None:
             headers = (
@@ -541,6 +574,14 @@ class _HttpHandler(BaseHTTPRequestHandler):
 
 
 # -- decoding --------------------------------------------------------------------------
+
+
+def _signal_of(request: Any) -> str:
+    if isinstance(request, trace_service_pb2.ExportTraceServiceRequest):
+        return "traces"
+    if isinstance(request, metrics_service_pb2.ExportMetricsServiceRequest):
+        return "metrics"
+    return "logs"
 
 
 def _value(any_value: common_pb2.AnyValue) -> Any:

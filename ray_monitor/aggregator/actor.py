@@ -6,7 +6,9 @@ modules under it. Everything runs on the actor's event loop, so ingestion, evalu
 the HTTP server never race; evaluation happens every ``eval_interval_s`` and hands alerts
 to the notifier's queue, which sends from a thread of its own. What must outlive a
 restart is kept in Ray's GCS (:mod:`~ray_monitor.aggregator.persistence`), so a restarted
-aggregator resumes where it stopped, on the port it had.
+aggregator resumes where it stopped, on the port it had. It starts by itself: the
+constructor queues a call to its own ``ready()``, so a restarted aggregator serves HTTP
+and evaluates rules at once, whether or not any replica is left to send it data.
 """
 
 from __future__ import annotations
@@ -20,16 +22,22 @@ import ray
 
 from ray_monitor.aggregator import persistence
 from ray_monitor.aggregator.core import AggregatorCore
-from ray_monitor.common.catalog import Query
+from ray_monitor.common.catalog import Query, is_model_query
 from ray_monitor.common.config import StartConfig
+from ray_monitor.common.errors import ConfigError
 from ray_monitor.common.names import AGGREGATOR_NAME, NAMESPACE
 from ray_monitor.common.snapshot import GpuSnapshot, ReplicaSnapshot
 from ray_monitor.quality.compare import COMPARE_WINDOW_S
 
-__all__ = ["Aggregator", "GPU_RECONCILE_S", "get_or_create"]
+__all__ = ["Aggregator", "BIND_RETRY_S", "GPU_RECONCILE_S", "HTTP_FIELDS", "get_or_create"]
 
 #: How often the GPU-stats actors are matched to the alive nodes.
 GPU_RECONCILE_S = 3.0
+#: How often a port that could not be bound is tried again (evaluation runs meanwhile).
+BIND_RETRY_S = 5.0
+#: start() options a running aggregator applies by rebinding (the others need a stop()).
+HTTP_FIELDS = ("host", "port", "token")
+_SOURCE = "ray_monitor.start()"
 
 
 @ray.remote(num_cpus=0)
@@ -47,54 +55,78 @@ class Aggregator:
         if saved:
             rules_text = saved.get("rules_text", rules_text)
             rules_file = saved.get("rules_file", rules_file)
-            config = config.model_copy(update={"notifications": saved.get("notifications")})
+            config = config.model_copy(update={"notifications": saved.get("notifications"),
+                                               **(saved.get("http") or {})})
         self.config = config
         persist, load = persistence.gcs_state()
+        persist_log, load_log = persistence.gcs_notification_log()
         self.core = AggregatorCore(config, rules_text=rules_text, rules_file=rules_file,
-                                   persist=persist, load=load)
+                                   persist=persist, load=load, persist_log=persist_log,
+                                   load_log=load_log)
         self.host = config.host
         self.port = config.port
         self.token = config.token or None
         self._server = None
+        self._bind_error: Optional[str] = None
+        self._started = False
         self._loop_task = None
         self._serve_task = None
         self._serve_poll = None  # the poll in flight on a worker thread
+        self._bind_task = None
         self._gpu = None
         self._start_lock: Optional[asyncio.Lock] = None
+        # Start at once, not at the first call: a restarted actor must serve and evaluate
+        # even when no replica is left to call it (the call runs once __init__ returns).
+        ray.get_runtime_context().current_actor.start_now.remote()
 
     async def _ensure_started(self) -> None:
-        if self._server is not None:
+        if self._started:
             return
         if self._start_lock is None:
             self._start_lock = asyncio.Lock()
         async with self._start_lock:  # ready() and ingest() may both arrive first
-            if self._server is None:
+            if not self._started:
                 await self._start()
+                self._started = True
 
-    async def _start(self) -> None:
+    async def _bind(self, host: str, port: int, attempts: int = 40) -> None:
+        """Serves HTTP on ``host:port``; the old process of a restarted actor may hold the
+        port for a moment, so a busy port is tried ``attempts`` times, 0.25 s apart."""
         from ray_monitor.aggregator.http_api import start_server
 
-        # Reuse the port of a previous incarnation so scrape configs keep working; the
-        # old process may still hold it for a moment after a restart.
-        port = self.port or persistence.load_port() or 0
-        for attempt in range(40):
+        for attempt in range(attempts):
             try:
-                self._server, self.port = await start_server(self, self.host, port)
-                break
+                self._server, self.port = await start_server(self, host, port)
+                self.host = host
+                self._bind_error = None
+                return
             except OSError:
-                if attempt == 39:
+                if attempt == attempts - 1:
                     raise
                 await asyncio.sleep(0.25)
-        persistence.save_port(self.port)
-        self.core.set_external_url(self.url())
-        self._loop_task = asyncio.get_running_loop().create_task(self._loop())
-        self._serve_task = asyncio.get_running_loop().create_task(self._serve_loop())
+
+    async def _start(self) -> None:
+        # Rules and GPUs first: evaluation and notifications never wait for the port.
         if self.config.gpu:
             from ray_monitor.aggregator.gpu_actors import GpuActorManager
 
             self._gpu = GpuActorManager(sink=AGGREGATOR_NAME, namespace=NAMESPACE,
                                         gpu_interval_s=self.config.gpu_interval_s,
                                         nvml_factory=self.config.nvml_factory)
+        self._loop_task = asyncio.get_running_loop().create_task(self._loop())
+        self._serve_task = asyncio.get_running_loop().create_task(self._serve_loop())
+        # Reuse the port of a previous incarnation so scrape configs keep working.
+        port = self.port or persistence.load_port() or 0
+        try:
+            await self._bind(self.host, port)
+        except OSError as e:
+            self._bind_error = f"cannot serve HTTP on {self.host}:{port}: {e}"
+            self.core.count_error("aggregator", f"http_bind_failed:{type(e).__name__}", e)
+            self.port = port
+            self._bind_task = asyncio.get_running_loop().create_task(self._bind_later())
+        else:
+            persistence.save_port(self.port)
+            self.core.set_external_url(self.url())
 
     async def _loop(self) -> None:
         next_gpu = 0.0
@@ -134,6 +166,16 @@ class Aggregator:
                 self.core.set_serve_state(running)
             await asyncio.sleep(serve_state.POLL_S)
 
+    async def _bind_later(self) -> None:
+        while self._server is None:
+            await asyncio.sleep(BIND_RETRY_S)
+            try:
+                await self._bind(self.host, self.port, attempts=1)
+            except OSError:
+                continue
+            persistence.save_port(self.port)
+            self.core.set_external_url(self.url())
+
     def url(self) -> str:
         host = self.host
         if host in ("0.0.0.0", "::", ""):
@@ -142,17 +184,66 @@ class Aggregator:
 
     def _save_config(self) -> None:
         core = self.core
-        persistence.save_config(core.rules_text, core.rules_file, core.config.notifications)
+        persistence.save_config(core.rules_text, core.rules_file, core.config.notifications,
+                                {"host": self.host, "port": self.port, "token": self.token})
 
     # -- remote API -------------------------------------------------------------------
 
+    async def start_now(self) -> None:
+        """Queued by the constructor; never raises (a port that cannot be bound is retried)."""
+        try:
+            await self._ensure_started()
+        except Exception as e:  # pragma: no cover - _start counts its own failures
+            self.core.count_error("aggregator", f"start_failed:{type(e).__name__}", e)
+
     async def ready(self) -> str:
         await self._ensure_started()
+        if self._server is None:
+            raise ConfigError.one(_SOURCE, "port", f"{self._bind_error}; the monitor "
+                                  f"evaluates rules meanwhile and tries again every "
+                                  f"{BIND_RETRY_S:g} s (or stop() it and start on another port)")
         return self.url()
 
-    async def ingest(self, snaps: list[ReplicaSnapshot]) -> None:
+    async def settings(self) -> dict:
+        """The options it runs with (the token only as whether there is one)."""
+        d = self.config.model_dump(exclude={"token", "notifications"})
+        d.update(host=self.host, port=self.port, token_set=self.token is not None)
+        return d
+
+    async def rebind(self, changes: dict) -> str:
+        """Applies ``host``, ``port`` and ``token`` given to a later ``start()``: serves on
+        the new address (port 0: the current port), or, when it cannot be bound, keeps the
+        old one and raises ConfigError naming the field. Saved for restarts."""
         await self._ensure_started()
+        if "token" in changes:
+            self.token = changes["token"] or None
+        host = changes.get("host") or self.host
+        port = changes.get("port") or self.port
+        if self._server is None:  # still trying to bind: try the new address instead
+            self.host, self.port = host, port
+        elif (host, port) != (self.host, self.port):
+            old_host, old_port = self.host, self.port
+            await self._server.cleanup()  # free the port first: 0.0.0.0 overlaps 127.0.0.1
+            self._server = None
+            try:
+                await self._bind(host, port, attempts=8)
+            except OSError as e:
+                await self._bind(old_host, old_port)
+                field = "port" if "port" in changes and port != old_port else "host"
+                raise ConfigError.one(_SOURCE, field, f"cannot serve on {host}:{port} ({e}); "
+                                      f"the monitor still serves on {old_host}:{old_port}") \
+                    from None
+            persistence.save_port(self.port)
+            self.core.set_external_url(self.url())
+        self._save_config()
+        return self.url()
+
+    async def ingest(self, snaps: list[ReplicaSnapshot], kept_since: Any = None) -> dict:
+        """Takes a replica's snapshots (never waiting for the HTTP port, started by
+        ``__init__``); answers with the trace ids kept anywhere since ``kept_since`` (see
+        :class:`~ray_monitor.aggregator.trace_store.KeptLog`)."""
         self.core.ingest(snaps)
+        return self.core.kept_log.reply(kept_since)
 
     async def ingest_gpu(self, snap: GpuSnapshot) -> None:
         self.core.ingest_gpu(snap)
@@ -170,7 +261,9 @@ class Aggregator:
         return [h.to_dict() for h in self.core.hints.hints()]
 
     async def reload(self, rules_text: Any, filename: Optional[str] = None) -> dict:
-        res = self.core.reload(rules_text, filename)
+        # Read and checked on a worker thread (a 1 MiB file takes a while); swapped in here.
+        rule_file = await asyncio.to_thread(self.core.read_rules, rules_text, filename)
+        res = self.core.apply_rules(rule_file, rules_text, filename)
         self._save_config()
         return res
 
@@ -180,6 +273,14 @@ class Aggregator:
 
     async def query(self, function: str, metric: str, window_s: float,
                     by: Optional[tuple] = None, param: Optional[float] = None) -> dict:
+        from ray_monitor.aggregator.views import check_query
+        from ray_monitor.common.errors import BadRequest
+
+        if not (isinstance(window_s, (int, float)) and 0 < window_s < float("inf")):
+            raise BadRequest(f"window_s={window_s!r} must be a number of seconds above 0",
+                             field="window_s")
+        if not is_model_query(function, metric):  # quality functions check their own
+            check_query(function, metric, tuple(by) if by else None, param)
         res = self.core.source.evaluate(Query(function, metric, window_s,
                                               tuple(by) if by else None, (), param), None)
         return {json.dumps(dict(k), sort_keys=True): v for k, v in res.items()}
@@ -188,11 +289,12 @@ class Aggregator:
         return self.core.evaluate_exprs(exprs)
 
     async def feedback(self, items: list) -> dict:
-        return self.core.feedback(items)
+        return await self.core.feedback_async(list(items))
 
     async def set_drift_reference(self, application: str, deployment: str, model_version: str,
                                   references: dict) -> dict:
-        return self.core.set_drift_reference(application, deployment, model_version, references)
+        return await self.core.set_drift_reference_async(application, deployment,
+                                                         model_version, references)
 
     async def hung(self) -> list[dict]:
         return self.core.hung()
@@ -218,7 +320,8 @@ class Aggregator:
         return {"ingested": self.core.ingested, "evaluations": self.core.evaluations,
                 "store": self.core.store.stats(), "replicas": len(self.core.replicas),
                 "notifier": self.core.notifier.stats(), "quality": self.core.quality.stats(),
-                "traces": self.core.trace_store.stats()}
+                "traces": self.core.trace_store.stats(),
+                "delivery": self.core.ledger.by_deployment()}
 
     async def shutdown(self) -> None:
         if self._serve_task is not None:  # no more calls into Ray from the poll thread

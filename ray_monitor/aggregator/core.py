@@ -11,6 +11,7 @@ snapshot, rule or hint stops the others: the failure is counted by cause (the
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ from ray_monitor.common.snapshot import GpuSnapshot, ReplicaIdentity, ReplicaSna
 from ray_monitor.quality.compare import COMPARE_WINDOW_S, compare
 
 __all__ = ["AggregatorCore", "CONFIG_CHECK_S", "CompositeSource", "EVAL_PHASE_S", "EXPIRE_EVERY_S",
-           "REPLICA_ALIVE_S"]
+           "FEEDBACK_PART", "REPLICA_ALIVE_S"]
 
 logger = logging.getLogger("ray_monitor.aggregator.actor")
 
@@ -41,6 +42,8 @@ EXPIRE_EVERY_S = 10.0
 #: flush on whole seconds, so their deltas of the second just ended have arrived and
 #: the windows end at it (see windows.WindowStore.window_end).
 EVAL_PHASE_S = 0.3
+#: Feedback items joined between two yields to the event loop (a few milliseconds' work).
+FEEDBACK_PART = 1000
 
 
 class CompositeSource:
@@ -64,13 +67,16 @@ class AggregatorCore:
     options). ``rules_text`` is the rule file's content (YAML text or a dict) and
     ``rules_file`` the name its problems are reported under. ``external_url`` is where
     the aggregator is reached (the actor sets it once its server is up). ``persist`` and
-    ``load`` write and read the saved state (see :mod:`~ray_monitor.aggregator.persistence`).
+    ``load`` write and read the saved alert and hint state, ``persist_log`` and ``load_log``
+    the notification log (see :mod:`~ray_monitor.aggregator.persistence`).
     """
 
     def __init__(self, config: "StartConfig | Mapping[str, Any] | None" = None, *,
                  rules_text: Any = None, rules_file: Optional[str] = None,
-                 external_url: str = "", clock=time.time, persist=None, load=None) -> None:
-        from ray_monitor.aggregator.trace_store import TraceStore
+                 external_url: str = "", clock=time.time, persist=None, load=None,
+                 persist_log=None, load_log=None) -> None:
+        from ray_monitor.aggregator.ledger import Ledger
+        from ray_monitor.aggregator.trace_store import KeptLog, TraceStore
         from ray_monitor.aggregator.windows import WindowStore
         from ray_monitor.alerting.engine import RuleEngine
         from ray_monitor.alerting.export import classic_bounds
@@ -82,11 +88,14 @@ class AggregatorCore:
         self.config = config = StartConfig.of(config)
         self.clock = clock
         self.eval_interval_s = config.eval_interval_s
-        self.store = WindowStore(clock=clock, series_ttl_s=config.series_ttl_s)
+        self.store = WindowStore(clock=clock, series_ttl_s=config.series_ttl_s,
+                                 max_series_per_metric=config.max_series_per_metric)
         self.quality = QualityStore(clock=clock, horizon_s=config.feedback_horizon_s,
                                     reference_size=config.drift_reference_size)
         self.source = CompositeSource(self.store, self.quality)
         self.trace_store = TraceStore(clock=clock)
+        self.kept_log = KeptLog()  # where whole-request tail keeping meets
+        self.ledger = Ledger()  # per replica: its totals, what arrived, its flush times
         # replica -> (identity, hung requests, when reported): the latest report only
         self.hung_latest: dict[str, tuple[ReplicaIdentity, list, float]] = {}
         self.rules_text = rules_text
@@ -109,7 +118,8 @@ class AggregatorCore:
         notifications = config.notifications if config.notifications is not None \
             else rule_file.notifications
         self.config = config = config.model_copy(update={"notifications": notifications})
-        self.notifier = Notifier(notifications or {}, clock=clock)
+        self._persist_log = persist_log
+        self.notifier = Notifier(notifications or {}, clock=clock, persist_log=persist_log)
         self.replicas: dict[str, tuple[ReplicaIdentity, float]] = {}  # replica -> (identity, seen)
         self.gpu_latest: dict[str, GpuSnapshot] = {}
         self.errors: dict[tuple[str, str], int] = {}
@@ -120,6 +130,8 @@ class AggregatorCore:
         self._next_expire = 0.0
         if load is not None:
             self.restore(load())
+        if load_log is not None:
+            self.restore_log(load_log)
         self.notifier.start()  # after restore: its notification log must be loaded first
 
     # -- ingestion ----------------------------------------------------------------
@@ -133,6 +145,10 @@ class AggregatorCore:
                 self.count_error("aggregator", f"ingest_failed:{type(e).__name__}", e)
                 continue
             self.replicas[snap.identity.replica] = (snap.identity, now)
+            try:
+                self.ledger.add(snap)
+            except Exception as e:
+                self.count_error("aggregator", f"ledger_failed:{type(e).__name__}", e)
             for cause, n in snap.self_errors.items():
                 self.errors[("replica", cause)] = max(self.errors.get(("replica", cause), 0), n)
             self.ingested += 1
@@ -141,6 +157,9 @@ class AggregatorCore:
                     self.hung_latest[snap.identity.replica] = (snap.identity, snap.health.hung, now)
                 else:
                     self.hung_latest.pop(snap.identity.replica, None)
+            kept = getattr(snap, "kept_traces", None)  # absent in older replicas' pickles
+            if kept:
+                self.kept_log.add(kept)
             traces = getattr(snap, "traces", None)  # absent in older replicas' pickles
             if traces:
                 try:
@@ -171,9 +190,28 @@ class AggregatorCore:
         counts by status and every item that did not join, with why."""
         return self.quality.add_feedback(items).as_dict()
 
+    async def feedback_async(self, items: list) -> dict:
+        """As :meth:`feedback`, FEEDBACK_PART items at a time, giving the event loop back
+        in between: a 100,000-item batch never holds evaluation or HTTP for long."""
+        from ray_monitor.quality.feedback import FeedbackResult
+
+        result = FeedbackResult()
+        for start in range(0, len(items), FEEDBACK_PART):
+            self.quality.add_feedback(items[start:start + FEEDBACK_PART], result=result,
+                                      start=start)
+            await asyncio.sleep(0)
+        return result.as_dict()
+
     def set_drift_reference(self, application: str, deployment: str, model_version: str,
                             references: dict) -> dict:
         return self.quality.set_references(application, deployment, model_version, references)
+
+    async def set_drift_reference_async(self, application: str, deployment: str,
+                                        model_version: str, references: dict) -> dict:
+        """As :meth:`set_drift_reference`, the references built on a worker thread (sorting
+        up to 200,000 values each), then set on the loop."""
+        built = await asyncio.to_thread(self.quality.build_references, references)
+        return self.set_drift_reference(application, deployment, model_version, built)
 
     def count_error(self, component: str, cause: str, exc: Optional[BaseException] = None) -> None:
         key = (component, cause)
@@ -194,6 +232,7 @@ class AggregatorCore:
         for rid, (_, seen) in list(self.replicas.items()):
             if now - seen > ttl:
                 del self.replicas[rid]
+                self.ledger.forget(rid)
         for rid, (_, _, seen) in list(self.hung_latest.items()):
             if now - seen > REPLICA_ALIVE_S:  # a replica that stopped reporting is not hanging
                 del self.hung_latest[rid]
@@ -299,7 +338,7 @@ class AggregatorCore:
     # -- saved state ------------------------------------------------------------------
 
     def state(self) -> dict:
-        return state_of(self.engine, self.notifier, self.hints)
+        return state_of(self.engine, self.hints)
 
     def save(self) -> None:
         if self._saver is None:
@@ -314,7 +353,9 @@ class AggregatorCore:
             return
         try:
             state = json.loads(raw)
-            restore_state(state, self.engine, self.notifier, self.hints, now=self.clock())
+            restore_state(state, self.engine, self.hints, now=self.clock())
+            if state.get("notifier"):  # saved by a version that kept the log here
+                self.notifier.restore(state["notifier"], restarted=True)
             if self._saver is not None:
                 self._saver.restored(state)
             logger.info("ray-monitor aggregator: restored %d alerts from the GCS",
@@ -322,15 +363,30 @@ class AggregatorCore:
         except Exception as e:
             self.count_error("aggregator", "state_restore_failed", e)
 
+    def restore_log(self, load_log) -> None:
+        """The notification log as the notifier last saved it (before each send)."""
+        try:
+            log = load_log()
+            if log:
+                self.notifier.restore(log, restarted=True)
+        except Exception as e:
+            self.count_error("aggregator", "notification_log_restore_failed", e)
+
     # -- changes after start ----------------------------------------------------------
 
     def reload(self, rules_text: Any, filename: Optional[str] = None) -> dict:
         """Replaces the rules, autoscaling and (when the file has that section) the
         receivers, all or nothing: a bad file raises ConfigError and changes nothing."""
+        return self.apply_rules(self.read_rules(rules_text, filename), rules_text, filename)
+
+    def read_rules(self, rules_text: Any, filename: Optional[str] = None):
+        """The rule file, read and checked (changes nothing: may run on another thread)."""
         from ray_monitor.alerting.loader import load_rule_file
 
-        rule_file = load_rule_file(rules_text, filename=filename or self.rules_file,
-                                   from_text=True)
+        return load_rule_file(rules_text, filename=filename or self.rules_file, from_text=True)
+
+    def apply_rules(self, rule_file, rules_text: Any, filename: Optional[str] = None) -> dict:
+        """Puts a file :meth:`read_rules` read in place of the running one."""
         self.engine.reload(rule_file.ruleset, now=self.clock())
         self._add_bounds(rule_file.ruleset)
         self.hints.reload(rule_file.autoscaling)
@@ -370,7 +426,7 @@ class AggregatorCore:
         """Replaces the receivers; the notification log carries over (no duplicates)."""
         from ray_monitor.alerting.notifier import Notifier
 
-        new = Notifier(notifications or {}, clock=self.clock)
+        new = Notifier(notifications or {}, clock=self.clock, persist_log=self._persist_log)
         new.restore(self.notifier.state_dict())
         self.notifier.close(2.0)
         self.notifier = new.start()
@@ -424,6 +480,11 @@ class AggregatorCore:
                          float(len(self.replicas))),
             "last_evaluation_seconds": ("How long the last rule evaluation took.",
                                         self.last_eval_s),
+            "replica_flush_seconds": (
+                "The longest flush (snapshot and delivery) the running replicas reported "
+                "last; over 1 s, the replicas' flush thread waits on something.",
+                self.ledger.flush_now_max_s({r for r, (_, seen) in self.replicas.items()
+                                             if self.clock() - seen <= REPLICA_ALIVE_S})),
         }
         counters = {
             "snapshots_ingested": ("Replica snapshots ingested.", float(self.ingested)),
@@ -434,6 +495,12 @@ class AggregatorCore:
                                  float(ts["traces"]))
         counters["trace_spans_received"] = ("Span records received from replicas.",
                                             float(ts["spans_received"]))
+        counters["trace_kept_ids"] = ("Trace ids replicas kept, named back to every replica "
+                                      "so it exports what it holds of them.",
+                                      float(self.kept_log.seq))
+        counters["trace_kept_ids_missed"] = ("Kept trace ids a replica was not told of (it "
+                                             "fell behind the kept log).",
+                                             float(self.kept_log.missed))
         q = self.quality.stats()
         gauges["predictions_pending"] = ("Captured predictions waiting for their feedback.",
                                          float(q["pending"]))
@@ -449,7 +516,12 @@ class AggregatorCore:
                 ("feedback_dropped", "Feedback items for a prediction dropped to bound memory."),
                 ("feedback_invalid", "Feedback items refused as malformed.")):
             counters[name] = (help_, float(q[name]))
-        return {"errors": errors, "gauges": gauges, "counters": counters}
+        # Per node: the GPU actor's counts are cumulative since it started (a new actor
+        # starts again from 0, a counter reset); a dead node's are dropped with its sample.
+        gpu_errors = {node: dict(snap.self_errors) for node, snap in self.gpu_latest.items()
+                      if snap.self_errors}
+        return {"errors": errors, "gauges": gauges, "counters": counters,
+                "gpu_errors": gpu_errors}
 
 
 def _ray_auth_headers() -> dict:

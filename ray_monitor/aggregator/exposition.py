@@ -142,6 +142,14 @@ def self_families(stats: dict) -> Iterable[Metric]:
     for (component, cause), n in sorted(stats.get("errors", {}).items()):
         errors.add_metric([component, cause], n)
     yield errors
+    gpu = CounterMetricFamily("ray_monitor_self_gpu_errors",
+                              "Failures in each node's GPU-stats actor: NVML calls by function "
+                              "and NVML error ('nvmlInit:Unknown'), NVML restarts, pushes.",
+                              labels=["node", "cause"])
+    for node, causes in sorted(stats.get("gpu_errors", {}).items()):
+        for cause, n in sorted(causes.items()):
+            gpu.add_metric([node, cause], n)
+    yield gpu
     for name, (help_, value) in sorted(stats.get("gauges", {}).items()):
         yield GaugeMetricFamily(f"ray_monitor_self_{name}", help_, value=value)
     for name, (help_, value) in sorted(stats.get("counters", {}).items()):

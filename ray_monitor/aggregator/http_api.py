@@ -6,7 +6,11 @@ It decides who may write and how a request's parameters read; what each answer h
 is :mod:`~ray_monitor.aggregator.status_page`.
 
 Reads are open; anything that writes needs ``Authorization: Bearer TOKEN`` unless the
-server is bound to loopback, where only processes on the node can reach it. Every JSON
+server is bound to loopback, where only processes on the node can reach it; and every
+write must also be one a web page cannot forge (JSON or YAML ``Content-Type``, no foreign
+``Origin``, a loopback ``Host`` without a token) and small enough (see
+:mod:`~ray_monitor.aggregator.request_body`). Every malformed request is answered 400
+(403, 413, 415) naming the field, never 500. Every JSON
 answer is ``{"status": "success", "data": ...}`` or ``{"status": "error", "error": ...}``
 (a :class:`~ray_monitor.common.errors.BadRequest`, answered with its ``status``), with
 non-finite numbers as ``null`` (JSON has no NaN). Durations in query strings are seconds
@@ -36,9 +40,12 @@ import math
 from typing import Any, Mapping, Optional
 
 from aiohttp import web
+from prometheus_client import ProcessCollector
 
 from ray_monitor.aggregator import status_page, views
 from ray_monitor.aggregator.exposition import MonitorCollector, QualityCollector, registry, render
+from ray_monitor.aggregator.request_body import (JSON_TYPES, MAX_JSON_BYTES, MAX_RULES_BYTES,
+                                                 YAML_TYPES, check_origin, parse_json, read_text)
 from ray_monitor.common.durations import parse_seconds
 from ray_monitor.common.errors import BadRequest, ConfigError
 from ray_monitor.quality.compare import COMPARE_WINDOW_S
@@ -50,7 +57,7 @@ __all__ = ["LOOPBACK", "MAX_BODY_BYTES", "make_app", "query_seconds", "start_ser
 logger = logging.getLogger("ray_monitor.http")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 #: Largest request body (a feedback batch, a drift reference).
-MAX_BODY_BYTES = 16 * 1024 * 1024
+MAX_BODY_BYTES = MAX_JSON_BYTES
 
 
 # -- what requests say, what answers hold ------------------------------------------------
@@ -111,25 +118,26 @@ async def _bad_requests(request: web.Request, handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except BadRequest as e:
-        return _json({"status": "error", "error": str(e)}, e.status)
+        return _json({"status": "error", "error": str(e),
+                      **({"field": e.field} if e.field else {})}, e.status)
     except ConfigError as e:  # a rule file or section that cannot be used: every problem
-        return _json({"status": "error", "error": str(e), "problems": e.as_dicts()}, 400)
-
-
-async def _body_json(request: web.Request) -> Any:
-    try:
-        return json.loads(await request.text())
-    except ValueError as e:
-        raise BadRequest(f"the body must be JSON: {e}") from None
+        body = {"status": "error", "error": str(e), "problems": e.as_dicts()}
+        if len(e.problems) > len(body["problems"]):
+            body["problems_total"] = len(e.problems)
+        return _json(body, 400)
 
 
 def _float_param(query: Mapping[str, str], name: str) -> Optional[float]:
+    """A finite number from the query string (NaN and infinities are refused here)."""
     if not query.get(name):
         return None
     try:
-        return float(query[name])
+        value = float(query[name])
     except ValueError:
-        raise BadRequest(f"{name}={query[name]!r} is not a number", field=name) from None
+        raise BadRequest(f"{name}={query[name][:80]!r} is not a number", field=name) from None
+    if not math.isfinite(value):
+        raise BadRequest(f"{name}={query[name][:80]!r} must be a finite number", field=name)
+    return value
 
 
 # -- the app ------------------------------------------------------------------------------
@@ -143,12 +151,16 @@ def make_app(agg) -> web.Application:
                          self_metrics=core.self_metrics,
                          autoscale=lambda: (core.hints.hints(), core.hints.decisions),
                          bounds=lambda: core.classic_bounds, serve=core.serve_running),
-        QualityCollector(core.quality_summary))
+        QualityCollector(core.quality_summary),
+        # The aggregator's own process (process_resident_memory_bytes, CPU, open fds), as
+        # every Prometheus client exports it.
+        ProcessCollector(registry=None))
 
-    def check_writer(request: web.Request) -> None:
+    def check_writer(request: web.Request, content_types: tuple[str, ...]) -> None:
         ok, why = writes_allowed(agg.host, agg.token, request.headers.get("Authorization"))
         if not ok:
             raise BadRequest(why, field="Authorization", status=403 if agg.token is None else 401)
+        check_origin(request, content_types=content_types, loopback_exception=not agg.token)
 
     async def metrics(request):
         body, ctype = render(metrics_registry, request.headers.get("Accept", ""))
@@ -207,32 +219,39 @@ def make_app(agg) -> web.Application:
                                        request.query.get("limit")))
 
     async def reload(request):
-        check_writer(request)
-        text = await request.text()
+        check_writer(request, YAML_TYPES)
+        text = await read_text(request, MAX_RULES_BYTES)
         # A bad file raises ConfigError (400, every problem listed); the old rules and
         # receivers keep running.
         return _ok(await agg.reload(text, request.query.get("filename")))
 
     async def feedback(request):
-        check_writer(request)
-        body = await _body_json(request)
+        check_writer(request, JSON_TYPES)
+        body = await parse_json(await read_text(request, MAX_JSON_BYTES))
         if isinstance(body, dict):
             body = [body]
         if not isinstance(body, list):
-            raise BadRequest('send one object {"request_id": ..., "label": ...} or a list of them')
-        return _ok(core.feedback(body))
+            raise BadRequest('body: send one object {"request_id": ..., "label": ...} or a '
+                             "list of them", field="body")
+        return _ok(await core.feedback_async(body))
 
     async def drift_reference(request):
-        check_writer(request)
-        body = await _body_json(request)
+        check_writer(request, JSON_TYPES)
+        body = await parse_json(await read_text(request, MAX_JSON_BYTES))
         if not isinstance(body, dict) or not isinstance(body.get("references"), dict):
-            raise BadRequest('send {"application": ..., "deployment": ..., '
-                             '"model_version": "", "references": {"feature_age": [values...]}}')
+            raise BadRequest('body: send {"application": ..., "deployment": ..., '
+                             '"model_version": "", "references": {"feature_age": [values...]}}',
+                             field="references")
         try:
-            data = core.set_drift_reference(body.get("application", ""), body.get("deployment"),
-                                            body.get("model_version", ""), body["references"])
+            data = await core.set_drift_reference_async(
+                body.get("application", ""), body.get("deployment"),
+                body.get("model_version", ""), body["references"])
         except (TypeError, ValueError) as e:
-            raise BadRequest(str(e)) from None
+            text = str(e)[:500]
+            field = text.split(":", 1)[0] if text.startswith("references") else \
+                next((f for f in ("application", "deployment", "model_version") if
+                      text.startswith(f)), "references")
+            raise BadRequest(text, field=field) from None
         return _ok(data)
 
     async def health(request):

@@ -1,10 +1,12 @@
 """What the aggregator keeps across restarts, in Ray's GCS key-value store.
 
-Runs in the aggregator actor. Three keys (:mod:`~ray_monitor.common.names`): the alert,
-notification and hint state, written after each evaluation that changed it, so a restarted
-aggregator resumes where it stopped (no duplicate firing); the rules and receivers changed
-after start, which a restarted actor uses instead of the arguments it was created with;
-and the HTTP port, reused so scrape configs keep working. The core never calls Ray: it
+Runs in the aggregator actor. Four keys (:mod:`~ray_monitor.common.names`): the alert and
+hint state, written after each evaluation that changed it, so a restarted aggregator
+resumes where it stopped; the notification log, written by the notifier's thread before
+each notification is sent, so no kill can make it send a firing notification twice; the
+rules, receivers and HTTP settings changed after start, which a restarted actor uses
+instead of the arguments it was created with; and the HTTP port, reused so scrape
+configs keep working. The core never calls Ray: it
 is handed ``persist`` / ``load`` callables (:func:`gcs_state`), and tests hand their own.
 """
 
@@ -13,10 +15,10 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Optional
 
-from ray_monitor.common.names import CONFIG_KEY, KV_NAMESPACE, PORT_KEY, STATE_KEY
+from ray_monitor.common.names import CONFIG_KEY, KV_NAMESPACE, NOTIFY_LOG_KEY, PORT_KEY, STATE_KEY
 
-__all__ = ["StateSaver", "gcs_state", "kv_get", "kv_put", "load_config", "load_port",
-           "restore_state", "save_config", "save_port", "state_of"]
+__all__ = ["StateSaver", "gcs_notification_log", "gcs_state", "kv_get", "kv_put", "load_config",
+           "load_port", "restore_state", "save_config", "save_port", "state_of"]
 
 
 def kv_get(key: bytes) -> Optional[bytes]:
@@ -38,16 +40,22 @@ def gcs_state() -> tuple[Callable[[bytes], None], Callable[[], Optional[bytes]]]
     return (lambda raw: kv_put(STATE_KEY, raw)), (lambda: kv_get(STATE_KEY))
 
 
-def state_of(engine, notifier, hints) -> dict:
-    """What a restarted aggregator needs: alert states, the notification log, hint state."""
-    return {"alerts": engine.state_dict(), "notifier": notifier.state_dict(),
-            "hints": hints.state_dict()}
+def gcs_notification_log() -> tuple[Callable[[dict], None], Callable[[], Optional[dict]]]:
+    """(persist, load) of the notification log in the GCS (the notifier's ``persist_log``)."""
+    def load() -> Optional[dict]:
+        raw = kv_get(NOTIFY_LOG_KEY)
+        return json.loads(raw) if raw else None
+    return (lambda log: kv_put(NOTIFY_LOG_KEY, json.dumps(log).encode())), load
 
 
-def restore_state(state: dict, engine, notifier, hints, now: float) -> None:
-    """Loads :func:`state_of`'s dict back into a fresh engine, notifier and hint engine."""
+def state_of(engine, hints) -> dict:
+    """What a restarted aggregator needs besides the notification log: alert and hint state."""
+    return {"alerts": engine.state_dict(), "hints": hints.state_dict()}
+
+
+def restore_state(state: dict, engine, hints, now: float) -> None:
+    """Loads :func:`state_of`'s dict back into a fresh engine and hint engine."""
     engine.restore(state.get("alerts", {}), now=now)
-    notifier.restore(state.get("notifier", {}))
     if state.get("hints"):
         hints.restore(state["hints"])
 
@@ -78,14 +86,18 @@ class StateSaver:
 # -- rules and receivers changed after start; the port ------------------------------------
 
 def load_config() -> dict[str, Any]:
-    """``rules_text``, ``rules_file`` and ``notifications`` as last changed, or {}."""
+    """``rules_text``, ``rules_file``, ``notifications`` and ``http`` (``host``, ``port``,
+    ``token``) as last changed, or {}."""
     raw = kv_get(CONFIG_KEY)
     return json.loads(raw) if raw else {}
 
 
-def save_config(rules_text: Any, rules_file: Optional[str], notifications: Optional[dict]) -> None:
-    kv_put(CONFIG_KEY, json.dumps({"rules_text": rules_text, "rules_file": rules_file,
-                                   "notifications": notifications}).encode())
+def save_config(rules_text: Any, rules_file: Optional[str], notifications: Optional[dict],
+                http: Optional[dict] = None) -> None:
+    record = {"rules_text": rules_text, "rules_file": rules_file, "notifications": notifications}
+    if http is not None:
+        record["http"] = http
+    kv_put(CONFIG_KEY, json.dumps(record).encode())
 
 
 def load_port() -> Optional[int]:

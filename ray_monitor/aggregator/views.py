@@ -146,6 +146,14 @@ def check_query(function: str, metric: str, by: Optional[tuple[str, ...]],
                          f"use one of {fits}", field="function")
     if function in ("quantile", "ratio_above") and param is None:
         raise BadRequest(f"function={function!r} needs param=NUMBER", field="param")
+    if param is not None and not math.isfinite(param):
+        raise BadRequest(f"param={param!r} must be a finite number", field="param")
+    if function == "quantile" and not 0 <= param <= 1:
+        raise BadRequest(f"param={param!r}: quantile takes a number from 0 to 1 "
+                         "(0.95 for p95)", field="param")
+    if function == "ratio_above" and not param > 0:
+        raise BadRequest(f"param={param!r}: ratio_above takes a latency threshold in seconds, "
+                         "above 0", field="param")
     for label in by or ():
         if label not in m.labels:
             raise BadRequest(f"by={label!r} is not a label of {metric!r}; "

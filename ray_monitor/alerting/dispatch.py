@@ -4,7 +4,9 @@ Runs in the aggregator, inside the :class:`~ray_monitor.alerting.notifier.Notifi
 sender thread, and does no I/O: it decides which alerts go out together, when
 (``group_wait``, ``group_interval``, ``repeat_interval``), and whether a receiver has
 heard it all already. Its notification log survives a restart through ``state_dict()``
-and ``restore()``, so a restarted aggregator does not repeat a firing notification.
+and ``restore()``, so a restarted aggregator does not repeat a firing notification. A
+notification is written to the log before it is sent (``unconfirmed`` until the receiver
+accepts it, taken back if it refuses), so the log can be saved first.
 (Alertmanager receivers get every batch as it comes: Alertmanager does this itself.)
 """
 
@@ -141,13 +143,39 @@ class Dispatcher:
                 self.delivered(n, now)
         return out
 
-    def delivered(self, n: Notification, now: float) -> None:
-        """Record a notification the receiver accepted."""
+    def delivered(self, n: Notification, now: float, *, confirmed: bool = True) -> Optional[dict]:
+        """Record a notification as sent: after the receiver accepted it, or before sending
+        (``confirmed=False``; then :meth:`confirm` or :meth:`undo`). Returns the entry it
+        replaced, for :meth:`undo`."""
+        entries = self.log[n.receiver]
+        previous = entries.get(n.group_key)
         if n.firing:
-            self.log[n.receiver][n.group_key] = {
-                "firing": sorted(n.firing), "resolved": sorted(n.resolved), "at": now}
+            entry = {"firing": sorted(n.firing), "resolved": sorted(n.resolved), "at": now}
+            if not confirmed:
+                entry["unconfirmed"] = True
+            entries[n.group_key] = entry
         else:
+            entries.pop(n.group_key, None)
+        return previous
+
+    def confirm(self, n: Notification) -> None:
+        """The receiver accepted a notification recorded before sending."""
+        entry = self.log[n.receiver].get(n.group_key)
+        if entry is not None:
+            entry.pop("unconfirmed", None)
+
+    def undo(self, n: Notification, previous: Optional[dict]) -> None:
+        """The receiver did not take a notification recorded before sending: the log as
+        it was, so it is sent again."""
+        if previous is None:
             self.log[n.receiver].pop(n.group_key, None)
+        else:
+            self.log[n.receiver][n.group_key] = previous
+
+    def unconfirmed(self) -> list[tuple[str, str]]:
+        """(receiver, group key) of notifications recorded but not known to be accepted."""
+        return [(name, key) for name, entries in self.log.items()
+                for key, e in entries.items() if e.get("unconfirmed")]
 
     def settle(self, key: str, ok: bool, now: float) -> None:
         """After a flush: forget resolved alerts once every receiver has been told."""
@@ -177,4 +205,6 @@ class Dispatcher:
         for name, entries in state.get("log", {}).items():
             if name in self.log:  # receivers removed from the config are forgotten
                 self.log[name] = {k: {"firing": list(e["firing"]), "resolved": list(e["resolved"]),
-                                      "at": float(e["at"])} for k, e in entries.items()}
+                                      "at": float(e["at"]),
+                                      **({"unconfirmed": True} if e.get("unconfirmed") else {})}
+                                  for k, e in entries.items()}

@@ -12,6 +12,12 @@ It decides what is a path and what is text, checks every section, and raises one
 :class:`~ray_monitor.common.errors.ConfigError` carrying every problem of every section
 (each naming the file; the group and rule, or the deployment; and the field), so a file
 is either wholly usable or refused with all that is wrong in it.
+
+Hostile files are bounded before they cost anything: at most :data:`MAX_RULE_FILE_BYTES`,
+at most :data:`MAX_YAML_NODES` nodes once YAML aliases are followed (a few hundred bytes
+of nested aliases otherwise expand to gigabytes), at most :data:`MAX_YAML_DEPTH` levels
+deep; and every message is short (``ConfigError`` caps its text). The YAML is parsed
+by libyaml when PyYAML has it.
 """
 
 from __future__ import annotations
@@ -29,12 +35,20 @@ from ray_monitor.alerting.notify_config import NotifyConfig
 from ray_monitor.autoscaling.config import HintConfig, parse_hint_config
 from ray_monitor.common.errors import ConfigError, Problem
 
-__all__ = ["RuleFile", "RuleSource", "load_hint_config", "load_rule_file", "load_rules"]
+__all__ = ["MAX_RULE_FILE_BYTES", "MAX_YAML_DEPTH", "MAX_YAML_NODES", "RuleFile", "RuleSource",
+           "load_hint_config", "load_rule_file", "load_rules"]
 
 #: What a rule file may be given as: a path (``str`` or ``Path``), YAML text, or a dict.
 RuleSource = Union[str, Path, Mapping]
 
 _SECTIONS = ("groups", "autoscaling", "notifications")
+#: Largest rule file (the default one is 5 KiB).
+MAX_RULE_FILE_BYTES = 1024 * 1024
+#: Nodes a file may hold once aliases are followed: a file without aliases has fewer
+#: nodes than bytes, so only alias bombs reach it.
+MAX_YAML_NODES = 200_000
+MAX_YAML_DEPTH = 64
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _HOW = "pass a path to a YAML file, the YAML text, or a dict"
 T = TypeVar("T")
 
@@ -61,14 +75,67 @@ def _names_a_file(source: Union[str, Path]) -> bool:
         source.endswith((".yaml", ".yml")) or os.path.exists(source)))
 
 
+def _check_size(size: int, file: str) -> None:
+    if size > MAX_RULE_FILE_BYTES:
+        raise ConfigError.one(file, None, f"the rule file is {size} bytes; at most "
+                              f"{MAX_RULE_FILE_BYTES} are read: split it or trim it")
+
+
+def _check_expansion(root: yaml.Node, file: str) -> None:
+    """Refuses a document whose aliases expand past MAX_YAML_NODES, or that nests deeper
+    than MAX_YAML_DEPTH, counting each node once per place it appears (without building
+    anything: shared nodes are measured once)."""
+    sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (expanded nodes, depth)
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        else:
+            sizes[id(node)] = (1, 1)
+            continue
+        if not children_done:
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in sizes)
+            if len(stack) > MAX_YAML_NODES:
+                break
+            continue
+        size = 1 + sum(sizes[id(c)][0] for c in children)
+        depth = 1 + max((sizes[id(c)][1] for c in children), default=0)
+        if size > MAX_YAML_NODES:
+            raise ConfigError.one(file, None, f"YAML aliases expand to more than "
+                                  f"{MAX_YAML_NODES} nodes; write the file without nested "
+                                  "aliases")
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError.one(file, None, f"YAML nested deeper than {MAX_YAML_DEPTH} levels")
+        sizes[id(node)] = (size, depth)
+    if len(stack) > MAX_YAML_NODES:
+        raise ConfigError.one(file, None, f"more than {MAX_YAML_NODES} YAML nodes")
+
+
 def _parse_yaml(text: str, file: str) -> Any:
+    _check_size(len(text.encode("utf-8", "surrogatepass")), file)
+    loader = _Loader(text)
     try:
-        return yaml.safe_load(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node, file)
+        return loader.construct_document(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError.one(file, None, f"YAML syntax error{where}: {problem}") from None
+        raise ConfigError.one(file, None, f"YAML syntax error{where}: {problem}"[:500]) from None
+    except RecursionError:
+        raise ConfigError.one(file, None, f"YAML nested deeper than {MAX_YAML_DEPTH} "
+                              "levels") from None
+    finally:
+        loader.dispose()
 
 
 def _read(source: Any, filename: Optional[str],
@@ -84,6 +151,7 @@ def _read(source: Any, filename: Optional[str],
     if _names_a_file(source):
         file = filename or str(source)
         try:
+            _check_size(Path(source).stat().st_size, file)
             text = Path(source).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError.one(file, None, f"cannot read the rule file: "
@@ -95,8 +163,8 @@ def _read(source: Any, filename: Optional[str],
     # A single line is taken as YAML only when it reads as a mapping ("groups: []"):
     # a word like "myrules" is a path that does not exist, not a rule file.
     try:
-        data = yaml.safe_load(source)
-    except yaml.YAMLError:
+        data = _parse_yaml(source, file)
+    except ConfigError:
         data = None
     if not isinstance(data, Mapping):
         raise ConfigError.one(file, None, f"no rule file {source!r}; {_HOW}")

@@ -8,6 +8,14 @@ email receivers go through the :class:`~ray_monitor.alerting.dispatch.Dispatcher
 groups, waits and dedups the way an Alertmanager route does. It decides what is retried
 (5xx, 429, network errors; with capped, jittered exponential backoff) and what fails at
 once (other 4xx), and logs each cause once per receiver until it recovers.
+
+Restart safety: a routed notification is written to the notification log, and the log
+handed to ``persist_log`` (the aggregator saves it in Ray's GCS), *before* the receiver
+is called; the receiver's refusal takes the entry back. So an aggregator killed at any
+moment, even right after the POST, sends no second page for the episode. The price, for
+a kill in the instant between the save and the receiver's answer: that one notification
+may be lost (it is logged and counted at the restart, and sent again at
+``repeat_interval``): at most once, never twice.
 """
 
 from __future__ import annotations
@@ -114,7 +122,8 @@ class Notifier:
                  sleep: Optional[Callable[[float], Any]] = None, queue_size: int = 10000,
                  max_attempts: int = 5, backoff_base: float = 0.5, backoff_cap: float = 30.0,
                  rng: Optional[random.Random] = None,
-                 env: Optional[Mapping[str, str]] = None):
+                 env: Optional[Mapping[str, str]] = None,
+                 persist_log: Optional[Callable[[dict], None]] = None):
         if not isinstance(config, NotifyConfig):
             config = NotifyConfig.from_dict(config, env=env)
         if not isinstance(queue_size, int) or queue_size < 1:
@@ -148,6 +157,8 @@ class Notifier:
         self._by_kind = {k: {"sent": 0, "failed": 0, "retried": 0} for k in _KINDS}
         self._by_cause: collections.Counter = collections.Counter()
         self._log_state = self._dispatcher.state_dict()
+        self._persist_log = persist_log
+        self._saved_log: Optional[str] = None
 
     @property
     def enabled(self) -> bool:
@@ -240,11 +251,15 @@ class Notifier:
             for key, notifications in self._dispatcher.due(self._clock()):
                 ok = True
                 for n in notifications:
+                    # Write-ahead: recorded as sent, and saved, before the receiver hears it.
+                    previous = self._dispatcher.delivered(n, self._clock(), confirmed=False)
+                    self._publish_log()
                     if self._notify(n):
-                        self._dispatcher.delivered(n, self._clock())
-                        self._publish_log()
+                        self._dispatcher.confirm(n)
                     else:
+                        self._dispatcher.undo(n, previous)
                         ok = False
+                    self._publish_log()
                 self._dispatcher.settle(key, ok, self._clock())
             self._next_due = self._dispatcher.next_due()
             self._publish_log()
@@ -330,9 +345,25 @@ class Notifier:
     # -- restart safety
 
     def _publish_log(self) -> None:
+        """Makes the log current for ``state_dict`` and saves it through ``persist_log``
+        when it changed (a failed save is counted; the notification still goes)."""
         state = self._dispatcher.state_dict()
         with self._lock:
             self._log_state = state
+        if self._persist_log is None:
+            return
+        text = json.dumps(state, sort_keys=True)
+        if text == self._saved_log:
+            return
+        try:
+            self._persist_log(state)
+            self._saved_log = text
+        except Exception as e:
+            with self._lock:
+                self._by_cause["log_save_failed"] += 1
+            self._log_once("notifier", "log_save_failed", logging.WARNING,
+                           "notify: the notification log could not be saved (%r); a restart "
+                           "now may repeat a notification", e)
 
     def state_dict(self) -> dict:
         """JSON-serialisable notification log; hand it to ``restore`` after a restart.
@@ -342,8 +373,19 @@ class Notifier:
         with self._lock:
             return json.loads(json.dumps(self._log_state))
 
-    def restore(self, state: Mapping) -> None:
-        """Load a ``state_dict``; call it before ``start()``."""
+    def restore(self, state: Mapping, *, restarted: bool = False) -> None:
+        """Load a ``state_dict``; call it before ``start()``. ``restarted``: the state is
+        that of an aggregator that stopped (was killed): a notification it recorded but
+        never saw accepted is taken as sent (at most once), and said so."""
         with self._work_lock:
             self._dispatcher.restore(state)
+            unconfirmed = self._dispatcher.unconfirmed()
+            for name, key in unconfirmed:
+                self._dispatcher.log[name][key].pop("unconfirmed", None)
+            if restarted and unconfirmed:
+                with self._lock:
+                    self._by_cause["unconfirmed_at_restart"] += len(unconfirmed)
+                logger.warning("notify: %d notification(s) were being sent when the aggregator "
+                               "stopped (%s); they are taken as sent, so none is repeated",
+                               len(unconfirmed), ", ".join(f"{n} {k}" for n, k in unconfirmed))
             self._publish_log()

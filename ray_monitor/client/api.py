@@ -13,7 +13,7 @@ import ray
 
 from ray_monitor.common import env
 from ray_monitor.common.config import StartConfig
-from ray_monitor.common.errors import MonitorNotRunning
+from ray_monitor.common.errors import ConfigError, MonitorNotRunning, Problem
 from ray_monitor.common.names import AGGREGATOR_NAME, NAMESPACE
 
 __all__ = ["Monitor", "connect", "record_feedback", "start", "stop"]
@@ -175,19 +175,52 @@ def start(rules: Union[None, str, Path, dict] = None, *, config: Optional[StartC
     ``notifications``, ``gpu``, ``gpu_interval_s``, ``series_ttl_s``,
     ``feedback_horizon_s``, ``drift_reference_size``, ...), as keywords or as ``config=``
     (keywords win). A bad rule file or option raises
-    :class:`~ray_monitor.ConfigError` naming every problem, before anything starts."""
+    :class:`~ray_monitor.ConfigError` naming every problem, before anything starts.
+
+    On a running monitor, the options given here (not those left to their defaults) are
+    applied or refused, never ignored: a new ``host``, ``port`` or ``token`` rebinds its
+    HTTP server (saved for restarts); any other option that differs from the running
+    one raises ConfigError naming it (``stop()`` first to change it)."""
     cfg = StartConfig.build(config, **options)
     text, filename = _rules_source(rules)  # a bad file is refused here, before any actor
     _ensure_ray()
-    from ray_monitor.aggregator.actor import get_or_create
+    from ray_monitor.aggregator.actor import HTTP_FIELDS, get_or_create
 
     actor = get_or_create(cfg, rules_text=text, rules_file=filename)
-    url = ray.get(actor.ready.remote(), timeout=120)
+    url = _unwrapped(lambda: ray.get(actor.ready.remote(), timeout=120))
+    given = {k: getattr(cfg, k) for k in cfg.model_fields_set if k != "notifications"}
+    _refuse_changes(actor, {k: v for k, v in given.items() if k not in HTTP_FIELDS})
+    http = {k: v for k, v in given.items() if k in HTTP_FIELDS}
+    if http:
+        url = _unwrapped(lambda: ray.get(actor.rebind.remote(http), timeout=60))
     if text is not None:
         ray.get(actor.reload.remote(text, filename), timeout=60)
     if cfg.notifications is not None:
         ray.get(actor.configure.remote(cfg.notifications), timeout=60)
     return Monitor(actor, url)
+
+
+def _unwrapped(call):
+    """``call()``, raising a ConfigError from the actor as itself (not RayTaskError)."""
+    try:
+        return call()
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, ConfigError):
+            raise e.cause from None
+        raise
+
+
+def _refuse_changes(actor, given: dict) -> None:
+    """Options that only a new aggregator can take: refused when they differ."""
+    if not given:
+        return
+    running = ray.get(actor.settings.remote(), timeout=60)
+    problems = [Problem("ray_monitor.start()", field=k, message=(
+        f"the running monitor has {k}={running.get(k)!r}, not {v!r}; it cannot change "
+        "while running: ray_monitor.stop() it and start it again with the new value"))
+        for k, v in sorted(given.items()) if running.get(k) != v]
+    if problems:
+        raise ConfigError(problems)
 
 
 def connect(timeout: float = 30.0) -> Monitor:
@@ -210,8 +243,9 @@ def stop() -> bool:
     ray.kill(actor, no_restart=True)
     from ray.experimental import internal_kv
 
-    from ray_monitor.common.names import CONFIG_KEY, KV_NAMESPACE, PORT_KEY, STATE_KEY
+    from ray_monitor.common.names import (CONFIG_KEY, KV_NAMESPACE, NOTIFY_LOG_KEY, PORT_KEY,
+                                          STATE_KEY)
 
-    for key in (STATE_KEY, CONFIG_KEY, PORT_KEY):
+    for key in (STATE_KEY, NOTIFY_LOG_KEY, CONFIG_KEY, PORT_KEY):
         internal_kv._internal_kv_del(key, namespace=KV_NAMESPACE)
     return True

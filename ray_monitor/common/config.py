@@ -21,7 +21,7 @@ __all__ = ["StartConfig"]
 
 _SOURCE = "ray_monitor.start()"
 _NUMBERS = ("port", "eval_interval_s", "gpu_interval_s", "series_ttl_s", "feedback_horizon_s",
-            "drift_reference_size")
+            "drift_reference_size", "max_series_per_metric")
 
 
 class StartConfig(BaseModel):
@@ -48,6 +48,11 @@ class StartConfig(BaseModel):
         "'module:function' returning an NVML object (tests inject a fake NVML this way)."))
     series_ttl_s: float = Field(300.0, gt=0, description=(
         "Series of a replica that stopped reporting are dropped after this long."))
+    max_series_per_metric: int = Field(5000, ge=100, le=1_000_000, description=(
+        "Series the aggregator keeps per metric; label sets past it are counted under "
+        "'other'. Each costs about 200 KiB with every window full (6 hours) and 2.5 KiB of "
+        "/metrics: 5,000 is about 1 GiB and 12 MiB, for 1,000 replicas of 2 methods x 2 "
+        "outcomes."))
     feedback_horizon_s: float = Field(3600.0, gt=0, description=(
         "How long a captured prediction waits for its ground truth."))
     drift_reference_size: int = Field(1000, gt=0, description=(

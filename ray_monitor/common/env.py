@@ -19,8 +19,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Mapping, Optional, TypeVar
 
-__all__ = ["ALL", "EnvVar", "flag", "positive_seconds", "port", "ratio", "reset_warnings", "text",
-           "url"]
+__all__ = ["ALL", "EnvVar", "count", "flag", "positive_seconds", "port", "ratio",
+           "reset_warnings", "text", "url"]
 
 logger = logging.getLogger("ray_monitor.env")
 T = TypeVar("T")
@@ -103,6 +103,13 @@ def flag(raw: str) -> bool:
     raise ValueError(raw)
 
 
+def count(raw: str) -> int:
+    v = int(raw)
+    if v < 1:
+        raise ValueError(raw)
+    return v
+
+
 def text(raw: str) -> str:
     return raw
 
@@ -136,6 +143,8 @@ HANG_THRESHOLD_S = EnvVar("RAY_MONITOR_HANG_THRESHOLD_S", 60.0, positive_seconds
                           "seconds above 0", "@monitor(hang_threshold_s=...) when not passed")
 TRACES = EnvVar("RAY_MONITOR_TRACES", True, flag, "1 or 0",
                 "replicas send the traces of slow and failed requests to the aggregator")
+TRACE_HOLD_SPANS = EnvVar("RAY_MONITOR_TRACE_HOLD_SPANS", 4096, count, "a whole number >= 1",
+                          "spans a replica holds until it knows their request is not kept")
 HOST = EnvVar("RAY_MONITOR_HOST", "127.0.0.1", text, "an address",
               "ray_monitor.start(host=...) when not passed")
 PORT = EnvVar("RAY_MONITOR_PORT", 8266, port, "a port from 0 to 65535",
@@ -171,6 +180,11 @@ OTLP_TRACES_PROTOCOL = EnvVar("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", None, _lower
                               "grpc or http/protobuf", "the OTLP transport of traces")
 OTLP_METRICS_PROTOCOL = EnvVar("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", None, _lower,
                                "grpc or http/protobuf", "the OTLP transport of metrics")
+OTLP_TIMEOUT = EnvVar("OTEL_EXPORTER_OTLP_TIMEOUT", None, text, "a timeout",
+                      "the OTLP exporters' timeout (read by the SDK; when unset, OTLP metrics "
+                      "use the shorter of 10 s and the export interval)")
+OTLP_METRICS_TIMEOUT = EnvVar("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", None, text, "a timeout",
+                              "the OTLP metric exporter's timeout (read by the SDK)")
 OTEL_METRIC_EXPORT_INTERVAL = EnvVar("OTEL_METRIC_EXPORT_INTERVAL", 60000.0, _millis,
                                      "milliseconds above 0", "how often OTLP metrics are sent")
 OTEL_SERVICE_NAME = EnvVar("OTEL_SERVICE_NAME", None, text, "a name",

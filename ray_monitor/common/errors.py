@@ -62,6 +62,9 @@ class Problem:
 
 #: Longest message a ConfigError carries: a hostile file cannot make a huge error.
 MAX_MESSAGE_CHARS = 8192
+#: Problems listed in an HTTP answer (all are counted), and the longest value in each.
+MAX_PROBLEMS_SHOWN = 100
+MAX_FIELD_CHARS = 1000
 
 
 class ConfigError(RayMonitorError, ValueError, TypeError):
@@ -92,12 +95,15 @@ class ConfigError(RayMonitorError, ValueError, TypeError):
         """A ConfigError with a single problem."""
         return cls([Problem(file, field=field, message=message, **where)])
 
-    def as_dicts(self) -> list[dict]:
-        """The problems as JSON-ready dicts, for HTTP answers and ``--json``."""
-        return [{k: v for k, v in (("file", p.file), ("group", p.group), ("rule", p.rule),
-                                   ("deployment", p.deployment), ("field", p.field),
-                                   ("message", p.message)) if v is not None}
-                for p in self.problems]
+    def as_dicts(self, limit: int = MAX_PROBLEMS_SHOWN) -> list[dict]:
+        """The first ``limit`` problems as JSON-ready dicts, for HTTP answers and ``--json``;
+        each value cut to MAX_FIELD_CHARS (a hostile file cannot make a huge answer)."""
+        return [{k: v if not isinstance(v, str) or len(v) <= MAX_FIELD_CHARS
+                 else v[:MAX_FIELD_CHARS] + "..."
+                 for k, v in (("file", p.file), ("group", p.group), ("rule", p.rule),
+                              ("deployment", p.deployment), ("field", p.field),
+                              ("message", p.message)) if v is not None}
+                for p in self.problems[:limit]]
 
 
 class BadRequest(RayMonitorError, ValueError):

@@ -6,7 +6,7 @@ driver and the CLI find both. Changing one is a change of the wire contract.
 """
 
 __all__ = ["AGGREGATOR_NAME", "CONFIG_KEY", "GPU_ACTOR_PREFIX", "KV_NAMESPACE", "NAMESPACE",
-           "PORT_KEY", "STATE_KEY", "gpu_actor_name"]
+           "NOTIFY_LOG_KEY", "PORT_KEY", "STATE_KEY", "gpu_actor_name"]
 
 #: The aggregator actor's name and Ray namespace.
 AGGREGATOR_NAME = "ray_monitor_aggregator"
@@ -14,8 +14,10 @@ NAMESPACE = "ray_monitor"
 
 #: Ray GCS key-value namespace and keys of the aggregator's state.
 KV_NAMESPACE = "ray_monitor"
-#: Alert state, notification log and hints, written after each evaluation that changed them.
+#: Alert and hint state, written after each evaluation that changed them.
 STATE_KEY = b"ray_monitor/aggregator/state"
+#: The notification log, written before each notification is sent (and after its answer).
+NOTIFY_LOG_KEY = b"ray_monitor/aggregator/notification_log"
 #: Rules and notifications changed after start: a restarted actor uses these, not the
 #: arguments it was first created with.
 CONFIG_KEY = b"ray_monitor/aggregator/config"

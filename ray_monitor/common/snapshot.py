@@ -93,6 +93,14 @@ class ReplicaSnapshot:
     # span records (tracing.span_record) of failed and slow requests, and head-sampled
     # spans as their context, that ended in the window; bounded per snapshot
     traces: list[dict] = field(default_factory=list)
+    # requests finished since the replica started, "method\toutcome" -> count: what a
+    # restarted aggregator reads as the replica's own counters, and checks deliveries by
+    totals: dict[str, int] = field(default_factory=dict)
+    flush_s: Optional[float] = None  # how long the replica's previous flush took
+    flush_max_s: float = 0.0  # its longest flush since it started
+    # trace ids (hex) of requests this replica kept (a failed or slow span) in the window:
+    # the aggregator names them to every replica, which exports what it holds of them
+    kept_traces: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -2,7 +2,11 @@
 GPU snapshot of the node holds (devices, MIG devices, processes) and what it leaves out.
 
 ``GpuSampler.sample()`` never raises. A node without NVML gets snapshots with
-``no_gpus_reason`` set; an NVML call that fails for one device leaves that reading out of
+``no_gpus_reason`` set, and NVML is tried again with backoff (every 1, 2, 4, then 5 s
+while the failure may pass; every 60 s when there is no library or no GPU), so a GPU
+actor that started while NVML failed recovers without a restart. NVML failing under a
+running sampler (every device's readings failing for ``REINIT_AFTER`` samples in a row:
+a driver reload, a reset) shuts NVML down and starts it afresh the same way. An NVML call that fails for one device leaves that reading out of
 that sample and is counted in ``self_errors`` under ``"<call>:<reason>"`` (logged once per
 cause). Two kinds of failure are remembered so that they cost nothing afterwards: a
 function the driver or binding lacks (``FunctionNotFound``) is never called again, and a
@@ -32,7 +36,7 @@ from ray_monitor.common.snapshot import GpuDevice, GpuProcess, GpuSnapshot
 from ray_monitor.gpu.errors import ErrorBook, nvml_reason
 from ray_monitor.gpu.xid import XidWatcher
 
-__all__ = ["GpuSampler"]
+__all__ = ["GpuSampler", "REINIT_AFTER", "RETRY_CAP_S", "RETRY_PERMANENT_S"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,12 @@ _MIG_ENABLED = 1  # NVML_DEVICE_MIG_ENABLE
 _BENIGN_CLOCK_REASONS = 0x1 | 0x2  # GpuIdle | ApplicationsClocksSetting
 _NVML_SUCCESS = 0
 _RETURN_REASONS = {2: "InvalidArgument", 3: "NotSupported", 15: "GpuIsLost"}
+#: Starting NVML again: first retry after this, doubling up to RETRY_CAP_S; failures that
+#: do not pass by themselves (no library, no pynvml, no GPU) every RETRY_PERMANENT_S.
+RETRY_FIRST_S, RETRY_CAP_S, RETRY_PERMANENT_S = 1.0, 5.0, 60.0
+_PERMANENT = ("LibraryNotFound", "ImportError", "NoGpu")
+#: Samples in a row in which every device failed before NVML is started afresh.
+REINIT_AFTER = 3
 _VALUE_MEMBERS = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
 
 
@@ -154,6 +164,13 @@ class GpuSampler:
         self._initialized = False
         self._closed = False
         self._no_gpus_reason: Optional[str] = None
+        self._xid_wanted = watch_xid
+        self._retry_at: Optional[float] = None  # when NVML is started again (None: never)
+        self._retry_delay = RETRY_FIRST_S
+        self._failed_samples = 0  # in a row, every device failing
+        self._sample_errors = 0  # failures counted during the current sample
+        self._sample_ok = 0  # NVML calls that answered during the current sample
+        self._reasons_said: set[str] = set()  # logged once each until a healthy sample
         self._devices: list[_Device] = []
         self._missing: set[str] = set()  # calls the driver or binding lacks
         self._ancestors: dict[int, tuple[int, ...]] = {}
@@ -202,17 +219,29 @@ class GpuSampler:
             self._said.add(key)
             log.info(msg, *args)
 
-    def _unavailable(self, reason: str) -> None:
+    def _unavailable(self, reason: str, kind: str) -> None:
+        """NVML cannot be used now: say why in every snapshot, and try again later."""
+        first = reason not in self._reasons_said
+        self._reasons_said.add(reason)
         self._no_gpus_reason = reason
-        log.warning("no GPUs on node %s: %s", self.node_id, reason)
+        cap = RETRY_PERMANENT_S if kind in _PERMANENT else RETRY_CAP_S
+        delay = min(self._retry_delay, cap)
+        self._retry_at = self._clock() + delay
+        self._retry_delay = min(delay * 2, cap)
+        if first:
+            log.warning("no GPUs on node %s: %s (trying again, at most every %g s; logged once)",
+                        self.node_id, reason, cap)
 
     def _start(self) -> None:
         self._started = True
+        self._retry_at = None
+        self._no_gpus_reason = None
         if self._nvml is None:
             try:
                 import pynvml
             except ImportError as exc:
-                self._unavailable(f"the pynvml module cannot be imported ({exc}); install nvidia-ml-py")
+                self._unavailable(f"the pynvml module cannot be imported ({exc}); install nvidia-ml-py",
+                                  "ImportError")
                 return
             self._nvml = pynvml
         try:
@@ -223,20 +252,46 @@ class GpuSampler:
             self._unavailable({
                 "LibraryNotFound": "NVML library (libnvidia-ml.so.1) not found: no NVIDIA driver installed",
                 "DriverNotLoaded": "the NVIDIA driver is not loaded",
-            }.get(reason, f"nvmlInit failed: {reason} ({exc})"))
+            }.get(reason, f"nvmlInit failed: {reason} ({exc})"), reason)
             return
         self._initialized = True
         try:
             count = int(self._nvml.nvmlDeviceGetCount())
         except Exception as exc:
-            self._errors.count(f"nvmlDeviceGetCount:{nvml_reason(exc)}", exc)
-            self._unavailable(f"nvmlDeviceGetCount failed: {nvml_reason(exc)} ({exc})")
+            reason = nvml_reason(exc)
+            self._errors.count(f"nvmlDeviceGetCount:{reason}", exc)
+            self._stop_nvml()
+            self._unavailable(f"nvmlDeviceGetCount failed: {reason} ({exc})", reason)
             return
         if count == 0:
-            self._unavailable("NVML sees no NVIDIA GPU")
+            self._stop_nvml()
+            self._unavailable("NVML sees no NVIDIA GPU", "NoGpu")
             return
         # Handles and static facts are read by the first sample, which then starts the watcher.
         self._devices = [_Device(index=i) for i in range(count)]
+
+    def _stop_nvml(self) -> bool:
+        """Stops the XID watcher and shuts NVML down (for a fresh start); False when the
+        watcher would not stop (then NVML is left initialized, as shutdown() does)."""
+        if self._xid is not None:
+            if not self._xid.stop():
+                return False
+            self._xid = None
+        if self._initialized:
+            self._initialized = False
+            try:
+                self._nvml.nvmlShutdown()
+            except Exception as exc:
+                self._errors.count(f"nvmlShutdown:{nvml_reason(exc)}", exc)
+        return True
+
+    def _restart_nvml(self, why: str) -> None:
+        """Every device failed REINIT_AFTER samples in a row: start NVML afresh (handles
+        may be stale after a driver reload or a GPU reset)."""
+        self._errors.count("nvml_restarted")
+        self._stop_nvml()
+        self._devices, self._watch_xid, self._failed_samples = [], self._xid_wanted, 0
+        self._unavailable(f"NVML failed on every GPU ({why}); starting it again", "Restart")
 
     def _start_xid(self) -> None:
         """Watches the GPUs opened by the first sample (a GPU opened later is not watched)."""
@@ -297,7 +352,9 @@ class GpuSampler:
         if label in self._missing or label in d.unsupported:
             return _SKIP
         try:
-            return getattr(self._nvml, name)(*args, **kwargs)
+            got = getattr(self._nvml, name)(*args, **kwargs)
+            self._sample_ok += 1
+            return got
         except Exception as exc:
             reason = nvml_reason(exc)
             if reason == "TypeError" and kwargs:
@@ -308,6 +365,8 @@ class GpuSampler:
                 d.unsupported.add(label)
             if reason not in quiet:
                 self._errors.count(f"{label}:{reason}", exc)
+                if reason not in ("NotSupported", "FunctionNotFound"):
+                    self._sample_errors += 1
             if reason == "GpuIsLost":
                 raise _Lost(label) from exc
             return _SKIP
@@ -327,7 +386,7 @@ class GpuSampler:
         if self._closed:
             return GpuSnapshot(node_id=self.node_id, time=self._clock(),
                                no_gpus_reason="the GPU sampler is shut down", self_errors=self.self_errors)
-        if not self._started:
+        if not self._started or (self._retry_at is not None and self._clock() >= self._retry_at):
             self._start()
         now = self._clock()
         if self._no_gpus_reason is not None:
@@ -336,10 +395,25 @@ class GpuSampler:
         xids = self._xid.counts() if self._xid is not None else {}
         devices: list[GpuDevice] = []
         processes: list[GpuProcess] = []
+        self._sample_errors = self._sample_ok = 0
         for d in self._devices:
             self._sample_device(d, xids, devices, processes)
             for mig in d.mig:
                 self._sample_device(mig, xids, devices, processes)
+        if self._sample_errors and not self._sample_ok:  # cached facts aside, nothing answered
+            self._failed_samples += 1
+            if self._failed_samples >= REINIT_AFTER:
+                self._restart_nvml(f"{REINIT_AFTER} samples in a row")
+                return GpuSnapshot(node_id=self.node_id, time=now, devices=devices,
+                                   no_gpus_reason=self._no_gpus_reason, self_errors=self.self_errors)
+        else:
+            self._failed_samples = 0
+            if devices:
+                self._retry_delay = RETRY_FIRST_S  # healthy: the next failure backs off from 1 s
+                if self._reasons_said:
+                    log.warning("GPU readings are back on node %s (after: %s)", self.node_id,
+                                "; ".join(sorted(self._reasons_said)))
+                    self._reasons_said.clear()
         if self._watch_xid:
             self._start_xid()
         live = {p.pid for p in processes}

@@ -35,7 +35,7 @@ import numpy as np
 from ray_monitor.common.catalog import FEATURE_PREFIX, PREDICTION
 from ray_monitor.quality.prediction import MAX_FEATURES, Prediction
 
-__all__ = ["Reference", "FeatureCounts", "DriftMonitor", "psi", "jensen_shannon",
+__all__ = ["MAX_REFERENCE_VALUES", "Reference", "FeatureCounts", "DriftMonitor", "psi", "jensen_shannon",
            "ks_statistic", "ks_from_counts", "ks_bound", "PSI_EPSILON", "PREDICTION",
            "FEATURE_PREFIX"]
 
@@ -306,6 +306,11 @@ class FeatureCounts:
         return bool(self.counts)
 
 
+#: Values a reference is built from, per metric: a sample this large already pins every
+#: bin edge; more would only hold up the aggregator.
+MAX_REFERENCE_VALUES = 200_000
+
+
 class DriftMonitor:
     """Drift of one model (one deployment and version): references and current counts.
 
@@ -342,23 +347,43 @@ class DriftMonitor:
     def set_reference(self, metric: str, reference: Any) -> Reference:
         """Sets a metric's reference: a :class:`Reference`, a list of values, or
         :meth:`Reference.to_json`'s form (an uploaded JSON document)."""
-        if metric != PREDICTION and not (metric.startswith(FEATURE_PREFIX)
-                                         and len(metric) > len(FEATURE_PREFIX)):
-            raise ValueError(f"drift metric {metric!r} must be {PREDICTION!r} or "
-                             f"{FEATURE_PREFIX}<feature name>")
-        ref = reference if isinstance(reference, Reference) else \
-            Reference.from_json(reference, **self._options)
+        ref = self._checked(metric, reference)
         self._refs[metric] = ref
         self._building.pop(metric, None)
         return ref
 
-    def set_references(self, obj: Mapping[str, Any]) -> None:
-        """Sets several references at once: ``{metric: reference}`` as :meth:`set_reference`."""
+    def build_references(self, obj: Mapping[str, Any]) -> dict[str, Reference]:
+        """``{metric: reference}`` built and checked, all or nothing, changing nothing
+        here (so it may run on another thread); a bad one raises naming
+        ``references.<metric>``. At most MAX_REFERENCE_VALUES values per metric."""
         if not isinstance(obj, Mapping):
             raise TypeError("references must be an object of metric -> reference, e.g. "
                             '{"feature_age": [31, 45, 27], "prediction": ["spam", "ham"]}')
-        for metric, ref in obj.items():
+        if len(obj) > self._max:
+            raise ValueError(f"references: {len(obj)} metrics; a model has at most {self._max} "
+                             "(its features and its prediction)")
+        return {metric: self._checked(metric, ref) for metric, ref in obj.items()}
+
+    def set_references(self, obj: Mapping[str, Any]) -> None:
+        """Sets several references at once: ``{metric: reference}`` as :meth:`set_reference`,
+        all or nothing."""
+        for metric, ref in self.build_references(obj).items():
             self.set_reference(metric, ref)
+
+    def _checked(self, metric: Any, reference: Any) -> Reference:
+        if not isinstance(metric, str) or (metric != PREDICTION and not (
+                metric.startswith(FEATURE_PREFIX) and len(metric) > len(FEATURE_PREFIX))):
+            raise ValueError(f"drift metric {str(metric)[:80]!r} must be {PREDICTION!r} or "
+                             f"{FEATURE_PREFIX}<feature name>")
+        if isinstance(reference, Reference):
+            return reference
+        if isinstance(reference, (list, tuple)) and len(reference) > MAX_REFERENCE_VALUES:
+            raise ValueError(f"references.{metric}: {len(reference)} values; a reference is "
+                             f"built from at most {MAX_REFERENCE_VALUES} (sample them)")
+        try:
+            return Reference.from_json(reference, **self._options)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"references.{metric}: {e}") from None
 
     def observe(self, preds: Iterable[Prediction]) -> FeatureCounts:
         """Counts a batch of predictions (features and output) against the references;

@@ -42,23 +42,53 @@ class ItemStatus(NamedTuple):
     reason: str = ""
 
 
+#: Items that did not join listed in an answer; all are counted.
+MAX_PROBLEMS_SHOWN = 100
+#: Items whose status a result keeps one by one (all are counted): a 100,000-item batch
+#: costs no 100,000 more objects.
+MAX_ITEMS_KEPT = 10_000
+
+
 @dataclass
 class FeedbackResult:
-    """The answer to one :meth:`FeedbackJoin.add_feedback` call, item by item."""
+    """The answer to one :meth:`FeedbackJoin.add_feedback` call: every item counted by
+    status, the first MAX_ITEMS_KEPT kept one by one, and the first MAX_PROBLEMS_SHOWN
+    that did not join."""
 
     items: list[ItemStatus] = field(default_factory=list)
     outcomes: list[LabeledOutcome] = field(default_factory=list)
+    by_status: dict[str, int] = field(default_factory=dict)
+    problems: list[ItemStatus] = field(default_factory=list)
+    problems_total: int = 0
+
+    def add(self, item: ItemStatus) -> None:
+        self.by_status[item.status] = self.by_status.get(item.status, 0) + 1
+        if len(self.items) < MAX_ITEMS_KEPT:
+            self.items.append(item)
+        if item.status != "joined":
+            self.problems_total += 1
+            if len(self.problems) < MAX_PROBLEMS_SHOWN:
+                self.problems.append(item)
 
     def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for it in self.items:
-            out[it.status] = out.get(it.status, 0) + 1
+        return dict(self.by_status)
+
+    def as_dict(self, limit: int = MAX_PROBLEMS_SHOWN) -> dict:
+        """The HTTP API's body: counts by status, and the first ``limit`` items that did
+        not join (``problems_omitted`` says how many more), so a large batch gets a
+        small answer."""
+        out = {"counts": self.counts(), "problems": [_shown(it) for it in self.problems[:limit]]}
+        if self.problems_total > limit:
+            out["problems_omitted"] = self.problems_total - limit
         return out
 
-    def as_dict(self) -> dict:
-        """The HTTP API's body: counts by status, and every item that did not join."""
-        return {"counts": self.counts(),
-                "problems": [it._asdict() for it in self.items if it.status != "joined"]}
+
+def _shown(it: ItemStatus) -> dict:
+    d = it._asdict()
+    rid = d["request_id"]
+    if isinstance(rid, str) and len(rid) > 128:
+        d["request_id"] = rid[:128] + "..."
+    return d
 
 
 _REASONS = {
@@ -188,17 +218,19 @@ class FeedbackJoin:
                 self._forget(rid, "dropped")
         return out
 
-    def add_feedback(self, items: Iterable[Any]) -> FeedbackResult:
+    def add_feedback(self, items: Iterable[Any], *, result: Optional[FeedbackResult] = None,
+                     start: int = 0) -> FeedbackResult:
         """Joins ground truth, one dict per item: ``{"request_id": ..., "label": ...}`` or
         ``{"request_id": ..., "value": ...}``. Never raises for a bad item: each gets its
-        :class:`ItemStatus`, and the valid rest of the batch lands."""
+        :class:`ItemStatus`, and the valid rest of the batch lands. A large batch can come
+        in parts: ``result`` collects them, ``start`` is the index of the part's first item."""
         if isinstance(items, (Mapping, str, bytes)):
             raise TypeError("add_feedback takes a list of feedback items; wrap a single item "
                             "in a list")
         now = self._clock()
         self._sweep(now)
-        result = FeedbackResult()
-        for i, item in enumerate(items):
+        result = FeedbackResult() if result is None else result
+        for i, item in enumerate(items, start):
             try:
                 rid, label, value = _parse_feedback(item)
             except (TypeError, ValueError) as e:
@@ -241,7 +273,7 @@ class FeedbackJoin:
               reason: str = "") -> None:
         if status != "held":
             self._counts["feedback_" + status] += 1
-        result.items.append(ItemStatus(i, rid, status, reason or _REASONS.get(status, "")))
+        result.add(ItemStatus(i, rid, status, reason or _REASONS.get(status, "")))
 
 
 def _fits(p: Prediction, truth_label: Optional[str]) -> bool:

@@ -146,11 +146,14 @@ class QualityStore:
                     b.drift.merge(counts)
         self._add_outcomes(self.join.add_predictions(p for p in preds if p.request_id), now)
 
-    def add_feedback(self, items: Iterable[Any]) -> FeedbackResult:
-        """Joins ground truth (see :meth:`FeedbackJoin.add_feedback`): never raises for a
-        bad item; each item's fate is in the result."""
-        result = self.join.add_feedback(items)
-        self._add_outcomes(result.outcomes, self._clock())
+    def add_feedback(self, items: Iterable[Any], *, result: Optional[FeedbackResult] = None,
+                     start: int = 0) -> FeedbackResult:
+        """Joins ground truth (see :meth:`FeedbackJoin.add_feedback`, which also says how
+        a batch comes in parts): never raises for a bad item; each item's fate is in the
+        result."""
+        before = len(result.outcomes) if result is not None else 0
+        result = self.join.add_feedback(items, result=result, start=start)
+        self._add_outcomes(result.outcomes[before:], self._clock())
         return result
 
     def _add_outcomes(self, outcomes: list[LabeledOutcome], now: float) -> None:
@@ -175,6 +178,11 @@ class QualityStore:
         refs = drift.references()
         return {m: {"kind": refs[m].kind, "bins": refs[m].size, "observations": sum(refs[m].counts)}
                 for m in references}
+
+    def build_references(self, references: Mapping[str, Any]) -> dict:
+        """References built and checked for :meth:`set_references`, touching no model
+        (safe on another thread)."""
+        return DriftMonitor(**self._drift_options).build_references(references)
 
     def expire(self, now: Optional[float] = None) -> None:
         """Drops buckets past each resolution's span, and models left with neither data

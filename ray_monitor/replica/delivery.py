@@ -8,13 +8,23 @@ round the refs that finished are checked, and a batch whose call failed (the
 aggregator died or is restarting) goes back to the front of the buffer to be sent
 again. So while the aggregator is away the recorder's bounded buffer holds the
 snapshots, and they arrive, in order, once it is back.
+
+Nothing here waits on the network: finding the aggregator by name (a GCS call that
+takes a second while the actor restarts) runs on a thread of its own, and the handle
+found is kept across restarts (Ray sends its calls to the restarted actor); a failed
+call only starts another lookup, for an aggregator that was stopped and created anew.
+
+The aggregator's answer to a batch names the trace ids kept anywhere in the cluster
+since this replica's previous batch (see :mod:`ray_monitor.replica.tail`); they go to
+``on_kept``, which exports the spans this replica holds of them.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from ray_monitor.common.names import AGGREGATOR_NAME, NAMESPACE
 from ray_monitor.common.snapshot import ReplicaIdentity, ReplicaSnapshot
@@ -36,17 +46,34 @@ class ActorSink:
         self.clock = clock
         self._actor = None
         self._next_lookup = 0.0
+        self._looking = False
         self._in_flight: list[tuple[object, list[ReplicaSnapshot]]] = []
+        #: Gets the trace ids kept anywhere since the last batch (flush thread).
+        self.on_kept: Optional[Callable[[list[str]], Any]] = None
+        self.kept_cursor: Optional[tuple[str, int]] = None  # the aggregator's (epoch, seq)
+        self._kept_failed = False
+        self._old_aggregator = False  # its ingest takes no cursor: no kept ids from it
 
-    def _lookup(self):
-        if self._actor is None and self.clock() >= self._next_lookup:
-            import ray
-
-            try:
-                self._actor = ray.get_actor(self.name, namespace=self.namespace)
-            except ValueError:  # not started (yet): keep buffering
-                self._next_lookup = self.clock() + LOOKUP_EVERY_S
+    def _lookup(self, again: bool = False):
+        """The aggregator's handle as last found; starts a lookup on another thread when
+        there is none yet (or ``again``, after a failed call), at most every 2 s."""
+        if (self._actor is None or again) and not self._looking \
+                and self.clock() >= self._next_lookup:
+            self._looking = True
+            self._next_lookup = self.clock() + LOOKUP_EVERY_S
+            threading.Thread(target=self._find, name="ray-monitor-lookup", daemon=True).start()
         return self._actor
+
+    def _find(self) -> None:
+        import ray
+
+        try:
+            self._actor = ray.get_actor(self.name, namespace=self.namespace)
+            self._old_aggregator = False  # found anew: it may be a newer one
+        except Exception:  # not started (yet), or Ray is going away: keep buffering
+            pass
+        finally:
+            self._looking = False
 
     def send(self, snapshots: list[ReplicaSnapshot]) -> list[ReplicaSnapshot]:
         import ray
@@ -62,10 +89,12 @@ class ActorSink:
                     still.append((ref, batch))
                     continue
                 try:
-                    ray.get(ref, timeout=0)
+                    reply = ray.get(ref, timeout=0)
                 except Exception:
                     retry.extend(batch)  # the call failed: deliver again, in order
-                    self._actor = None
+                    self._lookup(again=True)
+                    continue
+                self._take_reply(reply)
             self._in_flight = still
         pending = retry + snapshots
         if not pending or len(self._in_flight) >= MAX_IN_FLIGHT:
@@ -74,17 +103,41 @@ class ActorSink:
         if actor is None:
             return pending
         try:
-            ref = actor.ingest.remote(pending)
+            ref = self._ingest(actor, pending)
         except Exception:
-            self._actor = None
+            self._lookup(again=True)
             raise
         self._in_flight.append((ref, pending))
         return []
 
+    def _ingest(self, actor, pending: list[ReplicaSnapshot]):
+        if not self._old_aggregator:
+            try:
+                return actor.ingest.remote(pending, self.kept_cursor)
+            except TypeError:  # an aggregator from before kept traces (it is detached)
+                self._old_aggregator = True
+        return actor.ingest.remote(pending)
 
-def make_sinks(identity: ReplicaIdentity) -> tuple[Optional[ActorSink], Optional[Callable]]:
+    def _take_reply(self, reply: Any) -> None:
+        """``{"epoch", "seq", "kept"}`` from the aggregator (None from one that predates it)."""
+        if not isinstance(reply, dict) or "seq" not in reply:
+            return
+        self.kept_cursor = (reply.get("epoch"), reply["seq"])
+        kept = reply.get("kept")
+        if kept and self.on_kept is not None:
+            try:
+                self.on_kept(kept)
+            except Exception as e:  # never in the way of delivery
+                if not self._kept_failed:
+                    self._kept_failed = True
+                    logger.warning("ray-monitor: exporting the spans of kept traces failed "
+                                   "(logged once): %r", e)
+
+
+def make_sinks(identity: ReplicaIdentity, *, on_failure: Optional[Callable] = None
+               ) -> tuple[Optional[ActorSink], Optional[Callable]]:
     """The aggregator sink when Ray is up, and the OTLP metrics export when an
-    endpoint is configured."""
+    endpoint is configured (on a thread of its own; its failures go to ``on_failure``)."""
     sink = None
     try:
         import ray
@@ -95,5 +148,6 @@ def make_sinks(identity: ReplicaIdentity) -> tuple[Optional[ActorSink], Optional
         pass
     from ray_monitor.replica.otlp_metrics import OtlpMetrics, otlp_metrics_configured
 
-    on_flush = OtlpMetrics(identity) if otlp_metrics_configured() else None
+    on_flush = OtlpMetrics(identity, on_failure=on_failure) if otlp_metrics_configured() \
+        else None
     return sink, on_flush

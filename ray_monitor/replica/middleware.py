@@ -24,6 +24,9 @@ from typing import Any, Callable, Optional
 from opentelemetry import context as otel_context
 
 from ray_monitor.replica import tracing
+from ray_monitor.replica.http_semantics import (carry_traceparent, from_scope, method_label,
+                                                status_of)
+from ray_monitor.replica.span_errors import error_type
 from ray_monitor.replica.options import UNSET, MonitorOptions, refuse
 from ray_monitor.quality.prediction import Prediction, validate_extractor_result
 from ray_monitor.replica.runtime import Runtime
@@ -151,6 +154,13 @@ def _wrap_class(cls: type, options: MonitorOptions) -> type:
     __init__.__qualname__ = f"{cls.__qualname__}.__init__"
     ns["__init__"] = __init__
     wrapped = type(cls.__name__, (cls,), ns)
+
+    def __init_subclass__(sub, **kwargs):
+        # @serve.ingress(app) above @monitor: Serve's ASGI wrapper serves every route.
+        super(wrapped, sub).__init_subclass__(**kwargs)
+        if _is_asgi_wrapper(sub) and not hasattr(sub.__call__, "__wrapped_by_ray_monitor__"):
+            sub.__call__ = _wrap_asgi(sub.__call__, runtime)
+    wrapped.__init_subclass__ = classmethod(__init_subclass__)
     return wrapped
 
 
@@ -187,18 +197,23 @@ class _Request:
     __slots__ = ("cells", "token", "t0", "span", "ctx_token", "otel_token", "tracer", "runtime",
                  "active_token")
 
-    def __init__(self, hook: "_Hook", headers: Any) -> None:
+    def __init__(self, hook: "_Hook", scope: Any, asgi: bool = False) -> None:
         self.runtime = hook.runtime
         st = hook.runtime.state or hook.runtime.start()
         self.cells = st.recorder.method(hook.name) if hook.cells is None else hook.cells
         self.t0 = _perf()
-        self.token = self.cells.begin(self.t0, _request_id())
+        ctx = _serve_context()
+        self.token = self.cells.begin(self.t0, ctx.request_id if ctx is not None else "")
         self.tracer = st.tracer
         self.span = None
         self.ctx_token = self.otel_token = self.active_token = None
         if st.tracer.enabled:
-            self.span = st.tracer.begin(hook.span_name, st.span_attributes(hook.name),
-                                        st.tracer.parent_context(headers))
+            # A plain HTTP ingress's route is Serve's route prefix; FastAPI's is its
+            # template, known once the app has routed the request.
+            http = None if scope is None else from_scope(
+                scope, None if asgi or ctx is None else ctx.route)
+            self.span = st.tracer.begin(hook.span_name, st.span_attributes(hook.name), ctx,
+                                        http)
 
     def enter(self) -> None:
         """Marks the deployment busy with this request around user code, and makes the
@@ -207,8 +222,8 @@ class _Request:
         sp = self.span
         if sp is None:
             return
-        self.ctx_token = tracing.CURRENT.set(sp.ids)
-        if sp.span is not None:
+        self.ctx_token = tracing.CURRENT.set(sp)
+        if sp.span is not None or self.tracer.attach_unsampled:
             self.otel_token = otel_context.attach(sp.otel_context())
 
     def exit(self) -> None:
@@ -229,7 +244,8 @@ class _Request:
         sp = self.span
         if sp is not None:
             kept = self.tracer.end(sp, latency, error if is_error else None, extra,
-                                   error_status=outcome if is_error and error is None else None)
+                                   error_status=outcome if is_error and error is None else None,
+                                   status=None if sp.http is None else status_of(outcome, is_error))
             if kept:
                 exemplar = Exemplar(f"{sp.trace_id:032x}", f"{sp.span_id:016x}", latency,
                                     time.time())
@@ -239,28 +255,30 @@ class _Request:
 _REQUEST_CONTEXT: Any = None  # Serve's request-context variable, looked up once
 
 
-def _request_id() -> str:
+def _serve_context() -> Any:
+    """Ray Serve's context of the request running here (None outside Serve)."""
     global _REQUEST_CONTEXT
     var = _REQUEST_CONTEXT
     if var is None:
         try:
             from ray.serve.context import _serve_request_context as var
         except ImportError:  # pragma: no cover - ray[serve] is a dependency
-            return ""
+            return None
         _REQUEST_CONTEXT = var
-    ctx = var.get()
+    return var.get()
+
+
+def _request_id() -> str:
+    ctx = _serve_context()
     return ctx.request_id if ctx is not None else ""
 
 
 def _outcome(e: BaseException) -> tuple[str, bool]:
     if isinstance(e, (asyncio.CancelledError, GeneratorExit)):
         return _CANCELLED, False  # the caller went away: not the server's fault
-    name = type(e).__name__
-    if name.startswith("RayTaskError(") and name.endswith(")"):
-        # A downstream deployment's error arrives wrapped; label it by its cause, so
-        # one KeyError reads the same in the deployment that raised it and its callers.
-        name = name[len("RayTaskError("):-1]
-    return name, True
+    # A downstream deployment's error arrives wrapped; label it by its cause, so one
+    # KeyError reads the same in the deployment that raised it and its callers.
+    return error_type(e), True
 
 
 try:  # Starlette ships with Ray Serve; the classes are looked up once, not per request
@@ -282,9 +300,9 @@ def _result_outcome(result: Any) -> tuple[str, bool]:
 
 
 def _headers(args: tuple, i: int) -> Any:
-    """HTTP headers when argument ``i`` is a Starlette request (Serve's HTTP path)."""
+    """The ASGI scope when argument ``i`` is a Starlette request (Serve's HTTP path)."""
     if len(args) > i and isinstance(args[i], _HttpRequest):
-        return args[i].headers
+        return args[i].scope
     return None
 
 
@@ -299,11 +317,11 @@ class _Hook:
         self.span_name = f"{runtime.target_name}.{name}"
         self.cells = None  # bound by the runtime when it starts
 
-    def start(self, headers: Any) -> Optional[_Request]:
+    def start(self, scope: Any, asgi: bool = False) -> Optional[_Request]:
         if ACTIVE.get() is self.runtime:
             return None  # the deployment calling its own method: part of the same request
         try:
-            req = _Request(self, headers)
+            req = _Request(self, scope, asgi)
             req.enter()
             return req
         except Exception as e:
@@ -506,15 +524,19 @@ async def _timed_async_generator(hook: _Hook, req: Optional[_Request], agen,
 
 # -- FastAPI / ASGI ingress -----------------------------------------------------
 
+def _method(scope: dict) -> str:
+    return method_label(scope.get("method", "GET"))
+
+
 def _route_label(scope: dict) -> str:
     route = scope.get("route")
     path = getattr(route, "path", None)
     if path is None:
-        # No matched route (404, or a plain ASGI app): a fixed label keeps the
-        # label set bounded whatever paths clients try.
-        return f"{scope.get('method', 'GET')} unmatched" if route is None else \
-            f"{scope.get('method', 'GET')} {scope.get('path', '')}"
-    return f"{scope.get('method', 'GET')} {path}"
+        # No matched route (404, a plain ASGI app) or no path template (a Host route): a
+        # fixed label keeps the label set bounded whatever clients try.
+        return f"{_method(scope)} " + ("unmatched" if route is None else
+                                       getattr(route, "name", None) or type(route).__name__)
+    return f"{_method(scope)} {path}"
 
 
 def _wrap_asgi(fn: Callable, runtime: Runtime) -> Callable:
@@ -533,9 +555,12 @@ def _wrap_asgi(fn: Callable, runtime: Runtime) -> Callable:
 
         req = None
         try:
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                       for k, v in scope.get("headers", ())}
-            req = hook.start(headers)
+            req = hook.start(scope, asgi=True)
+            if req is not None and req.span is not None and req.tracer.attach_unsampled:
+                # FastAPI's own span (on with any global TracerProvider, as Serve's
+                # tracing sets one) takes its parent from the headers alone.
+                rs = req.span
+                carry_traceparent(scope, rs.trace_id, rs.span_id, rs.sampled)
         except Exception as e:
             runtime.self_error("middleware_failed", e)
         error = None
@@ -548,6 +573,7 @@ def _wrap_asgi(fn: Callable, runtime: Runtime) -> Callable:
             _finish_route(hook, req, scope, status[0], error)
 
     functools.update_wrapper(__call__, fn)
+    __call__.__wrapped_by_ray_monitor__ = True
     return __call__
 
 
@@ -569,9 +595,8 @@ def _finish_route(hook: _Hook, req: Optional[_Request], scope: dict, status: Opt
         else:
             outcome = str(status or 500)
             is_error = (status or 500) >= 500
-        attrs = {"http.response.status_code": status or 500,
-                 "http.route": getattr(scope.get("route"), "path", "") or "",
-                 "http.request.method": scope.get("method", "")}
+        template = getattr(scope.get("route"), "path", None)
+        attrs = {"http.route": f"{scope.get('root_path', '')}{template}"} if template else None
         if req.span is not None:
             req.span.name = label
             if req.span.span is not None:
@@ -580,7 +605,8 @@ def _finish_route(hook: _Hook, req: Optional[_Request], scope: dict, status: Opt
         exemplar = None
         if req.span is not None:
             kept = req.tracer.end(req.span, latency, error if is_error else None, attrs,
-                                  error_status=outcome if is_error and error is None else None)
+                                  error_status=outcome if is_error and error is None else None,
+                                  status=status or (500 if is_error else None))
             if kept:
                 exemplar = Exemplar(f"{req.span.trace_id:032x}", f"{req.span.span_id:016x}",
                                     latency, time.time())

@@ -5,7 +5,9 @@ Runs in every replica, on its flush thread.
 No OpenTelemetry instrument sits on the request path: the flush thread folds each
 delta snapshot into cumulative series and, every ``OTEL_METRIC_EXPORT_INTERVAL`` ms
 (the SDK's variable, default 60000), hands them to the standard OTLP metric exporter
-(``OTEL_EXPORTER_OTLP_*``). Our histogram buckets are OTLP's exponential buckets at
+(``OTEL_EXPORTER_OTLP_*``) on an :class:`~ray_monitor.replica.export_worker.ExportWorker`
+thread: an endpoint that is down delays only that thread, never the flush that delivers
+snapshots to the aggregator. Our histogram buckets are OTLP's exponential buckets at
 scale 6, so they are sent as they are. HTTP ingress routes use the semantic
 conventions' ``http.server.request.duration``; handle methods use
 ``ray_monitor.request.duration``.
@@ -20,8 +22,9 @@ from typing import Optional
 from opentelemetry.sdk.metrics.export import (AggregationTemporality, Buckets,
                                               ExponentialHistogram,
                                               ExponentialHistogramDataPoint, Gauge, Metric,
-                                              MetricExporter, MetricsData, NumberDataPoint,
-                                              ResourceMetrics, ScopeMetrics, Sum)
+                                              MetricExporter, MetricExportResult, MetricsData,
+                                              NumberDataPoint, ResourceMetrics, ScopeMetrics,
+                                              Sum)
 from opentelemetry.sdk.metrics._internal.exemplar import Exemplar as OtelExemplar
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
@@ -29,11 +32,18 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from ray_monitor.common import env
 from ray_monitor.common.histogram import SCALE, Histogram
 from ray_monitor.common.snapshot import ReplicaIdentity, ReplicaSnapshot
+from ray_monitor.replica.export_worker import ExportWorker, quiet_otel_export_logs
+from ray_monitor.replica.otlp_refusal import RefusalGuard
 
 __all__ = ["OtlpMetrics", "otlp_metrics_configured"]
 
 logger = logging.getLogger(__name__)
-_HTTP_VERBS = ("GET ", "POST ", "PUT ", "DELETE ", "PATCH ", "HEAD ", "OPTIONS ")
+#: Route labels start with one of these (the standard methods and OTel's ``_OTHER``).
+_HTTP_VERBS = ("GET ", "POST ", "PUT ", "DELETE ", "PATCH ", "HEAD ", "OPTIONS ", "CONNECT ",
+               "TRACE ", "_OTHER ")
+#: Export timeout when OTEL_EXPORTER_OTLP_[METRICS_]TIMEOUT is not set: never longer than
+#: an export interval, so a dead endpoint holds at most one export in flight.
+MAX_TIMEOUT_S = 10.0
 
 
 def otlp_metrics_configured() -> bool:
@@ -42,13 +52,19 @@ def otlp_metrics_configured() -> bool:
     return env.OTLP_METRICS_ENDPOINT.is_set() or env.OTLP_ENDPOINT.is_set()
 
 
-def otlp_metric_exporter() -> MetricExporter:
+def otlp_metric_exporter(interval_s: Optional[float] = None) -> MetricExporter:
     protocol = env.OTLP_METRICS_PROTOCOL.get() or env.OTLP_PROTOCOL.get()
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
     else:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-    return OTLPMetricExporter()
+    if env.OTLP_METRICS_TIMEOUT.is_set() or env.OTLP_TIMEOUT.is_set():
+        exporter = OTLPMetricExporter()  # the user's timeout, read by the SDK
+    else:
+        interval_s = _interval_s() if interval_s is None else interval_s
+        exporter = OTLPMetricExporter(timeout=max(1.0, min(MAX_TIMEOUT_S, interval_s)))
+    # A backend that takes traces but not metrics (Phoenix) is told once, then left alone.
+    return RefusalGuard(exporter, "metrics", MetricExportResult.SUCCESS)
 
 
 def _interval_s() -> float:
@@ -59,11 +75,13 @@ class OtlpMetrics:
     """``on_flush`` hook of the recorder: accumulate, and export when the interval is due."""
 
     def __init__(self, identity: ReplicaIdentity, *, exporter: Optional[MetricExporter] = None,
-                 interval_s: Optional[float] = None, clock=time.time) -> None:
+                 interval_s: Optional[float] = None, clock=time.time, on_failure=None) -> None:
         self.identity = identity
-        self.exporter = exporter or otlp_metric_exporter()
         self.interval_s = _interval_s() if interval_s is None else interval_s
+        self.exporter = exporter or otlp_metric_exporter(self.interval_s)
         self.clock = clock
+        quiet_otel_export_logs()
+        self.worker = ExportWorker(self._send, what="otlp_metrics_export", on_failure=on_failure)
         self.start_ns = time.time_ns()
         self._next = clock() + self.interval_s
         # (method, outcome) -> [requests, errors, latency Histogram, first-item Histogram|None, exemplars]
@@ -91,7 +109,8 @@ class OtlpMetrics:
         now = self.clock()
         if now >= self._next:
             self._next = now + self.interval_s
-            self.export()
+            # Built here (the series change on this thread), sent on the worker's.
+            self.worker.submit(self.metrics_data())
 
     def _attrs(self, method: str, outcome: Optional[str] = None) -> dict:
         ident = self.identity
@@ -143,10 +162,15 @@ class OtlpMetrics:
         scope = ScopeMetrics(InstrumentationScope("ray_monitor"), metrics, "")
         return MetricsData([ResourceMetrics(self.resource, [scope], "")])
 
-    def export(self) -> None:
-        self.exporter.export(self.metrics_data())
+    def _send(self, data: MetricsData):
+        return self.exporter.export(data)
 
-    def shutdown(self) -> None:
+    def export(self) -> None:
+        """Exports the series now, in the caller's thread."""
+        self._send(self.metrics_data())
+
+    def shutdown(self, timeout: float = 2.0) -> None:
+        self.worker.close(timeout)
         self.exporter.shutdown()
 
 

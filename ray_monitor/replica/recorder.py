@@ -54,6 +54,13 @@ class SpanSource(Protocol):
         """The records since the last drain, and drops by cause."""
 
 
+class KeptSource(Protocol):
+    """The trace ids this replica kept (``tail.TailBuffer``), for the aggregator to spread."""
+
+    def drain(self) -> tuple[list[str], dict[str, int]]:
+        """The kept trace ids (hex) since the last drain, and drops by cause."""
+
+
 class Sink(Protocol):
     """Where snapshots go. ``send`` may raise; the recorder keeps them and counts."""
 
@@ -146,7 +153,9 @@ class Recorder:
                  health: Optional[Callable[[], ReplicaHealth]] = None,
                  on_flush: Optional[Callable[[ReplicaSnapshot], None]] = None,
                  max_predictions: int = MAX_PREDICTIONS_PER_FLUSH,
-                 spans: Optional[SpanSource] = None) -> None:
+                 spans: Optional[SpanSource] = None,
+                 self_errors: Optional[SelfErrors] = None,
+                 kept: Optional[KeptSource] = None) -> None:
         self.identity = identity
         self.sink = sink
         self.flush_interval_s = flush_interval_s
@@ -156,8 +165,9 @@ class Recorder:
         self.on_flush = on_flush
         self.max_predictions = max_predictions
         self.spans = spans
+        self.kept = kept
         self._predictions: list[Any] = []
-        self.self_errors = SelfErrors()
+        self.self_errors = self_errors if self_errors is not None else SelfErrors()
         self.methods: dict[str, MethodCells] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -165,6 +175,9 @@ class Recorder:
         self._window_start = clock()
         self._buffer: list[ReplicaSnapshot] = []
         self._dropped = 0
+        self._totals: dict[str, int] = {}  # "method\toutcome" -> requests since start
+        self.last_flush_s: Optional[float] = None
+        self.max_flush_s = 0.0
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -193,13 +206,21 @@ class Recorder:
             for m in self.methods.values():
                 m.cells = {}
             predictions, self._predictions = self._predictions, []
+        totals = self._totals
         for name, cells in taken:
             for outcome, c in cells.items():
                 series.append(SeriesDelta(name, outcome, c.error, c.latency, c.first_item,
                                           c.exemplars))
+                key = f"{name}\t{outcome}"
+                totals[key] = totals.get(key, 0) + c.latency.count
         traces: list[dict] = []
         if self.spans is not None:
             traces, drops = self.spans.drain()
+            for cause, n in drops.items():
+                self.self_errors.count(cause, n=n)
+        kept: list[str] = []
+        if self.kept is not None:
+            kept, drops = self.kept.drain()
             for cause, n in drops.items():
                 self.self_errors.count(cause, n=n)
         inflight = {m.name: len(m.running) for m in self.methods.values()}
@@ -212,7 +233,8 @@ class Recorder:
         self._seq += 1
         snap = ReplicaSnapshot(self.identity, self._seq, self._window_start, now, series,
                                inflight, health, self.self_errors.snapshot(), self._dropped,
-                               predictions, traces)
+                               predictions, traces, dict(totals), self.last_flush_s,
+                               self.max_flush_s, kept_traces=kept)
         self._window_start = now
         return snap
 
@@ -226,7 +248,18 @@ class Recorder:
         return out
 
     def flush(self, now: Optional[float] = None) -> None:
-        """One round: snapshot, buffer, deliver what can be delivered."""
+        """One round: snapshot, buffer, deliver what can be delivered; timed, and the
+        time sent with the next snapshot (nothing in it may wait on a network)."""
+        t0 = time.perf_counter()
+        try:
+            self._flush(now)
+        finally:
+            took = time.perf_counter() - t0
+            self.last_flush_s = took
+            if took > self.max_flush_s:
+                self.max_flush_s = took
+
+    def _flush(self, now: Optional[float]) -> None:
         if self.sink is not None and len(self._buffer) >= self.buffer_size:
             # Make room first, oldest out: the newest data matters most to alerts, and
             # the new snapshot then tells the aggregator how many never arrived.
@@ -255,6 +288,7 @@ class Recorder:
             if old.traces:
                 self.self_errors.count("trace_spans_dropped:aggregator_away", n=len(old.traces))
                 old.traces = []
+            old.kept_traces = []  # by the time it arrives, no replica holds their spans
 
     def start(self) -> None:
         if self._thread is not None:

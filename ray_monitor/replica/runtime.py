@@ -20,14 +20,19 @@ import time
 from typing import Any, Optional
 
 from ray_monitor.common import env
-from ray_monitor.replica import tracing
+from ray_monitor.replica import otlp_refusal, propagation, tracing
 from ray_monitor.replica.options import MonitorOptions
-from ray_monitor.replica.recorder import Recorder, process_health
+from ray_monitor.replica.export_worker import quiet_otel_export_logs
+from ray_monitor.replica.recorder import Recorder, SelfErrors, process_health
 from ray_monitor.common.snapshot import ReplicaIdentity
 
 __all__ = ["Runtime", "resolve_identity"]
 
 logger = logging.getLogger(__name__)
+
+#: How long closing a replica waits for the OTLP exporters (a dead endpoint retries for
+#: seconds); the last snapshot to the aggregator never waits on them longer than this.
+CLOSE_EXPORT_WAIT_S = 2.0
 
 
 def resolve_identity(model_version: str) -> ReplicaIdentity:
@@ -81,14 +86,16 @@ class State:
         self.identity = resolve_identity(opts.model_version)
         from ray_monitor.replica.delivery import make_sinks
 
-        sink, on_flush = make_sinks(self.identity)
+        errors = SelfErrors()
+        quiet_otel_export_logs()  # the OTel exporters' own logs, once per cause
+        sink, on_flush = make_sinks(self.identity, on_failure=errors.count)
         # The aggregator's copy of kept spans: on unless tracing is off for the
         # deployment or RAY_MONITOR_TRACES=0.
         self.spans = tracing.SpanRecords() if opts.tracing_enabled is not False and \
             tracing.aggregator_traces_enabled() else None
         self.recorder = Recorder(identity=self.identity, sink=sink, on_flush=on_flush,
                                  flush_interval_s=opts.resolved("flush_interval_s"),
-                                 spans=self.spans)
+                                 spans=self.spans, self_errors=errors)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -97,20 +104,32 @@ class State:
         self.recorder.health = process_health(self.recorder, self.loop_lag,
                                               opts.resolved("hang_threshold_s"))
         ident = self.identity
+        errors = self.recorder.self_errors
         self.tracer = tracing.Tracer(
             sample_ratio=opts.resolved("sample_ratio"),
             slow_threshold_s=opts.resolved("slow_threshold_s"),
-            resource=_resource(ident), on_failure=self.recorder.self_errors.count,
+            resource=_resource(ident), on_failure=errors.count,
             enabled=opts.tracing_enabled, records=self.spans)
+        otlp_refusal.on_refused = errors.count
         if self.spans is not None and self.tracer.enabled:
-            tracing.claim_serve_spans(self.spans)  # Serve's own spans in this replica
-        self._base_attrs = {
-            "ray.serve.application": ident.application, "ray.serve.deployment": ident.deployment,
-            "ray.serve.replica": ident.replica, "ray.serve.model_version": ident.model_version,
-        }
+            # Serve's own spans in this replica, sent with the rest of a kept request
+            tracing.claim_serve_spans(self.spans, self.tracer.tail)
+        # Empty values are left out: an attribute says something or is not there.
+        self._base_attrs = {k: v for k, v in (
+            ("ray.serve.application", ident.application),
+            ("ray.serve.deployment", ident.deployment), ("ray.serve.replica", ident.replica),
+            ("ray.serve.model_version", ident.model_version)) if v}
         self._attrs: dict[str, dict] = {}
         if self.tracer.enabled:
             tracing.install_log_correlation()
+            # The request's context rides along every handle call made from here, and
+            # the trace ids kept anywhere come back with the aggregator's answers.
+            propagation.on_failure = errors.count
+            propagation.install()
+            self.recorder.kept = self.tracer.tail
+            if sink is not None:
+                sink.on_kept = self.tracer.export_kept
+            _say_who_samples(opts, self.tracer)
 
     def span_attributes(self, method: str) -> dict:
         a = self._attrs.get(method)
@@ -122,12 +141,26 @@ class State:
 def _resource(ident: ReplicaIdentity) -> dict:
     attrs = {"service.instance.id": ident.replica, "ray.node.id": ident.node_id,
              "ray.serve.replica.id": ident.replica, "ray.serve.deployment": ident.deployment,
-             "ray.serve.application": ident.application, "process.pid": ident.pid}
-    if ident.model_version:
-        attrs["service.version"] = ident.model_version
+             "ray.serve.application": ident.application, "process.pid": ident.pid,
+             "service.version": ident.model_version}
     if not env.OTEL_SERVICE_NAME.is_set():
         attrs["service.name"] = ident.application or ident.deployment
-    return attrs
+    return {k: v for k, v in attrs.items() if v != ""}
+
+
+def _say_who_samples(opts: MonitorOptions, tracer: "tracing.Tracer") -> None:
+    """With Ray Serve's tracing on, its sampler decides; a ratio of ours set anyway is
+    not used, and the replica says so once."""
+    if not tracer.serve_tracing:
+        return
+    given = "sample_ratio" if opts.sample_ratio is not None else \
+        env.SAMPLE_RATIO.name if env.SAMPLE_RATIO.is_set() else None
+    if given is not None:
+        logger.warning(
+            "ray-monitor: %s=%s is not used here: Ray Serve's tracing is on, so its sampler "
+            "(RAY_SERVE_TRACING_SAMPLING_RATIO, in its proxy for HTTP requests) makes each "
+            "request's one sampling decision and every deployment follows it",
+            given, opts.resolved("sample_ratio"))
 
 
 class Runtime:
@@ -168,10 +201,17 @@ class Runtime:
         self.state = None
         for hook in self.hooks:
             hook.cells = None
-        st.tracer.shutdown()  # first: the spans it still holds go into the last flush
+        # First the tracer, so the spans it still holds go into the last flush; but the
+        # SDK's batch processor flushes without a timeout, so never wait on it for long.
+        _bounded(st.tracer.shutdown, CLOSE_EXPORT_WAIT_S, "tracer_shutdown_slow",
+                 st.recorder.self_errors)
         if st.spans is not None:
             tracing.release_serve_spans(st.spans)
         st.recorder.close()
+        otlp = st.recorder.on_flush
+        if otlp is not None and hasattr(otlp, "shutdown"):
+            _bounded(otlp.shutdown, CLOSE_EXPORT_WAIT_S, "otlp_metrics_shutdown_slow",
+                     st.recorder.self_errors)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"target_name": self.target_name, "options": self.options, "hooks": self.hooks}
@@ -179,3 +219,17 @@ class Runtime:
     def __setstate__(self, d: dict[str, Any]) -> None:
         self.__init__(d["target_name"], d["options"])
         self.hooks = d["hooks"]
+
+
+def _bounded(fn, timeout: float, cause: str, errors: SelfErrors) -> None:
+    """Runs ``fn`` on a daemon thread and waits at most ``timeout`` for it."""
+    def run() -> None:
+        try:
+            fn()
+        except Exception as e:
+            errors.count(f"{cause}:{type(e).__name__}", e)
+    t = threading.Thread(target=run, name="ray-monitor-close", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        errors.count(cause)

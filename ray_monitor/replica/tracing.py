@@ -1,38 +1,36 @@
-"""One span per request, head-sampled, with every error and slow request kept.
+"""One span per request, with one trace id and one sampling decision across deployments.
 
 Runs in every replica (and in Serve's proxy and controller when Serve's tracing loads
 :func:`serve_span_processors`).
 
-The head sampler's "no" has to be nearly free, so an unsampled request gets no SDK
-span at all: only two random ids and a context variable for log correlation. When it
-ends slow or failed, the span is made after the fact with its real start time and the
-ids it already had (an id generator that hands out the chosen ids), so log lines
-written during the request still lead to it.
+Where a request's span hangs is :func:`ray_monitor.replica.propagation.resolve`: under
+Ray Serve's replica span when its tracing sampled the request, else under the context
+the caller sent over the handle call (sampled or not; see :mod:`propagation`), else under
+the HTTP ``traceparent``, else it is a root. The sampling decision is made once, by the
+first process that sees the request (Serve's proxy or replica span when Serve's tracing
+is on, else the first ``@monitor`` deployment, from the trace id, as
+``TraceIdRatioBased`` does), and every later hop follows the parent's flag.
+
+The head sampler's "no" has to be nearly free, so an unsampled request gets no SDK span
+at all: only two random ids and a context variable. When it ends slow or failed, the
+span is made after the fact with its real start time and the ids it already had (an id
+generator that hands out the chosen ids), so log lines written during the request still
+lead to it. When it ends fast and ok, it waits in a bounded ring (:mod:`tail`), and is
+made later if another span of its request was kept anywhere in the cluster.
 
 Spans go through our own TracerProvider (never the global one, which Ray Serve sets
 when its tracing is on) to the OTLP exporter configured by the standard
-``OTEL_EXPORTER_OTLP_*`` variables. With Ray Serve's tracing on (see
-:func:`serve_tracing_config`), our span is the child of Serve's replica span, and
-Serve carries the context across ``DeploymentHandle`` calls, so a composed request is
-one trace.
-
-The aggregator keeps the traces of slow and failed requests too, with or without an
-OTLP endpoint: a :class:`RecordingProcessor` turns each ended span into a compact
-record in a bounded :class:`SpanRecords` buffer, which the recorder drains into every
-snapshot. Kept spans (failed, slow) go first; head-sampled ok spans (ours, and Ray
-Serve's own when its tracing is on) go as context, so a kept trace shows every span
-of it that was recorded. Without an endpoint and without Serve's tracing, head
-sampling has nothing to feed, so no SDK span is made for a request that is not kept.
+``OTEL_EXPORTER_OTLP_*`` variables, and as compact records to the aggregator
+(:mod:`span_records`).
 """
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import random
 import threading
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -41,35 +39,30 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
-from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags, TraceState
 from opentelemetry.trace.status import Status, StatusCode
 
 from ray_monitor.common import env
+from ray_monitor.replica import otlp_refusal, propagation
+from ray_monitor.replica.propagation import CURRENT, Parent, parse_traceparent, resolve
+from ray_monitor.replica.span_errors import MAX_MESSAGE, clean, exception_attributes
+from ray_monitor.replica.span_records import (MAX_CONTEXT_SPANS_PER_FLUSH, MAX_SPANS_PER_FLUSH,
+                                              MAX_TEXT, RECORD_ATTRIBUTES, RecordingProcessor,
+                                              SpanRecords, span_record)
+from ray_monitor.replica.tail import HeldRecord, TailBuffer
 
-__all__ = ["CURRENT", "SpanRecords", "Tracer", "aggregator_traces_enabled", "claim_serve_spans",
-           "current_trace_id", "install_log_correlation", "otlp_traces_configured",
-           "release_serve_spans", "serve_span_processors", "serve_tracing_config", "span_record"]
+__all__ = ["CURRENT", "MAX_CONTEXT_SPANS_PER_FLUSH", "MAX_SPANS_PER_FLUSH", "MAX_TEXT",
+           "RECORD_ATTRIBUTES", "RequestSpan", "SpanRecords", "Tracer",
+           "aggregator_traces_enabled", "claim_serve_spans", "current_trace_id",
+           "head_sampled", "install_log_correlation", "otlp_traces_configured",
+           "release_serve_spans", "serve_span_processors", "serve_tracing_config",
+           "span_record"]
 
 logger = logging.getLogger(__name__)
 
 _TRACE_ID_LIMIT = (1 << 64) - 1
-_PROPAGATOR = TraceContextTextMapPropagator()
-
-#: Span records a replica sends per flush; failed and slow spans take the room first.
-MAX_SPANS_PER_FLUSH = 100
-#: Of those, at most this many head-sampled ok spans (context for kept traces).
-MAX_CONTEXT_SPANS_PER_FLUSH = 50
-#: Strings in a record (name, status message, attribute values) are cut to this length.
-MAX_TEXT = 256
-#: The attributes a record keeps: ours, HTTP's, and Ray Serve's own span attributes.
-RECORD_ATTRIBUTES = ("ray.serve.method", "ray_monitor.kept", "http.request.method", "http.route",
-                     "http.response.status_code", "request_id", "call_method", "deployment",
-                     "app", "route")
-
-#: (trace_id, span_id) of the request running in this context, for log records.
-CURRENT: contextvars.ContextVar[Optional[tuple[int, int]]] = contextvars.ContextVar(
-    "ray_monitor_current_span", default=None)
+_EMPTY = otel_context.Context()
+_FLAGS = (TraceFlags(TraceFlags.DEFAULT), TraceFlags(TraceFlags.SAMPLED))
 
 
 def otlp_traces_configured() -> bool:
@@ -94,7 +87,8 @@ def serve_tracing_enabled() -> bool:
 
 
 def otlp_span_exporter() -> SpanExporter:
-    """The OTLP span exporter the standard variables ask for (gRPC or HTTP/protobuf)."""
+    """The OTLP span exporter the standard variables ask for (gRPC or HTTP/protobuf),
+    which stops once the backend refuses traces (see :mod:`otlp_refusal`)."""
     protocol = env.OTLP_TRACES_PROTOCOL.get() or env.OTLP_PROTOCOL.get()
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -103,7 +97,7 @@ def otlp_span_exporter() -> SpanExporter:
             logger.warning("ray-monitor: OTEL_EXPORTER_OTLP_PROTOCOL=%r is not supported; "
                            "using http/protobuf", protocol)
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    return OTLPSpanExporter()
+    return otlp_refusal.RefusalGuard(OTLPSpanExporter(), "traces", SpanExportResult.SUCCESS)
 
 
 class CountingExporter(SpanExporter):
@@ -128,111 +122,6 @@ class CountingExporter(SpanExporter):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self.inner.force_flush(timeout_millis)
-
-
-# -- span records for the aggregator --------------------------------------------
-
-def _cut(v: Any) -> Any:
-    if isinstance(v, str):
-        return v if len(v) <= MAX_TEXT else v[:MAX_TEXT - 3] + "..."
-    if isinstance(v, (bool, int, float)):
-        return v
-    return _cut(str(v))
-
-
-def span_record(span: ReadableSpan, slow_threshold_s: Optional[float],
-                source: str = "ray_monitor") -> dict:
-    """An ended span as a compact, picklable dict, every string cut to ``MAX_TEXT``.
-    ``kept`` is ``error`` (status ERROR), ``slow`` (at least ``slow_threshold_s``; never
-    for ``None``) or empty for a span that is only context; ``slow`` says it also for a
-    failed span."""
-    ctx, parent = span.context, span.parent
-    duration = max(0, (span.end_time or 0) - (span.start_time or 0)) / 1e9
-    failed = span.status.status_code is StatusCode.ERROR
-    slow = slow_threshold_s is not None and duration >= slow_threshold_s
-    attrs = span.attributes or {}
-    exception = None
-    for ev in span.events:
-        if ev.name == "exception":
-            ea = ev.attributes or {}
-            exception = {"type": _cut(ea.get("exception.type", "")),
-                         "message": _cut(ea.get("exception.message", ""))}
-            break
-    return {"trace_id": f"{ctx.trace_id:032x}", "span_id": f"{ctx.span_id:016x}",
-            "parent_span_id": f"{parent.span_id:016x}" if parent is not None and parent.is_valid
-            else "", "name": _cut(span.name), "kind": span.kind.name,
-            "start": (span.start_time or 0) / 1e9, "duration_s": duration,
-            "status": "error" if failed else "ok",
-            "status_message": _cut(span.status.description or ""),
-            "kept": "error" if failed else "slow" if slow else "", "slow": slow,
-            "source": source,
-            "attributes": {k: _cut(attrs[k]) for k in RECORD_ATTRIBUTES if k in attrs},
-            "exception": exception}
-
-
-class SpanRecords:
-    """The span records of one replica until its next flush, bounded: kept spans
-    (failed, slow) fill it first, head-sampled ok spans take at most ``max_context``
-    places. What does not fit is dropped and counted; :meth:`drain` hands both over."""
-
-    def __init__(self, *, max_spans: int = MAX_SPANS_PER_FLUSH,
-                 max_context: int = MAX_CONTEXT_SPANS_PER_FLUSH) -> None:
-        for name, v in (("max_spans", max_spans), ("max_context", max_context)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"SpanRecords({name}={v!r}): expected a count >= 0")
-        self.max_spans = max_spans
-        self.max_context = min(max_context, max_spans)
-        self._lock = threading.Lock()
-        self._records: list[dict] = []
-        self._context = 0
-        self._drops: dict[str, int] = {}
-
-    def add(self, record: dict) -> None:
-        with self._lock:
-            kept = bool(record["kept"])
-            if len(self._records) >= self.max_spans or (
-                    not kept and self._context >= self.max_context):
-                cause = "trace_spans_dropped:buffer_full" if kept else \
-                    "trace_context_dropped:buffer_full"
-                self._drops[cause] = self._drops.get(cause, 0) + 1
-                return
-            self._context += not kept
-            self._records.append(record)
-
-    def full(self) -> bool:
-        return len(self._records) >= self.max_spans
-
-    def count(self, cause: str) -> None:
-        """Counts a record lost before it was made (see :meth:`drain`)."""
-        with self._lock:
-            self._drops[cause] = self._drops.get(cause, 0) + 1
-
-    def drain(self) -> tuple[list[dict], dict[str, int]]:
-        """The records since the last drain, and what was dropped (cause -> count)."""
-        with self._lock:
-            out, drops = self._records, self._drops
-            self._records, self._drops, self._context = [], {}, 0
-        return out, drops
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-
-class RecordingProcessor(SpanProcessor):
-    """Every span that ends becomes a record in ``records``. It runs inline when a span
-    ends, so it only builds a small dict and never raises."""
-
-    def __init__(self, records: SpanRecords, *, slow_threshold_s: Optional[float] = None,
-                 source: str = "ray_monitor") -> None:
-        self.records = records
-        self.slow_threshold_s = slow_threshold_s
-        self.source = source
-
-    def on_end(self, span: ReadableSpan) -> None:
-        try:
-            self.records.add(span_record(span, self.slow_threshold_s, self.source))
-        except Exception:
-            self.records.count("trace_record_failed")
 
 
 class _ChosenIds(IdGenerator):
@@ -261,34 +150,65 @@ def head_sampled(trace_id: int, ratio: float) -> bool:
     return (trace_id & _TRACE_ID_LIMIT) < round(ratio * (_TRACE_ID_LIMIT + 1))
 
 
+def _trace_state(header: Optional[str]) -> Optional[TraceState]:
+    return TraceState.from_header([header]) if header else None
+
+
 class RequestSpan:
-    """The trace side of one request, from :meth:`Tracer.begin` to :meth:`Tracer.end`."""
+    """The trace side of one request, from :meth:`Tracer.begin` to :meth:`Tracer.end`,
+    and while it is held (see :mod:`tail`)."""
 
-    __slots__ = ("trace_id", "span_id", "parent", "span", "start_ns", "name", "attributes",
-                 "kind")
+    __slots__ = ("trace_id", "span_id", "parent_id", "remote", "sampled", "tracestate", "span",
+                 "start_ns", "end_ns", "name", "attributes", "kind", "request_id", "http",
+                 "status", "extra", "done", "_context")
 
-    def __init__(self, trace_id: int, span_id: int, parent: Optional[otel_context.Context],
-                 span, start_ns: int, name: str, attributes: dict, kind: SpanKind) -> None:
+    def __init__(self, trace_id: int, span_id: int, parent: Optional[Parent], sampled: bool,
+                 start_ns: int, name: str, attributes: dict, kind: SpanKind,
+                 request_id: str = "", http: Any = None) -> None:
         self.trace_id = trace_id
         self.span_id = span_id
-        self.parent = parent
-        self.span = span  # the SDK span when head-sampled, else None
+        self.parent_id = parent.span_id if parent is not None else 0  # 0: a root
+        self.remote = parent.remote if parent is not None else False
+        self.tracestate = parent.tracestate if parent is not None else None
+        self.sampled = sampled  # the request's decision, carried to the next hop
+        self.span = None  # the SDK span, once made
         self.start_ns = start_ns
+        self.end_ns = 0
         self.name = name
-        self.attributes = attributes
+        self.attributes = attributes  # shared per method: never written to
         self.kind = kind
+        self.request_id = request_id
+        self.http = http  # http_semantics.HttpRequest of an HTTP ingress request
+        self.status: Optional[int] = None  # its HTTP status
+        self.extra: Optional[dict] = None
+        self.done = False
+        self._context: Optional[otel_context.Context] = None
 
     @property
     def ids(self) -> tuple[int, int]:
         return self.trace_id, self.span_id
 
     def otel_context(self) -> otel_context.Context:
-        """A context holding this request's span, to attach around user code."""
-        if self.span is not None:
-            return trace.set_span_in_context(self.span, self.parent)
-        sc = SpanContext(self.trace_id, self.span_id, is_remote=False,
-                         trace_flags=TraceFlags(TraceFlags.DEFAULT))
-        return trace.set_span_in_context(NonRecordingSpan(sc), self.parent)
+        """The current context with this request's span in it, to attach around user code;
+        made once (a stream attaches it around every item)."""
+        ctx = self._context
+        if ctx is None:
+            if self.span is not None:
+                ctx = trace.set_span_in_context(self.span)
+            else:
+                sc = SpanContext(self.trace_id, self.span_id, False, _FLAGS[self.sampled],
+                                 _trace_state(self.tracestate))
+                ctx = trace.set_span_in_context(NonRecordingSpan(sc))
+            self._context = ctx
+        return ctx
+
+    def parent_context(self) -> otel_context.Context:
+        """The parent's context alone (empty for a root), to make the SDK span under it."""
+        if not self.parent_id:
+            return _EMPTY
+        sc = SpanContext(self.trace_id, self.parent_id, self.remote, _FLAGS[self.sampled],
+                         _trace_state(self.tracestate))
+        return trace.set_span_in_context(NonRecordingSpan(sc), _EMPTY)
 
 
 class Tracer:
@@ -297,15 +217,18 @@ class Tracer:
     def __init__(self, *, sample_ratio: float, slow_threshold_s: float,
                  resource: Optional[dict] = None, exporter: Optional[SpanExporter] = None,
                  processors: Sequence[SpanProcessor] = (), on_failure=None,
-                 enabled: Optional[bool] = None, records: Optional[SpanRecords] = None) -> None:
+                 enabled: Optional[bool] = None, records: Optional[SpanRecords] = None,
+                 hold: Optional[int] = None) -> None:
         """``exporter``: where spans go (default: OTLP when the standard variables name an
         endpoint); ``records``: the aggregator's copy of kept spans (see
-        :class:`SpanRecords`). ``enabled`` None: on when either has somewhere to go."""
+        :class:`SpanRecords`); ``hold``: spans held for whole-request tail keeping
+        (default ``RAY_MONITOR_TRACE_HOLD_SPANS``). ``enabled`` None: on when either
+        has somewhere to go."""
         self.sample_ratio = sample_ratio
         self.slow_threshold_s = slow_threshold_s
-        # Serve's span is our parent only when its tracing is on (set up before the
-        # deployment is built); without it, looking up the context would be wasted work.
-        self._serve_parents = serve_tracing_enabled()
+        # With Serve's tracing on (set up before the deployment is built), its replica
+        # span is our parent when sampled, and its sampler the head sampler.
+        self.serve_tracing = serve_tracing_enabled()
         self._on_failure = on_failure or (lambda cause, exc: None)
         if enabled is None:
             enabled = bool(exporter or processors or records is not None) \
@@ -313,13 +236,20 @@ class Tracer:
         self.enabled = enabled
         self.records = records
         self.provider: Optional[TracerProvider] = None
+        self.tail: Optional[TailBuffer] = None
         self._ids = _ChosenIds()
         self._tracer = None
-        self._sample_bound = 0
+        # Decided from the trace id, wherever the request starts; carried to the next hop.
+        self._sample_bound = round(sample_ratio * (_TRACE_ID_LIMIT + 1))
         self.head_sampling = False
         self._records_only = False
+        # Whether an unsampled request's context is made current too: only when a global
+        # SDK provider exists (Serve's, FastAPI's spans, the user's), which would see it.
+        self.attach_unsampled = not isinstance(trace.get_tracer_provider(),
+                                               trace.ProxyTracerProvider)
         if not enabled:
             return
+        self.tail = tail = TailBuffer(hold or env.TRACE_HOLD_SPANS.get())
         # The decision is ours (begin/end): the provider records every span it is given,
         # so a kept span under an unsampled parent is still made.
         self.provider = TracerProvider(resource=Resource.create(resource or {}),
@@ -332,80 +262,145 @@ class Tracer:
         for p in processors:
             self.provider.add_span_processor(p)
         if records is not None:
-            self.provider.add_span_processor(
-                RecordingProcessor(records, slow_threshold_s=slow_threshold_s))
+            self.provider.add_span_processor(RecordingProcessor(
+                records, slow_threshold_s=slow_threshold_s, hold=tail.hold_record))
         # Head-sampled ok spans feed a backend, a processor, or (with Serve's tracing) the
         # context of kept traces; with none of these a request becomes a span only if kept.
-        self.head_sampling = exporter is not None or bool(processors) or self._serve_parents
+        self.head_sampling = exporter is not None or bool(processors) or self.serve_tracing
         # Spans that go only to the aggregator's records: no span is made when they cannot
         # take it, and no stack trace is formatted that the record would not keep.
         self._records_only = records is not None and exporter is None and not processors
-        if self.head_sampling:
-            self._sample_bound = round(sample_ratio * (_TRACE_ID_LIMIT + 1))
         self._tracer = self.provider.get_tracer("ray_monitor")
 
     # -- the request path -----------------------------------------------------
 
-    def parent_context(self, headers: Any = None) -> Optional[otel_context.Context]:
-        """The incoming context: Ray Serve's current span when its tracing is on, else
-        a W3C ``traceparent`` from HTTP headers (a mapping with ``.get``)."""
-        if self._serve_parents:
-            cur = trace.get_current_span()
-            if cur.get_span_context().is_valid:
-                return otel_context.get_current()
-        if headers is not None and headers.get("traceparent"):
-            return _PROPAGATOR.extract(headers)
-        return None
+    def parent(self, request: Any = None, http: Any = None) -> Optional[Parent]:
+        """Where a request's span hangs (see :func:`propagation.resolve`): ``request`` is
+        Ray Serve's request context, ``http`` the request's ``HttpRequest``."""
+        serve_span = None
+        if self.serve_tracing:
+            sc = trace.get_current_span().get_span_context()
+            if sc.is_valid and sc.trace_flags.sampled:
+                serve_span = Parent(sc.trace_id, sc.span_id, True, False,
+                                    sc.trace_state.to_header() if sc.trace_state else None)
+        caller = None
+        if request is not None:
+            came = getattr(request, "_ray_trace_ctx", None)
+            if came and isinstance(came, dict):
+                caller = parse_traceparent(came.get("traceparent"), came.get("tracestate"))
+        header = None
+        if http is not None and http.traceparent:
+            header = parse_traceparent(http.traceparent, http.tracestate)
+        return resolve(serve_span, caller, header,
+                       self.serve_tracing and request is not None)
 
-    def begin(self, name: str, attributes: dict, parent: Optional[otel_context.Context],
+    def begin(self, name: str, attributes: dict, request: Any = None, http: Any = None,
               kind: SpanKind = SpanKind.SERVER) -> RequestSpan:
         start_ns = time.time_ns()
-        parent_sc = trace.get_current_span(parent).get_span_context() if parent else None
-        if parent_sc is not None and parent_sc.is_valid:
-            trace_id = parent_sc.trace_id
-            sampled = self.head_sampling and parent_sc.trace_flags.sampled
+        if request is None and http is None and not self.serve_tracing:
+            parent = None  # outside Serve, or a plain call: nothing can have come in
         else:
+            parent = request if isinstance(request, Parent) else self.parent(request, http)
+        if parent is None:
             trace_id = random.getrandbits(128)
             sampled = (trace_id & _TRACE_ID_LIMIT) < self._sample_bound  # see head_sampled
-        span_id = random.getrandbits(64)
-        span = None
-        if sampled:
-            self._ids.set(trace_id, span_id)
-            span = self._tracer.start_span(name, context=parent, kind=kind,
-                                           attributes=attributes, start_time=start_ns)
-        return RequestSpan(trace_id, span_id, parent, span, start_ns, name, attributes, kind)
+        else:
+            trace_id = parent.trace_id or random.getrandbits(128)  # DECLINED: a new trace
+            sampled = parent.sampled
+        rid = getattr(request, "request_id", "") if request is not None else ""
+        rs = RequestSpan(trace_id, random.getrandbits(64), parent, sampled, start_ns, name,
+                         attributes, kind, rid if isinstance(rid, str) else "", http)
+        if sampled and self.head_sampling:
+            rs.span = self._start(rs)
+        return rs
 
     def end(self, rs: RequestSpan, latency_s: float, error: Optional[BaseException],
-            attributes: Optional[dict] = None, error_status: Optional[str] = None) -> bool:
-        """Ends the span; makes it now if the request was unsampled but slow or failed.
-        Returns whether a span was made (for exemplars): it reaches the backend and,
-        when kept, the aggregator."""
+            attributes: Optional[dict] = None, error_status: Optional[str] = None,
+            status: Optional[int] = None) -> bool:
+        """Ends the span; makes it now if the request was unsampled but slow or failed,
+        and holds it for tail keeping if it was neither. ``status``: the HTTP response's.
+        Returns whether a span was made (for exemplars)."""
         span = rs.span
         failed = error is not None or error_status is not None
+        kept = "error" if failed else "slow" if latency_s >= self.slow_threshold_s else ""
+        rs.end_ns = rs.start_ns + int(latency_s * 1e9)
+        rs.status = status
+        rs._context = None  # not needed once the request ended (and not held with it)
+        if kept:
+            self.tail.kept(rs.trace_id)  # the rest of the request, wherever it ran
         if span is None:
-            if not failed and latency_s < self.slow_threshold_s:
+            if not kept:
+                rs.extra = attributes
+                self.tail.hold(rs)
                 return False
             if self._records_only and self.records.full():
                 self.records.count("trace_spans_dropped:buffer_full")
                 return False
-            self._ids.set(rs.trace_id, rs.span_id)
-            span = self._tracer.start_span(rs.name, context=rs.parent, kind=rs.kind,
-                                           attributes=rs.attributes, start_time=rs.start_ns)
-            span.set_attribute("ray_monitor.kept",
-                               "error" if failed else "slow")
+            span = self._start(rs)
+            span.set_attribute("ray_monitor.kept", kept)
+        self._finish(span, rs, error, attributes, error_status)
+        return True
+
+    # -- making spans ----------------------------------------------------------
+
+    def _start(self, rs: RequestSpan):
+        attrs = rs.attributes
+        if rs.request_id or rs.http is not None:
+            attrs = dict(attrs)
+            if rs.request_id:
+                attrs["ray.serve.request_id"] = rs.request_id
+            if rs.http is not None:
+                attrs.update(rs.http.attributes())
+        self._ids.set(rs.trace_id, rs.span_id)
+        return self._tracer.start_span(rs.name, context=rs.parent_context(), kind=rs.kind,
+                                       attributes=attrs, start_time=rs.start_ns)
+
+    def _finish(self, span, rs: RequestSpan, error: Optional[BaseException],
+                attributes: Optional[dict], error_status: Optional[str]) -> None:
         if attributes:
             span.set_attributes(attributes)
+        http_error = rs.status is not None and rs.status >= 500
+        if rs.status is not None:
+            span.set_attribute("http.response.status_code", rs.status)
         if error is not None:
-            if self._records_only:
-                span.add_event("exception", {"exception.type": type(error).__name__,
-                                             "exception.message": str(error)})
-            else:
-                span.record_exception(error)
-            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+            attrs = exception_attributes(error, stack=not self._records_only)
+            span.add_event("exception", attrs)
+            span.set_attribute("error.type", attrs["exception.type"])
+            span.set_status(Status(StatusCode.ERROR, clean(
+                f"{attrs['exception.type']}: {attrs['exception.message']}", MAX_MESSAGE)))
+        elif http_error:
+            span.set_attribute("error.type", str(rs.status))
+            span.set_status(Status(StatusCode.ERROR))
         elif error_status is not None:
+            span.set_attribute("error.type", error_status)
             span.set_status(Status(StatusCode.ERROR, error_status))
-        span.end(rs.start_ns + int(latency_s * 1e9))
-        return True
+        span.end(rs.end_ns)
+
+    def export_kept(self, trace_ids: Iterable[str]) -> int:
+        """Makes the held spans of ``trace_ids`` (hex; kept somewhere in the cluster);
+        returns how many. Runs on the flush thread."""
+        if self.tail is None:
+            return 0
+        wanted = set()
+        for t in trace_ids:
+            try:
+                wanted.add(int(t, 16))
+            except (TypeError, ValueError):
+                continue
+        made = 0
+        for rs in self.tail.take(wanted):
+            if isinstance(rs, HeldRecord):  # exported to OTLP already: the aggregator's copy
+                if self.records is not None:
+                    self.records.add({**rs.record, "kept": "trace"})
+                continue
+            if self._records_only and self.records.full():
+                self.records.count("trace_spans_dropped:buffer_full")
+                continue
+            span = self._start(rs)
+            span.set_attribute("ray_monitor.kept", "trace")
+            self._finish(span, rs, None, rs.extra, None)
+            made += 1
+        return made
 
     def shutdown(self) -> None:
         if self.provider is not None:
@@ -429,9 +424,8 @@ def install_log_correlation() -> None:
 
     def factory(*args, **kwargs):
         record = previous(*args, **kwargs)
-        ids = CURRENT.get()
-        if ids is None:
-            ids = _ids_from_otel()
+        rs = CURRENT.get()
+        ids = rs.ids if rs is not None else _ids_from_otel()
         if ids is not None:
             record.trace_id = f"{ids[0]:032x}"
             record.span_id = f"{ids[1]:016x}"
@@ -448,20 +442,23 @@ def _ids_from_otel() -> Optional[tuple[int, int]]:
 
 def current_trace_id() -> Optional[str]:
     """The hex trace id of the request running here, or None outside one."""
-    ids = CURRENT.get() or _ids_from_otel()
+    rs = CURRENT.get()
+    ids = rs.ids if rs is not None else _ids_from_otel()
     return f"{ids[0]:032x}" if ids else None
 
 
 # -- Ray Serve's own tracing ----------------------------------------------------
 
 _SERVE_RECORDS: Optional[SpanRecords] = None
+_SERVE_HOLD: Optional[TailBuffer] = None
 
 
-def claim_serve_spans(records: Optional[SpanRecords]) -> None:
+def claim_serve_spans(records: Optional[SpanRecords], tail: Optional[TailBuffer] = None) -> None:
     """Serve's spans ended in this process go to ``records`` (a monitored replica's),
-    or nowhere with None (a process with no monitored deployment: the proxy)."""
-    global _SERVE_RECORDS
-    _SERVE_RECORDS = records
+    held in ``tail`` until their request is kept (None: at once), or nowhere with None
+    (a process with no monitored deployment: the proxy)."""
+    global _SERVE_RECORDS, _SERVE_HOLD
+    _SERVE_RECORDS, _SERVE_HOLD = records, tail
 
 
 def release_serve_spans(records: SpanRecords) -> None:
@@ -470,14 +467,19 @@ def release_serve_spans(records: SpanRecords) -> None:
 
 
 class _ServeSpans(SpanProcessor):
-    """Ray Serve's spans as context records of the monitored replica in this process."""
+    """Ray Serve's spans as records of the monitored replica in this process, sent with
+    the rest of a kept request (see :mod:`tail`)."""
 
     def on_end(self, span: ReadableSpan) -> None:
-        records = _SERVE_RECORDS
+        records, hold = _SERVE_RECORDS, _SERVE_HOLD
         if records is None:
             return
         try:
-            records.add(span_record(span, None, "ray_serve"))
+            record = span_record(span, None, "ray_serve")
+            if hold is not None:
+                hold.hold_record(record)
+            else:
+                records.add(record)
         except Exception:
             records.count("trace_record_failed")
 
@@ -486,7 +488,14 @@ def serve_span_processors() -> list[SpanProcessor]:
     """Ray Serve's exporter hook (``RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH`` or
     ``TracingConfig.exporter_import_path``): Serve's own spans (proxy, routing,
     replica) go to the same OTLP endpoint as ours, and those of monitored replicas to
-    the aggregator as context of kept traces (unless ``RAY_MONITOR_TRACES=0``)."""
+    the aggregator as context of kept traces (unless ``RAY_MONITOR_TRACES=0``).
+
+    Serve calls it in every process it traces, so it is also where ray-monitor's
+    context propagation is installed in Serve's proxy (see :mod:`propagation`): the
+    proxy's sampling decision then reaches the first deployment even when it is "no",
+    and is the proxy's only one (see :func:`propagation.one_decision_in_proxy`)."""
+    propagation.install()
+    propagation.one_decision_in_proxy()
     processors: list[SpanProcessor] = []
     if otlp_traces_configured():
         processors.append(BatchSpanProcessor(otlp_span_exporter()))
@@ -495,15 +504,22 @@ def serve_span_processors() -> list[SpanProcessor]:
     return processors
 
 
-def serve_tracing_config(sampling_ratio: float = 1.0):
-    """The one setting for end-to-end traces across composed deployments::
+def serve_tracing_config(sampling_ratio: Optional[float] = None):
+    """Ray Serve's tracing through ray-monitor, as a config::
 
         serve.start(tracing_config=ray_monitor.serve_tracing_config())
 
-    Serve then carries the trace context over ``DeploymentHandle`` calls and its
-    sampler becomes the head sampler (our spans follow their parent's decision)."""
+    Serve's spans then join ray-monitor's, and its sampler is the head sampler at
+    ``sampling_ratio`` (None: Serve's own default, ``RAY_SERVE_TRACING_SAMPLING_RATIO``
+    or 0.01). Ray 2.60 does not pass this config to its HTTP proxy: for the proxy's
+    spans, set ``RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH`` in the cluster's environment
+    instead (see the README's Traces section)."""
     from ray.serve.schema import TracingConfig
 
+    if sampling_ratio is None:
+        from ray.serve._private.constants import RAY_SERVE_TRACING_SAMPLING_RATIO
+
+        sampling_ratio = RAY_SERVE_TRACING_SAMPLING_RATIO
     return TracingConfig(enabled=True,
                          exporter_import_path="ray_monitor.tracing:serve_span_processors",
                          sampling_ratio=sampling_ratio)

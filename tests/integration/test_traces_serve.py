@@ -1,52 +1,26 @@
 """The aggregator keeps the traces of slow and failed requests, on a real Ray Serve.
 
 A request through two composed deployments (an HTTP ingress calling a model through a
-handle) fails, another is slow; each shows up in ``mon.traces()`` as one trace with
-both deployments' spans, linked parent to child through Ray Serve's own spans, and
-the CLI prints it. The session also exports to an OTLP receiver: the aggregator's
+handle, tests/trace_scenarios.py) fails, another is slow; each shows up in
+``mon.traces()`` as one trace with both deployments' spans, linked parent to child
+through Ray Serve's own spans (the client's traceparent is sampled), and the CLI
+prints it. The session also exports to an OTLP receiver: the aggregator's
 copy does not depend on it (the path without an endpoint is in the unit tests).
 """
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import uuid
 
 import pytest
 import requests
-from ray import serve
-
-from ray_monitor import monitor
 from ray_monitor.client.cli import main
 from tests.conftest import wait_until
+from tests.trace_scenarios import SLOW_S, deploy_plain
 
 pytestmark = pytest.mark.ray
-
-SLOW_S = 0.3
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0})
-@monitor(slow_threshold_s=SLOW_S, model_version="m1")
-class TracedModel:
-    async def __call__(self, what: str) -> str:
-        if what == "fail":
-            raise KeyError("no such item")
-        if what == "slow":
-            await asyncio.sleep(SLOW_S * 2)
-        return what
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0})
-@monitor(slow_threshold_s=SLOW_S)
-class TracedIngress:
-    def __init__(self, model) -> None:
-        self.model = model
-
-    async def __call__(self, request) -> dict:
-        return {"got": await self.model.remote(request.query_params.get("what", "ok"))}
-
 
 def _get(serve_http: str, app: str, what: str) -> tuple[str, requests.Response]:
     trace_id = uuid.uuid4().hex
@@ -56,11 +30,16 @@ def _get(serve_http: str, app: str, what: str) -> tuple[str, requests.Response]:
 
 
 def _kept(mon, kind: str, trace_id: str) -> dict:
-    """The kept trace once both deployments' spans have arrived."""
+    """The kept trace once both deployments' spans have arrived, linked: the spans of a
+    kept request that were neither failed nor slow (Serve's among them) follow a few
+    seconds after the kept ones."""
     def ready():
         t = next((t for t in mon.traces(kind=kind, limit=500) if t["trace_id"] == trace_id), None)
         names = {s["name"] for s in t["spans"]} if t else set()
-        return t if {"TracedIngress.__call__", "TracedModel.__call__"} <= names else None
+        if not {"Ingress.__call__", "Model.__call__"} <= names:
+            return None
+        model = next(s for s in t["spans"] if s["name"] == "Model.__call__")
+        return t if "Ingress.__call__" in [s["name"] for s in _ancestors(t, model)] else None
     return wait_until(ready, timeout=60, what=f"the {kind} trace {trace_id} with both spans")
 
 
@@ -75,8 +54,8 @@ def _ancestors(trace: dict, span: dict) -> list[dict]:
 
 def _check_composed(t: dict) -> tuple[dict, dict]:
     spans = {s["name"]: s for s in t["spans"]}
-    ingress, model = spans["TracedIngress.__call__"], spans["TracedModel.__call__"]
-    assert (ingress["deployment"], model["deployment"]) == ("TracedIngress", "TracedModel")
+    ingress, model = spans["Ingress.__call__"], spans["Model.__call__"]
+    assert (ingress["deployment"], model["deployment"]) == ("Ingress", "Model")
     assert model["model_version"] == "m1" and ingress["replica"] != model["replica"]
     # The model's span descends from the ingress's span, through Serve's routing and
     # replica spans, which the aggregator got from the same replicas.
@@ -84,7 +63,7 @@ def _check_composed(t: dict) -> tuple[dict, dict]:
     assert ingress in chain, [s["name"] for s in chain]
     assert any(s["source"] == "ray_serve" for s in chain[:chain.index(ingress)])
     assert model["depth"] > ingress["depth"]
-    assert (t["deployment"], t["root"]) == ("TracedIngress", "TracedIngress.__call__")
+    assert (t["deployment"], t["root"]) == ("Ingress", "Ingress.__call__")
     return ingress, model
 
 
@@ -92,7 +71,7 @@ def test_failed_and_slow_composed_requests_are_kept_with_both_deployments(mon, s
                                                                           serve_http):
     app = f"tr{uuid.uuid4().hex[:8]}"
     serve_apps.append(app)
-    serve.run(TracedIngress.bind(TracedModel.bind()), name=app, route_prefix=f"/{app}")
+    deploy_plain(app)
     ok_id, r = _get(serve_http, app, "ok")
     assert r.json() == {"got": "ok"}
     failed_id, r = _get(serve_http, app, "fail")
@@ -104,13 +83,14 @@ def test_failed_and_slow_composed_requests_are_kept_with_both_deployments(mon, s
     ingress, model = _check_composed(failed)
     assert model["status"] == "error" and model["exception"]["type"] == "KeyError"
     assert ingress["status"] == "error"
-    assert failed["error"].startswith("KeyError") and failed["error_deployment"] == "TracedModel"
+    assert failed["error"] == "KeyError: 'no such item'"
+    assert failed["error_deployment"] == "Model"
     assert failed["kinds"] == ["errors"]
 
     slow = _kept(mon, "slow", slow_id)
     ingress, model = _check_composed(slow)
     assert model["slow"] and ingress["slow"] and model["status"] == "ok"
-    assert slow["duration_s"] >= SLOW_S * 2 and slow["error"] is None
+    assert slow["duration_s"] >= SLOW_S and slow["error"] is None
     assert failed_id not in {t["trace_id"] for t in mon.traces(kind="slow", limit=500)}
     # A fast, successful request is not kept, even though it was head-sampled.
     assert ok_id not in {t["trace_id"] for t in mon.traces(limit=500)}
@@ -119,9 +99,9 @@ def test_failed_and_slow_composed_requests_are_kept_with_both_deployments(mon, s
     assert main(["traces", "--errors", "--limit", "500"], connect=lambda: mon, out=out,
                 err=err) == 0
     row = next(line for line in out.getvalue().splitlines() if failed_id in line)
-    assert f"{app}/TracedIngress" in row and "TracedIngress.__call__" in row and "KeyError" in row
+    assert f"{app}/Ingress" in row and "Ingress.__call__" in row and "KeyError" in row
     out = io.StringIO()
     assert main(["traces", "--slow", "--json", "--limit", "500"], connect=lambda: mon,
                 out=out) == 0
     [printed] = [t for t in json.loads(out.getvalue()) if t["trace_id"] == slow_id]
-    assert {s["deployment"] for s in printed["spans"]} >= {"TracedIngress", "TracedModel"}
+    assert {s["deployment"] for s in printed["spans"]} >= {"Ingress", "Model"}

@@ -387,3 +387,72 @@ def test_attribute_processes_by_pid_then_nearest_ancestor():
     assert [p.replica.replica if p.replica else None for p in out.processes] == ["r1", "r2", None, None]
     assert all(p.replica is None for p in snap.processes)  # the input is left as it was
     assert attribute_processes(snap, {}).processes[0].replica is None
+
+
+# -- NVML failing, then working again (no restart of the actor) ---------------------------
+
+def test_nvml_failing_at_start_is_tried_again_with_backoff_and_recovers(caplog):
+    """The issue's case: a GPU actor that starts while NVML fails ("nvmlDeviceGetCount
+    failed") reports GPUs as soon as NVML works again, without a restart."""
+    clock = Clock(100.0)
+    fake = FakeNvml(gpus=2, clock=clock)
+    fake.fail("nvmlDeviceGetCount", pynvml.NVML_ERROR_UNKNOWN, times=3)
+    sampler = make(fake, clock)
+    seen = []
+    with caplog.at_level(logging.WARNING, logger="ray_monitor.gpu.sampler"):
+        for _ in range(12):
+            snap = sampler.sample()
+            seen.append((clock.t, snap.no_gpus_reason is None, len(snap.devices)))
+            clock.advance(1.0)
+    # Tried at 100, 101, 103 (1 s, then 2 s later), working from 107 (4 s later).
+    assert fake.calls["nvmlDeviceGetCount"] == 4
+    assert [t for t, ok, n in seen if ok and n == 2][0] == 107.0
+    assert all(n == 2 for t, ok, n in seen if t >= 107.0)
+    assert fake.initialized - fake.shutdowns == 1  # each failed start was shut down again
+    assert snap.self_errors["nvmlDeviceGetCount:Unknown"] == 3
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("no GPUs on node" in m for m in messages) == 1  # once, not per retry
+    assert sum("GPU readings are back" in m for m in messages) == 1
+
+
+def _init_calls(init_error: int, seconds: int) -> int:
+    """nvmlInit calls over ``seconds`` of one-second samples while nvmlInit fails."""
+    clock = Clock(0.0)
+    fake = FakeNvml(gpus=1, clock=clock, init_error=init_error)
+    sampler = make(fake, clock)
+    for _ in range(seconds):
+        sampler.sample()
+        clock.advance(1.0)
+    return fake.calls["nvmlInit"]
+
+
+def test_backoff_is_capped_and_long_for_a_node_without_the_library():
+    # 0, 1, 3, 7, then every 5 s (the cap) until 60.
+    assert _init_calls(pynvml.NVML_ERROR_UNKNOWN, 60) == 4 + len(range(12, 60, 5))
+    # a CPU node: 0, 1, 3, 7, 15, 31, 63 s, then once a minute
+    assert _init_calls(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND, 120) == 7
+
+
+def test_nvml_failing_under_a_running_sampler_is_started_afresh_and_readings_return():
+    clock = Clock(100.0)
+    fake = FakeNvml(gpus=2, clock=clock)
+    sampler = make(fake, clock, watch_xid=True)
+    assert len(sampler.sample().devices) == 2
+    fake.fail("*", pynvml.NVML_ERROR_UNKNOWN)  # every device call fails (a driver reload)
+    snaps = []
+    for _ in range(6):
+        clock.advance(1.0)
+        snaps.append(sampler.sample())
+    assert any(s.no_gpus_reason and "starting it again" in s.no_gpus_reason for s in snaps)
+    assert sampler.self_errors["nvml_restarted"] >= 1
+    assert fake.shutdowns >= 1  # the stale handles went with the old NVML session
+    fake.clear()
+    back = None
+    for _ in range(8):
+        clock.advance(1.0)
+        snap = sampler.sample()
+        if snap.devices and all(d.values for d in snap.devices):
+            back = clock.t
+            break
+    assert back is not None and len(snap.devices) == 2
+    sampler.shutdown()

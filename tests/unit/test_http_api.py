@@ -38,6 +38,9 @@ class Agg:
         return self.core.record_feedback(items)
 
 
+YAML = {"Content-Type": "application/yaml"}
+
+
 def call(agg, method: str, path: str, **kw):
     async def go():
         async with TestClient(TestServer(make_app(agg))) as client:
@@ -61,24 +64,25 @@ def test_who_may_write(host, token, header, allowed):
 
 def test_reload_without_the_token_is_refused_and_changes_nothing():
     agg = Agg("0.0.0.0", "s3cret")
-    status, body = call(agg, "POST", "/api/v1/rules/reload", data="groups: []")
+    status, body = call(agg, "POST", "/api/v1/rules/reload", data="groups: []", headers=YAML)
     assert status == 401 and "Authorization" in body["error"]
     assert [r["alert"] for r in agg.core.rules()] == ["Busy"]
     status, body = call(agg, "POST", "/api/v1/rules/reload", data="groups: []",
-                        headers={"Authorization": "Bearer s3cret"})
+                        headers={**YAML, "Authorization": "Bearer s3cret"})
     assert status == 200 and agg.core.rules() == []
 
 
 def test_open_address_without_a_token_refuses_writes():
     agg = Agg("0.0.0.0", None)
-    status, body = call(agg, "POST", "/api/v1/rules/reload", data="groups: []")
+    status, body = call(agg, "POST", "/api/v1/rules/reload", data="groups: []", headers=YAML)
     assert status == 403 and "token" in body["error"]
 
 
 def test_bad_rule_file_keeps_the_old_rules():
     agg = Agg("127.0.0.1", None)
     status, body = call(agg, "POST", "/api/v1/rules/reload?filename=new.yaml",
-                        data="groups:\n  - name: g\n    rules:\n      - alert: X\n        expr: nope(requests[1m]) > 1\n")
+                        data="groups:\n  - name: g\n    rules:\n      - alert: X\n        expr: nope(requests[1m]) > 1\n",
+                        headers=YAML)
     assert status == 400 and "new.yaml" in body["error"] and "nope" in body["error"]
     assert [r["alert"] for r in agg.core.rules()] == ["Busy"]
 
@@ -99,7 +103,7 @@ autoscaling:
     - deployment: Classifer
       max_replicas: 3
 """
-    status, _ = call(agg, "POST", "/api/v1/rules/reload", data=rules)
+    status, _ = call(agg, "POST", "/api/v1/rules/reload", data=rules, headers=YAML)
     assert status == 200  # accepted: deployments often come after the rules
     now = agg.core.clock()
     agg.core.ingest([ReplicaSnapshot(ReplicaIdentity("app", "Classifier", "r1", "n", 1), 1,
@@ -168,7 +172,8 @@ def test_metrics_answer_openmetrics_when_asked_and_the_text_format_otherwise():
 def test_reload_refuses_a_bad_autoscaling_section_with_400_naming_the_field(entry, field, words):
     agg = Agg("127.0.0.1", None)
     rules = "groups: []\nautoscaling:\n  deployments:\n    - deployment: Classifier\n      " + entry
-    status, body = call(agg, "POST", "/api/v1/rules/reload?filename=scale.yaml", data=rules)
+    status, body = call(agg, "POST", "/api/v1/rules/reload?filename=scale.yaml", data=rules,
+                        headers=YAML)
     assert status == 400, body
     [problem] = body["problems"]
     assert problem["file"] == "scale.yaml" and problem["deployment"] == "Classifier"
@@ -180,5 +185,5 @@ def test_reload_reads_the_body_never_a_path_on_the_aggregators_disk(tmp_path):
     path = tmp_path / "elsewhere.yaml"
     path.write_text("groups: []\n")
     agg = Agg("127.0.0.1", None)
-    status, body = call(agg, "POST", "/api/v1/rules/reload", data=str(path))
+    status, body = call(agg, "POST", "/api/v1/rules/reload", data=str(path), headers=YAML)
     assert status == 400 and [r["alert"] for r in agg.core.rules()] == ["Busy"]

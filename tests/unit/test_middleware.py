@@ -14,19 +14,8 @@ import pytest
 from ray_monitor import monitor
 from ray_monitor.replica.recorder import MAX_OUTCOMES_PER_METHOD, Recorder
 from ray_monitor.common.snapshot import ReplicaIdentity
-from tests.otlp_receiver import OtlpReceiver
 
 SLOW = 0.05
-
-
-@pytest.fixture
-def otlp_env(monkeypatch):
-    """A real OTLP receiver, and the standard variables pointing at it."""
-    with OtlpReceiver() as rx:
-        for k, v in rx.env("http/protobuf").items():
-            monkeypatch.setenv(k, v)
-        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "20")
-        yield rx
 
 
 @pytest.fixture
@@ -513,15 +502,24 @@ def test_span_records_are_bounded_per_flush_kept_spans_first_and_drops_counted()
     tracer = Tracer(sample_ratio=1.0, slow_threshold_s=1.0, exporter=InMemorySpanExporter(),
                     records=records)
     assert tracer.head_sampling
-    _ended_spans(tracer, 4)  # head-sampled, ok: context
-    _ended_spans(tracer, 5, fail=True)
+    _ended_spans(tracer, 4)  # head-sampled, ok: held until their request is kept
+    _ended_spans(tracer, 6, fail=True)
     rec = Recorder(identity=ReplicaIdentity("app", "dep", "r1", "node", 1), spans=records,
                    clock=lambda: 0.0)
     snap = rec.snapshot()
-    assert [r["kept"] for r in snap.traces] == ["", "", "error", "error", "error"]
-    assert snap.self_errors == {"trace_context_dropped:buffer_full": 2,
-                                "trace_spans_dropped:buffer_full": 2}
-    assert rec.snapshot().traces == []
+    assert [r["kept"] for r in snap.traces] == ["error"] * 5
+    assert snap.self_errors == {"trace_spans_dropped:buffer_full": 1}
+    assert len(tracer.tail) == 4
+    # One of the held requests was kept elsewhere: its record goes now, as "trace".
+    held = next(iter(tracer.tail._ring)).record
+    tracer.export_kept([held["trace_id"]])
+    assert [(r["span_id"], r["kept"]) for r in rec.snapshot().traces] == [
+        (held["span_id"], "trace")]
+    # Context records (a process without a ring to hold them) are bounded on their own.
+    for _ in range(4):
+        records.add({**held, "kept": ""})
+    taken, drops = records.drain()
+    assert len(taken) == 2 and drops == {"trace_context_dropped:buffer_full": 2}
     tracer.shutdown()
 
 
@@ -541,10 +539,11 @@ def test_snapshots_buffered_while_the_aggregator_is_away_keep_few_traces():
     assert rec.self_errors.snapshot()["trace_spans_dropped:aggregator_away"] == 5
 
 
-def test_serve_spans_of_a_monitored_replica_become_context_records(monkeypatch):
+def test_serve_spans_of_a_monitored_replica_go_with_the_rest_of_a_kept_request(monkeypatch):
     from opentelemetry.sdk.trace import TracerProvider
 
     from ray_monitor.replica import tracing
+    from ray_monitor.replica.tail import TailBuffer
 
     monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
     monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
@@ -553,18 +552,20 @@ def test_serve_spans_of_a_monitored_replica_become_context_records(monkeypatch):
         provider.add_span_processor(p)
     serve_tracer = provider.get_tracer("serve")
     serve_tracer.start_span("proxy_http_request").end()  # no monitored replica here: nothing
-    records = tracing.SpanRecords()
-    tracing.claim_serve_spans(records)
+    records, tail = tracing.SpanRecords(), TailBuffer(8)
+    tracing.claim_serve_spans(records, tail)
     try:
         serve_tracer.start_span("replica_handle_request Model __call__",
                                 attributes={"request_id": "r-1", "app": "shop"}).end()
     finally:
         tracing.release_serve_spans(records)
     serve_tracer.start_span("after release").end()
-    [rec], drops = records.drain()
+    assert records.drain() == ([], {}) and len(tail) == 1  # held until the request is kept
+    [held] = tail.take([next(iter(tail._ring)).trace_id])
+    rec = held.record
     assert (rec["name"], rec["source"], rec["kept"]) == (
         "replica_handle_request Model __call__", "ray_serve", "")
-    assert rec["attributes"] == {"request_id": "r-1", "app": "shop"} and drops == {}
+    assert rec["attributes"] == {"request_id": "r-1", "app": "shop"}
     monkeypatch.setenv("RAY_MONITOR_TRACES", "0")
     assert tracing.serve_span_processors() == []
 

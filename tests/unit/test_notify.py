@@ -342,6 +342,82 @@ def test_restore_prevents_a_duplicate_firing_after_restart():
     assert second.state_dict()["log"] == {"webhook-0": {}}
 
 
+class Store:
+    """The GCS as the notifier sees it: what persist_log last wrote, through JSON."""
+
+    def __init__(self):
+        self.saved = None
+        self.writes = 0
+
+    def __call__(self, log):
+        self.saved = json.loads(json.dumps(log))
+        self.writes += 1
+
+
+def test_the_log_is_saved_before_the_receiver_hears_of_it():
+    """A kill at the worst moment, right after the POST: what the store holds then already
+    says 'sent', so the restarted notifier sends no second firing notification."""
+    clock, store = Clock(T0), Store()
+    at_post = []
+
+    def send(method, url, headers, body, timeout):
+        at_post.append(json.loads(json.dumps(store.saved)))  # the store, as the POST goes out
+        return 200
+
+    first = Notifier({"route": ROUTE, "webhooks": [{"url": HOOK}]}, send=send, clock=clock,
+                     sleep=clock.sleep, env={}, persist_log=store)
+    first.submit([alert()])
+    clock.t += 10
+    first.flush()
+    [snapshot] = at_post
+    [entry] = snapshot["log"]["webhook-0"].values()
+    assert entry["unconfirmed"] is True and entry["firing"]
+    assert "unconfirmed" not in next(iter(store.saved["log"]["webhook-0"].values()))
+
+    clock.t += 20  # killed right after the POST: restart from the store as it was then
+    t = Transport()
+    second = notifier(clock, t)
+    second.restore(snapshot, restarted=True)
+    second.submit([alert()])
+    second.flush()
+    assert t.calls == []  # no second page
+    assert second.stats()["by_cause"]["unconfirmed_at_restart"] == 1
+    clock.t = T0 + 10 + 300  # and the alert is repeated at repeat_interval, as always
+    second.submit([alert()])
+    second.flush()
+    assert len(t.calls) == 1
+
+
+def test_a_refused_notification_is_taken_back_from_the_saved_log():
+    clock, store = Clock(T0), Store()
+    t = Transport(400)  # not retried
+    n = Notifier({"route": ROUTE, "webhooks": [{"url": HOOK}]}, send=t, clock=clock,
+                 sleep=clock.sleep, env={}, persist_log=store)
+    n.submit([alert()])
+    clock.t += 10
+    n.flush()
+    assert len(t.calls) == 1 and store.saved["log"] == {"webhook-0": {}}
+    clock.t += 30  # group_interval: the receiver never took it, so it is sent again
+    n.submit([alert()])
+    n.flush()
+    assert len(t.calls) == 2 and store.saved["log"]["webhook-0"]
+
+
+def test_a_failed_save_is_counted_and_the_page_still_goes():
+    clock, t = Clock(T0), Transport()
+
+    def broken(log):
+        raise ConnectionError("GCS unreachable")
+
+    n = Notifier({"route": ROUTE, "webhooks": [{"url": HOOK}]}, send=t, clock=clock,
+                 sleep=clock.sleep, env={}, persist_log=broken)
+    n.submit([alert()])
+    clock.t += 10
+    n.flush()
+    assert len(t.calls) == 1
+    assert n.stats()["by_cause"]["log_save_failed"] >= 1
+
+
 # ---------------------------------------------------------------------------- delivery
 
 @pytest.mark.parametrize("status", [500, 503, 429])
@@ -494,3 +570,28 @@ def test_email_over_real_smtp():
     assert "Subject: [FIRING:1] HighLatencyP99" in text
     assert "HighLatencyP99 on classifier" in text
     assert n.stats()["by_kind"]["email"]["sent"] == 1
+
+
+def test_a_restarted_aggregator_takes_its_notification_log_from_the_store():
+    """The log's own key (written before each send) wins; a state saved by an older
+    version, with the log inside, is read too."""
+    from ray_monitor.aggregator.core import AggregatorCore
+
+    key = 'alertname="HighLatencyP99"'
+    saved = {"version": 1, "log": {"webhook-0": {key: {"firing": ["f1"], "resolved": [],
+                                                         "at": T0, "unconfirmed": True}}}}
+    config = {"notifications": {"webhooks": [{"url": HOOK}]}}
+    core = AggregatorCore(config, clock=Clock(T0 + 5), load_log=lambda: saved)
+    try:
+        assert core.notifier.state_dict()["log"]["webhook-0"][key]["firing"] == ["f1"]
+        assert core.notifier.stats()["by_cause"]["unconfirmed_at_restart"] == 1
+    finally:
+        core.notifier.close(1)
+    alerts = AggregatorCore({}).engine.state_dict()
+    old = json.dumps({"alerts": alerts, "notifier": {**saved, "log": {"webhook-0": {
+        key: {"firing": ["f1"], "resolved": [], "at": T0}}}}}).encode()
+    core = AggregatorCore(config, clock=Clock(T0 + 5), load=lambda: old)
+    try:
+        assert core.notifier.state_dict()["log"]["webhook-0"][key]["firing"] == ["f1"]
+    finally:
+        core.notifier.close(1)

@@ -24,7 +24,7 @@ from ray_monitor.alerting.loader import load_rules
 from ray_monitor.autoscaling.config import parse_hint_config
 from ray_monitor.common.catalog import Query
 from ray_monitor.common.errors import ConfigError
-from ray_monitor.common.histogram import DEFAULT_CLASSIC_BOUNDS, Histogram
+from ray_monitor.common.histogram import DEFAULT_CLASSIC_BOUNDS
 from ray_monitor.common.snapshot import ReplicaIdentity, ReplicaSnapshot, SeriesDelta
 from ray_monitor.replica.recorder import Recorder
 from tests.helpers import Clock, hist

@@ -12,7 +12,7 @@ from ray_monitor.common.matchers import Matcher
 from ray_monitor.common.histogram import Histogram, bucket_index, bucket_value
 from ray_monitor.common.snapshot import (Exemplar, GpuDevice, GpuProcess, GpuSnapshot, HungRequest,
                                   ReplicaHealth, ReplicaIdentity, ReplicaSnapshot, SeriesDelta)
-from ray_monitor.aggregator.windows import COMPLETE_WAIT_S, WindowStore
+from ray_monitor.aggregator.windows import WindowStore
 from tests.helpers import Clock, hist
 
 T0 = 1_000_020.0  # a multiple of 60: bucket edges of every ring fall on whole numbers

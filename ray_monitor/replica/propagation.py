@@ -1,0 +1,335 @@
+"""One trace id and one sampling decision per request, carried over every handle call.
+
+Runs in every replica of a monitored deployment, and in every Ray Serve process whose
+tracing loads :func:`ray_monitor.tracing.serve_span_processors` (its HTTP proxy too).
+
+Ray Serve hands the caller's trace context to the callee in
+``RequestMetadata.tracing_context`` only when its own routing span is sampled, and not at
+all when its tracing is off; left alone, every deployment would start a trace of its own
+with a sampling decision of its own. So ray-monitor fills that field when Serve left it
+empty, at the one place every handle call passes through
+(``RunningReplica.try_send_request``: ``assign_request``, ``dispatch`` and ``broadcast``
+all send there), with the caller's current span, sampled or not. Serve delivers it to the
+callee, where it is ``_get_serve_request_context()._ray_trace_ctx`` (read whether Serve's
+tracing is on or off), and where Serve's own replica span, when its tracing is on, takes
+it as its parent, so Serve follows the same decision.
+
+In Serve's proxy, a request that Serve's sampler declined and that came without a
+``traceparent`` has no context at all; the proxy then sends a placeholder parent marked
+``tracestate: ray_monitor=root``, which carries the "no" to the first deployment and is
+never a span: a span under it is the root of its trace. Serve's proxy would also decide
+twice (Ray 2.60): its routing span, started under no current span when the request span
+was declined, is a root with a sampling decision of its own, so about 2% of requests
+would be traced at 1%; :func:`one_decision_in_proxy` gives the proxy a sampler whose
+roots are its request spans only.
+
+What wins as the parent of a request's span is :func:`resolve`; the hook is
+:func:`install`, once per process, feature-detected; if this Ray's internals differ it
+says so once in the log and requests are linked only when Serve's sampler keeps them.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import functools
+import logging
+import random
+import re
+import threading
+from typing import Any, Callable, Optional
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace import sampling
+
+__all__ = ["CURRENT", "DECLINED", "PLACEHOLDER", "Parent", "carrier", "install", "installed",
+           "one_decision_in_proxy", "outgoing", "parse_traceparent", "request_root_sampler",
+           "resolve"]
+
+logger = logging.getLogger(__name__)
+
+#: The request running in this context (a ``tracing.RequestSpan``): its ids for log
+#: records, and its context for the handle calls it makes.
+CURRENT: contextvars.ContextVar[Any] = contextvars.ContextVar("ray_monitor_current_span",
+                                                               default=None)
+
+#: The tracestate entry of a placeholder parent (see the module's docstring).
+PLACEHOLDER = "ray_monitor=root"
+_TRACEPARENT = re.compile(
+    r"^[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?[ \t]*$")
+_HEX = "0123456789abcdef"
+_PROXY_ACTOR_PREFIX = "SERVE_PROXY_ACTOR"
+
+
+class Parent:
+    """Where a request's span hangs: the ids of its parent and the sampling decision."""
+
+    __slots__ = ("trace_id", "span_id", "sampled", "remote", "tracestate")
+
+    def __init__(self, trace_id: int, span_id: int, sampled: bool, remote: bool = True,
+                 tracestate: Optional[str] = None) -> None:
+        self.trace_id = trace_id
+        self.span_id = span_id  # 0: no parent span (a placeholder's "no", or a root)
+        self.sampled = sampled
+        self.remote = remote
+        self.tracestate = tracestate
+
+    def __repr__(self) -> str:
+        return (f"Parent({self.trace_id:032x}, {self.span_id:016x}, sampled={self.sampled}, "
+                f"remote={self.remote}, tracestate={self.tracestate!r})")
+
+
+#: Ray Serve's tracing is on here, nothing came in, and Serve's span is not current: Serve
+#: made the decision for this request (its replica span was a root) and it was "no".
+DECLINED = Parent(0, 0, False, False)
+
+
+def parse_traceparent(value: Any, tracestate: Any = None) -> Optional[Parent]:
+    """A W3C ``traceparent`` (and ``tracestate``) as a :class:`Parent`, or None when it is
+    not valid (as the spec asks, an invalid one is ignored, never an error)."""
+    if not isinstance(value, str):
+        return None
+    if len(value) == 55 and value[2] == value[35] == value[52] == "-" and \
+            not (value[:2] + value[3:35] + value[36:52] + value[53:]).strip(_HEX):
+        # The common form, without the regular expression (the callee's hot path).
+        version, tid, sid, flags, rest = value[:2], value[3:35], value[36:52], value[53:], None
+    else:
+        m = _TRACEPARENT.match(value)
+        if m is None:
+            return None
+        version, tid, sid, flags, rest = m.groups()
+    if version == "ff" or (version == "00" and rest):
+        return None
+    trace_id, span_id = int(tid, 16), int(sid, 16)
+    if not trace_id or not span_id:
+        return None
+    state = tracestate.strip() if isinstance(tracestate, str) and tracestate.strip() else None
+    sampled = bool(int(flags, 16) & 1)
+    if state is not None and PLACEHOLDER in state:
+        entries = [e for e in state.split(",") if e.strip() and e.strip() != PLACEHOLDER]
+        return Parent(trace_id, 0, sampled, True, ",".join(entries) or None)
+    return Parent(trace_id, span_id, sampled, True, state)
+
+
+def carrier(trace_id: int, span_id: int, sampled: bool,
+            tracestate: Optional[str] = None) -> dict[str, str]:
+    """The W3C headers of a span context, as Serve carries them (``tracing_context``)."""
+    out = {"traceparent": f"00-{trace_id:032x}-{span_id:016x}-{'01' if sampled else '00'}"}
+    if tracestate:
+        out["tracestate"] = tracestate
+    return out
+
+
+def resolve(serve_span: Optional[Parent], from_caller: Optional[Parent],
+            from_header: Optional[Parent], serve_decides: bool) -> Optional[Parent]:
+    """The parent of a request's span; None: none, the request is a root (sample it).
+
+    ``serve_span``: Ray Serve's replica span when it is current (sampled); ``from_caller``:
+    the context the caller sent (``_ray_trace_ctx``: ray-monitor's, or Serve's own);
+    ``from_header``: the HTTP ``traceparent``; ``serve_decides``: Serve's tracing is on
+    here and handled this request, so its replica span was the head sampler when nothing
+    came in. Serve's span wins when it continues what came in (the caller's context
+    passes through the proxy, so the caller's trace id is the header's); a Serve span in
+    another trace means Serve lost the caller's context (a proxy without Serve's tracing),
+    and the caller's trace wins.
+    """
+    incoming = from_caller if from_caller is not None else from_header
+    if serve_span is not None and (incoming is None or incoming.trace_id == serve_span.trace_id):
+        return serve_span
+    if incoming is not None:
+        return incoming
+    return DECLINED if serve_decides else None
+
+
+# -- the caller's side: fill Serve's tracing_context ----------------------------------
+
+_lock = threading.Lock()
+_installed: Optional[bool] = None  # None: not tried yet in this process
+_in_proxy: Optional[bool] = None
+_failed = False
+on_failure: Optional[Callable[[str, Optional[BaseException]], None]] = None
+
+
+def installed() -> Optional[bool]:
+    """Whether the hook is in place in this process (None: not tried)."""
+    return _installed
+
+
+_REQUEST_CONTEXT: Any = None  # Serve's request-context variable, looked up once
+
+
+def _current_request() -> Any:
+    global _REQUEST_CONTEXT
+    if _REQUEST_CONTEXT is None:
+        try:
+            from ray.serve.context import _serve_request_context
+        except ImportError:  # pragma: no cover - ray[serve] is a dependency
+            return None
+        _REQUEST_CONTEXT = _serve_request_context
+    return _REQUEST_CONTEXT.get()
+
+
+def _proxy() -> bool:
+    global _in_proxy
+    if _in_proxy is None:
+        try:
+            import ray
+
+            name = ray.get_runtime_context().get_actor_name() or ""
+        except Exception:
+            name = ""
+        _in_proxy = name.startswith(_PROXY_ACTOR_PREFIX)
+    return _in_proxy
+
+
+def outgoing() -> Optional[dict[str, str]]:
+    """The context a handle call made here carries to its callee, or None.
+
+    In order: a sampled span current here (ray-monitor's, or one under it: FastAPI's, a
+    user's); the request's own ray-monitor span, sampled or not (an unsampled span
+    current here is never exported, so a kept callee must not hang under it); the context
+    that came in with this request (a replica without ``@monitor`` passes it on); any
+    other valid current span (the proxy: the caller's ``traceparent``); in the proxy, a
+    placeholder that carries its sampler's "no".
+    """
+    span = trace.get_current_span()
+    sc = span.get_span_context()
+    if sc.is_valid and sc.trace_flags & 1:
+        return carrier(sc.trace_id, sc.span_id, True, _state_header(sc))
+    rs = CURRENT.get()
+    if rs is not None:
+        return carrier(rs.trace_id, rs.span_id, rs.sampled, rs.tracestate)
+    req = _current_request()
+    came_in = getattr(req, "_ray_trace_ctx", None) if req is not None else None
+    if came_in and isinstance(came_in, dict) and came_in.get("traceparent"):
+        return dict(came_in)
+    if sc.is_valid:
+        return carrier(sc.trace_id, sc.span_id, bool(sc.trace_flags & 1), _state_header(sc))
+    if _proxy():
+        return carrier(random.getrandbits(128) or 1, random.getrandbits(64) or 1, False,
+                       PLACEHOLDER)
+    return None
+
+
+def _state_header(sc) -> Optional[str]:
+    ts = sc.trace_state
+    return ts.to_header() if ts else None
+
+
+def _fill(metadata: Any) -> None:
+    global _failed
+    try:
+        if not metadata.tracing_context:
+            ctx = outgoing()
+            if ctx is not None:
+                metadata.tracing_context = ctx
+    except Exception as e:  # never into the user's call
+        if on_failure is not None:
+            on_failure("trace_propagation_failed", e)
+        elif not _failed:
+            _failed = True
+            logger.warning("ray-monitor: carrying the trace context over a handle call failed "
+                           "(logged once): %r", e)
+
+
+def _wrap(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def try_send_request(self, pr, *args, **kwargs):
+        md = getattr(pr, "metadata", None)
+        if md is not None:
+            _fill(md)
+        return original(self, pr, *args, **kwargs)
+    try_send_request.__ray_monitor_wrapped__ = True  # type: ignore[attr-defined]
+    return try_send_request
+
+
+def _missing() -> list[str]:
+    """What of Ray Serve's internals the hook relies on is not there (empty: all is)."""
+    missing = []
+    try:
+        from ray.serve._private.common import RequestMetadata
+        from ray.serve._private.request_router.replica_wrapper import RunningReplica
+        from ray.serve.context import _RequestContext
+    except ImportError as e:
+        return [f"import: {e}"]
+    if not callable(getattr(RunningReplica, "try_send_request", None)):
+        missing.append("RunningReplica.try_send_request")
+    for cls, field in ((RequestMetadata, "tracing_context"), (_RequestContext, "_ray_trace_ctx")):
+        if not dataclasses.is_dataclass(cls) or field not in {
+                f.name for f in dataclasses.fields(cls)}:
+            missing.append(f"{cls.__name__}.{field}")
+    return missing
+
+
+def install() -> bool:
+    """Puts the caller-side hook in place, once per process; False (said once in the log)
+    when this Ray's Serve lacks what it relies on."""
+    global _installed
+    if _installed is not None:
+        return _installed
+    with _lock:
+        if _installed is not None:
+            return _installed
+        missing = _missing()
+        if missing:
+            logger.warning(
+                "ray-monitor: this Ray Serve lacks %s, so the trace context is not carried "
+                "over DeploymentHandle calls by ray-monitor: a request's spans in different "
+                "deployments share a trace only when Ray Serve's own tracing samples it",
+                ", ".join(missing))
+            _installed = False
+            return False
+        from ray.serve._private.request_router.replica_wrapper import RunningReplica
+
+        current = RunningReplica.try_send_request
+        if not getattr(current, "__ray_monitor_wrapped__", False):
+            RunningReplica.try_send_request = _wrap(current)
+        _installed = True
+        return True
+
+
+# -- Serve's proxy: one decision ------------------------------------------------------
+
+#: The names Serve's proxy gives its request spans when it starts them.
+PROXY_REQUEST_SPANS = ("proxy_http_request", "proxy_grpc_request")
+
+
+class _RequestRoots(sampling.Sampler):
+    """Roots only for the proxy's request spans, decided as Serve's sampler does."""
+
+    def __init__(self, ratio: float) -> None:
+        self._ratio = sampling.TraceIdRatioBased(ratio)
+
+    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None,
+                      links=None, trace_state=None):
+        if name.startswith(PROXY_REQUEST_SPANS):
+            return self._ratio.should_sample(parent_context, trace_id, name, kind, attributes,
+                                             links, trace_state)
+        return sampling.SamplingResult(sampling.Decision.DROP, None, trace_state)
+
+    def get_description(self) -> str:
+        return f"RequestRoots{{{self._ratio.get_description()}}}"
+
+
+def request_root_sampler(ratio: float) -> sampling.Sampler:
+    """Serve's proxy sampler (``ParentBasedTraceIdRatio(ratio)``) where only the request
+    span may be a root; any other span with no parent (the routing span of a declined
+    request) is not sampled. Children follow their parent, as before."""
+    return sampling.ParentBased(root=_RequestRoots(ratio))
+
+
+def one_decision_in_proxy() -> bool:
+    """In Serve's proxy, before Serve builds its TracerProvider: its sampler becomes
+    :func:`request_root_sampler`. Elsewhere, or if Serve differs, nothing (said once)."""
+    if not _proxy():
+        return False
+    try:
+        from ray.serve._private import tracing_utils
+    except ImportError:  # pragma: no cover - ray[serve] is a dependency
+        return False
+    if not isinstance(getattr(tracing_utils, "ParentBasedTraceIdRatio", None), type):
+        logger.warning("ray-monitor: Ray Serve's proxy has no ParentBasedTraceIdRatio to "
+                       "replace; its routing spans may be sampled on their own")
+        return False
+    tracing_utils.ParentBasedTraceIdRatio = request_root_sampler
+    return True
