@@ -205,6 +205,8 @@ class WindowStore:
         tables, cap = self._tables, self._cap
         requests, errors = tables["requests"], tables["errors"]
         for method in snap.inflight:  # a known method has its outcome series from the start
+            if method in snap.routed:
+                continue
             labels = (app, dep, rep, method, mv, OK)
             for table in (requests, errors):
                 if labels not in table.series.index:

@@ -101,6 +101,9 @@ class ReplicaSnapshot:
     # trace ids (hex) of requests this replica kept (a failed or slow span) in the window:
     # the aggregator names them to every replica, which exports what it holds of them
     kept_traces: list[str] = field(default_factory=list)
+    # methods whose requests are labelled by route (an ASGI ingress): in ``inflight``, but
+    # never a request series of their own, so they get no zero series
+    routed: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -542,6 +542,7 @@ def _route_label(scope: dict) -> str:
 def _wrap_asgi(fn: Callable, runtime: Runtime) -> Callable:
     # Per-route cells: the method label is ``GET /items/{id}``.
     hook = _Hook(runtime, "__call__")
+    runtime.routed = True
 
     async def __call__(self, scope, receive, send):
         if scope.get("type") != "http":

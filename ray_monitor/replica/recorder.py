@@ -169,6 +169,7 @@ class Recorder:
         self._predictions: list[Any] = []
         self.self_errors = self_errors if self_errors is not None else SelfErrors()
         self.methods: dict[str, MethodCells] = {}
+        self.routed: list[str] = []  # see ReplicaSnapshot.routed
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._seq = 0
@@ -234,7 +235,7 @@ class Recorder:
         snap = ReplicaSnapshot(self.identity, self._seq, self._window_start, now, series,
                                inflight, health, self.self_errors.snapshot(), self._dropped,
                                predictions, traces, dict(totals), self.last_flush_s,
-                               self.max_flush_s, kept_traces=kept)
+                               self.max_flush_s, kept_traces=kept, routed=self.routed)
         self._window_start = now
         return snap
 

@@ -168,6 +168,9 @@ class Runtime:
         self.target_name = target_name
         self.options = options
         self.hooks: list = []
+        # An ASGI ingress labels its requests by route, never by these method names: they
+        # get no zero series of their own (set by the ASGI wrapper, before start()).
+        self.routed = False
         self.state: Optional[State] = None
         self._lock = threading.Lock()
         self._logged: set[str] = set()
@@ -181,6 +184,8 @@ class Runtime:
                 state = State(self)
                 for hook in self.hooks:
                     hook.cells = state.recorder.method(hook.name)
+                if self.routed:
+                    state.recorder.routed = sorted({h.name for h in self.hooks} | {"__call__"})
                 state.recorder.start()
                 atexit.register(self.close)
                 self.state = state
