@@ -43,6 +43,18 @@ def wait_until(fn: Callable[[], Any], timeout: float, what: str) -> Any:
     raise TimeoutError(f"timed out waiting for {what}")
 
 
+def retried(start: Callable[[], Any], attempts: int = 4) -> Any:
+    """Ray gives a raylet 30 s to register, hard-coded; on a loaded two-core machine that
+    is sometimes too little: tried again, said out loud."""
+    for attempt in range(attempts):
+        try:
+            return start()
+        except Exception as e:
+            if attempt == attempts - 1:
+                raise
+            print(f"a Ray node did not start ({e}); trying again", file=sys.stderr)
+
+
 def main(out_path: str) -> None:
     os.environ.pop("RAY_ADDRESS", None)
     os.environ["PYTHONPATH"] = os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])
@@ -57,15 +69,9 @@ def main(out_path: str) -> None:
     head = {"num_cpus": 2, "include_dashboard": False,
             "_system_config": {"health_check_period_ms": 1000,
                                "health_check_failure_threshold": 5}}
-    for attempt in range(3):  # Ray gives a raylet 30 s, hard-coded: again on a busy machine
-        try:
-            cluster = Cluster(initialize_head=True, head_node_args=head)
-            break
-        except Exception as e:
-            if attempt == 2:
-                raise
-            print(f"Ray cluster did not start ({e}); trying again", file=sys.stderr)
-    nodes = {name: cluster.add_node(num_cpus=1, resources={name: 1}) for name in ("node_b", "node_c")}
+    cluster = retried(lambda: Cluster(initialize_head=True, head_node_args=head))
+    nodes = {name: retried(lambda: cluster.add_node(num_cpus=1, resources={name: 1}))
+             for name in ("node_b", "node_c")}
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, namespace="ray_monitor_fanin")
     result: dict[str, Any] = {"phases": {}}

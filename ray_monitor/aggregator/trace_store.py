@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from ray_monitor.common.kept_log import KeptLog
 from ray_monitor.common.snapshot import ReplicaIdentity
