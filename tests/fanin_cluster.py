@@ -111,10 +111,23 @@ def main(out_path: str) -> None:
             return {dep: sum(delivery.get(f"{APP}-{dep}/{dep}", {}).get("totals", {}).values())
                     for dep in sent}
 
+        def settled() -> bool:
+            """The newest snapshots' totals say every request, and every snapshot before
+            them arrived (one sent again after a failed call may come after a newer)."""
+            delivery = ray.get(agg.stats.remote(), timeout=60)["delivery"]
+            return totals() == sent and all(
+                delivery[f"{APP}-{dep}/{dep}"]["unaccounted"] == 0 for dep in sent)
+
         def snapshot(phase: str) -> None:
             stats = ray.get(agg.stats.remote(), timeout=60)
             mergers = ray.get(agg.node_mergers.remote(), timeout=60)
+            import urllib.request
+
+            with urllib.request.urlopen(mon.metrics_url, timeout=60) as r:
+                metrics = r.read().decode()
             result["phases"][phase] = {
+                "self_errors": [line for line in metrics.splitlines()
+                                if line.startswith("ray_monitor_self_errors_total")],
                 "sent": dict(sent), "totals": totals(), "fanin": stats["fanin"],
                 "delivery": stats["delivery"], "merger_nodes": sorted(mergers),
                 "merger_stats": {n: ray.get(h.stats.remote(), timeout=60)
@@ -138,7 +151,7 @@ def main(out_path: str) -> None:
             if n in (ids["node_b"], ids["node_c"])), 60, "replicas delivering to their merger")
         send("B", 30)
         send("C", 30)
-        wait_until(lambda: totals() == sent, 60, "steady totals")
+        wait_until(settled, 60, "steady totals")
         snapshot("steady")
 
         # 2. node b's merger killed (and restarted by Ray) while B keeps taking requests
@@ -150,7 +163,7 @@ def main(out_path: str) -> None:
         ray.kill(mergers[ids["node_b"]], no_restart=False)
         client.join()
         send("B", 20)
-        wait_until(lambda: totals() == sent, 90, "totals after the merger restarted")
+        wait_until(settled, 90, "totals after the merger restarted")
         # the restarted merger counts from 0 again, and its replicas deliver through it
         wait_until(lambda: ray.get(mergers[ids["node_b"]].stats.remote(), timeout=60)
                    ["calls"] > 0, 60, "deliveries through the restarted merger")

@@ -56,6 +56,7 @@ class ActorSink:
         self._next_lookup = 0.0
         self._looking = False
         self._in_flight: list[tuple[object, list[ReplicaSnapshot]]] = []
+        self._carry: list[ReplicaSnapshot] = []  # failed batches a raising send() kept
         #: Gets the trace ids kept anywhere since the last batch (flush thread).
         self.on_kept: Optional[Callable[[list[str]], Any]] = None
         self.kept_cursor: Optional[tuple[str, int]] = None  # the aggregator's (epoch, seq)
@@ -112,6 +113,9 @@ class ActorSink:
                     continue
                 self._take_reply(reply)
             self._in_flight = still
+        # Batches whose call failed go first; the caller keeps ``snapshots`` when this
+        # raises, so those taken back from in flight are kept here until sent.
+        retry, self._carry = self._carry + retry, []
         pending = retry + snapshots
         if not pending or len(self._in_flight) >= MAX_IN_FLIGHT:
             return pending
@@ -121,6 +125,7 @@ class ActorSink:
         try:
             ref = self._ingest(actor, pending)
         except Exception:
+            self._carry = retry
             self._lookup(again=True)
             raise
         self._in_flight.append((ref, pending))

@@ -1,7 +1,9 @@
 """Node fan-in on a real three-node Ray cluster (issue 15): replicas on two worker nodes
 deliver through their node's merger; the aggregator's totals equal what the clients
 sent; a merger killed (and restarted by Ray) while a client sends loses and doubles
-nothing; a removed node's merger is forgotten and its replica's series age out.
+nothing (the script waits until the newest snapshots' totals equal what was sent and
+every snapshot before them arrived: one sent again after the kill may come after a newer
+one); a removed node's merger is forgotten and its replica's series age out.
 
 The cluster runs in a subprocess (tests/fanin_cluster.py), beside the session's, because
 it needs a monitor of its own (GPU monitoring off, a short ``series_ttl_s``); the
