@@ -148,3 +148,26 @@ def test_per_node_actors_start_where_wanted_and_alive_and_go_with_their_node():
     nodes[0]["Alive"] = False
     assert mgr.reconcile(wanted=set()) == ([], ["a"])
     assert mgr.actors() == {"b": "actor-b"}
+
+
+def test_a_replica_looks_for_its_node_merger_once_the_aggregator_says_it_is_up():
+    from ray_monitor.common.names import node_merger_name
+    from ray_monitor.replica.delivery import ActorSink
+
+    node = "ab" * 28
+    sink = ActorSink(node_id=node, clock=Clock(1000.0))
+    assert sink.node_name == node_merger_name(node) == "ray_monitor_node_" + node[:12]
+    found = []
+    sink._find = lambda: found.append(1)  # no Ray here: record that a lookup started
+    sink._take_reply({"epoch": "e", "seq": 1, "kept": []})  # direct, no merger yet
+    assert not sink._looking
+    sink._take_reply({"epoch": "e", "seq": 2, "kept": [], "merger": True})
+    assert sink._looking  # a lookup (merger first, then the aggregator) is under way
+    # Delivering through the merger already: its own answers start nothing.
+    through = ActorSink(node_id=node, clock=Clock(1000.0))
+    through.via_node = True
+    through._find = lambda: found.append(2)
+    through._take_reply({"epoch": "m", "seq": 1, "kept": [], "merger": True})
+    assert not through._looking
+    # Without a node id (outside Ray Serve) there is no merger to look for.
+    assert ActorSink().node_name is None
