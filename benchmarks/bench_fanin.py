@@ -152,20 +152,25 @@ def main() -> None:
             until = start + args.period_s + args.measure_s + 1
             runs = [s.run.remote(mode, until, names) for s in senders]
             time.sleep(max(0.0, start + args.period_s + 1 - time.time()))  # warm-up
+            f0 = ray.get(agg.stats.remote(), timeout=60)["fanin"]
             a0, m0, w0 = cpu_s(agg_pid), [cpu_s(p) for p in merger_pids], time.monotonic()
             time.sleep(args.measure_s)
             a1, m1, w1 = cpu_s(agg_pid), [cpu_s(p) for p in merger_pids], time.monotonic()
+            f1 = ray.get(agg.stats.remote(), timeout=60)["fanin"]
             sent = sum(ray.get(runs, timeout=600))
-            stats = ray.get(agg.stats.remote(), timeout=60)
-            row = {"agg_cpu_per_s": (a1 - a0) / (w1 - w0),
-                   "merger_cpu_per_s": [(b - a) / (w1 - w0) for a, b in zip(m0, m1)],
-                   "sent": sent, "fanin": {k: v for k, v in stats["fanin"].items()
-                                           if k != "nodes"},
+            wall = w1 - w0
+            # what the aggregator took in the window (it may lag what was offered)
+            calls = sum(f1[k] - f0[k] for k in ("direct_calls", "node_calls")) / wall
+            snaps = sum(f1[k] - f0[k] for k in ("direct_snapshots", "node_snapshots")) / wall
+            row = {"agg_cpu_per_s": (a1 - a0) / wall,
+                   "merger_cpu_per_s": [(b - a) / wall for a, b in zip(m0, m1)],
+                   "calls_per_s": calls, "snapshots_per_s": snaps, "sent": sent,
                    "load": os.getloadavg()[0]}
             rows[mode].append(row)
-            print(f"round {rnd} {mode:6s}: aggregator {row['agg_cpu_per_s'] * 1000:7.1f} ms/s, "
-                  f"mergers {[round(x * 1000, 1) for x in row['merger_cpu_per_s']]} ms/s, "
-                  f"sent {sent}, load {row['load']:.1f}", flush=True)
+            print(f"round {rnd} {mode:6s}: aggregator {row['agg_cpu_per_s'] * 1000:7.1f} ms/s "
+                  f"for {calls:.1f} calls/s, {snaps:.0f} snapshots/s; mergers "
+                  f"{[round(x * 1000, 1) for x in row['merger_cpu_per_s']]} ms/s; "
+                  f"load {row['load']:.1f}", flush=True)
 
     def med(xs):
         return statistics.median(xs), min(xs), max(xs)
@@ -173,10 +178,14 @@ def main() -> None:
     d = med([r["agg_cpu_per_s"] for r in rows["direct"]])
     n = med([r["agg_cpu_per_s"] for r in rows["node"]])
     m = med([x for r in rows["node"] for x in r["merger_cpu_per_s"]])
-    calls_direct = rate
-    calls_node = args.nodes / args.period_s
-    c = (d[0] - n[0]) / (calls_direct - calls_node)
-    s = (n[0] - calls_node * c) / rate
+    # CPU = calls x c + snapshots x s, from the medians of what each variant took
+    cd = statistics.median(r["calls_per_s"] for r in rows["direct"])
+    sd = statistics.median(r["snapshots_per_s"] for r in rows["direct"])
+    cn = statistics.median(r["calls_per_s"] for r in rows["node"])
+    sn = statistics.median(r["snapshots_per_s"] for r in rows["node"])
+    c = (d[0] * sn - n[0] * sd) / (cd * sn - cn * sd)
+    s = (n[0] - cn * c) / sn
+    calls_direct, calls_node = cd, cn
     total = args.nodes * args.replicas
     print("\naggregator CPU per second (median, min..max):")
     print(f"  direct: {d[0] * 1000:.1f} ms/s ({d[1] * 1000:.1f}..{d[2] * 1000:.1f}) for "
