@@ -127,8 +127,16 @@ def main() -> None:
           " ".join(f"{x:.2f}" for x in os.getloadavg()), "|", time.strftime(
               "%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
 
-    ray.init(num_cpus=4, include_dashboard=False, namespace="bench_fanin",
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path[:1])}})
+    for attempt in range(4):  # Ray gives its raylet 30 s, hard-coded: a busy machine
+        try:
+            ray.init(address="local", num_cpus=4, include_dashboard=False,
+                     namespace="bench_fanin",
+                     runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path[:1])}})
+            break
+        except Exception as e:
+            if attempt == 3:
+                raise
+            print(f"Ray did not start ({e}); trying again", flush=True)
     from ray_monitor.aggregator.actor import get_or_create
     from ray_monitor.node.actor import NodeMergerActor
 
