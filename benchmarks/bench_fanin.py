@@ -160,11 +160,11 @@ def main() -> None:
             until = start + args.period_s + args.measure_s + 1
             runs = [s.run.remote(mode, until, names) for s in senders]
             time.sleep(max(0.0, start + args.period_s + 1 - time.time()))  # warm-up
-            f0 = ray.get(agg.stats.remote(), timeout=60)["fanin"]
+            f0 = ray.get(agg.stats.remote(), timeout=600)["fanin"]
             a0, m0, w0 = cpu_s(agg_pid), [cpu_s(p) for p in merger_pids], time.monotonic()
             time.sleep(args.measure_s)
             a1, m1, w1 = cpu_s(agg_pid), [cpu_s(p) for p in merger_pids], time.monotonic()
-            f1 = ray.get(agg.stats.remote(), timeout=60)["fanin"]
+            f1 = ray.get(agg.stats.remote(), timeout=600)["fanin"]
             sent = sum(ray.get(runs, timeout=600))
             wall = w1 - w0
             # what the aggregator took in the window (it may lag what was offered)
