@@ -14,7 +14,8 @@ real Ray actor call, as a replica's flush thread sends it:
 
 - ``direct``: ``aggregator.ingest.remote([snapshot])``, one call per replica (before);
 - ``node``: ``merger.ingest.remote([snapshot])`` to a real ``NodeMergerActor`` (the real
-  merger code, gathering, one ``aggregator.ingest_node`` forward per burst) (after).
+  merger code, gathering, one ``aggregator.ingest_node`` forward per burst) (after);
+- ``idle``: nothing sent: the aggregator's own loop, subtracted from the other two.
 
 This machine cannot make 10,000 calls a second, so every replica flushes every
 ``--period-s`` seconds instead of every second: node k's replicas all send in the
@@ -28,8 +29,9 @@ one burst per second: each merger's CPU per second is that of a real node merger
 CPU is ``utime + stime`` from ``/proc/<pid>/stat`` of the aggregator and merger
 processes over ``--measure-s`` seconds after a warm-up of one period (the store holds
 every replica's series by then). Variants alternate over ``--rounds``; medians and
-min..max per variant. From the two variants at the same snapshot rate the script
-solves the aggregator's cost per call (``c``) and per snapshot (``s``) and projects both
+min..max per variant. From what the aggregator took in each window (calls and
+snapshots, its own counters) the script solves its cost per call (``c``) and per
+snapshot (``s``) from the two variants, less idle, and projects both
 to the 1 s flush: before ``replicas x nodes x (c + s)``, after ``nodes x c +
 replicas x nodes x s``.
 """
@@ -89,7 +91,7 @@ class Sender:
         merger_handles = [ray.get_actor(m, namespace=NAMESPACE) for m in mergers]
         pending: list = []
         sent = 0
-        while True:
+        while mode != "idle":
             now = time.time()
             t = float(int(now) + 1)  # the next whole second: replicas flush then
             if t >= until:
@@ -107,6 +109,8 @@ class Sender:
                     sent += 1
             if len(pending) > 4000:  # keep the sender's own memory bounded
                 _, pending = ray.wait(pending, num_returns=len(pending) - 2000)
+        if mode == "idle":
+            time.sleep(max(0.0, until - time.time()))
         ray.wait(pending, num_returns=len(pending), timeout=60)
         return sent
 
@@ -153,9 +157,9 @@ def main() -> None:
     print(f"{args.nodes} nodes x {args.replicas} replicas, each flushing every "
           f"{args.period_s} s: {rate:.0f} snapshots/s; {args.mergers} real mergers")
 
-    rows: dict[str, list[dict]] = {"direct": [], "node": []}
+    rows: dict[str, list[dict]] = {"direct": [], "node": [], "idle": []}
     for rnd in range(args.rounds):
-        for mode in (("direct", "node") if rnd % 2 == 0 else ("node", "direct")):
+        for mode in (("direct", "node", "idle") if rnd % 2 == 0 else ("idle", "node", "direct")):
             start = time.time()
             until = start + args.period_s + args.measure_s + 1
             runs = [s.run.remote(mode, until, names) for s in senders]
@@ -183,8 +187,10 @@ def main() -> None:
     def med(xs):
         return statistics.median(xs), min(xs), max(xs)
 
-    d = med([r["agg_cpu_per_s"] for r in rows["direct"]])
-    n = med([r["agg_cpu_per_s"] for r in rows["node"]])
+    idle = med([r["agg_cpu_per_s"] for r in rows["idle"]])
+    # what the deliveries cost: less the aggregator's own loop with nothing arriving
+    d = med([r["agg_cpu_per_s"] - idle[0] for r in rows["direct"]])
+    n = med([r["agg_cpu_per_s"] - idle[0] for r in rows["node"]])
     m = med([x for r in rows["node"] for x in r["merger_cpu_per_s"]])
     # CPU = calls x c + snapshots x s, from the medians of what each variant took
     cd = statistics.median(r["calls_per_s"] for r in rows["direct"])
@@ -195,7 +201,8 @@ def main() -> None:
     s = (n[0] - cn * c) / sn
     calls_direct, calls_node = cd, cn
     total = args.nodes * args.replicas
-    print("\naggregator CPU per second (median, min..max):")
+    print("\naggregator CPU per second (median, min..max), less its idle "
+          f"{idle[0] * 1000:.1f} ms/s ({idle[1] * 1000:.1f}..{idle[2] * 1000:.1f}):")
     print(f"  direct: {d[0] * 1000:.1f} ms/s ({d[1] * 1000:.1f}..{d[2] * 1000:.1f}) for "
           f"{calls_direct:.0f} calls/s")
     print(f"  node:   {n[0] * 1000:.1f} ms/s ({n[1] * 1000:.1f}..{n[2] * 1000:.1f}) for "
