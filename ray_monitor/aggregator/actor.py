@@ -31,7 +31,7 @@ from ray_monitor.quality.compare import COMPARE_WINDOW_S
 
 __all__ = ["Aggregator", "BIND_RETRY_S", "GPU_RECONCILE_S", "HTTP_FIELDS", "get_or_create"]
 
-#: How often the GPU-stats actors are matched to the alive nodes.
+#: How often the GPU-stats actors and node mergers are matched to the alive nodes.
 GPU_RECONCILE_S = 3.0
 #: How often a port that could not be bound is tried again (evaluation runs meanwhile).
 BIND_RETRY_S = 5.0
@@ -74,6 +74,7 @@ class Aggregator:
         self._serve_poll = None  # the poll in flight on a worker thread
         self._bind_task = None
         self._gpu = None
+        self._nodes = None  # the node mergers (config.node_fanin)
         self._start_lock: Optional[asyncio.Lock] = None
         # Start at once, not at the first call: a restarted actor must serve and evaluate
         # even when no replica is left to call it (the call runs once __init__ returns).
@@ -113,6 +114,10 @@ class Aggregator:
             self._gpu = GpuActorManager(sink=AGGREGATOR_NAME, namespace=NAMESPACE,
                                         gpu_interval_s=self.config.gpu_interval_s,
                                         nvml_factory=self.config.nvml_factory)
+        if self.config.node_fanin:
+            from ray_monitor.aggregator.node_mergers import NodeMergerManager
+
+            self._nodes = NodeMergerManager(namespace=NAMESPACE)
         self._loop_task = asyncio.get_running_loop().create_task(self._loop())
         self._serve_task = asyncio.get_running_loop().create_task(self._serve_loop())
         # Reuse the port of a previous incarnation so scrape configs keep working.
@@ -136,17 +141,29 @@ class Aggregator:
                 self.core.evaluate()
             except Exception as e:  # the loop must outlive any bad round
                 self.core.count_error("aggregator", f"evaluate_failed:{type(e).__name__}", e)
-            if self._gpu is not None and started >= next_gpu:
+            if started >= next_gpu:
                 next_gpu = started + GPU_RECONCILE_S
-                try:
-                    _, forgotten = await asyncio.get_running_loop().run_in_executor(
-                        None, self._gpu.reconcile)
-                    for node_id in forgotten:  # a dead node's last sample is not current
-                        self.core.gpu_latest.pop(node_id, None)
-                except Exception as e:
-                    self.core.count_error("gpu", f"reconcile_failed:{type(e).__name__}", e)
+                await self._reconcile()
             now = time.time()
             await asyncio.sleep(max(0.0, self.core.next_round_at(now) - now))
+
+    async def _reconcile(self) -> None:
+        """GPU actors on every alive node, mergers on those with replicas (on a worker
+        thread: listing nodes and creating actors are GCS calls)."""
+        loop = asyncio.get_running_loop()
+        if self._gpu is not None:
+            try:
+                _, forgotten = await loop.run_in_executor(None, self._gpu.reconcile)
+                for node_id in forgotten:  # a dead node's last sample is not current
+                    self.core.gpu_latest.pop(node_id, None)
+            except Exception as e:
+                self.core.count_error("gpu", f"reconcile_failed:{type(e).__name__}", e)
+        if self._nodes is not None:
+            wanted = {ident.node_id for ident, _ in self.core.replicas.values() if ident.node_id}
+            try:
+                await loop.run_in_executor(None, self._nodes.reconcile, wanted)
+            except Exception as e:
+                self.core.count_error("node", f"reconcile_failed:{type(e).__name__}", e)
 
     async def _serve_loop(self) -> None:
         """Asks Serve's controller what it runs every few seconds, on a worker thread so
@@ -243,6 +260,16 @@ class Aggregator:
         ``__init__``); answers with the trace ids kept anywhere since ``kept_since`` (see
         :class:`~ray_monitor.aggregator.trace_store.KeptLog`)."""
         self.core.ingest(snaps)
+        reply = self.core.kept_log.reply(kept_since)
+        if self._nodes is not None and snaps and self._nodes.has(snaps[0].identity.node_id):
+            reply["merger"] = True  # the replica looks for its node's merger again
+        return reply
+
+    async def ingest_node(self, snaps: list[ReplicaSnapshot], kept_since: Any = None,
+                          report: Optional[dict] = None) -> dict:
+        """Takes a node merger's forward: the deliveries of its node's replicas, merged;
+        ``report`` is its counters. Answers as ``ingest``, for the merger's cursor."""
+        self.core.ingest(snaps, node_report=report)
         return self.core.kept_log.reply(kept_since)
 
     async def ingest_gpu(self, snap: GpuSnapshot) -> None:
@@ -316,18 +343,24 @@ class Aggregator:
     async def gpu_actors(self) -> dict:
         return {} if self._gpu is None else dict(self._gpu.actors())
 
+    async def node_mergers(self) -> dict:
+        """node_id -> the node merger's handle, for the nodes that have one."""
+        return {} if self._nodes is None else dict(self._nodes.actors())
+
     async def stats(self) -> dict:
         return {"ingested": self.core.ingested, "evaluations": self.core.evaluations,
                 "store": self.core.store.stats(), "replicas": len(self.core.replicas),
                 "notifier": self.core.notifier.stats(), "quality": self.core.quality.stats(),
                 "traces": self.core.trace_store.stats(),
-                "delivery": self.core.ledger.by_deployment()}
+                "delivery": self.core.ledger.by_deployment(), "fanin": self.core.fanin_stats()}
 
     async def shutdown(self) -> None:
         if self._serve_task is not None:  # no more calls into Ray from the poll thread
             self._serve_task.cancel()
         if self._gpu is not None:
             self._gpu.stop_all()
+        if self._nodes is not None:
+            self._nodes.kill_all()
         self.core.notifier.flush(2.0)
         self.core.notifier.close(2.0)
         if self._server is not None:

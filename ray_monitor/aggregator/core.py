@@ -124,6 +124,10 @@ class AggregatorCore:
         self.gpu_latest: dict[str, GpuSnapshot] = {}
         self.errors: dict[tuple[str, str], int] = {}
         self.ingested = 0
+        #: Calls and snapshots by path (direct from a replica, or a node merger's forward).
+        self.fanin = {"direct_calls": 0, "direct_snapshots": 0, "node_calls": 0,
+                      "node_snapshots": 0, "duplicates": 0}
+        self.node_reports: dict[str, dict] = {}  # node -> its merger's latest counters
         self.evaluations = 0
         self.last_eval_s = 0.0
         self._saver = StateSaver(persist) if persist is not None else None
@@ -136,9 +140,16 @@ class AggregatorCore:
 
     # -- ingestion ----------------------------------------------------------------
 
-    def ingest(self, snaps: list[ReplicaSnapshot]) -> None:
+    def ingest(self, snaps: list[ReplicaSnapshot], node_report: Optional[dict] = None) -> None:
+        """Takes a batch: one replica's delivery, or a node merger's forward of its node's
+        (``node_report``: the merger's counters). A snapshot received before (sent again
+        after a merger died before answering) is dropped, counted."""
         now = self.clock()
+        self._count_call(snaps, node_report)
         for snap in snaps:
+            if self.ledger.seen(snap):
+                self.fanin["duplicates"] += 1
+                continue
             try:
                 self.store.ingest(snap)
             except Exception as e:  # one bad snapshot never loses the rest of the batch
@@ -172,6 +183,22 @@ class AggregatorCore:
                     self.quality.add_predictions(predictions)
                 except Exception as e:
                     self.count_error("aggregator", f"predictions_failed:{type(e).__name__}", e)
+
+    def _count_call(self, snaps: list, report: Optional[dict]) -> None:
+        f = self.fanin
+        if report is None:
+            f["direct_calls"] += 1
+            f["direct_snapshots"] += len(snaps)
+            return
+        f["node_calls"] += 1
+        f["node_snapshots"] += len(snaps)
+        if isinstance(report, dict) and isinstance(report.get("node_id"), str):
+            self.node_reports[report["node_id"]] = report
+
+    def fanin_stats(self) -> dict:
+        """Calls and snapshots received direct and through node mergers, and each
+        merger's own counters as last reported (dead nodes' included until they expire)."""
+        return {**self.fanin, "nodes": {k: dict(v) for k, v in self.node_reports.items()}}
 
     def ingest_gpu(self, snap: GpuSnapshot) -> None:
         from ray_monitor.gpu.attribution import attribute_processes
@@ -495,6 +522,19 @@ class AggregatorCore:
                                  float(ts["traces"]))
         counters["trace_spans_received"] = ("Span records received from replicas.",
                                             float(ts["spans_received"]))
+        counters["ingest_calls_direct"] = ("Deliveries received from replicas directly (their "
+                                           "node had no merger yet, or node_fanin is off).",
+                                           float(self.fanin["direct_calls"]))
+        counters["ingest_calls_node"] = ("Forwards received from node mergers, each carrying "
+                                         "the deliveries of its node's replicas.",
+                                         float(self.fanin["node_calls"]))
+        counters["ingest_duplicates"] = ("Snapshots received a second time (a node merger "
+                                         "died before answering) and dropped.",
+                                         float(self.fanin["duplicates"]))
+        # A restarted merger counts from 0 again (a counter reset, as the GPU actors').
+        counters["node_snapshots_dropped"] = (
+            "Snapshots node mergers dropped while the aggregator was away (past their bound).",
+            float(sum(r.get("dropped", 0) for r in self.node_reports.values())))
         counters["trace_kept_ids"] = ("Trace ids replicas kept, named back to every replica "
                                       "so it exports what it holds of them.",
                                       float(self.kept_log.seq))

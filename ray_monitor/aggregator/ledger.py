@@ -9,7 +9,9 @@ snapshot. And whether every snapshot between the first and the last one received
 received exactly once: the totals of the newest snapshot must equal those before the
 oldest one plus every delta received; the difference is ``unaccounted`` (lost when
 positive, counted twice when negative; snapshots a replica dropped from its full
-buffer show here too).
+buffer show here too). And whether a snapshot arrives a second time (:meth:`Ledger.seen`:
+a node merger that died after forwarding a delivery but before answering it has the
+replica send it again), so the copy is dropped and nothing is counted twice.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Optional
 
 from ray_monitor.common.snapshot import ReplicaIdentity, ReplicaSnapshot
 
-__all__ = ["Ledger", "ReplicaLedger"]
+__all__ = ["Ledger", "RECENT_SEQS", "ReplicaLedger"]
 
 
 @dataclass
@@ -32,6 +34,7 @@ class ReplicaLedger:
     received: dict[str, int] = field(default_factory=dict)  # sum of the deltas received
     flush_s: Optional[float] = None  # the newest snapshot's report
     flush_max_s: float = 0.0  # the longest flush the replica reported since it started
+    recent: set = field(default_factory=set)  # the sequence numbers of the newest snapshots
 
     def unaccounted(self) -> int:
         keys = set(self.totals) | set(self.base) | set(self.received)
@@ -47,11 +50,21 @@ def _deltas(snap: ReplicaSnapshot) -> dict[str, int]:
     return out
 
 
+#: Sequence numbers remembered per replica for :meth:`Ledger.seen`: a copy comes back
+#: within a few flushes of the first (the replica's deliveries in flight, at most 8).
+RECENT_SEQS = 256
+
+
 class Ledger:
     """Per replica: totals, deliveries and flush times (see the module docstring)."""
 
     def __init__(self) -> None:
         self.replicas: dict[str, ReplicaLedger] = {}
+
+    def seen(self, snap: ReplicaSnapshot) -> bool:
+        """Whether this replica's snapshot of this sequence number was received before."""
+        led = self.replicas.get(snap.identity.replica)
+        return led is not None and snap.seq in led.recent
 
     def add(self, snap: ReplicaSnapshot) -> None:
         totals = getattr(snap, "totals", None)  # absent in older replicas' pickles
@@ -72,6 +85,10 @@ class Ledger:
             led.flush_s = getattr(snap, "flush_s", None)
         for k, n in deltas.items():
             led.received[k] = led.received.get(k, 0) + n
+        led.recent.add(snap.seq)
+        if len(led.recent) > 2 * RECENT_SEQS:  # pruned in steps: adding stays O(1)
+            floor = led.last_seq - RECENT_SEQS
+            led.recent = {q for q in led.recent if q > floor}
         longest = max(getattr(snap, "flush_s", None) or 0.0, getattr(snap, "flush_max_s", 0.0))
         if longest > led.flush_max_s:
             led.flush_max_s = longest

@@ -12,19 +12,17 @@ replica's flush may bring it a second later) and are dropped if none comes.
 Bounds, independent of traffic: the newest ``max_traces`` traces of each kind (the
 oldest out), ``max_spans`` per trace, ``max_pending_spans`` context spans waiting.
 
-:class:`KeptLog` is where whole-request tail keeping meets (see
-:mod:`ray_monitor.replica.tail`): the trace ids replicas kept, numbered as they arrive,
-and handed back to every replica with the answer to its next delivery.
+:class:`KeptLog` (in :mod:`ray_monitor.common.kept_log`, which node mergers use too) is
+where whole-request tail keeping meets (see :mod:`ray_monitor.replica.tail`).
 """
 
 from __future__ import annotations
 
-import bisect
 import time
-import uuid
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional
 
+from ray_monitor.common.kept_log import KeptLog
 from ray_monitor.common.snapshot import ReplicaIdentity
 
 __all__ = ["KINDS", "KeptLog", "MAX_LIMIT", "TraceStore", "check_kind", "check_limit",
@@ -210,59 +208,6 @@ def error_text(span: dict) -> str:
         return f"{exc['type']}: {exc.get('message', '')}"
     status = (span.get("attributes") or {}).get("http.response.status_code")
     return span.get("status_message") or (f"HTTP {status}" if status else "error")
-
-
-class KeptLog:
-    """Trace ids kept by any replica, numbered as they arrive, the newest ``max_ids``.
-
-    A replica's delivery carries the trace ids it kept and the ``(epoch, seq)`` of the
-    answer it last had; :meth:`reply` names every id logged since. A replica that has
-    had no answer yet (it just started, or its first answer is still on the way) gets
-    the ids of the last ``first_s`` seconds: the requests it served before asking; after
-    an aggregator restart (another epoch) it gets all the log holds. At most
-    ``max_reply`` ids per answer, the newest; a replica that falls further behind misses
-    the older ones (counted in ``missed``). An answer costs what it names, not what the
-    log holds.
-    """
-
-    def __init__(self, *, max_ids: int = 20000, max_reply: int = 2000, first_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.max_ids = max_ids
-        self.max_reply = max_reply
-        self.first_s = first_s
-        self.clock = clock
-        self.epoch = uuid.uuid4().hex[:12]
-        self._ids: list[str] = []  # the number of _ids[i] is _base + 1 + i
-        self._times: list[float] = []  # when each arrived, in order
-        self._base = 0
-        self.seq = 0
-        self.missed = 0
-
-    def add(self, trace_ids: Iterable[str]) -> None:
-        now = self.clock()
-        for tid in trace_ids:
-            if isinstance(tid, str) and len(tid) == 32:
-                self._ids.append(tid)
-                self._times.append(now)
-                self.seq += 1
-        excess = len(self._ids) - self.max_ids
-        if excess > self.max_ids // 4:  # trimmed in steps, so adding stays O(1) on average
-            del self._ids[:excess], self._times[:excess]
-            self._base += excess
-
-    def reply(self, cursor: Any = None) -> dict:
-        """``{"epoch", "seq", "kept"}``: the ids after ``cursor`` (``(epoch, seq)``)."""
-        out: dict[str, Any] = {"epoch": self.epoch, "seq": self.seq, "kept": []}
-        if isinstance(cursor, (tuple, list)) and len(cursor) == 2:
-            since = cursor[1] if cursor[0] == self.epoch and isinstance(cursor[1], int) else 0
-        else:  # no answer yet: what was kept while it served its first requests
-            since = self._base + bisect.bisect_left(self._times, self.clock() - self.first_s)
-        if since >= self.seq:
-            return out
-        start = max(since, self._base, self.seq - self.max_reply)
-        self.missed += start - since
-        out["kept"] = list(dict.fromkeys(self._ids[start - self._base:]))
-        return out
 
 
 def tree_order(spans: list[dict]) -> list[dict]:

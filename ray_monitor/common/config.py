@@ -44,6 +44,11 @@ class StartConfig(BaseModel):
         "Where alerts go: alertmanager, webhooks, slack, email, route (see the README)."))
     gpu: bool = Field(True, description="Start a GPU-stats actor on every node.")
     gpu_interval_s: float = Field(1.0, gt=0, description="How often each GPU is sampled.")
+    node_fanin: bool = Field(True, description=(
+        "Start a merger on every node with monitored replicas: its replicas deliver to it "
+        "and it forwards one call per flush, so the aggregator's calls per second follow "
+        "the nodes, not the replicas (see the README's 'Large clusters'). False: every "
+        "replica calls the aggregator."))
     nvml_factory: Optional[str] = Field(None, description=(
         "'module:function' returning an NVML object (tests inject a fake NVML this way)."))
     series_ttl_s: float = Field(300.0, gt=0, description=(

@@ -1,12 +1,13 @@
 """The names by which the cluster's parts find each other.
 
-Imported by every process: replicas and GPU actors find the aggregator by its actor
-name; the aggregator finds its state in Ray's GCS key-value store under these keys; the
+Imported by every process: replicas find their node's merger (and, without one, the
+aggregator) by actor name, node mergers and GPU actors find the aggregator; the aggregator finds its state in Ray's GCS key-value store under these keys; the
 driver and the CLI find both. Changing one is a change of the wire contract.
 """
 
 __all__ = ["AGGREGATOR_NAME", "CONFIG_KEY", "GPU_ACTOR_PREFIX", "KV_NAMESPACE", "NAMESPACE",
-           "NOTIFY_LOG_KEY", "PORT_KEY", "STATE_KEY", "gpu_actor_name"]
+           "NODE_MERGER_PREFIX", "NOTIFY_LOG_KEY", "PORT_KEY", "STATE_KEY", "gpu_actor_name",
+           "node_merger_name"]
 
 #: The aggregator actor's name and Ray namespace.
 AGGREGATOR_NAME = "ray_monitor_aggregator"
@@ -30,3 +31,12 @@ GPU_ACTOR_PREFIX = "ray_monitor_gpu_"
 
 def gpu_actor_name(node_id: str) -> str:
     return GPU_ACTOR_PREFIX + node_id[:12]
+
+
+#: Node mergers (one per node with monitored replicas) are named this plus the first 12
+#: hex digits of their node id: a replica finds its own node's by name.
+NODE_MERGER_PREFIX = "ray_monitor_node_"
+
+
+def node_merger_name(node_id: str) -> str:
+    return NODE_MERGER_PREFIX + node_id[:12]

@@ -1,7 +1,11 @@
-"""Delivery of replica snapshots to the aggregator actor, from the flush thread.
+"""Delivery of replica snapshots to the node's merger (or the aggregator), from the flush thread.
 
 Runs in every replica, on its flush thread; decides nothing about the data, only
-where it goes and what happens while the aggregator is away.
+where it goes and what happens while the receiver is away. The receiver is the merger
+of the replica's own node (:mod:`ray_monitor.node.actor`, found by name), which forwards
+the deliveries of all the node's replicas in one call; while the node has none (the
+aggregator starts one once the node's first replica delivered), the aggregator itself,
+whose answer then says when to look for the merger again.
 
 Fire-and-forget: a batch is sent with ``.remote()`` and not waited on; at the next
 round the refs that finished are checked, and a batch whose call failed (the
@@ -26,7 +30,7 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-from ray_monitor.common.names import AGGREGATOR_NAME, NAMESPACE
+from ray_monitor.common.names import AGGREGATOR_NAME, NAMESPACE, node_merger_name
 from ray_monitor.common.snapshot import ReplicaIdentity, ReplicaSnapshot
 
 __all__ = ["make_sinks"]
@@ -40,14 +44,19 @@ LOOKUP_EVERY_S = 2.0
 
 class ActorSink:
     def __init__(self, *, name: str = AGGREGATOR_NAME, namespace: str = NAMESPACE,
+                 node_id: Optional[str] = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.name = name
+        #: The node merger's name, tried before ``name``; None: always ``name``.
+        self.node_name = node_merger_name(node_id) if node_id else None
+        self.via_node = False  # whether the handle found is the node merger's
         self.namespace = namespace
         self.clock = clock
         self._actor = None
         self._next_lookup = 0.0
         self._looking = False
         self._in_flight: list[tuple[object, list[ReplicaSnapshot]]] = []
+        self._carry: list[ReplicaSnapshot] = []  # failed batches a raising send() kept
         #: Gets the trace ids kept anywhere since the last batch (flush thread).
         self.on_kept: Optional[Callable[[list[str]], Any]] = None
         self.kept_cursor: Optional[tuple[str, int]] = None  # the aggregator's (epoch, seq)
@@ -55,7 +64,7 @@ class ActorSink:
         self._old_aggregator = False  # its ingest takes no cursor: no kept ids from it
 
     def _lookup(self, again: bool = False):
-        """The aggregator's handle as last found; starts a lookup on another thread when
+        """The receiver's handle as last found; starts a lookup on another thread when
         there is none yet (or ``again``, after a failed call), at most every 2 s."""
         if (self._actor is None or again) and not self._looking \
                 and self.clock() >= self._next_lookup:
@@ -68,7 +77,15 @@ class ActorSink:
         import ray
 
         try:
+            if self.node_name is not None:
+                try:
+                    self._actor = ray.get_actor(self.node_name, namespace=self.namespace)
+                    self.via_node = True
+                    return
+                except ValueError:  # the node has no merger (yet): the aggregator
+                    pass
             self._actor = ray.get_actor(self.name, namespace=self.namespace)
+            self.via_node = False
             self._old_aggregator = False  # found anew: it may be a newer one
         except Exception:  # not started (yet), or Ray is going away: keep buffering
             pass
@@ -96,6 +113,9 @@ class ActorSink:
                     continue
                 self._take_reply(reply)
             self._in_flight = still
+        # Batches whose call failed go first; the caller keeps ``snapshots`` when this
+        # raises, so those taken back from in flight are kept here until sent.
+        retry, self._carry = self._carry + retry, []
         pending = retry + snapshots
         if not pending or len(self._in_flight) >= MAX_IN_FLIGHT:
             return pending
@@ -105,6 +125,7 @@ class ActorSink:
         try:
             ref = self._ingest(actor, pending)
         except Exception:
+            self._carry = retry
             self._lookup(again=True)
             raise
         self._in_flight.append((ref, pending))
@@ -119,9 +140,12 @@ class ActorSink:
         return actor.ingest.remote(pending)
 
     def _take_reply(self, reply: Any) -> None:
-        """``{"epoch", "seq", "kept"}`` from the aggregator (None from one that predates it)."""
+        """``{"epoch", "seq", "kept"}`` from the receiver (None from an aggregator that
+        predates it); ``"merger": True`` from the aggregator once this node has a merger."""
         if not isinstance(reply, dict) or "seq" not in reply:
             return
+        if reply.get("merger") and not self.via_node and self.node_name is not None:
+            self._lookup(again=True)  # the node's merger started: deliver through it
         self.kept_cursor = (reply.get("epoch"), reply["seq"])
         kept = reply.get("kept")
         if kept and self.on_kept is not None:
@@ -143,7 +167,7 @@ def make_sinks(identity: ReplicaIdentity, *, on_failure: Optional[Callable] = No
         import ray
 
         if ray.is_initialized():
-            sink = ActorSink()
+            sink = ActorSink(node_id=identity.node_id or None)
     except ImportError:  # pragma: no cover
         pass
     from ray_monitor.replica.otlp_metrics import OtlpMetrics, otlp_metrics_configured

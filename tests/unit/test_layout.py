@@ -21,7 +21,12 @@ NOT_IN_REPLICA = ("ray_monitor.aggregator", "ray_monitor.alerting", "ray_monitor
                   "ray_monitor.quality.feedback", "ray_monitor.quality.metrics",
                   "ray_monitor.quality.drift", "ray_monitor.quality.compare",
                   "ray_monitor.autoscaling.hints", "ray_monitor.autoscaling.config",
-                  "ray_monitor.client.cli", "ray_monitor.gpu")
+                  "ray_monitor.client.cli", "ray_monitor.gpu", "ray_monitor.node")
+#: What a node merger must never load: it merges and forwards, nothing else (beyond
+#: what ``import ray_monitor`` itself loads, which every process pays).
+NOT_IN_NODE = ("ray_monitor.aggregator", "ray_monitor.alerting", "ray_monitor.quality",
+               "ray_monitor.autoscaling", "ray_monitor.client", "ray_monitor.gpu",
+               "ray_monitor.replica")
 #: What the autoscaling policy (in Serve's controller) must never load.
 NOT_IN_POLICY = ("ray_monitor.aggregator", "ray_monitor.alerting", "ray_monitor.quality.store",
                  "ray_monitor.autoscaling.hints", "ray_monitor.gpu")
@@ -54,6 +59,14 @@ def test_a_monitored_replica_loads_nothing_of_the_aggregator():
         "assert m('a') == 'a'\n")
     assert "ray_monitor.replica.recorder" in loaded  # the request really went through
     assert _offenders(loaded, NOT_IN_REPLICA) == []
+
+
+def test_a_node_merger_loads_nothing_but_its_own_and_common_code():
+    loaded = _loaded_after("from ray_monitor.node.actor import NodeMergerActor\n")
+    assert "ray_monitor.node.merger" in loaded
+    extra = sorted(set(loaded) - set(_loaded_after("import ray_monitor\n")))
+    assert _offenders(extra, NOT_IN_NODE) == []
+    assert _offenders(loaded, NOT_IN_REPLICA[:-1]) == []  # never the aggregator's code
 
 
 def test_the_serve_policy_loads_nothing_of_the_aggregator():

@@ -36,14 +36,17 @@ def test_every_snapshot_once_adds_up_and_a_restarted_aggregator_knows_the_totals
     assert d["unaccounted"] == 0 and d["replicas"] == 1
 
 
-def test_a_lost_or_doubled_snapshot_is_unaccounted():
+def test_a_lost_snapshot_is_unaccounted_and_one_sent_again_is_dropped():
     snaps = snapshots(5)
     lost = AggregatorCore({}, clock=Clock(1000.0))
     lost.ingest([snaps[0], snaps[1], snaps[3], snaps[4]])
     assert lost.ledger.by_deployment()["app/Dep"]["unaccounted"] == 3
+    # Sent again (a node merger died before answering): the copy is dropped, counted.
     doubled = AggregatorCore({}, clock=Clock(1000.0))
     doubled.ingest([snaps[0], snaps[1], snaps[1], snaps[2]])
-    assert doubled.ledger.by_deployment()["app/Dep"]["unaccounted"] == -3
+    d = doubled.ledger.by_deployment()["app/Dep"]
+    assert d["unaccounted"] == 0 and d["totals"] == {"__call__\tok": 3, "__call__\tKeyError": 6}
+    assert doubled.fanin["duplicates"] == 1 and doubled.ingested == 3
 
 
 def test_nvml_errors_are_on_metrics_per_node_and_cause():

@@ -1,0 +1,173 @@
+"""Node fan-in (issue 15): a node merger's forward carries its replicas' deliveries whole,
+in order, counted exactly by the aggregator; a failed forward keeps them; past the bound
+the oldest are dropped and counted; kept trace ids reach every replica through it; the
+per-node actors start only where wanted and alive. (The actor itself, on a real
+multi-node cluster: tests/integration/test_node_fanin.py.)"""
+
+from __future__ import annotations
+
+import pytest
+
+from ray_monitor.aggregator.core import AggregatorCore
+from ray_monitor.aggregator.exposition import MonitorCollector, registry, render
+from ray_monitor.aggregator.per_node import PerNodeActors
+from ray_monitor.common.snapshot import ReplicaIdentity
+from ray_monitor.node.merger import Delivery, NodeMerger
+from ray_monitor.replica.recorder import Recorder
+from tests.helpers import Clock
+
+
+def replica_snapshots(replica: str, n: int, per_flush: int = 2) -> list:
+    rec = Recorder(identity=ReplicaIdentity("app", "Dep", replica, "node-a", 1),
+                   clock=Clock(1000.0))
+    cells = rec.method("__call__")
+    out = []
+    for _ in range(n):
+        for _ in range(per_flush):
+            cells.end(cells.begin(0.0), "ok", False, 0.01)
+        out.append(rec.snapshot())
+    return out
+
+
+def test_one_forward_carries_every_replicas_delivery_and_the_counts_are_exact():
+    core = AggregatorCore({}, clock=Clock(1000.0))
+    merger = NodeMerger("node-a")
+    snaps = {r: replica_snapshots(r, 3) for r in ("r1", "r2", "r3")}
+    for i in range(3):  # three flushes of three replicas, each forwarded as one call
+        for r in snaps:
+            assert merger.add(Delivery([snaps[r][i]], None)) == []
+        batch, taken = merger.take()
+        assert [s.identity.replica for s in batch] == ["r1", "r2", "r3"] and len(taken) == 3
+        assert merger.held == 0 and len(merger) == 0
+        core.ingest(batch, node_report=merger.report())
+    assert core.fanin["node_calls"] == 3 and core.fanin["direct_calls"] == 0
+    assert core.fanin["node_snapshots"] == 9
+    d = core.ledger.by_deployment()["app/Dep"]
+    assert d == {"totals": {"__call__\tok": 18}, "unaccounted": 0, "flush_max_s": 0.0,
+                 "replicas": 3}
+    assert set(core.fanin_stats()["nodes"]) == {"node-a"}
+
+
+def test_a_failed_forward_goes_back_to_the_front_in_order():
+    merger = NodeMerger("node-a")
+    a, b = replica_snapshots("r1", 2)
+    merger.add(Delivery([a], None))
+    batch, taken = merger.take()
+    merger.add(Delivery([b], None))  # arrives while the forward is in flight
+    merger.give_back(taken)  # the aggregator was away
+    batch, taken = merger.take()
+    assert [s.seq for s in batch] == [a.seq, b.seq]
+    assert merger.report()["forward_failures"] == 1 and merger.report()["dropped"] == 0
+
+
+def test_past_the_bound_the_oldest_deliveries_are_dropped_and_counted():
+    core = AggregatorCore({}, clock=Clock(1000.0))
+    snaps = replica_snapshots("r1", 6)
+    core.ingest(snaps[:1])  # the aggregator knew the replica before it went away
+    merger = NodeMerger("node-a", max_snapshots=3)
+    dropped = []
+    for s in snaps[1:]:
+        dropped += merger.add(Delivery([s], None))
+    assert [d.snaps[0].seq for d in dropped] == [snaps[1].seq, snaps[2].seq]
+    assert merger.held == 3 and merger.report()["dropped"] == 2
+    assert merger.dropped_reply(dropped[0])["dropped"] == 1
+    # The ledger shows what never arrived: 2 snapshots of 2 requests each.
+    core.ingest(merger.take()[0], node_report=merger.report())
+    assert core.ledger.by_deployment()["app/Dep"]["unaccounted"] == 4
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.5, "10"])
+def test_a_bad_bound_is_refused_naming_it(bad):
+    with pytest.raises(ValueError, match="max_snapshots"):
+        NodeMerger("node-a", max_snapshots=bad)
+
+
+def test_a_merger_that_died_before_answering_loses_and_doubles_nothing():
+    core = AggregatorCore({}, clock=Clock(1000.0))
+    snaps = replica_snapshots("r1", 4)
+    first = NodeMerger("node-a")
+    first.add(Delivery(snaps[:2], None))
+    core.ingest(first.take()[0], node_report=first.report())  # taken, never answered
+    # The replica sends its unanswered delivery again, with the next, to the new merger.
+    second = NodeMerger("node-a")
+    second.add(Delivery(snaps, None))
+    core.ingest(second.take()[0], node_report=second.report())
+    d = core.ledger.by_deployment()["app/Dep"]
+    assert d["totals"] == {"__call__\tok": 8} and d["unaccounted"] == 0
+    assert core.fanin["duplicates"] == 2 and core.ingested == 4
+
+
+def test_kept_trace_ids_reach_each_replica_through_its_merger():
+    core = AggregatorCore({}, clock=Clock(1000.0))
+    merger = NodeMerger("node-a")
+    tid = "ab" * 16
+    core.kept_log.add([tid])
+    first = Delivery([], None)  # a replica with no answer yet
+    merger.add(first)
+    batch, taken = merger.take()
+    core.ingest(batch, node_report=merger.report())
+    merger.answered(core.kept_log.reply(merger.cursor))
+    reply = merger.reply(first)
+    assert reply["kept"] == [tid] and reply["merger"] is True
+    # Asked again from where it stood: nothing new, until another id is kept.
+    later = Delivery([], (reply["epoch"], reply["seq"]))
+    assert merger.reply(later)["kept"] == []
+    core.kept_log.add(["cd" * 16])
+    merger.answered(core.kept_log.reply(merger.cursor))
+    assert merger.reply(later)["kept"] == ["cd" * 16]
+
+
+def test_direct_and_node_deliveries_are_counted_on_metrics():
+    core = AggregatorCore({}, clock=Clock(1000.0))
+    s1, s2 = replica_snapshots("r1", 2)
+    core.ingest([s1])
+    merger = NodeMerger("node-a")
+    merger.add(Delivery([s2], None))
+    core.ingest(merger.take()[0], node_report=merger.report())
+    text = render(registry(MonitorCollector(series=lambda: [], alerts=lambda: [],
+                                            self_metrics=core.self_metrics)))[0].decode()
+    assert "ray_monitor_self_ingest_calls_direct_total 1.0" in text
+    assert "ray_monitor_self_ingest_calls_node_total 1.0" in text
+    assert "ray_monitor_self_node_snapshots_dropped_total 0.0" in text
+
+
+class FakeActors(PerNodeActors):
+    def _start(self, node_id: str):
+        if node_id == "broken":
+            raise RuntimeError("cannot place")
+        return f"actor-{node_id}"
+
+
+def test_per_node_actors_start_where_wanted_and_alive_and_go_with_their_node():
+    nodes = [{"NodeID": "a", "Alive": True}, {"NodeID": "b", "Alive": True},
+             {"NodeID": "c", "Alive": False}, {"NodeID": "broken", "Alive": True}]
+    mgr = FakeActors(namespace="ns", list_nodes=lambda: nodes)
+    assert mgr.reconcile(wanted={"a", "c", "broken"}) == (["a"], [])  # c is dead
+    assert mgr.actors() == {"a": "actor-a"} and mgr.has("a") and not mgr.has("b")
+    assert mgr.reconcile() == (["b"], [])  # everything alive (GPU actors)
+    nodes[0]["Alive"] = False
+    assert mgr.reconcile(wanted=set()) == ([], ["a"])
+    assert mgr.actors() == {"b": "actor-b"}
+
+
+def test_a_replica_looks_for_its_node_merger_once_the_aggregator_says_it_is_up():
+    from ray_monitor.common.names import node_merger_name
+    from ray_monitor.replica.delivery import ActorSink
+
+    node = "ab" * 28
+    sink = ActorSink(node_id=node, clock=Clock(1000.0))
+    assert sink.node_name == node_merger_name(node) == "ray_monitor_node_" + node[:12]
+    found = []
+    sink._find = lambda: found.append(1)  # no Ray here: record that a lookup started
+    sink._take_reply({"epoch": "e", "seq": 1, "kept": []})  # direct, no merger yet
+    assert not sink._looking
+    sink._take_reply({"epoch": "e", "seq": 2, "kept": [], "merger": True})
+    assert sink._looking  # a lookup (merger first, then the aggregator) is under way
+    # Delivering through the merger already: its own answers start nothing.
+    through = ActorSink(node_id=node, clock=Clock(1000.0))
+    through.via_node = True
+    through._find = lambda: found.append(2)
+    through._take_reply({"epoch": "m", "seq": 1, "kept": [], "merger": True})
+    assert not through._looking
+    # Without a node id (outside Ray Serve) there is no merger to look for.
+    assert ActorSink().node_name is None
