@@ -57,13 +57,11 @@ with array operations over label codes.
 
 from __future__ import annotations
 
-from itertools import chain
 from typing import Mapping, Optional
 
 import numpy as np
 
-from ray_monitor.aggregator.rings import (PAIR, ROLLUP_DROPS, GroupKey, Table, Timeline,
-                                          bucket_values, unpack)
+from ray_monitor.aggregator.rings import ROLLUP_DROPS, GroupKey, Table, Timeline, bucket_values
 from ray_monitor.common.catalog import (ABSENT, FUNCTIONS, SHORTHAND_QUANTILES, Query,
                                         absence_metric, absent_labels)
 from ray_monitor.common.matchers import Matcher, check_regex, matches
@@ -85,22 +83,22 @@ class _SeriesWindow:
     def __init__(self, ri: int, a: int, b: int, fine_only: bool, rows: int) -> None:
         self.ri, self.a, self.b, self.fine_only = ri, a, b, fine_only
         self.present = np.zeros(rows, dtype=bool)
-        self.pair_rows: list[np.ndarray] = []
-        self.pair_objs: list[list] = []
+        self.pair_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._dense = None
 
     def dense(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-row histogram counts ``[rows, C]`` and the bucket index of each column."""
         if self._dense is None:
-            objs = list(chain.from_iterable(self.pair_objs))
             rows = len(self.present)
-            if not objs:
+            parts = [p for p in self.pair_parts if len(p[0])]
+            if not parts:
                 self._dense = (np.zeros((rows, 0)), np.zeros(0, dtype=np.int64))
                 return self._dense
-            lens = np.fromiter(map(len, objs), dtype=np.int64, count=len(objs)) // PAIR.itemsize
-            idx, cnt = unpack(b"".join(objs))
-            tags = np.repeat(np.concatenate(self.pair_rows), lens)
-            lo, hi = int(idx.min()), int(idx.max())
+            tags, idx, cnt = (np.concatenate(c) for c in zip(*parts))
+            keep = tags < rows  # rows added since the window was read are not in it
+            if not keep.all():
+                tags, idx, cnt = tags[keep], idx[keep], cnt[keep]
+            lo, hi = (int(idx.min()), int(idx.max())) if len(idx) else (0, 0)
             width = hi - lo + 1
             if rows * width <= 50_000_000:
                 d = np.bincount(tags * width + (idx - lo), weights=cnt,
@@ -232,24 +230,23 @@ class WindowQuery:
             ring = table.series_ring if fine_only else table.rings[pri]
             n = rows
             out = slice(0, n)
+            at = (slice(0, n), cols)
             if kind == "counter":
-                v = ring.v[:n, cols]
+                v = ring.read("v", at)
                 has = ~np.isnan(v)
                 sw.present[out] |= has.any(axis=1)
                 sw.v[out] += np.where(has, v, 0.0).sum(axis=1)
                 continue
-            cnt = ring.n[:n, cols]
+            cnt = ring.n[at]
             has = cnt > 0
             sw.present[out] |= has.any(axis=1)
             sw.n[out] += cnt.sum(axis=1, dtype=np.float64)
-            sw.s[out] += ring.s[:n, cols].sum(axis=1)
-            np.minimum(sw.lo[out], ring.lo[:n, cols].min(axis=1), out=sw.lo[out])
-            np.maximum(sw.hi[out], ring.hi[:n, cols].max(axis=1), out=sw.hi[out])
+            sw.s[out] += ring.read("s", at).sum(axis=1)
+            np.minimum(sw.lo[out], ring.read("lo", at).min(axis=1), out=sw.lo[out])
+            np.maximum(sw.hi[out], ring.read("hi", at).max(axis=1), out=sw.hi[out])
             if kind == "histogram":
-                sw.z[out] += ring.z[:n, cols].sum(axis=1, dtype=np.float64)
-                r, c = np.nonzero(has)
-                sw.pair_rows.append(r)
-                sw.pair_objs.append(ring.hb[r, cols[c]].tolist())
+                sw.z[out] += ring.z[at].sum(axis=1, dtype=np.float64)
+                sw.pair_parts.append(ring.pairs(cols))
             else:  # parts come in time order: the newest column with data holds the latest
                 newest = len(cols) - 1 - has[:, ::-1].argmax(axis=1)
                 any_ = has.any(axis=1)
@@ -389,11 +386,11 @@ class WindowQuery:
         rows, pos = rows[pos >= 0], pos[pos >= 0]
         idx = np.ix_(rows, cols)
         if table.kind == "counter":
-            v = ring.v[idx]
+            v = ring.read("v", idx)
             has = ~np.isnan(v)
             total, count = np.where(has, v, 0.0), has.astype(np.float64)
         else:
-            total, count = ring.s[idx], ring.n[idx].astype(np.float64)
+            total, count = ring.read("s", idx), ring.read("n", idx)
         out_t = np.zeros((len(g.keys), len(cols)))
         out_c = np.zeros((len(g.keys), len(cols)))
         if len(rows):
