@@ -61,7 +61,8 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from ray_monitor.aggregator.rings import ROLLUP_DROPS, GroupKey, Table, Timeline, bucket_values
+from ray_monitor.aggregator.rings import ROLLUP_DROPS, GroupKey, Table, bucket_values
+from ray_monitor.aggregator.timeline import Timeline
 from ray_monitor.common.catalog import (ABSENT, FUNCTIONS, SHORTHAND_QUANTILES, Query,
                                         absence_metric, absent_labels)
 from ray_monitor.common.matchers import Matcher, check_regex, matches
@@ -230,7 +231,9 @@ class WindowQuery:
             ring = table.series_ring if fine_only else table.rings[pri]
             n = rows
             out = slice(0, n)
-            at = (slice(0, n), cols)
+            # a run of adjacent slots reads as a view, not a copy
+            at = (slice(0, n), slice(int(cols[0]), int(cols[-1]) + 1)
+                  if cols[-1] - cols[0] + 1 == len(cols) else cols)
             if kind == "counter":
                 v = ring.read("v", at)
                 has = ~np.isnan(v)
@@ -241,9 +244,15 @@ class WindowQuery:
             has = cnt > 0
             sw.present[out] |= has.any(axis=1)
             sw.n[out] += cnt.sum(axis=1, dtype=np.float64)
-            sw.s[out] += ring.read("s", at).sum(axis=1)
-            np.minimum(sw.lo[out], ring.read("lo", at).min(axis=1), out=sw.lo[out])
-            np.maximum(sw.hi[out], ring.read("hi", at).max(axis=1), out=sw.hi[out])
+            if ring.single:  # one sample per bucket: sum, min and max are that sample
+                last = ring.last[at]
+                sw.s[out] += np.where(has, last, 0.0).sum(axis=1)
+                lo, hi = np.where(has, last, np.inf).min(axis=1), np.where(has, last, -np.inf).max(axis=1)
+            else:
+                sw.s[out] += ring.s[at].sum(axis=1)
+                lo, hi = ring.lo[at].min(axis=1), ring.hi[at].max(axis=1)
+            np.minimum(sw.lo[out], lo, out=sw.lo[out])
+            np.maximum(sw.hi[out], hi, out=sw.hi[out])
             if kind == "histogram":
                 sw.z[out] += ring.z[at].sum(axis=1, dtype=np.float64)
                 sw.pair_parts.append(ring.pairs(cols))
@@ -402,38 +411,48 @@ class WindowQuery:
         return memo
 
     def _deriv(self, table: Table, g: _Groups) -> dict[GroupKey, float]:
+        """Least-squares slope per group, all groups at once (steps without data left out)."""
         ks, total, count = self._steps(table, g)
-        x_all = ks * self._tl.res[g.sw.ri][0]
-        out = {}
-        for key, tot, cnt in zip(g.keys, total, count):
-            has = cnt > 0
-            if has.sum() < DERIV_MIN_STEPS:
-                continue
-            x, y = x_all[has], tot[has] / cnt[has]
-            x = x - x.mean()
-            out[key] = float((x * (y - y.mean())).sum() / (x * x).sum())
-        return out
+        has = count > 0
+        m = has.sum(axis=1)
+        ok = np.flatnonzero(m >= DERIV_MIN_STEPS)
+        if not len(ok):
+            return {}
+        has, m = has[ok], m[ok]
+        x = np.broadcast_to(ks * self._tl.res[g.sw.ri][0], has.shape)
+        y = np.where(has, total[ok] / np.where(has, count[ok], 1.0), 0.0)
+        xc = np.where(has, x - (np.where(has, x, 0.0).sum(axis=1) / m)[:, None], 0.0)
+        yc = np.where(has, y - (y.sum(axis=1) / m)[:, None], 0.0)
+        slope = (xc * yc).sum(axis=1) / (xc * xc).sum(axis=1)
+        return dict(zip([g.keys[i] for i in ok.tolist()], slope.tolist()))
 
     def _zscore(self, table: Table, g: _Groups, end: float) -> dict[GroupKey, float]:
+        """z of each group's latest step against its earlier steps, all groups at once."""
         ks, total, count = self._steps(table, g)
         step = self._tl.res[g.sw.ri][0]
-        out = {}
-        for key, tot, cnt in zip(g.keys, total, count):
-            has = cnt > 0
-            if table.kind == "counter":
-                # zero is a value: after its first step with data, a counter's empty steps
-                # read 0 (its group is alive); a step not yet complete is left out
-                has = (np.cumsum(has) > 0) & ((ks + 1) * step <= end)
-                values = tot[has] / step
-            else:
-                values = tot[has] / cnt[has]
-            if len(values) < ZSCORE_MIN_HISTORY + 1:
-                continue
-            history, latest = values[:-1], values[-1]
-            mean = history.mean()
-            std = max(history.std(), ZSCORE_REL_FLOOR * abs(mean), ZSCORE_ABS_FLOOR)
-            out[key] = float((latest - mean) / std)
-        return out
+        has = count > 0
+        if table.kind == "counter":
+            # zero is a value: after its first step with data, a counter's empty steps
+            # read 0 (its group is alive); a step not yet complete is left out
+            has = (np.cumsum(has, axis=1) > 0) & ((ks + 1) * step <= end)[None, :]
+            values = total / step
+        else:
+            values = total / np.where(count > 0, count, 1.0)
+        m = has.sum(axis=1)
+        ok = np.flatnonzero(m >= ZSCORE_MIN_HISTORY + 1)
+        if not len(ok):
+            return {}
+        has, values, m = has[ok], values[ok], m[ok]
+        newest = has.shape[1] - 1 - has[:, ::-1].argmax(axis=1)
+        rows = np.arange(len(ok))
+        latest = values[rows, newest]
+        history = has.copy()
+        history[rows, newest] = False
+        n = m - 1
+        mean = np.where(history, values, 0.0).sum(axis=1) / n
+        std = np.sqrt((np.where(history, values - mean[:, None], 0.0) ** 2).sum(axis=1) / n)
+        std = np.maximum(np.maximum(std, ZSCORE_REL_FLOOR * np.abs(mean)), ZSCORE_ABS_FLOOR)
+        return dict(zip([g.keys[i] for i in ok.tolist()], ((latest - mean) / std).tolist()))
 
     # -- absence ---------------------------------------------------------------------------
 
