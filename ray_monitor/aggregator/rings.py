@@ -310,9 +310,11 @@ class LabelSpace:
         self.updated = np.zeros(0)
         self.live = np.zeros(0, dtype=bool)
         self.codes = np.zeros((0, len(names)), dtype=np.int32)
+        self._grouping: dict[tuple, tuple[np.ndarray, list]] = {}  # see _groups_of
         self._recode()
 
     def _recode(self) -> None:
+        self._grouping.clear()
         self.code_of: list[dict[str, int]] = [{} for _ in self.names]
         self.strings: list[list[str]] = [[] for _ in self.names]
         for values, row in self.index.items():
@@ -337,6 +339,7 @@ class LabelSpace:
                 self.updated = _pad(self.updated, cap, 0.0)
                 self.live = _pad(self.live, cap, False)
                 self.codes = _pad(self.codes, cap, 0)
+        self._grouping.clear()
         self.index[values] = row
         self.labels[row] = values
         self.live[row] = True
@@ -344,6 +347,7 @@ class LabelSpace:
         return row
 
     def remove(self, row: int) -> None:
+        self._grouping.clear()
         del self.index[self.labels[row]]
         self.labels[row] = None
         self.live[row] = False
@@ -375,18 +379,35 @@ class LabelSpace:
                                     count=len(self.strings[j]))
             ok &= truth[self.codes[:n, j]]
         rows = np.flatnonzero(ok)
-        cols = [self.pos[b] for b in by_names if b in self.pos]
+        cols = tuple(self.pos[b] for b in by_names if b in self.pos)
         if not len(rows):
             return rows, [], np.zeros(0, dtype=np.int64)
         if not cols:
             return rows, [tuple((b, "") for b in by_names)], np.zeros(len(rows), dtype=np.int64)
-        combos, inv = np.unique(self.codes[rows][:, cols], axis=0, return_inverse=True)
-        keys = []
-        for combo in combos.tolist():
-            value = dict(zip((self.names[j] for j in cols),
-                             (self.strings[j][c] for j, c in zip(cols, combo))))
-            keys.append(tuple((b, value.get(b, "")) for b in by_names))
-        return rows, keys, inv.ravel()
+        gid, all_keys = self._groups_of(cols, by_names)
+        used, inv = np.unique(gid[rows], return_inverse=True)
+        return rows, [all_keys[i] for i in used.tolist()], inv.ravel()
+
+    def _groups_of(self, cols: tuple[int, ...], by_names: list[str]) -> tuple[np.ndarray, list]:
+        """Every live row's group under ``by`` (ids in the order of the groups' codes) and
+        the group keys; kept until a row comes or goes, so every matcher set of a round
+        shares one grouping."""
+        hit = self._grouping.get((cols, tuple(by_names)))
+        if hit is not None:
+            return hit
+        n = len(self.labels)
+        live = np.flatnonzero(self.live[:n])
+        gid = np.full(n, -1, dtype=np.int64)
+        keys: list[GroupKey] = []
+        if len(live):
+            combos, inv = np.unique(self.codes[live][:, list(cols)], axis=0, return_inverse=True)
+            gid[live] = inv.ravel()
+            for combo in combos.tolist():
+                value = dict(zip((self.names[j] for j in cols),
+                                 (self.strings[j][c] for j, c in zip(cols, combo))))
+                keys.append(tuple((b, value.get(b, "")) for b in by_names))
+        self._grouping[(cols, tuple(by_names))] = (gid, keys)
+        return gid, keys
 
 
 class Table:
