@@ -4,18 +4,23 @@ Runs in the aggregator actor, under :class:`~ray_monitor.aggregator.windows.Wind
 which decides what is written (snapshot to series) while this module decides how it is
 held; :mod:`~ray_monitor.aggregator.window_query` reads it.
 
-Storage. Each resolution ``(step, slots)`` is a ring of aligned buckets: bucket ``k`` holds
-times in ``[k*step, (k+1)*step)`` and lives in slot ``k % slots``; the :class:`Timeline`
-remembers each slot's ``k`` (one key per slot for all rows: when the clock enters a new
-bucket its slot is cleared in every row), so stale slots are never read. Counter buckets
-hold a sum; gauge buckets count, sum, min, max and the latest sample (with its offset in
-the bucket); histogram buckets count, sum, zero count, min, max and the sparse
-exponential-bucket counts, 4 bytes a bucket (int16 index, uint16 count; a count above
-65535 takes several entries, and an index outside int16 -- values beyond 2**+-512 -- is
-clamped to the edge, while min and max stay exact), compacted when the clock has left
-the bucket and the next one (deltas still land in the bucket behind the clock).
+Storage. Each resolution ``(step, slots)`` is a ring of aligned buckets on the
+:class:`~ray_monitor.aggregator.timeline.Timeline` (bucket ``k`` in slot ``k % slots``).
+Counter buckets hold a sum; gauge buckets count, sum, min, max and the latest sample (with
+its offset in the bucket); histogram buckets count, sum, zero count, min, max and the
+sparse exponential-bucket counts, 4 bytes a bucket (int16 index, uint16 count; a count
+above 65535 takes several entries, and an index outside int16 -- values beyond 2**+-512
+-- is clamped to the edge, while min and max stay exact). Nothing is rounded: counts and
+counter sums are float32 until a value comes that float32 would not hold exactly, and
+then float64 for that ring (:meth:`Ring.widen`); sums, min, max and gauge samples are
+float64. Memory (issue 15): a bucket still filling keeps each row's histogram entries
+apart; once complete (the clock has left it and the next one: deltas land in the second
+of their midpoint, so the bucket behind the clock still fills) its rows are compacted and
+packed into one array per slot, with no Python object per bucket. A per-series gauge
+ring (one report a second) keeps only each bucket's sample and its offset until some
+bucket gets a second one, and every column from then on (:meth:`Ring.unfold`).
 Every sample is written into every resolution, so a coarse bucket is exactly the union of
-its fine buckets. Steps must each be a whole multiple of the previous one.
+its fine buckets.
 
 Rollups. Every ring is kept per *rollup*: the series' labels without ``replica`` and
 ``pid`` (request series: per application, deployment, method, model version and outcome),
@@ -37,7 +42,7 @@ from __future__ import annotations
 
 import math
 from itertools import chain
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -46,8 +51,8 @@ from ray_monitor.common.histogram import BASE, Histogram
 from ray_monitor.common.matchers import Matcher, matches
 from ray_monitor.common.snapshot import Exemplar
 
-__all__ = ["EMPTY", "GroupKey", "LabelSpace", "OTHER", "PAIR", "ROLLUP_DROPS", "Ring", "Table",
-           "Timeline", "bucket_values", "check_resolutions", "unpack"]
+__all__ = ["GroupKey", "LabelSpace", "OTHER", "PAIR", "ROLLUP_DROPS", "Ring", "Table",
+           "bucket_values", "exact32", "unpack"]
 
 #: A group's labels: sorted ``(name, value)`` pairs of the query's ``by``.
 GroupKey = tuple[tuple[str, str], ...]
@@ -55,36 +60,50 @@ GroupKey = tuple[tuple[str, str], ...]
 OTHER = "other"
 #: Labels the coarse rings leave out (see Rollups above).
 ROLLUP_DROPS = frozenset({"replica", "pid"})
-#: Bucket key of a slot never used: below any real one, even before 1970.
-EMPTY = -(2 ** 62)
 
-# column -> (dtype, value of an empty bucket); sums and mins read empty buckets as no-ops
-_COLUMNS = {"counter": {"v": (np.float64, np.nan)},
-            "histogram": {"n": (np.float64, 0.0), "s": (np.float64, 0.0), "z": (np.float32, 0.0),
+# column -> (dtype, value of an empty bucket); sums and mins read empty buckets as no-ops.
+# Counts and counter sums start as float32 and widen to float64 the first time a value is
+# not exactly a float32 (see Ring.widen), so no stored value is ever rounded.
+_COLUMNS = {"counter": {"v": (np.float32, np.nan)},
+            "histogram": {"n": (np.float32, 0.0), "s": (np.float64, 0.0), "z": (np.float32, 0.0),
                           "lo": (np.float64, np.inf), "hi": (np.float64, -np.inf)},
             "gauge": {"n": (np.float32, 0.0), "s": (np.float64, 0.0), "lo": (np.float64, np.inf),
                       "hi": (np.float64, -np.inf), "last": (np.float64, 0.0),
                       "to": (np.float32, -np.inf)}}  # to: the latest sample's offset in the bucket
+# A per-series gauge ring holds one sample per bucket (one report a second): until a bucket
+# gets a second sample it keeps the sample and its offset only (see Ring.single).
+_SINGLE = {"n": (np.uint8, 0), "last": (np.float64, 0.0), "to": (np.float32, -np.inf)}
 _GROW_ROWS = 16
 _COMPACT_AT = 8  # appended deltas in one histogram bucket before it is compacted
 _LOG_BASE = math.log(BASE)
-_BYTES_OVERHEAD = 41  # a bytes object's header and its pointer, for the memory estimate
 PAIR = np.dtype([("i", "<i2"), ("c", "<u2")])
 _MAX_COUNT = 65535
 
 
+def exact32(x: float) -> bool:
+    """Whether ``x`` is held exactly by a float32 (NaN counts as exact: it marks empty)."""
+    return x != x or float(np.float32(x)) == x
+
+
 # -- histogram packing -------------------------------------------------------------------
 
-def _encode(idx: np.ndarray, cnt: np.ndarray) -> bytes:
-    """(index, count) entries as 4-byte pairs: indices clamped to int16, counts split at
-    65535 (bincount adds the pieces back up)."""
-    idx = np.clip(idx, -32768, 32767)
+def _split(idx: np.ndarray, cnt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Counts above 65535 as several entries (bincount adds the pieces back up): (index,
+    count, position of each entry's source)."""
+    src = np.arange(len(cnt))
     if len(cnt) and cnt.max() > _MAX_COUNT:
         reps = -(-cnt // _MAX_COUNT)
         first = np.repeat(np.cumsum(reps) - reps, reps)
         piece = np.arange(int(reps.sum())) - first
         cnt = np.minimum(np.repeat(cnt, reps) - piece * _MAX_COUNT, _MAX_COUNT)
-        idx = np.repeat(idx, reps)
+        idx, src = np.repeat(idx, reps), np.repeat(src, reps)
+    return idx, cnt, src
+
+
+def _encode(idx: np.ndarray, cnt: np.ndarray) -> bytes:
+    """(index, count) entries as 4-byte pairs: indices clamped to int16, counts split at
+    65535."""
+    idx, cnt, _ = _split(np.clip(idx, -32768, 32767), cnt)
     out = np.empty(len(idx), dtype=PAIR)
     out["i"], out["c"] = idx, cnt
     return out.tobytes()
@@ -99,9 +118,9 @@ def _pack(h: Histogram) -> bytes:
     return a.astype(np.int16).tobytes()  # same bytes as PAIR: counts wrap into int16's bits
 
 
-def unpack(b: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """Packed pairs as (bucket indices, counts)."""
-    pairs = np.frombuffer(b, dtype=PAIR)
+def unpack(b) -> tuple[np.ndarray, np.ndarray]:
+    """Packed pairs (bytes or a PAIR array) as (bucket indices, counts)."""
+    pairs = np.frombuffer(b, dtype=PAIR) if isinstance(b, bytes) else b
     return pairs["i"].astype(np.int64), pairs["c"].astype(np.int64)
 
 
@@ -109,6 +128,21 @@ def _compact(b: bytes) -> bytes:
     idx, cnt = unpack(b)
     u, inv = np.unique(idx, return_inverse=True)
     return _encode(u, np.bincount(inv.ravel(), weights=cnt).astype(np.int64))
+
+
+def _compact_cells(rows: np.ndarray, lens: np.ndarray,
+                   pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cells (row, entry count) over ``pairs`` with each row once and each index once per
+    row, in row order."""
+    tags = np.repeat(rows.astype(np.int64), lens)
+    idx, cnt = unpack(pairs)
+    u, inv = np.unique(tags * 65536 + (idx + 32768), return_inverse=True)
+    total = np.bincount(inv.ravel(), weights=cnt).astype(np.int64)
+    uidx, total, src = _split(u % 65536 - 32768, total)
+    out = np.empty(len(uidx), dtype=PAIR)
+    out["i"], out["c"] = uidx, total
+    urows, ulens = np.unique(u[src] // 65536, return_counts=True)
+    return urows.astype(np.int32), ulens.astype(np.int32), out
 
 
 def bucket_values(idx: np.ndarray) -> np.ndarray:
@@ -123,17 +157,26 @@ def _pad(a: np.ndarray, rows: int, fill) -> np.ndarray:
 # -- rings and their time axis -----------------------------------------------------------
 
 class Ring:
-    """One resolution of one metric: 2-D arrays [row, slot] (rows of series or rollups)."""
+    """One resolution of one metric: 2-D arrays [row, slot] (rows of series or rollups).
 
-    def __init__(self, step: float, slots: int, kind: str) -> None:
+    Histogram buckets: a bucket still filling (the clock's and the one behind it) keeps
+    each row's packed pairs in ``open[slot][row]``; once complete, the slot's rows are
+    packed into one array (``packed[slot]``: rows, their generation, entry counts, pairs),
+    with no object per cell. A row that is cleared bumps its generation, which retires
+    its packed entries. ``single``: a per-series gauge ring that keeps only the sample
+    and its offset until some bucket gets a second sample (then it keeps every column).
+    """
+
+    def __init__(self, step: float, slots: int, kind: str, single: bool = False) -> None:
         self.step, self.slots, self.kind = step, slots, kind
-        self.columns = _COLUMNS[kind]
+        self.single = single and kind == "gauge"
+        self.columns = dict(_SINGLE if self.single else _COLUMNS[kind])
         for c, (dtype, fill) in self.columns.items():
             setattr(self, c, np.full((0, slots), fill, dtype=dtype))
         if kind == "histogram":
-            self.hb = np.full((0, slots), None, dtype=object)  # packed pairs, or None
-            self.hbn = np.zeros((0, slots), dtype=np.int8)  # deltas appended since compaction
-            self.hb_bytes = 0
+            self.open: dict[int, dict[int, list]] = {}  # slot -> row -> [pairs, deltas]
+            self.packed: list[Optional[tuple]] = [None] * slots
+            self.gen = np.zeros(0, dtype=np.uint16)
 
     @property
     def rows(self) -> int:
@@ -143,149 +186,113 @@ class Ring:
         for c, (_, fill) in self.columns.items():
             setattr(self, c, _pad(getattr(self, c), cap, fill))
         if self.kind == "histogram":
-            self.hb = _pad(self.hb, cap, None)
-            self.hbn = _pad(self.hbn, cap, 0)
+            self.gen = _pad(self.gen, cap, 0)
+
+    def widen(self, column: str) -> None:
+        """Holds ``column`` as float64 from now on: a value came that float32 would round."""
+        _, fill = self.columns[column]
+        self.columns[column] = (np.float64, fill)
+        setattr(self, column, getattr(self, column).astype(np.float64))
+
+    def unfold(self) -> None:
+        """A single-sample gauge ring gets every column: a bucket has a second sample."""
+        full = _COLUMNS["gauge"]
+        has = self.n > 0
+        self.s = np.where(has, self.last, full["s"][1])
+        self.lo = np.where(has, self.last, full["lo"][1])
+        self.hi = np.where(has, self.last, full["hi"][1])
+        self.n = self.n.astype(full["n"][0])
+        self.columns = {c: (getattr(self, c).dtype.type, fill) for c, (_, fill) in full.items()}
+        self.single = False
+
+    def read(self, column: str, index) -> np.ndarray:
+        """``column[index]`` as float64 (a single-sample ring derives s, lo, hi)."""
+        if self.single and column in ("s", "lo", "hi"):
+            last, has = self.last[index], self.n[index] > 0
+            fill = _COLUMNS["gauge"][column][1]
+            return np.where(has, last, fill)
+        return getattr(self, column)[index].astype(np.float64, copy=False)
 
     def clear(self, rows, slots) -> None:
-        """Empties ``[rows, slots]`` (index expressions)."""
+        """Empties ``[rows, slots]``: whole slots (``rows`` a slice) or one row's every slot."""
         for c, (_, fill) in self.columns.items():
             getattr(self, c)[rows, slots] = fill
-        if self.kind == "histogram":
-            old = self.hb[rows, slots]
-            self.hb_bytes -= sum(len(b) + _BYTES_OVERHEAD for b in np.ravel(old) if b is not None)
-            self.hb[rows, slots] = None
-            self.hbn[rows, slots] = 0
-
-    def close(self, p: int) -> None:
-        """The bucket in slot ``p`` is complete: compact what was appended to it."""
         if self.kind != "histogram":
             return
-        for row in np.flatnonzero(self.hbn[:, p] > 1).tolist():
-            old = self.hb[row, p]
-            self.hb[row, p] = new = _compact(old)
-            self.hbn[row, p] = 1
-            self.hb_bytes += len(new) - len(old)
+        if isinstance(rows, slice):
+            for p in (range(self.slots) if isinstance(slots, slice) else np.ravel(slots).tolist()):
+                self.packed[p] = None
+                self.open.pop(p, None)
+        else:
+            self.gen[rows] += 1
+            for cells in self.open.values():
+                cells.pop(rows, None)
+
+    def close(self, p: int, final: bool) -> None:
+        """The bucket in slot ``p`` is complete (``final``: no delta is due in it any more):
+        compact what was appended to it, and pack it into one array once final."""
+        if self.kind != "histogram":
+            return
+        cells = self.open.get(p)
+        if not cells:
+            return
+        if final:
+            self._seal(p)
+            return
+        for cell in cells.values():
+            if cell[1] > 1:
+                cell[0], cell[1] = _compact(cell[0]), 1
+
+    def _seal(self, p: int) -> None:
+        cells = self.open.pop(p)
+        rows = np.fromiter(cells, dtype=np.int32, count=len(cells))
+        blobs = [c[0] for c in cells.values()]
+        lens = np.fromiter(map(len, blobs), dtype=np.int32, count=len(blobs)) // PAIR.itemsize
+        pairs = np.frombuffer(b"".join(blobs), dtype=PAIR)
+        merge = any(c[1] > 1 for c in cells.values())
+        old = self.packed[p]
+        if old is not None:  # late deltas for a packed bucket: one array again
+            orows, ogen, olens, opairs = old
+            ok = ogen == self.gen[orows]
+            rows = np.concatenate((orows[ok], rows))
+            pairs = np.concatenate((opairs[np.repeat(ok, olens)], pairs))
+            lens = np.concatenate((olens[ok], lens))
+            merge = True
+        if merge:
+            rows, lens, pairs = _compact_cells(rows, lens, pairs)
+        self.packed[p] = (rows, self.gen[rows], lens, pairs)
+
+    def pairs(self, slots) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Histogram entries held in ``slots``: (row of each, bucket index, count)."""
+        tags, parts = [], []
+        for p in np.ravel(slots).tolist():
+            held = self.packed[p]
+            if held is not None:
+                rows, gen, lens, pairs = held
+                ok = gen == self.gen[rows]
+                if not ok.all():
+                    rows, pairs, lens = rows[ok], pairs[np.repeat(ok, lens)], lens[ok]
+                tags.append(np.repeat(rows, lens))
+                parts.append(pairs)
+            cells = self.open.get(p)
+            if cells:
+                blobs = [c[0] for c in cells.values()]
+                lens = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs)) // PAIR.itemsize
+                tags.append(np.repeat(np.fromiter(cells, dtype=np.int64, count=len(cells)), lens))
+                parts.append(np.frombuffer(b"".join(blobs), dtype=PAIR))
+        if not parts:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty, empty
+        idx, cnt = unpack(np.concatenate(parts))
+        return np.concatenate(tags).astype(np.int64), idx, cnt
 
     def nbytes(self) -> int:
         n = sum(getattr(self, c).nbytes for c in self.columns)
         if self.kind == "histogram":
-            n += self.hb.nbytes + self.hbn.nbytes + self.hb_bytes
+            n += self.gen.nbytes + sum(sum(a.nbytes for a in held) for held in self.packed
+                                       if held is not None)
+            n += sum(len(c[0]) + 100 for cells in self.open.values() for c in cells.values())
         return n
-
-
-def check_resolutions(resolutions) -> tuple[tuple[float, int], ...]:
-    """``(step seconds, slots)`` pairs as floats and ints; raises ``ValueError`` naming the
-    pair that is wrong and why."""
-    try:
-        res = tuple((float(step), int(slots)) for step, slots in resolutions)
-    except (TypeError, ValueError):
-        raise ValueError("resolutions must be (step seconds, slots) pairs, "
-                         f"e.g. ((1.0, 600), (10.0, 360)); got {resolutions!r}") from None
-    if not res:
-        raise ValueError("resolutions must name at least one (step seconds, slots) pair")
-    for i, (step, slots) in enumerate(res):
-        if step <= 0 or slots < 1:
-            raise ValueError(f"resolutions[{i}] = {resolutions[i]!r}: step must be > 0 "
-                             "and slots >= 1")
-        if i:
-            prev_step, prev_slots = res[i - 1]
-            m = step / prev_step
-            if m < 2 or abs(m - round(m)) > 1e-9:
-                raise ValueError(f"resolutions[{i}]: step {step:g} must be a whole multiple "
-                                 f"(>= 2) of the previous step {prev_step:g}")
-            if step * slots < prev_step * prev_slots:
-                raise ValueError(f"resolutions[{i}]: span {step * slots:g}s must not be "
-                                 f"shorter than the previous span {prev_step * prev_slots:g}s")
-    return res
-
-
-class Timeline:
-    """The time axis every ring shares: per resolution, the newest bucket the clock has
-    entered and the bucket each slot holds; and which buckets a window reads."""
-
-    def __init__(self, resolutions) -> None:
-        self.res = check_resolutions(resolutions)
-        self.mult = [round(self.res[i + 1][0] / self.res[i][0]) for i in range(len(self.res) - 1)]
-        self.cur = [EMPTY] * len(self.res)
-        self.keys = [np.full(slots, EMPTY, dtype=np.int64) for _, slots in self.res]
-        self.max_time = -math.inf  # newest sample time held: tells if the future is empty
-
-    @property
-    def max_window_s(self) -> float:
-        step, slots = self.res[-1]
-        return step * slots
-
-    def advance(self, now: float, tables: Sequence["Table"]) -> None:
-        """Moves every ring to the bucket holding ``now``, emptying the slots it reuses."""
-        for ri, (step, slots) in enumerate(self.res):
-            k = math.floor(now / step)
-            cur = self.cur[ri]
-            if k <= cur:
-                continue
-            keys = self.keys[ri]
-            rings = [ring for table in tables for ring in table.all_rings(ri)]
-            # Compact the bucket the clock leaves, and the one before it: deltas land in
-            # the second of their midpoint, so the previous bucket still fills for a while.
-            for b in (cur - 1, cur):
-                if cur != EMPTY and keys[b % slots] == b:
-                    for ring in rings:
-                        ring.close(b % slots)
-            fresh = range(max(cur + 1, k - slots + 1), k + 1)
-            reused = [j % slots for j in fresh if keys[j % slots] != EMPTY]
-            if reused:
-                cols = slice(None) if len(reused) == slots else np.array(reused)
-                for ring in rings:
-                    ring.clear(slice(None), cols)
-            for j in fresh:
-                keys[j % slots] = j
-            self.cur[ri] = k
-
-    def keeping(self, t: float) -> list[tuple[int, int, int]]:
-        """(ring, bucket, slot) of time ``t`` in each resolution that still keeps it."""
-        where = []
-        for ri, (step, slots) in enumerate(self.res):
-            k = math.floor(t / step)
-            if k > self.cur[ri] - slots:
-                where.append((ri, k, k % slots))
-        return where
-
-    def span(self, window_s: float, end: float, fine_only: bool) -> tuple[int, int, int]:
-        """(ring, first bucket, last bucket) of the window ``[end - window_s, end)``: the
-        buckets starting inside it."""
-        for ri, (step, slots) in enumerate(self.res):
-            if fine_only or step * slots >= window_s:
-                break
-        step, slots = self.res[ri]
-        b = math.ceil(end / step - 1e-9) - 1
-        a = max(math.ceil((end - window_s) / step - 1e-9), b - slots + 1)
-        return ri, a, b
-
-    def cover(self, ri: int, a: int, b: int, tail_ok: bool) -> list[tuple[int, int, int]]:
-        """Splits buckets [a, b] of ring ``ri`` into runs, using coarser rings where whole
-        coarse buckets fit. ``tail_ok``: nothing is held after ``now``, so the coarse
-        bucket that holds ``now`` may stand for the fine buckets up to it."""
-        if a > b:
-            return []
-        if ri + 1 >= len(self.res):
-            return [(ri, a, b)]
-        m = self.mult[ri]
-        ja = -(-a // m)
-        jb = b // m if tail_ok else (b + 1) // m - 1
-        if ja > jb:
-            return [(ri, a, b)]
-        parts = [(ri, a, ja * m - 1)] if a < ja * m else []
-        parts += self.cover(ri + 1, ja, jb, tail_ok)
-        if not tail_ok and (jb + 1) * m <= b:
-            parts.append((ri, (jb + 1) * m, b))
-        return parts
-
-    def columns(self, ri: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-        """Buckets lo..hi of ring ``ri`` that it still holds: (bucket keys, slots)."""
-        slots = self.res[ri][1]
-        ks = np.arange(max(lo, self.cur[ri] - slots + 1), min(hi, self.cur[ri]) + 1)
-        ps = ks % slots
-        held = self.keys[ri][ps] == ks
-        return ks[held], ps[held]
 
 
 # -- label spaces and tables -------------------------------------------------------------
@@ -303,9 +310,11 @@ class LabelSpace:
         self.updated = np.zeros(0)
         self.live = np.zeros(0, dtype=bool)
         self.codes = np.zeros((0, len(names)), dtype=np.int32)
+        self._grouping: dict[tuple, tuple[np.ndarray, list]] = {}  # see _groups_of
         self._recode()
 
     def _recode(self) -> None:
+        self._grouping.clear()
         self.code_of: list[dict[str, int]] = [{} for _ in self.names]
         self.strings: list[list[str]] = [[] for _ in self.names]
         for values, row in self.index.items():
@@ -330,6 +339,7 @@ class LabelSpace:
                 self.updated = _pad(self.updated, cap, 0.0)
                 self.live = _pad(self.live, cap, False)
                 self.codes = _pad(self.codes, cap, 0)
+        self._grouping.clear()
         self.index[values] = row
         self.labels[row] = values
         self.live[row] = True
@@ -337,6 +347,7 @@ class LabelSpace:
         return row
 
     def remove(self, row: int) -> None:
+        self._grouping.clear()
         del self.index[self.labels[row]]
         self.labels[row] = None
         self.live[row] = False
@@ -358,22 +369,45 @@ class LabelSpace:
                 if not matches(m, ""):
                     ok[:] = False
                 continue
-            truth = np.fromiter((matches(m, v) for v in self.strings[j]), dtype=bool,
-                                count=len(self.strings[j]))
+            if m.op in ("=", "!="):  # equality: one code, no string compared
+                truth = np.full(len(self.strings[j]), m.op == "!=")
+                c = self.code_of[j].get(m.value)
+                if c is not None:
+                    truth[c] = m.op == "="
+            else:
+                truth = np.fromiter((matches(m, v) for v in self.strings[j]), dtype=bool,
+                                    count=len(self.strings[j]))
             ok &= truth[self.codes[:n, j]]
         rows = np.flatnonzero(ok)
-        cols = [self.pos[b] for b in by_names if b in self.pos]
+        cols = tuple(self.pos[b] for b in by_names if b in self.pos)
         if not len(rows):
             return rows, [], np.zeros(0, dtype=np.int64)
         if not cols:
             return rows, [tuple((b, "") for b in by_names)], np.zeros(len(rows), dtype=np.int64)
-        combos, inv = np.unique(self.codes[rows][:, cols], axis=0, return_inverse=True)
-        keys = []
-        for combo in combos.tolist():
-            value = dict(zip((self.names[j] for j in cols),
-                             (self.strings[j][c] for j, c in zip(cols, combo))))
-            keys.append(tuple((b, value.get(b, "")) for b in by_names))
-        return rows, keys, inv.ravel()
+        gid, all_keys = self._groups_of(cols, by_names)
+        used, inv = np.unique(gid[rows], return_inverse=True)
+        return rows, [all_keys[i] for i in used.tolist()], inv.ravel()
+
+    def _groups_of(self, cols: tuple[int, ...], by_names: list[str]) -> tuple[np.ndarray, list]:
+        """Every live row's group under ``by`` (ids in the order of the groups' codes) and
+        the group keys; kept until a row comes or goes, so every matcher set of a round
+        shares one grouping."""
+        hit = self._grouping.get((cols, tuple(by_names)))
+        if hit is not None:
+            return hit
+        n = len(self.labels)
+        live = np.flatnonzero(self.live[:n])
+        gid = np.full(n, -1, dtype=np.int64)
+        keys: list[GroupKey] = []
+        if len(live):
+            combos, inv = np.unique(self.codes[live][:, list(cols)], axis=0, return_inverse=True)
+            gid[live] = inv.ravel()
+            for combo in combos.tolist():
+                value = dict(zip((self.names[j] for j in cols),
+                                 (self.strings[j][c] for j, c in zip(cols, combo))))
+                keys.append(tuple((b, value.get(b, "")) for b in by_names))
+        self._grouping[(cols, tuple(by_names))] = (gid, keys)
+        return gid, keys
 
 
 class Table:
@@ -391,7 +425,8 @@ class Table:
         self.rollups = LabelSpace(tuple(metric.labels[i] for i in self.keep)) \
             if self.has_drops else self.series
         self.rings = [Ring(step, slots, metric.kind) for step, slots in resolutions]
-        self.series_ring = Ring(*resolutions[0], metric.kind) if self.has_drops else self.rings[0]
+        self.series_ring = Ring(*resolutions[0], metric.kind, single=True) \
+            if self.has_drops else self.rings[0]
         self.up: list[int] = []  # series row -> rollup row
         self.live_series = np.zeros(0, dtype=np.int32)  # rollup row -> its live series
         self.version = 0  # bumps when a series or rollup comes or goes: selections depend on it
@@ -486,15 +521,26 @@ class Table:
 
     def add_counter(self, row: int, where, value: float, now: float) -> None:
         for ring, r, k, p in self._targets(row, where, now):
-            v = ring.v
-            cur = v[r, p]
-            v[r, p] = value if cur != cur else cur + value  # NaN: the bucket was empty
+            cur = float(ring.v[r, p])
+            new = value if cur != cur else cur + value  # NaN: the bucket was empty
+            if ring.v.dtype == np.float32 and not exact32(new):
+                ring.widen("v")
+            ring.v[r, p] = new
         self.cum[row][0] += value
 
     def add_gauge(self, row: int, where, value: float, t: float, now: float) -> None:
         for ring, r, k, p in self._targets(row, where, now):
             off = t - k * ring.step
+            if ring.single:
+                if not ring.n[r, p]:
+                    ring.n[r, p] = 1
+                    ring.last[r, p] = value
+                    ring.to[r, p] = off
+                    continue
+                ring.unfold()
             if ring.n[r, p]:
+                if ring.n.dtype == np.float32 and ring.n[r, p] >= 2 ** 24 - 1:
+                    ring.widen("n")
                 ring.n[r, p] += 1
                 ring.s[r, p] += value
                 if value < ring.lo[r, p]:
@@ -516,31 +562,37 @@ class Table:
                  exemplars: Optional[dict[int, Exemplar]]) -> None:
         packed = _pack(h)
         for ring, r, k, p in self._targets(row, where, now):
+            cells = ring.open.get(p)
+            if cells is None:
+                cells = ring.open[p] = {}
             if ring.n[r, p]:
-                ring.n[r, p] += h.count
+                for c, add in (("n", h.count), ("z", h.zero_count)):
+                    new = float(getattr(ring, c)[r, p]) + add
+                    if getattr(ring, c).dtype == np.float32 and not exact32(new):
+                        ring.widen(c)
+                    getattr(ring, c)[r, p] = new
                 ring.s[r, p] += h.sum
-                ring.z[r, p] += h.zero_count
                 if h.min < ring.lo[r, p]:
                     ring.lo[r, p] = h.min
                 if h.max > ring.hi[r, p]:
                     ring.hi[r, p] = h.max
-                old = ring.hb[r, p]
-                new = old + packed
-                n = ring.hbn[r, p] + 1
-                if n >= _COMPACT_AT:
-                    new, n = _compact(new), 1
-                ring.hb[r, p] = new
-                ring.hbn[r, p] = n
-                ring.hb_bytes += len(new) - len(old)
+                cell = cells.get(r)
+                if cell is None:  # a late delta for a packed bucket: merged when sealed
+                    cells[r] = [packed, 1]
+                elif cell[1] + 1 >= _COMPACT_AT:
+                    cell[0], cell[1] = _compact(cell[0] + packed), 1
+                else:
+                    cell[0] += packed
+                    cell[1] += 1
             else:
-                ring.n[r, p] = h.count
+                for c, value in (("n", h.count), ("z", h.zero_count)):
+                    if getattr(ring, c).dtype == np.float32 and not exact32(value):
+                        ring.widen(c)
+                    getattr(ring, c)[r, p] = value
                 ring.s[r, p] = h.sum
-                ring.z[r, p] = h.zero_count
                 ring.lo[r, p] = h.min
                 ring.hi[r, p] = h.max
-                ring.hb[r, p] = packed
-                ring.hbn[r, p] = 1
-                ring.hb_bytes += len(packed) + _BYTES_OVERHEAD
+                cells[r] = [packed, 1]
         cum_hist, cum_ex = self.cum[row]
         cum_hist.merge(h)
         if exemplars:

@@ -57,13 +57,12 @@ with array operations over label codes.
 
 from __future__ import annotations
 
-from itertools import chain
 from typing import Mapping, Optional
 
 import numpy as np
 
-from ray_monitor.aggregator.rings import (PAIR, ROLLUP_DROPS, GroupKey, Table, Timeline,
-                                          bucket_values, unpack)
+from ray_monitor.aggregator.rings import ROLLUP_DROPS, GroupKey, Table, bucket_values
+from ray_monitor.aggregator.timeline import Timeline
 from ray_monitor.common.catalog import (ABSENT, FUNCTIONS, SHORTHAND_QUANTILES, Query,
                                         absence_metric, absent_labels)
 from ray_monitor.common.matchers import Matcher, check_regex, matches
@@ -85,22 +84,22 @@ class _SeriesWindow:
     def __init__(self, ri: int, a: int, b: int, fine_only: bool, rows: int) -> None:
         self.ri, self.a, self.b, self.fine_only = ri, a, b, fine_only
         self.present = np.zeros(rows, dtype=bool)
-        self.pair_rows: list[np.ndarray] = []
-        self.pair_objs: list[list] = []
+        self.pair_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._dense = None
 
     def dense(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-row histogram counts ``[rows, C]`` and the bucket index of each column."""
         if self._dense is None:
-            objs = list(chain.from_iterable(self.pair_objs))
             rows = len(self.present)
-            if not objs:
+            parts = [p for p in self.pair_parts if len(p[0])]
+            if not parts:
                 self._dense = (np.zeros((rows, 0)), np.zeros(0, dtype=np.int64))
                 return self._dense
-            lens = np.fromiter(map(len, objs), dtype=np.int64, count=len(objs)) // PAIR.itemsize
-            idx, cnt = unpack(b"".join(objs))
-            tags = np.repeat(np.concatenate(self.pair_rows), lens)
-            lo, hi = int(idx.min()), int(idx.max())
+            tags, idx, cnt = (np.concatenate(c) for c in zip(*parts))
+            keep = tags < rows  # rows added since the window was read are not in it
+            if not keep.all():
+                tags, idx, cnt = tags[keep], idx[keep], cnt[keep]
+            lo, hi = (int(idx.min()), int(idx.max())) if len(idx) else (0, 0)
             width = hi - lo + 1
             if rows * width <= 50_000_000:
                 d = np.bincount(tags * width + (idx - lo), weights=cnt,
@@ -232,24 +231,31 @@ class WindowQuery:
             ring = table.series_ring if fine_only else table.rings[pri]
             n = rows
             out = slice(0, n)
+            # a run of adjacent slots reads as a view, not a copy
+            at = (slice(0, n), slice(int(cols[0]), int(cols[-1]) + 1)
+                  if cols[-1] - cols[0] + 1 == len(cols) else cols)
             if kind == "counter":
-                v = ring.v[:n, cols]
+                v = ring.read("v", at)
                 has = ~np.isnan(v)
                 sw.present[out] |= has.any(axis=1)
                 sw.v[out] += np.where(has, v, 0.0).sum(axis=1)
                 continue
-            cnt = ring.n[:n, cols]
+            cnt = ring.n[at]
             has = cnt > 0
             sw.present[out] |= has.any(axis=1)
             sw.n[out] += cnt.sum(axis=1, dtype=np.float64)
-            sw.s[out] += ring.s[:n, cols].sum(axis=1)
-            np.minimum(sw.lo[out], ring.lo[:n, cols].min(axis=1), out=sw.lo[out])
-            np.maximum(sw.hi[out], ring.hi[:n, cols].max(axis=1), out=sw.hi[out])
+            if ring.single:  # one sample per bucket: sum, min and max are that sample
+                last = ring.last[at]
+                sw.s[out] += np.where(has, last, 0.0).sum(axis=1)
+                lo, hi = np.where(has, last, np.inf).min(axis=1), np.where(has, last, -np.inf).max(axis=1)
+            else:
+                sw.s[out] += ring.s[at].sum(axis=1)
+                lo, hi = ring.lo[at].min(axis=1), ring.hi[at].max(axis=1)
+            np.minimum(sw.lo[out], lo, out=sw.lo[out])
+            np.maximum(sw.hi[out], hi, out=sw.hi[out])
             if kind == "histogram":
-                sw.z[out] += ring.z[:n, cols].sum(axis=1, dtype=np.float64)
-                r, c = np.nonzero(has)
-                sw.pair_rows.append(r)
-                sw.pair_objs.append(ring.hb[r, cols[c]].tolist())
+                sw.z[out] += ring.z[at].sum(axis=1, dtype=np.float64)
+                sw.pair_parts.append(ring.pairs(cols))
             else:  # parts come in time order: the newest column with data holds the latest
                 newest = len(cols) - 1 - has[:, ::-1].argmax(axis=1)
                 any_ = has.any(axis=1)
@@ -389,11 +395,11 @@ class WindowQuery:
         rows, pos = rows[pos >= 0], pos[pos >= 0]
         idx = np.ix_(rows, cols)
         if table.kind == "counter":
-            v = ring.v[idx]
+            v = ring.read("v", idx)
             has = ~np.isnan(v)
             total, count = np.where(has, v, 0.0), has.astype(np.float64)
         else:
-            total, count = ring.s[idx], ring.n[idx].astype(np.float64)
+            total, count = ring.read("s", idx), ring.read("n", idx)
         out_t = np.zeros((len(g.keys), len(cols)))
         out_c = np.zeros((len(g.keys), len(cols)))
         if len(rows):
@@ -405,38 +411,48 @@ class WindowQuery:
         return memo
 
     def _deriv(self, table: Table, g: _Groups) -> dict[GroupKey, float]:
+        """Least-squares slope per group, all groups at once (steps without data left out)."""
         ks, total, count = self._steps(table, g)
-        x_all = ks * self._tl.res[g.sw.ri][0]
-        out = {}
-        for key, tot, cnt in zip(g.keys, total, count):
-            has = cnt > 0
-            if has.sum() < DERIV_MIN_STEPS:
-                continue
-            x, y = x_all[has], tot[has] / cnt[has]
-            x = x - x.mean()
-            out[key] = float((x * (y - y.mean())).sum() / (x * x).sum())
-        return out
+        has = count > 0
+        m = has.sum(axis=1)
+        ok = np.flatnonzero(m >= DERIV_MIN_STEPS)
+        if not len(ok):
+            return {}
+        has, m = has[ok], m[ok]
+        x = np.broadcast_to(ks * self._tl.res[g.sw.ri][0], has.shape)
+        y = np.where(has, total[ok] / np.where(has, count[ok], 1.0), 0.0)
+        xc = np.where(has, x - (np.where(has, x, 0.0).sum(axis=1) / m)[:, None], 0.0)
+        yc = np.where(has, y - (y.sum(axis=1) / m)[:, None], 0.0)
+        slope = (xc * yc).sum(axis=1) / (xc * xc).sum(axis=1)
+        return dict(zip([g.keys[i] for i in ok.tolist()], slope.tolist()))
 
     def _zscore(self, table: Table, g: _Groups, end: float) -> dict[GroupKey, float]:
+        """z of each group's latest step against its earlier steps, all groups at once."""
         ks, total, count = self._steps(table, g)
         step = self._tl.res[g.sw.ri][0]
-        out = {}
-        for key, tot, cnt in zip(g.keys, total, count):
-            has = cnt > 0
-            if table.kind == "counter":
-                # zero is a value: after its first step with data, a counter's empty steps
-                # read 0 (its group is alive); a step not yet complete is left out
-                has = (np.cumsum(has) > 0) & ((ks + 1) * step <= end)
-                values = tot[has] / step
-            else:
-                values = tot[has] / cnt[has]
-            if len(values) < ZSCORE_MIN_HISTORY + 1:
-                continue
-            history, latest = values[:-1], values[-1]
-            mean = history.mean()
-            std = max(history.std(), ZSCORE_REL_FLOOR * abs(mean), ZSCORE_ABS_FLOOR)
-            out[key] = float((latest - mean) / std)
-        return out
+        has = count > 0
+        if table.kind == "counter":
+            # zero is a value: after its first step with data, a counter's empty steps
+            # read 0 (its group is alive); a step not yet complete is left out
+            has = (np.cumsum(has, axis=1) > 0) & ((ks + 1) * step <= end)[None, :]
+            values = total / step
+        else:
+            values = total / np.where(count > 0, count, 1.0)
+        m = has.sum(axis=1)
+        ok = np.flatnonzero(m >= ZSCORE_MIN_HISTORY + 1)
+        if not len(ok):
+            return {}
+        has, values, m = has[ok], values[ok], m[ok]
+        newest = has.shape[1] - 1 - has[:, ::-1].argmax(axis=1)
+        rows = np.arange(len(ok))
+        latest = values[rows, newest]
+        history = has.copy()
+        history[rows, newest] = False
+        n = m - 1
+        mean = np.where(history, values, 0.0).sum(axis=1) / n
+        std = np.sqrt((np.where(history, values - mean[:, None], 0.0) ** 2).sum(axis=1) / n)
+        std = np.maximum(np.maximum(std, ZSCORE_REL_FLOOR * np.abs(mean)), ZSCORE_ABS_FLOOR)
+        return dict(zip([g.keys[i] for i in ok.tolist()], ((latest - mean) / std).tolist()))
 
     # -- absence ---------------------------------------------------------------------------
 

@@ -67,7 +67,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ray_monitor.aggregator.rings import EMPTY, GroupKey, Table, Timeline
+from ray_monitor.aggregator.rings import GroupKey, Table
+from ray_monitor.aggregator.timeline import EMPTY, Timeline
 from ray_monitor.aggregator.window_query import WindowQuery
 from ray_monitor.common.catalog import METRICS, Query
 from ray_monitor.common.histogram import Histogram

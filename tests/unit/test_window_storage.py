@@ -1,0 +1,134 @@
+"""Compact storage of the window store (issue 15) decides nothing: rule values over a long
+random sequence, through slot reuse, packed and open buckets, late deltas, several deltas
+in one second and counts past float32, equal a plain recomputation from the raw samples."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from ray_monitor.aggregator.windows import WindowStore
+from ray_monitor.common.catalog import Query
+from ray_monitor.common.matchers import Matcher
+from ray_monitor.common.snapshot import ReplicaSnapshot, SeriesDelta
+from tests.helpers import Clock, hist
+from tests.unit.test_windows import T0, _reference, ident
+
+FUNCS = {"requests": ("count", "rate"),
+         "latency_seconds": ("count", "sum", "avg", "min", "max", "p50", "p99", "ratio_above"),
+         "inflight": ("avg", "min", "max", "count", "last", "sum")}
+
+
+def _compare(store: WindowStore, samples: dict, now: float) -> int:
+    end = store.window_end(now)
+    compared = 0
+    for metric, fs in FUNCS.items():
+        for f in fs:
+            for w in (1.0, 7.0, 30.0, 45.0):  # a 60 s window would need the open bucket's slot too
+                for by in (None, ("deployment",), ("replica",)):
+                    for matchers in ((), (Matcher("replica", "!=", "d1-a"),),
+                                     (Matcher("deployment", "=", "d2"),)):
+                        query = Query(f, metric, w, by=by, matchers=matchers,
+                                      param=0.08 if f == "ratio_above" else None)
+                        got, want = store.evaluate(query, now), _reference(samples[metric], query, end)
+                        assert got.keys() == want.keys(), (query, now)
+                        rel = 0.011 if f in ("p50", "p99") else 1e-9
+                        for k in want:
+                            assert got[k] == pytest.approx(want[k], rel=rel), (query, k, now)
+                        compared += 1
+    return compared
+
+
+def test_compact_rings_give_the_reference_values_over_a_long_random_sequence():
+    clock = Clock(T0 - 400)
+    # a 60 s fine ring wraps five times: every slot is packed, cleared and reused
+    store = WindowStore(resolutions=((1.0, 60), (10.0, 60)), clock=clock)
+    rng = np.random.default_rng(15)
+    samples: dict = {m: [] for m in FUNCS}
+    held: list = []  # deltas of replica d2-b held back, delivered late
+    seq = 0
+    compared = 0
+
+    def deliver(end: float, interval: float, dep: str, rep: str) -> None:
+        nonlocal seq
+        seq += 1
+        n = int(rng.integers(1, 25))
+        latency = hist(*rng.lognormal(-2.5, 0.7, n))
+        if rng.random() < 0.01:  # a count past float32's whole numbers
+            big = 2 ** 24 + int(rng.integers(1, 1000))
+            i = next(iter(latency.buckets))
+            latency.buckets[i] += big
+            latency.count += big
+            latency.sum += big * 0.05
+        inflight = float(rng.integers(0, 9)) + (0.1 if rng.random() < 0.3 else 0.0)
+        replica = f"{dep}-{rep}"
+        snap = ReplicaSnapshot(ident(replica, dep), seq, end - interval, end,
+                               [SeriesDelta("__call__", "ok", False, latency)],
+                               {"__call__": inflight}, None)
+        labels = {"application": "app", "deployment": dep, "replica": replica,
+                  "method": "__call__", "model_version": "v1"}
+        t = end - interval / 2 + 0.5  # the reference files a sample in the second of t - 0.5
+        if (dep, rep) == ("d2", "b") and 240 <= end - (T0 - 400) < 260:
+            held.append((snap, labels, t, latency, inflight))
+            return
+        store.ingest(snap)
+        record(labels, t, latency, inflight)
+
+    def record(labels, t, latency, inflight) -> None:
+        samples["requests"].append(({**labels, "outcome": "ok"}, t, latency.count))
+        samples["latency_seconds"].append(({**labels, "outcome": "ok"}, t, latency))
+        samples["inflight"].append((labels, t, inflight))
+
+    for i in range(400):
+        base = T0 - 400 + i
+        clock.t = base + 0.25
+        for dep in ("d1", "d2"):
+            for rep in ("a", "b", "c"):
+                if rep == "c" and i % 3:  # sends every third second only
+                    continue
+                if rep == "a" and 200 <= i < 300:  # three short deltas a second
+                    for k in range(3):
+                        clock.t = base + 0.25 + 0.3 * k
+                        deliver(clock.t, 0.3, dep, rep)
+                    clock.t = base + 0.25
+                    continue
+                deliver(clock.t, 1.0, dep, rep)
+        if i == 265:  # the held deltas arrive: they land in buckets already packed
+            for snap, labels, t, latency, inflight in held:
+                store.ingest(snap)
+                record(labels, t, latency, inflight)
+        if i % 37 == 36 or i in (262, 266, 299, 300, 399):
+            compared += _compare(store, samples, clock.t + 0.3)
+    assert compared > 10 * 16 * 4 * 3 * 3
+    # the rings did widen and unfold (else this test would not cover those paths)
+    lat = store._tables["latency_seconds"]
+    assert lat.series_ring.n.dtype == np.float64
+    assert not store._tables["inflight"].series_ring.single
+    assert store._tables["cpu_percent"].series_ring.single  # never written: stays compact
+
+
+def test_an_unfolded_gauge_ring_and_a_widened_counter_keep_every_value():
+    clock = Clock(T0)
+    store = WindowStore(clock=clock)
+    for k, (value, end) in enumerate(((3.0, T0 - 0.5), (7.5, T0 - 0.2), (1.25, T0 - 0.7))):
+        store.ingest(ReplicaSnapshot(ident(), k + 1, end - 0.1, end, [], {"__call__": value}, None))
+    now = T0 + 5
+    q = lambda f: Query(f, "inflight", 10.0, by=("replica",))  # noqa: E731
+    key = (("replica", "r1"),)
+    # three samples in one second: the latest by time is 7.5, not the last delivered
+    assert {f: store.evaluate(q(f), now)[key] for f in ("last", "min", "max", "count", "avg")} == {
+        "last": 7.5, "min": 1.25, "max": 7.5, "count": 3.0, "avg": pytest.approx(11.75 / 3)}
+    h = hist(0.1)
+    h.buckets[next(iter(h.buckets))] += 2 ** 24
+    h.count += 2 ** 24
+    store.ingest(ReplicaSnapshot(ident(), 9, T0 - 1, T0, [SeriesDelta("__call__", "ok", False, h)],
+                                 {}, None))
+    store.ingest(ReplicaSnapshot(ident(), 10, T0 - 1, T0, [SeriesDelta("__call__", "ok", False,
+                                                                      hist(0.2))], {}, None))
+    total = 2 ** 24 + 2  # after 2**24 + 1, which a float32 would round
+    assert store.evaluate(Query("count", "requests", 10.0), now) == {(): float(total)}
+    assert store.evaluate(Query("count", "latency_seconds", 10.0, by=("replica",)), now) == {
+        key: float(total)}
+    assert not math.isnan(store.stats()["approx_bytes"])
