@@ -64,6 +64,7 @@ from typing import Any, Callable
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TICK = os.sysconf("SC_CLK_TCK")
 DEFAULT_VARIANTS = ["plain=plain", "plain-control=plain", "tracing-off=monitor:RAY_MONITOR_TRACES=0",
+                    "default=monitor",
                     "sampled-1%=monitor:RAY_MONITOR_SAMPLE_RATIO=0.01,OTLP=1",
                     "sampled-100%=monitor:RAY_MONITOR_SAMPLE_RATIO=1.0,OTLP=1"]
 
@@ -126,7 +127,26 @@ def otlp_sink() -> tuple[ThreadingHTTPServer, str]:
 # -- measuring ----------------------------------------------------------------------------
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, in seconds (fields 14 and 15 of /proc/PID/stat)."""
+    """CPU time of a process, in seconds: the sum over its threads of the scheduler's run
+    time (``/proc/PID/task/TID/schedstat``, nanoseconds), where the kernel has it; else
+    utime + stime (fields 14 and 15 of ``/proc/PID/stat``), which count in clock ticks
+    (10 ms: at 2 ms a request, a chunk of 200 requests would read +-2.5%)."""
+    try:
+        total = 0
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except FileNotFoundError:  # the thread ended meanwhile
+                continue
+        return total / 1e9
+    except (FileNotFoundError, ValueError, IndexError):
+        return tick_seconds(pid)
+
+
+def tick_seconds(pid: int) -> float:
+    """utime + stime of a process (``/proc/PID/stat``), which also counts its threads
+    that ended: a cross-check of :func:`cpu_seconds` over a whole run."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
@@ -194,6 +214,8 @@ def summarize(samples: dict, variants: list[str]) -> list[dict]:
                    "min": min(totals), "max": max(totals),
                    "raw_us_per_request": statistics.median(r["raw_us_per_request"]
                                                            for r in runs),
+                   "raw_ticks_us_per_request": statistics.median(
+                       r.get("raw_ticks_us_per_request", 0.0) for r in runs),
                    "idle_ms_per_s": statistics.median(r["idle_ms_per_s"] for r in runs),
                    "requests_per_s": statistics.median(r["requests_per_s"] for r in runs),
                    "by_deployment": {d: statistics.median(r["by_deployment"][d] for r in runs)
@@ -201,6 +223,9 @@ def summarize(samples: dict, variants: list[str]) -> list[dict]:
             if base is not None:
                 ratios = [a["us_per_request"] / b["us_per_request"]
                           for a, b in zip(runs, base) if b["us_per_request"] > 0]
+                diffs = [a["us_per_request"] - b["us_per_request"] for a, b in zip(runs, base)]
+                row["extra_us"] = statistics.median(diffs)
+                row["extra_us_min"], row["extra_us_max"] = min(diffs), max(diffs)
                 row["vs_plain"] = statistics.median(ratios)
                 row["vs_plain_min"], row["vs_plain_max"] = min(ratios), max(ratios)
             rows.append(row)
@@ -290,8 +315,8 @@ def main(argv=None) -> int:
                 k = run % len(names)
                 order = names[k:] + names[:k]
                 idle = {n: idle_rates(apps[n][2], args.idle_s) for n in order}
-                acc = {n: {"requests": 0, "seconds": 0.0, "raw": {d: 0.0 for d in apps[n][2]}}
-                       for n in order}
+                acc = {n: {"requests": 0, "seconds": 0.0, "raw": {d: 0.0 for d in apps[n][2]},
+                           "ticks": 0.0} for n in order}
                 # Small chunks, every variant in turn: a load swing on the machine falls
                 # on all of them alike.
                 for c in range(args.chunks):
@@ -300,6 +325,7 @@ def main(argv=None) -> int:
                         app, handle, pids = apps[name]
                         t0, before = time.monotonic(), {d: cpu_seconds(p) for d, p in
                                                         pids.items()}
+                        ticks = sum(tick_seconds(p) for p in pids.values())
                         ok = drive_http(port, f"/{app}", n_chunk, args.concurrency) \
                             if path == "http" else drive_handle(handle, n_chunk,
                                                                  args.concurrency)
@@ -308,6 +334,7 @@ def main(argv=None) -> int:
                         a["requests"] += ok
                         for d, p in pids.items():
                             a["raw"][d] += cpu_seconds(p) - before[d]
+                        a["ticks"] += sum(tick_seconds(p) for p in pids.values()) - ticks
                 for name in order:
                     a, rate = acc[name], idle[name]
                     ok, wall = max(a["requests"], 1), a["seconds"]
@@ -317,6 +344,7 @@ def main(argv=None) -> int:
                         "requests_per_s": a["requests"] / wall, "by_deployment": by_dep,
                         "us_per_request": sum(by_dep.values()),
                         "raw_us_per_request": sum(a["raw"].values()) / ok * 1e6,
+                        "raw_ticks_us_per_request": a["ticks"] / ok * 1e6,
                         "idle_ms_per_s": sum(rate.values()) * 1e3})
             print(f"run {run + 1}/{args.runs} done; load average {os.getloadavg()}")
     finally:
@@ -328,15 +356,20 @@ def main(argv=None) -> int:
         sink.shutdown()
     rows = summarize(samples, names)
     print(f"\n{'path':<8}{'variant':<16}{'net us/req':>11}{'  min..max':<16}"
-          f"{'vs plain':>9}{'  min..max':<16}{'raw us/req':>11}{'idle ms/s':>10}{'req/s':>7}"
+          f"{'+us':>6}{'  min..max':<14}"
+          f"{'vs plain':>9}{'  min..max':<16}{'raw us/req':>11}{'(ticks)':>8}{'idle ms/s':>10}"
+          f"{'req/s':>7}"
           "  by deployment (net, median)")
     for r in rows:
         ratio = f"{r['vs_plain']:.3f}" if "vs_plain" in r else ""
         rr = f"  {r['vs_plain_min']:.3f}..{r['vs_plain_max']:.3f}" if "vs_plain" in r else ""
         deps = ", ".join(f"{d} {v:.0f}" for d, v in r["by_deployment"].items())
+        extra = (f"{r['extra_us']:>+6.0f}{'  %+.0f..%+.0f' % (r['extra_us_min'], r['extra_us_max']):<14}"
+                 if "extra_us" in r else " " * 20)
         print(f"{r['path']:<8}{r['variant']:<16}{r['us_per_request']:>11.0f}"
-              f"{'  %.0f..%.0f' % (r['min'], r['max']):<16}{ratio:>9}{rr:<16}"
-              f"{r['raw_us_per_request']:>11.0f}{r['idle_ms_per_s']:>10.1f}"
+              f"{'  %.0f..%.0f' % (r['min'], r['max']):<16}{extra}{ratio:>9}{rr:<16}"
+              f"{r['raw_us_per_request']:>11.0f}{r['raw_ticks_us_per_request']:>8.0f}"
+              f"{r['idle_ms_per_s']:>10.1f}"
               f"{r['requests_per_s']:>7.0f}  {deps}")
     env_info["loadavg_end"] = os.getloadavg()
     print(f"\nload average at end: {env_info['loadavg_end']}")

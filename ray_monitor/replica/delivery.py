@@ -111,12 +111,17 @@ class ActorSink:
         return []
 
     def _ingest(self, actor, pending: list[ReplicaSnapshot]):
+        # Without Ray's task events: a call a second per replica, each recorded and sent
+        # to the GCS for Ray's task list, cost about a third of a millisecond of the
+        # replica's CPU per second (benchmarks/RESULTS.md, issue 15); our own counts say
+        # what was delivered.
+        ingest = actor.ingest.options(enable_task_events=False)
         if not self._old_aggregator:
             try:
-                return actor.ingest.remote(pending, self.kept_cursor)
+                return ingest.remote(pending, self.kept_cursor)
             except TypeError:  # an aggregator from before kept traces (it is detached)
                 self._old_aggregator = True
-        return actor.ingest.remote(pending)
+        return ingest.remote(pending)
 
     def _take_reply(self, reply: Any) -> None:
         """``{"epoch", "seq", "kept"}`` from the aggregator (None from one that predates it)."""
