@@ -428,11 +428,13 @@ def install_log_correlation() -> None:
         if rs is not None:
             record.trace_id = f"{rs.trace_id:032x}"
             record.span_id = f"{rs.span_id:016x}"
-        elif _otel_current():  # Serve's access log of every request: an empty context
-            ids = _ids_from_otel()
-            if ids is not None:
-                record.trace_id = f"{ids[0]:032x}"
-                record.span_id = f"{ids[1]:016x}"
+        else:
+            ctx = _otel_current()
+            if ctx:  # Serve's access log of every request: an empty context, unless its
+                sc = trace.get_current_span(ctx).get_span_context()  # tracing is on
+                if sc.is_valid:
+                    record.trace_id = f"{sc.trace_id:032x}"
+                    record.span_id = f"{sc.span_id:016x}"
         return record
 
     logging.setLogRecordFactory(factory)
