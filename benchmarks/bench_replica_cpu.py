@@ -9,9 +9,12 @@ Throughput on a shared machine swings more than the difference being measured (t
 of bench_serve_e2e.py gave per-round ratios from 0.77 to 1.23); CPU time spent inside
 the replica processes does not depend on how long they waited for a core. So each
 variant is deployed as its own application (one replica per deployment), driven in
-turn, and charged the ``utime + stime`` (``/proc/PID/stat``) its replica processes used
-while it was driven, divided by its requests: microseconds of replica CPU per request,
-summed over the application's deployments. A replica also burns CPU when idle (Ray's
+turn, and charged the CPU time its replica processes used while it was driven (the sum of
+their threads' run time, ``/proc/PID/task/TID/schedstat``, in nanoseconds; ``utime +
+stime`` of ``/proc/PID/stat`` counts 10 ms ticks, too coarse for a chunk, and is printed
+beside it as a cross-check), divided by its requests: microseconds of replica CPU per
+request, summed over the application's deployments, and ``+us``, the median of the
+per-run differences to ``plain``. A replica also burns CPU when idle (Ray's
 and Serve's own threads, ray-monitor's flush every second), in proportion to time, not
 requests; so before each round the same processes are watched idle for ``--idle-s``,
 and that rate times the round's duration is taken off ("net"; "raw" keeps it, and the
@@ -29,6 +32,8 @@ variables (``runtime_env``), so one cluster holds every variant:
 - ``plain``, ``plain-control``: no ``@monitor``;
 - ``tracing-off``: ``@monitor`` with ``RAY_MONITOR_TRACES=0`` and no OTLP endpoint:
   metrics only;
+- ``default``: ``@monitor`` at its defaults, no OTLP endpoint: tracing on, every request
+  unsampled (held for tail keeping, its context carried over the handle call);
 - ``sampled-1%``, ``sampled-100%``: ``@monitor`` with an OTLP endpoint (a local sink that
   answers 200 and keeps nothing) and ``RAY_MONITOR_SAMPLE_RATIO`` 0.01 / 1.0.
 
@@ -36,9 +41,12 @@ variables (``runtime_env``), so one cluster holds every variant:
 (``RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH=ray_monitor.tracing:serve_span_processors`` at
 that ratio), which then decides the sampling of every variant's requests. Paths:
 ``http`` (``http.client`` keep-alive connections through Serve's proxy) and ``handle``
-(``DeploymentHandle`` calls from this process). ``--app MODULE:FUNCTION`` benchmarks
-another application: ``FUNCTION(monitored: bool, env: dict, name: str)`` returns a
-bound Serve application whose ingress takes a Starlette request (HTTP) or a string
+(``DeploymentHandle`` calls from this process). A variant's ``PYTHONPATH=DIR`` runs its
+replicas on another ray-monitor tree, for before and after a change in one run (start the
+script from a directory without a ``ray_monitor`` package: Ray puts the driver's working
+directory first on the workers' path). ``--app MODULE:FUNCTION`` benchmarks another
+application: ``FUNCTION(monitored: bool, env: dict, name: str)`` returns a bound Serve
+application whose ingress takes a Starlette request (HTTP) or a string
 (handle), and answers ``"pid"`` with ``{deployment: pid}`` of its replicas. Needs only
 the project's own dependencies (no ``httpx``).
 """
