@@ -2,7 +2,8 @@
 processes themselves, monitored against plain, with a plain-against-plain control.
 
     .venv/bin/python benchmarks/bench_replica_cpu.py [--requests 2000] [--runs 3]
-        [--chunks 10] [--concurrency 8] [--paths http,handle] [--variant NAME=KIND[:VAR=VALUE,...]]...
+        [--chunks 10] [--concurrency 8] [--paths http,handle] [--idle-threads S]
+        [--variant NAME=KIND[:VAR=VALUE,...]]...
         [--app MODULE:FUNCTION] [--serve-tracing RATIO] [--no-aggregator] [--json OUT]
 
 Throughput on a shared machine swings more than the difference being measured (two runs
@@ -18,7 +19,9 @@ per-run differences to ``plain``. A replica also burns CPU when idle (Ray's
 and Serve's own threads, ray-monitor's flush every second), in proportion to time, not
 requests; so before each round the same processes are watched idle for ``--idle-s``,
 and that rate times the round's duration is taken off ("net"; "raw" keeps it, and the
-idle rate is reported too). Within a run the variants take turns in ``--chunks``
+idle rate is reported too). ``--idle-threads S`` first watches every idle replica for
+S seconds, three times, and prints its CPU per second by thread (``--requests 0``: only
+that). Within a run the variants take turns in ``--chunks``
 chunks of the requests (a load swing on a shared machine falls on all of them alike);
 runs rotate the order. The table gives the median over ``--runs`` with min..max, and
 each variant's ratio to ``plain``.
@@ -192,6 +195,36 @@ def drive_handle(handle, n: int, concurrency: int) -> int:
     return asyncio.run(go())
 
 
+def thread_times(pid: int) -> dict[tuple[str, str], int]:
+    """(thread id, name) -> nanoseconds of CPU, for each thread of a process."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                out[(tid, name)] = int(f.read().split()[0])
+        except (FileNotFoundError, ValueError, IndexError):
+            continue
+    return out
+
+
+def idle_by_thread(apps: dict, seconds: float) -> dict:
+    """Each idle replica's CPU in ``seconds``, ms/s, in total and by thread name (Python
+    threads are all named after the process; Ray's are ``worker.io``, ``client.poll0``...)."""
+    before = {n: {d: thread_times(p) for d, p in a[2].items()} for n, a in apps.items()}
+    time.sleep(seconds)
+    out = {}
+    for n, a in apps.items():
+        for d, p in a[2].items():
+            by: dict[str, float] = {}
+            for (tid, name), ns in thread_times(p).items():
+                by[name] = by.get(name, 0.0) + (ns - before[n][d].get((tid, name), 0)) / seconds / 1e6
+            out[f"{n}/{d}"] = {"total": sum(by.values()), "threads": dict(
+                sorted(by.items(), key=lambda kv: -kv[1])[:6])}
+    return out
+
+
 def idle_rates(pids: dict, seconds: float) -> dict:
     """CPU seconds per second each process burns with no request (0 when not watched)."""
     if seconds <= 0:
@@ -247,6 +280,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--idle-s", type=float, default=2.0,
                     help="idle watch of each variant before each run (0: none)")
+    ap.add_argument("--idle-threads", type=float, default=0.0, metavar="S",
+                    help="first watch every idle replica S seconds, three times, by thread")
     ap.add_argument("--chunks", type=int, default=10,
                     help="each run's requests go in this many chunks, variants in turn")
     ap.add_argument("--concurrency", type=int, default=8)
@@ -318,7 +353,17 @@ def main(argv=None) -> int:
                 drive_http(port, f"/{app}", args.warmup, args.concurrency)
             if "handle" in paths:
                 drive_handle(handle, args.warmup, args.concurrency)
-        for run in range(args.runs):
+        idle_threads = []
+        if args.idle_threads > 0:
+            time.sleep(5.0)  # the warm-up's last flush and answers settle
+        for w in range(3 if args.idle_threads > 0 else 0):
+            idle_threads.append(idle_by_thread(apps, args.idle_threads))
+            print(f"idle window {w + 1}, {args.idle_threads:.0f} s, load average "
+                  f"{os.getloadavg()}, ms/s:")
+            for key, v in idle_threads[-1].items():
+                print(f"  {key:<28}{v['total']:7.2f}  " + ", ".join(
+                    f"{t} {x:.2f}" for t, x in v["threads"].items()))
+        for run in range(args.runs if args.requests > 0 else 0):
             for path in paths:
                 k = run % len(names)
                 order = names[k:] + names[:k]
@@ -362,7 +407,7 @@ def main(argv=None) -> int:
             pass
         ray.shutdown()
         sink.shutdown()
-    rows = summarize(samples, names)
+    rows = summarize(samples, names) if args.requests > 0 else []
     print(f"\n{'path':<8}{'variant':<16}{'net us/req':>11}{'  min..max':<16}"
           f"{'+us':>6}{'  min..max':<14}"
           f"{'vs plain':>9}{'  min..max':<16}{'raw us/req':>11}{'(ticks)':>8}{'idle ms/s':>10}"
@@ -384,7 +429,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env_info, "args": vars(args), "rows": rows,
-                       "samples": samples}, f, indent=2)
+                       "samples": samples, "idle_threads": idle_threads}, f, indent=2)
     return 0
 
 
