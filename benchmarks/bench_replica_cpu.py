@@ -92,6 +92,9 @@ def default_app(monitored: bool, env: dict, name: str):
         async def __call__(self, what: str) -> Any:
             return os.getpid() if what == "pid" else what
 
+        async def bare(self, what: str) -> Any:  # left unmonitored (--same-process)
+            return what
+
     class Ingress:
         def __init__(self, model) -> None:
             self.model = model
@@ -103,8 +106,11 @@ def default_app(monitored: bool, env: dict, name: str):
             if what == "pid":
                 return {"Ingress": os.getpid(), "Model": got}
             return {"got": got}
+
+        async def bare(self, what: str) -> Any:
+            return {"got": await self.model.bare.remote(what)}
     if monitored:
-        Model, Ingress = monitor(Model), monitor(Ingress)
+        Model, Ingress = (monitor(exclude=("bare",))(c) for c in (Model, Ingress))
     opts = {"num_cpus": 0, "runtime_env": {"env_vars": env}}
     model = serve.deployment(Model, name="Model", ray_actor_options=opts,
                              max_ongoing_requests=1000)
@@ -289,6 +295,11 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", action="append", default=None,
                     help="NAME=plain|monitor[:VAR=VALUE,...]; OTLP=1 points the variant at "
                     "the local OTLP sink (repeatable; default: " + " ".join(DEFAULT_VARIANTS) + ")")
+    ap.add_argument("--same-process", metavar="VAR=VALUE,...", default=None,
+                    help="add a monitored application (with these environment variables; "
+                    "'' for none) driven as two variants in the same processes: "
+                    "same-monitored (its monitored __call__) and same-bare (an unmonitored "
+                    "method doing the same); handle path only")
     ap.add_argument("--app", default=None, help="MODULE:FUNCTION building the application")
     ap.add_argument("--serve-tracing", type=float, default=None, metavar="RATIO")
     ap.add_argument("--no-aggregator", action="store_true")
@@ -296,8 +307,12 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="OUT")
     args = ap.parse_args(argv)
     variants = [parse_variant(v) for v in (args.variant or DEFAULT_VARIANTS)]
-    names = [v[0] for v in variants]
+    if args.same_process is not None:
+        variants.append(parse_variant(f"same-monitored=monitor:{args.same_process}"))
+    names = [v[0] for v in variants] + (["same-bare"] if args.same_process is not None else [])
     paths = [p for p in args.paths.split(",") if p]
+    if args.same_process is not None and paths != ["handle"]:
+        ap.error("--same-process drives DeploymentHandle calls only: add --paths handle")
     if "plain" not in names:
         ap.error("one variant must be named plain: the ratios are to it")
     build: Callable = default_app
@@ -348,6 +363,9 @@ def main(argv=None) -> int:
             pids = handle.remote("pid").result()
             apps[name] = (app, handle, pids)
             print(f"{name}: {app}, replicas {pids}")
+        if args.same_process is not None:  # the same replicas, through their bare method
+            app, handle, pids = apps["same-monitored"]
+            apps["same-bare"] = (app, handle.options(method_name="bare"), pids)
         for name, (app, handle, _) in apps.items():  # warm-up, not counted
             if "http" in paths:
                 drive_http(port, f"/{app}", args.warmup, args.concurrency)
