@@ -360,7 +360,7 @@ class ProcessUsage:
     """This process's CPU (percent of one core since the last reading, as psutil's
     ``cpu_percent(None)``) and resident memory. Read every flush of every replica, so
     from the clocks and ``/proc/self/statm`` on an open descriptor (about 2 us, where
-    psutil takes 40 us, and ten times that on a cold cache); psutil where there is no
+    psutil took 40 us, several times that on a cold cache); psutil where there is no
     ``/proc`` (it ships with Ray)."""
 
     def __init__(self) -> None:

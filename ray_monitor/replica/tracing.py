@@ -429,9 +429,11 @@ def install_log_correlation() -> None:
             record.trace_id = f"{rs.trace_id:032x}"
             record.span_id = f"{rs.span_id:016x}"
         else:
+            # Serve's access log line of every request comes here, outside the request:
+            # OpenTelemetry is asked only when its context holds something (Serve's tracing).
             ctx = _otel_current()
-            if ctx:  # Serve's access log of every request: an empty context, unless its
-                sc = trace.get_current_span(ctx).get_span_context()  # tracing is on
+            if ctx:
+                sc = trace.get_current_span(ctx).get_span_context()
                 if sc.is_valid:
                     record.trace_id = f"{sc.trace_id:032x}"
                     record.span_id = f"{sc.span_id:016x}"
