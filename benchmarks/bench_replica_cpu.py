@@ -2,20 +2,26 @@
 processes themselves, monitored against plain, with a plain-against-plain control.
 
     .venv/bin/python benchmarks/bench_replica_cpu.py [--requests 2000] [--runs 3]
-        [--chunks 10] [--concurrency 8] [--paths http,handle] [--variant NAME=KIND[:VAR=VALUE,...]]...
+        [--chunks 10] [--concurrency 8] [--paths http,handle] [--idle-threads S]
+        [--variant NAME=KIND[:VAR=VALUE,...]]...
         [--app MODULE:FUNCTION] [--serve-tracing RATIO] [--no-aggregator] [--json OUT]
 
 Throughput on a shared machine swings more than the difference being measured (two runs
 of bench_serve_e2e.py gave per-round ratios from 0.77 to 1.23); CPU time spent inside
 the replica processes does not depend on how long they waited for a core. So each
 variant is deployed as its own application (one replica per deployment), driven in
-turn, and charged the ``utime + stime`` (``/proc/PID/stat``) its replica processes used
-while it was driven, divided by its requests: microseconds of replica CPU per request,
-summed over the application's deployments. A replica also burns CPU when idle (Ray's
+turn, and charged the CPU time its replica processes used while it was driven (the sum of
+their threads' run time, ``/proc/PID/task/TID/schedstat``, in nanoseconds; ``utime +
+stime`` of ``/proc/PID/stat`` counts 10 ms ticks, too coarse for a chunk, and is printed
+beside it as a cross-check), divided by its requests: microseconds of replica CPU per
+request, summed over the application's deployments, and ``+us``, the median of the
+per-run differences to ``plain``. A replica also burns CPU when idle (Ray's
 and Serve's own threads, ray-monitor's flush every second), in proportion to time, not
 requests; so before each round the same processes are watched idle for ``--idle-s``,
 and that rate times the round's duration is taken off ("net"; "raw" keeps it, and the
-idle rate is reported too). Within a run the variants take turns in ``--chunks``
+idle rate is reported too). ``--idle-threads S`` first watches every idle replica for
+S seconds, three times, and prints its CPU per second by thread (``--requests 0``: only
+that). Within a run the variants take turns in ``--chunks``
 chunks of the requests (a load swing on a shared machine falls on all of them alike);
 runs rotate the order. The table gives the median over ``--runs`` with min..max, and
 each variant's ratio to ``plain``.
@@ -29,6 +35,8 @@ variables (``runtime_env``), so one cluster holds every variant:
 - ``plain``, ``plain-control``: no ``@monitor``;
 - ``tracing-off``: ``@monitor`` with ``RAY_MONITOR_TRACES=0`` and no OTLP endpoint:
   metrics only;
+- ``default``: ``@monitor`` at its defaults, no OTLP endpoint: tracing on, every request
+  unsampled (held for tail keeping, its context carried over the handle call);
 - ``sampled-1%``, ``sampled-100%``: ``@monitor`` with an OTLP endpoint (a local sink that
   answers 200 and keeps nothing) and ``RAY_MONITOR_SAMPLE_RATIO`` 0.01 / 1.0.
 
@@ -36,9 +44,12 @@ variables (``runtime_env``), so one cluster holds every variant:
 (``RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH=ray_monitor.tracing:serve_span_processors`` at
 that ratio), which then decides the sampling of every variant's requests. Paths:
 ``http`` (``http.client`` keep-alive connections through Serve's proxy) and ``handle``
-(``DeploymentHandle`` calls from this process). ``--app MODULE:FUNCTION`` benchmarks
-another application: ``FUNCTION(monitored: bool, env: dict, name: str)`` returns a
-bound Serve application whose ingress takes a Starlette request (HTTP) or a string
+(``DeploymentHandle`` calls from this process). A variant's ``PYTHONPATH=DIR`` runs its
+replicas on another ray-monitor tree, for before and after a change in one run (start the
+script from a directory without a ``ray_monitor`` package: Ray puts the driver's working
+directory first on the workers' path). ``--app MODULE:FUNCTION`` benchmarks another
+application: ``FUNCTION(monitored: bool, env: dict, name: str)`` returns a bound Serve
+application whose ingress takes a Starlette request (HTTP) or a string
 (handle), and answers ``"pid"`` with ``{deployment: pid}`` of its replicas. Needs only
 the project's own dependencies (no ``httpx``).
 """
@@ -64,6 +75,7 @@ from typing import Any, Callable
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TICK = os.sysconf("SC_CLK_TCK")
 DEFAULT_VARIANTS = ["plain=plain", "plain-control=plain", "tracing-off=monitor:RAY_MONITOR_TRACES=0",
+                    "default=monitor",
                     "sampled-1%=monitor:RAY_MONITOR_SAMPLE_RATIO=0.01,OTLP=1",
                     "sampled-100%=monitor:RAY_MONITOR_SAMPLE_RATIO=1.0,OTLP=1"]
 
@@ -80,6 +92,9 @@ def default_app(monitored: bool, env: dict, name: str):
         async def __call__(self, what: str) -> Any:
             return os.getpid() if what == "pid" else what
 
+        async def bare(self, what: str) -> Any:  # left unmonitored (--same-process)
+            return what
+
     class Ingress:
         def __init__(self, model) -> None:
             self.model = model
@@ -91,8 +106,11 @@ def default_app(monitored: bool, env: dict, name: str):
             if what == "pid":
                 return {"Ingress": os.getpid(), "Model": got}
             return {"got": got}
+
+        async def bare(self, what: str) -> Any:
+            return {"got": await self.model.bare.remote(what)}
     if monitored:
-        Model, Ingress = monitor(Model), monitor(Ingress)
+        Model, Ingress = (monitor(exclude=("bare",))(c) for c in (Model, Ingress))
     opts = {"num_cpus": 0, "runtime_env": {"env_vars": env}}
     model = serve.deployment(Model, name="Model", ray_actor_options=opts,
                              max_ongoing_requests=1000)
@@ -126,7 +144,26 @@ def otlp_sink() -> tuple[ThreadingHTTPServer, str]:
 # -- measuring ----------------------------------------------------------------------------
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, in seconds (fields 14 and 15 of /proc/PID/stat)."""
+    """CPU time of a process, in seconds: the sum over its threads of the scheduler's run
+    time (``/proc/PID/task/TID/schedstat``, nanoseconds), where the kernel has it; else
+    utime + stime (fields 14 and 15 of ``/proc/PID/stat``), which count in clock ticks
+    (10 ms: at 2 ms a request, a chunk of 200 requests would read +-2.5%)."""
+    try:
+        total = 0
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except FileNotFoundError:  # the thread ended meanwhile
+                continue
+        return total / 1e9
+    except (FileNotFoundError, ValueError, IndexError):
+        return tick_seconds(pid)
+
+
+def tick_seconds(pid: int) -> float:
+    """utime + stime of a process (``/proc/PID/stat``), which also counts its threads
+    that ended: a cross-check of :func:`cpu_seconds` over a whole run."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
@@ -164,6 +201,36 @@ def drive_handle(handle, n: int, concurrency: int) -> int:
     return asyncio.run(go())
 
 
+def thread_times(pid: int) -> dict[tuple[str, str], int]:
+    """(thread id, name) -> nanoseconds of CPU, for each thread of a process."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                out[(tid, name)] = int(f.read().split()[0])
+        except (FileNotFoundError, ValueError, IndexError):
+            continue
+    return out
+
+
+def idle_by_thread(apps: dict, seconds: float) -> dict:
+    """Each idle replica's CPU in ``seconds``, ms/s, in total and by thread name (Python
+    threads are all named after the process; Ray's are ``worker.io``, ``client.poll0``...)."""
+    before = {n: {d: thread_times(p) for d, p in a[2].items()} for n, a in apps.items()}
+    time.sleep(seconds)
+    out = {}
+    for n, a in apps.items():
+        for d, p in a[2].items():
+            by: dict[str, float] = {}
+            for (tid, name), ns in thread_times(p).items():
+                by[name] = by.get(name, 0.0) + (ns - before[n][d].get((tid, name), 0)) / seconds / 1e6
+            out[f"{n}/{d}"] = {"total": sum(by.values()), "threads": dict(
+                sorted(by.items(), key=lambda kv: -kv[1])[:6])}
+    return out
+
+
 def idle_rates(pids: dict, seconds: float) -> dict:
     """CPU seconds per second each process burns with no request (0 when not watched)."""
     if seconds <= 0:
@@ -194,6 +261,8 @@ def summarize(samples: dict, variants: list[str]) -> list[dict]:
                    "min": min(totals), "max": max(totals),
                    "raw_us_per_request": statistics.median(r["raw_us_per_request"]
                                                            for r in runs),
+                   "raw_ticks_us_per_request": statistics.median(
+                       r.get("raw_ticks_us_per_request", 0.0) for r in runs),
                    "idle_ms_per_s": statistics.median(r["idle_ms_per_s"] for r in runs),
                    "requests_per_s": statistics.median(r["requests_per_s"] for r in runs),
                    "by_deployment": {d: statistics.median(r["by_deployment"][d] for r in runs)
@@ -201,6 +270,9 @@ def summarize(samples: dict, variants: list[str]) -> list[dict]:
             if base is not None:
                 ratios = [a["us_per_request"] / b["us_per_request"]
                           for a, b in zip(runs, base) if b["us_per_request"] > 0]
+                diffs = [a["us_per_request"] - b["us_per_request"] for a, b in zip(runs, base)]
+                row["extra_us"] = statistics.median(diffs)
+                row["extra_us_min"], row["extra_us_max"] = min(diffs), max(diffs)
                 row["vs_plain"] = statistics.median(ratios)
                 row["vs_plain_min"], row["vs_plain_max"] = min(ratios), max(ratios)
             rows.append(row)
@@ -214,6 +286,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--idle-s", type=float, default=2.0,
                     help="idle watch of each variant before each run (0: none)")
+    ap.add_argument("--idle-threads", type=float, default=0.0, metavar="S",
+                    help="first watch every idle replica S seconds, three times, by thread")
     ap.add_argument("--chunks", type=int, default=10,
                     help="each run's requests go in this many chunks, variants in turn")
     ap.add_argument("--concurrency", type=int, default=8)
@@ -221,6 +295,11 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", action="append", default=None,
                     help="NAME=plain|monitor[:VAR=VALUE,...]; OTLP=1 points the variant at "
                     "the local OTLP sink (repeatable; default: " + " ".join(DEFAULT_VARIANTS) + ")")
+    ap.add_argument("--same-process", metavar="VAR=VALUE,...", default=None,
+                    help="add a monitored application (with these environment variables; "
+                    "'' for none) driven as two variants in the same processes: "
+                    "same-monitored (its monitored __call__) and same-bare (an unmonitored "
+                    "method doing the same); handle path only")
     ap.add_argument("--app", default=None, help="MODULE:FUNCTION building the application")
     ap.add_argument("--serve-tracing", type=float, default=None, metavar="RATIO")
     ap.add_argument("--no-aggregator", action="store_true")
@@ -228,8 +307,12 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="OUT")
     args = ap.parse_args(argv)
     variants = [parse_variant(v) for v in (args.variant or DEFAULT_VARIANTS)]
-    names = [v[0] for v in variants]
+    if args.same_process is not None:
+        variants.append(parse_variant(f"same-monitored=monitor:{args.same_process}"))
+    names = [v[0] for v in variants] + (["same-bare"] if args.same_process is not None else [])
     paths = [p for p in args.paths.split(",") if p]
+    if args.same_process is not None and paths != ["handle"]:
+        ap.error("--same-process drives DeploymentHandle calls only: add --paths handle")
     if "plain" not in names:
         ap.error("one variant must be named plain: the ratios are to it")
     build: Callable = default_app
@@ -280,18 +363,31 @@ def main(argv=None) -> int:
             pids = handle.remote("pid").result()
             apps[name] = (app, handle, pids)
             print(f"{name}: {app}, replicas {pids}")
+        if args.same_process is not None:  # the same replicas, through their bare method
+            app, handle, pids = apps["same-monitored"]
+            apps["same-bare"] = (app, handle.options(method_name="bare"), pids)
         for name, (app, handle, _) in apps.items():  # warm-up, not counted
             if "http" in paths:
                 drive_http(port, f"/{app}", args.warmup, args.concurrency)
             if "handle" in paths:
                 drive_handle(handle, args.warmup, args.concurrency)
-        for run in range(args.runs):
+        idle_threads = []
+        if args.idle_threads > 0:
+            time.sleep(5.0)  # the warm-up's last flush and answers settle
+        for w in range(3 if args.idle_threads > 0 else 0):
+            idle_threads.append(idle_by_thread(apps, args.idle_threads))
+            print(f"idle window {w + 1}, {args.idle_threads:.0f} s, load average "
+                  f"{os.getloadavg()}, ms/s:")
+            for key, v in idle_threads[-1].items():
+                print(f"  {key:<28}{v['total']:7.2f}  " + ", ".join(
+                    f"{t} {x:.2f}" for t, x in v["threads"].items()))
+        for run in range(args.runs if args.requests > 0 else 0):
             for path in paths:
                 k = run % len(names)
                 order = names[k:] + names[:k]
                 idle = {n: idle_rates(apps[n][2], args.idle_s) for n in order}
-                acc = {n: {"requests": 0, "seconds": 0.0, "raw": {d: 0.0 for d in apps[n][2]}}
-                       for n in order}
+                acc = {n: {"requests": 0, "seconds": 0.0, "raw": {d: 0.0 for d in apps[n][2]},
+                           "ticks": 0.0} for n in order}
                 # Small chunks, every variant in turn: a load swing on the machine falls
                 # on all of them alike.
                 for c in range(args.chunks):
@@ -300,6 +396,7 @@ def main(argv=None) -> int:
                         app, handle, pids = apps[name]
                         t0, before = time.monotonic(), {d: cpu_seconds(p) for d, p in
                                                         pids.items()}
+                        ticks = sum(tick_seconds(p) for p in pids.values())
                         ok = drive_http(port, f"/{app}", n_chunk, args.concurrency) \
                             if path == "http" else drive_handle(handle, n_chunk,
                                                                  args.concurrency)
@@ -308,6 +405,7 @@ def main(argv=None) -> int:
                         a["requests"] += ok
                         for d, p in pids.items():
                             a["raw"][d] += cpu_seconds(p) - before[d]
+                        a["ticks"] += sum(tick_seconds(p) for p in pids.values()) - ticks
                 for name in order:
                     a, rate = acc[name], idle[name]
                     ok, wall = max(a["requests"], 1), a["seconds"]
@@ -317,6 +415,7 @@ def main(argv=None) -> int:
                         "requests_per_s": a["requests"] / wall, "by_deployment": by_dep,
                         "us_per_request": sum(by_dep.values()),
                         "raw_us_per_request": sum(a["raw"].values()) / ok * 1e6,
+                        "raw_ticks_us_per_request": a["ticks"] / ok * 1e6,
                         "idle_ms_per_s": sum(rate.values()) * 1e3})
             print(f"run {run + 1}/{args.runs} done; load average {os.getloadavg()}")
     finally:
@@ -326,24 +425,29 @@ def main(argv=None) -> int:
             pass
         ray.shutdown()
         sink.shutdown()
-    rows = summarize(samples, names)
+    rows = summarize(samples, names) if args.requests > 0 else []
     print(f"\n{'path':<8}{'variant':<16}{'net us/req':>11}{'  min..max':<16}"
-          f"{'vs plain':>9}{'  min..max':<16}{'raw us/req':>11}{'idle ms/s':>10}{'req/s':>7}"
+          f"{'+us':>6}{'  min..max':<14}"
+          f"{'vs plain':>9}{'  min..max':<16}{'raw us/req':>11}{'(ticks)':>8}{'idle ms/s':>10}"
+          f"{'req/s':>7}"
           "  by deployment (net, median)")
     for r in rows:
         ratio = f"{r['vs_plain']:.3f}" if "vs_plain" in r else ""
         rr = f"  {r['vs_plain_min']:.3f}..{r['vs_plain_max']:.3f}" if "vs_plain" in r else ""
         deps = ", ".join(f"{d} {v:.0f}" for d, v in r["by_deployment"].items())
+        extra = (f"{r['extra_us']:>+6.0f}{'  %+.0f..%+.0f' % (r['extra_us_min'], r['extra_us_max']):<14}"
+                 if "extra_us" in r else " " * 20)
         print(f"{r['path']:<8}{r['variant']:<16}{r['us_per_request']:>11.0f}"
-              f"{'  %.0f..%.0f' % (r['min'], r['max']):<16}{ratio:>9}{rr:<16}"
-              f"{r['raw_us_per_request']:>11.0f}{r['idle_ms_per_s']:>10.1f}"
+              f"{'  %.0f..%.0f' % (r['min'], r['max']):<16}{extra}{ratio:>9}{rr:<16}"
+              f"{r['raw_us_per_request']:>11.0f}{r['raw_ticks_us_per_request']:>8.0f}"
+              f"{r['idle_ms_per_s']:>10.1f}"
               f"{r['requests_per_s']:>7.0f}  {deps}")
     env_info["loadavg_end"] = os.getloadavg()
     print(f"\nload average at end: {env_info['loadavg_end']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env_info, "args": vars(args), "rows": rows,
-                       "samples": samples}, f, indent=2)
+                       "samples": samples, "idle_threads": idle_threads}, f, indent=2)
     return 0
 
 

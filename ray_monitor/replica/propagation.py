@@ -39,6 +39,7 @@ import re
 import threading
 from typing import Any, Callable, Optional
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.trace import sampling
 
@@ -57,8 +58,10 @@ CURRENT: contextvars.ContextVar[Any] = contextvars.ContextVar("ray_monitor_curre
 PLACEHOLDER = "ray_monitor=root"
 _TRACEPARENT = re.compile(
     r"^[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?[ \t]*$")
-_HEX = "0123456789abcdef"
+#: The common form exactly (what every W3C propagator writes), matched first.
+_COMMON = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _PROXY_ACTOR_PREFIX = "SERVE_PROXY_ACTOR"
+_otel_current = otel_context.get_current
 
 
 class Parent:
@@ -89,10 +92,10 @@ def parse_traceparent(value: Any, tracestate: Any = None) -> Optional[Parent]:
     not valid (as the spec asks, an invalid one is ignored, never an error)."""
     if not isinstance(value, str):
         return None
-    if len(value) == 55 and value[2] == value[35] == value[52] == "-" and \
-            not (value[:2] + value[3:35] + value[36:52] + value[53:]).strip(_HEX):
-        # The common form, without the regular expression (the callee's hot path).
-        version, tid, sid, flags, rest = value[:2], value[3:35], value[36:52], value[53:], None
+    m = _COMMON.fullmatch(value)  # the callee's hot path: one C-level match, 0.4 us
+    if m is not None:
+        version, tid, sid, flags = m.groups()
+        rest = None
     else:
         m = _TRACEPARENT.match(value)
         if m is None:
@@ -192,11 +195,15 @@ def outgoing() -> Optional[dict[str, str]]:
     other valid current span (the proxy: the caller's ``traceparent``); in the proxy, a
     placeholder that carries its sampler's "no".
     """
+    rs = CURRENT.get()
+    if rs is not None and not _otel_current():
+        # No OpenTelemetry context here (Serve's tracing off, no user span): the request's
+        # own span, without OpenTelemetry's lookups; every handle call of every request.
+        return carrier(rs.trace_id, rs.span_id, rs.sampled, rs.tracestate)
     span = trace.get_current_span()
     sc = span.get_span_context()
     if sc.is_valid and sc.trace_flags & 1:
         return carrier(sc.trace_id, sc.span_id, True, _state_header(sc))
-    rs = CURRENT.get()
     if rs is not None:
         return carrier(rs.trace_id, rs.span_id, rs.sampled, rs.tracestate)
     req = _current_request()

@@ -425,14 +425,25 @@ def install_log_correlation() -> None:
     def factory(*args, **kwargs):
         record = previous(*args, **kwargs)
         rs = CURRENT.get()
-        ids = rs.ids if rs is not None else _ids_from_otel()
-        if ids is not None:
-            record.trace_id = f"{ids[0]:032x}"
-            record.span_id = f"{ids[1]:016x}"
+        if rs is not None:
+            record.trace_id = f"{rs.trace_id:032x}"
+            record.span_id = f"{rs.span_id:016x}"
+        else:
+            # Serve's access log line of every request comes here, outside the request:
+            # OpenTelemetry is asked only when its context holds something (Serve's tracing).
+            ctx = _otel_current()
+            if ctx:
+                sc = trace.get_current_span(ctx).get_span_context()
+                if sc.is_valid:
+                    record.trace_id = f"{sc.trace_id:032x}"
+                    record.span_id = f"{sc.span_id:016x}"
         return record
 
     logging.setLogRecordFactory(factory)
     _factory_installed = True
+
+
+_otel_current = otel_context.get_current
 
 
 def _ids_from_otel() -> Optional[tuple[int, int]]:

@@ -158,6 +158,10 @@ def test_finding_the_aggregator_never_holds_the_flush(monkeypatch):
     class Actor:
         class ingest:
             @staticmethod
+            def options(**kwargs):
+                return Actor.ingest
+
+            @staticmethod
             def remote(batch):
                 calls.append(len(batch))
                 return object()

@@ -371,6 +371,11 @@ def test_an_aggregator_from_before_kept_traces_still_gets_the_snapshots():
     class Old:
         class ingest:
             @staticmethod
+            def options(**kwargs):
+                assert kwargs == {"enable_task_events": False}
+                return Old.ingest
+
+            @staticmethod
             def remote(batch):  # no cursor argument
                 got.append(batch)
                 return "ref"
