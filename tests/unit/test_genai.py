@@ -286,3 +286,28 @@ def test_prices_section_is_checked_field_by_field():
     assert fields == {"prices.toy.prompt_per_1k", "prices.toy.per_gpu", "prices.m2"}
     rf = load_rule_file({"groups": [], "prices": {"*": {"completion_per_1k": 1}}})
     assert rf.prices["*"].cost(1000, 1000) == 1.0
+
+
+def test_otlp_has_the_genai_semantic_convention_metrics():
+    from ray_monitor.replica.otlp_genai import PROVIDER, GenAIMetrics
+    from ray_monitor.replica.otlp_metrics import _exp_point
+
+    g = GenAIMetrics()
+    g.add(ReplicaSnapshot(_ident(), 1, 0.0, 1.0, [
+        SeriesDelta("POST /v1/chat/completions", "200", False, hist(1.0), hist(0.1),
+                    genai=GenAIDelta(time_per_token=hist(0.02), input_tokens=hist(7),
+                                     output_tokens=hist(5))),
+        SeriesDelta("plain", "ok", False, hist(1.0))], {},
+        usage=[UsageDelta("toy", "", 1, 0, 7, 5, hist(1.0))]))
+    ms = {m.name: m for m in g.metrics(0, 1, lambda method, outcome: {"method": method},
+                                       _exp_point)}
+    assert set(ms) == {"gen_ai.server.time_to_first_token", "gen_ai.server.time_per_output_token",
+                       "gen_ai.client.token.usage"}
+    ttft = ms["gen_ai.server.time_to_first_token"].data.data_points
+    assert len(ttft) == 1 and ttft[0].count == 1 and ms["gen_ai.client.token.usage"].unit == "{token}"
+    attrs = ttft[0].attributes
+    assert attrs["gen_ai.operation.name"] == "chat" and attrs["gen_ai.provider.name"] == PROVIDER
+    assert attrs["gen_ai.request.model"] == "toy"
+    usage = {p.attributes["gen_ai.token.type"]: p.sum
+             for p in ms["gen_ai.client.token.usage"].data.data_points}
+    assert usage == {"input": 7, "output": 5}
