@@ -11,7 +11,7 @@ whitespace-separated word, so the counts are exact and checkable). The tenant is
 ``X-Tenant`` header. ``@monitor`` reads the usage by itself; the rule file prices the
 model. The example sends streams for two tenants and prints what the monitor measured
 (time to first token, time per output token, tokens, tenants, cost) next to what the
-client measured. Starts a local Ray; 71 s in all on a 2-core machine at load 17-36. Exits 0 when the monitor's
+client measured. Starts a local Ray; 26 s in all on a quiet 2-core machine. Exits 0 when the monitor's
 token counts equal the usage the responses carried.
 """
 
