@@ -112,7 +112,20 @@ def plain_class() -> type:
         async def agen(self):
             for i in range(STREAM_ITEMS):
                 yield i
+
+        async def sse(self):  # an OpenAI chat stream: usage in the last chunk (issue 14)
+            for item in SSE_ITEMS:
+                yield item
     return Model
+
+
+#: STREAM_ITEMS chat.completion.chunk events as SSE text, then the usage chunk and [DONE].
+SSE_ITEMS = [f'data: {{"object": "chat.completion.chunk", "model": "m", "choices": '
+             f'[{{"index": 0, "delta": {{"content": " w{i}"}}}}]}}\n\n'
+             for i in range(STREAM_ITEMS - 2)] + [
+    'data: {"object": "chat.completion.chunk", "model": "m", "choices": [], "usage": '
+    '{"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13}}\n\n',
+    "data: [DONE]\n\n"]
 
 
 def monitored(*, in_context: bool = False, cls: type | None = None, **options) -> object:
@@ -292,6 +305,15 @@ def build_cases(loop: asyncio.AbstractEventLoop) -> dict[str, dict[str, Callable
              "async": {k: coro(m) for k, m in every.items()},
              f"generator x{STREAM_ITEMS}": {k: gen(m) for k, m in streams.items()},
              f"async generator x{STREAM_ITEMS}": {k: agen(m) for k, m in streams.items()}}
+    if hasattr(plain, "sse"):  # the SSE case: token extraction on (default) and off
+        sse = {"unwrapped": plain, "monitor metrics": mon["monitor metrics"]}
+        try:
+            sse["monitor metrics, tokens off"] = monitored(tracing_enabled=False, tokens=False)
+        except TypeError:  # a ray-monitor before issue 14 (the A/B run against main)
+            pass
+        cases[f"SSE async generator x{STREAM_ITEMS}, usage last"] = {
+            k: (lambda n, m=m: loop.run_until_complete(_time_agen(m.sse, n)))
+            for k, m in sse.items()}
     if HAS_PROPAGATION:
         cases["handle call, caller's side"] = handle_call_cases()
         cases.update(serve_hop_cases(loop, unsampled_caller))

@@ -22,7 +22,7 @@ import ray
 
 from ray_monitor.aggregator import persistence
 from ray_monitor.aggregator.core import AggregatorCore
-from ray_monitor.common.catalog import Query, is_model_query
+from ray_monitor.common.catalog import ALIASES, Query, is_model_query
 from ray_monitor.common.config import StartConfig
 from ray_monitor.common.errors import ConfigError
 from ray_monitor.common.names import AGGREGATOR_NAME, NAMESPACE
@@ -306,6 +306,7 @@ class Aggregator:
         if not (isinstance(window_s, (int, float)) and 0 < window_s < float("inf")):
             raise BadRequest(f"window_s={window_s!r} must be a number of seconds above 0",
                              field="window_s")
+        metric = ALIASES.get(metric, metric)  # time_to_first_token_seconds and the like
         if not is_model_query(function, metric):  # quality functions check their own
             check_query(function, metric, tuple(by) if by else None, param)
         res = self.core.source.evaluate(Query(function, metric, window_s,

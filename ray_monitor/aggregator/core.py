@@ -110,6 +110,8 @@ class AggregatorCore:
         self.classic_bounds = classic_bounds(rule_file.ruleset)
         self._serve_state_at: Optional[float] = None  # when Serve's controller last answered
         self.hints = HintEngine(config=rule_file.autoscaling, clock=clock)
+        self.store.tenants.prices = rule_file.prices
+        self.store.tenants.top_k = config.top_tenants
         self._applied: dict[tuple[str, str], int] = {}  # external scaler: last target sent
         self.config_warnings: list[str] = []  # autoscaling names no running deployment
         self._next_config_check = 0.0
@@ -417,6 +419,7 @@ class AggregatorCore:
         self.engine.reload(rule_file.ruleset, now=self.clock())
         self._add_bounds(rule_file.ruleset)
         self.hints.reload(rule_file.autoscaling)
+        self.store.tenants.prices = rule_file.prices
         if rule_file.notifications is not None:
             self.configure_notifications(rule_file.notifications)
         self._next_config_check = 0.0  # check the new names at the next evaluation

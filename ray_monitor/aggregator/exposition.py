@@ -66,7 +66,7 @@ class MonitorCollector:
             values = [str(labels.get(n, "")) for n in names]
             if m.kind == "histogram":
                 fam.add_metric(values, _buckets(s.histogram, s.exemplars,
-                                                bounds.get(m.name, DEFAULT_CLASSIC_BOUNDS)),
+                                                bounds.get(m.name, m.classic or DEFAULT_CLASSIC_BOUNDS)),
                                s.histogram.sum)
             else:
                 fam.add_metric(values, float(s.value))

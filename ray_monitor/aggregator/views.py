@@ -14,7 +14,7 @@ import math
 from typing import Any, Iterable, Mapping, Optional
 
 from ray_monitor.aggregator.trace_store import MAX_LIMIT, check_kind, check_limit
-from ray_monitor.common.catalog import FUNCTIONS, METRICS, Query
+from ray_monitor.common.catalog import ALIASES, FUNCTIONS, METRICS, Query
 from ray_monitor.common.errors import BadRequest
 from ray_monitor.quality.store import GAUGE_WINDOW_S
 
@@ -171,6 +171,7 @@ def timeseries(store, function: str, metric: str, *, now: float,
     resolutions are read from its coarse rings, which keep the whole hour. A step with
     no data is ``None``: the chart shows a gap, never a made-up 0.
     """
+    metric = ALIASES.get(metric, metric)
     check_query(function, metric, by, param)
     window_s = min(window_s, store.max_window_s)
     if window_s / step_s > MAX_POINTS:

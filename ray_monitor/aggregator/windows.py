@@ -12,7 +12,9 @@ functions, sharing within a round) is :mod:`~ray_monitor.aggregator.window_query
 Series. One series per metric of :data:`~ray_monitor.common.catalog.METRICS` and full label set
 (the metric's ``labels``, in that order). From a replica snapshot: ``requests`` (+= the
 delta's count), ``errors`` (+= the count of deltas whose ``error`` is set), the histograms
-``latency_seconds`` and ``first_item_seconds``, the gauge ``inflight`` per method, and the
+``latency_seconds`` and ``first_item_seconds``, the stream and token series of
+:mod:`~ray_monitor.aggregator.tenants` (and its per-tenant ones from the snapshot's
+``usage``), the gauge ``inflight`` per method, and the
 health gauges (``node`` = the replica's node id; ``loop_lag_seconds`` is skipped when None,
 ``hung_requests`` is the number of hung requests). From a GPU snapshot: the device gauges
 (``gpu_memory_utilization`` = used / total), and ``gpu_xid_errors``, a counter made from
@@ -68,9 +70,10 @@ from typing import Callable, Optional
 import numpy as np
 
 from ray_monitor.aggregator.rings import GroupKey, Table
+from ray_monitor.aggregator.tenants import TenantBook, feed_series
 from ray_monitor.aggregator.timeline import EMPTY, Timeline
 from ray_monitor.aggregator.window_query import WindowQuery
-from ray_monitor.common.catalog import METRICS, Query
+from ray_monitor.common.catalog import GENAI_METRICS, METRICS, Query
 from ray_monitor.common.histogram import Histogram
 from ray_monitor.common.snapshot import OK, Exemplar, GpuSnapshot, ReplicaSnapshot
 
@@ -84,7 +87,7 @@ COMPLETE_WAIT_S = 2.0
 #: report intervals, if longer), as Prometheus drops the series of a target that is down.
 GAUGE_FRESH_S = 3.0
 #: Request series a replica's report keeps alive (see Zero is a value).
-_REPLICA_FED = ("requests", "errors", "latency_seconds", "first_item_seconds")
+_REPLICA_FED = ("requests", "errors", "latency_seconds", "first_item_seconds", *GENAI_METRICS)
 
 # GpuDevice.values key -> gauge metric
 _GPU_GAUGES = (("utilization_ratio", "gpu_utilization"),
@@ -136,6 +139,7 @@ class WindowStore:
         self._tables = {name: Table(m, self._tl.res) for name, m in METRICS.items()}
         self._table_list = list(self._tables.values())
         self._query = WindowQuery(self._tl, self._tables)
+        self.tenants = TenantBook()  # top tenants per deployment, and token prices (issue 14)
         # (application, deployment, replica) -> [last seq, dropped, seen, data end, interval]
         self._replicas: dict[tuple[str, str, str], list] = {}
         self._gpu_nodes: dict[str, tuple[float, float, float]] = {}  # node -> (seen, time, interval)
@@ -224,6 +228,10 @@ class WindowStore:
             if d.first_item is not None and d.first_item.count:
                 first_item.add_hist(first_item.row_for(labels, cap), where, d.first_item,
                                     now, None)
+            if d.genai is not None:
+                feed_series(tables, labels, d.genai, where, now, cap)
+        if snap.usage:
+            self.tenants.feed(tables, app, dep, snap.usage, where, now, cap)
         inflight = tables["inflight"]
         for method, value in snap.inflight.items():  # gauges: read at the end of the delta
             row = inflight.row_for((app, dep, rep, method, mv), cap)

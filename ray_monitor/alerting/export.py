@@ -78,7 +78,7 @@ def classic_bounds(ruleset: Optional[RuleSet]) -> dict[str, tuple[float, ...]]:
             bound = _bound_of(cond)
             if bound is not None and 0 < bound < math.inf:
                 extra.setdefault(cond.query.metric, set()).add(float(bound))
-    return {name: tuple(sorted(set(DEFAULT_CLASSIC_BOUNDS) | extra.get(name, set())))
+    return {name: tuple(sorted(set(m.classic or DEFAULT_CLASSIC_BOUNDS) | extra.get(name, set())))
             for name, m in catalog.METRICS.items() if m.kind == "histogram"}
 
 
@@ -263,7 +263,8 @@ def export_prometheus_yaml(ruleset: RuleSet) -> str:
     header = (f"# Prometheus rules exported by ray-monitor from {ruleset.file}.\n"
               f"# Scale actions are not exported; approximations are named in the "
               f"{EXPORT_NOTE} annotation.\n")
-    added = {name: [b for b in bounds if b not in DEFAULT_CLASSIC_BOUNDS]
+    added = {name: [b for b in bounds
+                    if b not in (catalog.METRICS[name].classic or DEFAULT_CLASSIC_BOUNDS)]
              for name, bounds in classic_bounds(ruleset).items()}
     added = {name: bounds for name, bounds in added.items() if bounds}
     if added:

@@ -157,7 +157,8 @@ class _ExprParser:
             num, c["param_pos"] = self._regex(_NUMBER_RE, "a number")
             c["param"] = float(num)
             self._expect(",", "after the number")
-        c["metric"], c["metric_pos"] = self._regex(_IDENT_RE, "a metric name such as latency_seconds")
+        name, c["metric_pos"] = self._regex(_IDENT_RE, "a metric name such as latency_seconds")
+        c["metric"] = catalog.ALIASES.get(name, name)  # GenAI's word for a metric we keep
         c["matchers"] = []
         if self._eat("{"):
             while not self._eat("}"):

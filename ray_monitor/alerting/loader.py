@@ -2,11 +2,12 @@
 
 Runs in the CLI (``rules check``, ``rules export``, ``start --rules``), in the driver
 (``ray_monitor.start(rules=...)``) and in the aggregator (start and reload). A rule file
-is YAML (a path, the text, or the parsed dict) with up to three sections::
+is YAML (a path, the text, or the parsed dict) with up to four sections::
 
     groups: [...]           alert rules and SLOs            (ray_monitor.alerting.groups)
     autoscaling: {...}      targets and bounds for hints     (ray_monitor.autoscaling.config)
     notifications: {...}    receivers and route              (ray_monitor.alerting.notify_config)
+    prices: {...}           token prices per model           (ray_monitor.alerting.prices)
 
 It decides what is a path and what is text, checks every section, and raises one
 :class:`~ray_monitor.common.errors.ConfigError` carrying every problem of every section
@@ -23,7 +24,7 @@ by libyaml when PyYAML has it.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, TypeVar, Union
 
@@ -32,6 +33,7 @@ import yaml
 from ray_monitor.alerting.groups import parse_groups
 from ray_monitor.alerting.model import RuleSet
 from ray_monitor.alerting.notify_config import NotifyConfig
+from ray_monitor.alerting.prices import Price, parse_prices
 from ray_monitor.autoscaling.config import HintConfig, parse_hint_config
 from ray_monitor.common.errors import ConfigError, Problem
 
@@ -41,7 +43,7 @@ __all__ = ["MAX_RULE_FILE_BYTES", "MAX_YAML_DEPTH", "MAX_YAML_NODES", "RuleFile"
 #: What a rule file may be given as: a path (``str`` or ``Path``), YAML text, or a dict.
 RuleSource = Union[str, Path, Mapping]
 
-_SECTIONS = ("groups", "autoscaling", "notifications")
+_SECTIONS = ("groups", "autoscaling", "notifications", "prices")
 #: Largest rule file (the default one is 5 KiB).
 MAX_RULE_FILE_BYTES = 1024 * 1024
 #: Nodes a file may hold once aliases are followed: a file without aliases has fewer
@@ -66,6 +68,7 @@ class RuleFile:
     autoscaling: HintConfig
     notifications: Optional[dict]
     source: Union[str, Mapping]
+    prices: Mapping[str, Price] = field(default_factory=dict)  # model -> token prices
 
 
 def _names_a_file(source: Union[str, Path]) -> bool:
@@ -203,11 +206,12 @@ def load_rule_file(source: RuleSource, *, filename: Optional[str] = None,
     if notifications is not None:
         # Checked as a whole here; the environment fills in receivers only where it runs.
         _collect(problems, lambda: NotifyConfig.from_dict(notifications, env={}, file=file))
+    prices = _collect(problems, lambda: parse_prices(data.get("prices"), file=file))
     if problems:
         raise ConfigError(problems)
     return RuleFile(file=file, ruleset=RuleSet(groups, file), autoscaling=autoscaling,
                     notifications=None if notifications is None else dict(notifications),
-                    source=kept)
+                    source=kept, prices=prices)
 
 
 def load_rules(source: RuleSource, *, filename: Optional[str] = None) -> RuleSet:

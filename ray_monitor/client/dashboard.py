@@ -55,8 +55,8 @@ def _rate(metric: str, by: str, suffix: str = "") -> str:
             "[$__rate_interval]))")
 
 
-def _quantile(q: float) -> str:
-    return f"histogram_quantile({q}, {_rate('latency_seconds', 'le, application, deployment', 'bucket')})"
+def _quantile(q: float, metric: str = "latency_seconds") -> str:
+    return f"histogram_quantile({q}, {_rate(metric, 'le, application, deployment', 'bucket')})"
 
 
 def _gpu(metric: str) -> str:
@@ -106,6 +106,23 @@ def _rows() -> list[tuple[str, list[dict]]]:
                    "histograms; the status page and rules use the exact ones."),
             _panel("In flight", [(f"sum by ({by_dep}) ({exported_name('inflight')}{{{_SEL}}})", dep)],
                    unit="short", description="Requests running in the deployment's replicas."),
+        ]),
+        ("Generative serving", [
+            _panel("Time to first token p50 / p95",
+                   [(_quantile(0.5, "first_item_seconds"), f"p50 {dep}"),
+                    (_quantile(0.95, "first_item_seconds"), f"p95 {dep}")], unit="s",
+                   description="Streams: from the request's start to its first item."),
+            _panel("Time per output token p50 / p95",
+                   [(_quantile(0.5, "time_per_output_token_seconds"), f"p50 {dep}"),
+                    (_quantile(0.95, "time_per_output_token_seconds"), f"p95 {dep}")], unit="s",
+                   description="Streams: (last - first item) / (output tokens - 1)."),
+            _panel("Tokens per second", [(_rate("output_tokens", by_dep), f"output {dep}"),
+                                         (_rate("input_tokens", by_dep), f"input {dep}")],
+                   unit="short", description="Tokens of requests whose usage is known."),
+            _panel("Top tenants (output tokens/s)",
+                   [(f"topk(10, {_rate('tenant_output_tokens', 'application, deployment, tenant')})",
+                     "{{deployment}} {{tenant}}")], unit="short",
+                   description="The deployment's top tenants; the rest are 'other'."),
         ]),
         ("Replicas", [
             _panel("Replica CPU", [(f"{exported_name('cpu_percent')}{{{_SEL}}}", rep)],

@@ -15,10 +15,10 @@ from typing import Literal, Optional
 
 from ray_monitor.common.matchers import Matcher
 
-__all__ = ["ABSENT", "ABSENT_BY", "FEATURE_PREFIX", "FUNCTIONS", "METRICS", "MODEL_FUNCTIONS",
+__all__ = ["ABSENT", "ABSENT_BY", "ALIASES", "COUNT_BOUNDS", "FEATURE_PREFIX", "GENAI_METRICS", "FUNCTIONS", "METRICS", "MODEL_FUNCTIONS",
            "MODEL_LABELS", "Metric", "PREDICTION", "PREDICTIONS", "QUALITY_LABELS",
            "QUALITY_METRICS", "QualityMetric", "Query", "REQUEST_METRICS", "RESERVED_LABELS",
-           "SHORTHAND_QUANTILES", "absence_metric", "absent_labels", "is_model_query"]
+           "SHORTHAND_QUANTILES", "TENANT_LABELS", "TENANT_METRICS", "absence_metric", "absent_labels", "is_model_query"]
 
 
 Kind = Literal["counter", "histogram", "gauge"]
@@ -33,8 +33,13 @@ GPU_LABELS = ("node", "gpu", "uuid", "model", "application", "deployment")
 #: Labels of per-replica GPU use.
 GPU_REPLICA_LABELS = ("node", "gpu", "uuid", "application", "deployment", "replica", "pid")
 
+#: Labels of per-tenant usage series: ``model`` is the model the responses named, ``tenant``
+#: one of the deployment's top tenants or ``other`` (see aggregator.tenants).
+TENANT_LABELS = ("application", "deployment", "model", "tenant")
+
 #: Label names the monitor sets; user-chosen labels may not use them.
 RESERVED_LABELS = frozenset(REQUEST_LABELS + REPLICA_LABELS + GPU_LABELS + GPU_REPLICA_LABELS
+                            + TENANT_LABELS
                             + ("alertname", "le", "quantile", "direction", "reason", "cause"))
 
 
@@ -46,6 +51,13 @@ class Metric:
     prometheus: str  # the name on /metrics (counters without the _total suffix)
     help: str
     unit: str = ""
+    classic: tuple[float, ...] = ()  # classic le bounds on /metrics (default: Prometheus')
+
+
+#: Classic bounds of histograms that count things (items per stream, items per second).
+COUNT_BOUNDS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0)
+#: GenAI's advice for time per output token (OpenTelemetry semantic conventions).
+TPOT_BOUNDS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 
 
 METRICS: dict[str, Metric] = {m.name: m for m in (
@@ -57,7 +69,38 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
            "Time from the start of a request to its end (the last item for streams).", "s"),
     Metric("first_item_seconds", "histogram", REQUEST_LABELS,
            "ray_monitor_request_first_item_seconds",
-           "Streaming methods: time from the start of a request to its first item.", "s"),
+           "Streaming methods: time from the start of a request to its first item (time to "
+           "first token; rules may call it time_to_first_token_seconds).", "s"),
+    Metric("time_per_output_token_seconds", "histogram", REQUEST_LABELS,
+           "ray_monitor_time_per_output_token_seconds",
+           "Streams: (last item - first item) / (output tokens - 1), items when tokens are "
+           "unknown; one sample per stream.", "s", TPOT_BOUNDS),
+    Metric("inter_item_seconds", "histogram", REQUEST_LABELS,
+           "ray_monitor_stream_inter_item_seconds",
+           "Streams: time between two consecutive items.", "s", TPOT_BOUNDS),
+    Metric("stream_items", "histogram", REQUEST_LABELS, "ray_monitor_stream_items",
+           "Streams: items per request.", "{item}", COUNT_BOUNDS),
+    Metric("stream_items_per_second", "histogram", REQUEST_LABELS,
+           "ray_monitor_stream_items_per_second",
+           "Streams: items per second over the request.", "{item}/s", COUNT_BOUNDS),
+    Metric("input_tokens", "counter", REQUEST_LABELS, "ray_monitor_input_tokens",
+           "Prompt (input) tokens of requests whose usage is known."),
+    Metric("output_tokens", "counter", REQUEST_LABELS, "ray_monitor_output_tokens",
+           "Completion (output) tokens of requests whose usage is known."),
+    Metric("tenant_requests", "counter", TENANT_LABELS, "ray_monitor_tenant_requests",
+           "Requests per tenant (top tenants, the rest as other) and model."),
+    Metric("tenant_errors", "counter", TENANT_LABELS, "ray_monitor_tenant_errors",
+           "Failed requests per tenant and model."),
+    Metric("tenant_input_tokens", "counter", TENANT_LABELS, "ray_monitor_tenant_input_tokens",
+           "Input tokens per tenant and model."),
+    Metric("tenant_output_tokens", "counter", TENANT_LABELS, "ray_monitor_tenant_output_tokens",
+           "Output tokens per tenant and model."),
+    Metric("tenant_latency_seconds", "histogram", TENANT_LABELS,
+           "ray_monitor_tenant_request_duration_seconds",
+           "Request duration per tenant and model.", "s"),
+    Metric("cost", "counter", TENANT_LABELS, "ray_monitor_cost",
+           "Cost of the tokens used, from the rule file's prices: section, per tenant and "
+           "model (in the prices' currency)."),
     Metric("inflight", "gauge", REQUEST_LABELS[:-1], "ray_monitor_inflight_requests",
            "Requests running in a replica."),
     Metric("cpu_percent", "gauge", REPLICA_LABELS, "ray_monitor_replica_cpu_percent",
@@ -128,7 +171,17 @@ ABSENT = "absent_over_time"
 ABSENT_BY = ("application", "deployment")
 #: Series written per request: a replica reports them with every snapshot (its
 #: ``inflight`` gauge is the sample), even when no request finished.
-REQUEST_METRICS = ("requests", "errors", "latency_seconds", "first_item_seconds", "inflight")
+REQUEST_METRICS = ("requests", "errors", "latency_seconds", "first_item_seconds", "inflight",
+                   "time_per_output_token_seconds", "inter_item_seconds", "stream_items",
+                   "stream_items_per_second", "input_tokens", "output_tokens")
+#: Request metrics fed by streams and token usage (SeriesDelta.genai).
+GENAI_METRICS = REQUEST_METRICS[5:]
+#: Per-tenant metrics, fed by ReplicaSnapshot.usage.
+TENANT_METRICS = ("tenant_requests", "tenant_errors", "tenant_input_tokens",
+                  "tenant_output_tokens", "tenant_latency_seconds", "cost")
+#: Other names rules may use for a metric: GenAI's words for what the monitor measures.
+ALIASES = {"time_to_first_token_seconds": "first_item_seconds",
+           "time_to_first_item_seconds": "first_item_seconds"}
 
 
 def absence_metric(metric: str) -> str:

@@ -21,7 +21,7 @@ __all__ = ["StartConfig"]
 
 _SOURCE = "ray_monitor.start()"
 _NUMBERS = ("port", "eval_interval_s", "gpu_interval_s", "series_ttl_s", "feedback_horizon_s",
-            "drift_reference_size", "max_series_per_metric")
+            "drift_reference_size", "max_series_per_metric", "top_tenants")
 
 
 class StartConfig(BaseModel):
@@ -62,6 +62,9 @@ class StartConfig(BaseModel):
         "How long a captured prediction waits for its ground truth."))
     drift_reference_size: int = Field(1000, gt=0, description=(
         "Observations that make a model's drift reference when none is set."))
+    top_tenants: int = Field(10, ge=1, le=1000, description=(
+        "Tenants per deployment with series of their own (the heaviest by requests); the "
+        "rest are counted as 'other', so totals stay exact and labels bounded."))
     dashboard_url: str = Field("http://127.0.0.1:8265", description=(
         "Ray's dashboard, for autoscaling entries with apply: external."))
 

@@ -16,8 +16,9 @@ from typing import Any, NamedTuple, Optional
 
 from ray_monitor.common.histogram import Histogram
 
-__all__ = ["OK", "Exemplar", "GpuDevice", "GpuProcess", "GpuSnapshot", "HungRequest",
-           "ReplicaHealth", "ReplicaIdentity", "ReplicaSnapshot", "SeriesDelta"]
+__all__ = ["OK", "Exemplar", "GenAIDelta", "GpuDevice", "GpuProcess", "GpuSnapshot",
+           "HungRequest", "ReplicaHealth", "ReplicaIdentity", "ReplicaSnapshot", "SeriesDelta",
+           "UsageDelta"]
 
 OK = "ok"
 
@@ -54,10 +55,46 @@ class SeriesDelta:
     latency: Histogram
     first_item: Optional[Histogram] = None  # streaming methods: time to first item
     exemplars: dict[int, Exemplar] = field(default_factory=dict)  # latency bucket -> trace
+    genai: Optional["GenAIDelta"] = None  # streams and requests with token usage
 
     @property
     def count(self) -> int:
         return self.latency.count
+
+
+@dataclass
+class GenAIDelta:
+    """Per-request stream and token figures of one method and outcome (issue 14).
+
+    Each histogram holds one sample per request, except ``gaps`` (one per pair of
+    consecutive items). ``time_per_token`` is ``(last - first) / (n - 1)`` with ``n`` the
+    output tokens when known, else the items; ``items`` counts items per stream and
+    ``items_per_s`` is ``items / duration``. ``input_tokens``/``output_tokens`` are
+    tokens per request (their ``sum`` is exact: integers below 2**53)."""
+
+    time_per_token: Optional[Histogram] = None
+    gaps: Optional[Histogram] = None
+    items: Optional[Histogram] = None
+    items_per_s: Optional[Histogram] = None
+    input_tokens: Optional[Histogram] = None
+    output_tokens: Optional[Histogram] = None
+
+
+@dataclass
+class UsageDelta:
+    """Requests of one (model, tenant) of a deployment in a snapshot's window.
+
+    ``tenant`` is ``""`` when the deployment names no tenant, and ``"other"`` for tenants
+    past the replica's per-snapshot cap. ``model`` is the model the response named
+    (OpenAI ``model``), else the extractor's, else ``""``."""
+
+    model: str
+    tenant: str
+    requests: int = 0
+    errors: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    latency: Histogram = field(default_factory=Histogram)
 
 
 @dataclass
@@ -104,6 +141,8 @@ class ReplicaSnapshot:
     # methods whose requests are labelled by route (an ASGI ingress): in ``inflight``, but
     # never a request series of their own, so they get no zero series
     routed: list[str] = field(default_factory=list)
+    # per (model, tenant) usage of requests finished in the window (issue 14), bounded
+    usage: list[UsageDelta] = field(default_factory=list)
 
 
 @dataclass

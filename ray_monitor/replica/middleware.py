@@ -23,13 +23,14 @@ from typing import Any, Callable, Optional
 
 from opentelemetry import context as otel_context
 
-from ray_monitor.replica import tracing
+from ray_monitor.replica import streaming, tracing
 from ray_monitor.replica.http_semantics import (carry_traceparent, from_scope, method_label,
                                                 status_of)
 from ray_monitor.replica.span_errors import error_type
 from ray_monitor.replica.options import UNSET, MonitorOptions, refuse
 from ray_monitor.quality.prediction import Prediction, validate_extractor_result
 from ray_monitor.replica.runtime import Runtime
+from ray_monitor.replica.usage import tenant_of
 from ray_monitor.common.snapshot import OK, Exemplar
 
 __all__ = ["monitor", "public_methods", "wrap_callable"]
@@ -51,7 +52,8 @@ def monitor(target: Any = None, /, *, model_version: Any = UNSET, sample_ratio: 
             slow_threshold_s: Any = UNSET, exclude: Any = UNSET, flush_interval_s: Any = UNSET,
             tracing_enabled: Any = UNSET, hang_threshold_s: Any = UNSET,
             prediction: Any = UNSET, prediction_input: Any = UNSET,
-            prediction_methods: Any = UNSET, positive_label: Any = UNSET):
+            prediction_methods: Any = UNSET, positive_label: Any = UNSET, tokens: Any = UNSET,
+            tenant: Any = UNSET, tenant_header: Any = UNSET):
     """Monitor a Ray Serve deployment (a class, a function, or a ``Deployment``).
 
     Works bare (``@monitor``) and with options (``@monitor(model_version="v3")``),
@@ -64,6 +66,10 @@ def monitor(target: Any = None, /, *, model_version: Any = UNSET, sample_ratio: 
     "score": p}`` or ``{"value": x}``, optionally with ``"features": {name: value}``,
     or None to skip the request. Only that is kept, never the payload.
     ``positive_label`` is the class ``score`` is the probability of.
+
+    Generative serving: ``tokens=fn`` reads ``(input, output)`` tokens from a result or a
+    stream's last item (default: OpenAI ``usage``; ``False``: off); ``tenant=fn`` (the
+    call's arguments) or ``tenant_header="x-tenant"`` names the tenant.
     """
     options = MonitorOptions.build(model_version=model_version, sample_ratio=sample_ratio,
                                    slow_threshold_s=slow_threshold_s, exclude=exclude,
@@ -72,7 +78,8 @@ def monitor(target: Any = None, /, *, model_version: Any = UNSET, sample_ratio: 
                                    hang_threshold_s=hang_threshold_s, prediction=prediction,
                                    prediction_input=prediction_input,
                                    prediction_methods=prediction_methods,
-                                   positive_label=positive_label)
+                                   positive_label=positive_label, tokens=tokens, tenant=tenant,
+                                   tenant_header=tenant_header)
     if target is None:
         return functools.partial(_apply, options=options)
     return _apply(target, options=options)
@@ -195,9 +202,10 @@ class _Request:
     """State of one request between start and finish; lives only as long as it."""
 
     __slots__ = ("cells", "token", "t0", "span", "ctx_token", "otel_token", "tracer", "runtime",
-                 "active_token")
+                 "active_token", "tenant")
 
-    def __init__(self, hook: "_Hook", scope: Any, asgi: bool = False) -> None:
+    def __init__(self, hook: "_Hook", scope: Any, asgi: bool = False, args: tuple = (),
+                 kwargs: Optional[dict] = None) -> None:
         self.runtime = hook.runtime
         st = hook.runtime.state or hook.runtime.start()
         self.cells = st.recorder.method(hook.name) if hook.cells is None else hook.cells
@@ -207,6 +215,9 @@ class _Request:
         self.tracer = st.tracer
         self.span = None
         self.ctx_token = self.otel_token = self.active_token = None
+        opts = hook.runtime.options
+        self.tenant = None if opts.tenant is None and opts.tenant_header is None else \
+            _tenant(hook, scope, args, kwargs)
         if st.tracer.enabled:
             # A plain HTTP ingress's route is Serve's route prefix; FastAPI's is its
             # template, known once the app has routed the request.
@@ -238,18 +249,34 @@ class _Request:
             self.active_token = None
 
     def finish(self, outcome: str, error: Optional[BaseException], is_error: bool,
-               first_item: Optional[float] = None, extra: Optional[dict] = None) -> None:
+               stream: Optional[streaming.Stream] = None, result: Any = None) -> None:
         latency = _perf() - self.t0
-        exemplar = None
+        exemplar = extra = fig = None
+        if stream is not None or result is not None:
+            fig = streaming.measure(self.runtime, stream, result, latency)
+        if self.tenant is not None or fig is not None and fig.usage is not None:
+            streaming.record_usage(self.runtime.state.recorder, self.tenant, fig, is_error,
+                                   latency)
         sp = self.span
         if sp is not None:
+            if fig is not None:
+                extra = fig.span_attributes()
             kept = self.tracer.end(sp, latency, error if is_error else None, extra,
                                    error_status=outcome if is_error and error is None else None,
                                    status=None if sp.http is None else status_of(outcome, is_error))
             if kept:
                 exemplar = Exemplar(f"{sp.trace_id:032x}", f"{sp.span_id:016x}", latency,
                                     time.time())
-        self.cells.end(self.token, outcome, is_error, latency, first_item, exemplar)
+        self.cells.end(self.token, outcome, is_error, latency,
+                       None if stream is None else stream.first, exemplar, fig)
+
+
+def _tenant(hook: "_Hook", scope: Any, args: tuple, kwargs: Optional[dict]) -> Optional[str]:
+    try:
+        return tenant_of(hook.runtime.options, scope, args[hook.at:], kwargs)
+    except Exception as e:  # a bad tenant function: the request goes on, as tenant ""
+        hook.runtime.self_error(f"tenant_extractor:{type(e).__name__}", e)
+        return ""
 
 
 _REQUEST_CONTEXT: Any = None  # Serve's request-context variable, looked up once
@@ -309,19 +336,21 @@ def _headers(args: tuple, i: int) -> Any:
 class _Hook:
     """What a wrapper needs, bound once: the runtime, the method's name and cells."""
 
-    __slots__ = ("runtime", "name", "span_name", "cells")
+    __slots__ = ("runtime", "name", "span_name", "cells", "at")
 
-    def __init__(self, runtime: Runtime, name: str) -> None:
+    def __init__(self, runtime: Runtime, name: str, at: int = 0) -> None:
         self.runtime = runtime
+        self.at = at  # where the call's own arguments start (after `self`)
         self.name = name
         self.span_name = f"{runtime.target_name}.{name}"
         self.cells = None  # bound by the runtime when it starts
 
-    def start(self, scope: Any, asgi: bool = False) -> Optional[_Request]:
+    def start(self, scope: Any, asgi: bool = False, args: tuple = (),
+              kwargs: Optional[dict] = None) -> Optional[_Request]:
         if ACTIVE.get() is self.runtime:
             return None  # the deployment calling its own method: part of the same request
         try:
-            req = _Request(self, scope, asgi)
+            req = _Request(self, scope, asgi, args, kwargs)
             req.enter()
             return req
         except Exception as e:
@@ -329,23 +358,37 @@ class _Hook:
             return None
 
     def __getstate__(self):
-        return {"runtime": self.runtime, "name": self.name, "span_name": self.span_name}
+        return {"runtime": self.runtime, "name": self.name, "span_name": self.span_name,
+                "at": self.at}
 
     def __setstate__(self, state):
         self.runtime, self.name, self.span_name = (state["runtime"], state["name"],
                                                    state["span_name"])
+        self.at = state.get("at", 0)
         self.cells = None
 
 
 def _done(hook: _Hook, req: Optional[_Request], outcome: str, error: Optional[BaseException],
-          is_error: bool, first_item: Optional[float] = None) -> None:
+          is_error: bool, stream: Optional[streaming.Stream] = None, result: Any = None) -> None:
     if req is None:
         return
     try:
         req.exit()
-        req.finish(outcome, error, is_error, first_item)
+        req.finish(outcome, error, is_error, stream, result)
     except Exception as e:
         hook.runtime.self_error("middleware_failed", e)
+
+
+def _end(hook: _Hook, req: Optional[_Request], outcome: str = OK,
+         is_error: bool = False) -> streaming.End:
+    """How a stream of ``req`` reports its end: ``outcome`` unless it raised."""
+    def end(error: Optional[BaseException], stream: Optional[streaming.Stream]) -> None:
+        if error is None:
+            _done(hook, req, outcome, None, is_error, stream)
+        else:
+            failed, is_failure = _outcome(error)
+            _done(hook, req, failed, error, is_failure, stream)
+    return end
 
 
 def _capture(runtime: Runtime, result: Any, args: tuple, kwargs: dict) -> None:
@@ -391,17 +434,16 @@ def wrap_callable(fn: Callable, name: str, runtime: Runtime, bound: bool = True)
     original = fn
     if runtime.options.extractor(name) is not None:
         fn = _capturing(fn, runtime, bound)
-    hook = _Hook(runtime, name)
-    runtime.hooks.append(hook)
-    # Headers are the first argument after `self` for methods.
     at = 1 if bound else 0  # where a Starlette request would be: after `self`
+    hook = _Hook(runtime, name, at)
+    runtime.hooks.append(hook)
 
     if inspect.isasyncgenfunction(fn):
         async def wrapper(*args, **kwargs):
-            req = hook.start(_headers(args, at))
+            req = hook.start(_headers(args, at), False, args, kwargs)
             if req is not None:
                 req.exit()
-            timed = _timed_async_generator(hook, req, fn(*args, **kwargs))
+            timed = streaming.timed_async_generator(fn(*args, **kwargs), req, _end(hook, req))
             try:
                 async for item in timed:
                     yield item
@@ -410,7 +452,7 @@ def wrap_callable(fn: Callable, name: str, runtime: Runtime, bound: bool = True)
 
     elif inspect.iscoroutinefunction(fn):
         async def wrapper(*args, **kwargs):
-            req = hook.start(_headers(args, at))
+            req = hook.start(_headers(args, at), False, args, kwargs)
             try:
                 result = await fn(*args, **kwargs)
             except BaseException as e:
@@ -421,27 +463,21 @@ def wrap_callable(fn: Callable, name: str, runtime: Runtime, bound: bool = True)
 
     elif inspect.isgeneratorfunction(fn):
         def wrapper(*args, **kwargs):
-            req = hook.start(_headers(args, at))
+            req = hook.start(_headers(args, at), False, args, kwargs)
             if req is not None:
                 req.exit()
-            return (yield from _timed_generator(hook, req, fn(*args, **kwargs)))
+            return (yield from streaming.timed_generator(fn(*args, **kwargs), req,
+                                                         _end(hook, req)))
 
     else:
         def wrapper(*args, **kwargs):
-            req = hook.start(_headers(args, at))
+            req = hook.start(_headers(args, at), False, args, kwargs)
             try:
                 result = fn(*args, **kwargs)
             except BaseException as e:
                 outcome, is_error = _outcome(e)
                 _done(hook, req, outcome, e, is_error)
                 raise
-            kind = type(result)
-            if req is not None and (kind is GeneratorType or kind is AsyncGeneratorType):
-                # A plain function that returns a stream: time the stream, not the call.
-                req.exit()
-                if kind is GeneratorType:
-                    return _timed_generator(hook, req, result)
-                return _timed_async_generator(hook, req, result)
             return _finish(hook, req, result)
 
     functools.update_wrapper(wrapper, original)
@@ -449,77 +485,28 @@ def wrap_callable(fn: Callable, name: str, runtime: Runtime, bound: bool = True)
     return wrapper
 
 
-def _timed_generator(hook: _Hook, req: Optional[_Request], gen):
-    first = None
-    outcome, error, is_error = OK, None, False
-    try:
-        while True:
-            if req is not None:
-                req.enter()
-            try:
-                item = next(gen)
-            except StopIteration as stop:
-                return stop.value
-            finally:
-                if req is not None:
-                    req.exit()
-            if first is None and req is not None:
-                first = _perf() - req.t0
-            yield item
-    except BaseException as e:
-        outcome, is_error = _outcome(e)
-        error = e
-        raise
-    finally:
-        gen.close()
-        _done(hook, req, outcome, error, is_error, first)
-
-
 def _finish(hook: _Hook, req: Optional[_Request], result: Any) -> Any:
-    """Records a returned result. A streaming HTTP response (Starlette's
-    ``StreamingResponse``) is timed to its last chunk, with its status as outcome."""
+    """Records a returned result. A returned (async) generator, as a plain function or an
+    ``async def`` returns it (Serve LLM's servers do), and a streaming HTTP response
+    (Starlette's ``StreamingResponse``) are timed to their last item."""
+    kind = type(result)
+    if req is not None and (kind is GeneratorType or kind is AsyncGeneratorType):
+        req.exit()  # time the stream, not the call
+        if kind is GeneratorType:
+            return streaming.timed_generator(result, req, _end(hook, req))
+        return streaming.timed_async_generator(result, req, _end(hook, req))
     if isinstance(result, _HttpResponse):
         status = result.status_code
         body = getattr(result, "body_iterator", None)
         if body is not None and req is not None:
             req.exit()
-            result.body_iterator = _timed_async_generator(hook, req, body, str(status),
-                                                          status >= 500)
+            result.body_iterator = streaming.timed_async_generator(
+                body, req, _end(hook, req, str(status), status >= 500))
             return result
-        _done(hook, req, str(status), None, status >= 500)
+        _done(hook, req, str(status), None, status >= 500, None, result)
         return result
-    _done(hook, req, OK, None, False)
+    _done(hook, req, OK, None, False, None, result)
     return result
-
-
-async def _timed_async_generator(hook: _Hook, req: Optional[_Request], agen,
-                                 done_outcome: str = OK, done_error: bool = False):
-    first = None
-    outcome, error, is_error = done_outcome, None, done_error
-    it = agen.__aiter__()
-    try:
-        while True:
-            if req is not None:
-                req.enter()  # the request's context while the stream produces an item
-            try:
-                item = await it.__anext__()
-            except StopAsyncIteration:
-                break
-            finally:
-                if req is not None:
-                    req.exit()
-            if first is None and req is not None:
-                first = _perf() - req.t0
-            yield item
-    except BaseException as e:
-        outcome, is_error = _outcome(e)
-        error = e
-        raise
-    finally:
-        aclose = getattr(agen, "aclose", None)
-        if aclose is not None:
-            await aclose()
-        _done(hook, req, outcome, error, is_error, first)
 
 
 # -- FastAPI / ASGI ingress -----------------------------------------------------
@@ -547,11 +534,14 @@ def _wrap_asgi(fn: Callable, runtime: Runtime) -> Callable:
     async def __call__(self, scope, receive, send):
         if scope.get("type") != "http":
             return await fn(self, scope, receive, send)
-        status = [None]
+        status = [None, None]  # the response's status, and its body's timing (a Stream)
 
         async def send_status(message):
-            if message.get("type") == "http.response.start":
+            kind = message.get("type")
+            if kind == "http.response.start":
                 status[0] = message.get("status")
+            elif kind == "http.response.body" and req is not None:
+                status[1] = streaming.on_body(status[1], req.t0, message)
             await send(message)
 
         req = None
@@ -571,7 +561,7 @@ def _wrap_asgi(fn: Callable, runtime: Runtime) -> Callable:
             error = e
             raise
         finally:
-            _finish_route(hook, req, scope, status[0], error)
+            _finish_route(hook, req, scope, status[0], error, status[1])
 
     functools.update_wrapper(__call__, fn)
     __call__.__wrapped_by_ray_monitor__ = True
@@ -579,7 +569,8 @@ def _wrap_asgi(fn: Callable, runtime: Runtime) -> Callable:
 
 
 def _finish_route(hook: _Hook, req: Optional[_Request], scope: dict, status: Optional[int],
-                  error: Optional[BaseException]) -> None:
+                  error: Optional[BaseException],
+                  body: Optional[streaming.Stream] = None) -> None:
     if req is None:
         return
     try:
@@ -603,7 +594,15 @@ def _finish_route(hook: _Hook, req: Optional[_Request], scope: dict, status: Opt
             if req.span.span is not None:
                 req.span.span.update_name(label)
         latency = _perf() - req.t0
-        exemplar = None
+        exemplar = fig = None
+        stream = body if body is not None and body.streamed else None
+        if body is not None:  # one body message: a returned result, maybe with usage
+            fig = streaming.measure(hook.runtime, stream, None if stream else body.tail, latency)
+        if req.tenant is not None or fig is not None and fig.usage is not None:
+            streaming.record_usage(hook.runtime.state.recorder, req.tenant, fig, is_error,
+                                   latency)
+        if fig is not None:
+            attrs = {**(attrs or {}), **fig.span_attributes()}
         if req.span is not None:
             kept = req.tracer.end(req.span, latency, error if is_error else None, attrs,
                                   error_status=outcome if is_error and error is None else None,
@@ -611,6 +610,7 @@ def _finish_route(hook: _Hook, req: Optional[_Request], scope: dict, status: Opt
             if kept:
                 exemplar = Exemplar(f"{req.span.trace_id:032x}", f"{req.span.span_id:016x}",
                                     latency, time.time())
-        req.cells.end(req.token, outcome, is_error, latency, None, exemplar)
+        req.cells.end(req.token, outcome, is_error, latency,
+                      None if stream is None else stream.first, exemplar, fig)
     except Exception as e:
         hook.runtime.self_error("middleware_failed", e)

@@ -91,6 +91,10 @@ class MonitorOptions:
     prediction_input: bool = False  # call it as fn(result, args, kwargs)
     prediction_methods: tuple[str, ...] = ("__call__",)
     positive_label: Optional[str] = None
+    tokens: Optional[Callable[[Any], Any]] = None  # result or last stream item -> usage
+    tokens_auto: bool = True  # read OpenAI-shaped usage when there is no extractor
+    tenant: Optional[Callable[..., Any]] = None  # the call's arguments -> tenant name
+    tenant_header: Optional[str] = None  # HTTP header naming the tenant (lower case)
 
     @classmethod
     def build(cls, **kwargs: Any) -> "MonitorOptions":
@@ -99,6 +103,8 @@ class MonitorOptions:
                                        kwargs.pop("prediction_input", UNSET),
                                        kwargs.pop("prediction_methods", UNSET),
                                        kwargs.pop("positive_label", UNSET)))
+        out.update(_genai_options(kwargs.pop("tokens", UNSET), kwargs.pop("tenant", UNSET),
+                                  kwargs.pop("tenant_header", UNSET)))
         mv = kwargs.pop("model_version")
         if mv is not UNSET and mv is not None:
             if not isinstance(mv, str):
@@ -165,4 +171,30 @@ def _prediction_options(fn: Any, with_input: Any, methods: Any, positive: Any) -
         except (TypeError, ValueError) as e:
             raise refuse("positive_label", f"{e}; it names the class whose score the "
                          "extractor returns") from None
+    return out
+
+
+def _genai_options(tokens: Any, tenant: Any, header: Any) -> dict[str, Any]:
+    """Token usage and tenant options (issue 14): extractors must be functions, the header a
+    plain HTTP header name."""
+    out: dict[str, Any] = {}
+    if tokens is False:
+        out["tokens_auto"] = False
+    elif tokens is not UNSET and tokens is not None and tokens is not True:
+        if not callable(tokens):
+            raise refuse("tokens", "expected a function from the result (or a stream's last "
+                         "item) to (input_tokens, output_tokens), True (OpenAI usage, the "
+                         f"default) or False (off), got {type(tokens).__name__} {tokens!r:.60}")
+        out["tokens"] = tokens
+    if tenant is not UNSET and tenant is not None:
+        if not callable(tenant):
+            raise refuse("tenant", "expected a function of the call's arguments returning the "
+                         f"tenant's name, got {type(tenant).__name__} {tenant!r:.60}")
+        out["tenant"] = tenant
+    if header is not UNSET and header is not None:
+        if not isinstance(header, str) or not header or any(
+                c.isspace() or c in ':()<>@,;\\"/[]?={}' for c in header):
+            raise refuse("tenant_header", "expected an HTTP header name such as 'x-tenant', "
+                         f"got {header!r:.60}")
+        out["tenant_header"] = header.lower()
     return out

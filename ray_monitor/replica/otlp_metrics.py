@@ -33,6 +33,7 @@ from ray_monitor.common import env
 from ray_monitor.common.histogram import SCALE, Histogram
 from ray_monitor.common.snapshot import ReplicaIdentity, ReplicaSnapshot
 from ray_monitor.replica.export_worker import ExportWorker, quiet_otel_export_logs
+from ray_monitor.replica.otlp_genai import GenAIMetrics
 from ray_monitor.replica.otlp_refusal import RefusalGuard
 
 __all__ = ["OtlpMetrics", "otlp_metrics_configured"]
@@ -87,6 +88,7 @@ class OtlpMetrics:
         # (method, outcome) -> [requests, errors, latency Histogram, first-item Histogram|None, exemplars]
         self._series: dict[tuple[str, str], list] = {}
         self._inflight: dict[str, int] = {}
+        self.genai = GenAIMetrics()  # gen_ai.* of streams and token usage
         self.resource = Resource.create({
             "service.name": env.OTEL_SERVICE_NAME.get()
             or identity.application or identity.deployment,
@@ -106,6 +108,7 @@ class OtlpMetrics:
                 cur[3] = (cur[3] or Histogram()).merge(s.first_item)
             cur[4].update(s.exemplars)
         self._inflight = dict(snap.inflight)
+        self.genai.add(snap)
         now = self.clock()
         if now >= self._next:
             self._next = now + self.interval_s
@@ -159,6 +162,7 @@ class OtlpMetrics:
             metrics.append(Metric("ray_monitor.request.first_item.duration",
                                   "Streaming: time to the first item.", "s",
                                   ExponentialHistogram(first, cum)))
+        metrics.extend(self.genai.metrics(t0, now_ns, self._attrs, _exp_point))
         scope = ScopeMetrics(InstrumentationScope("ray_monitor"), metrics, "")
         return MetricsData([ResourceMetrics(self.resource, [scope], "")])
 

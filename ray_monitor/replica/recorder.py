@@ -21,7 +21,8 @@ import traceback
 from typing import Any, Callable, Optional, Protocol
 
 from ray_monitor.common.histogram import Histogram, bucket_index
-from ray_monitor.common.snapshot import (Exemplar, HungRequest, ReplicaHealth, ReplicaIdentity,
+from ray_monitor.replica.usage import UsageTable
+from ray_monitor.common.snapshot import (Exemplar, GenAIDelta, HungRequest, ReplicaHealth, ReplicaIdentity,
                        ReplicaSnapshot, SeriesDelta)
 
 #: The ray_monitor package's folder: threads running only its code are not the user's.
@@ -91,13 +92,14 @@ class SelfErrors:
 
 
 class _Cell:
-    __slots__ = ("latency", "first_item", "exemplars", "error")
+    __slots__ = ("latency", "first_item", "exemplars", "error", "genai")
 
     def __init__(self, error: bool) -> None:
         self.latency = Histogram()
         self.first_item: Optional[Histogram] = None
         self.exemplars: dict[int, Exemplar] = {}
         self.error = error
+        self.genai: Optional[GenAIDelta] = None  # streams and token usage (streaming.Figures)
 
 
 class MethodCells:
@@ -119,7 +121,8 @@ class MethodCells:
         return token
 
     def end(self, token: int, outcome: str, error: bool, latency: float,
-            first_item: Optional[float] = None, exemplar: Optional[Exemplar] = None) -> None:
+            first_item: Optional[float] = None, exemplar: Optional[Exemplar] = None,
+            genai: Any = None) -> None:
         self.running.pop(token, None)
         with self._lock:
             cell = self.cells.get(outcome)
@@ -132,6 +135,10 @@ class MethodCells:
                 cell.first_item.record(first_item)
             if exemplar is not None and latency > 0.0:
                 cell.exemplars[bucket_index(latency)] = exemplar
+            if genai is not None:  # a streaming.Figures
+                if cell.genai is None:
+                    cell.genai = GenAIDelta()
+                genai.add_to(cell.genai)
 
     def _new_cell(self, outcome: str, error: bool) -> _Cell:
         # Exception type names come from user code: cap them so a bug cannot grow labels.
@@ -168,6 +175,7 @@ class Recorder:
         self.spans = spans
         self.kept = kept
         self._predictions: list[Any] = []
+        self.usage = UsageTable()  # per (model, tenant), for tenants and cost
         self.self_errors = self_errors if self_errors is not None else SelfErrors()
         self.methods: dict[str, MethodCells] = {}
         self.routed: list[str] = []  # see ReplicaSnapshot.routed
@@ -212,7 +220,7 @@ class Recorder:
         for name, cells in taken:
             for outcome, c in cells.items():
                 series.append(SeriesDelta(name, outcome, c.error, c.latency, c.first_item,
-                                          c.exemplars))
+                                          c.exemplars, c.genai))
                 key = f"{name}\t{outcome}"
                 totals[key] = totals.get(key, 0) + c.latency.count
         traces: list[dict] = []
@@ -236,7 +244,8 @@ class Recorder:
         snap = ReplicaSnapshot(self.identity, self._seq, self._window_start, now, series,
                                inflight, health, self.self_errors.snapshot(), self._dropped,
                                predictions, traces, dict(totals), self.last_flush_s,
-                               self.max_flush_s, kept_traces=kept, routed=self.routed)
+                               self.max_flush_s, kept_traces=kept, routed=self.routed,
+                               usage=self.usage.drain())
         self._window_start = now
         return snap
 

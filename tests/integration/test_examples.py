@@ -86,3 +86,21 @@ def test_standalone_command():
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "the monitor's counts match the client's: 20 requests" in proc.stdout
+
+
+def test_genai_stream(mon, serve_http, serve_apps, capsys):
+    from examples import genai_stream
+
+    app = _app("gn")
+    serve_apps.append(app)
+    try:
+        assert genai_stream.run(mon, serve_http, app=app, requests=2, tokens=8) == 0
+    finally:
+        mon.reload("groups: []")
+    out = capsys.readouterr().out
+    assert "time to first token   monitor" in out and "time per output token monitor" in out
+    # a row per tenant: the monitor's tokens next to the usage the responses carried
+    rows = [line.split() for line in out.splitlines() if "[usage" in line]
+    assert [r[0] for r in rows] == ["acme", "globex"]
+    for r in rows:
+        assert r[1] == r[3].rstrip("]") and r[4] == r[6].rstrip("]")

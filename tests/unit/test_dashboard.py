@@ -17,8 +17,9 @@ from ray_monitor.client.dashboard import build_dashboard, dashboard_json, export
 from ray_monitor.aggregator.exposition import MonitorCollector, render
 from ray_monitor.alerting.export import export_prometheus_yaml
 from ray_monitor.alerting.loader import load_rules
-from ray_monitor.common.snapshot import (GpuDevice, GpuSnapshot, ReplicaHealth, ReplicaIdentity,
-                                  ReplicaSnapshot, SeriesDelta)
+from ray_monitor.common.snapshot import (GenAIDelta, GpuDevice, GpuSnapshot, ReplicaHealth,
+                                         ReplicaIdentity, ReplicaSnapshot, SeriesDelta,
+                                         UsageDelta)
 from ray_monitor.aggregator.http_api import query_seconds as parse_seconds
 from ray_monitor.aggregator.views import gpu_nodes, timeseries, traces_view
 from ray_monitor.common.errors import BadRequest
@@ -33,12 +34,16 @@ T0 = 1_700_000_040.0  # a multiple of 60: every ring's bucket edges are whole se
 
 def replica_snap(t: float, seq: int, *, deployment: str = "Classifier", latency: float = 0.1,
                  errors: int = 0) -> ReplicaSnapshot:
-    series = [SeriesDelta("__call__", "ok", False, hist(latency, latency), first_item=hist(0.01))]
+    genai = GenAIDelta(time_per_token=hist(0.02), gaps=hist(0.02), items=hist(5),
+                       items_per_s=hist(50), input_tokens=hist(7), output_tokens=hist(5))
+    series = [SeriesDelta("__call__", "ok", False, hist(latency, latency), first_item=hist(0.01),
+                          genai=genai)]
     if errors:
         series.append(SeriesDelta("__call__", "RuntimeError", True, hist(*[latency] * errors)))
     return ReplicaSnapshot(ReplicaIdentity("app", deployment, f"{deployment}#1", "node1", 100, "v1"),
                            seq, t - 1.0, t, series, {"__call__": 1},
-                           ReplicaHealth(cpu_percent=12.0, rss_bytes=2 ** 28, loop_lag_s=0.001))
+                           ReplicaHealth(cpu_percent=12.0, rss_bytes=2 ** 28, loop_lag_s=0.001),
+                           usage=[UsageDelta("toy", "acme", 1, 0, 7, 5, hist(latency))])
 
 
 def gpu_snap(t: float) -> GpuSnapshot:
