@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 from ray_monitor.common.histogram import Histogram
 
-__all__ = ["Captured", "CaptureServer", "Clock", "hist", "http_down", "kill_aggregator"]
+__all__ = ["Captured", "CaptureServer", "Clock", "genai_queried", "hist", "http_down",
+           "kill_aggregator"]
 
 
 class Clock:
@@ -150,3 +151,12 @@ def kill_aggregator(mon) -> float:
     wait_until(lambda: requests.get(f"{mon.url}/-/healthy", timeout=1).ok, timeout=90,
                interval=0.1, what="the aggregator back after a kill")
     return time.monotonic() - t0
+
+
+def genai_queried() -> set[str]:
+    """The series the dashboard's "Generative serving" row reads: they exist on /metrics
+    once a deployment streamed or reported tokens, not before."""
+    from ray_monitor.client.dashboard import _rows, queried_metrics
+
+    panels = dict(_rows())["Generative serving"]
+    return queried_metrics({"panels": panels, "templating": {"list": []}})

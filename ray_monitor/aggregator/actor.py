@@ -29,7 +29,8 @@ from ray_monitor.common.names import AGGREGATOR_NAME, NAMESPACE
 from ray_monitor.common.snapshot import GpuSnapshot, ReplicaSnapshot
 from ray_monitor.quality.compare import COMPARE_WINDOW_S
 
-__all__ = ["Aggregator", "BIND_RETRY_S", "GPU_RECONCILE_S", "HTTP_FIELDS", "get_or_create"]
+__all__ = ["Aggregator", "BIND_RETRY_S", "GPU_RECONCILE_S", "HEAD_RESOURCE", "HTTP_FIELDS",
+           "get_or_create"]
 
 #: How often the GPU-stats actors and node mergers are matched to the alive nodes.
 GPU_RECONCILE_S = 3.0
@@ -37,6 +38,8 @@ GPU_RECONCILE_S = 3.0
 BIND_RETRY_S = 5.0
 #: start() options a running aggregator applies by rebinding (the others need a stop()).
 HTTP_FIELDS = ("host", "port", "token")
+#: The resource only the head node has (Ray 2.x): a share of it pins an actor there.
+HEAD_RESOURCE = "node:__internal_head__"
 _SOURCE = "ray_monitor.start()"
 
 
@@ -376,20 +379,23 @@ def get_or_create(config: "StartConfig | Mapping[str, Any]", *, rules_text: Any 
     caller's process, so a bad one is refused before any actor starts. ``rules_text`` is
     the rule file's content (text or a dict), already checked by the caller.
     """
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     config = StartConfig.of(config)
     head = _head_node_id()
     opts: dict[str, Any] = dict(name=AGGREGATOR_NAME, namespace=NAMESPACE, lifetime="detached",
                                 max_restarts=-1, max_task_retries=-1, get_if_exists=True,
                                 max_concurrency=64)
     if head:
-        opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(head, soft=True)
+        # On the head node, as a requirement: a soft affinity lets the head's raylet spill
+        # the actor to a worker node when it is busy starting workers (seen on a loaded
+        # head), and a worker node may be scaled away, taking the windows with it. The
+        # head's resource, not its node id, so a restarted head (GCS fault tolerance, a
+        # new node id) takes the aggregator back.
+        opts["resources"] = {HEAD_RESOURCE: 0.001}
     return Aggregator.options(**opts).remote(config, rules_text, rules_file)
 
 
 def _head_node_id() -> Optional[str]:
     for n in ray.nodes():
-        if n.get("Alive") and "node:__internal_head__" in n.get("Resources", {}):
+        if n.get("Alive") and HEAD_RESOURCE in n.get("Resources", {}):
             return n["NodeID"]
     return None

@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from ray_monitor import monitor
 from ray_monitor.common.histogram import RELATIVE_ERROR
 from tests.conftest import wait_until
+from tests.helpers import genai_queried
 
 pytestmark = pytest.mark.ray
 
@@ -211,7 +212,8 @@ def test_streams_over_handle_and_sse_agree_with_the_client(mon, serve_apps, serv
     metrics = requests.get(mon.metrics_url, timeout=10).text
     for name in ("ray_monitor_time_per_output_token_seconds_bucket",
                  "ray_monitor_output_tokens_total", "ray_monitor_cost_total",
-                 "ray_monitor_tenant_requests_total", "ray_monitor_stream_inter_item_seconds"):
+                 "ray_monitor_tenant_requests_total", "ray_monitor_stream_inter_item_seconds",
+                 *genai_queried()):  # and every series the dashboard's generative row queries
         assert name in metrics, name
     mon.reload("groups: []")
 
