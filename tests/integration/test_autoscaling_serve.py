@@ -161,7 +161,10 @@ def test_aggregator_killed_serve_keeps_its_default_decision(mon, serve_apps):
     log_start = len(_controller_log())
     try:
         with Traffic(h, period_s=0.05) as traffic:
-            time.sleep(2)
+            # Following the aggregator's hints first (the policy logs the change): only
+            # then can falling back be seen (it logs a change of mode, not every decision).
+            wait_until(lambda: "following ray-monitor's hints" in _controller_log()[log_start:],
+                       timeout=60, what="the policy following the aggregator's hints")
             # While it is away the policy falls back to Serve's own decision and says so. A
             # killed aggregator is back and hinting within about 1-2 s, under the policy's
             # stale_after_s (3 s), so keep it away: killed again and again, faster than it
