@@ -26,7 +26,7 @@ def _compare(store: WindowStore, samples: dict, now: float) -> int:
     compared = 0
     for metric, fs in FUNCS.items():
         for f in fs:
-            for w in (1.0, 7.0, 30.0, 45.0):  # a 60 s window would need the open bucket's slot too
+            for w in (1.0, 7.0, 30.0, 45.0, 60.0):  # 60: the fine ring's whole span
                 for by in (None, ("deployment",), ("replica",)):
                     for matchers in ((), (Matcher("replica", "!=", "d1-a"),),
                                      (Matcher("deployment", "=", "d2"),)):
@@ -132,3 +132,28 @@ def test_an_unfolded_gauge_ring_and_a_widened_counter_keep_every_value():
     assert store.evaluate(Query("count", "latency_seconds", 10.0, by=("replica",)), now) == {
         key: float(total)}
     assert not math.isnan(store.stats()["approx_bytes"])
+
+
+@pytest.mark.parametrize("resolutions", [((1.0, 600), (10.0, 360), (60.0, 360)), ((1.0, 60),)])
+def test_a_window_as_long_as_the_fine_ring_reads_its_oldest_second(resolutions):
+    # The open bucket (the clock's) takes a slot while windows end a few seconds behind
+    # the clock: a ring of exactly ``slots`` slots had lost the window's oldest seconds.
+    span = resolutions[0][1]
+    clock = Clock(T0)
+    store = WindowStore(resolutions=resolutions, clock=clock)
+    for i in range(span + 20):
+        clock.t = T0 + i + 0.25
+        store.ingest(ReplicaSnapshot(ident(), i + 1, clock.t - 1.0, clock.t,
+                                     [SeriesDelta("__call__", "ok", False, hist(*[0.1] * (i + 1)))],
+                                     {"__call__": float(i)}, None))
+    for lag in (0.3, 1.2, 2.9):  # the clock a little, and up to the wait, past the last report
+        now = clock.t + lag
+        end = store.window_end(now)
+        # report i (i + 1 requests, in flight i) lands in second T0 + i - 1, its midpoint's
+        seconds = range(int(end - span - T0), int(end - T0))
+        want_count = float(sum(j + 2 for j in seconds))
+        for by in (None, ("replica",)):  # rollup rows, and per-series rows
+            got = store.evaluate(Query("count", "latency_seconds", float(span), by=by), now)
+            assert list(got.values()) == [want_count], (by, lag)
+        got = store.evaluate(Query("min", "inflight", float(span), by=("replica",)), now)
+        assert list(got.values()) == [float(seconds[0] + 1)], lag
