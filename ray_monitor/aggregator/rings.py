@@ -77,6 +77,7 @@ _GROW_ROWS = 16
 _COMPACT_AT = 8  # appended deltas in one histogram bucket before it is compacted
 _LOG_BASE = math.log(BASE)
 PAIR = np.dtype([("i", "<i2"), ("c", "<u2")])
+GAP8 = np.dtype([("g", "u1"), ("c", "u1")])
 _MAX_COUNT = 65535
 
 
@@ -143,6 +144,76 @@ def _compact_cells(rows: np.ndarray, lens: np.ndarray,
     out["i"], out["c"] = uidx, total
     urows, ulens = np.unique(u[src] // 65536, return_counts=True)
     return urows.astype(np.int32), ulens.astype(np.int32), out
+
+
+def _small(a: np.ndarray) -> np.ndarray:
+    """``a`` (non-negative integers) in the narrowest unsigned type that holds it."""
+    top = int(a.max()) if len(a) else 0
+    return a.astype(np.uint8 if top < 2 ** 8 else np.uint16 if top < 2 ** 16 else np.uint32)
+
+
+def _narrow(rows: np.ndarray, gen: np.ndarray, lens: np.ndarray, pairs: np.ndarray) -> tuple:
+    """A complete bucket's cells (sorted, one entry per row and index) as held in a slot:
+    ``(rows, gen, lens, pairs)`` with 4-byte pairs, or, where smaller, ``(rows, gen, lens,
+    gaps, first)`` with 2-byte entries (GAP8: the index's step from the row's previous
+    entry, and a count up to 255). A step over 255 takes extra entries (255, 0) before, a
+    count over 255 extra entries (0, up to 255) after; ``first`` is each row's first index.
+    Nothing is rounded: :func:`_entries` gives back the same (index, count) sums."""
+    n = len(pairs)
+    rows, lens = _small(rows), _small(lens)
+    if not n:
+        return rows, gen, lens, pairs
+    idx, cnt = unpack(pairs)
+    starts = np.cumsum(lens, dtype=np.int64) - lens
+    has = lens > 0
+    gap = np.diff(idx, prepend=0)
+    gap[starts[has]] = 0
+    skips = np.maximum(gap - 1, 0) // 255
+    extra = np.maximum(cnt - 1, 0) // 255
+    per = 1 + skips + extra
+    total = int(per.sum())
+    if 2 * total >= PAIR.itemsize * n:
+        return rows, gen, lens, pairs
+    src = np.repeat(np.arange(n), per)
+    pos = np.arange(total) - np.repeat(np.cumsum(per) - per, per)
+    sk = skips[src]
+    out = np.empty(total, dtype=GAP8)
+    out["g"] = np.where(pos < sk, 255, np.where(pos == sk, gap[src] - 255 * sk, 0))
+    out["c"] = np.where(pos < sk, 0, np.minimum(cnt[src] - 255 * (pos - sk), 255))
+    first = np.zeros(len(lens), dtype=np.int16)
+    first[has] = idx[starts[has]]
+    lens8 = np.bincount(np.repeat(np.arange(len(lens)), lens), weights=per,
+                        minlength=len(lens)).astype(np.int64)
+    return rows, gen, _small(lens8), out, first
+
+
+def _entries(held: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A slot's packed cells as (rows, gen, entries per row, bucket index, count) in
+    int64, from either form of :func:`_narrow` (entries of count 0 are steps only)."""
+    rows, gen, lens = held[0].astype(np.int64), held[1], held[2].astype(np.int64)
+    if len(held) == 4:
+        idx, cnt = unpack(held[3])
+        return rows, gen, lens, idx, cnt
+    g, cnt = held[3]["g"].astype(np.int64), held[3]["c"].astype(np.int64)
+    rowid = np.repeat(np.arange(len(lens)), lens)
+    csum = np.cumsum(g)
+    before = np.concatenate(([0], csum))[np.cumsum(lens) - lens]  # steps before each row
+    idx = held[4].astype(np.int64)[rowid] + csum - before[rowid]
+    keep = cnt > 0
+    if keep.all():
+        return rows, gen, lens, idx, cnt
+    lens = np.bincount(rowid[keep], minlength=len(lens)).astype(np.int64)
+    return rows, gen, lens, idx[keep], cnt[keep]
+
+
+def _unnarrow(held: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A slot's packed cells as (rows, gen, lens, 4-byte pairs), for merging."""
+    rows, gen, lens, idx, cnt = _entries(held)
+    idx, cnt, src = _split(idx, cnt)
+    out = np.empty(len(idx), dtype=PAIR)
+    out["i"], out["c"] = idx, cnt
+    return rows, gen, np.bincount(np.repeat(np.arange(len(lens)), lens)[src],
+                                  minlength=len(lens)).astype(np.int64), out
 
 
 def bucket_values(idx: np.ndarray) -> np.ndarray:
@@ -245,46 +316,47 @@ class Ring:
 
     def _seal(self, p: int) -> None:
         cells = self.open.pop(p)
-        rows = np.fromiter(cells, dtype=np.int32, count=len(cells))
+        rows = np.fromiter(cells, dtype=np.int64, count=len(cells))
         blobs = [c[0] for c in cells.values()]
-        lens = np.fromiter(map(len, blobs), dtype=np.int32, count=len(blobs)) // PAIR.itemsize
+        lens = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs)) // PAIR.itemsize
         pairs = np.frombuffer(b"".join(blobs), dtype=PAIR)
-        merge = any(c[1] > 1 for c in cells.values())
         old = self.packed[p]
         if old is not None:  # late deltas for a packed bucket: one array again
-            orows, ogen, olens, opairs = old
+            orows, ogen, olens, opairs = _unnarrow(old)
             ok = ogen == self.gen[orows]
             rows = np.concatenate((orows[ok], rows))
             pairs = np.concatenate((opairs[np.repeat(ok, olens)], pairs))
             lens = np.concatenate((olens[ok], lens))
-            merge = True
-        if merge:
-            rows, lens, pairs = _compact_cells(rows, lens, pairs)
-        self.packed[p] = (rows, self.gen[rows], lens, pairs)
+        # sorted, one entry per (row, index): what the 2-byte form codes as gaps
+        rows, lens, pairs = _compact_cells(rows, lens, pairs)
+        self.packed[p] = _narrow(rows, self.gen[rows], lens, pairs)
 
     def pairs(self, slots) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Histogram entries held in ``slots``: (row of each, bucket index, count)."""
-        tags, parts = [], []
+        tags, idxs, cnts = [], [], []
         for p in np.ravel(slots).tolist():
             held = self.packed[p]
             if held is not None:
-                rows, gen, lens, pairs = held
+                rows, gen, lens, idx, cnt = _entries(held)
                 ok = gen == self.gen[rows]
                 if not ok.all():
-                    rows, pairs, lens = rows[ok], pairs[np.repeat(ok, lens)], lens[ok]
-                tags.append(np.repeat(rows, lens))
-                parts.append(pairs)
+                    keep = np.repeat(ok, lens)
+                    rows, lens, idx, cnt = rows[ok], lens[ok], idx[keep], cnt[keep]
+                tags.append(np.repeat(rows.astype(np.int64), lens))
+                idxs.append(idx)
+                cnts.append(cnt)
             cells = self.open.get(p)
             if cells:
                 blobs = [c[0] for c in cells.values()]
                 lens = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs)) // PAIR.itemsize
                 tags.append(np.repeat(np.fromiter(cells, dtype=np.int64, count=len(cells)), lens))
-                parts.append(np.frombuffer(b"".join(blobs), dtype=PAIR))
-        if not parts:
+                idx, cnt = unpack(b"".join(blobs))
+                idxs.append(idx)
+                cnts.append(cnt)
+        if not tags:
             empty = np.zeros(0, dtype=np.int64)
             return empty, empty, empty
-        idx, cnt = unpack(np.concatenate(parts))
-        return np.concatenate(tags).astype(np.int64), idx, cnt
+        return np.concatenate(tags), np.concatenate(idxs), np.concatenate(cnts)
 
     def nbytes(self) -> int:
         n = sum(getattr(self, c).nbytes for c in self.columns)

@@ -62,6 +62,13 @@ def test_compact_rings_give_the_reference_values_over_a_long_random_sequence():
             latency.buckets[i] += big
             latency.count += big
             latency.sum += big * 0.05
+        if rng.random() < 0.1:  # a far bucket: a gap of over 255 buckets in the 2-byte form
+            latency.record(float(rng.choice((40.0, 1e-4))))
+        if rng.random() < 0.1:  # a count over 255 in one bucket: continued entries
+            i = next(iter(latency.buckets))
+            latency.buckets[i] += 300
+            latency.count += 300
+            latency.sum += 300 * 0.05
         inflight = float(rng.integers(0, 9)) + (0.1 if rng.random() < 0.3 else 0.0)
         replica = f"{dep}-{rep}"
         snap = ReplicaSnapshot(ident(replica, dep), seq, end - interval, end,
@@ -107,6 +114,13 @@ def test_compact_rings_give_the_reference_values_over_a_long_random_sequence():
     assert lat.series_ring.n.dtype == np.float64
     assert not store._tables["inflight"].series_ring.single
     assert store._tables["cpu_percent"].series_ring.single  # never written: stays compact
+    # complete buckets are held both ways: 2-byte entries (with steps over 255 and counts
+    # over 255 continued) and, where those would take more room (2**24), 4-byte pairs
+    held = [h for ring in (lat.series_ring, lat.rings[0]) for h in ring.packed if h is not None]
+    narrow = [h[3] for h in held if len(h) == 5]
+    assert narrow and len(narrow) < len(held)
+    gaps = np.concatenate(narrow)
+    assert ((gaps["g"] == 255) & (gaps["c"] == 0)).any() and ((gaps["g"] == 0) & (gaps["c"] > 0)).any()
 
 
 def test_an_unfolded_gauge_ring_and_a_widened_counter_keep_every_value():
