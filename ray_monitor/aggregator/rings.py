@@ -11,9 +11,10 @@ its offset in the bucket); histogram buckets count, sum, zero count, min, max an
 sparse exponential-bucket counts, 4 bytes a bucket (int16 index, uint16 count; a count
 above 65535 takes several entries, and an index outside int16 -- values beyond 2**+-512
 -- is clamped to the edge, while min and max stay exact). Nothing is rounded: counts and
-counter sums are float32 until a value comes that float32 would not hold exactly, and
-then float64 for that ring (:meth:`Ring.widen`); sums, min, max and gauge samples are
-float64. Memory (issue 15): a bucket still filling keeps each row's histogram entries
+counter sums are held in the narrowest type that holds every value so far exactly, and
+widen for the whole ring the first time one does not fit (histogram counts uint16, zero
+counts uint8, then float32, then float64; counter sums float32, then float64:
+:meth:`Ring.widen`); sums, min, max and gauge samples are float64. Memory (issue 15): a bucket still filling keeps each row's histogram entries
 apart; once complete (the clock has left it and the next one: deltas land in the second
 of their midpoint, so the bucket behind the clock still fills) its rows are compacted and
 packed into one array per slot, with no Python object per bucket. A per-series gauge
@@ -52,7 +53,7 @@ from ray_monitor.common.matchers import Matcher, matches
 from ray_monitor.common.snapshot import Exemplar
 
 __all__ = ["GroupKey", "LabelSpace", "OTHER", "PAIR", "ROLLUP_DROPS", "Ring", "Table",
-           "bucket_values", "exact32", "unpack"]
+           "bucket_values", "exact32", "fits", "unpack"]
 
 #: A group's labels: sorted ``(name, value)`` pairs of the query's ``by``.
 GroupKey = tuple[tuple[str, str], ...]
@@ -62,18 +63,18 @@ OTHER = "other"
 ROLLUP_DROPS = frozenset({"replica", "pid"})
 
 # column -> (dtype, value of an empty bucket); sums and mins read empty buckets as no-ops.
-# Counts and counter sums start as float32 and widen to float64 the first time a value is
-# not exactly a float32 (see Ring.widen), so no stored value is ever rounded.
+# Counts and counter sums start narrow and widen the first time a value does not fit
+# exactly (see Ring.widen), so no stored value is ever rounded.
 _COLUMNS = {"counter": {"v": (np.float32, np.nan)},
-            "histogram": {"n": (np.float32, 0.0), "s": (np.float64, 0.0), "z": (np.float32, 0.0),
+            "histogram": {"n": (np.uint16, 0), "s": (np.float64, 0.0), "z": (np.uint8, 0),
                           "lo": (np.float64, np.inf), "hi": (np.float64, -np.inf)},
-            "gauge": {"n": (np.float32, 0.0), "s": (np.float64, 0.0), "lo": (np.float64, np.inf),
+            "gauge": {"n": (np.uint16, 0), "s": (np.float64, 0.0), "lo": (np.float64, np.inf),
                       "hi": (np.float64, -np.inf), "last": (np.float64, 0.0),
                       "to": (np.float32, -np.inf)}}  # to: the latest sample's offset in the bucket
 # A per-series gauge ring holds one sample per bucket (one report a second): until a bucket
 # gets a second sample it keeps the sample and its offset only (see Ring.single).
 _SINGLE = {"n": (np.uint8, 0), "last": (np.float64, 0.0), "to": (np.float32, -np.inf)}
-_GROW_ROWS = 16
+_GROW_ROWS = 2  # rows of capacity a space starts with: rollups are few per metric
 _COMPACT_AT = 8  # appended deltas in one histogram bucket before it is compacted
 _LOG_BASE = math.log(BASE)
 PAIR = np.dtype([("i", "<i2"), ("c", "<u2")])
@@ -84,6 +85,17 @@ _MAX_COUNT = 65535
 def exact32(x: float) -> bool:
     """Whether ``x`` is held exactly by a float32 (NaN counts as exact: it marks empty)."""
     return x != x or float(np.float32(x)) == x
+
+
+_WIDER = {np.dtype(np.uint8): np.uint16, np.dtype(np.uint16): np.float32,
+          np.dtype(np.float32): np.float64}
+
+
+def fits(dtype: np.dtype, x: float) -> bool:
+    """Whether a column of ``dtype`` holds ``x`` exactly."""
+    if dtype.kind == "u":
+        return 0 <= x <= np.iinfo(dtype).max and float(x).is_integer()
+    return dtype != np.float32 or exact32(x)
 
 
 # -- histogram packing -------------------------------------------------------------------
@@ -259,11 +271,13 @@ class Ring:
         if self.kind == "histogram":
             self.gen = _pad(self.gen, cap, 0)
 
-    def widen(self, column: str) -> None:
-        """Holds ``column`` as float64 from now on: a value came that float32 would round."""
-        _, fill = self.columns[column]
-        self.columns[column] = (np.float64, fill)
-        setattr(self, column, getattr(self, column).astype(np.float64))
+    def widen(self, column: str, value: float) -> None:
+        """Holds ``column`` in the next type that holds ``value`` exactly, from now on."""
+        dtype, fill = self.columns[column]
+        while not fits(np.dtype(dtype), value):
+            dtype = _WIDER[np.dtype(dtype)]
+        self.columns[column] = (dtype, fill)
+        setattr(self, column, getattr(self, column).astype(dtype))
 
     def unfold(self) -> None:
         """A single-sample gauge ring gets every column: a bucket has a second sample."""
@@ -457,6 +471,8 @@ class LabelSpace:
         if not cols:
             return rows, [tuple((b, "") for b in by_names)], np.zeros(len(rows), dtype=np.int64)
         gid, all_keys = self._groups_of(cols, by_names)
+        if not matchers:  # every live row: every group is used, ids are already dense
+            return rows, all_keys, gid[rows]
         used, inv = np.unique(gid[rows], return_inverse=True)
         return rows, [all_keys[i] for i in used.tolist()], inv.ravel()
 
@@ -595,8 +611,8 @@ class Table:
         for ring, r, k, p in self._targets(row, where, now):
             cur = float(ring.v[r, p])
             new = value if cur != cur else cur + value  # NaN: the bucket was empty
-            if ring.v.dtype == np.float32 and not exact32(new):
-                ring.widen("v")
+            if not fits(ring.v.dtype, new):
+                ring.widen("v", new)
             ring.v[r, p] = new
         self.cum[row][0] += value
 
@@ -611,9 +627,10 @@ class Table:
                     continue
                 ring.unfold()
             if ring.n[r, p]:
-                if ring.n.dtype == np.float32 and ring.n[r, p] >= 2 ** 24 - 1:
-                    ring.widen("n")
-                ring.n[r, p] += 1
+                n = float(ring.n[r, p]) + 1
+                if not fits(ring.n.dtype, n):
+                    ring.widen("n", n)
+                ring.n[r, p] = n
                 ring.s[r, p] += value
                 if value < ring.lo[r, p]:
                     ring.lo[r, p] = value
@@ -640,8 +657,8 @@ class Table:
             if ring.n[r, p]:
                 for c, add in (("n", h.count), ("z", h.zero_count)):
                     new = float(getattr(ring, c)[r, p]) + add
-                    if getattr(ring, c).dtype == np.float32 and not exact32(new):
-                        ring.widen(c)
+                    if not fits(getattr(ring, c).dtype, new):
+                        ring.widen(c, new)
                     getattr(ring, c)[r, p] = new
                 ring.s[r, p] += h.sum
                 if h.min < ring.lo[r, p]:
@@ -658,8 +675,8 @@ class Table:
                     cell[1] += 1
             else:
                 for c, value in (("n", h.count), ("z", h.zero_count)):
-                    if getattr(ring, c).dtype == np.float32 and not exact32(value):
-                        ring.widen(c)
+                    if not fits(getattr(ring, c).dtype, value):
+                        ring.widen(c, value)
                     getattr(ring, c)[r, p] = value
                 ring.s[r, p] = h.sum
                 ring.lo[r, p] = h.min

@@ -134,6 +134,16 @@ def test_an_unfolded_gauge_ring_and_a_widened_counter_keep_every_value():
     # three samples in one second: the latest by time is 7.5, not the last delivered
     assert {f: store.evaluate(q(f), now)[key] for f in ("last", "min", "max", "count", "avg")} == {
         "last": 7.5, "min": 1.25, "max": 7.5, "count": 3.0, "avg": pytest.approx(11.75 / 3)}
+    # counts past uint16 (70,000 in one second): the count column widens to float32
+    mid = hist(0.1)
+    mid.buckets[next(iter(mid.buckets))] += 69_999
+    mid.count += 69_999
+    store.ingest(ReplicaSnapshot(ident(), 8, T0 - 2, T0 - 1, [SeriesDelta("__call__", "ok", False, mid)],
+                                 {}, None))
+    lat = store._tables["latency_seconds"]
+    assert lat.series_ring.n.dtype == np.float32 and lat.series_ring.z.dtype == np.uint8
+    assert store.evaluate(Query("count", "latency_seconds", 10.0, by=("replica",)), now) == {
+        key: 70_000.0}
     h = hist(0.1)
     h.buckets[next(iter(h.buckets))] += 2 ** 24
     h.count += 2 ** 24
@@ -142,9 +152,10 @@ def test_an_unfolded_gauge_ring_and_a_widened_counter_keep_every_value():
     store.ingest(ReplicaSnapshot(ident(), 10, T0 - 1, T0, [SeriesDelta("__call__", "ok", False,
                                                                       hist(0.2))], {}, None))
     total = 2 ** 24 + 2  # after 2**24 + 1, which a float32 would round
-    assert store.evaluate(Query("count", "requests", 10.0), now) == {(): float(total)}
+    assert store.evaluate(Query("count", "requests", 10.0), now) == {(): float(total + 70_000)}
     assert store.evaluate(Query("count", "latency_seconds", 10.0, by=("replica",)), now) == {
-        key: float(total)}
+        key: float(total + 70_000)}
+    assert lat.series_ring.n.dtype == np.float64
     assert not math.isnan(store.stats()["approx_bytes"])
 
 
