@@ -91,10 +91,15 @@ _WIDER = {np.dtype(np.uint8): np.uint16, np.dtype(np.uint16): np.float32,
           np.dtype(np.float32): np.float64}
 
 
+_UMAX = {np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}
+_TOP = {**_UMAX, np.dtype(np.float32): 2 ** 24, np.dtype(np.float64): 2 ** 53}
+
+
 def fits(dtype: np.dtype, x: float) -> bool:
     """Whether a column of ``dtype`` holds ``x`` exactly."""
-    if dtype.kind == "u":
-        return 0 <= x <= np.iinfo(dtype).max and float(x).is_integer()
+    top = _UMAX.get(dtype)
+    if top is not None:
+        return 0 <= x <= top and float(x).is_integer()
     return dtype != np.float32 or exact32(x)
 
 
@@ -254,6 +259,8 @@ class Ring:
         self.step, self.slots, self.kind = step, slots, kind
         self.single = single and kind == "gauge"
         self.columns = dict(_SINGLE if self.single else _COLUMNS[kind])
+        #: per column: the largest whole number it holds exactly (a quick check on writes)
+        self.top = {c: _TOP[np.dtype(d)] for c, (d, _) in self.columns.items()}
         for c, (dtype, fill) in self.columns.items():
             setattr(self, c, np.full((0, slots), fill, dtype=dtype))
         if kind == "histogram":
@@ -271,13 +278,17 @@ class Ring:
         if self.kind == "histogram":
             self.gen = _pad(self.gen, cap, 0)
 
-    def widen(self, column: str, value: float) -> None:
+    def widen(self, column: str, value: float) -> np.ndarray:
         """Holds ``column`` in the next type that holds ``value`` exactly, from now on."""
         dtype, fill = self.columns[column]
+        if fits(np.dtype(dtype), value):  # past ``top`` but held exactly all the same
+            return getattr(self, column)
         while not fits(np.dtype(dtype), value):
             dtype = _WIDER[np.dtype(dtype)]
         self.columns[column] = (dtype, fill)
+        self.top[column] = _TOP[np.dtype(dtype)]
         setattr(self, column, getattr(self, column).astype(dtype))
+        return getattr(self, column)
 
     def unfold(self) -> None:
         """A single-sample gauge ring gets every column: a bucket has a second sample."""
@@ -288,6 +299,7 @@ class Ring:
         self.hi = np.where(has, self.last, full["hi"][1])
         self.n = self.n.astype(full["n"][0])
         self.columns = {c: (getattr(self, c).dtype.type, fill) for c, (_, fill) in full.items()}
+        self.top = {c: _TOP[np.dtype(d)] for c, (d, _) in self.columns.items()}
         self.single = False
 
     def read(self, column: str, index) -> np.ndarray:
@@ -656,10 +668,12 @@ class Table:
                 cells = ring.open[p] = {}
             if ring.n[r, p]:
                 for c, add in (("n", h.count), ("z", h.zero_count)):
-                    new = float(getattr(ring, c)[r, p]) + add
-                    if not fits(getattr(ring, c).dtype, new):
-                        ring.widen(c, new)
-                    getattr(ring, c)[r, p] = new
+                    if add:
+                        col = getattr(ring, c)
+                        new = col[r, p].item() + add
+                        if new > ring.top[c] or type(new) is not int and not fits(col.dtype, new):
+                            col = ring.widen(c, new)
+                        col[r, p] = new
                 ring.s[r, p] += h.sum
                 if h.min < ring.lo[r, p]:
                     ring.lo[r, p] = h.min
@@ -675,9 +689,11 @@ class Table:
                     cell[1] += 1
             else:
                 for c, value in (("n", h.count), ("z", h.zero_count)):
-                    if not fits(getattr(ring, c).dtype, value):
-                        ring.widen(c, value)
-                    getattr(ring, c)[r, p] = value
+                    if value:  # a slot is emptied to 0
+                        col = getattr(ring, c)
+                        if value > ring.top[c] or type(value) is not int and not fits(col.dtype, value):
+                            col = ring.widen(c, value)
+                        col[r, p] = value
                 ring.s[r, p] = h.sum
                 ring.lo[r, p] = h.min
                 ring.hi[r, p] = h.max
