@@ -359,18 +359,12 @@ class Ring:
 
     def pairs(self, slots) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Histogram entries held in ``slots``: (row of each, bucket index, count)."""
+        forms: dict[int, list] = {4: [], 5: []}  # packed slots of each form, decoded at once
         tags, idxs, cnts = [], [], []
         for p in np.ravel(slots).tolist():
             held = self.packed[p]
             if held is not None:
-                rows, gen, lens, idx, cnt = _entries(held)
-                ok = gen == self.gen[rows]
-                if not ok.all():
-                    keep = np.repeat(ok, lens)
-                    rows, lens, idx, cnt = rows[ok], lens[ok], idx[keep], cnt[keep]
-                tags.append(np.repeat(rows.astype(np.int64), lens))
-                idxs.append(idx)
-                cnts.append(cnt)
+                forms[len(held)].append(held)
             cells = self.open.get(p)
             if cells:
                 blobs = [c[0] for c in cells.values()]
@@ -379,6 +373,17 @@ class Ring:
                 idx, cnt = unpack(b"".join(blobs))
                 idxs.append(idx)
                 cnts.append(cnt)
+        for helds in forms.values():
+            if not helds:
+                continue
+            rows, gen, lens, idx, cnt = _entries(tuple(np.concatenate(part) for part in zip(*helds)))
+            ok = gen == self.gen[rows]
+            if not ok.all():
+                keep = np.repeat(ok, lens)
+                rows, lens, idx, cnt = rows[ok], lens[ok], idx[keep], cnt[keep]
+            tags.append(np.repeat(rows, lens))
+            idxs.append(idx)
+            cnts.append(cnt)
         if not tags:
             empty = np.zeros(0, dtype=np.int64)
             return empty, empty, empty
