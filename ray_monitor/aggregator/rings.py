@@ -8,16 +8,16 @@ Storage. Each resolution ``(step, slots)`` is a ring of aligned buckets on the
 :class:`~ray_monitor.aggregator.timeline.Timeline` (bucket ``k`` in slot ``k % slots``).
 Counter buckets hold a sum; gauge buckets count, sum, min, max and the latest sample (with
 its offset in the bucket); histogram buckets count, sum, zero count, min, max and the
-sparse exponential-bucket counts, 4 bytes a bucket (int16 index, uint16 count; a count
-above 65535 takes several entries, and an index outside int16 -- values beyond 2**+-512
--- is clamped to the edge, while min and max stay exact). Nothing is rounded: counts and
-counter sums are held in the narrowest type that holds every value so far exactly, and
-widen for the whole ring the first time one does not fit (histogram counts uint16, zero
-counts uint8, then float32, then float64; counter sums float32, then float64:
-:meth:`Ring.widen`); sums, min, max and gauge samples are float64. Memory (issue 15): a bucket still filling keeps each row's histogram entries
-apart; once complete (the clock has left it and the next one: deltas land in the second
-of their midpoint, so the bucket behind the clock still fills) its rows are compacted and
-packed into one array per slot, with no Python object per bucket. A per-series gauge
+sparse exponential-bucket counts (coded by :mod:`~ray_monitor.aggregator.packing`: 4 bytes
+an entry while a bucket fills, 2 where smaller once complete). Nothing is rounded: counts
+and counter sums are held in the narrowest type that holds every value so far exactly,
+and widen for the whole ring the first time one does not fit (histogram counts uint16,
+zero counts uint8, then float32, then float64; counter sums float32, then float64:
+:meth:`Ring.widen`); sums, min, max and gauge samples are float64. Memory (issue 15): a
+bucket still filling keeps each row's histogram entries apart; once complete (the clock
+has left it and the next one: deltas land in the second of their midpoint, so the bucket
+behind the clock still fills) its rows are compacted, sorted and packed into one array
+per slot, with no Python object per bucket. A per-series gauge
 ring (one report a second) keeps only each bucket's sample and its offset until some
 bucket gets a second one, and every column from then on (:meth:`Ring.unfold`).
 Every sample is written into every resolution, so a coarse bucket is exactly the union of
@@ -42,18 +42,19 @@ was created).
 from __future__ import annotations
 
 import math
-from itertools import chain
 from typing import Optional
 
 import numpy as np
 
 from ray_monitor.common.catalog import Metric
-from ray_monitor.common.histogram import BASE, Histogram
+from ray_monitor.aggregator.packing import (PAIR, compact, compact_cells, entries, narrow,
+                                            pack_histogram, unnarrow, unpack)
+from ray_monitor.common.histogram import Histogram
 from ray_monitor.common.matchers import Matcher, matches
 from ray_monitor.common.snapshot import Exemplar
 
-__all__ = ["GroupKey", "LabelSpace", "OTHER", "PAIR", "ROLLUP_DROPS", "Ring", "Table",
-           "bucket_values", "exact32", "fits", "unpack"]
+__all__ = ["GroupKey", "LabelSpace", "OTHER", "ROLLUP_DROPS", "Ring", "Table", "exact32",
+           "fits"]
 
 #: A group's labels: sorted ``(name, value)`` pairs of the query's ``by``.
 GroupKey = tuple[tuple[str, str], ...]
@@ -76,10 +77,6 @@ _COLUMNS = {"counter": {"v": (np.float32, np.nan)},
 _SINGLE = {"n": (np.uint8, 0), "last": (np.float64, 0.0), "to": (np.float32, -np.inf)}
 _GROW_ROWS = 2  # rows of capacity a space starts with: rollups are few per metric
 _COMPACT_AT = 8  # appended deltas in one histogram bucket before it is compacted
-_LOG_BASE = math.log(BASE)
-PAIR = np.dtype([("i", "<i2"), ("c", "<u2")])
-GAP8 = np.dtype([("g", "u1"), ("c", "u1")])
-_MAX_COUNT = 65535
 
 
 def exact32(x: float) -> bool:
@@ -101,141 +98,6 @@ def fits(dtype: np.dtype, x: float) -> bool:
     if top is not None:
         return 0 <= x <= top and float(x).is_integer()
     return dtype != np.float32 or exact32(x)
-
-
-# -- histogram packing -------------------------------------------------------------------
-
-def _split(idx: np.ndarray, cnt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Counts above 65535 as several entries (bincount adds the pieces back up): (index,
-    count, position of each entry's source)."""
-    src = np.arange(len(cnt))
-    if len(cnt) and cnt.max() > _MAX_COUNT:
-        reps = -(-cnt // _MAX_COUNT)
-        first = np.repeat(np.cumsum(reps) - reps, reps)
-        piece = np.arange(int(reps.sum())) - first
-        cnt = np.minimum(np.repeat(cnt, reps) - piece * _MAX_COUNT, _MAX_COUNT)
-        idx, src = np.repeat(idx, reps), np.repeat(src, reps)
-    return idx, cnt, src
-
-
-def _encode(idx: np.ndarray, cnt: np.ndarray) -> bytes:
-    """(index, count) entries as 4-byte pairs: indices clamped to int16, counts split at
-    65535."""
-    idx, cnt, _ = _split(np.clip(idx, -32768, 32767), cnt)
-    out = np.empty(len(idx), dtype=PAIR)
-    out["i"], out["c"] = idx, cnt
-    return out.tobytes()
-
-
-def _pack(h: Histogram) -> bytes:
-    b = h.buckets
-    a = np.fromiter(chain.from_iterable(b.items()), dtype=np.int64, count=2 * len(b))
-    idx, cnt = a[0::2], a[1::2]
-    if len(b) and (cnt.max() > _MAX_COUNT or idx.min() < -32768 or idx.max() > 32767):
-        return _encode(idx, cnt)
-    return a.astype(np.int16).tobytes()  # same bytes as PAIR: counts wrap into int16's bits
-
-
-def unpack(b) -> tuple[np.ndarray, np.ndarray]:
-    """Packed pairs (bytes or a PAIR array) as (bucket indices, counts)."""
-    pairs = np.frombuffer(b, dtype=PAIR) if isinstance(b, bytes) else b
-    return pairs["i"].astype(np.int64), pairs["c"].astype(np.int64)
-
-
-def _compact(b: bytes) -> bytes:
-    idx, cnt = unpack(b)
-    u, inv = np.unique(idx, return_inverse=True)
-    return _encode(u, np.bincount(inv.ravel(), weights=cnt).astype(np.int64))
-
-
-def _compact_cells(rows: np.ndarray, lens: np.ndarray,
-                   pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cells (row, entry count) over ``pairs`` with each row once and each index once per
-    row, in row order."""
-    tags = np.repeat(rows.astype(np.int64), lens)
-    idx, cnt = unpack(pairs)
-    u, inv = np.unique(tags * 65536 + (idx + 32768), return_inverse=True)
-    total = np.bincount(inv.ravel(), weights=cnt).astype(np.int64)
-    uidx, total, src = _split(u % 65536 - 32768, total)
-    out = np.empty(len(uidx), dtype=PAIR)
-    out["i"], out["c"] = uidx, total
-    urows, ulens = np.unique(u[src] // 65536, return_counts=True)
-    return urows.astype(np.int32), ulens.astype(np.int32), out
-
-
-def _small(a: np.ndarray) -> np.ndarray:
-    """``a`` (non-negative integers) in the narrowest unsigned type that holds it."""
-    top = int(a.max()) if len(a) else 0
-    return a.astype(np.uint8 if top < 2 ** 8 else np.uint16 if top < 2 ** 16 else np.uint32)
-
-
-def _narrow(rows: np.ndarray, gen: np.ndarray, lens: np.ndarray, pairs: np.ndarray) -> tuple:
-    """A complete bucket's cells (sorted, one entry per row and index) as held in a slot:
-    ``(rows, gen, lens, pairs)`` with 4-byte pairs, or, where smaller, ``(rows, gen, lens,
-    gaps, first)`` with 2-byte entries (GAP8: the index's step from the row's previous
-    entry, and a count up to 255). A step over 255 takes extra entries (255, 0) before, a
-    count over 255 extra entries (0, up to 255) after; ``first`` is each row's first index.
-    Nothing is rounded: :func:`_entries` gives back the same (index, count) sums."""
-    n = len(pairs)
-    rows, lens = _small(rows), _small(lens)
-    if not n:
-        return rows, gen, lens, pairs
-    idx, cnt = unpack(pairs)
-    starts = np.cumsum(lens, dtype=np.int64) - lens
-    has = lens > 0
-    gap = np.diff(idx, prepend=0)
-    gap[starts[has]] = 0
-    skips = np.maximum(gap - 1, 0) // 255
-    extra = np.maximum(cnt - 1, 0) // 255
-    per = 1 + skips + extra
-    total = int(per.sum())
-    if 2 * total >= PAIR.itemsize * n:
-        return rows, gen, lens, pairs
-    src = np.repeat(np.arange(n), per)
-    pos = np.arange(total) - np.repeat(np.cumsum(per) - per, per)
-    sk = skips[src]
-    out = np.empty(total, dtype=GAP8)
-    out["g"] = np.where(pos < sk, 255, np.where(pos == sk, gap[src] - 255 * sk, 0))
-    out["c"] = np.where(pos < sk, 0, np.minimum(cnt[src] - 255 * (pos - sk), 255))
-    first = np.zeros(len(lens), dtype=np.int16)
-    first[has] = idx[starts[has]]
-    lens8 = np.bincount(np.repeat(np.arange(len(lens)), lens), weights=per,
-                        minlength=len(lens)).astype(np.int64)
-    return rows, gen, _small(lens8), out, first
-
-
-def _entries(held: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """A slot's packed cells as (rows, gen, entries per row, bucket index, count) in
-    int64, from either form of :func:`_narrow` (entries of count 0 are steps only)."""
-    rows, gen, lens = held[0].astype(np.int64), held[1], held[2].astype(np.int64)
-    if len(held) == 4:
-        idx, cnt = unpack(held[3])
-        return rows, gen, lens, idx, cnt
-    g, cnt = held[3]["g"].astype(np.int64), held[3]["c"].astype(np.int64)
-    rowid = np.repeat(np.arange(len(lens)), lens)
-    csum = np.cumsum(g)
-    before = np.concatenate(([0], csum))[np.cumsum(lens) - lens]  # steps before each row
-    idx = held[4].astype(np.int64)[rowid] + csum - before[rowid]
-    keep = cnt > 0
-    if keep.all():
-        return rows, gen, lens, idx, cnt
-    lens = np.bincount(rowid[keep], minlength=len(lens)).astype(np.int64)
-    return rows, gen, lens, idx[keep], cnt[keep]
-
-
-def _unnarrow(held: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """A slot's packed cells as (rows, gen, lens, 4-byte pairs), for merging."""
-    rows, gen, lens, idx, cnt = _entries(held)
-    idx, cnt, src = _split(idx, cnt)
-    out = np.empty(len(idx), dtype=PAIR)
-    out["i"], out["c"] = idx, cnt
-    return rows, gen, np.bincount(np.repeat(np.arange(len(lens)), lens)[src],
-                                  minlength=len(lens)).astype(np.int64), out
-
-
-def bucket_values(idx: np.ndarray) -> np.ndarray:
-    """Vectorised :func:`~ray_monitor.common.histogram.bucket_value`."""
-    return 2.0 * np.exp((idx + 1) * _LOG_BASE) / (BASE + 1.0)
 
 
 def _pad(a: np.ndarray, rows: int, fill) -> np.ndarray:
@@ -338,7 +200,7 @@ class Ring:
             return
         for cell in cells.values():
             if cell[1] > 1:
-                cell[0], cell[1] = _compact(cell[0]), 1
+                cell[0], cell[1] = compact(cell[0]), 1
 
     def _seal(self, p: int) -> None:
         cells = self.open.pop(p)
@@ -348,14 +210,14 @@ class Ring:
         pairs = np.frombuffer(b"".join(blobs), dtype=PAIR)
         old = self.packed[p]
         if old is not None:  # late deltas for a packed bucket: one array again
-            orows, ogen, olens, opairs = _unnarrow(old)
+            orows, ogen, olens, opairs = unnarrow(old)
             ok = ogen == self.gen[orows]
             rows = np.concatenate((orows[ok], rows))
             pairs = np.concatenate((opairs[np.repeat(ok, olens)], pairs))
             lens = np.concatenate((olens[ok], lens))
         # sorted, one entry per (row, index): what the 2-byte form codes as gaps
-        rows, lens, pairs = _compact_cells(rows, lens, pairs)
-        self.packed[p] = _narrow(rows, self.gen[rows], lens, pairs)
+        rows, lens, pairs = compact_cells(rows, lens, pairs)
+        self.packed[p] = narrow(rows, self.gen[rows], lens, pairs)
 
     def pairs(self, slots) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Histogram entries held in ``slots``: (row of each, bucket index, count)."""
@@ -376,7 +238,7 @@ class Ring:
         for helds in forms.values():
             if not helds:
                 continue
-            rows, gen, lens, idx, cnt = _entries(tuple(np.concatenate(part) for part in zip(*helds)))
+            rows, gen, lens, idx, cnt = entries(tuple(np.concatenate(part) for part in zip(*helds)))
             ok = gen == self.gen[rows]
             if not ok.all():
                 keep = np.repeat(ok, lens)
@@ -666,7 +528,7 @@ class Table:
 
     def add_hist(self, row: int, where, h: Histogram, now: float,
                  exemplars: Optional[dict[int, Exemplar]]) -> None:
-        packed = _pack(h)
+        packed = pack_histogram(h)
         for ring, r, k, p in self._targets(row, where, now):
             cells = ring.open.get(p)
             if cells is None:
@@ -688,7 +550,7 @@ class Table:
                 if cell is None:  # a late delta for a packed bucket: merged when sealed
                     cells[r] = [packed, 1]
                 elif cell[1] + 1 >= _COMPACT_AT:
-                    cell[0], cell[1] = _compact(cell[0] + packed), 1
+                    cell[0], cell[1] = compact(cell[0] + packed), 1
                 else:
                     cell[0] += packed
                     cell[1] += 1

@@ -61,7 +61,8 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from ray_monitor.aggregator.rings import ROLLUP_DROPS, GroupKey, Table, bucket_values
+from ray_monitor.aggregator.packing import bucket_values
+from ray_monitor.aggregator.rings import ROLLUP_DROPS, GroupKey, Table
 from ray_monitor.aggregator.timeline import Timeline
 from ray_monitor.common.catalog import (ABSENT, FUNCTIONS, SHORTHAND_QUANTILES, Query,
                                         absence_metric, absent_labels)
