@@ -8,15 +8,16 @@ Storage. Each resolution ``(step, slots)`` is a ring of aligned buckets on the
 :class:`~ray_monitor.aggregator.timeline.Timeline` (bucket ``k`` in slot ``k % slots``).
 Counter buckets hold a sum; gauge buckets count, sum, min, max and the latest sample (with
 its offset in the bucket); histogram buckets count, sum, zero count, min, max and the
-sparse exponential-bucket counts, 4 bytes a bucket (int16 index, uint16 count; a count
-above 65535 takes several entries, and an index outside int16 -- values beyond 2**+-512
--- is clamped to the edge, while min and max stay exact). Nothing is rounded: counts and
-counter sums are float32 until a value comes that float32 would not hold exactly, and
-then float64 for that ring (:meth:`Ring.widen`); sums, min, max and gauge samples are
-float64. Memory (issue 15): a bucket still filling keeps each row's histogram entries
-apart; once complete (the clock has left it and the next one: deltas land in the second
-of their midpoint, so the bucket behind the clock still fills) its rows are compacted and
-packed into one array per slot, with no Python object per bucket. A per-series gauge
+sparse exponential-bucket counts (coded by :mod:`~ray_monitor.aggregator.packing`: 4 bytes
+an entry while a bucket fills, 2 where smaller once complete). Nothing is rounded: counts
+and counter sums are held in the narrowest type that holds every value so far exactly,
+and widen for the whole ring the first time one does not fit (histogram counts uint16,
+zero counts uint8, then float32, then float64; counter sums float32, then float64:
+:meth:`Ring.widen`); sums, min, max and gauge samples are float64. Memory (issue 15): a
+bucket still filling keeps each row's histogram entries apart; once complete (the clock
+has left it and the next one: deltas land in the second of their midpoint, so the bucket
+behind the clock still fills) its rows are compacted, sorted and packed into one array
+per slot, with no Python object per bucket. A per-series gauge
 ring (one report a second) keeps only each bucket's sample and its offset until some
 bucket gets a second one, and every column from then on (:meth:`Ring.unfold`).
 Every sample is written into every resolution, so a coarse bucket is exactly the union of
@@ -41,18 +42,19 @@ was created).
 from __future__ import annotations
 
 import math
-from itertools import chain
 from typing import Optional
 
 import numpy as np
 
 from ray_monitor.common.catalog import Metric
-from ray_monitor.common.histogram import BASE, Histogram
+from ray_monitor.aggregator.packing import (PAIR, compact, compact_cells, entries, narrow,
+                                            pack_histogram, unnarrow, unpack)
+from ray_monitor.common.histogram import Histogram
 from ray_monitor.common.matchers import Matcher, matches
 from ray_monitor.common.snapshot import Exemplar
 
-__all__ = ["GroupKey", "LabelSpace", "OTHER", "PAIR", "ROLLUP_DROPS", "Ring", "Table",
-           "bucket_values", "exact32", "unpack"]
+__all__ = ["GroupKey", "LabelSpace", "OTHER", "ROLLUP_DROPS", "Ring", "Table", "exact32",
+           "fits"]
 
 #: A group's labels: sorted ``(name, value)`` pairs of the query's ``by``.
 GroupKey = tuple[tuple[str, str], ...]
@@ -62,22 +64,19 @@ OTHER = "other"
 ROLLUP_DROPS = frozenset({"replica", "pid"})
 
 # column -> (dtype, value of an empty bucket); sums and mins read empty buckets as no-ops.
-# Counts and counter sums start as float32 and widen to float64 the first time a value is
-# not exactly a float32 (see Ring.widen), so no stored value is ever rounded.
+# Counts and counter sums start narrow and widen the first time a value does not fit
+# exactly (see Ring.widen), so no stored value is ever rounded.
 _COLUMNS = {"counter": {"v": (np.float32, np.nan)},
-            "histogram": {"n": (np.float32, 0.0), "s": (np.float64, 0.0), "z": (np.float32, 0.0),
+            "histogram": {"n": (np.uint16, 0), "s": (np.float64, 0.0), "z": (np.uint8, 0),
                           "lo": (np.float64, np.inf), "hi": (np.float64, -np.inf)},
-            "gauge": {"n": (np.float32, 0.0), "s": (np.float64, 0.0), "lo": (np.float64, np.inf),
+            "gauge": {"n": (np.uint16, 0), "s": (np.float64, 0.0), "lo": (np.float64, np.inf),
                       "hi": (np.float64, -np.inf), "last": (np.float64, 0.0),
                       "to": (np.float32, -np.inf)}}  # to: the latest sample's offset in the bucket
 # A per-series gauge ring holds one sample per bucket (one report a second): until a bucket
 # gets a second sample it keeps the sample and its offset only (see Ring.single).
 _SINGLE = {"n": (np.uint8, 0), "last": (np.float64, 0.0), "to": (np.float32, -np.inf)}
-_GROW_ROWS = 16
+_GROW_ROWS = 2  # rows of capacity a space starts with: rollups are few per metric
 _COMPACT_AT = 8  # appended deltas in one histogram bucket before it is compacted
-_LOG_BASE = math.log(BASE)
-PAIR = np.dtype([("i", "<i2"), ("c", "<u2")])
-_MAX_COUNT = 65535
 
 
 def exact32(x: float) -> bool:
@@ -85,69 +84,20 @@ def exact32(x: float) -> bool:
     return x != x or float(np.float32(x)) == x
 
 
-# -- histogram packing -------------------------------------------------------------------
-
-def _split(idx: np.ndarray, cnt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Counts above 65535 as several entries (bincount adds the pieces back up): (index,
-    count, position of each entry's source)."""
-    src = np.arange(len(cnt))
-    if len(cnt) and cnt.max() > _MAX_COUNT:
-        reps = -(-cnt // _MAX_COUNT)
-        first = np.repeat(np.cumsum(reps) - reps, reps)
-        piece = np.arange(int(reps.sum())) - first
-        cnt = np.minimum(np.repeat(cnt, reps) - piece * _MAX_COUNT, _MAX_COUNT)
-        idx, src = np.repeat(idx, reps), np.repeat(src, reps)
-    return idx, cnt, src
+_WIDER = {np.dtype(np.uint8): np.uint16, np.dtype(np.uint16): np.float32,
+          np.dtype(np.float32): np.float64}
 
 
-def _encode(idx: np.ndarray, cnt: np.ndarray) -> bytes:
-    """(index, count) entries as 4-byte pairs: indices clamped to int16, counts split at
-    65535."""
-    idx, cnt, _ = _split(np.clip(idx, -32768, 32767), cnt)
-    out = np.empty(len(idx), dtype=PAIR)
-    out["i"], out["c"] = idx, cnt
-    return out.tobytes()
+_UMAX = {np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}
+_TOP = {**_UMAX, np.dtype(np.float32): 2 ** 24, np.dtype(np.float64): 2 ** 53}
 
 
-def _pack(h: Histogram) -> bytes:
-    b = h.buckets
-    a = np.fromiter(chain.from_iterable(b.items()), dtype=np.int64, count=2 * len(b))
-    idx, cnt = a[0::2], a[1::2]
-    if len(b) and (cnt.max() > _MAX_COUNT or idx.min() < -32768 or idx.max() > 32767):
-        return _encode(idx, cnt)
-    return a.astype(np.int16).tobytes()  # same bytes as PAIR: counts wrap into int16's bits
-
-
-def unpack(b) -> tuple[np.ndarray, np.ndarray]:
-    """Packed pairs (bytes or a PAIR array) as (bucket indices, counts)."""
-    pairs = np.frombuffer(b, dtype=PAIR) if isinstance(b, bytes) else b
-    return pairs["i"].astype(np.int64), pairs["c"].astype(np.int64)
-
-
-def _compact(b: bytes) -> bytes:
-    idx, cnt = unpack(b)
-    u, inv = np.unique(idx, return_inverse=True)
-    return _encode(u, np.bincount(inv.ravel(), weights=cnt).astype(np.int64))
-
-
-def _compact_cells(rows: np.ndarray, lens: np.ndarray,
-                   pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cells (row, entry count) over ``pairs`` with each row once and each index once per
-    row, in row order."""
-    tags = np.repeat(rows.astype(np.int64), lens)
-    idx, cnt = unpack(pairs)
-    u, inv = np.unique(tags * 65536 + (idx + 32768), return_inverse=True)
-    total = np.bincount(inv.ravel(), weights=cnt).astype(np.int64)
-    uidx, total, src = _split(u % 65536 - 32768, total)
-    out = np.empty(len(uidx), dtype=PAIR)
-    out["i"], out["c"] = uidx, total
-    urows, ulens = np.unique(u[src] // 65536, return_counts=True)
-    return urows.astype(np.int32), ulens.astype(np.int32), out
-
-
-def bucket_values(idx: np.ndarray) -> np.ndarray:
-    """Vectorised :func:`~ray_monitor.common.histogram.bucket_value`."""
-    return 2.0 * np.exp((idx + 1) * _LOG_BASE) / (BASE + 1.0)
+def fits(dtype: np.dtype, x: float) -> bool:
+    """Whether a column of ``dtype`` holds ``x`` exactly."""
+    top = _UMAX.get(dtype)
+    if top is not None:
+        return 0 <= x <= top and float(x).is_integer()
+    return dtype != np.float32 or exact32(x)
 
 
 def _pad(a: np.ndarray, rows: int, fill) -> np.ndarray:
@@ -171,6 +121,8 @@ class Ring:
         self.step, self.slots, self.kind = step, slots, kind
         self.single = single and kind == "gauge"
         self.columns = dict(_SINGLE if self.single else _COLUMNS[kind])
+        #: per column: the largest whole number it holds exactly (a quick check on writes)
+        self.top = {c: _TOP[np.dtype(d)] for c, (d, _) in self.columns.items()}
         for c, (dtype, fill) in self.columns.items():
             setattr(self, c, np.full((0, slots), fill, dtype=dtype))
         if kind == "histogram":
@@ -188,11 +140,17 @@ class Ring:
         if self.kind == "histogram":
             self.gen = _pad(self.gen, cap, 0)
 
-    def widen(self, column: str) -> None:
-        """Holds ``column`` as float64 from now on: a value came that float32 would round."""
-        _, fill = self.columns[column]
-        self.columns[column] = (np.float64, fill)
-        setattr(self, column, getattr(self, column).astype(np.float64))
+    def widen(self, column: str, value: float) -> np.ndarray:
+        """Holds ``column`` in the next type that holds ``value`` exactly, from now on."""
+        dtype, fill = self.columns[column]
+        if fits(np.dtype(dtype), value):  # past ``top`` but held exactly all the same
+            return getattr(self, column)
+        while not fits(np.dtype(dtype), value):
+            dtype = _WIDER[np.dtype(dtype)]
+        self.columns[column] = (dtype, fill)
+        self.top[column] = _TOP[np.dtype(dtype)]
+        setattr(self, column, getattr(self, column).astype(dtype))
+        return getattr(self, column)
 
     def unfold(self) -> None:
         """A single-sample gauge ring gets every column: a bucket has a second sample."""
@@ -203,6 +161,7 @@ class Ring:
         self.hi = np.where(has, self.last, full["hi"][1])
         self.n = self.n.astype(full["n"][0])
         self.columns = {c: (getattr(self, c).dtype.type, fill) for c, (_, fill) in full.items()}
+        self.top = {c: _TOP[np.dtype(d)] for c, (d, _) in self.columns.items()}
         self.single = False
 
     def read(self, column: str, index) -> np.ndarray:
@@ -241,50 +200,56 @@ class Ring:
             return
         for cell in cells.values():
             if cell[1] > 1:
-                cell[0], cell[1] = _compact(cell[0]), 1
+                cell[0], cell[1] = compact(cell[0]), 1
 
     def _seal(self, p: int) -> None:
         cells = self.open.pop(p)
-        rows = np.fromiter(cells, dtype=np.int32, count=len(cells))
+        rows = np.fromiter(cells, dtype=np.int64, count=len(cells))
         blobs = [c[0] for c in cells.values()]
-        lens = np.fromiter(map(len, blobs), dtype=np.int32, count=len(blobs)) // PAIR.itemsize
+        lens = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs)) // PAIR.itemsize
         pairs = np.frombuffer(b"".join(blobs), dtype=PAIR)
-        merge = any(c[1] > 1 for c in cells.values())
         old = self.packed[p]
         if old is not None:  # late deltas for a packed bucket: one array again
-            orows, ogen, olens, opairs = old
+            orows, ogen, olens, opairs = unnarrow(old)
             ok = ogen == self.gen[orows]
             rows = np.concatenate((orows[ok], rows))
             pairs = np.concatenate((opairs[np.repeat(ok, olens)], pairs))
             lens = np.concatenate((olens[ok], lens))
-            merge = True
-        if merge:
-            rows, lens, pairs = _compact_cells(rows, lens, pairs)
-        self.packed[p] = (rows, self.gen[rows], lens, pairs)
+        # sorted, one entry per (row, index): what the 2-byte form codes as gaps
+        rows, lens, pairs = compact_cells(rows, lens, pairs)
+        self.packed[p] = narrow(rows, self.gen[rows], lens, pairs)
 
     def pairs(self, slots) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Histogram entries held in ``slots``: (row of each, bucket index, count)."""
-        tags, parts = [], []
+        forms: dict[int, list] = {4: [], 5: []}  # packed slots of each form, decoded at once
+        tags, idxs, cnts = [], [], []
         for p in np.ravel(slots).tolist():
             held = self.packed[p]
             if held is not None:
-                rows, gen, lens, pairs = held
-                ok = gen == self.gen[rows]
-                if not ok.all():
-                    rows, pairs, lens = rows[ok], pairs[np.repeat(ok, lens)], lens[ok]
-                tags.append(np.repeat(rows, lens))
-                parts.append(pairs)
+                forms[len(held)].append(held)
             cells = self.open.get(p)
             if cells:
                 blobs = [c[0] for c in cells.values()]
                 lens = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs)) // PAIR.itemsize
                 tags.append(np.repeat(np.fromiter(cells, dtype=np.int64, count=len(cells)), lens))
-                parts.append(np.frombuffer(b"".join(blobs), dtype=PAIR))
-        if not parts:
+                idx, cnt = unpack(b"".join(blobs))
+                idxs.append(idx)
+                cnts.append(cnt)
+        for helds in forms.values():
+            if not helds:
+                continue
+            rows, gen, lens, idx, cnt = entries(tuple(np.concatenate(part) for part in zip(*helds)))
+            ok = gen == self.gen[rows]
+            if not ok.all():
+                keep = np.repeat(ok, lens)
+                rows, lens, idx, cnt = rows[ok], lens[ok], idx[keep], cnt[keep]
+            tags.append(np.repeat(rows, lens))
+            idxs.append(idx)
+            cnts.append(cnt)
+        if not tags:
             empty = np.zeros(0, dtype=np.int64)
             return empty, empty, empty
-        idx, cnt = unpack(np.concatenate(parts))
-        return np.concatenate(tags).astype(np.int64), idx, cnt
+        return np.concatenate(tags), np.concatenate(idxs), np.concatenate(cnts)
 
     def nbytes(self) -> int:
         n = sum(getattr(self, c).nbytes for c in self.columns)
@@ -385,6 +350,8 @@ class LabelSpace:
         if not cols:
             return rows, [tuple((b, "") for b in by_names)], np.zeros(len(rows), dtype=np.int64)
         gid, all_keys = self._groups_of(cols, by_names)
+        if not matchers:  # every live row: every group is used, ids are already dense
+            return rows, all_keys, gid[rows]
         used, inv = np.unique(gid[rows], return_inverse=True)
         return rows, [all_keys[i] for i in used.tolist()], inv.ravel()
 
@@ -523,8 +490,8 @@ class Table:
         for ring, r, k, p in self._targets(row, where, now):
             cur = float(ring.v[r, p])
             new = value if cur != cur else cur + value  # NaN: the bucket was empty
-            if ring.v.dtype == np.float32 and not exact32(new):
-                ring.widen("v")
+            if not fits(ring.v.dtype, new):
+                ring.widen("v", new)
             ring.v[r, p] = new
         self.cum[row][0] += value
 
@@ -539,9 +506,10 @@ class Table:
                     continue
                 ring.unfold()
             if ring.n[r, p]:
-                if ring.n.dtype == np.float32 and ring.n[r, p] >= 2 ** 24 - 1:
-                    ring.widen("n")
-                ring.n[r, p] += 1
+                n = float(ring.n[r, p]) + 1
+                if not fits(ring.n.dtype, n):
+                    ring.widen("n", n)
+                ring.n[r, p] = n
                 ring.s[r, p] += value
                 if value < ring.lo[r, p]:
                     ring.lo[r, p] = value
@@ -560,17 +528,19 @@ class Table:
 
     def add_hist(self, row: int, where, h: Histogram, now: float,
                  exemplars: Optional[dict[int, Exemplar]]) -> None:
-        packed = _pack(h)
+        packed = pack_histogram(h)
         for ring, r, k, p in self._targets(row, where, now):
             cells = ring.open.get(p)
             if cells is None:
                 cells = ring.open[p] = {}
             if ring.n[r, p]:
                 for c, add in (("n", h.count), ("z", h.zero_count)):
-                    new = float(getattr(ring, c)[r, p]) + add
-                    if getattr(ring, c).dtype == np.float32 and not exact32(new):
-                        ring.widen(c)
-                    getattr(ring, c)[r, p] = new
+                    if add:
+                        col = getattr(ring, c)
+                        new = col[r, p].item() + add
+                        if new > ring.top[c] or type(new) is not int and not fits(col.dtype, new):
+                            col = ring.widen(c, new)
+                        col[r, p] = new
                 ring.s[r, p] += h.sum
                 if h.min < ring.lo[r, p]:
                     ring.lo[r, p] = h.min
@@ -580,15 +550,17 @@ class Table:
                 if cell is None:  # a late delta for a packed bucket: merged when sealed
                     cells[r] = [packed, 1]
                 elif cell[1] + 1 >= _COMPACT_AT:
-                    cell[0], cell[1] = _compact(cell[0] + packed), 1
+                    cell[0], cell[1] = compact(cell[0] + packed), 1
                 else:
                     cell[0] += packed
                     cell[1] += 1
             else:
                 for c, value in (("n", h.count), ("z", h.zero_count)):
-                    if getattr(ring, c).dtype == np.float32 and not exact32(value):
-                        ring.widen(c)
-                    getattr(ring, c)[r, p] = value
+                    if value:  # a slot is emptied to 0
+                        col = getattr(ring, c)
+                        if value > ring.top[c] or type(value) is not int and not fits(col.dtype, value):
+                            col = ring.widen(c, value)
+                        col[r, p] = value
                 ring.s[r, p] = h.sum
                 ring.lo[r, p] = h.min
                 ring.hi[r, p] = h.max

@@ -71,7 +71,7 @@ import numpy as np
 
 from ray_monitor.aggregator.rings import GroupKey, Table
 from ray_monitor.aggregator.tenants import TenantBook, feed_series
-from ray_monitor.aggregator.timeline import EMPTY, Timeline
+from ray_monitor.aggregator.timeline import EMPTY, Timeline, check_resolutions
 from ray_monitor.aggregator.window_query import WindowQuery
 from ray_monitor.common.catalog import GENAI_METRICS, METRICS, Query
 from ray_monitor.common.histogram import Histogram
@@ -86,6 +86,10 @@ COMPLETE_WAIT_S = 2.0
 #: A gauge is on /metrics while its source reported within this long (or three of its
 #: report intervals, if longer), as Prometheus drops the series of a target that is down.
 GAUGE_FRESH_S = 3.0
+#: How far window ends trail the clock at most, for replicas flushing every second: the
+#: wait above, half a flush interval (deltas land at their midpoint) and the rounding
+#: down to the fine step. Rings hold that much more than their span (Timeline: Held slots).
+_END_LAG_S = COMPLETE_WAIT_S + 0.5
 #: Request series a replica's report keeps alive (see Zero is a value).
 _REPLICA_FED = ("requests", "errors", "latency_seconds", "first_item_seconds", *GENAI_METRICS)
 
@@ -125,7 +129,8 @@ class WindowStore:
     def __init__(self, *, resolutions: tuple[tuple[float, int], ...] = DEFAULT_RESOLUTIONS,
                  series_ttl_s: float = 300.0, max_series_per_metric: int = 10_000,
                  clock: Callable[[], float] = time.time) -> None:
-        self._tl = Timeline(resolutions)
+        res = check_resolutions(resolutions)
+        self._tl = Timeline(res, lag_s=_END_LAG_S + res[0][0])
         if not (isinstance(series_ttl_s, (int, float)) and series_ttl_s > 0):
             raise ValueError(f"series_ttl_s must be a positive number of seconds, got {series_ttl_s!r}")
         if not (isinstance(max_series_per_metric, int) and max_series_per_metric >= 1):
@@ -136,7 +141,7 @@ class WindowStore:
         self._ttl = float(series_ttl_s)
         self._cap = max_series_per_metric
         self._clock = clock
-        self._tables = {name: Table(m, self._tl.res) for name, m in METRICS.items()}
+        self._tables = {name: Table(m, self._tl.held) for name, m in METRICS.items()}
         self._table_list = list(self._tables.values())
         self._query = WindowQuery(self._tl, self._tables)
         self.tenants = TenantBook()  # top tenants per deployment, and token prices (issue 14)

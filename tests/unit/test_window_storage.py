@@ -26,7 +26,7 @@ def _compare(store: WindowStore, samples: dict, now: float) -> int:
     compared = 0
     for metric, fs in FUNCS.items():
         for f in fs:
-            for w in (1.0, 7.0, 30.0, 45.0):  # a 60 s window would need the open bucket's slot too
+            for w in (1.0, 7.0, 30.0, 45.0, 60.0):  # 60: the fine ring's whole span
                 for by in (None, ("deployment",), ("replica",)):
                     for matchers in ((), (Matcher("replica", "!=", "d1-a"),),
                                      (Matcher("deployment", "=", "d2"),)):
@@ -62,6 +62,13 @@ def test_compact_rings_give_the_reference_values_over_a_long_random_sequence():
             latency.buckets[i] += big
             latency.count += big
             latency.sum += big * 0.05
+        if rng.random() < 0.1:  # a far bucket: a gap of over 255 buckets in the 2-byte form
+            latency.record(float(rng.choice((40.0, 1e-4))))
+        if rng.random() < 0.1:  # a count over 255 in one bucket: continued entries
+            i = next(iter(latency.buckets))
+            latency.buckets[i] += 300
+            latency.count += 300
+            latency.sum += 300 * 0.05
         inflight = float(rng.integers(0, 9)) + (0.1 if rng.random() < 0.3 else 0.0)
         replica = f"{dep}-{rep}"
         snap = ReplicaSnapshot(ident(replica, dep), seq, end - interval, end,
@@ -107,6 +114,13 @@ def test_compact_rings_give_the_reference_values_over_a_long_random_sequence():
     assert lat.series_ring.n.dtype == np.float64
     assert not store._tables["inflight"].series_ring.single
     assert store._tables["cpu_percent"].series_ring.single  # never written: stays compact
+    # complete buckets are held both ways: 2-byte entries (with steps over 255 and counts
+    # over 255 continued) and, where those would take more room (2**24), 4-byte pairs
+    held = [h for ring in (lat.series_ring, lat.rings[0]) for h in ring.packed if h is not None]
+    narrow = [h[3] for h in held if len(h) == 5]
+    assert narrow and len(narrow) < len(held)
+    gaps = np.concatenate(narrow)
+    assert ((gaps["g"] == 255) & (gaps["c"] == 0)).any() and ((gaps["g"] == 0) & (gaps["c"] > 0)).any()
 
 
 def test_an_unfolded_gauge_ring_and_a_widened_counter_keep_every_value():
@@ -120,6 +134,16 @@ def test_an_unfolded_gauge_ring_and_a_widened_counter_keep_every_value():
     # three samples in one second: the latest by time is 7.5, not the last delivered
     assert {f: store.evaluate(q(f), now)[key] for f in ("last", "min", "max", "count", "avg")} == {
         "last": 7.5, "min": 1.25, "max": 7.5, "count": 3.0, "avg": pytest.approx(11.75 / 3)}
+    # counts past uint16 (70,000 in one second): the count column widens to float32
+    mid = hist(0.1)
+    mid.buckets[next(iter(mid.buckets))] += 69_999
+    mid.count += 69_999
+    store.ingest(ReplicaSnapshot(ident(), 8, T0 - 2, T0 - 1, [SeriesDelta("__call__", "ok", False, mid)],
+                                 {}, None))
+    lat = store._tables["latency_seconds"]
+    assert lat.series_ring.n.dtype == np.float32 and lat.series_ring.z.dtype == np.uint8
+    assert store.evaluate(Query("count", "latency_seconds", 10.0, by=("replica",)), now) == {
+        key: 70_000.0}
     h = hist(0.1)
     h.buckets[next(iter(h.buckets))] += 2 ** 24
     h.count += 2 ** 24
@@ -128,7 +152,33 @@ def test_an_unfolded_gauge_ring_and_a_widened_counter_keep_every_value():
     store.ingest(ReplicaSnapshot(ident(), 10, T0 - 1, T0, [SeriesDelta("__call__", "ok", False,
                                                                       hist(0.2))], {}, None))
     total = 2 ** 24 + 2  # after 2**24 + 1, which a float32 would round
-    assert store.evaluate(Query("count", "requests", 10.0), now) == {(): float(total)}
+    assert store.evaluate(Query("count", "requests", 10.0), now) == {(): float(total + 70_000)}
     assert store.evaluate(Query("count", "latency_seconds", 10.0, by=("replica",)), now) == {
-        key: float(total)}
+        key: float(total + 70_000)}
+    assert lat.series_ring.n.dtype == np.float64
     assert not math.isnan(store.stats()["approx_bytes"])
+
+
+@pytest.mark.parametrize("resolutions", [((1.0, 600), (10.0, 360), (60.0, 360)), ((1.0, 60),)])
+def test_a_window_as_long_as_the_fine_ring_reads_its_oldest_second(resolutions):
+    # The open bucket (the clock's) takes a slot while windows end a few seconds behind
+    # the clock: a ring of exactly ``slots`` slots had lost the window's oldest seconds.
+    span = resolutions[0][1]
+    clock = Clock(T0)
+    store = WindowStore(resolutions=resolutions, clock=clock)
+    for i in range(span + 20):
+        clock.t = T0 + i + 0.25
+        store.ingest(ReplicaSnapshot(ident(), i + 1, clock.t - 1.0, clock.t,
+                                     [SeriesDelta("__call__", "ok", False, hist(*[0.1] * (i + 1)))],
+                                     {"__call__": float(i)}, None))
+    for lag in (0.3, 1.2, 2.9):  # the clock a little, and up to the wait, past the last report
+        now = clock.t + lag
+        end = store.window_end(now)
+        # report i (i + 1 requests, in flight i) lands in second T0 + i - 1, its midpoint's
+        seconds = range(int(end - span - T0), int(end - T0))
+        want_count = float(sum(j + 2 for j in seconds))
+        for by in (None, ("replica",)):  # rollup rows, and per-series rows
+            got = store.evaluate(Query("count", "latency_seconds", float(span), by=by), now)
+            assert list(got.values()) == [want_count], (by, lag)
+        got = store.evaluate(Query("min", "inflight", float(span), by=("replica",)), now)
+        assert list(got.values()) == [float(seconds[0] + 1)], lag
