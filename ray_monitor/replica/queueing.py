@@ -46,11 +46,11 @@ def queue_of(request: Any) -> Optional[float]:
     if request is None:
         return None
     carried = getattr(request, "_ray_trace_ctx", None)
-    if not carried:
+    if not carried or SENT not in carried:  # no exception raised on the common paths
         return None
     try:
         sent = float(carried[SENT])
-    except (KeyError, TypeError, ValueError):
+    except (TypeError, ValueError):
         return None
     if sent != sent:  # NaN
         return None
