@@ -14,6 +14,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
+from ray_monitor import monitor
 from ray_monitor.client.dashboard import build_dashboard, queried_metrics
 from tests.conftest import wait_until
 from tests.integration.test_alerts_serve import Faulty, Traffic
@@ -134,3 +135,42 @@ def test_status_page_shows_deployments_alerts_charts_and_gpus(mon, serve_apps):
             assert not missing, f"the dashboard queries metrics /metrics lacks: {sorted(missing)}"
     finally:
         mon.reload("groups: []")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@monitor(tenant=lambda n, user="": user)
+class Streamer:
+    async def chat(self, n: int, user: str = ""):
+        for i in range(n):
+            yield {"object": "chat.completion.chunk", "model": "toy",
+                   "choices": [{"index": 0, "delta": {"content": f"w{i}"}}]}
+        yield {"object": "chat.completion.chunk", "model": "toy", "choices": [],
+               "usage": {"prompt_tokens": 2, "completion_tokens": n, "total_tokens": n + 2}}
+
+
+def test_status_page_shows_stream_columns_for_a_streaming_deployment(mon, serve_apps):
+    sync_playwright, chromium = require_browser()
+    app = f"st{uuid.uuid4().hex[:8]}"
+    serve_apps.append(app)
+    handle = serve.run(Streamer.bind(), name=app, route_prefix=f"/{app}")
+    for user in ("acme", "acme", "zeta"):
+        list(handle.options(stream=True).chat.remote(5, user))
+    row = wait_until(lambda: next((d for d in mon.deployments() if d["application"] == app
+                                   and (d.get("stream") or {}).get("top_tenants")), None),
+                     what="the deployment's stream figures")
+    assert [t["tenant"] for t in row["stream"]["top_tenants"]] == ["acme", "zeta"]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(PAGE_TIMEOUT_MS)
+            page.goto(mon.url + "/")
+            tr = page.locator(f'#streams tr[data-deployment="{app}/Streamer"]')
+            tr.wait_for()
+            cells = tr.locator("td").all_inner_texts()
+            assert cells[:2] == [app, "Streamer"]
+            assert cells[2] not in ("", "-"), f"TTFT p50 column: {cells}"
+            assert cells[6] not in ("", "-", "0"), f"tokens/s column: {cells}"
+            assert cells[7].startswith("acme:2(10)"), f"top tenants column: {cells}"
+        finally:
+            browser.close()
