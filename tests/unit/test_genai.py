@@ -330,7 +330,8 @@ def test_queue_time_from_the_callers_send_time_is_recorded_with_its_ttft_split(m
     waited = 1.5
 
     def in_request(call):
-        ctx = _RequestContext(request_id="r", _ray_trace_ctx={SENT: repr(time.time() - waited)})
+        ctx = _RequestContext(request_id="r", _ray_trace_ctx={
+            SENT: str(int((time.time() - waited) * 1e6))})
         token = _serve_request_context.set(ctx)
         try:
             return call()

@@ -181,7 +181,7 @@ def test_the_hook_fills_what_serve_left_empty_and_never_raises(monkeypatch):
     finally:
         propagation.CURRENT.reset(token)
     # each also carries the caller's send time (queueing), Serve's own dict too
-    stamps = [float(ctx.pop(SENT)) for ctx in sent]
+    stamps = [int(ctx.pop(SENT)) * 1e-6 for ctx in sent]
     assert sent == [{"traceparent": f"00-{5:032x}-{6:016x}-01"}, serve_set]
     assert all(abs(t - time.time()) < 3600 for t in stamps)  # a wall-clock time
     failures = []
@@ -402,17 +402,17 @@ def test_the_hook_carries_the_routers_enqueue_time_once_and_the_callee_reads_a_q
     finally:
         propagation.CURRENT.reset(token)
     ctx = pr.metadata.tracing_context
-    assert ctx[SENT] == repr(1_700_000_000.25) and ctx["traceparent"].endswith("-00")
+    assert ctx[SENT] == "1700000000250000" and ctx["traceparent"].endswith("-00")
 
     class Request:
         def __init__(self, carried):
             self._ray_trace_ctx = carried
 
     now = time.time()
-    q = queueing.queue_of(Request({SENT: repr(now - 2.5)}))
+    q = queueing.queue_of(Request({SENT: str(int((now - 2.5) * 1e6))}))
     assert 2.5 <= q < 2.5 + 60
-    assert queueing.queue_of(Request({SENT: repr(now + 30.0)})) == 0.0  # a clock behind: 0
+    assert queueing.queue_of(Request({SENT: str(int((now + 30.0) * 1e6))})) == 0.0  # behind
     for carried in (None, {}, {"traceparent": "x"}, {SENT: "soon"}, {SENT: None},
-                    {SENT: "nan"}):
+                    {SENT: "nan"}, {SENT: "1.5e9"}):
         assert queueing.queue_of(Request(carried)) is None
     assert queueing.queue_of(None) is None and queueing.queue_of(object()) is None
