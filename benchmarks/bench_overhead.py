@@ -355,8 +355,9 @@ def serve_hop_cases(loop: asyncio.AbstractEventLoop, caller: str) -> dict:
     hooked = propagation._wrap(send)
     md = RequestMetadata(request_id="r", internal_request_id="i")
 
-    class Pending:
+    class Pending:  # Serve's PendingRequest: its metadata, and when its router took it
         metadata = md
+        created_at = time.time()
     pending = Pending()
     request = _RequestContext(request_id="bench", _ray_trace_ctx={"traceparent": caller})
     serve_span = trace.set_span_in_context(NonRecordingSpan(SpanContext(
@@ -407,8 +408,9 @@ def handle_call_cases() -> dict[str, Callable[[int], float]]:
 
     hooked = propagation._wrap(send)
 
-    class Pending:
+    class Pending:  # Serve's PendingRequest: its metadata, and when its router took it
         metadata = md
+        created_at = time.time()
 
     pr = Pending()
 

@@ -34,7 +34,8 @@ OTHER = "other"
 PROMOTE = 1.5
 
 _HISTOGRAMS = (("time_per_output_token_seconds", "time_per_token"), ("inter_item_seconds", "gaps"),
-               ("stream_items", "items"), ("stream_items_per_second", "items_per_s"))
+               ("stream_items", "items"), ("stream_items_per_second", "items_per_s"),
+               ("queue_seconds", "queue"), ("first_item_with_queue_seconds", "first_with_queue"))
 _TOKENS = (("input_tokens", "input_tokens"), ("output_tokens", "output_tokens"))
 
 

@@ -13,15 +13,16 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Mapping, Optional
 
+from ray_monitor.aggregator.tenants import OTHER
 from ray_monitor.aggregator.trace_store import MAX_LIMIT, check_kind, check_limit
 from ray_monitor.common.catalog import ALIASES, FUNCTIONS, METRICS, Query
 from ray_monitor.common.errors import BadRequest
 from ray_monitor.quality.store import GAUGE_WINDOW_S
 
 __all__ = ["DEFAULT_BY", "DEFAULT_STEP_S", "DEFAULT_TRACE_LIMIT", "DEFAULT_WINDOW_S", "MAX_POINTS",
-           "NO_TRACES_NOTE", "SUMMARY_WINDOW_S", "alerts", "check_query", "deployments",
-           "finite", "gpu_nodes", "hung", "quality_summary", "rules", "timeseries",
-           "traces_view"]
+           "NO_TRACES_NOTE", "SUMMARY_WINDOW_S", "TOP_TENANTS_SHOWN", "alerts", "check_query",
+           "deployments", "finite", "gpu_nodes", "hung", "quality_summary", "rules",
+           "streams", "timeseries", "traces_view"]
 
 #: The deployments table reads these windows.
 SUMMARY_WINDOW_S = 60.0
@@ -34,6 +35,8 @@ DEFAULT_TRACE_LIMIT = 50
 NO_TRACES_NOTE = ("no slow or failed request yet: a request that fails or takes at least its "
                   "deployment's slow_threshold_s (default 1 s) shows here within seconds")
 DEFAULT_BY = ("application", "deployment")
+#: Tenants a deployment's row names (the heaviest by requests); the rest are on /metrics.
+TOP_TENANTS_SHOWN = 3
 
 
 def finite(v: Any) -> Optional[float]:
@@ -53,7 +56,8 @@ def finite(v: Any) -> Optional[float]:
 def deployments(store, replicas: Mapping[str, tuple[Any, float]], now: float,
                 alive_s: float) -> list[dict]:
     """One row per deployment: running replicas (reported within ``alive_s``), model
-    versions seen, and the last minute's traffic, errors, latency and requests in flight.
+    versions seen, and the last minute's traffic, errors, latency and requests in flight;
+    a deployment that streamed in that minute also has ``stream`` (see :func:`streams`).
     ``replicas`` maps a replica to its identity and when it last reported."""
     by = ("application", "deployment")
     w = SUMMARY_WINDOW_S
@@ -80,7 +84,61 @@ def deployments(store, replicas: Mapping[str, tuple[Any, float]], now: float,
                     "requests_1m": finite(count.get(key)), "rate_per_s": finite(rate.get(key)),
                     "error_ratio": finite(errs.get(key)), "p50_s": finite(p50.get(key)),
                     "p99_s": finite(p99.get(key)), "inflight": finite(inflight.get(key))})
+    for row, stream in zip(out, streams(store, [(r["application"], r["deployment"]) for r in out],
+                                        now)):
+        if stream is not None:
+            row["stream"] = stream
     return out
+
+
+def streams(store, keys: list[tuple[str, str]], now: float) -> list[Optional[dict]]:
+    """The last minute of each (application, deployment) in ``keys`` as a generative
+    deployment: TTFT and TPOT p50/p95, output tokens per second (None where no response
+    carried token usage; ``items_per_s`` is the streamed items then) and the heaviest
+    tenants by requests with their output tokens. None for a deployment that streamed
+    nothing in that minute, so a plain deployment's row stays as it was."""
+    by = ("application", "deployment")
+    w = SUMMARY_WINDOW_S
+
+    def q(func: str, metric: str, group=by) -> dict:
+        return store.evaluate(Query(func, metric, w, group), now)
+
+    first = q("count", "first_item_seconds")
+    if not any(first.get(_key(k)) for k in keys):
+        return [None] * len(keys)  # no stream anywhere: the plain table, no more queries
+    ttft50, ttft95 = q("p50", "first_item_seconds"), q("p95", "first_item_seconds")
+    tpot50, tpot95 = q("p50", "time_per_output_token_seconds"), q(
+        "p95", "time_per_output_token_seconds")
+    tokens, items = q("sum", "output_tokens"), q("sum", "stream_items")
+    tby = by + ("tenant",)
+    t_requests, t_tokens = q("sum", "tenant_requests", tby), q("sum", "tenant_output_tokens", tby)
+    tenants: dict[tuple, list[dict]] = {}
+    for tkey, n in t_requests.items():
+        labels = dict(tkey)
+        # "": the deployment names no tenant; other: the many light ones, not a tenant
+        if labels.get("tenant") in ("", None, OTHER) or not n:
+            continue
+        tenants.setdefault(_key((labels["application"], labels["deployment"])), []).append(
+            {"tenant": labels["tenant"], "requests": finite(n),
+             "output_tokens": finite(t_tokens.get(tkey))})
+    out: list[Optional[dict]] = []
+    for k in keys:
+        key = _key(k)
+        if not first.get(key):
+            out.append(None)
+            continue
+        n_tokens = finite(tokens.get(key))
+        top = sorted(tenants.get(key, ()), key=lambda t: (-(t["requests"] or 0), t["tenant"]))
+        out.append({"ttft_p50_s": finite(ttft50.get(key)), "ttft_p95_s": finite(ttft95.get(key)),
+                    "tpot_p50_s": finite(tpot50.get(key)), "tpot_p95_s": finite(tpot95.get(key)),
+                    "tokens_per_s": n_tokens / w if n_tokens else None,
+                    "items_per_s": (finite(items.get(key)) or 0.0) / w,
+                    "top_tenants": top[:TOP_TENANTS_SHOWN]})
+    return out
+
+
+def _key(k: tuple[str, str]) -> tuple:
+    return (("application", k[0]), ("deployment", k[1]))
 
 
 def hung(latest: Mapping[str, tuple[Any, list, float]]) -> list[dict]:

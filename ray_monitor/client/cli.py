@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, TextIO
 
 from ray_monitor.client.tables import (alerts_table, compare_table, deployments_table, gpu_nodes,
                                        gpus_table, hints_table, print_json, sort_alerts,
-                                       traces_table)
+                                       streams_table, traces_table)
 from ray_monitor.common import env
 from ray_monitor.common.errors import ConfigError, MonitorNotRunning
 
@@ -130,6 +130,9 @@ def cmd_status(args, *, connect: Optional[Callable[[], Any]] = None, out: TextIO
     out.write(f"DEPLOYMENTS ({len(deployments)}, last 1m)\n")
     out.write((deployments_table(deployments) if deployments else
                "No deployment has reported yet; decorate deployments with @monitor.") + "\n\n")
+    streaming = [d for d in deployments if d.get("stream")]
+    if streaming:  # generative deployments only: the table above stays as it was
+        out.write(f"STREAMS ({len(streaming)}, last 1m)\n{streams_table(streaming)}\n\n")
     more = f"; {pending} pending, see `ray-monitor alerts`" if pending else ""
     out.write(f"FIRING ALERTS ({len(firing)}{more})\n")
     out.write((alerts_table(firing, now, state=False, summary=False) if firing else

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, TextIO
 __all__ = ["TRACE_ERROR_WIDTH", "alerts_table", "clean", "compare_table", "deployments_table",
            "format_age", "format_ms", "format_percent", "format_rate", "format_value",
            "gpu_nodes", "gpus_table", "hints_table", "print_json", "render_table", "sort_alerts",
-           "traces_table"]
+           "streams_table", "tenants_text", "traces_table"]
 
 _STATE_ORDER = {"firing": 0, "pending": 1, "resolved": 2}
 
@@ -133,6 +133,41 @@ def deployments_table(deployments: Iterable[Mapping[str, Any]]) -> str:
                      "-" if inflight is None else round(inflight)])
     return render_table(["APPLICATION", "DEPLOYMENT", "REPLICAS", "VERSIONS", "RATE/S", "ERRORS",
                          "P50(ms)", "P99(ms)", "IN-FLIGHT"], rows)
+
+
+def tenants_text(tenants: Iterable[Mapping[str, Any]]) -> str:
+    """The heaviest tenants of a deployment: ``acme:120(4.1k)`` is 120 requests and 4,100
+    output tokens in the last minute."""
+    out = []
+    for t in tenants:
+        n, tok = t.get("requests"), t.get("output_tokens")
+        tail = f"({_count(tok)})" if tok else ""
+        out.append(f"{t.get('tenant', '?')}:{_count(n)}{tail}")
+    return ",".join(out) or "-"
+
+
+def _count(v: Optional[float]) -> str:
+    if v is None:
+        return "-"
+    return f"{v / 1e6:.1f}M" if v >= 1e6 else f"{v / 1e3:.1f}k" if v >= 1e4 else f"{v:.0f}"
+
+
+def streams_table(deployments: Iterable[Mapping[str, Any]]) -> str:
+    """TTFT, TPOT, tokens/s and top tenants of the deployments that streamed (those with a
+    ``stream`` entry); tokens/s is items/s, marked ``items``, where no usage was seen."""
+    rows = []
+    for d in deployments:
+        s = d.get("stream")
+        if not s:
+            continue
+        tps = s.get("tokens_per_s")
+        rate = format_rate(tps) if tps is not None else f"{format_rate(s.get('items_per_s'))} items"
+        rows.append([d.get("application", "-"), d.get("deployment", "-"),
+                     format_ms(s.get("ttft_p50_s")), format_ms(s.get("ttft_p95_s")),
+                     format_ms(s.get("tpot_p50_s")), format_ms(s.get("tpot_p95_s")), rate,
+                     tenants_text(s.get("top_tenants") or ())])
+    return render_table(["APPLICATION", "DEPLOYMENT", "TTFT-P50(ms)", "TTFT-P95(ms)",
+                         "TPOT-P50(ms)", "TPOT-P95(ms)", "TOKENS/S", "TOP TENANTS"], rows)
 
 
 def alerts_table(alerts: Iterable[Mapping[str, Any]], now: float, *, state: bool = True,

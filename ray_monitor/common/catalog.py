@@ -87,6 +87,16 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
            "Prompt (input) tokens of requests whose usage is known."),
     Metric("output_tokens", "counter", REQUEST_LABELS, "ray_monitor_output_tokens",
            "Completion (output) tokens of requests whose usage is known."),
+    Metric("queue_seconds", "histogram", REQUEST_LABELS, "ray_monitor_request_queue_seconds",
+           "Handle calls: time from the caller handing the request to Ray Serve's router to "
+           "its start in the replica (wall clocks of two processes; see the README on "
+           "clock skew between nodes). Only requests whose caller carried its send time.",
+           "s"),
+    Metric("first_item_with_queue_seconds", "histogram", REQUEST_LABELS,
+           "ray_monitor_request_first_item_with_queue_seconds",
+           "Streams whose queue time is known: queue_seconds + first_item_seconds, the time "
+           "to first token from the caller's send (rules may call it "
+           "time_to_first_token_with_queue_seconds).", "s"),
     Metric("tenant_requests", "counter", TENANT_LABELS, "ray_monitor_tenant_requests",
            "Requests per tenant (top tenants, the rest as other) and model."),
     Metric("tenant_errors", "counter", TENANT_LABELS, "ray_monitor_tenant_errors",
@@ -173,15 +183,17 @@ ABSENT_BY = ("application", "deployment")
 #: ``inflight`` gauge is the sample), even when no request finished.
 REQUEST_METRICS = ("requests", "errors", "latency_seconds", "first_item_seconds", "inflight",
                    "time_per_output_token_seconds", "inter_item_seconds", "stream_items",
-                   "stream_items_per_second", "input_tokens", "output_tokens")
-#: Request metrics fed by streams and token usage (SeriesDelta.genai).
+                   "stream_items_per_second", "input_tokens", "output_tokens", "queue_seconds",
+                   "first_item_with_queue_seconds")
+#: Request metrics fed by streams, token usage and queue times (SeriesDelta.genai).
 GENAI_METRICS = REQUEST_METRICS[5:]
 #: Per-tenant metrics, fed by ReplicaSnapshot.usage.
 TENANT_METRICS = ("tenant_requests", "tenant_errors", "tenant_input_tokens",
                   "tenant_output_tokens", "tenant_latency_seconds", "cost")
 #: Other names rules may use for a metric: GenAI's words for what the monitor measures.
 ALIASES = {"time_to_first_token_seconds": "first_item_seconds",
-           "time_to_first_item_seconds": "first_item_seconds"}
+           "time_to_first_item_seconds": "first_item_seconds",
+           "time_to_first_token_with_queue_seconds": "first_item_with_queue_seconds"}
 
 
 def absence_metric(metric: str) -> str:

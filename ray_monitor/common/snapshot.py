@@ -70,7 +70,10 @@ class GenAIDelta:
     consecutive items). ``time_per_token`` is ``(last - first) / (n - 1)`` with ``n`` the
     output tokens when known, else the items; ``items`` counts items per stream and
     ``items_per_s`` is ``items / duration``. ``input_tokens``/``output_tokens`` are
-    tokens per request (their ``sum`` is exact: integers below 2**53)."""
+    tokens per request (their ``sum`` is exact: integers below 2**53). ``queue`` is the
+    time from the caller's send to the replica's start, for requests whose caller carried
+    its send time (any request, streamed or not), and ``first_with_queue`` is ``queue``
+    plus the time to first item of those that streamed."""
 
     time_per_token: Optional[Histogram] = None
     gaps: Optional[Histogram] = None
@@ -78,6 +81,8 @@ class GenAIDelta:
     items_per_s: Optional[Histogram] = None
     input_tokens: Optional[Histogram] = None
     output_tokens: Optional[Histogram] = None
+    queue: Optional[Histogram] = None
+    first_with_queue: Optional[Histogram] = None
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 
 from opentelemetry import context as otel_context
 
-from ray_monitor.replica import streaming, tracing
+from ray_monitor.replica import queueing, streaming, tracing
 from ray_monitor.replica.http_semantics import (carry_traceparent, from_scope, method_label,
                                                 status_of)
 from ray_monitor.replica.span_errors import error_type
@@ -211,7 +211,8 @@ class _Request:
         self.cells = st.recorder.method(hook.name) if hook.cells is None else hook.cells
         self.t0 = _perf()
         ctx = _serve_context()
-        self.token = self.cells.begin(self.t0, ctx.request_id if ctx is not None else "")
+        self.token = self.cells.begin(self.t0, ctx.request_id if ctx is not None else "",
+                                      queueing.queue_of(ctx))
         self.tracer = st.tracer
         self.span = None
         self.ctx_token = self.otel_token = self.active_token = None
@@ -259,8 +260,7 @@ class _Request:
                                    latency)
         sp = self.span
         if sp is not None:
-            if fig is not None:
-                extra = fig.span_attributes()
+            extra = queueing.span_attributes(self.cells, self.token, fig)
             kept = self.tracer.end(sp, latency, error if is_error else None, extra,
                                    error_status=outcome if is_error and error is None else None,
                                    status=None if sp.http is None else status_of(outcome, is_error))
@@ -601,8 +601,7 @@ def _finish_route(hook: _Hook, req: Optional[_Request], scope: dict, status: Opt
         if req.tenant is not None or fig is not None and fig.usage is not None:
             streaming.record_usage(hook.runtime.state.recorder, req.tenant, fig, is_error,
                                    latency)
-        if fig is not None:
-            attrs = {**(attrs or {}), **fig.span_attributes()}
+        attrs = queueing.span_attributes(req.cells, req.token, fig, attrs)
         if req.span is not None:
             kept = req.tracer.end(req.span, latency, error if is_error else None, attrs,
                                   error_status=outcome if is_error and error is None else None,

@@ -12,7 +12,9 @@ empty, at the one place every handle call passes through
 all send there), with the caller's current span, sampled or not. Serve delivers it to the
 callee, where it is ``_get_serve_request_context()._ray_trace_ctx`` (read whether Serve's
 tracing is on or off), and where Serve's own replica span, when its tracing is on, takes
-it as its parent, so Serve follows the same decision.
+it as its parent, so Serve follows the same decision. The same dict carries the caller's
+send time (:mod:`~ray_monitor.replica.queueing`), from which the callee knows how long the
+request queued.
 
 In Serve's proxy, a request that Serve's sampler declined and that came without a
 ``traceparent`` has no context at all; the proxy then sends a placeholder parent marked
@@ -42,6 +44,8 @@ from typing import Any, Callable, Optional
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.trace import sampling
+
+from ray_monitor.replica.queueing import stamp
 
 __all__ = ["CURRENT", "DECLINED", "PLACEHOLDER", "Parent", "carrier", "install", "installed",
            "one_decision_in_proxy", "outgoing", "parse_traceparent", "request_root_sampler",
@@ -223,13 +227,16 @@ def _state_header(sc) -> Optional[str]:
     return ts.to_header() if ts else None
 
 
-def _fill(metadata: Any) -> None:
+def _fill(metadata: Any, pr: Any = None) -> None:
     global _failed
     try:
-        if not metadata.tracing_context:
+        ctx = metadata.tracing_context
+        if not ctx:
             ctx = outgoing()
             if ctx is not None:
                 metadata.tracing_context = ctx
+        if ctx is not None and pr is not None:
+            stamp(ctx, pr)  # the caller's send time, for the callee's queue time
     except Exception as e:  # never into the user's call
         if on_failure is not None:
             on_failure("trace_propagation_failed", e)
@@ -244,7 +251,7 @@ def _wrap(original: Callable) -> Callable:
     def try_send_request(self, pr, *args, **kwargs):
         md = getattr(pr, "metadata", None)
         if md is not None:
-            _fill(md)
+            _fill(md, pr)
         return original(self, pr, *args, **kwargs)
     try_send_request.__ray_monitor_wrapped__ = True  # type: ignore[attr-defined]
     return try_send_request

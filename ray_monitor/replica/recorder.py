@@ -105,7 +105,7 @@ class _Cell:
 class MethodCells:
     """The pre-bound cells of one method: what a request touches, and only that."""
 
-    __slots__ = ("name", "running", "cells", "_lock", "_ids", "_recorder")
+    __slots__ = ("name", "running", "cells", "_lock", "_ids", "_recorder", "_queued")
 
     def __init__(self, name: str, recorder: "Recorder") -> None:
         self.name = name
@@ -114,21 +114,33 @@ class MethodCells:
         self._lock = recorder._lock
         self._ids = recorder._ids
         self._recorder = recorder
+        self._queued = recorder.queued
 
-    def begin(self, start: float, request_id: str = "") -> int:
+    def begin(self, start: float, request_id: str = "", queue: Optional[float] = None) -> int:
+        """A request starts; ``queue``: its queue time, when its caller sent one."""
         token = next(self._ids)  # itertools.count is atomic under the GIL
         self.running[token] = (start, request_id)
+        if queue is not None:
+            self._queued[token] = queue
         return token
+
+    def queued(self, token: int) -> Optional[float]:
+        """The queue time of a running request (None: unknown)."""
+        q = self._queued
+        return q.get(token) if q else None
 
     def end(self, token: int, outcome: str, error: bool, latency: float,
             first_item: Optional[float] = None, exemplar: Optional[Exemplar] = None,
             genai: Any = None) -> None:
         self.running.pop(token, None)
+        queue = self._queued.pop(token, None) if self._queued else None
         with self._lock:
             cell = self.cells.get(outcome)
             if cell is None:
                 cell = self._new_cell(outcome, error)
             cell.latency.record(latency)
+            if queue is not None:
+                _record_queue(cell, queue, first_item)
             if first_item is not None:
                 if cell.first_item is None:
                     cell.first_item = Histogram()
@@ -150,6 +162,21 @@ class MethodCells:
                 return cell
         cell = self.cells[outcome] = _Cell(error)
         return cell
+
+
+def _record_queue(cell: _Cell, queue: float, first_item: Optional[float]) -> None:
+    g = cell.genai
+    if g is None:
+        g = cell.genai = GenAIDelta()
+    (g.queue or _new(g, "queue")).record(queue)
+    if first_item is not None:
+        (g.first_with_queue or _new(g, "first_with_queue")).record(queue + first_item)
+
+
+def _new(g: GenAIDelta, name: str) -> Histogram:
+    h = Histogram()
+    setattr(g, name, h)
+    return h
 
 
 class Recorder:
@@ -181,6 +208,8 @@ class Recorder:
         self.routed: list[str] = []  # see ReplicaSnapshot.routed
         self._lock = threading.Lock()
         self._ids = itertools.count()
+        #: token -> queue time of running requests whose caller sent its time (queueing)
+        self.queued: dict[int, float] = {}
         self._seq = 0
         self._window_start = clock()
         self._buffer: list[ReplicaSnapshot] = []

@@ -14,8 +14,9 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
+from ray_monitor import monitor
 from ray_monitor.client.dashboard import build_dashboard, queried_metrics
-from tests.helpers import genai_queried
+from ray_monitor.common.catalog import GENAI_METRICS, METRICS, TENANT_METRICS
 from tests.conftest import wait_until
 from tests.integration.test_alerts_serve import Faulty, Traffic
 
@@ -60,6 +61,15 @@ groups:
         labels: {{severity: page}}
         annotations: {{summary: "errors on {{{{ $labels.deployment }}}}"}}
 """
+
+
+#: /metrics names that exist once a streaming or token-counting request reported.
+_STREAM_NAMES = tuple(METRICS[m].prometheus for m in (
+    "first_item_seconds", *GENAI_METRICS, *TENANT_METRICS))
+
+
+def _streams_only(name: str) -> bool:
+    return name.startswith(_STREAM_NAMES)
 
 
 def _live_names(url: str) -> set[str]:
@@ -127,14 +137,56 @@ def test_status_page_shows_deployments_alerts_charts_and_gpus(mon, serve_apps):
                     browser.close()
             assert console == [], console
 
-            # Every metric the Grafana dashboard queries is on the live /metrics.
-            queried = queried_metrics(build_dashboard())
+            # Every metric the Grafana dashboard queries is on the live /metrics; those of
+            # streams and tokens once a stream reported (the next test).
+            queried = {n for n in queried_metrics(build_dashboard()) if not _streams_only(n)}
             if not any(snap.devices for snap in mon.gpus().values()):
                 queried = {n for n in queried if not n.startswith("ray_monitor_gpu_")}
-            # No deployment here streams: the generative row's series appear with the first
-            # stream (tests/integration/test_genai_serve.py checks them on a live /metrics).
-            queried -= genai_queried()
             missing = queried - _live_names(mon.metrics_url)
             assert not missing, f"the dashboard queries metrics /metrics lacks: {sorted(missing)}"
     finally:
         mon.reload("groups: []")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@monitor(tenant=lambda n, user="": user)
+class Streamer:
+    async def chat(self, n: int, user: str = ""):
+        for i in range(n):
+            yield {"object": "chat.completion.chunk", "model": "toy",
+                   "choices": [{"index": 0, "delta": {"content": f"w{i}"}}]}
+        yield {"object": "chat.completion.chunk", "model": "toy", "choices": [],
+               "usage": {"prompt_tokens": 2, "completion_tokens": n, "total_tokens": n + 2}}
+
+
+def test_status_page_shows_stream_columns_for_a_streaming_deployment(mon, serve_apps):
+    sync_playwright, chromium = require_browser()
+    app = f"st{uuid.uuid4().hex[:8]}"
+    serve_apps.append(app)
+    handle = serve.run(Streamer.bind(), name=app, route_prefix=f"/{app}")
+    for user in ("acme", "acme", "zeta"):
+        list(handle.options(stream=True).chat.remote(5, user))
+    row = wait_until(lambda: next((d for d in mon.deployments() if d["application"] == app
+                                   and (d.get("stream") or {}).get("top_tenants")), None),
+                     what="the deployment's stream figures")
+    assert [t["tenant"] for t in row["stream"]["top_tenants"]] == ["acme", "zeta"]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(PAGE_TIMEOUT_MS)
+            page.goto(mon.url + "/")
+            tr = page.locator(f'#streams tr[data-deployment="{app}/Streamer"]')
+            tr.wait_for()
+            cells = tr.locator("td").all_inner_texts()
+            assert cells[:2] == [app, "Streamer"]
+            assert cells[2] not in ("", "-"), f"TTFT p50 column: {cells}"
+            assert cells[6] not in ("", "-", "0"), f"tokens/s column: {cells}"
+            assert cells[7].startswith("acme:2(10)"), f"top tenants column: {cells}"
+        finally:
+            browser.close()
+    # the Grafana dashboard's stream and token panels read metrics /metrics now has
+    queried = {n for n in queried_metrics(build_dashboard()) if _streams_only(n)}
+    assert queried, "the dashboard has a generative-serving row"
+    missing = queried - _live_names(mon.metrics_url)
+    assert not missing, f"the dashboard queries metrics /metrics lacks: {sorted(missing)}"

@@ -311,3 +311,52 @@ def test_otlp_has_the_genai_semantic_convention_metrics():
     usage = {p.attributes["gen_ai.token.type"]: p.sum
              for p in ms["gen_ai.client.token.usage"].data.data_points}
     assert usage == {"input": 7, "output": 5}
+
+
+def test_queue_time_from_the_callers_send_time_is_recorded_with_its_ttft_split(monkeypatch):
+    """A request whose caller carried its send time (queueing.SENT in Serve's context) gets
+    queue_seconds, and a stream also first_item_with_queue = queue + its first item; the
+    span says both. A request without it records no queue."""
+    import time
+
+    from ray.serve.context import _RequestContext, _serve_request_context
+
+    from ray_monitor.replica.queueing import SENT
+
+    for k in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(k, raising=False)
+    C = _model(sample_ratio=1.0, slow_threshold_s=0.001)
+    c = C()
+    waited = 1.5
+
+    def in_request(call):
+        ctx = _RequestContext(request_id="r", _ray_trace_ctx={
+            SENT: str(int((time.time() - waited) * 1e6))})
+        token = _serve_request_context.set(ctx)
+        try:
+            return call()
+        finally:
+            _serve_request_context.reset(token)
+
+    def slow_gen():
+        for x in c.gen(2):
+            time.sleep(0.002)  # slow enough to be kept, so its span reaches the snapshot
+            yield x
+    assert in_request(lambda: list(slow_gen())) == ["t0", "t1"]
+    in_request(lambda: c.complete("a b"))
+    assert list(c.gen(1)) == ["t0"]  # no context: no queue
+    got, snap = _series(C)
+    g = got[("gen", "ok")]
+    assert g.latency.count == 2 and g.genai.queue.count == 1
+    q = g.genai.queue.sum
+    assert waited <= q < waited + 30  # the wait the caller's time says, and no more
+    assert g.genai.first_with_queue.count == 1
+    done = got[("complete", "ok")].genai
+    assert done.queue.count == 1 and done.first_with_queue is None  # not a stream
+    # the span (its aggregator record keeps the queue time too)
+    span = next(r for r in snap.traces if r["name"].endswith(".gen"))
+    assert span["attributes"]["ray_monitor.queue_seconds"] == pytest.approx(q)
+    split = g.genai.first_with_queue.sum  # queue + time to first item, in the replica
+    assert q <= split <= q + g.latency.sum
+    assert C.__ray_monitor__.state.recorder.queued == {}  # nothing left behind
+    C.__ray_monitor__.close()

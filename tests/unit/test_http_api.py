@@ -187,3 +187,51 @@ def test_reload_reads_the_body_never_a_path_on_the_aggregators_disk(tmp_path):
     agg = Agg("127.0.0.1", None)
     status, body = call(agg, "POST", "/api/v1/rules/reload", data=str(path), headers=YAML)
     assert status == 400 and [r["alert"] for r in agg.core.rules()] == ["Busy"]
+
+
+def test_deployments_show_stream_figures_and_top_tenants_only_for_streaming_ones():
+    from ray_monitor.common.snapshot import (GenAIDelta, ReplicaIdentity, ReplicaSnapshot,
+                                             SeriesDelta, UsageDelta)
+    from tests.helpers import Clock, hist
+
+    clock = Clock(10_000.0)
+    agg = Agg("127.0.0.1", None)
+    agg.core = AggregatorCore({}, rules_text=GOOD, clock=clock)
+    chat = ReplicaIdentity("app", "Chat", "r1", "n1", 1, "v1")
+    plain = ReplicaIdentity("app", "Plain", "r2", "n1", 2, "v1")
+    echo = ReplicaIdentity("app", "Echo", "r3", "n1", 3, "v1")  # streams, no usage, no tenant
+    g = GenAIDelta(time_per_token=hist(0.02, 0.04, 0.03), items=hist(10, 20, 30),
+                   input_tokens=hist(5, 5, 5), output_tokens=hist(100, 200, 300))
+    usage = [UsageDelta("toy", "acme", 2, 0, 10, 300, hist(1.0, 1.2)),
+             UsageDelta("toy", "zeta", 1, 1, 5, 300, hist(2.0)),
+             UsageDelta("toy", "other", 5, 0, 0, 0, hist(1.0, 1.0, 1.0, 1.0, 1.0))]
+    clock.t = 10_001.0
+    agg.core.ingest([
+        ReplicaSnapshot(chat, 1, 10_000.0, 10_001.0,
+                        [SeriesDelta("chat", "ok", False, hist(1.0, 1.2, 2.0),
+                                     hist(0.1, 0.2, 0.3), genai=g)], {"chat": 0}, usage=usage),
+        ReplicaSnapshot(plain, 1, 10_000.0, 10_001.0,
+                        [SeriesDelta("__call__", "ok", False, hist(0.01, 0.02))], {"__call__": 0}),
+        ReplicaSnapshot(echo, 1, 10_000.0, 10_001.0,
+                        [SeriesDelta("gen", "ok", False, hist(0.5), hist(0.05),
+                                     genai=GenAIDelta(items=hist(12)))], {"gen": 0})])
+    clock.t = 10_003.0
+    status, body = call(agg, "GET", "/api/v1/deployments")
+    assert status == 200
+    rows = {d["deployment"]: d for d in body["data"]}
+    assert "stream" not in rows["Plain"]  # a plain deployment's row is as before
+    assert set(rows["Plain"]) == {"application", "deployment", "replicas", "model_versions",
+                                  "requests_1m", "rate_per_s", "error_ratio", "p50_s", "p99_s",
+                                  "inflight"}
+    s = rows["Chat"]["stream"]
+    assert 0.2 * 0.99 <= s["ttft_p50_s"] <= 0.2 * 1.01  # the histogram's 1%
+    assert 0.3 * 0.99 <= s["ttft_p95_s"] <= 0.3 * 1.01
+    assert 0.03 * 0.99 <= s["tpot_p50_s"] <= 0.03 * 1.01
+    assert s["tokens_per_s"] == pytest.approx(600 / 60.0)
+    assert s["items_per_s"] == pytest.approx(60 / 60.0)
+    # heaviest by requests first; `other` is not a tenant
+    assert s["top_tenants"] == [{"tenant": "acme", "requests": 2.0, "output_tokens": 300.0},
+                                {"tenant": "zeta", "requests": 1.0, "output_tokens": 300.0}]
+    e = rows["Echo"]["stream"]
+    assert e["tokens_per_s"] is None and e["items_per_s"] == pytest.approx(12 / 60.0)
+    assert e["top_tenants"] == [] and e["tpot_p50_s"] is None

@@ -18,10 +18,11 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from ray_monitor.aggregator.trace_store import KeptLog
 from ray_monitor.common.snapshot import ReplicaIdentity
-from ray_monitor.replica import propagation
+from ray_monitor.replica import propagation, queueing
 from ray_monitor.replica.delivery import ActorSink
 from ray_monitor.replica.propagation import (DECLINED, PLACEHOLDER, Parent, carrier,
                                              parse_traceparent, resolve)
+from ray_monitor.replica.queueing import SENT
 from ray_monitor.replica.recorder import Recorder
 from ray_monitor.replica.span_records import SpanRecords
 from ray_monitor.replica.tail import MIN_HOLD_S, TailBuffer
@@ -179,7 +180,10 @@ def test_the_hook_fills_what_serve_left_empty_and_never_raises(monkeypatch):
         RunningReplica.try_send_request(None, _Pending(dict(serve_set)), False)  # Serve's
     finally:
         propagation.CURRENT.reset(token)
+    # each also carries the caller's send time (queueing), Serve's own dict too
+    stamps = [int(ctx.pop(SENT)) * 1e-6 for ctx in sent]
     assert sent == [{"traceparent": f"00-{5:032x}-{6:016x}-01"}, serve_set]
+    assert all(abs(t - time.time()) < 3600 for t in stamps)  # a wall-clock time
     failures = []
     monkeypatch.setattr(propagation, "on_failure", lambda cause, e: failures.append(cause))
     monkeypatch.setattr(propagation, "outgoing", lambda: 1 / 0)
@@ -382,3 +386,33 @@ def test_an_aggregator_from_before_kept_traces_still_gets_the_snapshots():
     sink = ActorSink()
     assert sink._ingest(Old, ["s1"]) == "ref" and sink._ingest(Old, ["s2"]) == "ref"
     assert got == [["s1"], ["s2"]] and sink._old_aggregator
+
+
+def test_the_hook_carries_the_routers_enqueue_time_once_and_the_callee_reads_a_queue():
+    """The caller's send time is Serve's PendingRequest.created_at (its router's wait counts
+    as queue); a retry keeps the first; the callee's queue is now - sent, never negative,
+    and a missing or bad value is no queue, never an error."""
+    pr = _Pending()
+    pr.created_at = 1_700_000_000.25
+    token = propagation.CURRENT.set(_Span(5, 6, False))
+    try:
+        propagation._fill(pr.metadata, pr)
+        pr.created_at = 1_700_000_099.0  # a retry: the first time stays
+        propagation._fill(pr.metadata, pr)
+    finally:
+        propagation.CURRENT.reset(token)
+    ctx = pr.metadata.tracing_context
+    assert ctx[SENT] == "1700000000250000" and ctx["traceparent"].endswith("-00")
+
+    class Request:
+        def __init__(self, carried):
+            self._ray_trace_ctx = carried
+
+    now = time.time()
+    q = queueing.queue_of(Request({SENT: str(int((now - 2.5) * 1e6))}))
+    assert 2.5 <= q < 2.5 + 60
+    assert queueing.queue_of(Request({SENT: str(int((now + 30.0) * 1e6))})) == 0.0  # behind
+    for carried in (None, {}, {"traceparent": "x"}, {SENT: "soon"}, {SENT: None},
+                    {SENT: "nan"}, {SENT: "1.5e9"}):
+        assert queueing.queue_of(Request(carried)) is None
+    assert queueing.queue_of(None) is None and queueing.queue_of(object()) is None

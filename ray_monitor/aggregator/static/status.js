@@ -79,6 +79,31 @@
     show($(".empty", section), !list.length);
   }
 
+  function count(v) {
+    if (v === null || v === undefined) return "-";
+    return v >= 1e6 ? (v / 1e6).toFixed(1) + "M" : v >= 1e4 ? (v / 1e3).toFixed(1) + "k" : v.toFixed(0);
+  }
+  function tenantsText(list) {  // as the CLI's: acme:120(4.1k)
+    return (list || []).map(function (t) {
+      return t.tenant + ":" + count(t.requests) + (t.output_tokens ? "(" + count(t.output_tokens) + ")" : "");
+    }).join(", ") || "-";
+  }
+
+  // Only deployments that streamed have `stream`; the section stays hidden without one.
+  function renderStreams(list) {
+    var section = $("#streams"), streaming = list.filter(function (d) { return d.stream; });
+    fill($("tbody", section), streaming.map(function (d) {
+      var s = d.stream, tps = s.tokens_per_s !== null && s.tokens_per_s !== undefined ?
+        rate(s.tokens_per_s) : rate(s.items_per_s) + " items";
+      var tr = row([d.application, d.deployment, ms(s.ttft_p50_s), ms(s.ttft_p95_s), ms(s.tpot_p50_s),
+                    ms(s.tpot_p95_s), tps, tenantsText(s.top_tenants)],
+                   [null, null, "num", "num", "num", "num", "num rate", null]);
+      tr.dataset.deployment = key(d);
+      return tr;
+    }));
+    show(section, streaming.length > 0);
+  }
+
   function since(a) {
     var t = {firing: a.fired_at, resolved: a.resolved_at}[a.state] || a.active_at;
     return t ? age(Date.now() / 1000 - t) + " ago" : "-";
@@ -273,6 +298,7 @@
       getJSON("api/v1/traces?limit=20"),
     ]).then(function (r) {
       renderDeployments(r[0].data);
+      renderStreams(r[0].data);
       renderAlerts(r[1].data);
       renderCharts(r[2].data, r[3].data, r[4].data);
       renderGpus(r[5].data);
