@@ -58,14 +58,19 @@ def _environment(config: str, rx) -> None:
         os.environ["RAY_SERVE_TRACING_SAMPLING_RATIO"] = config[3:]
 
 
-def _wait_settled(rx, sent, names, timeout: float = 120.0):
+def _wait_settled(rx, sent, names, every_fast: bool = False, timeout: float = 120.0):
+    """Waits until the receiver has every kept request whole (and, under a sampled
+    caller, every fast one): spans leave each replica in batches every few seconds."""
     from tests.trace_scenarios import KEPT_KINDS, analyse, span_dict
 
     kept = sum(1 for q in sent if q.kind in KEPT_KINDS)
+    fast = sum(1 for q in sent if q.kind not in KEPT_KINDS)
     deadline = time.monotonic() + timeout
     while True:
         rep = analyse(sent, [span_dict(s) for s in rx.spans()], names)
-        if (not rep.problems and rep.kept_complete == kept) or time.monotonic() > deadline:
+        done = not rep.problems and rep.kept_complete == kept and (
+            not every_fast or rep.fast_exported + rep.fast_kept >= fast)
+        if done or time.monotonic() > deadline:
             return rep
         time.sleep(1.0)
 
@@ -116,7 +121,7 @@ def run(config: str, out_path: str) -> int:
                     ts.deploy_fastapi(app)
                     sent = ts.drive(f"{base}/{app}", ts.plan({"ok": fast, "fail": 2}, header),
                                     url_of=ts.fastapi_url)
-                rep = _wait_settled(rx, sent, NAMES[kind])
+                rep = _wait_settled(rx, sent, NAMES[kind], every_fast=header == "sampled")
                 tids = {s.trace_id for s in rx.spans()
                         if s.attributes.get("ray.serve.request_id") in
                         {q.request_id for q in sent}}
