@@ -104,8 +104,18 @@ def run(config: str, out_path: str) -> int:
         from tests.conftest import free_port
 
         t0 = time.monotonic()
-        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
-                 namespace="trace_cluster")
+        for attempt in range(3):
+            # Ray gives a new node 30 s to register (hard-coded); the first cluster started
+            # after the session's tests sometimes misses it on two cores: tried again, said.
+            try:
+                ray.init(address="local", num_cpus=8, include_dashboard=False,
+                         log_to_driver=False, namespace="trace_cluster")
+                break
+            except Exception as e:
+                if attempt == 2:
+                    raise
+                print(f"the Ray node did not start ({e}); trying again", file=sys.stderr)
+                ray.shutdown()
         results = []
         try:
             mon = ray_monitor.start(port=0)
