@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ray_monitor.aggregator.per_node import PerNodeActors
 from ray_monitor.common.names import gpu_actor_name
@@ -38,30 +37,18 @@ class GpuActorManager(PerNodeActors):
 
     def stop_all(self, timeout_s: float = 10.0) -> None:
         """Stops every actor (NVML shut down cleanly where reachable), then kills them."""
-        handles = list(self._actors.values())
-        self._actors.clear()
         refs = []
-        for handle in handles:
+        for handle in self._actors.values():
             try:
                 refs.append(handle.stop.remote())
             except Exception:
                 pass
         if refs:
             ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        for handle in handles:
-            try:
-                ray.kill(handle, no_restart=True)
-            except Exception:
-                pass
+        self.kill_all()
 
     def _start(self, node_id: str) -> Any:
         return GpuStatsActor.options(
-            name=gpu_actor_name(node_id),
-            namespace=self._namespace,
-            get_if_exists=True,  # a restarted aggregator finds the actors that still run
-            num_cpus=0,
-            max_restarts=-1,
-            # soft=False: never placed, nor restarted, on any other node
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+            **self.pinned(gpu_actor_name(node_id), node_id),
         ).remote(node_id=node_id, sink=self._sink, sink_namespace=self._namespace,
                  gpu_interval_s=self._interval, nvml_factory=self._factory)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
 from ray_monitor.aggregator.per_node import PerNodeActors
 from ray_monitor.common.names import AGGREGATOR_NAME, node_merger_name
 from ray_monitor.node.actor import NodeMergerActor
@@ -32,12 +30,6 @@ class NodeMergerManager(PerNodeActors):
 
     def _start(self, node_id: str) -> Any:
         return NodeMergerActor.options(
-            name=node_merger_name(node_id),
-            namespace=self._namespace,
-            get_if_exists=True,  # a restarted aggregator finds the mergers that still run
-            num_cpus=0,
-            max_restarts=-1,
+            **self.pinned(node_merger_name(node_id), node_id),
             max_concurrency=MERGER_CONCURRENCY,
-            # soft=False: never placed, nor restarted, on any other node
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
         ).remote(node_id=node_id, sink=AGGREGATOR_NAME, namespace=self._namespace)

@@ -13,6 +13,7 @@ import logging
 from typing import Any, Callable, Iterable, Optional
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 __all__ = ["PerNodeActors"]
 
@@ -35,6 +36,15 @@ class PerNodeActors:
         self._list_nodes = list_nodes
         self._actors: dict[str, Any] = {}
         self._failed: set[str] = set()  # causes already logged
+
+    def pinned(self, name: str, node_id: str) -> dict[str, Any]:
+        """The ``.options()`` every per-node actor takes: named (a restarted aggregator
+        finds those still running), zero resources, restarted by Ray on its node only
+        (soft=False: never placed, nor restarted, on any other node)."""
+        return dict(name=name, namespace=self._namespace, get_if_exists=True, num_cpus=0,
+                    max_restarts=-1,
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id,
+                                                                       soft=False))
 
     def actors(self) -> dict[str, Any]:
         """node_id -> actor handle, for the nodes that were alive at the last reconcile."""
