@@ -21,7 +21,7 @@ from typing import Any, Mapping, Optional
 import ray
 
 from ray_monitor.aggregator import persistence
-from ray_monitor.aggregator.core import AggregatorCore
+from ray_monitor.aggregator.core import ROUND_WAIT_S, AggregatorCore
 from ray_monitor.common.catalog import ALIASES, Query, is_model_query
 from ray_monitor.common.config import StartConfig
 from ray_monitor.common.errors import ConfigError
@@ -140,6 +140,10 @@ class Aggregator:
         next_gpu = 0.0
         while True:
             started = time.monotonic()
+            # a late delivery of the second just ended: wait for it a little rather
+            # than end every window a second early until the next round
+            while not self.core.round_ready() and time.monotonic() - started < ROUND_WAIT_S:
+                await asyncio.sleep(0.05)
             try:
                 self.core.evaluate()
             except Exception as e:  # the loop must outlive any bad round

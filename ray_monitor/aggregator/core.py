@@ -28,7 +28,7 @@ from ray_monitor.common.snapshot import GpuSnapshot, ReplicaIdentity, ReplicaSna
 from ray_monitor.quality.compare import COMPARE_WINDOW_S, compare
 
 __all__ = ["AggregatorCore", "CONFIG_CHECK_S", "CompositeSource", "EVAL_PHASE_S", "EXPIRE_EVERY_S",
-           "FEEDBACK_PART", "REPLICA_ALIVE_S"]
+           "FEEDBACK_PART", "REPLICA_ALIVE_S", "ROUND_WAIT_S"]
 
 logger = logging.getLogger("ray_monitor.aggregator.actor")
 
@@ -42,6 +42,11 @@ EXPIRE_EVERY_S = 10.0
 #: flush on whole seconds, so their deltas of the second just ended have arrived and
 #: the windows end at it (see windows.WindowStore.window_end).
 EVAL_PHASE_S = 0.3
+#: How much longer than the phase a round may wait for a replica whose delta of the
+#: second just ended is late (a loaded node, the node merger's forward): its window
+#: would otherwise end a whole second earlier until the next round, and every alert
+#: reading it fire a second later. Past this the round runs with what has arrived.
+ROUND_WAIT_S = 0.4
 #: Feedback items joined between two yields to the event loop (a few milliseconds' work).
 FEEDBACK_PART = 1000
 
@@ -316,6 +321,11 @@ class AggregatorCore:
         interval = self.eval_interval_s
         phase = min(EVAL_PHASE_S, interval / 2)
         return (math.floor((now - phase) / interval) + 1) * interval + phase
+
+    def round_ready(self, now: Optional[float] = None) -> bool:
+        """Whether a round at ``now`` reads complete seconds up to the last whole one
+        (the actor waits up to :data:`ROUND_WAIT_S` for this before evaluating)."""
+        return self.store.complete(self.clock() if now is None else now)
 
     def current_replicas(self, now: float) -> dict[tuple[str, str], int]:
         """Replicas per deployment that reported in the last few flushes."""

@@ -355,6 +355,13 @@ class WindowStore:
         self._ends = (now, self._version, end)
         return end
 
+    def complete(self, now: Optional[float] = None) -> bool:
+        """Whether windows can end at the last whole second before ``now``: every live
+        replica's delta of it has arrived (or is overdue and not waited for)."""
+        now = self._now(now)
+        step = self._tl.res[0][0]
+        return self.window_end(now) >= math.floor(now / step + 1e-9) * step
+
     def set_serve_deployments(self, running: Optional[dict[tuple[str, str], int]]) -> None:
         """What Ray Serve runs: ``(application, deployment) -> replicas running``, from its
         controller (None: unknown). ``absent_over_time(...) by (...)`` reads it."""

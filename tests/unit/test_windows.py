@@ -319,10 +319,11 @@ def test_windows_wait_for_every_replicas_flush_and_count_late_ones(store, clock)
     clock.t = T0 + 21.3
     flush("r1", T0 + 21.01, 21)
     assert store.window_end() == T0 + 20
+    assert not store.complete()  # what the aggregator's round waits a little for
     assert store.evaluate(q("rate", "requests", 10.0)) == {(): 20.0}
     # once it arrives, the window moves on
     flush("r2", T0 + 21.02, 21)
-    assert store.window_end() == T0 + 21
+    assert store.window_end() == T0 + 21 and store.complete()
     assert store.evaluate(q("rate", "requests", 10.0)) == {(): 20.0}
     # a replica that stops reporting is waited for only until its next flush is
     # COMPLETE_WAIT_S overdue
@@ -330,6 +331,7 @@ def test_windows_wait_for_every_replicas_flush_and_count_late_ones(store, clock)
         clock.t = T0 + i + 0.05
         flush("r1", T0 + i + 0.01, i)
         assert store.window_end() == (T0 + 21 if i < 24 else T0 + i)
+        assert store.complete() == (i >= 24)  # a stopped replica is waited for no longer
     # a flush for a second a round has already read is counted as late
     store.begin_round(T0 + 25.5)
     store.evaluate(q("rate", "requests", 10.0))
