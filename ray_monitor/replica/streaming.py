@@ -169,7 +169,7 @@ def record_usage(recorder: Any, tenant: Optional[str], fig: Optional[Figures], e
     if tenant is None and u is None:
         return
     if u is None:
-        recorder.usage.record("", tenant, error, latency, 0, 0)
+        recorder.usage.record("", tenant, error, latency, 0, 0, counted=False)
     else:
         recorder.usage.record(u.model, tenant or "", error, latency, u.input_tokens,
                               u.output_tokens)

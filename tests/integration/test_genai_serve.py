@@ -318,3 +318,42 @@ autoscaling:
                        what="a second replica")
     finally:
         mon.reload("groups: []")
+
+
+def test_a_tokens_per_second_per_replica_target_scales_out(mon, serve_apps):
+    app = _app()
+    serve_apps.append(app)
+    h = serve.run(ScalableChat.bind(), name=app, route_prefix=f"/{app}")
+    mon.reload(f"""
+groups: []
+autoscaling:
+  deployments:
+    - application: {app}
+      deployment: ScalableChat
+      max_replicas: 2
+      targets:
+        - metric: rate(output_tokens[5s])
+          value: 4
+          per_replica: true
+""")
+    try:
+        def target_reason():
+            hint = next((x for x in mon.hints() if x["application"] == app), None)
+            return hint, next((r for r in (hint or {}).get("reasons", ())
+                               if r["source"] == "target" and r["value"] is not None), None)
+
+        with _StreamTraffic(h) as traffic:
+            # 4 tokens a stream, a stream every ~0.1 s: well above 4 tokens/s on one replica
+            hint, reason = wait_until(lambda: (got := target_reason())[1]
+                                      and got[1]["value"] > 4 and got, timeout=60,
+                                      what="a per-replica token rate above the target")
+            assert reason["per_replica"] is True and hint["current"] == 1
+            # one replica: the per-replica value is the deployment's rate, and its total
+            # recommends ceil(rate / 4) replicas (Serve's per-replica rule)
+            assert reason["desired"] >= 2 and hint["desired"] == 2  # max_replicas
+            assert traffic.sent > 0
+            wait_until(lambda: serve.status().applications[app].deployments["ScalableChat"]
+                       .replica_states.get("RUNNING", 0) >= 2, timeout=90,
+                       what="a second replica")
+    finally:
+        mon.reload("groups: []")

@@ -1,0 +1,113 @@
+"""Cost without Ray (issue 14, part 3): the price of each request, GPU-seconds attributed
+to replicas and their price, and the prices section's GPU field."""
+
+from __future__ import annotations
+
+import pytest
+
+from ray_monitor.aggregator.gpu_cost import attributed_seconds
+from ray_monitor.aggregator.tenants import request_costs
+from ray_monitor.aggregator.windows import WindowStore
+from ray_monitor.alerting.loader import load_rule_file
+from ray_monitor.alerting.prices import Price, gpu_price_for, price_for
+from ray_monitor.common.catalog import Query
+from ray_monitor.common.errors import ConfigError
+from ray_monitor.common.snapshot import (GpuDevice, GpuProcess, GpuSnapshot, ReplicaIdentity,
+                                         ReplicaSnapshot, UsageDelta)
+from ray_monitor.replica.usage import UsageTable
+from tests.helpers import Clock, hist
+
+A = ReplicaIdentity("app", "Chat", "r1", "n1", 101)
+B = ReplicaIdentity("app", "Chat", "r2", "n1", 102)
+E = ReplicaIdentity("app", "Embedder", "r3", "n1", 103)
+PRICES = {"groups": [], "prices": {
+    "toy": {"prompt_per_1k": 0.5, "completion_per_1k": 2.0, "per_gpu_second": 0.003},
+    "Embedder": {"per_gpu_second": 0.001}}}
+
+
+def test_the_usage_table_counts_each_requests_tokens_up_to_its_bound_on_pairs():
+    t = UsageTable(max_pairs=2)
+    for i, o in ((10, 5), (10, 5), (20, 7), (30, 9), (40, 1)):
+        t.record("toy", "a", False, 0.1, i, o)
+    t.record("", "a", False, 0.1, 0, 0, counted=False)  # no usage known: not priced
+    e, none = t.drain()
+    assert e.pairs == {(10, 5): 2, (20, 7): 1} and e.rest == 2 and e.requests == 5
+    assert (none.model, none.requests, none.pairs, none.rest) == ("", 1, {}, 0)
+    t.record("toy", "a", False, 0.1, 30, 9)  # the bound is per snapshot
+    assert t.drain()[0].pairs == {(30, 9): 1}
+
+
+def test_request_costs_are_each_requests_price_and_the_rest_at_their_mean():
+    price = Price(0.5, 2.0)
+    u = UsageDelta("toy", "a", requests=5, input_tokens=10 + 10 + 20 + 30 + 40,
+                   output_tokens=5 + 5 + 7 + 9 + 1, pairs={(10, 5): 2, (20, 7): 1}, rest=2)
+    h = request_costs(u, price)
+    assert h.count == 5
+    assert h.sum == pytest.approx(price.cost(u.input_tokens, u.output_tokens), rel=1e-12)
+    assert h.min == pytest.approx(price.cost(10, 5))
+    assert h.max == pytest.approx(price.cost(70, 10) / 2)  # the two past the bound
+
+
+def test_gpu_seconds_are_shared_by_the_replicas_on_a_gpu():
+    snap = GpuSnapshot("n1", 10.0, [GpuDevice(0, "G0", "H100"), GpuDevice(1, "G1", "H100"),
+                                    GpuDevice(2, "G2", "H100", lost=True)], [
+        GpuProcess(0, "G0", 101, 1, 0.5, replica=A),
+        GpuProcess(0, "G0", 201, 1, 0.5, ancestors=(101,), replica=A),  # A's child: once
+        GpuProcess(0, "G0", 102, 1, 0.5, replica=B),
+        GpuProcess(1, "G1", 101, 1, 0.5, replica=A),
+        GpuProcess(1, "G1", 999, 1, 0.5),  # no replica's process: nobody pays
+        GpuProcess(2, "G2", 103, 1, 0.5, replica=E)])  # fell off the bus
+    assert attributed_seconds(snap, 2.0) == {("0", "G0", A): 1.0, ("0", "G0", B): 1.0,
+                                             ("1", "G1", A): 2.0}
+
+
+def test_prices_take_the_first_entry_that_prices_each_part():
+    rf = load_rule_file({"groups": [], "prices": {
+        "toy": {"per_gpu_second": 0.003}, "Chat": {"per_gpu_second": 0.002},
+        "*": {"prompt_per_1k": 1.0, "per_gpu_second": 0.001}}})
+    assert price_for(rf.prices, "toy") is rf.prices["*"]  # toy names no token price
+    assert gpu_price_for(rf.prices, "toy", "Chat") == 0.003
+    assert gpu_price_for(rf.prices, "", "Chat") == 0.002  # model unknown: the deployment's
+    assert gpu_price_for(rf.prices, "other", "Ranker") == 0.001
+    assert gpu_price_for({}, "toy", "Chat") is None
+    with pytest.raises(ConfigError) as e:
+        load_rule_file({"groups": [], "prices": {"toy": {"per_gpu_second": -1}}})
+    assert e.value.field == "prices.toy.per_gpu_second" and "GPU-second" in str(e.value)
+
+
+def test_the_store_prices_gpu_seconds_and_each_request():
+    clock = Clock(10_000.0)
+    store = WindowStore(clock=clock)
+    store.tenants.prices = load_rule_file(PRICES).prices
+    usage = [UsageDelta("toy", "a", 3, 0, 10 + 20 + 20, 5 + 7 + 7, hist(0.1, 0.2, 0.3),
+                        pairs={(10, 5): 1, (20, 7): 2})]
+    clock.t = 10_001.0
+    store.ingest(ReplicaSnapshot(A, 1, 10_000.0, 10_001.0, [], {}, usage=usage))
+    procs = [GpuProcess(0, "G0", 101, 1, 0.5, replica=A), GpuProcess(0, "G0", 102, 1, 0.5,
+                                                                      replica=B),
+             GpuProcess(1, "G1", 103, 1, 0.5, replica=E)]
+    devices = [GpuDevice(0, "G0", "H100"), GpuDevice(1, "G1", "H100")]
+    for t in (10_001.0, 10_003.0, 10_004.0):  # intervals: 1 s (a node's first), 2 s, 1 s
+        clock.t = t
+        store.ingest_gpu(GpuSnapshot("n1", t, devices, procs))
+    clock.t = 10_006.0
+
+    def ev(fn, metric, by):
+        return store.evaluate(Query(fn, metric, 60.0, by=by), clock.t)
+    secs = ev("sum", "replica_gpu_seconds", ("deployment", "replica"))
+    assert secs == {(("deployment", "Chat"), ("replica", "r1")): 2.0,
+                    (("deployment", "Chat"), ("replica", "r2")): 2.0,
+                    (("deployment", "Embedder"), ("replica", "r3")): 4.0}
+    cost = ev("sum", "cost", ("deployment", "model", "tenant", "part"))
+    tokens = (50 * 0.5 + 19 * 2.0) / 1000
+    assert cost == pytest.approx({
+        (("deployment", "Chat"), ("model", "toy"), ("part", "tokens"), ("tenant", "a")): tokens,
+        # Chat served toy: toy's GPU price; Embedder named no model: its deployment's
+        (("deployment", "Chat"), ("model", "toy"), ("part", "gpu"), ("tenant", "")): 4.0 * 0.003,
+        (("deployment", "Embedder"), ("model", ""), ("part", "gpu"), ("tenant", "")): 4.0 * 0.001,
+    }, rel=1e-12)
+    per_request = Query("sum", "request_cost", 60.0, by=("tenant",))
+    assert store.evaluate(per_request, clock.t) == pytest.approx({(("tenant", "a"),): tokens})
+    assert ev("count", "request_cost", ("tenant",)) == {(("tenant", "a"),): 3.0}
+    assert ev("max", "request_cost", ()) == pytest.approx({(): (20 * 0.5 + 7 * 2.0) / 1000},
+                                                          rel=0.01)
