@@ -209,10 +209,18 @@ def test_streams_over_handle_and_sse_agree_with_the_client(mon, serve_apps, serv
     p, c = PRICES["toy"]
     cost = _q(mon, "sum", "cost", app)[()]
     assert cost == pytest.approx((tokens_in * p + tokens_out * c) / 1000, rel=1e-9)
+    # each request's own cost, from the usage it carried
+    each = [(u["prompt_tokens"] * p + u["completion_tokens"] * c) / 1000 for _, u in usages]
+    assert _q(mon, "count", "request_cost", app) == {(): float(len(each))}
+    assert _q(mon, "sum", "request_cost", app)[()] == pytest.approx(sum(each), rel=1e-9)
+    for q in (0.5, 0.9):
+        assert _q(mon, "quantile", "request_cost", app, param=q)[()] == pytest.approx(
+            _quantile(each, q), rel=RELATIVE_ERROR)
     metrics = requests.get(mon.metrics_url, timeout=10).text
     for name in ("ray_monitor_time_per_output_token_seconds_bucket",
                  "ray_monitor_output_tokens_total", "ray_monitor_cost_total",
                  "ray_monitor_tenant_requests_total", "ray_monitor_stream_inter_item_seconds",
+                 "ray_monitor_request_cost_bucket",
                  *genai_queried()):  # and every series the dashboard's generative row queries
         assert name in metrics, name
     mon.reload("groups: []")

@@ -111,3 +111,25 @@ def test_the_store_prices_gpu_seconds_and_each_request():
     assert ev("count", "request_cost", ("tenant",)) == {(("tenant", "a"),): 3.0}
     assert ev("max", "request_cost", ()) == pytest.approx({(): (20 * 0.5 + 7 * 2.0) / 1000},
                                                           rel=0.01)
+
+
+def test_a_streams_span_has_an_event_at_its_first_item():
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from ray_monitor.replica.tracing import FIRST_CHUNK, FIRST_ITEM_EVENT, Tracer
+
+    exporter = InMemorySpanExporter()
+    tracer = Tracer(sample_ratio=1.0, slow_threshold_s=0.1, exporter=exporter)
+    try:
+        rs = tracer.begin("Chat.chat", {"ray.serve.method": "chat"}, None)
+        assert tracer.end(rs, 0.5, None, {FIRST_CHUNK: 0.25, "gen_ai.request.stream": True})
+        plain = tracer.begin("Chat.plain", {"ray.serve.method": "plain"}, None)
+        assert tracer.end(plain, 0.5, None, {"ray_monitor.queue_seconds": 0.1})
+        tracer.provider.force_flush()
+        spans = {s.name: s for s in exporter.get_finished_spans()}
+        (ev,) = spans["Chat.chat"].events
+        assert ev.name == FIRST_ITEM_EVENT and dict(ev.attributes) == {FIRST_CHUNK: 0.25}
+        assert ev.timestamp - spans["Chat.chat"].start_time == 250_000_000
+        assert spans["Chat.plain"].events == ()
+    finally:
+        tracer.shutdown()
