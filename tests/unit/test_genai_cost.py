@@ -1,5 +1,6 @@
-"""Cost without Ray (issue 14, part 3): the price of each request, GPU-seconds attributed
-to replicas and their price, and the prices section's GPU field."""
+"""Issue 14, part 3, without Ray: the price of each request, GPU-seconds attributed to
+replicas and their price, the prices section's GPU field, a stream's first-item span event,
+and queue time over OTLP."""
 
 from __future__ import annotations
 
@@ -133,3 +134,26 @@ def test_a_streams_span_has_an_event_at_its_first_item():
         assert spans["Chat.plain"].events == ()
     finally:
         tracer.shutdown()
+
+
+def test_queue_time_goes_over_otlp_with_the_methods_labels():
+    from ray_monitor.common.snapshot import GenAIDelta, SeriesDelta
+    from ray_monitor.replica.otlp_genai import GenAIMetrics
+    from ray_monitor.replica.otlp_metrics import _exp_point
+
+    g = GenAIMetrics()
+    g.add(ReplicaSnapshot(A, 1, 0.0, 1.0, [
+        SeriesDelta("chat", "ok", False, hist(1.0), hist(0.1),
+                    genai=GenAIDelta(queue=hist(0.3), first_with_queue=hist(0.4))),
+        SeriesDelta("plain", "ok", False, hist(1.0, 2.0), genai=GenAIDelta(queue=hist(0.2, 0.5)))],
+        {}))
+    ms = {m.name: m for m in g.metrics(0, 1, lambda method, outcome: {"method": method},
+                                       _exp_point)}
+    queue = {p.attributes["method"]: (p.count, p.sum, dict(p.attributes))
+             for p in ms["ray_monitor.request.queue.duration"].data.data_points}
+    assert queue == {"chat": (1, 0.3, {"method": "chat"}), "plain": (2, 0.7, {"method": "plain"})}
+    (fq,) = ms["ray_monitor.request.first_item_with_queue.duration"].data.data_points
+    assert (fq.attributes["method"], fq.count, fq.sum) == ("chat", 1, 0.4)
+    assert ms["ray_monitor.request.queue.duration"].unit == "s"
+    (ttft,) = ms["gen_ai.server.time_to_first_token"].data.data_points  # plain is not GenAI
+    assert ttft.attributes["method"] == "chat"
