@@ -129,12 +129,17 @@ def _set(d: GenAIDelta, name: str) -> Histogram:
 
 
 def figures(stream: Optional[Stream], result: Any, latency: float,
-            tokens: Optional[Callable[[Any], Any]], auto: bool) -> Optional[Figures]:
+            tokens: Optional[Callable[[Any], Any]], auto: bool,
+            call: Optional[tuple] = None) -> Optional[Figures]:
     """The figures of a finished request: its stream (None for a returned result) and the
     usage read from the stream's last items or the result (``tokens`` the user's
-    extractor; ``auto`` whether OpenAI shapes are read without one). None when there is
-    nothing to add. Raises what the user's extractor raised."""
+    extractor, called as ``tokens(item, *call)`` when ``call`` is the request's
+    ``(args, kwargs)``; ``auto`` whether OpenAI shapes are read without one). None when
+    there is nothing to add. Raises what the user's extractor raised."""
     usage = None
+    if tokens is not None and call is not None:
+        fn, args, kwargs = tokens, call[0], call[1] or {}
+        tokens = lambda item: fn(item, args, kwargs)  # noqa: E731
     if tokens is not None or auto:
         if stream is not None:
             # OpenAI puts usage in the last chunk; data: [DONE] may follow it alone
@@ -150,12 +155,13 @@ def figures(stream: Optional[Stream], result: Any, latency: float,
 
 
 def measure(runtime: Any, stream: Optional[Stream], result: Any,
-            latency: float) -> Optional[Figures]:
-    """:func:`figures` with the deployment's options; a failing extractor is counted
+            latency: float, call: Optional[tuple] = None) -> Optional[Figures]:
+    """:func:`figures` with the deployment's options (``call``: the request's ``(args,
+    kwargs)`` for an extractor that takes them); a failing extractor is counted
     (``tokens_extractor:<type>``) and the request goes on without usage."""
     opts = runtime.options
     try:
-        return figures(stream, result, latency, opts.tokens, opts.tokens_auto)
+        return figures(stream, result, latency, opts.tokens, opts.tokens_auto, call)
     except Exception as e:
         runtime.self_error(f"tokens_extractor:{type(e).__name__}", e)
         return figures(stream, None, latency, None, False)

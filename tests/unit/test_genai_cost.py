@@ -157,3 +157,34 @@ def test_queue_time_goes_over_otlp_with_the_methods_labels():
     assert ms["ray_monitor.request.queue.duration"].unit == "s"
     (ttft,) = ms["gen_ai.server.time_to_first_token"].data.data_points  # plain is not GenAI
     assert ttft.attributes["method"] == "chat"
+
+
+def test_a_tokens_extractor_of_three_arguments_also_gets_the_requests_arguments(monkeypatch):
+    from ray_monitor import monitor
+
+    for k in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(k, raising=False)
+    seen = []
+
+    def with_call(item, args, kwargs):  # prompt tokens from the request, output from the stream
+        seen.append((item, args, kwargs))
+        return len(args[0].split()), int(item[1:]) + 1
+
+    @monitor(tokens=with_call, flush_interval_s=3600.0)
+    class Chat:
+        def gen(self, prompt, n=3):
+            for i in range(n):
+                yield f"t{i}"
+
+    c = Chat()
+    assert list(c.gen("tell me a story", n=4)) == ["t0", "t1", "t2", "t3"]
+    assert seen == [("t3", ("tell me a story",), {"n": 4})]
+    (u,) = Chat.__ray_monitor__.state.recorder.usage.drain()
+    assert (u.input_tokens, u.output_tokens, u.pairs) == (4, 4, {(4, 4): 1})
+    Chat.__ray_monitor__.close()
+    # back-compatible: one argument (or more with defaults) gets the result alone, as before
+    for fn, takes in ((lambda result: (1, 2), False), (lambda result, *rest: (1, 2), False),
+                      (lambda r, a=None, k=None: (1, 2), False), (len, False),
+                      (lambda r, a, k: (1, 2), True)):
+        M = monitor(tokens=fn)(type("M", (), {"run": lambda self: 1}))
+        assert M.__ray_monitor__.options.tokens_input is takes, fn
