@@ -26,7 +26,8 @@ from typing import Any, Mapping, Optional
 
 from ray_monitor.common.errors import ConfigError, Problem
 
-__all__ = ["ANY_MODEL", "Price", "gpu_price_for", "parse_prices", "price_for"]
+__all__ = ["ANY_MODEL", "Price", "gpu_price_for", "parse_prices", "price_for",
+           "token_prices_json"]
 
 #: The key of the price used for models the table does not name.
 ANY_MODEL = "*"
@@ -90,6 +91,15 @@ def price_for(prices: Mapping[str, Price], model: str) -> Optional[Price]:
         if p is not None and p.tokens:
             return p
     return None
+
+
+def token_prices_json(prices: Mapping[str, Price]) -> bytes:
+    """The token prices as replicas read them (:data:`~ray_monitor.common.names.PRICES_KEY`):
+    ``{model: [prompt_per_1k, completion_per_1k]}``, entries that price tokens only."""
+    import json
+
+    return json.dumps({m: [p.prompt_per_1k, p.completion_per_1k]
+                       for m, p in prices.items() if p.tokens}, sort_keys=True).encode()
 
 
 def gpu_price_for(prices: Mapping[str, Price], model: str, deployment: str) -> Optional[float]:

@@ -70,12 +70,13 @@ class Stream:
 class Figures:
     """What one request adds to its method's stream and token series, and its span."""
 
-    __slots__ = ("stream", "usage", "latency")
+    __slots__ = ("stream", "usage", "latency", "cost")
 
     def __init__(self, stream: Optional[Stream], usage: Optional[Usage], latency: float) -> None:
         self.stream = stream
         self.usage = usage
         self.latency = latency
+        self.cost: Optional[float] = None  # at the replica's copy of the prices
 
     def time_per_token(self) -> Optional[float]:
         st = self.stream
@@ -119,6 +120,8 @@ class Figures:
             a["gen_ai.usage.output_tokens"] = u.output_tokens
             if u.model:
                 a["gen_ai.response.model"] = u.model
+            if self.cost is not None:
+                a["ray_monitor.request.cost"] = self.cost
         return a
 
 
@@ -161,7 +164,11 @@ def measure(runtime: Any, stream: Optional[Stream], result: Any,
     (``tokens_extractor:<type>``) and the request goes on without usage."""
     opts = runtime.options
     try:
-        return figures(stream, result, latency, opts.tokens, opts.tokens_auto, call)
+        fig = figures(stream, result, latency, opts.tokens, opts.tokens_auto, call)
+        u = fig.usage if fig is not None else None
+        if u is not None and runtime.state is not None:
+            fig.cost = runtime.state.prices.cost(u.model, u.input_tokens, u.output_tokens)
+        return fig
     except Exception as e:
         runtime.self_error(f"tokens_extractor:{type(e).__name__}", e)
         return figures(stream, None, latency, None, False)

@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from ray_monitor import monitor
 from ray_monitor.common.histogram import RELATIVE_ERROR
+from ray_monitor.replica.prices import parse as parse_prices, read_gcs
 from tests.conftest import wait_until
 from tests.helpers import genai_queried
 
@@ -52,6 +53,10 @@ class _Toy:
     def set_delay(self, delay: float) -> float:
         self.first_delay = delay
         return delay
+
+    def span_cost(self, model: str, prompt: int, completion: int):
+        """What this replica would put on a request's span as its cost."""
+        return type(self).__ray_monitor__.state.prices.cost(model, prompt, completion)
 
     async def _chunks(self, body: dict):
         prompt = sum(len(m["content"].split()) for m in body["messages"])
@@ -92,7 +97,7 @@ class _Toy:
 
 
 ToyChat = serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100)(
-    monitor(tenant=_tenant, exclude=["set_delay"])(type("ToyChat", (_Toy,), {})))
+    monitor(tenant=_tenant, exclude=["set_delay", "span_cost"])(type("ToyChat", (_Toy,), {})))
 
 POLICY = AutoscalingPolicy(policy_function="ray_monitor.autoscaling:MonitorPolicy",
                            policy_kwargs={"stale_after_s": 3, "refresh_interval_s": 0.5})
@@ -102,7 +107,8 @@ ScalableChat = serve.deployment(
         min_replicas=1, max_replicas=2, initial_replicas=1, upscale_delay_s=0.5,
         downscale_delay_s=60, look_back_period_s=2, metrics_interval_s=0.5,
         target_ongoing_requests=1000, policy=POLICY))(
-    monitor(tenant=_tenant, exclude=["set_delay"])(type("ScalableChat", (_Toy,), {})))
+    monitor(tenant=_tenant, exclude=["set_delay", "span_cost"])(
+        type("ScalableChat", (_Toy,), {})))
 
 
 def _body(user: str, n: int = 12, stream: bool = True) -> dict:
@@ -216,6 +222,10 @@ def test_streams_over_handle_and_sse_agree_with_the_client(mon, serve_apps, serv
     for q in (0.5, 0.9):
         assert _q(mon, "quantile", "request_cost", app, param=q)[()] == pytest.approx(
             _quantile(each, q), rel=RELATIVE_ERROR)
+    # the prices reached the replica too (through the GCS), for its spans' cost attribute
+    assert parse_prices(read_gcs()) == {"toy": PRICES["toy"]}
+    assert wait_until(lambda: h.span_cost.remote("toy", 1000, 1000).result(), timeout=30,
+                      what="the replica's prices") == pytest.approx(p + c)
     metrics = requests.get(mon.metrics_url, timeout=10).text
     for name in ("ray_monitor_time_per_output_token_seconds_bucket",
                  "ray_monitor_output_tokens_total", "ray_monitor_cost_total",

@@ -188,3 +188,39 @@ def test_a_tokens_extractor_of_three_arguments_also_gets_the_requests_arguments(
                       (lambda r, a, k: (1, 2), True)):
         M = monitor(tokens=fn)(type("M", (), {"run": lambda self: 1}))
         assert M.__ray_monitor__.options.tokens_input is takes, fn
+
+
+def test_a_replica_prices_its_requests_span_from_the_published_prices():
+    from types import SimpleNamespace
+
+    from ray_monitor.alerting.prices import token_prices_json
+    from ray_monitor.replica.prices import PriceBoard, parse
+    from ray_monitor.replica.streaming import measure
+
+    published = token_prices_json(load_rule_file(PRICES).prices)  # as the aggregator writes it
+    assert parse(published) == {"toy": (0.5, 2.0)}  # Embedder prices GPU time only
+    reads, failures = [published], []
+
+    def read():
+        if not reads:
+            raise ConnectionError("GCS away")
+        return reads.pop()
+    board = PriceBoard(read=read, on_failure=lambda cause, e: failures.append(cause),
+                       start_thread=False)
+    assert board.cost("toy", 100, 10) is None  # nothing read yet: no cost, no guess
+    board.refresh()
+    assert board.cost("toy", 100, 10) == pytest.approx((100 * 0.5 + 10 * 2.0) / 1000)
+    assert board.cost("other", 100, 10) is None  # no price and no "*"
+    board.refresh()  # the GCS away: the last prices stay, the failure is counted
+    assert failures == ["prices_read_failed:ConnectionError"] and board.cost("toy", 1, 1)
+    assert parse(b'{"a": [1, 2], "b": "x", "c": [true, 1], "*": [0, 1]}') == {
+        "a": (1.0, 2.0), "*": (0.0, 1.0)}
+    runtime = SimpleNamespace(options=SimpleNamespace(tokens=None, tokens_auto=True),
+                              state=SimpleNamespace(prices=board))
+    fig = measure(runtime, None, {"model": "toy", "usage": {"prompt_tokens": 7,
+                                                            "completion_tokens": 3}}, 0.1)
+    assert fig.span_attributes()["ray_monitor.request.cost"] == pytest.approx(
+        (7 * 0.5 + 3 * 2.0) / 1000)
+    fig = measure(runtime, None, {"model": "unpriced", "usage": {"prompt_tokens": 7,
+                                                                 "completion_tokens": 3}}, 0.1)
+    assert "ray_monitor.request.cost" not in fig.span_attributes()
