@@ -158,5 +158,9 @@ def genai_queried() -> set[str]:
     once a deployment streamed or reported tokens, not before."""
     from ray_monitor.client.dashboard import _rows, queried_metrics
 
+    from ray_monitor.common.catalog import METRICS
+
     panels = dict(_rows())["Generative serving"]
-    return queried_metrics({"panels": panels, "templating": {"list": []}})
+    queue = METRICS["queue_seconds"].prometheus  # only once a caller sent its time
+    return {n for n in queried_metrics({"panels": panels, "templating": {"list": []}})
+            if not n.startswith(queue)}

@@ -66,6 +66,9 @@ class Aggregator:
         self.core = AggregatorCore(config, rules_text=rules_text, rules_file=rules_file,
                                    persist=persist, load=load, persist_log=persist_log,
                                    load_log=load_log)
+        # token prices for the replicas' spans (issue 14): now, and at every reload
+        self.core.on_prices = persistence.publish_prices
+        persistence.publish_prices(self.core.store.tenants.prices)
         self.host = config.host
         self.port = config.port
         self.token = config.token or None

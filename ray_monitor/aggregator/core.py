@@ -17,7 +17,7 @@ import logging
 import math
 import threading
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from ray_monitor.aggregator import views
 from ray_monitor.aggregator.persistence import StateSaver, restore_state, state_of
@@ -117,6 +117,7 @@ class AggregatorCore:
         self.hints = HintEngine(config=rule_file.autoscaling, clock=clock)
         self.store.tenants.prices = rule_file.prices
         self.store.tenants.top_k = config.top_tenants
+        self.on_prices: Optional[Callable[[Mapping], None]] = None  # prices changed (actor)
         self._applied: dict[tuple[str, str], int] = {}  # external scaler: last target sent
         self.config_warnings: list[str] = []  # autoscaling names no running deployment
         self._next_config_check = 0.0
@@ -430,6 +431,8 @@ class AggregatorCore:
         self._add_bounds(rule_file.ruleset)
         self.hints.reload(rule_file.autoscaling)
         self.store.tenants.prices = rule_file.prices
+        if self.on_prices is not None:
+            self.on_prices(rule_file.prices)
         if rule_file.notifications is not None:
             self.configure_notifications(rule_file.notifications)
         self._next_config_check = 0.0  # check the new names at the next evaluation

@@ -5,20 +5,26 @@ hint state, written after each evaluation that changed it, so a restarted aggreg
 resumes where it stopped; the notification log, written by the notifier's thread before
 each notification is sent, so no kill can make it send a firing notification twice; the
 rules, receivers and HTTP settings changed after start, which a restarted actor uses
-instead of the arguments it was created with; and the HTTP port, reused so scrape
-configs keep working. The core never calls Ray: it
+instead of the arguments it was created with; the HTTP port, reused so scrape
+configs keep working; and the rule file's token prices, which replicas read for their
+spans' cost (:mod:`ray_monitor.replica.prices`). The core never calls Ray: it
 is handed ``persist`` / ``load`` callables (:func:`gcs_state`), and tests hand their own.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Callable, Optional
 
-from ray_monitor.common.names import CONFIG_KEY, KV_NAMESPACE, NOTIFY_LOG_KEY, PORT_KEY, STATE_KEY
+from ray_monitor.common.names import (CONFIG_KEY, KV_NAMESPACE, NOTIFY_LOG_KEY, PORT_KEY,
+                                     PRICES_KEY, STATE_KEY)
 
 __all__ = ["StateSaver", "gcs_notification_log", "gcs_state", "kv_get", "kv_put", "load_config",
-           "load_port", "restore_state", "save_config", "save_port", "state_of"]
+           "load_port", "publish_prices", "restore_state", "save_config", "save_port", "state_of"]
+
+
+logger = logging.getLogger(__name__)
 
 
 def kv_get(key: bytes) -> Optional[bytes]:
@@ -31,6 +37,18 @@ def kv_put(key: bytes, value: bytes) -> None:
     from ray.experimental import internal_kv
 
     internal_kv._internal_kv_put(key, value, overwrite=True, namespace=KV_NAMESPACE)
+
+
+def publish_prices(prices) -> None:
+    """The rule file's token prices where replicas read them (their spans' cost); a failed
+    write is logged, never raised: spans then go without their cost."""
+    from ray_monitor.alerting.prices import token_prices_json
+
+    try:
+        kv_put(PRICES_KEY, token_prices_json(prices))
+    except Exception as e:
+        logger.warning("ray-monitor aggregator: token prices not published for the replicas' "
+                       "spans: %s: %s", type(e).__name__, e)
 
 
 # -- alert, notification and hint state ---------------------------------------------------

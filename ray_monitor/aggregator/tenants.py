@@ -15,7 +15,10 @@ its place (its history stays in ``other``; the demoted one's later traffic goes 
 The sketch's error is at most N / counters (N the deployment's requests).
 
 Cost: each usage delta's exact tokens times the price of its model
-(:mod:`ray_monitor.alerting.prices`), added to ``cost`` under the same tenant label.
+(:mod:`ray_monitor.alerting.prices`), added to ``cost`` (``part="tokens"``) under the same
+tenant label, and each request's own cost to ``request_cost`` (from the delta's
+(input, output) pairs; requests past the replica's bound at the delta's mean). The model a
+deployment's responses named last is kept for the GPU part (:mod:`.gpu_cost`).
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from __future__ import annotations
 from typing import Mapping, Optional
 
 from ray_monitor.alerting.prices import Price, price_for
+from ray_monitor.common.histogram import Histogram
 from ray_monitor.common.snapshot import GenAIDelta, UsageDelta
 
-__all__ = ["DEFAULT_TOP_K", "OTHER", "PROMOTE", "SpaceSaving", "TenantBook", "feed_series"]
+__all__ = ["DEFAULT_TOP_K", "OTHER", "PROMOTE", "SpaceSaving", "TenantBook", "feed_series",
+           "request_costs"]
 
 DEFAULT_TOP_K = 10
 OTHER = "other"
@@ -97,6 +102,8 @@ class TenantBook:
         self.prices: Mapping[str, Price] = dict(prices or {})
         # (application, deployment) -> (sketch, labelled tenants)
         self._books: dict[tuple[str, str], tuple[SpaceSaving, set[str]]] = {}
+        #: (application, deployment) -> the model its responses named last (GPU cost).
+        self.models: dict[tuple[str, str], str] = {}
 
     def label(self, app: str, dep: str, tenant: str, weight: float) -> str:
         """The label ``tenant``'s requests arriving now are counted under."""
@@ -143,8 +150,33 @@ class TenantBook:
             if u.latency.count:
                 t = tables["tenant_latency_seconds"]
                 t.add_hist(t.row_for(labels, cap), where, u.latency, now, None)
+            if u.model:
+                self.models[(app, dep)] = u.model
             price = price_for(self.prices, u.model)
-            if price is not None and (u.input_tokens or u.output_tokens):
+            if price is None:
+                continue
+            if u.input_tokens or u.output_tokens:
                 t = tables["cost"]
-                t.add_counter(t.row_for(labels, cap), where,
+                t.add_counter(t.row_for(labels + ("tokens",), cap), where,
                               price.cost(u.input_tokens, u.output_tokens), now)
+            h = request_costs(u, price)
+            if h.count:
+                t = tables["request_cost"]
+                t.add_hist(t.row_for(labels, cap), where, h, now, None)
+
+
+def request_costs(u: UsageDelta, price: Price) -> Histogram:
+    """The cost of each token-counted request of ``u``: one observation per request."""
+    h = Histogram()
+    n_in = n_out = 0
+    for (i, o), n in u.pairs.items():
+        v = price.cost(i, o)
+        n_in += i * n
+        n_out += o * n
+        for _ in range(n):
+            h.record(v)
+    if u.rest > 0:  # past the replica's bound: the rest's mean, so count and sum stay exact
+        mean = price.cost(u.input_tokens - n_in, u.output_tokens - n_out) / u.rest
+        for _ in range(u.rest):
+            h.record(mean)
+    return h

@@ -94,7 +94,8 @@ def deployments(store, replicas: Mapping[str, tuple[Any, float]], now: float,
 def streams(store, keys: list[tuple[str, str]], now: float) -> list[Optional[dict]]:
     """The last minute of each (application, deployment) in ``keys`` as a generative
     deployment: TTFT and TPOT p50/p95, output tokens per second (None where no response
-    carried token usage; ``items_per_s`` is the streamed items then) and the heaviest
+    carried token usage; ``items_per_s`` is the streamed items then), queue time p50/p95
+    (None where no caller sent its time; see replica.queueing) and the heaviest
     tenants by requests with their output tokens. None for a deployment that streamed
     nothing in that minute, so a plain deployment's row stays as it was."""
     by = ("application", "deployment")
@@ -110,6 +111,7 @@ def streams(store, keys: list[tuple[str, str]], now: float) -> list[Optional[dic
     tpot50, tpot95 = q("p50", "time_per_output_token_seconds"), q(
         "p95", "time_per_output_token_seconds")
     tokens, items = q("sum", "output_tokens"), q("sum", "stream_items")
+    queue50, queue95 = q("p50", "queue_seconds"), q("p95", "queue_seconds")
     tby = by + ("tenant",)
     t_requests, t_tokens = q("sum", "tenant_requests", tby), q("sum", "tenant_output_tokens", tby)
     tenants: dict[tuple, list[dict]] = {}
@@ -131,6 +133,8 @@ def streams(store, keys: list[tuple[str, str]], now: float) -> list[Optional[dic
         top = sorted(tenants.get(key, ()), key=lambda t: (-(t["requests"] or 0), t["tenant"]))
         out.append({"ttft_p50_s": finite(ttft50.get(key)), "ttft_p95_s": finite(ttft95.get(key)),
                     "tpot_p50_s": finite(tpot50.get(key)), "tpot_p95_s": finite(tpot95.get(key)),
+                    "queue_p50_s": finite(queue50.get(key)),
+                    "queue_p95_s": finite(queue95.get(key)),
                     "tokens_per_s": n_tokens / w if n_tokens else None,
                     "items_per_s": (finite(items.get(key)) or 0.0) / w,
                     "top_tenants": top[:TOP_TENANTS_SHOWN]})

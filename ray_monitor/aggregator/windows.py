@@ -70,6 +70,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ray_monitor.aggregator.rings import GroupKey, Table
+from ray_monitor.aggregator.gpu_cost import feed_gpu_seconds
 from ray_monitor.aggregator.tenants import TenantBook, feed_series
 from ray_monitor.aggregator.timeline import EMPTY, Timeline, check_resolutions
 from ray_monitor.aggregator.window_query import WindowQuery
@@ -308,6 +309,7 @@ class WindowStore:
                 if value is not None:
                     table = tables[name]
                     table.add_gauge(table.row_for(labels, cap), where, float(value), t, now)
+        feed_gpu_seconds(tables, self.tenants, snap, interval, where, now, cap)  # issue 14
 
     # ------------------------------------------------------------------ queries
 

@@ -24,6 +24,9 @@ rules are read (they come before ``serve.run``): that is a run-time warning, see
             - metric: p95(latency_seconds[30s])   # by (application, deployment) is implied
               value: 0.2
             - gpu_utilization: 0.8                # any gauge: avg(METRIC[1m])
+            - metric: rate(output_tokens[30s])    # a deployment's total, divided by
+              value: 200                          # its running replicas: tokens/s
+              per_replica: true                   # per replica, as Serve's targets
           apply: policy               # or external (Serve's external scaler endpoint)
 
 Deployments that scale actions name without an entry get the defaults above.
@@ -40,7 +43,7 @@ from ray_monitor.common import catalog
 from ray_monitor.common.durations import parse_duration
 from ray_monitor.common.errors import ConfigError, Problem
 
-__all__ = ["APPLY_MODES", "BY", "DeploymentKey", "DeploymentScaling", "HintConfig", "Target",
+__all__ = ["APPLY_MODES", "BY", "PER_REPLICA_FUNCTIONS", "DeploymentKey", "DeploymentScaling", "HintConfig", "Target",
            "is_number", "parse_hint_config"]
 
 #: Targets are tracked per deployment: every target query is grouped by these.
@@ -55,7 +58,9 @@ APPLY_MODES = ("policy", "external")
 _TOP_KEYS = ("deployments",)
 _DEPLOYMENT_KEYS = ("application", "deployment", "min_replicas", "max_replicas", "cooldown",
                     "scale_down_stabilization", "tolerance", "targets", "apply")
-_TARGET_KEYS = ("metric", "value")
+_TARGET_KEYS = ("metric", "value", "per_replica")
+#: Functions whose value is a deployment's total, which ``per_replica`` may divide.
+PER_REPLICA_FUNCTIONS = ("rate", "sum", "count", "last")
 
 DeploymentKey = tuple[str, str]  # (application, deployment)
 Add = Callable[[str, str], None]  # (field path, message)
@@ -63,11 +68,16 @@ Add = Callable[[str, str], None]  # (field path, message)
 
 @dataclass(frozen=True)
 class Target:
-    """Track ``query`` at ``value``; ``metric`` is the query as the user wrote it."""
+    """Track ``query`` at ``value``; ``metric`` is the query as the user wrote it.
+
+    ``per_replica``: the query's value (a deployment's total) is divided by the replicas
+    running before it is compared, as Serve's ``target_ongoing_requests`` is per replica.
+    """
 
     metric: str
     query: catalog.Query
     value: float
+    per_replica: bool = False
 
 
 @dataclass(frozen=True)
@@ -237,7 +247,8 @@ def _parse_target(raw: Any, path: str, add: Add) -> Optional[Target]:
     if "metric" in raw or "value" in raw:
         unknown = [k for k in raw if k not in _TARGET_KEYS]
         if unknown:
-            add(f"{path}.{unknown[0]}", f"unknown key {unknown[0]!r} in a target; use metric and value")
+            add(f"{path}.{unknown[0]}", f"unknown key {unknown[0]!r} in a target; "
+                f"use metric, value and per_replica")
             return None
         text, value, vpath = raw.get("metric"), raw.get("value"), f"{path}.value"
         if not isinstance(text, str) or not text.strip():
@@ -260,10 +271,20 @@ def _parse_target(raw: Any, path: str, add: Add) -> Optional[Target]:
     if not is_number(value) or not value > 0:
         add(vpath, f"target value {value!r} must be a number above 0, like 0.2")
         ok = False
+    per_replica = raw.get("per_replica", False) if "metric" in raw else False
+    if not isinstance(per_replica, bool):
+        add(f"{path}.per_replica", f"{per_replica!r} must be true or false")
+        ok = False
     query = _parse_query(text, f"{path}.metric", add)
     if query is None or not ok:
         return None
-    return Target(metric=text.strip(), query=query, value=float(value))
+    if per_replica and query.function not in PER_REPLICA_FUNCTIONS:
+        add(f"{path}.per_replica", f"{text.strip()!r}: per_replica divides a deployment's "
+            f"total by its running replicas, and {query.function} is not a total; use "
+            f"{', '.join(PER_REPLICA_FUNCTIONS)} (like rate(output_tokens[30s])), or leave "
+            "per_replica out")
+        return None
+    return Target(metric=text.strip(), query=query, value=float(value), per_replica=per_replica)
 
 
 def _parse_query(text: str, path: str, add: Add) -> Optional[catalog.Query]:

@@ -11,7 +11,9 @@ recommend a replica count per deployment, and the larger wins:
    running (not to what was asked), which keeps a cluster without room from escalating.
 2. Target tracking, as Kubernetes' HPA: ``ceil(current * value / target)``, no change while
    ``|value / target - 1| <= tolerance``. A target without data recommends nothing, and
-   blocks a scale-down asked by the other targets (HPA does the same).
+   blocks a scale-down asked by the other targets (HPA does the same). A ``per_replica``
+   target's value is the deployment's total divided by ``current``, so it recommends
+   ``ceil(total / target)`` (Serve's ``target_ongoing_requests`` rule).
 
 Scale-down is stabilized: the desired count is the highest recommendation of the last
 ``scale_down_stabilization`` seconds (scale-up is immediate), then bounded by
@@ -283,6 +285,8 @@ class HintEngine:
         for t in spec.targets:
             value = _finite(results.get(t.query, {}).get(group))
             n = None
+            if t.per_replica and value is not None:
+                value = value / current if current > 0 else None
             if value is not None and current > 0:  # a ratio of zero replicas is still zero
                 ratio = value / t.value
                 n = current if abs(ratio - 1) <= spec.tolerance else _ceil(current * ratio)
@@ -290,7 +294,8 @@ class HintEngine:
             else:
                 missing = True
             reasons.append({"source": "target", "metric": t.metric, "value": value,
-                            "target": t.value, "desired": n})
+                            "target": t.value, "desired": n,
+                            **({"per_replica": True} if t.per_replica else {})})
         if not recs:
             return None
         rec = max(recs)
@@ -341,7 +346,8 @@ def _explain(reasons: list[dict]) -> str:
             parts.append(f"rule {r['name']} firing ({how})")
         elif r["source"] == "target":
             v = "no data" if r["value"] is None else f"{r['value']:.4g}"
-            parts.append(f"target {r['metric']} = {v} (target {r['target']:g})")
+            each = " per replica" if r.get("per_replica") else ""
+            parts.append(f"target {r['metric']}{each} = {v} (target {r['target']:g})")
         else:
             parts.append(f"highest of the last {format_duration(r['window_s'])}")
     return "; ".join(parts) or "nothing to go on"

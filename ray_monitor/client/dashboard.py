@@ -119,6 +119,11 @@ def _rows() -> list[tuple[str, list[dict]]]:
             _panel("Tokens per second", [(_rate("output_tokens", by_dep), f"output {dep}"),
                                          (_rate("input_tokens", by_dep), f"input {dep}")],
                    unit="short", description="Tokens of requests whose usage is known."),
+            _panel("Queue time p50 / p95",
+                   [(_quantile(0.5, "queue_seconds"), f"p50 {dep}"),
+                    (_quantile(0.95, "queue_seconds"), f"p95 {dep}")], unit="s",
+                   description="From the caller's send to the request's start in the replica "
+                               "(requests whose caller sent its time)."),
             _panel("Top tenants (output tokens/s)",
                    [(f"topk(10, {_rate('tenant_output_tokens', 'application, deployment, tenant')})",
                      "{{deployment}} {{tenant}}")], unit="short",

@@ -153,7 +153,7 @@ def _count(v: Optional[float]) -> str:
 
 
 def streams_table(deployments: Iterable[Mapping[str, Any]]) -> str:
-    """TTFT, TPOT, tokens/s and top tenants of the deployments that streamed (those with a
+    """TTFT, TPOT, queue time, tokens/s and top tenants of the deployments that streamed (with a
     ``stream`` entry); tokens/s is items/s, marked ``items``, where no usage was seen."""
     rows = []
     for d in deployments:
@@ -164,10 +164,12 @@ def streams_table(deployments: Iterable[Mapping[str, Any]]) -> str:
         rate = format_rate(tps) if tps is not None else f"{format_rate(s.get('items_per_s'))} items"
         rows.append([d.get("application", "-"), d.get("deployment", "-"),
                      format_ms(s.get("ttft_p50_s")), format_ms(s.get("ttft_p95_s")),
-                     format_ms(s.get("tpot_p50_s")), format_ms(s.get("tpot_p95_s")), rate,
+                     format_ms(s.get("tpot_p50_s")), format_ms(s.get("tpot_p95_s")),
+                     format_ms(s.get("queue_p50_s")), format_ms(s.get("queue_p95_s")), rate,
                      tenants_text(s.get("top_tenants") or ())])
     return render_table(["APPLICATION", "DEPLOYMENT", "TTFT-P50(ms)", "TTFT-P95(ms)",
-                         "TPOT-P50(ms)", "TPOT-P95(ms)", "TOKENS/S", "TOP TENANTS"], rows)
+                         "TPOT-P50(ms)", "TPOT-P95(ms)", "QUEUE-P50(ms)", "QUEUE-P95(ms)",
+                         "TOKENS/S", "TOP TENANTS"], rows)
 
 
 def alerts_table(alerts: Iterable[Mapping[str, Any]], now: float, *, state: bool = True,

@@ -15,10 +15,12 @@ from typing import Literal, Optional
 
 from ray_monitor.common.matchers import Matcher
 
-__all__ = ["ABSENT", "ABSENT_BY", "ALIASES", "COUNT_BOUNDS", "FEATURE_PREFIX", "GENAI_METRICS", "FUNCTIONS", "METRICS", "MODEL_FUNCTIONS",
-           "MODEL_LABELS", "Metric", "PREDICTION", "PREDICTIONS", "QUALITY_LABELS",
-           "QUALITY_METRICS", "QualityMetric", "Query", "REQUEST_METRICS", "RESERVED_LABELS",
-           "SHORTHAND_QUANTILES", "TENANT_LABELS", "TENANT_METRICS", "absence_metric", "absent_labels", "is_model_query"]
+__all__ = ["ABSENT", "ABSENT_BY", "ALIASES", "COST_BOUNDS", "COST_LABELS", "COUNT_BOUNDS",
+           "FEATURE_PREFIX", "FUNCTIONS", "GENAI_METRICS", "GPU_SECONDS_LABELS",
+           "METRICS", "MODEL_FUNCTIONS", "MODEL_LABELS", "Metric", "PREDICTION",
+           "PREDICTIONS", "QUALITY_LABELS", "QUALITY_METRICS", "QualityMetric", "Query",
+           "REQUEST_METRICS", "RESERVED_LABELS", "SHORTHAND_QUANTILES", "TENANT_LABELS",
+           "TENANT_METRICS", "absence_metric", "absent_labels", "is_model_query"]
 
 
 Kind = Literal["counter", "histogram", "gauge"]
@@ -36,10 +38,15 @@ GPU_REPLICA_LABELS = ("node", "gpu", "uuid", "application", "deployment", "repli
 #: Labels of per-tenant usage series: ``model`` is the model the responses named, ``tenant``
 #: one of the deployment's top tenants or ``other`` (see aggregator.tenants).
 TENANT_LABELS = ("application", "deployment", "model", "tenant")
+#: Labels of ``cost``: ``part`` is ``tokens`` (the tokens' price) or ``gpu`` (GPU-seconds'
+#: price; ``tenant`` is ``""`` there, GPU time is the deployment's, not a tenant's).
+COST_LABELS = TENANT_LABELS + ("part",)
+#: Labels of GPU-seconds attributed to a replica.
+GPU_SECONDS_LABELS = ("node", "gpu", "uuid", "application", "deployment", "replica")
 
 #: Label names the monitor sets; user-chosen labels may not use them.
 RESERVED_LABELS = frozenset(REQUEST_LABELS + REPLICA_LABELS + GPU_LABELS + GPU_REPLICA_LABELS
-                            + TENANT_LABELS
+                            + COST_LABELS
                             + ("alertname", "le", "quantile", "direction", "reason", "cause"))
 
 
@@ -56,6 +63,8 @@ class Metric:
 
 #: Classic bounds of histograms that count things (items per stream, items per second).
 COUNT_BOUNDS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0)
+#: Classic bounds of the cost of one request (in the prices' currency).
+COST_BOUNDS = (1e-5, 3e-5, 1e-4, 3e-4, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 #: GenAI's advice for time per output token (OpenTelemetry semantic conventions).
 TPOT_BOUNDS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 
@@ -108,9 +117,16 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("tenant_latency_seconds", "histogram", TENANT_LABELS,
            "ray_monitor_tenant_request_duration_seconds",
            "Request duration per tenant and model.", "s"),
-    Metric("cost", "counter", TENANT_LABELS, "ray_monitor_cost",
-           "Cost of the tokens used, from the rule file's prices: section, per tenant and "
-           "model (in the prices' currency)."),
+    Metric("cost", "counter", COST_LABELS, "ray_monitor_cost",
+           "Cost from the rule file's prices: section (in the prices' currency), per tenant "
+           "and model: part=tokens the tokens used, part=gpu the GPU-seconds its replicas "
+           "held (tenant \"\")."),
+    Metric("request_cost", "histogram", TENANT_LABELS, "ray_monitor_request_cost",
+           "Token cost of each request whose usage is known and whose model has a price, per "
+           "tenant and model (in the prices' currency).", "", COST_BOUNDS),
+    Metric("replica_gpu_seconds", "counter", GPU_SECONDS_LABELS, "ray_monitor_gpu_replica_seconds",
+           "GPU time attributed to a replica: each GPU sample's interval, shared equally by "
+           "the replicas with a process on that GPU.", "s"),
     Metric("inflight", "gauge", REQUEST_LABELS[:-1], "ray_monitor_inflight_requests",
            "Requests running in a replica."),
     Metric("cpu_percent", "gauge", REPLICA_LABELS, "ray_monitor_replica_cpu_percent",
@@ -189,7 +205,7 @@ REQUEST_METRICS = ("requests", "errors", "latency_seconds", "first_item_seconds"
 GENAI_METRICS = REQUEST_METRICS[5:]
 #: Per-tenant metrics, fed by ReplicaSnapshot.usage.
 TENANT_METRICS = ("tenant_requests", "tenant_errors", "tenant_input_tokens",
-                  "tenant_output_tokens", "tenant_latency_seconds", "cost")
+                  "tenant_output_tokens", "tenant_latency_seconds", "cost", "request_cost")
 #: Other names rules may use for a metric: GenAI's words for what the monitor measures.
 ALIASES = {"time_to_first_token_seconds": "first_item_seconds",
            "time_to_first_item_seconds": "first_item_seconds",

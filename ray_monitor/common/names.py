@@ -6,7 +6,7 @@ driver and the CLI find both. Changing one is a change of the wire contract.
 """
 
 __all__ = ["AGGREGATOR_NAME", "CONFIG_KEY", "GPU_ACTOR_PREFIX", "KV_NAMESPACE", "NAMESPACE",
-           "NODE_MERGER_PREFIX", "NOTIFY_LOG_KEY", "PORT_KEY", "STATE_KEY", "gpu_actor_name",
+           "NODE_MERGER_PREFIX", "NOTIFY_LOG_KEY", "PORT_KEY", "PRICES_KEY", "STATE_KEY", "gpu_actor_name",
            "node_merger_name"]
 
 #: The aggregator actor's name and Ray namespace.
@@ -24,6 +24,9 @@ NOTIFY_LOG_KEY = b"ray_monitor/aggregator/notification_log"
 CONFIG_KEY = b"ray_monitor/aggregator/config"
 #: The HTTP port, reused by a restarted aggregator so scrape configs keep working.
 PORT_KEY = b"ray_monitor/aggregator/port"
+#: The rule file's token prices, for the replicas' span attributes: JSON
+#: ``{model: [prompt_per_1k, completion_per_1k]}`` (``*`` for any other model).
+PRICES_KEY = b"ray_monitor/aggregator/prices"
 
 #: GPU-stats actors are named this plus the first 12 hex digits of their node id.
 GPU_ACTOR_PREFIX = "ray_monitor_gpu_"

@@ -91,7 +91,12 @@ class UsageDelta:
 
     ``tenant`` is ``""`` when the deployment names no tenant, and ``"other"`` for tenants
     past the replica's per-snapshot cap. ``model`` is the model the response named
-    (OpenAI ``model``), else the extractor's, else ``""``."""
+    (OpenAI ``model``), else the extractor's, else ``""``.
+
+    ``pairs``: (input, output) tokens of each token-counted request -> how many requests
+    had them, so the aggregator prices each request (``request_cost``); ``rest`` counts the
+    token-counted requests past the replica's bound on pairs (priced at the entry's mean).
+    """
 
     model: str
     tenant: str
@@ -100,6 +105,8 @@ class UsageDelta:
     input_tokens: int = 0
     output_tokens: int = 0
     latency: Histogram = field(default_factory=Histogram)
+    pairs: dict[tuple[int, int], int] = field(default_factory=dict)
+    rest: int = 0
 
 
 @dataclass

@@ -202,7 +202,7 @@ class _Request:
     """State of one request between start and finish; lives only as long as it."""
 
     __slots__ = ("cells", "token", "t0", "span", "ctx_token", "otel_token", "tracer", "runtime",
-                 "active_token", "tenant")
+                 "active_token", "tenant", "call")
 
     def __init__(self, hook: "_Hook", scope: Any, asgi: bool = False, args: tuple = (),
                  kwargs: Optional[dict] = None) -> None:
@@ -219,6 +219,7 @@ class _Request:
         opts = hook.runtime.options
         self.tenant = None if opts.tenant is None and opts.tenant_header is None else \
             _tenant(hook, scope, args, kwargs)
+        self.call = (args[hook.at:], kwargs) if opts.tokens_input else None  # tokens=fn's
         if st.tracer.enabled:
             # A plain HTTP ingress's route is Serve's route prefix; FastAPI's is its
             # template, known once the app has routed the request.
@@ -254,7 +255,7 @@ class _Request:
         latency = _perf() - self.t0
         exemplar = extra = fig = None
         if stream is not None or result is not None:
-            fig = streaming.measure(self.runtime, stream, result, latency)
+            fig = streaming.measure(self.runtime, stream, result, latency, self.call)
         if self.tenant is not None or fig is not None and fig.usage is not None:
             streaming.record_usage(self.runtime.state.recorder, self.tenant, fig, is_error,
                                    latency)
@@ -597,7 +598,8 @@ def _finish_route(hook: _Hook, req: Optional[_Request], scope: dict, status: Opt
         exemplar = fig = None
         stream = body if body is not None and body.streamed else None
         if body is not None:  # one body message: a returned result, maybe with usage
-            fig = streaming.measure(hook.runtime, stream, None if stream else body.tail, latency)
+            fig = streaming.measure(hook.runtime, stream, None if stream else body.tail, latency,
+                                    req.call)
         if req.tenant is not None or fig is not None and fig.usage is not None:
             streaming.record_usage(hook.runtime.state.recorder, req.tenant, fig, is_error,
                                    latency)

@@ -11,6 +11,7 @@ OpenTelemetry's SDK does (see :mod:`ray_monitor.common.env`). A bad decorator ar
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -93,6 +94,7 @@ class MonitorOptions:
     positive_label: Optional[str] = None
     tokens: Optional[Callable[[Any], Any]] = None  # result or last stream item -> usage
     tokens_auto: bool = True  # read OpenAI-shaped usage when there is no extractor
+    tokens_input: bool = False  # call it as fn(result, args, kwargs) (see _takes_the_call)
     tenant: Optional[Callable[..., Any]] = None  # the call's arguments -> tenant name
     tenant_header: Optional[str] = None  # HTTP header naming the tenant (lower case)
 
@@ -174,6 +176,27 @@ def _prediction_options(fn: Any, with_input: Any, methods: Any, positive: Any) -
     return out
 
 
+def _takes_the_call(fn: Callable[..., Any]) -> bool:
+    """Whether a ``tokens`` extractor asks for the request's arguments too: it cannot be
+    called with the result alone but can with three positional arguments, as
+    ``fn(result, args, kwargs)`` (``prediction_input``'s shape). An extractor of one
+    argument, as before, is called as before."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without a signature: the old call
+        return False
+    try:
+        sig.bind(None)
+        return False
+    except TypeError:
+        pass
+    try:
+        sig.bind(None, (), {})
+        return True
+    except TypeError:
+        return False
+
+
 def _genai_options(tokens: Any, tenant: Any, header: Any) -> dict[str, Any]:
     """Token usage and tenant options (issue 14): extractors must be functions, the header a
     plain HTTP header name."""
@@ -186,6 +209,7 @@ def _genai_options(tokens: Any, tenant: Any, header: Any) -> dict[str, Any]:
                          "item) to (input_tokens, output_tokens), True (OpenAI usage, the "
                          f"default) or False (off), got {type(tokens).__name__} {tokens!r:.60}")
         out["tokens"] = tokens
+        out["tokens_input"] = _takes_the_call(tokens)
     if tenant is not UNSET and tenant is not None:
         if not callable(tenant):
             raise refuse("tenant", "expected a function of the call's arguments returning the "

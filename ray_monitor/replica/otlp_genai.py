@@ -11,6 +11,11 @@ Names and units after OpenTelemetry's GenAI semantic conventions (Development st
 ``gen_ai.provider.name`` ``ray.serve`` (a custom value: the spec reserves ``openai`` for
 OpenAI's own telemetry flavour) and ``gen_ai.request.model`` when the responses named a
 model (the last one this replica saw).
+
+Queue time (:mod:`ray_monitor.replica.queueing`) goes with them, in the monitor's own
+namespace (GenAI's conventions name no queue metric), with the method's labels only:
+``ray_monitor.request.queue.duration`` (s; any request whose caller sent its time) and
+``ray_monitor.request.first_item_with_queue.duration`` (s; streams: queue + first item).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from ray_monitor.common.snapshot import ReplicaSnapshot
 __all__ = ["GenAIMetrics", "PROVIDER"]
 
 PROVIDER = "ray.serve"
-_TTFT, _TPOT, _IN, _OUT = range(4)
+_TTFT, _TPOT, _IN, _OUT, _QUEUE, _FIRST_Q = range(6)
 
 
 def _operation(method: str) -> str:
@@ -48,9 +53,10 @@ class GenAIMetrics:
                 continue
             cur = self._series.get((s.method, s.outcome))
             if cur is None:
-                cur = self._series[(s.method, s.outcome)] = [None, None, None, None]
+                cur = self._series[(s.method, s.outcome)] = [None] * 6
             for i, h in ((_TTFT, s.first_item), (_TPOT, g.time_per_token),
-                         (_IN, g.input_tokens), (_OUT, g.output_tokens)):
+                         (_IN, g.input_tokens), (_OUT, g.output_tokens), (_QUEUE, g.queue),
+                         (_FIRST_Q, g.first_with_queue)):
                 if h is not None and h.count:
                     cur[i] = (cur[i] or Histogram()).merge(h)
         for u in snap.usage:
@@ -61,9 +67,15 @@ class GenAIMetrics:
                 point: Callable) -> list[Metric]:
         """The GenAI metrics; ``attrs(method, outcome)`` gives a series' attributes and
         ``point(attrs, t0, now_ns, histogram, exemplars)`` its data point."""
-        points: list[list] = [[], [], []]
+        points: list[list] = [[], [], [], [], []]
         for (method, outcome), hs in self._series.items():
-            a = {**attrs(method, outcome), "gen_ai.operation.name": _operation(method),
+            plain = attrs(method, outcome)
+            for i in (_QUEUE, _FIRST_Q):
+                if hs[i] is not None:
+                    points[i - 1].append(point(plain, t0, now_ns, hs[i], {}))
+            if all(h is None for h in hs[:4]):  # a queue time only: not a GenAI request
+                continue
+            a = {**plain, "gen_ai.operation.name": _operation(method),
                  "gen_ai.provider.name": PROVIDER}
             if self.model:
                 a["gen_ai.request.model"] = self.model
@@ -79,7 +91,11 @@ class GenAIMetrics:
                 ("gen_ai.server.time_to_first_token", "Time to generate the first token.", "s"),
                 ("gen_ai.server.time_per_output_token",
                  "Time per output token after the first (one sample per stream).", "s"),
-                ("gen_ai.client.token.usage", "Tokens used per request.", "{token}")), points):
+                ("gen_ai.client.token.usage", "Tokens used per request.", "{token}"),
+                ("ray_monitor.request.queue.duration", "Time from the caller's send to the "
+                 "request's start in the replica.", "s"),
+                ("ray_monitor.request.first_item_with_queue.duration",
+                 "Streams: queue time plus time to the first item.", "s")), points):
             if pts:
                 out.append(Metric(name, desc, unit, ExponentialHistogram(pts, cum)))
         return out

@@ -20,6 +20,7 @@ import time
 from typing import Any, Optional
 
 from ray_monitor.common import env
+from ray_monitor.replica.prices import PriceBoard
 from ray_monitor.replica import otlp_refusal, propagation, tracing
 from ray_monitor.replica.options import MonitorOptions
 from ray_monitor.replica.export_worker import quiet_otel_export_logs
@@ -101,6 +102,7 @@ class State:
         except RuntimeError:
             loop = None
         self.loop_lag = LoopLag(loop)
+        self.prices = PriceBoard(on_failure=errors.count)  # the span's cost (issue 14)
         self.recorder.health = process_health(self.recorder, self.loop_lag,
                                               opts.resolved("hang_threshold_s"))
         ident = self.identity
@@ -212,6 +214,7 @@ class Runtime:
                  st.recorder.self_errors)
         if st.spans is not None:
             tracing.release_serve_spans(st.spans)
+        st.prices.close()
         st.recorder.close()
         otlp = st.recorder.on_flush
         if otlp is not None and hasattr(otlp, "shutdown"):

@@ -30,7 +30,8 @@ MAX_TEXT = 256
 RECORD_ATTRIBUTES = ("ray.serve.method", "ray_monitor.kept", "ray.serve.request_id",
                      "http.request.method", "url.path", "http.route",
                      "http.response.status_code", "error.type", "request_id", "call_method",
-                     "deployment", "app", "route", "ray_monitor.queue_seconds")
+                     "deployment", "app", "route", "ray_monitor.queue_seconds",
+                     "ray_monitor.request.cost")
 #: ``ray_monitor.kept`` values that make a record a kept one (see :func:`span_record`).
 _KEPT_REASONS = ("error", "slow", "trace")
 

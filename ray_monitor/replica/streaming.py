@@ -70,12 +70,13 @@ class Stream:
 class Figures:
     """What one request adds to its method's stream and token series, and its span."""
 
-    __slots__ = ("stream", "usage", "latency")
+    __slots__ = ("stream", "usage", "latency", "cost")
 
     def __init__(self, stream: Optional[Stream], usage: Optional[Usage], latency: float) -> None:
         self.stream = stream
         self.usage = usage
         self.latency = latency
+        self.cost: Optional[float] = None  # at the replica's copy of the prices
 
     def time_per_token(self) -> Optional[float]:
         st = self.stream
@@ -119,6 +120,8 @@ class Figures:
             a["gen_ai.usage.output_tokens"] = u.output_tokens
             if u.model:
                 a["gen_ai.response.model"] = u.model
+            if self.cost is not None:
+                a["ray_monitor.request.cost"] = self.cost
         return a
 
 
@@ -129,12 +132,17 @@ def _set(d: GenAIDelta, name: str) -> Histogram:
 
 
 def figures(stream: Optional[Stream], result: Any, latency: float,
-            tokens: Optional[Callable[[Any], Any]], auto: bool) -> Optional[Figures]:
+            tokens: Optional[Callable[[Any], Any]], auto: bool,
+            call: Optional[tuple] = None) -> Optional[Figures]:
     """The figures of a finished request: its stream (None for a returned result) and the
     usage read from the stream's last items or the result (``tokens`` the user's
-    extractor; ``auto`` whether OpenAI shapes are read without one). None when there is
-    nothing to add. Raises what the user's extractor raised."""
+    extractor, called as ``tokens(item, *call)`` when ``call`` is the request's
+    ``(args, kwargs)``; ``auto`` whether OpenAI shapes are read without one). None when
+    there is nothing to add. Raises what the user's extractor raised."""
     usage = None
+    if tokens is not None and call is not None:
+        fn, args, kwargs = tokens, call[0], call[1] or {}
+        tokens = lambda item: fn(item, args, kwargs)  # noqa: E731
     if tokens is not None or auto:
         if stream is not None:
             # OpenAI puts usage in the last chunk; data: [DONE] may follow it alone
@@ -150,12 +158,17 @@ def figures(stream: Optional[Stream], result: Any, latency: float,
 
 
 def measure(runtime: Any, stream: Optional[Stream], result: Any,
-            latency: float) -> Optional[Figures]:
-    """:func:`figures` with the deployment's options; a failing extractor is counted
+            latency: float, call: Optional[tuple] = None) -> Optional[Figures]:
+    """:func:`figures` with the deployment's options (``call``: the request's ``(args,
+    kwargs)`` for an extractor that takes them); a failing extractor is counted
     (``tokens_extractor:<type>``) and the request goes on without usage."""
     opts = runtime.options
     try:
-        return figures(stream, result, latency, opts.tokens, opts.tokens_auto)
+        fig = figures(stream, result, latency, opts.tokens, opts.tokens_auto, call)
+        u = fig.usage if fig is not None else None
+        if u is not None and runtime.state is not None:
+            fig.cost = runtime.state.prices.cost(u.model, u.input_tokens, u.output_tokens)
+        return fig
     except Exception as e:
         runtime.self_error(f"tokens_extractor:{type(e).__name__}", e)
         return figures(stream, None, latency, None, False)
@@ -169,7 +182,7 @@ def record_usage(recorder: Any, tenant: Optional[str], fig: Optional[Figures], e
     if tenant is None and u is None:
         return
     if u is None:
-        recorder.usage.record("", tenant, error, latency, 0, 0)
+        recorder.usage.record("", tenant, error, latency, 0, 0, counted=False)
     else:
         recorder.usage.record(u.model, tenant or "", error, latency, u.input_tokens,
                               u.output_tokens)

@@ -51,8 +51,8 @@ from ray_monitor.replica.span_records import (MAX_CONTEXT_SPANS_PER_FLUSH, MAX_S
                                               SpanRecords, span_record)
 from ray_monitor.replica.tail import HeldRecord, TailBuffer
 
-__all__ = ["CURRENT", "MAX_CONTEXT_SPANS_PER_FLUSH", "MAX_SPANS_PER_FLUSH", "MAX_TEXT",
-           "RECORD_ATTRIBUTES", "RequestSpan", "SpanRecords", "Tracer",
+__all__ = ["CURRENT", "FIRST_CHUNK", "FIRST_ITEM_EVENT", "MAX_CONTEXT_SPANS_PER_FLUSH",
+           "MAX_SPANS_PER_FLUSH", "MAX_TEXT", "RECORD_ATTRIBUTES", "RequestSpan", "SpanRecords", "Tracer",
            "aggregator_traces_enabled", "claim_serve_spans", "current_trace_id",
            "head_sampled", "install_log_correlation", "otlp_traces_configured",
            "release_serve_spans", "serve_span_processors", "serve_tracing_config",
@@ -61,6 +61,10 @@ __all__ = ["CURRENT", "MAX_CONTEXT_SPANS_PER_FLUSH", "MAX_SPANS_PER_FLUSH", "MAX
 logger = logging.getLogger(__name__)
 
 _TRACE_ID_LIMIT = (1 << 64) - 1
+#: A stream's time to first item (GenAI semantic conventions' attribute) and the span event
+#: at that moment (GenAI's conventions name no such event, so the monitor's namespace).
+FIRST_CHUNK = "gen_ai.response.time_to_first_chunk"
+FIRST_ITEM_EVENT = "ray_monitor.stream.first_item"
 _EMPTY = otel_context.Context()
 _FLAGS = (TraceFlags(TraceFlags.DEFAULT), TraceFlags(TraceFlags.SAMPLED))
 
@@ -359,6 +363,10 @@ class Tracer:
                 attributes: Optional[dict], error_status: Optional[str]) -> None:
         if attributes:
             span.set_attributes(attributes)
+            first = attributes.get(FIRST_CHUNK)
+            if first is not None:  # the first item as an event at the moment it came
+                span.add_event(FIRST_ITEM_EVENT, {FIRST_CHUNK: first},
+                               timestamp=rs.start_ns + int(first * 1e9))
         http_error = rs.status is not None and rs.status >= 500
         if rs.status is not None:
             span.set_attribute("http.response.status_code", rs.status)

@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from ray_monitor import monitor
 from ray_monitor.common.histogram import RELATIVE_ERROR
+from ray_monitor.replica.prices import parse as parse_prices, read_gcs
 from tests.conftest import wait_until
 from tests.helpers import genai_queried
 
@@ -52,6 +53,10 @@ class _Toy:
     def set_delay(self, delay: float) -> float:
         self.first_delay = delay
         return delay
+
+    def span_cost(self, model: str, prompt: int, completion: int):
+        """What this replica would put on a request's span as its cost."""
+        return type(self).__ray_monitor__.state.prices.cost(model, prompt, completion)
 
     async def _chunks(self, body: dict):
         prompt = sum(len(m["content"].split()) for m in body["messages"])
@@ -92,7 +97,7 @@ class _Toy:
 
 
 ToyChat = serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100)(
-    monitor(tenant=_tenant, exclude=["set_delay"])(type("ToyChat", (_Toy,), {})))
+    monitor(tenant=_tenant, exclude=["set_delay", "span_cost"])(type("ToyChat", (_Toy,), {})))
 
 POLICY = AutoscalingPolicy(policy_function="ray_monitor.autoscaling:MonitorPolicy",
                            policy_kwargs={"stale_after_s": 3, "refresh_interval_s": 0.5})
@@ -102,7 +107,8 @@ ScalableChat = serve.deployment(
         min_replicas=1, max_replicas=2, initial_replicas=1, upscale_delay_s=0.5,
         downscale_delay_s=60, look_back_period_s=2, metrics_interval_s=0.5,
         target_ongoing_requests=1000, policy=POLICY))(
-    monitor(tenant=_tenant, exclude=["set_delay"])(type("ScalableChat", (_Toy,), {})))
+    monitor(tenant=_tenant, exclude=["set_delay", "span_cost"])(
+        type("ScalableChat", (_Toy,), {})))
 
 
 def _body(user: str, n: int = 12, stream: bool = True) -> dict:
@@ -209,10 +215,22 @@ def test_streams_over_handle_and_sse_agree_with_the_client(mon, serve_apps, serv
     p, c = PRICES["toy"]
     cost = _q(mon, "sum", "cost", app)[()]
     assert cost == pytest.approx((tokens_in * p + tokens_out * c) / 1000, rel=1e-9)
+    # each request's own cost, from the usage it carried
+    each = [(u["prompt_tokens"] * p + u["completion_tokens"] * c) / 1000 for _, u in usages]
+    assert _q(mon, "count", "request_cost", app) == {(): float(len(each))}
+    assert _q(mon, "sum", "request_cost", app)[()] == pytest.approx(sum(each), rel=1e-9)
+    for q in (0.5, 0.9):
+        assert _q(mon, "quantile", "request_cost", app, param=q)[()] == pytest.approx(
+            _quantile(each, q), rel=RELATIVE_ERROR)
+    # the prices reached the replica too (through the GCS), for its spans' cost attribute
+    assert parse_prices(read_gcs()) == {"toy": PRICES["toy"]}
+    assert wait_until(lambda: h.span_cost.remote("toy", 1000, 1000).result(), timeout=30,
+                      what="the replica's prices") == pytest.approx(p + c)
     metrics = requests.get(mon.metrics_url, timeout=10).text
     for name in ("ray_monitor_time_per_output_token_seconds_bucket",
                  "ray_monitor_output_tokens_total", "ray_monitor_cost_total",
                  "ray_monitor_tenant_requests_total", "ray_monitor_stream_inter_item_seconds",
+                 "ray_monitor_request_cost_bucket",
                  *genai_queried()):  # and every series the dashboard's generative row queries
         assert name in metrics, name
     mon.reload("groups: []")
@@ -313,6 +331,45 @@ autoscaling:
                                             and (x["desired"] or 0) > 1), None), timeout=60,
                               what="a hint above one replica")
             assert hint["reason"] in ("target", "max_replicas")
+            wait_until(lambda: serve.status().applications[app].deployments["ScalableChat"]
+                       .replica_states.get("RUNNING", 0) >= 2, timeout=90,
+                       what="a second replica")
+    finally:
+        mon.reload("groups: []")
+
+
+def test_a_tokens_per_second_per_replica_target_scales_out(mon, serve_apps):
+    app = _app()
+    serve_apps.append(app)
+    h = serve.run(ScalableChat.bind(), name=app, route_prefix=f"/{app}")
+    mon.reload(f"""
+groups: []
+autoscaling:
+  deployments:
+    - application: {app}
+      deployment: ScalableChat
+      max_replicas: 2
+      targets:
+        - metric: rate(output_tokens[5s])
+          value: 4
+          per_replica: true
+""")
+    try:
+        def target_reason():
+            hint = next((x for x in mon.hints() if x["application"] == app), None)
+            return hint, next((r for r in (hint or {}).get("reasons", ())
+                               if r["source"] == "target" and r["value"] is not None), None)
+
+        with _StreamTraffic(h) as traffic:
+            # 4 tokens a stream, a stream every ~0.1 s: well above 4 tokens/s on one replica
+            hint, reason = wait_until(lambda: (got := target_reason())[1]
+                                      and got[1]["value"] > 4 and got, timeout=60,
+                                      what="a per-replica token rate above the target")
+            assert reason["per_replica"] is True and hint["current"] == 1
+            # one replica: the per-replica value is the deployment's rate, and its total
+            # recommends ceil(rate / 4) replicas (Serve's per-replica rule)
+            assert reason["desired"] >= 2 and hint["desired"] == 2  # max_replicas
+            assert traffic.sent > 0
             wait_until(lambda: serve.status().applications[app].deployments["ScalableChat"]
                        .replica_states.get("RUNNING", 0) >= 2, timeout=90,
                        what="a second replica")

@@ -186,6 +186,42 @@ def test_gpu_processes_are_joined_to_replicas_and_rules_fire(mon, serve_apps):
         set_cluster_processes([])
 
 
+def test_gpu_seconds_of_a_replica_are_priced_from_the_rule_files_prices(mon, serve_apps):
+    """Issue 14: cost{part="gpu"} is the price per GPU-second times the GPU-seconds the
+    fake NVML's process list attributed to the replica, exactly."""
+    app = f"g{uuid.uuid4().hex[:8]}"
+    serve_apps.append(app)
+    h = serve.run(GpuUser.bind(), name=app, route_prefix=f"/{app}")
+    me = h.whoami.remote().result(timeout_s=60)
+    wait_until(lambda: any(d["application"] == app and d["replicas"] == 1 for d in mon.deployments()),
+               timeout=60, what="the replica known to the aggregator")
+    price = 0.002
+    mon.reload({"groups": [], "prices": {"GpuUser": {"per_gpu_second": price}}})  # no model named
+    by = ("application", "deployment", "replica")
+    ours = (app, "GpuUser", me["replica"])
+
+    def seconds():
+        return series(mon, "sum", "replica_gpu_seconds", 600, by).get(ours, 0.0)
+    try:
+        set_cluster_processes([ExtraProcess(gpu=0, pid=me["pid"], used_memory=GiB, node_id=me["node"]),
+                               ExtraProcess(gpu=1, pid=me["pid"], used_memory=GiB, node_id=me["node"])])
+        wait_until(lambda: seconds() >= 4, timeout=60, what="GPU-seconds attributed to the replica")
+    finally:
+        set_cluster_processes([])
+
+    def settled():  # no process left: the attributed seconds stop growing
+        now = seconds()
+        time.sleep(2.5)
+        return seconds() == now and now
+    total = wait_until(settled, timeout=60, what="GPU-seconds settled")
+    cost = series(mon, "sum", "cost", 600, ("application", "deployment", "tenant", "part"))
+    assert cost == {(app, "GpuUser", "", "gpu"): pytest.approx(price * total, rel=1e-9)}
+    print(f"GPU-seconds {total:.3f} on two GPUs, cost {cost}")
+    metrics = requests.get(mon.metrics_url, timeout=10).text
+    assert "ray_monitor_gpu_replica_seconds_total{" in metrics and 'part="gpu"' in metrics
+    mon.reload("groups: []")
+
+
 def test_metrics_endpoint_has_gpu_families_and_passes_promtool(mon):
     node = ray.get_runtime_context().get_node_id()
 

@@ -554,6 +554,7 @@ def test_status_shows_streams_only_for_deployments_that_stream():
             rows = FakeMonitor.deployments(self)
             rows[0]["stream"] = {"ttft_p50_s": 0.0612, "ttft_p95_s": 0.41, "tpot_p50_s": 0.0103,
                                  "tpot_p95_s": 0.0125, "tokens_per_s": 96.4, "items_per_s": 90.0,
+                                 "queue_p50_s": 0.0021, "queue_p95_s": 0.25,
                                  "top_tenants": [{"tenant": "acme", "requests": 120.0,
                                                   "output_tokens": 41000.0},
                                                  {"tenant": "zeta", "requests": 7.0,
@@ -570,11 +571,12 @@ def test_status_shows_streams_only_for_deployments_that_stream():
     assert lines[header].split()[-1] == "IN-FLIGHT"  # the deployments table is unchanged
     streams = lines.index("STREAMS (2, last 1m)") + 1
     assert lines[streams].split() == ["APPLICATION", "DEPLOYMENT", "TTFT-P50(ms)", "TTFT-P95(ms)",
-                                      "TPOT-P50(ms)", "TPOT-P95(ms)", "TOKENS/S", "TOP", "TENANTS"]
+                                      "TPOT-P50(ms)", "TPOT-P95(ms)", "QUEUE-P50(ms)",
+                                      "QUEUE-P95(ms)", "TOKENS/S", "TOP", "TENANTS"]
     assert lines[streams + 1].split() == ["default", "Classifier", "61.2", "410", "10.3", "12.5",
-                                          "96.4", "acme:120(41.0k),zeta:7"]
-    assert lines[streams + 2].split() == ["default", "Echo", "5.00", "9.00", "-", "-", "2.50",
-                                          "items", "-"]
+                                          "2.10", "250", "96.4", "acme:120(41.0k),zeta:7"]
+    assert lines[streams + 2].split() == ["default", "Echo", "5.00", "9.00", "-", "-", "-", "-",
+                                          "2.50", "items", "-"]
     assert "Preprocessor" not in "\n".join(lines[streams:streams + 4])
     code, out, _ = run(["status"], connect=FakeMonitor)
     assert "STREAMS" not in out  # nothing streams: the page looks as before

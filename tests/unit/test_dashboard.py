@@ -35,7 +35,8 @@ T0 = 1_700_000_040.0  # a multiple of 60: every ring's bucket edges are whole se
 def replica_snap(t: float, seq: int, *, deployment: str = "Classifier", latency: float = 0.1,
                  errors: int = 0) -> ReplicaSnapshot:
     genai = GenAIDelta(time_per_token=hist(0.02), gaps=hist(0.02), items=hist(5),
-                       items_per_s=hist(50), input_tokens=hist(7), output_tokens=hist(5))
+                       items_per_s=hist(50), input_tokens=hist(7), output_tokens=hist(5),
+                       queue=hist(0.003))
     series = [SeriesDelta("__call__", "ok", False, hist(latency, latency), first_item=hist(0.01),
                           genai=genai)]
     if errors:

@@ -78,6 +78,22 @@ def test_target_inside_the_tolerance_keeps_the_count_and_outside_scales_by_the_r
                              "desired": 5}]
 
 
+def test_a_per_replica_target_divides_the_deployments_total_by_the_running_replicas(store):
+    rate = "rate(output_tokens[30s])"
+    engine = HintEngine(config=config(targets=[{"metric": rate, "value": 100, "per_replica": True}]))
+    (target,) = engine.config.deployments[0].targets
+    assert target.per_replica and target.query.function == "rate"
+    store.set("rate", "output_tokens", 450.0)  # 450 tokens/s over 2 replicas: 225 each
+    hint = run(engine, store, 0.0, 2)
+    assert (hint.desired, hint.reason) == (5, "target")  # ceil(450 / 100), Serve's rule
+    assert hint.reasons == [{"source": "target", "metric": rate, "value": 225.0, "target": 100.0,
+                             "desired": 5, "per_replica": True}]
+    store.set("rate", "output_tokens", 520.0)  # 104 per replica at 5: inside the tolerance
+    assert run(engine, store, 1.0, 5).desired == 5
+    hint = run(engine, store, 2.0, 0)  # no replica runs: no ratio, no division by zero
+    assert hint.reasons[0]["value"] is None and hint.reasons[0]["desired"] is None
+
+
 def test_tolerance_is_configurable(store):
     engine = HintEngine(config=config(tolerance=0.3, targets=[{"metric": P95, "value": 0.2}]))
     store.set("p95", "latency_seconds", 0.25)
@@ -391,6 +407,13 @@ BAD = [
     ({"max_replicas": 3}, "deployment", "missing"),
     ({"deployment": DEP, "target": {"metric": P95, "value": 0.2}}, "target", "targets:"),
     ({"deployment": DEP, "targets": {"metric": P95, "value": 0.2}}, "targets", "must be a list"),
+    ({"deployment": DEP, "targets": [{"metric": P95, "value": 0.2, "per_replica": True}]},
+     "targets[0].per_replica", "p95 is not a total"),
+    ({"deployment": DEP, "targets": [{"metric": "rate(output_tokens[30s])", "value": 9,
+                                      "per_replica": "yes"}]},
+     "targets[0].per_replica", "true or false"),
+    ({"deployment": DEP, "targets": [{"metric": P95, "value": 0.2, "per_replca": True}]},
+     "targets[0].per_replca", "per_replica"),
 ]
 
 

@@ -201,7 +201,8 @@ def test_deployments_show_stream_figures_and_top_tenants_only_for_streaming_ones
     plain = ReplicaIdentity("app", "Plain", "r2", "n1", 2, "v1")
     echo = ReplicaIdentity("app", "Echo", "r3", "n1", 3, "v1")  # streams, no usage, no tenant
     g = GenAIDelta(time_per_token=hist(0.02, 0.04, 0.03), items=hist(10, 20, 30),
-                   input_tokens=hist(5, 5, 5), output_tokens=hist(100, 200, 300))
+                   input_tokens=hist(5, 5, 5), output_tokens=hist(100, 200, 300),
+                   queue=hist(0.5, 0.5, 0.5))
     usage = [UsageDelta("toy", "acme", 2, 0, 10, 300, hist(1.0, 1.2)),
              UsageDelta("toy", "zeta", 1, 1, 5, 300, hist(2.0)),
              UsageDelta("toy", "other", 5, 0, 0, 0, hist(1.0, 1.0, 1.0, 1.0, 1.0))]
@@ -227,6 +228,7 @@ def test_deployments_show_stream_figures_and_top_tenants_only_for_streaming_ones
     assert 0.2 * 0.99 <= s["ttft_p50_s"] <= 0.2 * 1.01  # the histogram's 1%
     assert 0.3 * 0.99 <= s["ttft_p95_s"] <= 0.3 * 1.01
     assert 0.03 * 0.99 <= s["tpot_p50_s"] <= 0.03 * 1.01
+    assert 0.5 * 0.99 <= s["queue_p50_s"] <= s["queue_p95_s"] <= 0.5 * 1.01
     assert s["tokens_per_s"] == pytest.approx(600 / 60.0)
     assert s["items_per_s"] == pytest.approx(60 / 60.0)
     # heaviest by requests first; `other` is not a tenant
@@ -235,3 +237,4 @@ def test_deployments_show_stream_figures_and_top_tenants_only_for_streaming_ones
     e = rows["Echo"]["stream"]
     assert e["tokens_per_s"] is None and e["items_per_s"] == pytest.approx(12 / 60.0)
     assert e["top_tenants"] == [] and e["tpot_p50_s"] is None
+    assert e["queue_p95_s"] is None  # no caller sent its time

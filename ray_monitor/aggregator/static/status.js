@@ -96,8 +96,9 @@
       var s = d.stream, tps = s.tokens_per_s !== null && s.tokens_per_s !== undefined ?
         rate(s.tokens_per_s) : rate(s.items_per_s) + " items";
       var tr = row([d.application, d.deployment, ms(s.ttft_p50_s), ms(s.ttft_p95_s), ms(s.tpot_p50_s),
-                    ms(s.tpot_p95_s), tps, tenantsText(s.top_tenants)],
-                   [null, null, "num", "num", "num", "num", "num rate", null]);
+                    ms(s.tpot_p95_s), ms(s.queue_p50_s), ms(s.queue_p95_s), tps,
+                    tenantsText(s.top_tenants)],
+                   [null, null, "num", "num", "num", "num", "num", "num", "num rate", null]);
       tr.dataset.deployment = key(d);
       return tr;
     }));
