@@ -65,15 +65,14 @@ def spread(xs: list[float]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--replicas", type=int, default=100)
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--measure-s", type=float, default=10.0)
-    ap.add_argument("--json")
+    for flag, kind, default in (("--replicas", int, 100), ("--rounds", int, 4),
+                                ("--measure-s", float, 10.0), ("--json", str, None)):
+        ap.add_argument(flag, type=kind, default=default)
     args = ap.parse_args()
-    print("command:", shlex.join([sys.executable, *sys.argv]))
-    print("python", platform.python_version(), "| load average",
-          " ".join(f"{x:.2f}" for x in os.getloadavg()), "|", time.strftime(
-              "%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"command: {shlex.join([sys.executable, *sys.argv])}\npython "
+          f"{platform.python_version()} | load average {load} | "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
     ray.init(address="local", num_cpus=2, include_dashboard=False,
              namespace="bench_node_socket", log_to_driver=False)
     import ray_monitor
