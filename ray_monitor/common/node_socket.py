@@ -8,7 +8,8 @@ trusted, and how a message is framed. Changing any of it is a change of the wire
 contract between a replica and its node's merger.
 
 Frames are a 4-byte big-endian length and a pickle: ``(delivery id, snapshots, kept
-cursor)`` from a replica, ``(delivery id, reply)`` back. Pickle is only ever read from a
+cursor)`` from a replica, ``(delivery id, reply)`` back (``{FAILED: why}`` where a Ray
+call would have raised). Pickle is only ever read from a
 peer of the same uid (``SO_PEERCRED``), in a directory only that uid can enter, as Ray
 itself trusts the processes of its own user on a node.
 """
@@ -22,13 +23,16 @@ import stat
 import struct
 from typing import Any, Optional
 
-__all__ = ["FrameError", "HEADER", "MAX_FRAME", "SOCKET_DIR", "check_dir", "decode",
+__all__ = ["FAILED", "FrameError", "HEADER", "MAX_FRAME", "SOCKET_DIR", "check_dir", "decode",
            "encode", "peer_uid", "session_dir", "socket_path", "split_frames"]
 
 #: Length prefix of every frame.
 HEADER = struct.Struct(">I")
 #: The largest frame either side accepts (a replica sends a bigger delivery by Ray call).
 MAX_FRAME = 64 * 1024 * 1024
+#: The key of an answer saying the delivery failed in the merger (a raising Ray call's
+#: equivalent): the replica sends it again.
+FAILED = "ray_monitor_failed"
 #: Under Ray's session directory's ``sockets/`` (where Ray keeps its own node sockets).
 SOCKET_DIR = "ray_monitor"
 #: ``sun_path`` holds 108 bytes with its terminating NUL.

@@ -140,6 +140,10 @@ class LocalServer:
                       kept_since: Any) -> None:
         try:
             reply = await self._deliver(snaps, kept_since)
+        except Exception as e:  # as a failed Ray call: the replica sends it again
+            self._log_once(f"deliver:{type(e).__name__}", e)
+            reply = {wire.FAILED: f"{type(e).__name__}: {e}"[:500]}
+        try:
             if not writer.is_closing():  # else the replica sends it again; deduped upstream
                 writer.write(wire.encode((did, reply)))
         except Exception as e:

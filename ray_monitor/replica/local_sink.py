@@ -164,14 +164,21 @@ class LocalSink:
             pass
         except OSError as e:
             self._broken(e)
+        again: list = []
         try:
             for body in wire.split_frames(self._in):
                 did, reply = wire.decode(body, 2)
-                if self._in_flight.pop(did, None) is not None:
+                batch = self._in_flight.pop(did, None)
+                if batch is None:
+                    continue
+                if isinstance(reply, dict) and wire.FAILED in reply:
+                    again.extend(batch)  # failed in the merger: deliver again, in order
+                    self._failed("merger_failed", RuntimeError(reply[wire.FAILED]))
+                else:
                     self.fallback._take_reply(reply)
         except wire.FrameError as e:
             self._broken(e)
-        return self._take_back() if self._sock is None else []
+        return again + (self._take_back() if self._sock is None else [])
 
     def _broken(self, exc: BaseException) -> None:
         if self._sock is not None:

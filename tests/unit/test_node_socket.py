@@ -42,6 +42,7 @@ class Merger:
     def __init__(self, path: str) -> None:
         self.counts: dict = {}
         self.got: list = []
+        self.fail = 0  # deliveries that raise, next
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -57,6 +58,9 @@ class Merger:
 
     async def _deliver(self, snaps, kept_since):
         self.got.append((list(snaps), kept_since))
+        if self.fail:
+            self.fail -= 1
+            raise RuntimeError("the merger's ingest failed")
         await self.release.wait()
         return {"epoch": "e", "seq": len(self.got), "kept": [f"t{len(self.got)}"]}
 
@@ -195,6 +199,27 @@ def test_a_merger_restart_sends_what_was_in_flight_again_then_reconnects(sock_di
         assert sink.send(["s3"]) == [] and sink.connected
         wait_for(lambda: merger.got, "the delivery to the restarted merger")
         assert merger.got == [(["s3"], None)]
+    finally:
+        merger.stop()
+
+
+def test_a_delivery_that_fails_in_the_merger_is_sent_again(sock_dir):
+    path = str(sock_dir / "node-u.sock")
+    merger = Merger(path)
+    merger.fail = 1
+    merger.answer()
+    failures = []
+    try:
+        sink = LocalSink(RayCalls(), path, clock=Clock(1000.0),
+                         on_failure=lambda cause, exc: failures.append(cause))
+        assert sink.send(["s1"]) == []
+        wait_for(lambda: merger.got, "the first try")
+        # its failure answer is read at the next flush, and the delivery goes again first
+        wait_for(lambda: sink.send([]) == [] and len(merger.got) == 2, "the second try")
+        assert merger.got == [(["s1"], None), (["s1"], None)]
+        assert failures == ["node_socket_merger_failed:RuntimeError"]
+        wait_for(lambda: (sink._poll() or True) and not sink._in_flight, "its answer")
+        assert sink.fallback.kept_cursor == ("e", 2)
     finally:
         merger.stop()
 
