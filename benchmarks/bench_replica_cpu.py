@@ -231,6 +231,20 @@ def idle_by_thread(apps: dict, seconds: float) -> dict:
     return out
 
 
+def fanin_paths() -> dict:
+    """How the replicas' deliveries arrived: direct by Ray call, through node mergers
+    (and of those, over the node's Unix socket), from the aggregator's counters."""
+    import ray
+
+    from ray_monitor.common.names import AGGREGATOR_NAME, NAMESPACE
+
+    f = ray.get(ray.get_actor(AGGREGATOR_NAME, namespace=NAMESPACE).stats.remote())["fanin"]
+    nodes = f.get("nodes", {}).values()
+    return {"direct_calls": f["direct_calls"], "node_forwards": f["node_calls"],
+            "merger_deliveries": sum(n.get("calls", 0) for n in nodes),
+            "over_socket": sum(n.get("socket_calls", 0) for n in nodes)}
+
+
 def idle_rates(pids: dict, seconds: float) -> dict:
     """CPU seconds per second each process burns with no request (0 when not watched)."""
     if seconds <= 0:
@@ -381,6 +395,8 @@ def main(argv=None) -> int:
             for key, v in idle_threads[-1].items():
                 print(f"  {key:<28}{v['total']:7.2f}  " + ", ".join(
                     f"{t} {x:.2f}" for t, x in v["threads"].items()))
+        if args.idle_threads > 0 and not args.no_aggregator:
+            print("delivery paths:", fanin_paths())
         for run in range(args.runs if args.requests > 0 else 0):
             for path in paths:
                 k = run % len(names)

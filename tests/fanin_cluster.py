@@ -10,11 +10,14 @@ A head and two worker nodes (``node_b``, ``node_c`` custom resources); deploymen
 (2 replicas) on node b, ``C`` (1 replica) on node c, ``num_cpus=0``. Phases, each
 writing what the monitor reported next to what the clients sent:
 
-1. ``steady``: requests to both; once both nodes have a merger, more requests; then the
-   ledger's totals, each merger's counters and the aggregator's direct/node counters.
+1. ``steady``: requests to both; once both nodes have a merger and their replicas
+   deliver over its Unix socket (the first deliveries, before, went by Ray call: the
+   fallback when there is no socket), more requests; then the ledger's totals, each
+   merger's counters and the aggregator's direct/node/socket counters.
 2. ``merger_killed``: node b's merger killed (Ray restarts it) while a client keeps
    sending to B; then totals again (exact: a replica keeps a delivery until the
-   aggregator took it, and the aggregator drops the copies a restart sends again).
+   aggregator took it, and the aggregator drops the copies a restart sends again); the
+   replicas reconnect to the restarted merger's socket.
 3. ``node_removed``: node c removed; its merger is forgotten and C's replica series
    age out after ``series_ttl_s``.
 """
@@ -128,6 +131,8 @@ def main(out_path: str) -> None:
             result["phases"][phase] = {
                 "self_errors": [line for line in metrics.splitlines()
                                 if line.startswith("ray_monitor_self_errors_total")],
+                "socket_metric": [line for line in metrics.splitlines() if line.startswith(
+                    "ray_monitor_self_ingest_calls_socket_total")],
                 "sent": dict(sent), "totals": totals(), "fanin": stats["fanin"],
                 "delivery": stats["delivery"], "merger_nodes": sorted(mergers),
                 "merger_stats": {n: ray.get(h.stats.remote(), timeout=60)
@@ -149,6 +154,10 @@ def main(out_path: str) -> None:
             (n, ray.get(h.stats.remote(), timeout=60))
             for n, h in ray.get(agg.node_mergers.remote(), timeout=60).items())
             if n in (ids["node_b"], ids["node_c"])), 60, "replicas delivering to their merger")
+        wait_until(lambda: all(s.get("socket_calls", 0) > 0 for n, s in (
+            (n, ray.get(h.stats.remote(), timeout=60))
+            for n, h in ray.get(agg.node_mergers.remote(), timeout=60).items())
+            if n in (ids["node_b"], ids["node_c"])), 60, "replicas delivering over the socket")
         send("B", 30)
         send("C", 30)
         wait_until(settled, 60, "steady totals")
@@ -166,7 +175,8 @@ def main(out_path: str) -> None:
         wait_until(settled, 90, "totals after the merger restarted")
         # the restarted merger counts from 0 again, and its replicas deliver through it
         wait_until(lambda: ray.get(mergers[ids["node_b"]].stats.remote(), timeout=60)
-                   ["calls"] > 0, 60, "deliveries through the restarted merger")
+                   .get("socket_calls", 0) > 0, 60,
+                   "deliveries through the restarted merger, over its socket")
         snapshot("merger_killed")
         result["phases"]["merger_killed"]["calls_before_kill"] = before["calls"]
 

@@ -548,6 +548,10 @@ class AggregatorCore:
                                          "died before answering) and dropped.",
                                          float(self.fanin["duplicates"]))
         # A restarted merger counts from 0 again (a counter reset, as the GPU actors').
+        counters["ingest_calls_socket"] = (
+            "Replica deliveries node mergers received over their node's Unix socket (the "
+            "rest of their deliveries came by Ray actor call).",
+            float(sum(r.get("socket_calls", 0) for r in self.node_reports.values())))
         counters["node_snapshots_dropped"] = (
             "Snapshots node mergers dropped while the aggregator was away (past their bound).",
             float(sum(r.get("dropped", 0) for r in self.node_reports.values())))

@@ -145,6 +145,9 @@ TRACES = EnvVar("RAY_MONITOR_TRACES", True, flag, "1 or 0",
                 "replicas send the traces of slow and failed requests to the aggregator")
 TRACE_HOLD_SPANS = EnvVar("RAY_MONITOR_TRACE_HOLD_SPANS", 4096, count, "a whole number >= 1",
                           "spans a replica holds until it knows their request is not kept")
+NODE_SOCKET = EnvVar("RAY_MONITOR_NODE_SOCKET", True, flag, "1 or 0",
+                     "replicas deliver to their node's merger over its Unix socket (0: by "
+                     "Ray actor call, as when the socket is absent)")
 HOST = EnvVar("RAY_MONITOR_HOST", "127.0.0.1", text, "an address",
               "ray_monitor.start(host=...) when not passed")
 PORT = EnvVar("RAY_MONITOR_PORT", 8266, port, "a port from 0 to 65535",

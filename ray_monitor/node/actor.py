@@ -19,6 +19,8 @@ from typing import Any, Optional
 import ray
 
 from ray_monitor.common.names import AGGREGATOR_NAME, NAMESPACE
+from ray_monitor.common.node_socket import session_dir, socket_path
+from ray_monitor.node.local_socket import LocalServer
 from ray_monitor.node.merger import MAX_SNAPSHOTS, Delivery, NodeMerger
 
 __all__ = ["GATHER_S", "NodeMergerActor", "RETRY_S"]
@@ -59,8 +61,16 @@ class NodeMergerActor:
         self._wake: Optional[asyncio.Event] = None
         self._task: Optional[asyncio.Task] = None
         self._failed: set[str] = set()  # causes already logged
+        # The replicas' cheap way in (a Unix socket; Ray calls stay the fallback).
+        self._local = LocalServer(socket_path(session_dir(), node_id), self.ingest,
+                                  self.merger.socket_counts)
+        try:  # Ray runs an async actor's __init__ on its event loop: listen from the start
+            self._ensure_loop()
+        except RuntimeError:  # no running loop here: at the first call then
+            pass
 
     def _ensure_loop(self) -> None:
+        self._local.ensure()
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._forward_loop())

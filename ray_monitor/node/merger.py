@@ -66,6 +66,8 @@ class NodeMerger:
         self.forwards = 0  # forwards the aggregator took
         self.forward_failures = 0
         self.dropped = 0  # snapshots dropped past max_snapshots
+        #: Deliveries over the node's Unix socket and its refusals (node/local_socket.py).
+        self.socket_counts: dict[str, int] = {}
 
     @property
     def held(self) -> int:
@@ -129,4 +131,4 @@ class NodeMerger:
         """What travels with each forward, for the aggregator's counters of this node."""
         return {"node_id": self.node_id, "calls": self.calls, "snapshots": self.snapshots,
                 "forwards": self.forwards, "forward_failures": self.forward_failures,
-                "dropped": self.dropped, "held": self._held}
+                "dropped": self.dropped, "held": self._held, **self.socket_counts}

@@ -178,4 +178,6 @@ def make_sinks(identity: ReplicaIdentity, *, on_failure: Optional[Callable] = No
 
     on_flush = OtlpMetrics(identity, on_failure=on_failure) if otlp_metrics_configured() \
         else None
-    return sink, on_flush
+    from ray_monitor.replica.local_sink import with_local_socket
+
+    return with_local_socket(sink, identity.node_id, on_failure=on_failure), on_flush

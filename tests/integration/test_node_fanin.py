@@ -1,5 +1,6 @@
 """Node fan-in on a real three-node Ray cluster (issue 15): replicas on two worker nodes
-deliver through their node's merger; the aggregator's totals equal what the clients
+deliver through their node's merger, over its Unix socket once it is up (by Ray call
+before); the aggregator's totals equal what the clients
 sent; a merger killed (and restarted by Ray) while a client sends loses and doubles
 nothing (the script waits until the newest snapshots' totals equal what was sent and
 every snapshot before them arrived: one sent again after the kill may come after a newer
@@ -58,6 +59,21 @@ def test_replicas_deliver_through_their_nodes_merger_and_counts_are_exact(run):
     assert b["forwards"] < b["calls"]
 
 
+def test_replicas_deliver_over_their_nodes_socket_and_by_ray_call_without_one(run):
+    steady = run["phases"]["steady"]
+    ids = run["node_ids"]
+    for name in ("node_b", "node_c"):  # each node's replicas found their own node's socket
+        s = steady["merger_stats"][ids[name]]
+        assert 0 < s["socket_calls"] <= s["calls"]
+        assert s["socket_connections"] >= (2 if name == "node_b" else 1)
+        assert s["socket_bad_frames"] == 0 and s["socket_refused"] == 0
+    # Before their node had a merger (no socket yet) the replicas delivered by Ray call.
+    assert steady["fanin"]["direct_calls"] > 0
+    (line,) = steady["socket_metric"]  # as the mergers' forwards last reported it
+    assert float(line.split()[-1]) > 0
+    assert not [x for x in steady["self_errors"] if "node_socket" in x]
+
+
 def test_a_killed_merger_restarts_without_loss_or_doubles(run):
     killed = run["phases"]["merger_killed"]
     assert killed["totals"] == killed["sent"]
@@ -66,8 +82,10 @@ def test_a_killed_merger_restarts_without_loss_or_doubles(run):
     assert d["unaccounted"] == 0  # nothing lost, nothing counted twice
     node_b = run["node_ids"]["node_b"]
     assert node_b in killed["merger_nodes"]
-    # the restarted merger (its counters start from 0) takes the replicas' deliveries
+    # the restarted merger (its counters start from 0) takes the replicas' deliveries,
+    # over its socket again: the replicas reconnected
     assert killed["merger_stats"][node_b]["calls"] > 0
+    assert killed["merger_stats"][node_b]["socket_calls"] > 0
     assert killed["merger_running_on"][node_b] == node_b
 
 
