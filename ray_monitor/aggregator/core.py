@@ -411,8 +411,15 @@ class AggregatorCore:
     def read_rules(self, rules_text: Any, filename: Optional[str] = None):
         """The rule file, read and checked (changes nothing: may run on another thread)."""
         from ray_monitor.alerting.loader import load_rule_file
+        from ray_monitor.alerting.sharding import sharding_problems
+        from ray_monitor.common.errors import ConfigError
 
-        return load_rule_file(rules_text, filename=filename or self.rules_file, from_text=True)
+        rule_file = load_rule_file(rules_text, filename=filename or self.rules_file,
+                                   from_text=True)
+        problems = sharding_problems(rule_file.ruleset, self.config.shards)
+        if problems:
+            raise ConfigError(problems)
+        return rule_file
 
     def apply_rules(self, rule_file, rules_text: Any, filename: Optional[str] = None) -> dict:
         """Puts a file :meth:`read_rules` read in place of the running one."""
