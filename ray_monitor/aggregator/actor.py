@@ -76,7 +76,7 @@ class Aggregator:
         persist_log, load_log = persistence.gcs_notification_log(shard)
         self.core = AggregatorCore(config, rules_text=rules_text, rules_file=rules_file,
                                    persist=persist, load=load, persist_log=persist_log,
-                                   load_log=load_log)
+                                   load_log=load_log, shard=shard)
         self.host = config.host
         self.port = config.port
         self.token = config.token or None
@@ -201,8 +201,10 @@ class Aggregator:
         absence rules and Serve's replica counts belong to the shard that owns them."""
         if running is None or self.config.shards <= 1:
             return running
-        return {k: v for k, v in running.items()
+        mine = {k: v for k, v in running.items()
                 if shard_of(k[0], self.config.shards) == self.shard}
+        self.core.elsewhere = set(running) - set(mine)
+        return mine
 
     async def _serve_loop(self) -> None:
         """Asks Serve's controller what it runs every few seconds, on a worker thread so
@@ -239,6 +241,8 @@ class Aggregator:
         return f"http://{host}:{self.port}"
 
     def _save_config(self) -> None:
+        if self.shard:  # shard 0 saves what every shard reads back on a restart
+            return
         core = self.core
         persistence.save_config(core.rules_text, core.rules_file, core.config.notifications,
                                 {"host": self.host, "port": self.port, "token": self.token})

@@ -211,3 +211,15 @@ def test_rules_across_applications_are_refused_when_sharded():
         core.reload(RULES)
     assert "ClusterWide" in str(e.value) and "shards=2" in str(e.value)
     assert core.reload(RULES.split("      - alert: ClusterWide")[0])["rules"] == 2
+
+
+def test_a_rule_pinned_to_an_application_runs_only_on_its_shard():
+    """Elsewhere it would see no data, and an absence rule would fire for nothing."""
+    text = RULES.split("      - alert: ClusterWide")[0] + """\
+      - alert: BetaGone
+        expr: absent_over_time(requests{application="beta"}[1m])
+"""
+    cores = [AggregatorCore({"shards": 2}, rules_text=text, shard=i) for i in range(2)]
+    names = [sorted(r.name for _, r in c.engine.ruleset.rules()) for c in cores]
+    assert names == [["PerApp", "Pinned"], ["BetaGone", "PerApp"]]  # shop: 0, beta: 1
+    assert [len(c.rules()) for c in cores] == [3, 3]  # the API lists the whole file
