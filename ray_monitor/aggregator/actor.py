@@ -421,6 +421,22 @@ class Aggregator:
         return [[merge_groups([p[e][c] if p else None for p in parts])
                  for c in range(len(mine[e]))] for e in range(len(mine))]
 
+    async def timeseries(self, function: str, metric: str, now: float, window_s: float,
+                         step_s: float, by: Optional[tuple], param: Optional[float],
+                         local: bool = False) -> dict:
+        """The status page's chart query (``/api/v1/timeseries``) at ``now`` (the front's,
+        so every shard's points fall on the same times); series of every shard."""
+        from ray_monitor.aggregator import views
+
+        mine = views.timeseries(self.core.store, function, metric, now=now, by=by,
+                                param=param, window_s=window_s, step_s=step_s)
+        if self._front(local):
+            for part in await self._peers.gather("timeseries", function, metric, now,
+                                                 window_s, step_s, by, param, True):
+                mine["series"].extend((part or {}).get("series", ()))
+            mine["series"].sort(key=lambda s: sorted(s["labels"].items()))
+        return mine
+
     async def known_requests(self, rids: list, local: bool = True) -> list:
         """The request ids of ``rids`` whose predictions this shard holds."""
         return self.core.quality.join.known(rids)

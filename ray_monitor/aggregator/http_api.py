@@ -233,11 +233,15 @@ def make_app(agg) -> web.Application:
         by_text = qs.get("by")
         by = views.DEFAULT_BY if by_text is None else \
             tuple(b for b in by_text.split(",") if b) or None
-        return _ok(views.timeseries(
-            core.store, qs.get("function", "rate"), qs.get("metric", "requests"),
-            now=core.clock(), by=by, param=_float_param(qs, "param"),
-            window_s=query_seconds(qs.get("window"), "window", views.DEFAULT_WINDOW_S),
-            step_s=query_seconds(qs.get("step"), "step", views.DEFAULT_STEP_S)))
+        function, metric = qs.get("function", "rate"), qs.get("metric", "requests")
+        param = _float_param(qs, "param")
+        window_s = query_seconds(qs.get("window"), "window", views.DEFAULT_WINDOW_S)
+        step_s = query_seconds(qs.get("step"), "step", views.DEFAULT_STEP_S)
+        if sharded:
+            return _ok(await agg.timeseries(function, metric, core.clock(), window_s, step_s,
+                                            by, param))
+        return _ok(views.timeseries(core.store, function, metric, now=core.clock(), by=by,
+                                    param=param, window_s=window_s, step_s=step_s))
 
     async def gpus(request):
         return _ok(views.gpu_nodes(core.gpu_latest))
