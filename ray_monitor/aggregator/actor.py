@@ -67,6 +67,7 @@ class Aggregator:
         self.shard = shard
         self._peers = None  # the other shards (config.shards > 1)
         self._exchange = None  # kept trace ids traded with shard 0 (shards other than 0)
+        self._trade = None  # the trade in flight
         if config.shards > 1:
             from ray_monitor.aggregator.shards import KeptExchange, ShardFront
 
@@ -160,8 +161,9 @@ class Aggregator:
             if started >= next_gpu:
                 next_gpu = started + GPU_RECONCILE_S
                 await self._reconcile()
-            if self._exchange is not None:
-                await self._trade_kept()
+            if self._exchange is not None and (self._trade is None or self._trade.done()):
+                # Not awaited: shard 0 away must not hold this shard's evaluation.
+                self._trade = asyncio.get_running_loop().create_task(self._trade_kept())
             now = time.time()
             await asyncio.sleep(max(0.0, self.core.next_round_at(now) - now))
 
@@ -187,14 +189,13 @@ class Aggregator:
         """A shard's kept trace ids to shard 0, and those kept anywhere back (see
         :class:`~ray_monitor.aggregator.shards.KeptExchange`); shard 0 away: next round."""
         ex, log = self._exchange, self.core.kept_log
-        pushed, out = ex.pushed_seq, ex.outgoing(log)
+        out, upto = ex.outgoing(log)
         try:
             reply = await self._peers.call(0, "kept_trade", out, ex.cursor)
-        except Exception as e:
-            ex.pushed_seq = pushed  # sent again next round
+        except Exception as e:  # the same ids go out again next round
             self.core.count_error("aggregator", f"kept_trade_failed:{type(e).__name__}", e)
             return
-        ex.incoming(log, reply)
+        ex.incoming(log, reply, out, upto)
 
     def _owned(self, running: Optional[dict]) -> Optional[dict]:
         """Serve's (application, deployment) -> replicas, of this shard's applications only:

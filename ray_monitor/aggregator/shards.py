@@ -28,8 +28,9 @@ __all__ = ["CALL_TIMEOUT_S", "KeptExchange", "SELF_PREFIX", "ShardFront", "merge
 log = logging.getLogger(__name__)
 
 #: How long shard 0 waits for another shard's part of an answer; a shard that does not
-#: answer in time is left out of that answer and shown as ``ray_monitor_self_shard_up 0``.
-CALL_TIMEOUT_S = 10.0
+#: answer in time is left out of that answer and shown as ``ray_monitor_self_shard_up 0``
+#: (under Prometheus' default 10 s scrape timeout, so the scrape itself still succeeds).
+CALL_TIMEOUT_S = 5.0
 #: The monitor's own metrics: every shard has them, so they get a ``shard`` label.
 SELF_PREFIX = "ray_monitor_self_"
 
@@ -244,17 +245,22 @@ class KeptExchange:
         while len(self._order) > self._remember:
             self._known.discard(self._order.popleft())
 
-    def outgoing(self, kept_log: Any) -> list[str]:
-        """The ids ``kept_log`` took from replicas since the last call, minus echoes."""
+    def outgoing(self, kept_log: Any) -> tuple[list[str], int]:
+        """The ids ``kept_log`` took from replicas since the last trade, minus those that
+        came from shard 0, and the log's number to record once the trade succeeded."""
         ids = kept_log.reply((kept_log.epoch, self.pushed_seq))["kept"]
-        self.pushed_seq = kept_log.seq
-        out = [t for t in ids if t not in self._known]
-        for t in out:
-            self._note(t)
-        return out
+        return [t for t in ids if t not in self._known], kept_log.seq
 
-    def incoming(self, kept_log: Any, reply: Any) -> int:
-        """Logs shard 0's answer ``{"epoch", "seq", "kept"}``; returns how many were new."""
+    def incoming(self, kept_log: Any, reply: Any, sent: Iterable[str] = (),
+                 upto: Optional[int] = None) -> int:
+        """A trade succeeded: ``sent`` (from :meth:`outgoing`, up to ``upto``) reached
+        shard 0, and its answer ``{"epoch", "seq", "kept"}`` goes into this shard's log.
+        Returns how many ids were new here. (A failed trade calls nothing: the same ids
+        go out again next time.)"""
+        for t in sent:
+            self._note(t)
+        if upto is not None:
+            self.pushed_seq = max(self.pushed_seq, upto)
         if not isinstance(reply, dict) or "seq" not in reply:
             return 0
         self.cursor = (reply.get("epoch"), reply["seq"])

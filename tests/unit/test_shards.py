@@ -177,10 +177,12 @@ def test_kept_ids_reach_every_shard_once():
     ex = KeptExchange()
     front.add([t0])  # kept by a replica of shard 0's applications
     log1.add([t1])  # kept by one of shard 1's
+    out, upto = ex.outgoing(log1)
+    assert out == [t1]  # shard 0 was away: nothing recorded, the same ids next time
     for _ in range(3):  # rounds: nothing is sent twice, nothing logged twice
-        out = ex.outgoing(log1)
+        out, upto = ex.outgoing(log1)
         front.add(out)
-        ex.incoming(log1, front.reply(ex.cursor))
+        ex.incoming(log1, front.reply(ex.cursor), out, upto)
     assert front._ids == [t0, t1]
     assert sorted(log1._ids) == sorted([t0, t1])
     # A replica delivering to shard 1 hears of the trace kept on shard 0.
