@@ -79,9 +79,9 @@ class NodeMergerActor:
         return await delivery.waiter
 
     async def _forward_loop(self) -> None:
-        # One call per aggregator shard per forward (one shard: one call): each shard's
-        # part is kept, given back and retried on its own, so a shard that is away holds
-        # back only the deliveries of its applications.
+        # One call per aggregator shard per forward (one shard: one call), the shards'
+        # calls at once: each shard's part is kept, given back and retried on its own, so
+        # a shard that is away holds back only the deliveries of its applications.
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -90,30 +90,39 @@ class NodeMergerActor:
             while len(self.merger):
                 batch, taken = self.merger.take()
                 shards = await self._shard_count()
-                parts = split_by_shard(taken, _application, shards)
-                failed = []
-                for shard, deliveries in sorted(parts.items()):
-                    snaps = batch if len(parts) == 1 else [s for d in deliveries for s in d.snaps]
-                    try:
-                        sink = await self._aggregator(shard)
-                        reply = await sink.ingest_node.remote(snaps, self._cursors.get(shard),
-                                                             self.merger.report())
-                    except Exception as e:  # away or restarting: keep them, try again
-                        failed.append(deliveries)
-                        self._sinks.pop(shard, None)
-                        self._shards = None  # a stop() and start() may have changed it
-                        self._log_once(f"forward:{type(e).__name__}", e)
-                        continue
-                    if isinstance(reply, dict) and "seq" in reply:
-                        self._cursors[shard] = (reply.get("epoch"), reply["seq"])
-                    self.merger.answered(reply)
-                    for d in deliveries:
-                        if not d.waiter.done():  # a replica that went away cancelled its wait
-                            d.waiter.set_result(self.merger.reply(d))
+                parts = sorted(split_by_shard(taken, _application, shards).items())
+                if len(parts) == 1:
+                    failed = [await self._forward(parts[0][0], parts[0][1], batch)]
+                else:
+                    failed = await asyncio.gather(*(self._forward(shard, deliveries)
+                                                    for shard, deliveries in parts))
+                failed = [f for f in failed if f]
                 if failed:
                     for deliveries in reversed(failed):  # back to the front, in order
                         self.merger.give_back(deliveries)
                     await asyncio.sleep(RETRY_S)
+
+    async def _forward(self, shard: int, deliveries: list, snaps: Optional[list] = None
+                       ) -> Optional[list]:
+        """One shard's part of a forward; returns its deliveries when the call failed."""
+        if snaps is None:
+            snaps = [s for d in deliveries for s in d.snaps]
+        try:
+            sink = await self._aggregator(shard)
+            reply = await sink.ingest_node.remote(snaps, self._cursors.get(shard),
+                                                 self.merger.report())
+        except Exception as e:  # away or restarting: keep them, try again
+            self._sinks.pop(shard, None)
+            self._shards = None  # a stop() and start() may have changed it
+            self._log_once(f"forward:{type(e).__name__}", e)
+            return deliveries
+        if isinstance(reply, dict) and "seq" in reply:
+            self._cursors[shard] = (reply.get("epoch"), reply["seq"])
+        self.merger.answered(reply)
+        for d in deliveries:
+            if not d.waiter.done():  # a replica that went away cancelled its wait
+                d.waiter.set_result(self.merger.reply(d))
+        return None
 
     async def _shard_count(self) -> int:
         if self._shards is None:  # a GCS call: off the event loop
