@@ -225,3 +225,22 @@ def test_a_rule_pinned_to_an_application_runs_only_on_its_shard():
     names = [sorted(r.name for _, r in c.engine.ruleset.rules()) for c in cores]
     assert names == [["PerApp", "Pinned"], ["BetaGone", "PerApp"]]  # shop: 0, beta: 1
     assert [len(c.rules()) for c in cores] == [3, 3]  # the API lists the whole file
+
+
+def test_rules_check_with_shards_names_the_rule_and_the_fix(tmp_path):
+    import io
+
+    from ray_monitor.client.cli import main
+
+    f = tmp_path / "rules.yaml"
+    f.write_text(RULES)
+    for argv, code in ((["rules", "check", str(f)], 0),
+                       (["rules", "check", "--shards", "2", str(f)], 1)):
+        out = io.StringIO()
+        assert main(argv, out=out, err=io.StringIO()) == code
+    text = out.getvalue()
+    assert "rule 'ClusterWide'" in text and "by (deployment, application)" in text
+    assert "PerApp" not in text and "Pinned" not in text
+    err = io.StringIO()
+    assert main(["rules", "check", "--shards", "0", str(f)], out=io.StringIO(), err=err) == 2
+    assert "--shards: expected a whole number from 1 to 64, got '0'" in err.getvalue()
