@@ -14,7 +14,11 @@ writing what the monitor reported next to what the clients sent:
    before any actor starts.
 1. ``steady``: requests to both; the totals (shard 0's merged stats and each shard's
    own), ``/metrics`` from shard 0, the one alert view.
-2. ``shard_killed``: shard 1 killed (Ray restarts it) while a client keeps sending to
+2. ``cross_trace``: application ``shop`` (shard 0) calls ``gamma`` (shard 1), whose
+   model fails; shop catches it and answers 200, so only gamma's replica keeps the
+   trace: shop's span reaches the monitor only because the kept id travelled from
+   shard 1 through shard 0 to shop's replica. The one trace view must show both spans.
+3. ``shard_killed``: shard 1 killed (Ray restarts it) while a client keeps sending to
    beta; then totals, ``/metrics`` and alerts again.
 """
 
@@ -78,6 +82,22 @@ def main(out_path: str) -> None:
             def __call__(self, x: int) -> int:
                 return x
 
+        @ray_monitor.monitor(slow_threshold_s=60.0)
+        class Back:
+            def __call__(self, x: str) -> str:
+                raise KeyError(x)
+
+        @ray_monitor.monitor(slow_threshold_s=60.0)
+        class Front:
+            def __init__(self) -> None:
+                self.back = serve.get_deployment_handle("Back", app_name="gamma")
+
+            async def __call__(self, x: str) -> str:
+                try:
+                    return await self.back.remote(x)
+                except Exception:
+                    return "caught"
+
         handles = {}
         for app, dep in APPS.items():
             d = serve.deployment(Echo, name=dep, num_replicas=1,
@@ -107,6 +127,10 @@ def main(out_path: str) -> None:
             return {a["labels"].get("application"): a["state"] for a in mon.alerts()
                     if a["name"] == "Busy"}
 
+        def http(path: str) -> Any:
+            with urllib.request.urlopen(mon.url + path, timeout=60) as r:
+                return json.loads(r.read())["data"]
+
         def snapshot(phase: str) -> None:
             with urllib.request.urlopen(mon.metrics_url, timeout=60) as r:
                 metrics = r.read().decode()
@@ -123,7 +147,11 @@ def main(out_path: str) -> None:
                              if line.startswith("ray_monitor_self_shard_up")],
                 "alerts": firing(),
                 "query": mon.query("count", "requests", 600.0, by=("application",)),
-                "deployments": sorted(d["application"] for d in mon.deployments())}
+                "deployments": sorted(d["application"] for d in mon.deployments()),
+                "http_alerts": sorted(a["labels"].get("application") for a in
+                                      http("/api/v1/alerts") if a["name"] == "Busy"),
+                "http_deployments": sorted(d["application"] for d in
+                                           http("/api/v1/deployments"))}
 
         # 1. steady
         send("alpha", 30)
@@ -133,7 +161,32 @@ def main(out_path: str) -> None:
                    "Busy firing for both applications")
         snapshot("steady")
 
-        # 2. shard 1 (beta's) killed, restarted by Ray, while beta keeps taking requests
+        # 2. a trace across shards, kept by shard 1's application only
+        opts = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}}
+        serve.run(serve.deployment(Back, name="Back", **opts).bind(), name="gamma",
+                  route_prefix="/gamma")
+        front = serve.run(serve.deployment(Front, name="Front", **opts).bind(), name="shop",
+                          route_prefix="/shop")
+        result["owner"].update(shop=shard_of("shop", 2), gamma=shard_of("gamma", 2))
+        assert front.remote("x").result(timeout_s=60) == "caught"
+
+        def crossing() -> list:
+            return [t for t in mon.traces("errors", 50)
+                    if {s.get("application") for s in t["spans"]} >= {"shop", "gamma"}]
+
+        whole = wait_until(crossing, 90, "a trace with the spans of both shards")
+        result["phases"]["cross_trace"] = {
+            "trace": {k: whole[0][k] for k in ("trace_id", "kinds", "span_count")},
+            "spans": [{k: s.get(k) for k in ("application", "deployment", "status",
+                                              "parent_span_id", "span_id", "depth")}
+                      for s in whole[0]["spans"]],
+            "http": [{"trace_id": t["trace_id"], "span_count": t["span_count"]}
+                     for t in http("/api/v1/traces?kind=errors&limit=50")
+                     if t["trace_id"] == whole[0]["trace_id"]],
+            "shard_traces": [[t["trace_id"] for t in ray.get(s.traces.remote("errors", 50, True),
+                                                           timeout=60)] for s in shards]}
+
+        # 3. shard 1 (beta's) killed, restarted by Ray, while beta keeps taking requests
         client = threading.Thread(target=send, args=("beta", 60))
         client.start()
         time.sleep(1.0)

@@ -2,8 +2,9 @@
 applications that hash to different shards; each shard holds only its own; the totals
 equal what the clients sent; shard 0's ``/metrics`` has both applications' series under
 one HELP/TYPE; the rule fires for each application on its own shard and both show in the
-one alert view; shard 1 killed (and restarted by Ray) while a client sends loses and
-doubles nothing the ledger does not count; a rule that sums across applications is
+one alert view; a trace that crosses applications on the two shards and is kept by one
+of them only is shown whole; shard 1 killed (and restarted by Ray) while a client sends
+loses and doubles nothing the ledger does not count; a rule that sums across applications is
 refused before any actor starts; stop() removes every shard.
 
 The cluster runs in a subprocess (tests/shards_cluster.py), beside the session's, because
@@ -51,7 +52,7 @@ def test_each_application_lives_on_its_shard_and_counts_are_exact(run):
     assert all(v["unaccounted"] == 0 for v in steady["delivery"].values())
     assert steady["query"] == {'{"application": "alpha"}': 30.0,
                                '{"application": "beta"}': 30.0}
-    assert steady["deployments"] == ["alpha", "beta"]
+    assert steady["deployments"] == steady["http_deployments"] == ["alpha", "beta"]
     assert run["second_start_url"]  # a second start() finds the same front
 
 
@@ -68,6 +69,27 @@ def test_one_metrics_with_both_shards_series(run):
 
 def test_an_alert_on_each_shard_shows_in_the_one_view(run):
     assert run["phases"]["steady"]["alerts"] == {"alpha": "firing", "beta": "firing"}
+    assert run["phases"]["steady"]["http_alerts"] == ["alpha", "beta"]  # the HTTP API too
+
+
+def test_a_trace_across_shards_is_kept_whole(run):
+    """gamma (shard 1) failed and kept the trace; shop (shard 0) caught the failure, so
+    its replica exported its span only on hearing the kept id from shard 1 via shard 0."""
+    assert run["owner"]["shop"] == 0 and run["owner"]["gamma"] == 1
+    cross = run["phases"]["cross_trace"]
+    tid = cross["trace"]["trace_id"]
+    shop = [s for s in cross["spans"] if s["application"] == "shop"]
+    gamma = [s for s in cross["spans"] if s["application"] == "gamma"]
+    assert shop and gamma and len(shop) + len(gamma) == len(cross["spans"])
+    root = cross["spans"][0]  # tree order: the ingress's span first, not failed
+    assert root["application"] == "shop" and root["depth"] == 0 and root["status"] != "error"
+    assert any(s["status"] == "error" for s in gamma)
+    shop_ids = {s["span_id"] for s in shop}
+    assert any(s["parent_span_id"] in shop_ids for s in gamma)  # one tree
+    # each shard holds its application's part; the one view shows it whole
+    assert all(tid in ids for ids in cross["shard_traces"])
+    assert cross["http"] == [{"trace_id": tid, "span_count": cross["trace"]["span_count"]}]
+    assert cross["trace"]["span_count"] == len(cross["spans"]) >= 2
 
 
 def test_a_killed_shard_restarts_without_loss_beyond_what_is_counted(run):
