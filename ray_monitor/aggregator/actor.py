@@ -195,7 +195,7 @@ class Aggregator:
         except Exception as e:  # the same ids go out again next round
             self.core.count_error("aggregator", f"kept_trade_failed:{type(e).__name__}", e)
             return
-        ex.incoming(log, reply, out, upto)
+        self.core.trace_store.adopt(ex.incoming(log, reply, out, upto))
 
     def _owned(self, running: Optional[dict]) -> Optional[dict]:
         """Serve's (application, deployment) -> replicas, of this shard's applications only:
@@ -342,6 +342,7 @@ class Aggregator:
     async def kept_trade(self, ids: list, cursor: Any = None) -> dict:
         """Shard 0: another shard's kept trace ids in, the cluster's since ``cursor`` out."""
         self.core.kept_log.add(ids)
+        self.core.trace_store.adopt(ids)  # their spans here belong to traces kept there
         return self.core.kept_log.reply(cursor)
 
     async def alerts(self, local: bool = False) -> list[dict]:
@@ -484,8 +485,17 @@ class Aggregator:
             return mine
         from ray_monitor.aggregator.shards import merge_traces
 
-        return merge_traces([mine] + [p or [] for p in await self._peers.gather(
-            "traces", kind, limit, True)], limit)
+        parts = [mine] + [p or [] for p in await self._peers.gather("traces", kind, limit,
+                                                                    True)]
+        # The other parts of those traces: spans of shards whose replicas kept none.
+        ids = sorted({t["trace_id"] for part in parts for t in part})
+        parts.append(self.core.trace_store.parts(ids))
+        parts.extend(p or [] for p in await self._peers.gather("trace_parts", ids, True))
+        return merge_traces(parts, limit)
+
+    async def trace_parts(self, trace_ids: list, local: bool = True) -> list[dict]:
+        """This shard's parts of ``trace_ids``, however they were kept."""
+        return self.core.trace_store.parts(trace_ids)
 
     async def quality(self, window_s: float = 0.0, local: bool = False) -> list[dict]:
         mine = self.core.quality_summary(window_s)

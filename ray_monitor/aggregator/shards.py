@@ -73,9 +73,13 @@ def merge_traces(per_shard: Sequence[Iterable[dict]], limit: int) -> list[dict]:
     from ray_monitor.aggregator.trace_store import KINDS, error_text, tree_order
 
     by_id: dict[str, list[dict]] = {}
+    seen: set[tuple] = set()
     for traces in per_shard:
         for t in traces:
-            by_id.setdefault(t["trace_id"], []).append(t)
+            key = (t["trace_id"], tuple(sorted(s.get("span_id") or "" for s in t["spans"])))
+            if key not in seen:  # the same shard's part, asked for twice
+                seen.add(key)
+                by_id.setdefault(t["trace_id"], []).append(t)
     out = []
     for tid, parts in by_id.items():
         if len(parts) == 1:
@@ -252,17 +256,17 @@ class KeptExchange:
         return [t for t in ids if t not in self._known], kept_log.seq
 
     def incoming(self, kept_log: Any, reply: Any, sent: Iterable[str] = (),
-                 upto: Optional[int] = None) -> int:
+                 upto: Optional[int] = None) -> list[str]:
         """A trade succeeded: ``sent`` (from :meth:`outgoing`, up to ``upto``) reached
         shard 0, and its answer ``{"epoch", "seq", "kept"}`` goes into this shard's log.
-        Returns how many ids were new here. (A failed trade calls nothing: the same ids
-        go out again next time.)"""
+        Returns the ids new here (kept elsewhere). (A failed trade calls nothing: the
+        same ids go out again next time.)"""
         for t in sent:
             self._note(t)
         if upto is not None:
             self.pushed_seq = max(self.pushed_seq, upto)
         if not isinstance(reply, dict) or "seq" not in reply:
-            return 0
+            return []
         self.cursor = (reply.get("epoch"), reply["seq"])
         new = [t for t in reply.get("kept") or () if t not in self._known]
         for t in new:
@@ -273,4 +277,4 @@ class KeptExchange:
             if self.pushed_seq == before:  # what we just logged is not ours to send
                 self.pushed_seq = kept_log.seq
         self.traded += 1
-        return len(new)
+        return new

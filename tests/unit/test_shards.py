@@ -244,3 +244,35 @@ def test_rules_check_with_shards_names_the_rule_and_the_fix(tmp_path):
     err = io.StringIO()
     assert main(["rules", "check", "--shards", "0", str(f)], out=io.StringIO(), err=err) == 2
     assert "--shards: expected a whole number from 1 to 64, got '0'" in err.getvalue()
+
+
+def test_context_spans_of_a_trace_kept_on_another_shard_are_kept_and_shown_whole():
+    """Shard 0 holds the ingress's context span; shard 1's replica failed and kept the
+    trace. Once the id reaches shard 0 (adopt), its span is kept, whether it was held
+    already or arrives later, and the front's merge shows one trace."""
+    from ray_monitor.aggregator.trace_store import TraceStore
+
+    def rec(tid, sid, parent, app, status="ok"):
+        return {**span(tid, sid, parent, app, 10.0 if app == A else 10.1, status),
+                "kept": "error" if status == "error" else "", "slow": False,
+                "status_message": "boom" if status == "error" else "",
+                "kind": "SERVER", "attributes": {}, "exception": None}
+
+    t1, t2 = "1" * 32, "2" * 32
+    front, back = TraceStore(clock=lambda: 10.0), TraceStore(clock=lambda: 10.0)
+    ident_a = ReplicaIdentity(A, "Front", "fa", "n", 1)
+    ident_b = ReplicaIdentity(B, "Back", "bb", "n", 2)
+    front.add([rec(t1, "f1", None, A)], ident_a)  # held: nothing here says it is kept
+    back.add([rec(t1, "b1", "f1", B, "error"), rec(t2, "b2", "f2", B, "error")], ident_b)
+    assert front.traces() == [] and front.stats()["pending_spans"] == 1
+    front.adopt([t1, t2])
+    front.add([rec(t2, "f2", None, A)], ident_a)  # exported after its replica heard of t2
+    assert front.stats()["pending_spans"] == 0
+    assert front.traces("errors") == []  # not failed here: listed by the shard that kept it
+    parts = [front.traces("errors"), back.traces("errors"), front.parts([t1, t2]),
+             back.parts([t1, t2])]
+    merged = {t["trace_id"]: t for t in merge_traces(parts, limit=10)}
+    for tid in (t1, t2):
+        t = merged[tid]
+        assert {s["application"] for s in t["spans"]} == {A, B} and t["kinds"] == ["errors"]
+        assert t["application"] == A and t["span_count"] == 2 and t["spans_dropped"] == 0
