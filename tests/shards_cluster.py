@@ -195,8 +195,9 @@ def main(out_path: str) -> None:
             "http": [{"trace_id": t["trace_id"], "span_count": t["span_count"]}
                      for t in http("/api/v1/traces?kind=errors&limit=50")
                      if t["trace_id"] == whole[0]["trace_id"]],
-            "shard_traces": [[t["trace_id"] for t in ray.get(s.traces.remote("errors", 50, True),
-                                                           timeout=60)] for s in shards]}
+            "shard_parts": [[{"application": sp.get("application")} for t in ray.get(
+                s.trace_parts.remote([whole[0]["trace_id"]], True), timeout=60)
+                for sp in t["spans"]] for s in shards]}
 
         # 3. shard 1 (beta's) killed, restarted by Ray, while beta keeps taking requests
         client = threading.Thread(target=send, args=("beta", 60))
