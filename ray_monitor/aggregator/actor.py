@@ -1,4 +1,5 @@
-"""The aggregator actor: one per cluster, named, detached, restartable.
+"""The aggregator actor: one per cluster (or one per shard, ``StartConfig.shards``), named,
+detached, restartable.
 
 Runs in its own Ray actor process, on the head node when it can. Plumbing only: the
 decisions live in :class:`~ray_monitor.aggregator.core.AggregatorCore` and the pure
@@ -6,7 +7,9 @@ modules under it. Everything runs on the actor's event loop, so ingestion, evalu
 the HTTP server never race; evaluation happens every ``eval_interval_s`` and hands alerts
 to the notifier's queue, which sends from a thread of its own. What must outlive a
 restart is kept in Ray's GCS (:mod:`~ray_monitor.aggregator.persistence`), so a restarted
-aggregator resumes where it stopped, on the port it had. It starts by itself: the
+aggregator resumes where it stopped, on the port it had. Sharded, shard 0 alone serves
+HTTP and answers for every shard, gathering their parts (:mod:`~ray_monitor.aggregator.shards`);
+each shard owns the applications that hash to it. It starts by itself: the
 constructor queues a call to its own ``ready()``, so a restarted aggregator serves HTTP
 and evaluates rules at once, whether or not any replica is left to send it data.
 """

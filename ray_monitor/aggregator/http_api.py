@@ -28,6 +28,10 @@ non-finite numbers as ``null`` (JSON has no NaN). Durations in query strings are
 - ``POST /api/v1/rules/reload[?filename=F]`` (a rule file), ``POST /api/v1/feedback``
   (ground truth), ``POST /api/v1/drift/reference``: writes.
 - ``GET /-/healthy``: ``ok``.
+
+On a sharded monitor (``StartConfig.shards > 1``) this app runs on shard 0 only, and
+``/metrics`` and the JSON routes answer for every shard (see
+:mod:`~ray_monitor.aggregator.shards`); with one aggregator they read its core directly.
 """
 
 from __future__ import annotations
