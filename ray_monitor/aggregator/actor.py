@@ -1,4 +1,5 @@
-"""The aggregator actor: one per cluster, named, detached, restartable.
+"""The aggregator actor: one per cluster (or one per shard, ``StartConfig.shards``), named,
+detached, restartable.
 
 Runs in its own Ray actor process, on the head node when it can. Plumbing only: the
 decisions live in :class:`~ray_monitor.aggregator.core.AggregatorCore` and the pure
@@ -6,7 +7,9 @@ modules under it. Everything runs on the actor's event loop, so ingestion, evalu
 the HTTP server never race; evaluation happens every ``eval_interval_s`` and hands alerts
 to the notifier's queue, which sends from a thread of its own. What must outlive a
 restart is kept in Ray's GCS (:mod:`~ray_monitor.aggregator.persistence`), so a restarted
-aggregator resumes where it stopped, on the port it had. It starts by itself: the
+aggregator resumes where it stopped, on the port it had. Sharded, shard 0 alone serves
+HTTP and answers for every shard, gathering their parts (:mod:`~ray_monitor.aggregator.shards`);
+each shard owns the applications that hash to it. It starts by itself: the
 constructor queues a call to its own ``ready()``, so a restarted aggregator serves HTTP
 and evaluates rules at once, whether or not any replica is left to send it data.
 """
@@ -26,6 +29,7 @@ from ray_monitor.common.catalog import ALIASES, Query, is_model_query
 from ray_monitor.common.config import StartConfig
 from ray_monitor.common.errors import ConfigError
 from ray_monitor.common.names import AGGREGATOR_NAME, NAMESPACE
+from ray_monitor.common.shards import shard_name, shard_of
 from ray_monitor.common.snapshot import GpuSnapshot, ReplicaSnapshot
 from ray_monitor.quality.compare import COMPARE_WINDOW_S
 
@@ -49,10 +53,12 @@ class Aggregator:
 
     ``rules_text`` and ``rules_file`` are the rule file it starts with; rules and receivers
     changed later (``reload``, ``configure``) are saved in the GCS and win on a restart.
+    ``shard`` is its index among ``config.shards`` aggregators (0: the front, which
+    serves HTTP and gathers the others' answers, see :mod:`~ray_monitor.aggregator.shards`).
     """
 
     def __init__(self, config: StartConfig, rules_text: Any = None,
-                 rules_file: Optional[str] = None) -> None:
+                 rules_file: Optional[str] = None, shard: int = 0) -> None:
         config = StartConfig.of(config)
         saved = persistence.load_config()
         if saved:
@@ -61,11 +67,20 @@ class Aggregator:
             config = config.model_copy(update={"notifications": saved.get("notifications"),
                                                **(saved.get("http") or {})})
         self.config = config
-        persist, load = persistence.gcs_state()
-        persist_log, load_log = persistence.gcs_notification_log()
+        self.shard = shard
+        self._peers = None  # the other shards (config.shards > 1)
+        self._exchange = None  # kept trace ids traded with shard 0 (shards other than 0)
+        self._trade = None  # the trade in flight
+        if config.shards > 1:
+            from ray_monitor.aggregator.shards import KeptExchange, ShardFront
+
+            self._peers = ShardFront(config.shards)
+            self._exchange = KeptExchange() if shard else None
+        persist, load = persistence.gcs_state(shard)
+        persist_log, load_log = persistence.gcs_notification_log(shard)
         self.core = AggregatorCore(config, rules_text=rules_text, rules_file=rules_file,
                                    persist=persist, load=load, persist_log=persist_log,
-                                   load_log=load_log)
+                                   load_log=load_log, shard=shard)
         # token prices for the replicas' spans (issue 14): now, and at every reload
         self.core.on_prices = persistence.publish_prices
         persistence.publish_prices(self.core.store.tenants.prices)
@@ -114,7 +129,7 @@ class Aggregator:
 
     async def _start(self) -> None:
         # Rules and GPUs first: evaluation and notifications never wait for the port.
-        if self.config.gpu:
+        if self.config.gpu and not self.shard:  # GPU snapshots go to shard 0 (README)
             from ray_monitor.aggregator.gpu_actors import GpuActorManager
 
             self._gpu = GpuActorManager(sink=AGGREGATOR_NAME, namespace=NAMESPACE,
@@ -126,6 +141,8 @@ class Aggregator:
             self._nodes = NodeMergerManager(namespace=NAMESPACE)
         self._loop_task = asyncio.get_running_loop().create_task(self._loop())
         self._serve_task = asyncio.get_running_loop().create_task(self._serve_loop())
+        if self.shard:  # only the front serves HTTP
+            return
         # Reuse the port of a previous incarnation so scrape configs keep working.
         port = self.port or persistence.load_port() or 0
         try:
@@ -154,6 +171,9 @@ class Aggregator:
             if started >= next_gpu:
                 next_gpu = started + GPU_RECONCILE_S
                 await self._reconcile()
+            if self._exchange is not None and (self._trade is None or self._trade.done()):
+                # Not awaited: shard 0 away must not hold this shard's evaluation.
+                self._trade = asyncio.get_running_loop().create_task(self._trade_kept())
             now = time.time()
             await asyncio.sleep(max(0.0, self.core.next_round_at(now) - now))
 
@@ -175,6 +195,28 @@ class Aggregator:
             except Exception as e:
                 self.core.count_error("node", f"reconcile_failed:{type(e).__name__}", e)
 
+    async def _trade_kept(self) -> None:
+        """A shard's kept trace ids to shard 0, and those kept anywhere back (see
+        :class:`~ray_monitor.aggregator.shards.KeptExchange`); shard 0 away: next round."""
+        ex, log = self._exchange, self.core.kept_log
+        out, upto = ex.outgoing(log)
+        try:
+            reply = await self._peers.call(0, "kept_trade", out, ex.cursor)
+        except Exception as e:  # the same ids go out again next round
+            self.core.count_error("aggregator", f"kept_trade_failed:{type(e).__name__}", e)
+            return
+        self.core.trace_store.adopt(ex.incoming(log, reply, out, upto))
+
+    def _owned(self, running: Optional[dict]) -> Optional[dict]:
+        """Serve's (application, deployment) -> replicas, of this shard's applications only:
+        absence rules and Serve's replica counts belong to the shard that owns them."""
+        if running is None or self.config.shards <= 1:
+            return running
+        mine = {k: v for k, v in running.items()
+                if shard_of(k[0], self.config.shards) == self.shard}
+        self.core.elsewhere = set(running) - set(mine)
+        return mine
+
     async def _serve_loop(self) -> None:
         """Asks Serve's controller what it runs every few seconds, on a worker thread so
         the evaluation loop never waits on it; at most one poll in flight, each bounded."""
@@ -190,7 +232,7 @@ class Aggregator:
             except Exception as e:  # a slow or failed poll is counted; the last answer ages
                 self.core.count_error("serve", f"status_failed:{type(e).__name__}", e)
             else:
-                self.core.set_serve_state(running)
+                self.core.set_serve_state(self._owned(running))
             await asyncio.sleep(serve_state.POLL_S)
 
     async def _bind_later(self) -> None:
@@ -210,6 +252,8 @@ class Aggregator:
         return f"http://{host}:{self.port}"
 
     def _save_config(self) -> None:
+        if self.shard:  # shard 0 saves what every shard reads back on a restart
+            return
         core = self.core
         persistence.save_config(core.rules_text, core.rules_file, core.config.notifications,
                                 {"host": self.host, "port": self.port, "token": self.token})
@@ -225,6 +269,8 @@ class Aggregator:
 
     async def ready(self) -> str:
         await self._ensure_started()
+        if self.shard:  # the other shards serve no HTTP: the front's address is the URL
+            return ""
         if self._server is None:
             raise ConfigError.one(_SOURCE, "port", f"{self._bind_error}; the monitor "
                                   f"evaluates rules meanwhile and tries again every "
@@ -285,31 +331,79 @@ class Aggregator:
     async def ingest_gpu(self, snap: GpuSnapshot) -> None:
         self.core.ingest_gpu(snap)
 
-    async def alerts(self) -> list[dict]:
-        return self.core.alerts()
+    # -- answers: shard 0 (the front) gathers every shard's part ------------------------
+
+    def _front(self, local: bool) -> bool:
+        """Whether this call gathers the other shards' parts: on shard 0 of several,
+        unless it is shard 0 asking (``local``)."""
+        return self._peers is not None and not self.shard and not local
+
+    def _mine(self, application: Optional[str]) -> bool:
+        return self.config.shards <= 1 or \
+            shard_of(application, self.config.shards) == self.shard
+
+    async def _all(self, method: str, mine: list, *args: Any) -> list:
+        """``mine`` followed by every other shard's list for ``method(*args, local=True)``."""
+        out = list(mine)
+        for part in await self._peers.gather(method, *args, True):
+            out.extend(part or ())
+        return out
+
+    async def kept_trade(self, ids: list, cursor: Any = None) -> dict:
+        """Shard 0: another shard's kept trace ids in, the cluster's since ``cursor`` out."""
+        self.core.kept_log.add(ids)
+        self.core.trace_store.adopt(ids)  # their spans here belong to traces kept there
+        return self.core.kept_log.reply(cursor)
+
+    async def alerts(self, local: bool = False) -> list[dict]:
+        mine = self.core.alerts()
+        return await self._all("alerts", mine) if self._front(local) else mine
 
     async def rules(self) -> list[dict]:
         return self.core.rules()
 
-    async def deployments(self) -> list[dict]:
-        return self.core.deployments()
+    async def deployments(self, local: bool = False) -> list[dict]:
+        mine = self.core.deployments()
+        return await self._all("deployments", mine) if self._front(local) else mine
 
-    async def hints(self) -> list[dict]:
-        return [h.to_dict() for h in self.core.hints.hints()]
+    def _hints(self) -> list:
+        return [h for h in self.core.hints.hints() if self._mine(h.application)]
 
-    async def reload(self, rules_text: Any, filename: Optional[str] = None) -> dict:
+    async def hints(self, local: bool = False) -> list[dict]:
+        mine = [h.to_dict() for h in self._hints()]
+        return await self._all("hints", mine) if self._front(local) else mine
+
+    async def metric_families(self, local: bool = True) -> list:
+        """This shard's ``/metrics`` families (prometheus_client Metric objects)."""
+        from ray_monitor.aggregator.http_api import monitor_registry
+
+        return list(monitor_registry(self.core, self._hints).collect())
+
+    async def reload(self, rules_text: Any, filename: Optional[str] = None,
+                     local: bool = False) -> dict:
         # Read and checked on a worker thread (a 1 MiB file takes a while); swapped in here.
         rule_file = await asyncio.to_thread(self.core.read_rules, rules_text, filename)
         res = self.core.apply_rules(rule_file, rules_text, filename)
         self._save_config()
+        if self._front(local):  # checked here first: a bad file changes no shard
+            for i, ans in enumerate(await self._peers.gather("reload", rules_text, filename,
+                                                             True), 1):
+                if ans is None:
+                    self.core.count_error("aggregator", "shard_reload_failed")
+                    res.setdefault("warnings", []).append(
+                        f"shard {i} did not take the rules now; it reads them from the GCS "
+                        "when it restarts")
         return res
 
-    async def configure(self, notifications: Optional[dict]) -> None:
+    async def configure(self, notifications: Optional[dict], local: bool = False) -> None:
         self.core.configure_notifications(notifications)
         self._save_config()
+        if self._front(local):
+            await self._peers.gather("configure", notifications, True)
 
     async def query(self, function: str, metric: str, window_s: float,
-                    by: Optional[tuple] = None, param: Optional[float] = None) -> dict:
+                    by: Optional[tuple] = None, param: Optional[float] = None,
+                    local: bool = False) -> dict:
         from ray_monitor.aggregator.views import check_query
         from ray_monitor.common.errors import BadRequest
 
@@ -321,30 +415,109 @@ class Aggregator:
             check_query(function, metric, tuple(by) if by else None, param)
         res = self.core.source.evaluate(Query(function, metric, window_s,
                                               tuple(by) if by else None, (), param), None)
-        return {json.dumps(dict(k), sort_keys=True): v for k, v in res.items()}
+        mine = {json.dumps(dict(k), sort_keys=True): v for k, v in res.items()}
+        if not self._front(local):
+            return mine
+        from ray_monitor.aggregator.shards import merge_groups
 
-    async def evaluate(self, exprs: list) -> list:
-        return self.core.evaluate_exprs(exprs)
+        return merge_groups([mine] + await self._peers.gather(
+            "query", function, metric, window_s, by, param, True))
 
-    async def feedback(self, items: list) -> dict:
-        return await self.core.feedback_async(list(items))
+    async def evaluate(self, exprs: list, local: bool = False) -> list:
+        mine = self.core.evaluate_exprs(exprs)
+        if not self._front(local):
+            return mine
+        from ray_monitor.aggregator.shards import merge_groups
+
+        parts = [mine] + await self._peers.gather("evaluate", exprs, True)
+        return [[merge_groups([p[e][c] if p else None for p in parts])
+                 for c in range(len(mine[e]))] for e in range(len(mine))]
+
+    async def timeseries(self, function: str, metric: str, now: float, window_s: float,
+                         step_s: float, by: Optional[tuple], param: Optional[float],
+                         local: bool = False) -> dict:
+        """The status page's chart query (``/api/v1/timeseries``) at ``now`` (the front's,
+        so every shard's points fall on the same times); series of every shard."""
+        from ray_monitor.aggregator import views
+
+        mine = views.timeseries(self.core.store, function, metric, now=now, by=by,
+                                param=param, window_s=window_s, step_s=step_s)
+        if self._front(local):
+            for part in await self._peers.gather("timeseries", function, metric, now,
+                                                 window_s, step_s, by, param, True):
+                mine["series"].extend((part or {}).get("series", ()))
+            mine["series"].sort(key=lambda s: sorted(s["labels"].items()))
+        return mine
+
+    async def known_requests(self, rids: list, local: bool = True) -> list:
+        """The request ids of ``rids`` whose predictions this shard holds."""
+        return self.core.quality.join.known(rids)
+
+    async def feedback(self, items: list, local: bool = False) -> dict:
+        items = list(items)
+        if not self._front(local):
+            return await self.core.feedback_async(items)
+        from ray_monitor.aggregator.shards import merge_feedback, route_feedback
+
+        rids = [it.get("request_id") for it in items if isinstance(it, dict)]
+        known = [self.core.quality.join.known(rids)] + \
+            [k or [] for k in await self._peers.gather("known_requests", rids, True)]
+        parts = []
+        for shard, indices in sorted(route_feedback(items, known).items()):
+            part = [items[i] for i in indices]
+            if shard == 0:
+                res = await self.core.feedback_async(part)
+            else:  # an owner that went away since: shard 0 holds them for late predictions
+                try:
+                    res = await self._peers.call(shard, "feedback", part, True)
+                except Exception:
+                    res = await self.core.feedback_async(part)
+            parts.append((indices, res))
+        return merge_feedback(parts)
 
     async def set_drift_reference(self, application: str, deployment: str, model_version: str,
-                                  references: dict) -> dict:
+                                  references: dict, local: bool = False) -> dict:
+        owner = 0 if self.config.shards <= 1 else shard_of(application, self.config.shards)
+        if self._front(local) and owner:
+            return await self._peers.call(owner, "set_drift_reference", application,
+                                          deployment, model_version, references, True)
         return await self.core.set_drift_reference_async(application, deployment,
                                                          model_version, references)
 
-    async def hung(self) -> list[dict]:
-        return self.core.hung()
+    async def hung(self, local: bool = False) -> list[dict]:
+        mine = self.core.hung()
+        return await self._all("hung", mine) if self._front(local) else mine
 
-    async def traces(self, kind: Optional[str] = None, limit: int = 50) -> list[dict]:
-        return self.core.traces(kind, limit)
+    async def traces(self, kind: Optional[str] = None, limit: int = 50,
+                     local: bool = False) -> list[dict]:
+        mine = self.core.traces(kind, limit)
+        if not self._front(local):
+            return mine
+        from ray_monitor.aggregator.shards import merge_traces
 
-    async def quality(self, window_s: float = 0.0) -> list[dict]:
-        return self.core.quality_summary(window_s)
+        parts = [mine] + [p or [] for p in await self._peers.gather("traces", kind, limit,
+                                                                    True)]
+        # The other parts of those traces: spans of shards whose replicas kept none.
+        ids = sorted({t["trace_id"] for part in parts for t in part})
+        parts.append(self.core.trace_store.parts(ids))
+        parts.extend(p or [] for p in await self._peers.gather("trace_parts", ids, True))
+        return merge_traces(parts, limit)
+
+    async def trace_parts(self, trace_ids: list, local: bool = True) -> list[dict]:
+        """This shard's parts of ``trace_ids``, however they were kept."""
+        return self.core.trace_store.parts(trace_ids)
+
+    async def quality(self, window_s: float = 0.0, local: bool = False) -> list[dict]:
+        mine = self.core.quality_summary(window_s)
+        return await self._all("quality", mine, window_s) if self._front(local) else mine
 
     async def compare(self, deployment: str, versions: tuple, application: Optional[str] = None,
-                      window_s: float = COMPARE_WINDOW_S) -> dict:
+                      window_s: float = COMPARE_WINDOW_S, local: bool = False) -> dict:
+        if self._front(local) and application is not None \
+                and shard_of(application, self.config.shards):
+            return await self._peers.call(shard_of(application, self.config.shards),
+                                          "compare", deployment, tuple(versions), application,
+                                          window_s, True)
         return self.core.compare(deployment, tuple(versions), application=application,
                                  window_s=window_s)
 
@@ -354,16 +527,25 @@ class Aggregator:
     async def gpu_actors(self) -> dict:
         return {} if self._gpu is None else dict(self._gpu.actors())
 
-    async def node_mergers(self) -> dict:
+    async def node_mergers(self, local: bool = False) -> dict:
         """node_id -> the node merger's handle, for the nodes that have one."""
-        return {} if self._nodes is None else dict(self._nodes.actors())
+        mine = {} if self._nodes is None else dict(self._nodes.actors())
+        if self._front(local):
+            for part in await self._peers.gather("node_mergers", True):
+                mine.update(part or {})
+        return mine
 
-    async def stats(self) -> dict:
-        return {"ingested": self.core.ingested, "evaluations": self.core.evaluations,
+    async def stats(self, local: bool = False) -> dict:
+        mine = {"ingested": self.core.ingested, "evaluations": self.core.evaluations,
                 "store": self.core.store.stats(), "replicas": len(self.core.replicas),
                 "notifier": self.core.notifier.stats(), "quality": self.core.quality.stats(),
                 "traces": self.core.trace_store.stats(),
                 "delivery": self.core.ledger.by_deployment(), "fanin": self.core.fanin_stats()}
+        if not self._front(local):
+            return mine
+        from ray_monitor.aggregator.shards import merge_stats
+
+        return merge_stats([mine] + await self._peers.gather("stats", True))
 
     async def shutdown(self) -> None:
         if self._serve_task is not None:  # no more calls into Ray from the poll thread
@@ -379,8 +561,9 @@ class Aggregator:
 
 
 def get_or_create(config: "StartConfig | Mapping[str, Any]", *, rules_text: Any = None,
-                  rules_file: Optional[str] = None):
-    """The aggregator actor, created on the head node if it is not running.
+                  rules_file: Optional[str] = None, shard: int = 0):
+    """The aggregator actor (of a sharded monitor: shard ``shard``), created on the head
+    node if it is not running.
 
     ``config`` is a :class:`StartConfig` or a mapping of its options, checked here, in the
     caller's process, so a bad one is refused before any actor starts. ``rules_text`` is
@@ -388,7 +571,7 @@ def get_or_create(config: "StartConfig | Mapping[str, Any]", *, rules_text: Any 
     """
     config = StartConfig.of(config)
     head = _head_node_id()
-    opts: dict[str, Any] = dict(name=AGGREGATOR_NAME, namespace=NAMESPACE, lifetime="detached",
+    opts: dict[str, Any] = dict(name=shard_name(shard), namespace=NAMESPACE, lifetime="detached",
                                 max_restarts=-1, max_task_retries=-1, get_if_exists=True,
                                 max_concurrency=64)
     if head:
@@ -398,7 +581,7 @@ def get_or_create(config: "StartConfig | Mapping[str, Any]", *, rules_text: Any 
         # head's resource, not its node id, so a restarted head (GCS fault tolerance, a
         # new node id) takes the aggregator back.
         opts["resources"] = {HEAD_RESOURCE: 0.001}
-    return Aggregator.options(**opts).remote(config, rules_text, rules_file)
+    return Aggregator.options(**opts).remote(config, rules_text, rules_file, shard)
 
 
 def _head_node_id() -> Optional[str]:

@@ -79,7 +79,7 @@ class AggregatorCore:
     def __init__(self, config: "StartConfig | Mapping[str, Any] | None" = None, *,
                  rules_text: Any = None, rules_file: Optional[str] = None,
                  external_url: str = "", clock=time.time, persist=None, load=None,
-                 persist_log=None, load_log=None) -> None:
+                 persist_log=None, load_log=None, shard: int = 0) -> None:
         from ray_monitor.aggregator.ledger import Ledger
         from ray_monitor.aggregator.trace_store import KeptLog, TraceStore
         from ray_monitor.aggregator.windows import WindowStore
@@ -91,6 +91,7 @@ class AggregatorCore:
         from ray_monitor.quality.store import QualityStore
 
         self.config = config = StartConfig.of(config)
+        self.shard = shard  # its index among config.shards aggregators
         self.clock = clock
         self.eval_interval_s = config.eval_interval_s
         self.store = WindowStore(clock=clock, series_ttl_s=config.series_ttl_s,
@@ -108,7 +109,8 @@ class AggregatorCore:
         self.external_url = external_url
         rule_file = load_rule_file(self.rules_text or {"groups": []}, filename=self.rules_file,
                                    from_text=True)
-        self.engine = RuleEngine(rules=rule_file.ruleset, clock=clock,
+        self.all_rules = rule_file.ruleset  # what /api/v1/rules lists, on every shard
+        self.engine = RuleEngine(rules=self._mine(rule_file.ruleset), clock=clock,
                                  eval_interval_s=self.eval_interval_s, generator_url=external_url)
         #: Classic ``le`` bounds per histogram on /metrics: the defaults and every threshold
         #: a loaded rule compares a quantile with (see alerting.export.classic_bounds).
@@ -120,6 +122,9 @@ class AggregatorCore:
         self.on_prices: Optional[Callable[[Mapping], None]] = None  # prices changed (actor)
         self._applied: dict[tuple[str, str], int] = {}  # external scaler: last target sent
         self.config_warnings: list[str] = []  # autoscaling names no running deployment
+        #: Deployments Serve runs whose applications another aggregator shard owns: not
+        #: reported here, and not missing either.
+        self.elsewhere: set[tuple[str, str]] = set()
         self._next_config_check = 0.0
         # start(notifications=...) is the caller's word for this start; without it, the
         # rule file's section; without that, receivers from the environment.
@@ -346,7 +351,7 @@ class AggregatorCore:
         if now < self._next_config_check:
             return
         self._next_config_check = now + CONFIG_CHECK_S
-        known = set(self.current_replicas(now))
+        known = set(self.current_replicas(now)) | self.elsewhere
         if not known:  # nothing has reported yet: nothing to check against
             return
         problems = validate_against(self.hints.config, known, ruleset=self.engine.ruleset)
@@ -422,12 +427,20 @@ class AggregatorCore:
     def read_rules(self, rules_text: Any, filename: Optional[str] = None):
         """The rule file, read and checked (changes nothing: may run on another thread)."""
         from ray_monitor.alerting.loader import load_rule_file
+        from ray_monitor.alerting.sharding import sharding_problems
+        from ray_monitor.common.errors import ConfigError
 
-        return load_rule_file(rules_text, filename=filename or self.rules_file, from_text=True)
+        rule_file = load_rule_file(rules_text, filename=filename or self.rules_file,
+                                   from_text=True)
+        problems = sharding_problems(rule_file.ruleset, self.config.shards)
+        if problems:
+            raise ConfigError(problems)
+        return rule_file
 
     def apply_rules(self, rule_file, rules_text: Any, filename: Optional[str] = None) -> dict:
         """Puts a file :meth:`read_rules` read in place of the running one."""
-        self.engine.reload(rule_file.ruleset, now=self.clock())
+        self.engine.reload(self._mine(rule_file.ruleset), now=self.clock())
+        self.all_rules = rule_file.ruleset
         self._add_bounds(rule_file.ruleset)
         self.hints.reload(rule_file.autoscaling)
         self.store.tenants.prices = rule_file.prices
@@ -485,7 +498,13 @@ class AggregatorCore:
         return views.hung(self.hung_latest)
 
     def rules(self) -> list[dict]:
-        return views.rules(self.engine.ruleset)
+        return views.rules(self.all_rules)
+
+    def _mine(self, ruleset):
+        """The rules this shard evaluates: all but those pinned to another's application."""
+        from ray_monitor.alerting.sharding import rules_for_shard
+
+        return rules_for_shard(ruleset, self.shard, self.config.shards)
 
     def deployments(self, now: Optional[float] = None) -> list[dict]:
         now = self.clock() if now is None else now

@@ -28,6 +28,10 @@ non-finite numbers as ``null`` (JSON has no NaN). Durations in query strings are
 - ``POST /api/v1/rules/reload[?filename=F]`` (a rule file), ``POST /api/v1/feedback``
   (ground truth), ``POST /api/v1/drift/reference``: writes.
 - ``GET /-/healthy``: ``ok``.
+
+On a sharded monitor (``StartConfig.shards > 1``) this app runs on shard 0 only, and
+``/metrics`` and the JSON routes answer for every shard (see
+:mod:`~ray_monitor.aggregator.shards`); with one aggregator they read its core directly.
 """
 
 from __future__ import annotations
@@ -51,8 +55,8 @@ from ray_monitor.common.errors import BadRequest, ConfigError
 from ray_monitor.quality.compare import COMPARE_WINDOW_S
 from ray_monitor.quality.store import GAUGE_WINDOW_S
 
-__all__ = ["LOOPBACK", "MAX_BODY_BYTES", "make_app", "query_seconds", "start_server",
-           "writes_allowed"]
+__all__ = ["LOOPBACK", "MAX_BODY_BYTES", "make_app", "monitor_registry", "query_seconds",
+           "start_server", "writes_allowed"]
 
 logger = logging.getLogger("ray_monitor.http")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -142,19 +146,38 @@ def _float_param(query: Mapping[str, str], name: str) -> Optional[float]:
 
 # -- the app ------------------------------------------------------------------------------
 
-def make_app(agg) -> web.Application:
-    """The aggregator's app; ``agg`` is the actor (``core``, ``host``, ``token``, and the
-    async ``hints()`` and ``reload()`` that also keep the GCS copy current)."""
-    core = agg.core
-    metrics_registry = registry(
+def monitor_registry(core, hints=None, *extra):
+    """The registry of one aggregator's (or shard's) series; ``hints`` the hints it
+    exposes (default: all its engine has)."""
+    hints = hints or core.hints.hints
+    return registry(
         MonitorCollector(series=core.store.cumulative, alerts=core.engine.alert_series,
                          self_metrics=core.self_metrics,
-                         autoscale=lambda: (core.hints.hints(), core.hints.decisions),
+                         autoscale=lambda: (hints(), core.hints.decisions),
                          bounds=lambda: core.classic_bounds, serve=core.serve_running),
-        QualityCollector(core.quality_summary),
-        # The aggregator's own process (process_resident_memory_bytes, CPU, open fds), as
-        # every Prometheus client exports it.
-        ProcessCollector(registry=None))
+        QualityCollector(core.quality_summary), *extra)
+
+
+class _Families:
+    """A collector of metric families already collected (a sharded monitor's, merged)."""
+
+    def __init__(self, families: list) -> None:
+        self.families = families
+
+    def collect(self):
+        return iter(self.families)
+
+
+def make_app(agg) -> web.Application:
+    """The aggregator's app; ``agg`` is the actor (``core``, ``host``, ``token``, and the
+    async methods that gather every shard's part on a sharded monitor and keep the GCS
+    copy current)."""
+    core = agg.core
+    # The aggregator's own process (process_resident_memory_bytes, CPU, open fds), as
+    # every Prometheus client exports it.
+    metrics_registry = monitor_registry(core, getattr(agg, "_hints", None),
+                                        ProcessCollector(registry=None))
+    sharded = getattr(agg, "_peers", None) is not None
 
     def check_writer(request: web.Request, content_types: tuple[str, ...]) -> None:
         ok, why = writes_allowed(agg.host, agg.token, request.headers.get("Authorization"))
@@ -163,28 +186,35 @@ def make_app(agg) -> web.Application:
         check_origin(request, content_types=content_types, loopback_exception=not agg.token)
 
     async def metrics(request):
-        body, ctype = render(metrics_registry, request.headers.get("Accept", ""))
+        source: Any = metrics_registry
+        if sharded:  # every shard's series, one exposition (see aggregator.shards)
+            from ray_monitor.aggregator.shards import merge_families
+
+            mine = list(metrics_registry.collect())
+            source = _Families(merge_families([mine] + await agg._peers.gather(
+                "metric_families", True)))
+        body, ctype = render(source, request.headers.get("Accept", ""))
         return web.Response(body=body, headers={"Content-Type": ctype})
 
     async def alerts(request):
-        return _ok(core.alerts())
+        return _ok(await agg.alerts() if sharded else core.alerts())
 
     async def rules(request):
         return _ok(core.rules())
 
     async def deployments(request):
-        return _ok(core.deployments())
+        return _ok(await agg.deployments() if sharded else core.deployments())
 
     async def hints(request):
         # Like Prometheus' API, problems that do not stop the answer go in "warnings".
         return _ok(await agg.hints(), warnings=list(core.config_warnings))
 
     async def hung(request):
-        return _ok(core.hung())
+        return _ok(await agg.hung() if sharded else core.hung())
 
     async def quality(request):
-        return _ok(core.quality_summary(
-            query_seconds(request.query.get("window"), "window", GAUGE_WINDOW_S)))
+        window_s = query_seconds(request.query.get("window"), "window", GAUGE_WINDOW_S)
+        return _ok(await agg.quality(window_s) if sharded else core.quality_summary(window_s))
 
     async def compare(request):
         q = request.query
@@ -194,8 +224,10 @@ def make_app(agg) -> web.Application:
                              field="versions")
         window_s = query_seconds(q.get("window"), "window", COMPARE_WINDOW_S)
         try:
-            data = core.compare(q.get("deployment", ""), tuple(versions),
-                                application=q.get("application") or None, window_s=window_s)
+            args = (q.get("deployment", ""), tuple(versions), q.get("application") or None,
+                    window_s)
+            data = await agg.compare(*args) if sharded else \
+                core.compare(*args[:2], application=args[2], window_s=window_s)
         except ValueError as e:
             raise BadRequest(str(e)) from None
         return _ok(data)
@@ -205,18 +237,29 @@ def make_app(agg) -> web.Application:
         by_text = qs.get("by")
         by = views.DEFAULT_BY if by_text is None else \
             tuple(b for b in by_text.split(",") if b) or None
-        return _ok(views.timeseries(
-            core.store, qs.get("function", "rate"), qs.get("metric", "requests"),
-            now=core.clock(), by=by, param=_float_param(qs, "param"),
-            window_s=query_seconds(qs.get("window"), "window", views.DEFAULT_WINDOW_S),
-            step_s=query_seconds(qs.get("step"), "step", views.DEFAULT_STEP_S)))
+        function, metric = qs.get("function", "rate"), qs.get("metric", "requests")
+        param = _float_param(qs, "param")
+        window_s = query_seconds(qs.get("window"), "window", views.DEFAULT_WINDOW_S)
+        step_s = query_seconds(qs.get("step"), "step", views.DEFAULT_STEP_S)
+        if sharded:
+            return _ok(await agg.timeseries(function, metric, core.clock(), window_s, step_s,
+                                            by, param))
+        return _ok(views.timeseries(core.store, function, metric, now=core.clock(), by=by,
+                                    param=param, window_s=window_s, step_s=step_s))
 
     async def gpus(request):
         return _ok(views.gpu_nodes(core.gpu_latest))
 
     async def traces(request):
-        return _json(views.traces_view(core.trace_store, request.query.get("kind"),
-                                       request.query.get("limit")))
+        if not sharded:
+            return _json(views.traces_view(core.trace_store, request.query.get("kind"),
+                                           request.query.get("limit")))
+        asked: list = []  # the kind and limit, checked by traces_view as for one store
+        views.traces_view(type("_Ask", (), {"traces": lambda _, *a: asked.extend(a) or []})(),
+                          request.query.get("kind"), request.query.get("limit"))
+        data = await agg.traces(*asked)
+        return _json({"status": "success", "data": data,
+                      **({} if data else {"note": views.NO_TRACES_NOTE})})
 
     async def reload(request):
         check_writer(request, YAML_TYPES)
@@ -233,7 +276,7 @@ def make_app(agg) -> web.Application:
         if not isinstance(body, list):
             raise BadRequest('body: send one object {"request_id": ..., "label": ...} or a '
                              "list of them", field="body")
-        return _ok(await core.feedback_async(body))
+        return _ok(await agg.feedback(body) if sharded else await core.feedback_async(body))
 
     async def drift_reference(request):
         check_writer(request, JSON_TYPES)
@@ -243,9 +286,10 @@ def make_app(agg) -> web.Application:
                              '"model_version": "", "references": {"feature_age": [values...]}}',
                              field="references")
         try:
-            data = await core.set_drift_reference_async(
-                body.get("application", ""), body.get("deployment"),
-                body.get("model_version", ""), body["references"])
+            args = (body.get("application", ""), body.get("deployment"),
+                    body.get("model_version", ""), body["references"])
+            data = await agg.set_drift_reference(*args) if sharded else \
+                await core.set_drift_reference_async(*args)
         except (TypeError, ValueError) as e:
             text = str(e)[:500]
             field = text.split(":", 1)[0] if text.startswith("references") else \

@@ -21,7 +21,8 @@ from ray_monitor.common.names import (CONFIG_KEY, KV_NAMESPACE, NOTIFY_LOG_KEY, 
                                      PRICES_KEY, STATE_KEY)
 
 __all__ = ["StateSaver", "gcs_notification_log", "gcs_state", "kv_get", "kv_put", "load_config",
-           "load_port", "publish_prices", "restore_state", "save_config", "save_port", "state_of"]
+           "load_port", "publish_prices", "restore_state", "save_config", "save_port",
+           "shard_key", "state_of"]
 
 
 logger = logging.getLogger(__name__)
@@ -53,17 +54,27 @@ def publish_prices(prices) -> None:
 
 # -- alert, notification and hint state ---------------------------------------------------
 
-def gcs_state() -> tuple[Callable[[bytes], None], Callable[[], Optional[bytes]]]:
-    """(persist, load) of the aggregator's state in the GCS."""
-    return (lambda raw: kv_put(STATE_KEY, raw)), (lambda: kv_get(STATE_KEY))
+def shard_key(key: bytes, shard: int = 0) -> bytes:
+    """A shard's own copy of a state key: shard 0 (and one aggregator) keeps the key itself."""
+    return key if not shard else key + b"/shard/" + str(shard).encode()
 
 
-def gcs_notification_log() -> tuple[Callable[[dict], None], Callable[[], Optional[dict]]]:
-    """(persist, load) of the notification log in the GCS (the notifier's ``persist_log``)."""
+def gcs_state(shard: int = 0) -> tuple[Callable[[bytes], None], Callable[[], Optional[bytes]]]:
+    """(persist, load) of the aggregator's (or one shard's) state in the GCS."""
+    key = shard_key(STATE_KEY, shard)
+    return (lambda raw: kv_put(key, raw)), (lambda: kv_get(key))
+
+
+def gcs_notification_log(shard: int = 0
+                         ) -> tuple[Callable[[dict], None], Callable[[], Optional[dict]]]:
+    """(persist, load) of the notification log in the GCS (the notifier's ``persist_log``);
+    each shard sends its own alerts, so each keeps its own log."""
+    key = shard_key(NOTIFY_LOG_KEY, shard)
+
     def load() -> Optional[dict]:
-        raw = kv_get(NOTIFY_LOG_KEY)
+        raw = kv_get(key)
         return json.loads(raw) if raw else None
-    return (lambda log: kv_put(NOTIFY_LOG_KEY, json.dumps(log).encode())), load
+    return (lambda log: kv_put(key, json.dumps(log).encode())), load
 
 
 def state_of(engine, hints) -> dict:

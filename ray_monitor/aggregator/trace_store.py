@@ -87,6 +87,9 @@ class TraceStore:
         # trace id -> (first seen, context records) for traces not kept (yet)
         self._pending: OrderedDict[str, tuple[float, list[dict]]] = OrderedDict()
         self._pending_spans = 0
+        # ids kept by another aggregator shard (its replicas hold the failed or slow
+        # span): this store keeps their context spans too, the newest max_traces
+        self._elsewhere: OrderedDict[str, None] = OrderedDict()
         self.received = 0
         self.dropped = 0  # spans over a trace's max_spans
         self.expired = 0  # context spans whose trace was never kept
@@ -107,7 +110,7 @@ class TraceStore:
             tid = rec["trace_id"]
             kinds = _kinds(rec)
             t = self._traces.get(tid)
-            if t is None and kinds:
+            if t is None and (kinds or tid in self._elsewhere):
                 t = self._traces[tid] = _Trace()
                 waiting = self._pending.pop(tid, None)
                 if waiting is not None:
@@ -125,6 +128,26 @@ class TraceStore:
                     if len(order) > self.max_traces:
                         self._forget(order.popitem(last=False)[0])
         self._expire(now)
+
+    def adopt(self, trace_ids: Iterable[str]) -> None:
+        """Traces kept on another aggregator shard: their spans here (held, or still to
+        come) are kept too, so the front can show each such trace whole."""
+        for tid in trace_ids:
+            if tid in self._elsewhere:
+                continue
+            self._elsewhere[tid] = None
+            if len(self._elsewhere) > self.max_traces:
+                self._forget(self._elsewhere.popitem(last=False)[0])
+            waiting = self._pending.pop(tid, None)
+            if waiting is not None:
+                self._pending_spans -= len(waiting[1])
+                t = self._traces.setdefault(tid, _Trace())
+                for r in waiting[1]:
+                    self._put(t, r)
+
+    def parts(self, trace_ids: Iterable[str]) -> list[dict]:
+        """The views of those of ``trace_ids`` this store holds, kept here or elsewhere."""
+        return [self.view(tid) for tid in dict.fromkeys(trace_ids) if tid in self._traces]
 
     def _put(self, t: _Trace, rec: dict) -> None:
         sid = rec["span_id"]
@@ -164,7 +187,8 @@ class TraceStore:
             self.expired += len(recs)
 
     def _forget(self, tid: str) -> None:
-        if not any(tid in order for order in self._order.values()):
+        if not any(tid in order for order in self._order.values()) \
+                and tid not in self._elsewhere:
             self._traces.pop(tid, None)
 
     # -- views ----------------------------------------------------------------------

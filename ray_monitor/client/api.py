@@ -149,14 +149,20 @@ def _running_aggregator():
                                 "ray_monitor.start() or `ray-monitor start`") from None
 
 
-def _rules_source(rules: Union[None, str, Path, dict]) -> tuple[Any, Optional[str]]:
+def _rules_source(rules: Union[None, str, Path, dict], shards: int = 1
+                  ) -> tuple[Any, Optional[str]]:
     """The rule file's content (text or a dict) and its name, every section checked here,
-    in the caller: the aggregator gets content, never a path on another machine."""
+    in the caller: the aggregator gets content, never a path on another machine. With
+    ``shards`` > 1, rules that aggregate across applications are refused too."""
     from ray_monitor.alerting.loader import load_rule_file
+    from ray_monitor.alerting.sharding import sharding_problems
 
     if rules is None:
         return None, None
     rule_file = load_rule_file(rules)
+    problems = sharding_problems(rule_file.ruleset, shards)
+    if problems:
+        raise ConfigError(problems)
     return rule_file.source, rule_file.file
 
 
@@ -182,14 +188,26 @@ def start(rules: Union[None, str, Path, dict] = None, *, config: Optional[StartC
     HTTP server (saved for restarts); any other option that differs from the running
     one raises ConfigError naming it (``stop()`` first to change it)."""
     cfg = StartConfig.build(config, **options)
-    text, filename = _rules_source(rules)  # a bad file is refused here, before any actor
+    # A bad file is refused here, before any actor.
+    text, filename = _rules_source(rules, cfg.shards)
     _ensure_ray()
     from ray_monitor.aggregator.actor import HTTP_FIELDS, get_or_create
+    from ray_monitor.common.shards import save_count
 
+    try:
+        ray.get_actor(AGGREGATOR_NAME, namespace=NAMESPACE)
+    except ValueError:  # none running: the count first, replicas and mergers route by it
+        save_count(cfg.shards)
     actor = get_or_create(cfg, rules_text=text, rules_file=filename)
     url = _unwrapped(lambda: ray.get(actor.ready.remote(), timeout=120))
     given = {k: getattr(cfg, k) for k in cfg.model_fields_set if k != "notifications"}
     _refuse_changes(actor, {k: v for k, v in given.items() if k not in HTTP_FIELDS})
+    shards = ray.get(actor.settings.remote(), timeout=60).get("shards", 1)
+    if shards > 1:  # the other shards, started (or found running) like shard 0
+        save_count(shards)
+        others = [get_or_create(cfg.model_copy(update={"shards": shards}), rules_text=text,
+                                rules_file=filename, shard=i) for i in range(1, shards)]
+        _unwrapped(lambda: ray.get([a.ready.remote() for a in others], timeout=120))
     http = {k: v for k, v in given.items() if k in HTTP_FIELDS}
     if http:
         url = _unwrapped(lambda: ray.get(actor.rebind.remote(http), timeout=60))
@@ -229,23 +247,46 @@ def connect(timeout: float = 30.0) -> Monitor:
     return Monitor(actor, ray.get(actor.ready.remote(), timeout=timeout))
 
 
-def stop() -> bool:
-    """Removes the monitor (and its GPU actors); False if none was running."""
-    _ensure_ray()
-    try:
-        actor = ray.get_actor(AGGREGATOR_NAME, namespace=NAMESPACE)
-    except ValueError:
-        return False
-    try:
-        ray.get(actor.shutdown.remote(), timeout=30)
-    except Exception:
-        pass
-    ray.kill(actor, no_restart=True)
+def _running_shards() -> Optional[int]:
+    """The shard count saved by the running monitor's start() (None: none saved)."""
     from ray.experimental import internal_kv
 
+    from ray_monitor.common.names import KV_NAMESPACE
+    from ray_monitor.common.shards import SHARDS_KEY
+
+    raw = internal_kv._internal_kv_get(SHARDS_KEY, namespace=KV_NAMESPACE)
+    return int(raw) if raw else None
+
+
+def stop() -> bool:
+    """Removes the monitor (every aggregator shard, its GPU actors and node mergers);
+    False if none was running."""
+    _ensure_ray()
+    from ray.experimental import internal_kv
+
+    from ray_monitor.aggregator.persistence import shard_key
     from ray_monitor.common.names import (CONFIG_KEY, KV_NAMESPACE, NOTIFY_LOG_KEY, PORT_KEY,
                                           STATE_KEY)
+    from ray_monitor.common.shards import MAX_SHARDS, SHARDS_KEY, shard_name
 
-    for key in (STATE_KEY, NOTIFY_LOG_KEY, CONFIG_KEY, PORT_KEY):
+    shards = min(_running_shards() or 1, MAX_SHARDS)
+    found = False
+    for index in reversed(range(shards)):  # shard 0 last: it is the one start() finds
+        try:
+            actor = ray.get_actor(shard_name(index), namespace=NAMESPACE)
+        except ValueError:
+            continue
+        found = True
+        try:
+            ray.get(actor.shutdown.remote(), timeout=30)
+        except Exception:
+            pass
+        ray.kill(actor, no_restart=True)
+    if not found:
+        return False
+    for index in range(shards):
+        for key in (STATE_KEY, NOTIFY_LOG_KEY):
+            internal_kv._internal_kv_del(shard_key(key, index), namespace=KV_NAMESPACE)
+    for key in (CONFIG_KEY, PORT_KEY, SHARDS_KEY):
         internal_kv._internal_kv_del(key, namespace=KV_NAMESPACE)
     return True

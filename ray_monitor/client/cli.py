@@ -68,6 +68,19 @@ def _connect(args, connect: Optional[Callable[[], Any]]):
     return connect()
 
 
+def _shards(text: str) -> int:
+    from ray_monitor.common.shards import MAX_SHARDS
+
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_SHARDS:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to {MAX_SHARDS}, "
+                                         f"got {text!r}")
+    return n
+
+
 def _load_checked(path: str) -> "RuleFile":
     """The rule file at ``path``, every section checked; raises ``ConfigError`` naming the
     file and, for each problem, the group and rule or the deployment, and the field."""
@@ -86,7 +99,8 @@ def cmd_start(args, *, start: Optional[Callable[..., Any]] = None, out: TextIO =
 
         _init_ray(args.address)
         start = ray_monitor.start
-    options = {k: getattr(args, k) for k in ("host", "port", "token") if getattr(args, k) is not None}
+    options = {k: getattr(args, k) for k in ("host", "port", "token", "shards")
+               if getattr(args, k, None) is not None}
     monitor = start(rules=Path(args.rules) if args.rules else None, **options)
     info = {"url": monitor.url, "metrics_url": monitor.metrics_url, "rules_file": args.rules,
             "rules": None if ruleset is None else sum(1 for _ in ruleset.rules())}
@@ -199,6 +213,11 @@ def cmd_rules_check(args, *, out: TextIO = sys.stdout) -> int:
     for file in args.files:
         try:
             rule_file = _load_checked(file)
+            from ray_monitor.alerting.sharding import sharding_problems
+
+            problems = sharding_problems(rule_file.ruleset, getattr(args, "shards", 1))
+            if problems:
+                raise ConfigError(problems)
         except ConfigError as exc:
             failed = True
             results.append({"file": file, "ok": False, "message": str(exc),
@@ -331,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="address the HTTP server binds (default 127.0.0.1)")
     p.add_argument("--port", type=_port, help="HTTP port (default 8266; 0: any free port)")
     p.add_argument("--token", help="bearer token for writes (default: $RAY_MONITOR_TOKEN)")
+    p.add_argument("--shards", type=_shards, metavar="N", help=(
+        "aggregator actors, each owning the applications that hash to it (default 1)"))
     p.set_defaults(run="start")
     sub.add_parser("stop", parents=[cluster], help="stop the monitor").set_defaults(run="stop")
     sub.add_parser("status", parents=[cluster, as_json],
@@ -356,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     rsub = rules.add_subparsers(dest="rules_command", required=True, metavar="COMMAND")
     p = rsub.add_parser("check", parents=[as_json], help="check rule files; no cluster needed")
     p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--shards", type=_shards, default=1, metavar="N", help=(
+        "check for a monitor sharded across N aggregators: rules that aggregate across "
+        "applications are refused (default 1)"))
     p.set_defaults(run="rules_check")
     p = rsub.add_parser("export", help="print the equivalent Prometheus rule file; no cluster needed")
     p.add_argument("file", metavar="FILE")

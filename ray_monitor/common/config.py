@@ -21,7 +21,7 @@ __all__ = ["StartConfig"]
 
 _SOURCE = "ray_monitor.start()"
 _NUMBERS = ("port", "eval_interval_s", "gpu_interval_s", "series_ttl_s", "feedback_horizon_s",
-            "drift_reference_size", "max_series_per_metric", "top_tenants")
+            "drift_reference_size", "max_series_per_metric", "top_tenants", "shards")
 
 
 class StartConfig(BaseModel):
@@ -49,6 +49,11 @@ class StartConfig(BaseModel):
         "and it forwards one call per flush, so the aggregator's calls per second follow "
         "the nodes, not the replicas (see the README's 'Large clusters'). False: every "
         "replica calls the aggregator."))
+    shards: int = Field(1, ge=1, le=64, description=(
+        "Aggregator actors, each owning the applications that hash to it (crc32 of the "
+        "name): shard 0 serves the one HTTP API, /metrics and alert view and gathers the "
+        "others'. 1: one aggregator. Past about 1,800 replicas at the 1 s flush, or when "
+        "rules, windows or memory outgrow one process (see the README's 'Large clusters')."))
     nvml_factory: Optional[str] = Field(None, description=(
         "'module:function' returning an NVML object (tests inject a fake NVML this way)."))
     series_ttl_s: float = Field(300.0, gt=0, description=(

@@ -21,6 +21,7 @@ import ray
 from ray_monitor.common.names import AGGREGATOR_NAME, NAMESPACE
 from ray_monitor.common.node_socket import session_dir, socket_path
 from ray_monitor.node.local_socket import LocalServer
+from ray_monitor.common.shards import load_count, shard_name, split_by_shard
 from ray_monitor.node.merger import MAX_SNAPSHOTS, Delivery, NodeMerger
 
 __all__ = ["GATHER_S", "NodeMergerActor", "RETRY_S"]
@@ -57,7 +58,9 @@ class NodeMergerActor:
         self._sink_name = sink
         self._namespace = namespace
         self._gather_s = float(gather_s)
-        self._sink: Any = None
+        self._sinks: dict[int, Any] = {}  # aggregator shard -> handle (see _aggregator)
+        self._shards: Optional[int] = None  # the monitor's shard count, read from the GCS
+        self._cursors: dict[int, Any] = {}  # each shard's kept-traces (epoch, seq)
         self._wake: Optional[asyncio.Event] = None
         self._task: Optional[asyncio.Task] = None
         self._failed: set[str] = set()  # causes already logged
@@ -86,6 +89,9 @@ class NodeMergerActor:
         return await delivery.waiter
 
     async def _forward_loop(self) -> None:
+        # One call per aggregator shard per forward (one shard: one call), the shards'
+        # calls at once: each shard's part is kept, given back and retried on its own, so
+        # a shard that is away holds back only the deliveries of its applications.
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -93,26 +99,54 @@ class NodeMergerActor:
                 await asyncio.sleep(self._gather_s)
             while len(self.merger):
                 batch, taken = self.merger.take()
-                try:
-                    sink = await self._aggregator()
-                    reply = await sink.ingest_node.remote(batch, self.merger.cursor,
-                                                         self.merger.report())
-                except Exception as e:  # away or restarting: keep them, try again
-                    self.merger.give_back(taken)
-                    self._sink = None
-                    self._log_once(f"forward:{type(e).__name__}", e)
+                shards = await self._shard_count()
+                parts = sorted(split_by_shard(taken, _application, shards).items())
+                if len(parts) == 1:
+                    failed = [await self._forward(parts[0][0], parts[0][1], batch)]
+                else:
+                    failed = await asyncio.gather(*(self._forward(shard, deliveries)
+                                                    for shard, deliveries in parts))
+                failed = [f for f in failed if f]
+                if failed:
+                    for deliveries in reversed(failed):  # back to the front, in order
+                        self.merger.give_back(deliveries)
                     await asyncio.sleep(RETRY_S)
-                    continue
-                self.merger.answered(reply)
-                for d in taken:
-                    if not d.waiter.done():  # a replica that went away cancelled its wait
-                        d.waiter.set_result(self.merger.reply(d))
 
-    async def _aggregator(self) -> Any:
-        if self._sink is None:  # a GCS call: off the event loop
-            self._sink = await asyncio.to_thread(ray.get_actor, self._sink_name,
-                                                 namespace=self._namespace)
-        return self._sink
+    async def _forward(self, shard: int, deliveries: list, snaps: Optional[list] = None
+                       ) -> Optional[list]:
+        """One shard's part of a forward; returns its deliveries when the call failed."""
+        if snaps is None:
+            snaps = [s for d in deliveries for s in d.snaps]
+        try:
+            sink = await self._aggregator(shard)
+            reply = await sink.ingest_node.remote(snaps, self._cursors.get(shard),
+                                                 self.merger.report())
+        except Exception as e:  # away or restarting: keep them, try again
+            self._sinks.pop(shard, None)
+            self._shards = None  # a stop() and start() may have changed it
+            self._log_once(f"forward:{type(e).__name__}", e)
+            return deliveries
+        if isinstance(reply, dict) and "seq" in reply:
+            self._cursors[shard] = (reply.get("epoch"), reply["seq"])
+        self.merger.answered(reply)
+        for d in deliveries:
+            if not d.waiter.done():  # a replica that went away cancelled its wait
+                d.waiter.set_result(self.merger.reply(d))
+        return None
+
+    async def _shard_count(self) -> int:
+        if self._shards is None:  # a GCS call: off the event loop
+            self._shards = await asyncio.to_thread(load_count)
+        return self._shards
+
+    async def _aggregator(self, shard: int = 0) -> Any:
+        """The aggregator (shard) that owns ``shard``'s applications, found by name."""
+        sink = self._sinks.get(shard)
+        if sink is None:  # a GCS call: off the event loop
+            name = self._sink_name if shard == 0 else shard_name(shard)
+            sink = self._sinks[shard] = await asyncio.to_thread(
+                ray.get_actor, name, namespace=self._namespace)
+        return sink
 
     async def stats(self) -> dict:
         """This merger's counters (what every forward reports too)."""
@@ -126,3 +160,8 @@ class NodeMergerActor:
         if cause not in self._failed:
             self._failed.add(cause)
             log.warning("ray-monitor node merger: %s (%r); logged once", cause, exc)
+
+
+def _application(delivery: Delivery) -> Optional[str]:
+    """The application of a delivery: one replica's snapshots, all of one application."""
+    return delivery.snaps[0].identity.application if delivery.snaps else None

@@ -218,6 +218,12 @@ class FeedbackJoin:
                 self._forget(rid, "dropped")
         return out
 
+    def known(self, request_ids: Iterable[Any]) -> list[str]:
+        """The ids of ``request_ids`` this join has a prediction of (waiting or joined):
+        a sharded monitor sends each feedback item to the shard that holds its prediction."""
+        return [r for r in request_ids if isinstance(r, str)
+                and (r in self._pending or r in self._done)]
+
     def add_feedback(self, items: Iterable[Any], *, result: Optional[FeedbackResult] = None,
                      start: int = 0) -> FeedbackResult:
         """Joins ground truth, one dict per item: ``{"request_id": ..., "label": ...}`` or

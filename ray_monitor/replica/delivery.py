@@ -44,9 +44,12 @@ LOOKUP_EVERY_S = 2.0
 
 class ActorSink:
     def __init__(self, *, name: str = AGGREGATOR_NAME, namespace: str = NAMESPACE,
-                 node_id: Optional[str] = None,
+                 node_id: Optional[str] = None, application: Optional[str] = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.name = name
+        #: With a sharded monitor, the direct receiver is the shard that owns this
+        #: application (``name`` is then shard 0's, the aggregator's own name).
+        self.application = application
         #: The node merger's name, tried before ``name``; None: always ``name``.
         self.node_name = node_merger_name(node_id) if node_id else None
         self.via_node = False  # whether the handle found is the node merger's
@@ -84,13 +87,22 @@ class ActorSink:
                     return
                 except ValueError:  # the node has no merger (yet): the aggregator
                     pass
-            self._actor = ray.get_actor(self.name, namespace=self.namespace)
+            self._actor = ray.get_actor(self._direct_name(), namespace=self.namespace)
             self.via_node = False
             self._old_aggregator = False  # found anew: it may be a newer one
         except Exception:  # not started (yet), or Ray is going away: keep buffering
             pass
         finally:
             self._looking = False
+
+    def _direct_name(self) -> str:
+        """The aggregator this replica delivers to without a merger: its application's
+        shard (the shard count is read from the GCS, on the lookup thread)."""
+        if self.application is None or self.name != AGGREGATOR_NAME:
+            return self.name
+        from ray_monitor.common.shards import load_count, shard_name, shard_of
+
+        return shard_name(shard_of(self.application, load_count()))
 
     def send(self, snapshots: list[ReplicaSnapshot]) -> list[ReplicaSnapshot]:
         import ray
@@ -171,7 +183,8 @@ def make_sinks(identity: ReplicaIdentity, *, on_failure: Optional[Callable] = No
         import ray
 
         if ray.is_initialized():
-            sink = ActorSink(node_id=identity.node_id or None)
+            sink = ActorSink(node_id=identity.node_id or None,
+                             application=identity.application)
     except ImportError:  # pragma: no cover
         pass
     from ray_monitor.replica.otlp_metrics import OtlpMetrics, otlp_metrics_configured

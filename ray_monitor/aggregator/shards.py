@@ -1,0 +1,280 @@
+"""The front of a sharded monitor: shard 0 gathering the other aggregators' answers.
+
+Runs in the aggregator actors when ``StartConfig.shards > 1``. Shard 0 keeps the one HTTP
+API, ``/metrics`` and alert view; every other shard owns the applications that hash to
+it (:func:`~ray_monitor.common.shards.shard_of`) and answers shard 0's calls with its own
+part. This module decides how those parts become one answer (the pure ``merge_*`` and
+``route_feedback`` functions), how shard 0 reaches the others (:class:`ShardFront`), and
+how the trace ids that replicas kept reach every shard (:class:`KeptExchange`), so a
+trace that crosses applications on different shards is still exported whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import deque
+from typing import Any, Iterable, Optional, Sequence
+
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+
+from ray_monitor.common.names import NAMESPACE
+from ray_monitor.common.shards import shard_name
+
+__all__ = ["CALL_TIMEOUT_S", "KeptExchange", "SELF_PREFIX", "ShardFront", "merge_families",
+           "merge_feedback", "merge_groups", "merge_stats", "merge_traces", "route_feedback"]
+
+log = logging.getLogger(__name__)
+
+#: How long shard 0 waits for another shard's part of an answer; a shard that does not
+#: answer in time is left out of that answer and shown as ``ray_monitor_self_shard_up 0``
+#: (under Prometheus' default 10 s scrape timeout, so the scrape itself still succeeds).
+CALL_TIMEOUT_S = 5.0
+#: The monitor's own metrics: every shard has them, so they get a ``shard`` label.
+SELF_PREFIX = "ray_monitor_self_"
+
+
+def merge_families(per_shard: Sequence[Optional[Iterable[Metric]]]) -> list[Metric]:
+    """One exposition from the shards' metric families (index = shard; None: no answer).
+
+    The shards' series are disjoint (each owns its applications), so a family's samples
+    are concatenated under one HELP/TYPE; the monitor's own metrics get a ``shard`` label;
+    a sample two shards both have (e.g. a series about the cluster as a whole) is kept
+    once, shard 0's. ``ray_monitor_self_shard_up`` says which shards answered."""
+    out: dict[str, Metric] = {}
+    seen: set[tuple] = set()
+    up = GaugeMetricFamily(SELF_PREFIX + "shard_up", "Whether each aggregator shard "
+                           "answered this scrape (1) or is left out of it (0).",
+                           labels=["shard"])
+    for index, families in enumerate(per_shard):
+        up.add_metric([str(index)], 0.0 if families is None else 1.0)
+        for fam in families or ():
+            mine = fam.name.startswith(SELF_PREFIX)
+            merged = out.get(fam.name)
+            if merged is None:
+                merged = out[fam.name] = Metric(fam.name, fam.documentation, fam.type,
+                                                getattr(fam, "unit", ""))
+            for s in fam.samples:
+                if mine:
+                    s = s._replace(labels={**s.labels, "shard": str(index)})
+                key = (s.name, tuple(sorted(s.labels.items())))
+                if key in seen:
+                    continue
+                seen.add(key)
+                merged.samples.append(s)
+    out[up.name] = up
+    return list(out.values())
+
+
+def merge_traces(per_shard: Sequence[Iterable[dict]], limit: int) -> list[dict]:
+    """The kept traces of every shard, newest first, at most ``limit``; a trace whose
+    spans reached several shards (it crossed their applications) is shown once, whole."""
+    from ray_monitor.aggregator.trace_store import KINDS, error_text, tree_order
+
+    by_id: dict[str, list[dict]] = {}
+    seen: set[tuple] = set()
+    for traces in per_shard:
+        for t in traces:
+            key = (t["trace_id"], tuple(sorted(s.get("span_id") or "" for s in t["spans"])))
+            if key not in seen:  # the same shard's part, asked for twice
+                seen.add(key)
+                by_id.setdefault(t["trace_id"], []).append(t)
+    out = []
+    for tid, parts in by_id.items():
+        if len(parts) == 1:
+            out.append(parts[0])
+            continue
+        spans = {}
+        for p in parts:
+            for s in p["spans"]:
+                spans.setdefault(s.get("span_id") or id(s), dict(s))
+        for s in spans.values():
+            s.pop("depth", None)
+        ordered = tree_order(list(spans.values()))
+        ours = [s for s in ordered if s.get("source") == "ray_monitor"]
+        root = min(ours or ordered, key=lambda s: s["start"])
+        failed = [s for s in ordered if s.get("status") == "error"]
+        first = min(failed, key=lambda s: s["start"] + s["duration_s"]) if failed else None
+        kinds = {k for p in parts for k in p["kinds"]}
+        out.append({"trace_id": tid, "kinds": [k for k in KINDS if k in kinds],
+                    "start": root["start"], "duration_s": root["duration_s"],
+                    "root": root["name"], "application": root.get("application", ""),
+                    "deployment": root.get("deployment", ""),
+                    "error": None if first is None else error_text(first),
+                    "error_deployment": None if first is None else first.get("deployment", ""),
+                    "span_count": len(ordered),
+                    "spans_dropped": sum(p.get("spans_dropped", 0) for p in parts),
+                    "spans": ordered})
+    out.sort(key=lambda t: t["start"], reverse=True)
+    return out[:limit]
+
+
+def merge_groups(per_shard: Sequence[Optional[dict]]) -> dict:
+    """``{json of a group's labels: value}`` of every shard, as one. Groups that include
+    ``application`` are disjoint; a group two shards both answer (a query not grouped by
+    application: each shard's part of it) is kept per shard, its key given a ``shard``
+    label, never summed into a number that means something else for each function."""
+    out: dict = {}
+    for index, groups in enumerate(per_shard):
+        for key, value in (groups or {}).items():
+            if key in out:
+                labels = json.loads(key)
+                labels["shard"] = str(index)
+                key = json.dumps(labels, sort_keys=True)
+            out[key] = value
+    return out
+
+
+def merge_stats(per_shard: Sequence[Optional[dict]]) -> dict:
+    """Shard 0's stats with the cluster's totals (``ingested``, ``replicas``, ``delivery``
+    per deployment) and each shard's own under ``shards`` (None: it did not answer)."""
+    out = dict(per_shard[0])
+    out["delivery"] = dict(out.get("delivery") or {})
+    for other in per_shard[1:]:
+        if not other:
+            continue
+        for k in ("ingested", "replicas"):
+            out[k] = out.get(k, 0) + other.get(k, 0)
+        out["delivery"].update(other.get("delivery") or {})
+    out["shards"] = list(per_shard)
+    return out
+
+
+def route_feedback(items: Sequence[Any], known: Sequence[Iterable[str]]
+                   ) -> dict[int, list[int]]:
+    """Which shard gets each feedback item (by index): the first whose ``known`` request
+    ids hold its request id (that shard has the prediction), else shard 0, which holds it
+    for a late prediction as one aggregator does (or reports it unknown)."""
+    owners: dict[str, int] = {}
+    for index, rids in enumerate(known):
+        for rid in rids:
+            owners.setdefault(rid, index)
+    out: dict[int, list[int]] = {}
+    for i, item in enumerate(items):
+        rid = item.get("request_id") if isinstance(item, dict) else None
+        out.setdefault(owners.get(rid, 0) if isinstance(rid, str) else 0, []).append(i)
+    return out
+
+
+def merge_feedback(parts: Sequence[tuple[list[int], dict]], limit: int = 100) -> dict:
+    """One answer from the shards' answers to their parts of a batch: counts summed, the
+    problems' ``index`` put back to the item's place in the whole batch."""
+    counts: dict[str, int] = {}
+    problems: list[dict] = []
+    omitted = 0
+    for indices, res in parts:
+        for status, n in res.get("counts", {}).items():
+            counts[status] = counts.get(status, 0) + n
+        for p in res.get("problems", []):
+            p = dict(p)
+            if isinstance(p.get("index"), int) and 0 <= p["index"] < len(indices):
+                p["index"] = indices[p["index"]]
+            problems.append(p)
+        omitted += res.get("problems_omitted", 0)
+    problems.sort(key=lambda p: p.get("index", 0))
+    omitted += max(0, len(problems) - limit)
+    out: dict[str, Any] = {"counts": counts, "problems": problems[:limit]}
+    if omitted:
+        out["problems_omitted"] = omitted
+    return out
+
+
+class ShardFront:
+    """Shard 0's handles on the other shards, found by name off the event loop and found
+    again after a failed call (a shard that Ray restarts keeps its name)."""
+
+    def __init__(self, shards: int, *, namespace: str = NAMESPACE,
+                 timeout_s: float = CALL_TIMEOUT_S) -> None:
+        self.shards = shards
+        self.namespace = namespace
+        self.timeout_s = timeout_s
+        self._handles: dict[int, Any] = {}
+        self._failed: set[str] = set()
+
+    async def handle(self, index: int) -> Any:
+        h = self._handles.get(index)
+        if h is None:
+            import ray
+
+            h = await asyncio.to_thread(ray.get_actor, shard_name(index),
+                                        namespace=self.namespace)
+            self._handles[index] = h
+        return h
+
+    async def call(self, index: int, method: str, *args: Any) -> Any:
+        """Shard ``index``'s answer to ``method(*args)``; raises when it does not answer."""
+        try:
+            h = await self.handle(index)
+            return await asyncio.wait_for(getattr(h, method).remote(*args), self.timeout_s)
+        except Exception as e:
+            self._handles.pop(index, None)
+            cause = f"{method}:{type(e).__name__}"
+            if cause not in self._failed:
+                self._failed.add(cause)
+                log.warning("ray-monitor: shard %d did not answer %s (%r); logged once per "
+                            "cause", index, method, e)
+            raise
+
+    async def gather(self, method: str, *args: Any) -> list[Any]:
+        """The other shards' answers to ``method(*args)``, index 1.. (None: no answer)."""
+        async def one(i: int) -> Any:
+            try:
+                return await self.call(i, method, *args)
+            except Exception:
+                return None
+        return list(await asyncio.gather(*(one(i) for i in range(1, self.shards))))
+
+
+class KeptExchange:
+    """A shard's (index > 0) share of the cluster's kept trace ids, traded with shard 0.
+
+    Each round, the ids this shard's replicas reported since the last trade go to shard 0
+    (``outgoing``), whose log is the cluster's; its answer, the ids kept anywhere since
+    this shard's cursor, goes into this shard's own log (``incoming``), so replicas that
+    deliver here hear of traces kept on every shard, one round later. Ids that came from
+    shard 0 are never sent back, and one already logged is not logged twice."""
+
+    def __init__(self, *, remember: int = 20000) -> None:
+        self.pushed_seq = 0  # this shard's log, up to where it was sent
+        self.cursor: Optional[tuple] = None  # shard 0's (epoch, seq) last answered
+        self._known: set[str] = set()
+        self._order: deque[str] = deque()
+        self._remember = remember
+        self.traded = 0
+
+    def _note(self, tid: str) -> None:
+        self._known.add(tid)
+        self._order.append(tid)
+        while len(self._order) > self._remember:
+            self._known.discard(self._order.popleft())
+
+    def outgoing(self, kept_log: Any) -> tuple[list[str], int]:
+        """The ids ``kept_log`` took from replicas since the last trade, minus those that
+        came from shard 0, and the log's number to record once the trade succeeded."""
+        ids = kept_log.reply((kept_log.epoch, self.pushed_seq))["kept"]
+        return [t for t in ids if t not in self._known], kept_log.seq
+
+    def incoming(self, kept_log: Any, reply: Any, sent: Iterable[str] = (),
+                 upto: Optional[int] = None) -> list[str]:
+        """A trade succeeded: ``sent`` (from :meth:`outgoing`, up to ``upto``) reached
+        shard 0, and its answer ``{"epoch", "seq", "kept"}`` goes into this shard's log.
+        Returns the ids new here (kept elsewhere). (A failed trade calls nothing: the
+        same ids go out again next time.)"""
+        for t in sent:
+            self._note(t)
+        if upto is not None:
+            self.pushed_seq = max(self.pushed_seq, upto)
+        if not isinstance(reply, dict) or "seq" not in reply:
+            return []
+        self.cursor = (reply.get("epoch"), reply["seq"])
+        new = [t for t in reply.get("kept") or () if t not in self._known]
+        for t in new:
+            self._note(t)
+        if new:
+            before = kept_log.seq
+            kept_log.add(new)
+            if self.pushed_seq == before:  # what we just logged is not ours to send
+                self.pushed_seq = kept_log.seq
+        self.traded += 1
+        return new
