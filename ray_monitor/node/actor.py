@@ -20,8 +20,8 @@ import ray
 
 from ray_monitor.common.names import AGGREGATOR_NAME, NAMESPACE
 from ray_monitor.common.node_socket import session_dir, socket_path
-from ray_monitor.node.local_socket import LocalServer
 from ray_monitor.common.shards import load_count, shard_name, split_by_shard
+from ray_monitor.node.local_socket import LocalServer
 from ray_monitor.node.merger import MAX_SNAPSHOTS, Delivery, NodeMerger
 
 __all__ = ["GATHER_S", "NodeMergerActor", "RETRY_S"]
