@@ -17,8 +17,8 @@ import numpy as np
 
 from ray_monitor.common.histogram import BASE, Histogram
 
-__all__ = ["GAP8", "PAIR", "bucket_values", "compact", "compact_cells", "entries", "narrow",
-           "pack_histogram", "unnarrow", "unpack"]
+__all__ = ["GAP8", "PAIR", "bucket_values", "compact", "compact_cells", "entries",
+           "histogram_entries", "narrow", "pack_histogram", "unnarrow", "unpack"]
 
 _LOG_BASE = math.log(BASE)
 #: A bucket's entry while it fills: int16 index, uint16 count (a count above 65535 takes
@@ -51,11 +51,16 @@ def _encode(idx: np.ndarray, cnt: np.ndarray) -> bytes:
     return out.tobytes()
 
 
-def pack_histogram(h: Histogram) -> bytes:
+def histogram_entries(h: Histogram) -> np.ndarray:
+    """``h``'s (bucket index, count) entries, interleaved in one int64 array."""
     b = h.buckets
-    a = np.fromiter(chain.from_iterable(b.items()), dtype=np.int64, count=2 * len(b))
+    return np.fromiter(chain.from_iterable(b.items()), dtype=np.int64, count=2 * len(b))
+
+
+def pack_histogram(a: np.ndarray) -> bytes:
+    """Interleaved entries (:func:`histogram_entries`) as 4-byte pairs."""
     idx, cnt = a[0::2], a[1::2]
-    if len(b) and (cnt.max() > _MAX_COUNT or idx.min() < -32768 or idx.max() > 32767):
+    if len(a) and (cnt.max() > _MAX_COUNT or idx.min() < -32768 or idx.max() > 32767):
         return _encode(idx, cnt)
     return a.astype(np.int16).tobytes()  # same bytes as PAIR: counts wrap into int16's bits
 

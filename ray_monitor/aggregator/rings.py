@@ -41,14 +41,15 @@ was created).
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import numpy as np
 
 from ray_monitor.common.catalog import Metric
-from ray_monitor.aggregator.packing import (PAIR, compact, compact_cells, entries, narrow,
-                                            pack_histogram, unnarrow, unpack)
+from ray_monitor.aggregator.packing import (PAIR, compact, compact_cells, entries,
+                                            histogram_entries, narrow, pack_histogram,
+                                            unnarrow, unpack)
+from ray_monitor.aggregator.totals import Totals
 from ray_monitor.common.histogram import Histogram
 from ray_monitor.common.matchers import Matcher, matches
 from ray_monitor.common.snapshot import Exemplar
@@ -385,7 +386,7 @@ class Table:
         self.metric = metric
         self.kind = metric.kind
         self.series = LabelSpace(metric.labels)
-        self.cum: list = []  # per row: [total] | [value, time] | [Histogram, exemplars]
+        self.totals = Totals(self.kind)  # per row: its value since the store started
         self.keep = tuple(i for i, n in enumerate(metric.labels) if n not in ROLLUP_DROPS)
         self.has_drops = len(self.keep) < len(metric.labels)
         # without labels to drop, a rollup is its series: one space, one set of rings
@@ -415,11 +416,9 @@ class Table:
             if row is not None:
                 return row
         row = self.series.add(values)
-        if row >= len(self.cum):
-            self.cum.append(None)
+        if row >= len(self.up):
             self.up.append(-1)
-        self.cum[row] = ([0.0] if self.kind == "counter" else [math.nan, -math.inf]
-                         if self.kind == "gauge" else [Histogram(), {}])
+        self.totals.reset(row)
         up = row
         if self.has_drops:
             if len(self.series.live) > self.series_ring.rows:
@@ -460,7 +459,6 @@ class Table:
         if self.has_drops:
             self.live_series[self.up[row]] -= 1
         self.series.remove(row)
-        self.cum[row] = None
         for ring in [self.series_ring] if self.has_drops else self.rings:
             ring.clear(row, slice(None))
         self.version += 1
@@ -493,7 +491,7 @@ class Table:
             if not fits(ring.v.dtype, new):
                 ring.widen("v", new)
             ring.v[r, p] = new
-        self.cum[row][0] += value
+        self.totals.add(row, value)
 
     def add_gauge(self, row: int, where, value: float, t: float, now: float) -> None:
         for ring, r, k, p in self._targets(row, where, now):
@@ -522,13 +520,12 @@ class Table:
                 ring.n[r, p] = 1
                 ring.s[r, p] = ring.lo[r, p] = ring.hi[r, p] = ring.last[r, p] = value
                 ring.to[r, p] = off
-        cum = self.cum[row]
-        if t >= cum[1]:
-            cum[0], cum[1] = value, t
+        self.totals.set(row, value, t)
 
     def add_hist(self, row: int, where, h: Histogram, now: float,
                  exemplars: Optional[dict[int, Exemplar]]) -> None:
-        packed = pack_histogram(h)
+        a = histogram_entries(h)
+        packed = pack_histogram(a)
         for ring, r, k, p in self._targets(row, where, now):
             cells = ring.open.get(p)
             if cells is None:
@@ -565,10 +562,4 @@ class Table:
                 ring.lo[r, p] = h.min
                 ring.hi[r, p] = h.max
                 cells[r] = [packed, 1]
-        cum_hist, cum_ex = self.cum[row]
-        cum_hist.merge(h)
-        if exemplars:
-            for i, ex in exemplars.items():
-                cur = cum_ex.get(i)
-                if cur is None or ex.timestamp >= cur.timestamp:
-                    cum_ex[i] = ex
+        self.totals.merge(row, h, a[0::2], a[1::2], exemplars)
