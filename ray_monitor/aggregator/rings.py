@@ -46,7 +46,7 @@ from typing import Optional
 import numpy as np
 
 from ray_monitor.common.catalog import Metric
-from ray_monitor.aggregator.packing import (PAIR, compact, compact_cells, entries,
+from ray_monitor.aggregator.packing import (PAIR, compact, compact_cells, decode,
                                             histogram_entries, narrow, pack_histogram,
                                             unnarrow, unpack)
 from ray_monitor.aggregator.totals import Totals
@@ -128,8 +128,13 @@ class Ring:
             setattr(self, c, np.full((0, slots), fill, dtype=dtype))
         if kind == "histogram":
             self.open: dict[int, dict[int, list]] = {}  # slot -> row -> [pairs, deltas]
-            self.packed: list[Optional[tuple]] = [None] * slots
-            self.gen = np.zeros(0, dtype=np.uint16)
+            self.packed: list[Optional[bytes]] = [None] * slots
+            self.meta = np.zeros((slots, 4), dtype=np.int64)  # packing.narrow's header
+            # A packed slot's entries of a row are valid if the slot was sealed after the
+            # row was last cleared (rows are reused): one number per slot and per row.
+            self.epoch = 0
+            self.sealed = np.zeros(slots, dtype=np.int64)
+            self.cleared = np.zeros(0, dtype=np.int64)
 
     @property
     def rows(self) -> int:
@@ -139,7 +144,7 @@ class Ring:
         for c, (_, fill) in self.columns.items():
             setattr(self, c, _pad(getattr(self, c), cap, fill))
         if self.kind == "histogram":
-            self.gen = _pad(self.gen, cap, 0)
+            self.cleared = _pad(self.cleared, cap, 0)
 
     def widen(self, column: str, value: float) -> np.ndarray:
         """Holds ``column`` in the next type that holds ``value`` exactly, from now on."""
@@ -184,7 +189,7 @@ class Ring:
                 self.packed[p] = None
                 self.open.pop(p, None)
         else:
-            self.gen[rows] += 1
+            self.cleared[rows] = self.epoch
             for cells in self.open.values():
                 cells.pop(rows, None)
 
@@ -211,23 +216,24 @@ class Ring:
         pairs = np.frombuffer(b"".join(blobs), dtype=PAIR)
         old = self.packed[p]
         if old is not None:  # late deltas for a packed bucket: one array again
-            orows, ogen, olens, opairs = unnarrow(old)
-            ok = ogen == self.gen[orows]
+            orows, olens, opairs = unnarrow((old, tuple(self.meta[p].tolist())))
+            ok = self.sealed[p] > self.cleared[orows]
             rows = np.concatenate((orows[ok], rows))
             pairs = np.concatenate((opairs[np.repeat(ok, olens)], pairs))
             lens = np.concatenate((olens[ok], lens))
-        # sorted, one entry per (row, index): what the 2-byte form codes as gaps
+        # sorted, one entry per (row, index): what the gap forms code as steps
         rows, lens, pairs = compact_cells(rows, lens, pairs)
-        self.packed[p] = narrow(rows, self.gen[rows], lens, pairs)
+        self.epoch += 1
+        self.sealed[p] = self.epoch
+        self.packed[p], self.meta[p] = narrow(rows, lens, pairs)
 
     def pairs(self, slots) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Histogram entries held in ``slots``: (row of each, bucket index, count)."""
-        forms: dict[int, list] = {4: [], 5: []}  # packed slots of each form, decoded at once
+        at = []  # packed slots, decoded at once
         tags, idxs, cnts = [], [], []
         for p in np.ravel(slots).tolist():
-            held = self.packed[p]
-            if held is not None:
-                forms[len(held)].append(held)
+            if self.packed[p] is not None:
+                at.append(p)
             cells = self.open.get(p)
             if cells:
                 blobs = [c[0] for c in cells.values()]
@@ -236,11 +242,10 @@ class Ring:
                 idx, cnt = unpack(b"".join(blobs))
                 idxs.append(idx)
                 cnts.append(cnt)
-        for helds in forms.values():
-            if not helds:
-                continue
-            rows, gen, lens, idx, cnt = entries(tuple(np.concatenate(part) for part in zip(*helds)))
-            ok = gen == self.gen[rows]
+        if at:
+            helds = [(self.packed[p], tuple(m)) for p, m in zip(at, self.meta[at].tolist())]
+            rows, lens, idx, cnt, where = decode(helds)
+            ok = self.sealed[np.array(at)[where]] > self.cleared[rows]
             if not ok.all():
                 keep = np.repeat(ok, lens)
                 rows, lens, idx, cnt = rows[ok], lens[ok], idx[keep], cnt[keep]
@@ -255,8 +260,8 @@ class Ring:
     def nbytes(self) -> int:
         n = sum(getattr(self, c).nbytes for c in self.columns)
         if self.kind == "histogram":
-            n += self.gen.nbytes + sum(sum(a.nbytes for a in held) for held in self.packed
-                                       if held is not None)
+            n += self.cleared.nbytes + self.sealed.nbytes + self.meta.nbytes
+            n += sum(len(held) + 33 for held in self.packed if held is not None)
             n += sum(len(c[0]) + 100 for cells in self.open.values() for c in cells.values())
         return n
 

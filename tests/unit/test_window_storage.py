@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 
+from ray_monitor.aggregator.packing import GAP_FORMS
 from ray_monitor.aggregator.windows import WindowStore
 from ray_monitor.common.catalog import Query
 from ray_monitor.common.matchers import Matcher
@@ -114,13 +115,27 @@ def test_compact_rings_give_the_reference_values_over_a_long_random_sequence():
     assert lat.series_ring.n.dtype == np.float64
     assert not store._tables["inflight"].series_ring.single
     assert store._tables["cpu_percent"].series_ring.single  # never written: stays compact
-    # complete buckets are held both ways: 2-byte entries (with steps over 255 and counts
-    # over 255 continued) and, where those would take more room (2**24), 4-byte pairs
-    held = [h for ring in (lat.series_ring, lat.rings[0]) for h in ring.packed if h is not None]
-    narrow = [h[3] for h in held if len(h) == 5]
-    assert narrow and len(narrow) < len(held)
-    gaps = np.concatenate(narrow)
-    assert ((gaps["g"] == 255) & (gaps["c"] == 0)).any() and ((gaps["g"] == 0) & (gaps["c"] > 0)).any()
+    # complete buckets are held in gap forms (with long steps and large counts continued)
+    # and, where those would take more room (2**24), in 4-byte pairs
+    forms, skips, more = set(), False, False
+    for ring in (lat.series_ring, lat.rings[0]):
+        for p, held in enumerate(ring.packed):
+            if held is None:
+                continue
+            form, rw, lw, n = ring.meta[p].tolist()
+            forms.add(form)
+            if form:
+                gb, cb = GAP_FORMS[form - 1]
+                e = np.frombuffer(held, np.uint8 if gb + cb == 8 else np.uint16,
+                                  offset=n * (rw + lw + 2)).astype(np.int64)
+                g, c = e >> cb, e & (2 ** cb - 1)
+                lens = np.frombuffer(held, np.uint8 if lw == 1 else np.uint16, n, n * rw)
+                later = np.ones(len(e), dtype=bool)  # not a row's first entry
+                later[np.cumsum(lens) - lens] = False
+                skips |= bool(((g == 2 ** gb - 1) & (c == 0)).any())
+                more |= bool(((g == 0) & (c > 0) & later).any())
+    assert 0 in forms and len(forms) >= 3, forms
+    assert skips and more
 
 
 def test_an_unfolded_gauge_ring_and_a_widened_counter_keep_every_value():
