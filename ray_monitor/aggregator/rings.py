@@ -75,7 +75,10 @@ _COLUMNS = {"counter": {"v": (np.float32, np.nan)},
                       "to": (np.float32, -np.inf)}}  # to: the latest sample's offset in the bucket
 # A per-series gauge ring holds one sample per bucket (one report a second): until a bucket
 # gets a second sample it keeps the sample and its offset only (see Ring.single).
-_SINGLE = {"n": (np.uint8, 0), "last": (np.float64, 0.0), "to": (np.float32, -np.inf)}
+# Its samples start as uint8 and widen like counts (gauges such as in-flight requests or
+# hung requests are small whole numbers; a value that does not fit widens the ring).
+_SINGLE = {"n": (np.uint8, 0), "last": (np.uint8, 0), "to": (np.float32, -np.inf)}
+_F64 = np.dtype(np.float64)
 _GROW_ROWS = 2  # rows of capacity a space starts with: rollups are few per metric
 _COMPACT_AT = 8  # appended deltas in one histogram bucket before it is compacted
 
@@ -166,6 +169,7 @@ class Ring:
         self.lo = np.where(has, self.last, full["lo"][1])
         self.hi = np.where(has, self.last, full["hi"][1])
         self.n = self.n.astype(full["n"][0])
+        self.last = self.last.astype(np.float64)
         self.columns = {c: (getattr(self, c).dtype.type, fill) for c, (_, fill) in full.items()}
         self.top = {c: _TOP[np.dtype(d)] for c, (d, _) in self.columns.items()}
         self.single = False
@@ -504,6 +508,8 @@ class Table:
             if ring.single:
                 if not ring.n[r, p]:
                     ring.n[r, p] = 1
+                    if ring.last.dtype != _F64 and not fits(ring.last.dtype, value):
+                        ring.widen("last", value)
                     ring.last[r, p] = value
                     ring.to[r, p] = off
                     continue

@@ -197,3 +197,32 @@ def test_a_window_as_long_as_the_fine_ring_reads_its_oldest_second(resolutions):
             assert list(got.values()) == [want_count], (by, lag)
         got = store.evaluate(Query("min", "inflight", float(span), by=("replica",)), now)
         assert list(got.values()) == [float(seconds[0] + 1)], lag
+
+
+def test_a_per_series_gauge_ring_holds_whole_samples_narrow_and_widens_for_any_other():
+    # One sample a second per series: whole numbers 0-255 are held in one byte, and the
+    # first value that does not fit (300, then 2.5, then -1.5) widens the ring, keeping
+    # every earlier sample.
+    clock = Clock(T0)
+    store = WindowStore(clock=clock)
+    ring = store._tables["inflight"].series_ring
+    values = [float(v) for v in range(0, 256, 15)] + [300.0, 2.5, -1.5, 7.0]
+    dtypes = []
+    for i, value in enumerate(values):
+        clock.t = T0 + i + 0.25
+        store.ingest(ReplicaSnapshot(ident(), i + 1, clock.t - 1.0, clock.t, [], {"__call__": value}, None))
+        dtypes.append(ring.last.dtype)
+    assert ring.single
+    assert dtypes[:18] == [np.uint8] * 18 and dtypes[18] == np.uint16
+    assert dtypes[19] == dtypes[20] == np.float32 and dtypes[-1] == np.float32
+    q = lambda f, w: Query(f, "inflight", w, by=("replica",))  # noqa: E731
+    now = clock.t + 1.0
+    key = (("replica", "r1"),)
+    got = {f: store.evaluate(q(f, 60.0), now)[key] for f in ("min", "max", "sum", "count")}
+    assert got == {"min": -1.5, "max": 300.0, "sum": pytest.approx(sum(values) / len(values)),
+                   "count": float(len(values))}
+    # the last sample, and every sample one by one (1 s windows ending at each second)
+    assert store.evaluate(q("last", 60.0), now)[key] == 7.0
+    for i, value in enumerate(values):
+        end = T0 + i  # sample i lands in second T0 + i - 1 (its delta's midpoint)
+        assert store._query.evaluate(q("last", 1.0), end, store._version)[key] == value
