@@ -79,6 +79,7 @@ _COLUMNS = {"counter": {"v": (np.float32, np.nan)},
 # hung requests are small whole numbers; a value that does not fit widens the ring).
 _SINGLE = {"n": (np.uint8, 0), "last": (np.uint8, 0), "to": (np.float32, -np.inf)}
 _F64 = np.dtype(np.float64)
+_NO_META = np.zeros((0, 4), dtype=np.uint32)
 _GROW_ROWS = 2  # rows of capacity a space starts with: rollups are few per metric
 _COMPACT_AT = 8  # appended deltas in one histogram bucket before it is compacted
 
@@ -132,11 +133,11 @@ class Ring:
         if kind == "histogram":
             self.open: dict[int, dict[int, list]] = {}  # slot -> row -> [pairs, deltas]
             self.packed: list[Optional[bytes]] = [None] * slots
-            self.meta = np.zeros((slots, 4), dtype=np.int64)  # packing.narrow's header
+            self.meta = _NO_META  # per slot: packing.narrow's header (made at the first seal)
             # A packed slot's entries of a row are valid if the slot was sealed after the
             # row was last cleared (rows are reused): one number per slot and per row.
             self.epoch = 0
-            self.sealed = np.zeros(slots, dtype=np.int64)
+            self.sealed = _NO_META[:, 0]
             self.cleared = np.zeros(0, dtype=np.int64)
 
     @property
@@ -227,6 +228,9 @@ class Ring:
             lens = np.concatenate((olens[ok], lens))
         # sorted, one entry per (row, index): what the gap forms code as steps
         rows, lens, pairs = compact_cells(rows, lens, pairs)
+        if not len(self.meta):
+            self.meta = np.zeros((self.slots, 4), dtype=np.uint32)
+            self.sealed = np.zeros(self.slots, dtype=np.int64)
         self.epoch += 1
         self.sealed[p] = self.epoch
         self.packed[p], self.meta[p] = narrow(rows, lens, pairs)
@@ -335,7 +339,8 @@ class LabelSpace:
 
     def select(self, matchers: tuple[Matcher, ...],
                by_names: list[str]) -> tuple[np.ndarray, list[GroupKey], np.ndarray]:
-        """Live rows matching ``matchers``: (rows, group keys, group index per row)."""
+        """Live rows matching ``matchers``: (rows, group keys, group index per row); the
+        keys are those of every live row's group (a group no selected row is in is unused)."""
         n = len(self.labels)
         ok = self.live[:n].copy()
         for m in matchers:
@@ -360,10 +365,7 @@ class LabelSpace:
         if not cols:
             return rows, [tuple((b, "") for b in by_names)], np.zeros(len(rows), dtype=np.int64)
         gid, all_keys = self._groups_of(cols, by_names)
-        if not matchers:  # every live row: every group is used, ids are already dense
-            return rows, all_keys, gid[rows]
-        used, inv = np.unique(gid[rows], return_inverse=True)
-        return rows, [all_keys[i] for i in used.tolist()], inv.ravel()
+        return rows, all_keys, gid[rows]  # keys of every group: callers index the used ones
 
     def _groups_of(self, cols: tuple[int, ...], by_names: list[str]) -> tuple[np.ndarray, list]:
         """Every live row's group under ``by`` (ids in the order of the groups' codes) and
