@@ -50,7 +50,9 @@ history steps. For counters a step past ``end`` is left out: it is still filling
 
 Sharing. Within one evaluation round (same ``end``, no ingest in between) per-row
 window aggregates, per-group merges and whole results are memoised, so rules that differ
-only in function or threshold cost one dictionary copy. Which rows a matcher set selects,
+only in function or threshold cost one dictionary copy; a rule whose matchers name only
+labels of its ``by`` (``p99(...{deployment="a"}) by (application, deployment)``) reads
+the result of the same query without matchers, restricted to the matching groups. Which rows a matcher set selects,
 and their groups, is kept until a series of the metric comes or goes, and is recomputed
 with array operations over label codes.
 """
@@ -199,8 +201,42 @@ class WindowQuery:
             self._stamp = stamp
         result = self._memo.get(query)
         if result is None:
-            result = self._memo[query] = self._compute(query, table, end)
+            result = self._whole_groups(query, table, end)
+            if result is None:
+                result = self._compute(query, table, end)
+            self._memo[query] = result
         return dict(result)
+
+    def _whole_groups(self, q: Query, table: Table, end: float) -> Optional[dict[GroupKey, float]]:
+        """Matchers only on labels of ``by`` select whole groups, and every function is
+        computed per group from the group's rows alone: such a query's value is that of
+        the query without matchers, restricted to the groups that match (the same rows in
+        the same order, so the same numbers), computed once for every such rule of the
+        round. None where that does not hold."""
+        if not q.matchers or not q.by or q.function == ABSENT or \
+                any(m.label not in q.by for m in q.matchers):
+            return None
+        unmatched = Query(q.function, q.metric, q.window_s, by=q.by, param=q.param)
+        full = self._memo.get(unmatched)
+        if full is None:
+            full = self._memo[unmatched] = self._compute(unmatched, table, end)
+        at = {b: i for i, b in enumerate(sorted(q.by))}  # a key's (label, value) pairs
+        if any(m.op != "=" for m in q.matchers):
+            return {k: v for k, v in full.items()
+                    if all(matches(m, k[at[m.label]][1]) for m in q.matchers)}
+        # equality only: the groups by the matched labels' values, once per result
+        labels = tuple(sorted({m.label for m in q.matchers}))
+        want = {}
+        for m in q.matchers:
+            if want.setdefault(m.label, m.value) != m.value:
+                return {}  # two values for one label: nothing matches
+        key = ("by-value", unmatched, labels)
+        index = self._memo.get(key)
+        if index is None:
+            index = self._memo[key] = {}
+            for k, v in full.items():
+                index.setdefault(tuple(k[at[b]][1] for b in labels), {})[k] = v
+        return index.get(tuple(want[b] for b in labels), {})
 
     # -- which rows, which buckets ---------------------------------------------------------
 
