@@ -1,5 +1,6 @@
 """How the window store packs histogram buckets: 4-byte (index, count) pairs while a bucket
-fills, and a complete bucket's cells in 2-byte (index step, count) entries where smaller.
+fills, and a complete bucket's cells in one bytes object per slot, in 1- or 2-byte (index
+step, count) entries of whichever form is smallest (:data:`GAP_FORMS`), or 4-byte pairs.
 
 Runs in the aggregator actor, under :mod:`~ray_monitor.aggregator.rings` (which decides
 when a bucket is complete and where its cells are held); this module decides only how

@@ -9,17 +9,19 @@ Storage. Each resolution ``(step, slots)`` is a ring of aligned buckets on the
 Counter buckets hold a sum; gauge buckets count, sum, min, max and the latest sample (with
 its offset in the bucket); histogram buckets count, sum, zero count, min, max and the
 sparse exponential-bucket counts (coded by :mod:`~ray_monitor.aggregator.packing`: 4 bytes
-an entry while a bucket fills, 2 where smaller once complete). Nothing is rounded: counts
+an entry while a bucket fills, 1 or 2 where smaller once complete). Nothing is rounded: counts
 and counter sums are held in the narrowest type that holds every value so far exactly,
 and widen for the whole ring the first time one does not fit (histogram counts uint16,
 zero counts uint8, then float32, then float64; counter sums float32, then float64:
 :meth:`Ring.widen`); sums, min, max and gauge samples are float64. Memory (issue 15): a
 bucket still filling keeps each row's histogram entries apart; once complete (the clock
 has left it and the next one: deltas land in the second of their midpoint, so the bucket
-behind the clock still fills) its rows are compacted, sorted and packed into one array
-per slot, with no Python object per bucket. A per-series gauge
-ring (one report a second) keeps only each bucket's sample and its offset until some
-bucket gets a second one, and every column from then on (:meth:`Ring.unfold`).
+behind the clock still fills) its rows are compacted, sorted and packed into one bytes
+object per slot, with no Python object per bucket. A per-series gauge
+ring (one report a second) keeps only each bucket's sample (a uint8 while every sample is
+a whole number 0-255, widening like counts) and its offset until some bucket gets a second
+one, and every column from then on (:meth:`Ring.unfold`). Each series' value since the
+store started (for ``/metrics``) is in :mod:`~ray_monitor.aggregator.totals`.
 Every sample is written into every resolution, so a coarse bucket is exactly the union of
 its fine buckets.
 
@@ -102,7 +104,10 @@ def fits(dtype: np.dtype, x: float) -> bool:
     top = _UMAX.get(dtype)
     if top is not None:
         return 0 <= x <= top and float(x).is_integer()
-    return dtype != np.float32 or exact32(x)
+    if dtype != np.float32:
+        return True
+    x = float(x)  # whole numbers up to 2**24 (counts) need no float32 round trip
+    return (-16777216.0 <= x <= 16777216.0 and x.is_integer()) or exact32(x)
 
 
 def _pad(a: np.ndarray, rows: int, fill) -> np.ndarray:
@@ -116,9 +121,10 @@ class Ring:
 
     Histogram buckets: a bucket still filling (the clock's and the one behind it) keeps
     each row's packed pairs in ``open[slot][row]``; once complete, the slot's rows are
-    packed into one array (``packed[slot]``: rows, their generation, entry counts, pairs),
-    with no object per cell. A row that is cleared bumps its generation, which retires
-    its packed entries. ``single``: a per-series gauge ring that keeps only the sample
+    packed into one bytes object (``packed[slot]``, its header in ``meta[slot]``: see
+    :func:`~ray_monitor.aggregator.packing.narrow`), with no object per cell. A slot's
+    packed entries of a row count only if the slot was sealed after the row was last
+    cleared (``sealed[slot] > cleared[row]``: rows are reused). ``single``: a per-series gauge ring that keeps only the sample
     and its offset until some bucket gets a second sample (then it keeps every column).
     """
 
