@@ -89,6 +89,16 @@ class _SeriesWindow:
         self.present = np.zeros(rows, dtype=bool)
         self.pair_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._dense = None
+        #: per-series gauge parts whose min and max are not in ``lo``/``hi`` yet: a round's
+        #: per-series windows are mostly read for ``last`` and ``sum`` (see settle)
+        self.pending: list[tuple[np.ndarray, np.ndarray, slice]] = []
+
+    def settle(self) -> None:
+        """Adds the pending parts' min and max into ``lo`` and ``hi``."""
+        for last, has, out in self.pending:
+            np.minimum(self.lo[out], np.where(has, last, np.inf).min(axis=1), out=self.lo[out])
+            np.maximum(self.hi[out], np.where(has, last, -np.inf).max(axis=1), out=self.hi[out])
+        self.pending = []
 
     def dense(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-row histogram counts ``[rows, C]`` and the bucket index of each column."""
@@ -140,6 +150,8 @@ class _Groups:
         """``ufunc``-reduce the per-row array ``sw.<name>`` within each group (memoised)."""
         key = (name, ufunc)
         if key not in self._memo:
+            if self.sw.pending and name in ("lo", "hi"):
+                self.sw.settle()
             self._memo[key] = ufunc.reduceat(getattr(self.sw, name)[self.rows], self.starts)
         return self._memo[key]
 
@@ -290,23 +302,22 @@ class WindowQuery:
                 continue
             cnt = ring.n[at]
             has = cnt > 0
-            sw.present[out] |= has.any(axis=1)
+            any_ = has.any(axis=1)
+            sw.present[out] |= any_
             sw.n[out] += cnt.sum(axis=1, dtype=np.float64)
             if ring.single:  # one sample per bucket: sum, min and max are that sample
                 last = ring.last[at]
                 sw.s[out] += np.where(has, last, 0.0).sum(axis=1)
-                lo, hi = np.where(has, last, np.inf).min(axis=1), np.where(has, last, -np.inf).max(axis=1)
+                sw.pending.append((last, has, out))  # min and max: when a query reads them
             else:
                 sw.s[out] += ring.s[at].sum(axis=1)
-                lo, hi = ring.lo[at].min(axis=1), ring.hi[at].max(axis=1)
-            np.minimum(sw.lo[out], lo, out=sw.lo[out])
-            np.maximum(sw.hi[out], hi, out=sw.hi[out])
+                np.minimum(sw.lo[out], ring.lo[at].min(axis=1), out=sw.lo[out])
+                np.maximum(sw.hi[out], ring.hi[at].max(axis=1), out=sw.hi[out])
             if kind == "histogram":
                 sw.z[out] += ring.z[at].sum(axis=1, dtype=np.float64)
                 sw.pair_parts.append(ring.pairs(cols))
             else:  # parts come in time order: the newest column with data holds the latest
                 newest = len(cols) - 1 - has[:, ::-1].argmax(axis=1)
-                any_ = has.any(axis=1)
                 sw.last[out] = np.where(any_, ring.last[np.arange(n), cols[newest]], sw.last[out])
         sw.has_data = sw.present.copy()
         if kind == "gauge":
