@@ -137,7 +137,10 @@ class Ring:
         for c, (dtype, fill) in self.columns.items():
             setattr(self, c, np.full((0, slots), fill, dtype=dtype))
         if kind == "histogram":
-            self.open: dict[int, dict[int, list]] = {}  # slot -> row -> [pairs, deltas]
+            # slot -> row -> packed pairs, and slot -> row -> deltas appended where more
+            # than one (bytes and ints only: no object per cell for the GC to scan)
+            self.open: dict[int, dict[int, bytes]] = {}
+            self.appended: dict[int, dict[int, int]] = {}
             self.packed: list[Optional[bytes]] = [None] * slots
             self.meta = _NO_META  # per slot: packing.narrow's header (made at the first seal)
             # A packed slot's entries of a row are valid if the slot was sealed after the
@@ -199,10 +202,13 @@ class Ring:
             for p in (range(self.slots) if isinstance(slots, slice) else np.ravel(slots).tolist()):
                 self.packed[p] = None
                 self.open.pop(p, None)
+                self.appended.pop(p, None)
         else:
             self.cleared[rows] = self.epoch
             for cells in self.open.values():
                 cells.pop(rows, None)
+            for counts in self.appended.values():
+                counts.pop(rows, None)
 
     def close(self, p: int, final: bool) -> None:
         """The bucket in slot ``p`` is complete (``final``: no delta is due in it any more):
@@ -215,14 +221,14 @@ class Ring:
         if final:
             self._seal(p)
             return
-        for cell in cells.values():
-            if cell[1] > 1:
-                cell[0], cell[1] = compact(cell[0]), 1
+        for r in self.appended.pop(p, {}):
+            cells[r] = compact(cells[r])
 
     def _seal(self, p: int) -> None:
         cells = self.open.pop(p)
+        self.appended.pop(p, None)
         rows = np.fromiter(cells, dtype=np.int64, count=len(cells))
-        blobs = [c[0] for c in cells.values()]
+        blobs = list(cells.values())
         lens = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs)) // PAIR.itemsize
         pairs = np.frombuffer(b"".join(blobs), dtype=PAIR)
         old = self.packed[p]
@@ -250,7 +256,7 @@ class Ring:
                 at.append(p)
             cells = self.open.get(p)
             if cells:
-                blobs = [c[0] for c in cells.values()]
+                blobs = list(cells.values())
                 lens = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs)) // PAIR.itemsize
                 tags.append(np.repeat(np.fromiter(cells, dtype=np.int64, count=len(cells)), lens))
                 idx, cnt = unpack(b"".join(blobs))
@@ -276,7 +282,7 @@ class Ring:
         if self.kind == "histogram":
             n += self.cleared.nbytes + self.sealed.nbytes + self.meta.nbytes
             n += sum(len(held) + 33 for held in self.packed if held is not None)
-            n += sum(len(c[0]) + 100 for cells in self.open.values() for c in cells.values())
+            n += sum(len(c) + 100 for cells in self.open.values() for c in cells.values())
         return n
 
 
@@ -564,12 +570,18 @@ class Table:
                     ring.hi[r, p] = h.max
                 cell = cells.get(r)
                 if cell is None:  # a late delta for a packed bucket: merged when sealed
-                    cells[r] = [packed, 1]
-                elif cell[1] + 1 >= _COMPACT_AT:
-                    cell[0], cell[1] = compact(cell[0] + packed), 1
+                    cells[r] = packed
                 else:
-                    cell[0] += packed
-                    cell[1] += 1
+                    counts = ring.appended.get(p)
+                    if counts is None:
+                        counts = ring.appended[p] = {}
+                    k = counts.get(r, 1) + 1
+                    if k >= _COMPACT_AT:
+                        cells[r] = compact(cell + packed)
+                        counts.pop(r, None)
+                    else:
+                        cells[r] = cell + packed
+                        counts[r] = k
             else:
                 for c, value in (("n", h.count), ("z", h.zero_count)):
                     if value:  # a slot is emptied to 0
@@ -580,5 +592,5 @@ class Table:
                 ring.s[r, p] = h.sum
                 ring.lo[r, p] = h.min
                 ring.hi[r, p] = h.max
-                cells[r] = [packed, 1]
+                cells[r] = packed
         self.totals.merge(row, h, a[0::2], a[1::2], exemplars)
