@@ -16,6 +16,7 @@ deployment), a third with a deployment matcher) timed with ``begin_round``.
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import shlex
 import sys
@@ -128,6 +129,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--memory-replicas", type=int, default=100,
                     help="replicas whose every ring is filled for the memory figure (0: all)")
+    ap.add_argument("--no-gc-freeze", action="store_true",
+                    help="do not move the objects made before the store out of full garbage "
+                         "collections (the aggregator actor does it once started)")
     ap.add_argument("--case", choices=("realistic", "simple", "both"), default="both",
                     help="simple: one method, outcome ok only (one series per replica per "
                          "request metric)")
@@ -139,6 +143,18 @@ def main() -> None:
 
 def run_case(args: argparse.Namespace, simple: bool) -> None:
     make, n_rep = snapshot_maker(args.deployments, args.replicas, simple=simple)
+    if not args.no_gc_freeze:  # as the aggregator actor does once started (actor._start)
+        gc.collect()
+        gc.freeze()
+    full_gc: list[list[float]] = []  # [start, CPU s] of each full (generation 2) collection
+
+    def on_gc(phase: str, info: dict) -> None:
+        if info["generation"] == 2:
+            if phase == "start":
+                full_gc.append([time.process_time(), 0.0])
+            elif full_gc:
+                full_gc[-1][1] = time.process_time() - full_gc[-1][0]
+    gc.callbacks.append(on_gc)
     clock = Clock(1_000_000.0)
     store = WindowStore(clock=clock)
 
@@ -159,18 +175,21 @@ def run_case(args: argparse.Namespace, simple: bool) -> None:
 
     qs = queries(args.queries, args.deployments)
     keys = {(q.metric, q.window_s, q.matchers, q.by) for q in qs}
-    round_ms = []
+    round_ms, round_gc = [], []
     for r in range(args.rounds):
         sec = args.fill_s + r
         clock.t = t0 + sec + 0.5
         for i in range(n_rep):
             store.ingest(make(i, sec, t0 + sec + 0.4))
         clock.t += 0.3
+        full_gc.clear()
         start = time.process_time()
         store.begin_round()
         results = [store.evaluate(q) for q in qs]
         store.end_round()
         round_ms.append((time.process_time() - start) * 1000)
+        round_gc.append(sum(d for _, d in full_gc) * 1000)
+    gc.callbacks.remove(on_gc)
     # without the memo: each query at its own instant computes everything from the rings
     sample = qs[::10]
     start = time.process_time()
@@ -199,6 +218,9 @@ def run_case(args: argparse.Namespace, simple: bool) -> None:
         ("ingest, first 60 s (creating series), snapshots/s", f"{create_rate:,.0f}"),
         (f"round of {len(qs)} distinct queries ({len(keys)} metric/window/matcher/by keys), ms",
          f"first {round_ms[0]:.1f}, median {np.median(round_ms):.1f}, max {max(round_ms):.1f}"),
+        ("  of which full garbage collections, ms (per round)",
+         ", ".join(f"{x:.1f}" for x in round_gc) + ("" if args.no_gc_freeze else
+                                                     " (gc.freeze() before the store)")),
         ("one query without the round memo, ms (mean of 100)", f"{single_ms:.2f}"),
         (f"expire() with {st['series_total']} live series, ms", f"{expire_ms:.2f}"),
         ("queries with a non-empty answer", f"{answered}/{len(qs)}"),

@@ -17,6 +17,7 @@ and evaluates rules at once, whether or not any replica is left to send it data.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
 from typing import Any, Mapping, Optional
@@ -155,6 +156,11 @@ class Aggregator:
         else:
             persistence.save_port(self.port)
             self.core.set_external_url(self.url())
+        # What exists now (the interpreter's, Ray's and numpy's objects, the rules) lives as
+        # long as the actor: out of every later full garbage collection, which otherwise
+        # scans it all inside whichever rule round triggers it (issue 15: 45 of 110 ms).
+        gc.collect()
+        gc.freeze()
 
     async def _loop(self) -> None:
         next_gpu = 0.0

@@ -1,5 +1,6 @@
 """How the window store packs histogram buckets: 4-byte (index, count) pairs while a bucket
-fills, and a complete bucket's cells in 2-byte (index step, count) entries where smaller.
+fills, and a complete bucket's cells in one bytes object per slot, in 1- or 2-byte (index
+step, count) entries of whichever form is smallest (:data:`GAP_FORMS`), or 4-byte pairs.
 
 Runs in the aggregator actor, under :mod:`~ray_monitor.aggregator.rings` (which decides
 when a bucket is complete and where its cells are held); this module decides only how
@@ -17,15 +18,13 @@ import numpy as np
 
 from ray_monitor.common.histogram import BASE, Histogram
 
-__all__ = ["GAP8", "PAIR", "bucket_values", "compact", "compact_cells", "entries", "narrow",
-           "pack_histogram", "unnarrow", "unpack"]
+__all__ = ["GAP_FORMS", "PAIR", "bucket_values", "compact", "compact_cells", "decode",
+           "histogram_entries", "narrow", "pack_histogram", "unnarrow", "unpack"]
 
 _LOG_BASE = math.log(BASE)
 #: A bucket's entry while it fills: int16 index, uint16 count (a count above 65535 takes
 #: several entries).
 PAIR = np.dtype([("i", "<i2"), ("c", "<u2")])
-#: A complete bucket's entry where smaller (see :func:`narrow`).
-GAP8 = np.dtype([("g", "u1"), ("c", "u1")])
 _MAX_COUNT = 65535
 
 
@@ -51,11 +50,16 @@ def _encode(idx: np.ndarray, cnt: np.ndarray) -> bytes:
     return out.tobytes()
 
 
-def pack_histogram(h: Histogram) -> bytes:
+def histogram_entries(h: Histogram) -> np.ndarray:
+    """``h``'s (bucket index, count) entries, interleaved in one int64 array."""
     b = h.buckets
-    a = np.fromiter(chain.from_iterable(b.items()), dtype=np.int64, count=2 * len(b))
+    return np.fromiter(chain.from_iterable(b.items()), dtype=np.int64, count=2 * len(b))
+
+
+def pack_histogram(a: np.ndarray) -> bytes:
+    """Interleaved entries (:func:`histogram_entries`) as 4-byte pairs."""
     idx, cnt = a[0::2], a[1::2]
-    if len(b) and (cnt.max() > _MAX_COUNT or idx.min() < -32768 or idx.max() > 32767):
+    if len(a) and (cnt.max() > _MAX_COUNT or idx.min() < -32768 or idx.max() > 32767):
         return _encode(idx, cnt)
     return a.astype(np.int16).tobytes()  # same bytes as PAIR: counts wrap into int16's bits
 
@@ -87,74 +91,115 @@ def compact_cells(rows: np.ndarray, lens: np.ndarray,
     return urows.astype(np.int32), ulens.astype(np.int32), out
 
 
-def _small(a: np.ndarray) -> np.ndarray:
-    """``a`` (non-negative integers) in the narrowest unsigned type that holds it."""
-    top = int(a.max()) if len(a) else 0
-    return a.astype(np.uint8 if top < 2 ** 8 else np.uint16 if top < 2 ** 16 else np.uint32)
+#: Gap forms of a complete bucket's entries: (bits of the index step, bits of the count)
+#: in one uint8 or uint16; form ``k`` is ``GAP_FORMS[k - 1]``, form 0 the 4-byte pairs.
+GAP_FORMS = ((4, 4), (3, 5), (2, 6), (8, 8), (4, 12), (6, 10))
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32}
 
 
-def narrow(rows: np.ndarray, gen: np.ndarray, lens: np.ndarray, pairs: np.ndarray) -> tuple:
-    """A complete bucket's cells (sorted, one entry per row and index) as held in a slot:
-    ``(rows, gen, lens, pairs)`` with 4-byte pairs, or, where smaller, ``(rows, gen, lens,
-    gaps, first)`` with 2-byte entries (GAP8: the index's step from the row's previous
-    entry, and a count up to 255). A step over 255 takes extra entries (255, 0) before, a
-    count over 255 extra entries (0, up to 255) after; ``first`` is each row's first index.
-    Nothing is rounded: :func:`entries` gives back the same (index, count) sums."""
+def _width(top: int) -> int:
+    """Bytes of the narrowest unsigned type that holds ``top``."""
+    return 1 if top < 2 ** 8 else 2 if top < 2 ** 16 else 4
+
+
+def narrow(rows: np.ndarray, lens: np.ndarray, pairs: np.ndarray) -> tuple[bytes, tuple]:
+    """A complete bucket's cells (sorted, one entry per row and index, every row with an
+    entry) as one bytes object, and its header ``(form, row bytes, length bytes, rows)``.
+
+    The bytes hold the row numbers, each row's entry count, then (gap forms) each row's
+    first index as int16, then the entries: 4-byte pairs (form 0), or, where smaller, the
+    gap form of :data:`GAP_FORMS` that takes the fewest bytes: each entry is the index's
+    step from the row's previous entry and a count (``step << count bits | count``). A
+    step over the form's largest takes extra entries (largest, 0) before, a count over
+    its largest extra entries (0, up to largest) after. Nothing is rounded:
+    :func:`decode` gives back the same (index, count) sums."""
     n = len(pairs)
-    rows, lens = _small(rows), _small(lens)
-    if not n:
-        return rows, gen, lens, pairs
     idx, cnt = unpack(pairs)
-    starts = np.cumsum(lens, dtype=np.int64) - lens
-    has = lens > 0
     gap = np.diff(idx, prepend=0)
-    gap[starts[has]] = 0
-    skips = np.maximum(gap - 1, 0) // 255
-    extra = np.maximum(cnt - 1, 0) // 255
-    per = 1 + skips + extra
+    starts = np.cumsum(lens, dtype=np.int64) - lens
+    gap[starts] = 0
+    g1, c1 = np.maximum(gap - 1, 0), np.maximum(cnt - 1, 0)
+    best, form, per = PAIR.itemsize * n, 0, None
+    for k, (gb, cb) in enumerate(GAP_FORMS, 1):
+        p = 1 + g1 // (2 ** gb - 1) + c1 // (2 ** cb - 1)
+        size = int(p.sum()) * (gb + cb) // 8 + 2 * len(lens)
+        if size < best:
+            best, form, per = size, k, p
+    rw = _width(int(rows.max()) if len(rows) else 0)
+    if not form:
+        lw = _width(int(lens.max()) if len(lens) else 0)
+        return (b"".join((rows.astype(_UINT[rw]).tobytes(), lens.astype(_UINT[lw]).tobytes(),
+                          pairs.tobytes())), (0, rw, lw, len(rows)))
+    gb, cb = GAP_FORMS[form - 1]
+    gmax, cmax = 2 ** gb - 1, 2 ** cb - 1
+    skips = g1 // gmax
     total = int(per.sum())
-    if 2 * total >= PAIR.itemsize * n:
-        return rows, gen, lens, pairs
     src = np.repeat(np.arange(n), per)
     pos = np.arange(total) - np.repeat(np.cumsum(per) - per, per)
     sk = skips[src]
-    out = np.empty(total, dtype=GAP8)
-    out["g"] = np.where(pos < sk, 255, np.where(pos == sk, gap[src] - 255 * sk, 0))
-    out["c"] = np.where(pos < sk, 0, np.minimum(cnt[src] - 255 * (pos - sk), 255))
-    first = np.zeros(len(lens), dtype=np.int16)
-    first[has] = idx[starts[has]]
-    lens8 = np.bincount(np.repeat(np.arange(len(lens)), lens), weights=per,
-                        minlength=len(lens)).astype(np.int64)
-    return rows, gen, _small(lens8), out, first
+    g = np.where(pos < sk, gmax, np.where(pos == sk, gap[src] - gmax * sk, 0))
+    c = np.where(pos < sk, 0, np.minimum(cnt[src] - cmax * (pos - sk), cmax))
+    out = ((g << cb) | c).astype(_UINT[(gb + cb) // 8])
+    lens8 = np.add.reduceat(per, starts) if n else np.zeros(0, dtype=np.int64)
+    lw = _width(int(lens8.max()) if len(lens8) else 0)
+    first = idx[starts].astype(np.int16)
+    return (b"".join((rows.astype(_UINT[rw]).tobytes(), lens8.astype(_UINT[lw]).tobytes(),
+                      first.tobytes(), out.tobytes())), (form, rw, lw, len(rows)))
 
 
-def entries(held: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """A slot's packed cells as (rows, gen, entries per row, bucket index, count) in
-    int64, from either form of :func:`narrow` (entries of count 0 are steps only)."""
-    rows, gen, lens = held[0].astype(np.int64), held[1], held[2].astype(np.int64)
-    if len(held) == 4:
-        idx, cnt = unpack(held[3])
-        return rows, gen, lens, idx, cnt
-    g, cnt = held[3]["g"].astype(np.int64), held[3]["c"].astype(np.int64)
-    rowid = np.repeat(np.arange(len(lens)), lens)
-    csum = np.cumsum(g)
-    before = np.concatenate(([0], csum))[np.cumsum(lens) - lens]  # steps before each row
-    idx = held[4].astype(np.int64)[rowid] + csum - before[rowid]
-    keep = cnt > 0
-    if keep.all():
-        return rows, gen, lens, idx, cnt
-    lens = np.bincount(rowid[keep], minlength=len(lens)).astype(np.int64)
-    return rows, gen, lens, idx[keep], cnt[keep]
+def decode(helds: list[tuple[bytes, tuple]]) -> tuple[np.ndarray, ...]:
+    """Packed slots (bytes and header from :func:`narrow`) as (rows, entries per row,
+    bucket index, count, position in ``helds`` of each row) in int64; slots of one form
+    are decoded in one pass."""
+    forms: dict[int, list] = {}
+    for at, (buf, (form, rw, lw, n)) in enumerate(helds):
+        rows = np.frombuffer(buf, _UINT[rw], n)
+        lens = np.frombuffer(buf, _UINT[lw], n, n * rw)
+        off = n * (rw + lw)
+        if form:
+            first = np.frombuffer(buf, np.int16, n, off)
+            gb, cb = GAP_FORMS[form - 1]
+            ent = np.frombuffer(buf, _UINT[(gb + cb) // 8], offset=off + 2 * n)
+        else:
+            first, ent = None, np.frombuffer(buf, PAIR, offset=off)
+        forms.setdefault(form, []).append((rows, lens, first, ent, np.full(n, at)))
+    out = []
+    for form, parts in forms.items():
+        rows, lens, first, ent, where = (np.concatenate(c) if c[0] is not None else None
+                                         for c in zip(*parts))
+        rows, lens = rows.astype(np.int64), lens.astype(np.int64)
+        if not form:
+            idx, cnt = unpack(ent)
+            out.append((rows, lens, idx, cnt, where))
+            continue
+        gb, cb = GAP_FORMS[form - 1]
+        ent = ent.astype(np.int64)
+        g, cnt = ent >> cb, ent & (2 ** cb - 1)
+        rowid = np.repeat(np.arange(len(lens)), lens)
+        csum = np.cumsum(g)
+        before = np.concatenate(([0], csum))[np.cumsum(lens) - lens]  # steps before each row
+        idx = first.astype(np.int64)[rowid] + csum - before[rowid]
+        keep = cnt > 0
+        if not keep.all():
+            lens = np.bincount(rowid[keep], minlength=len(lens)).astype(np.int64)
+            idx, cnt = idx[keep], cnt[keep]
+        out.append((rows, lens, idx, cnt, where))
+    if len(out) == 1:
+        return out[0]
+    if not out:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty, empty, empty
+    return tuple(np.concatenate(c) for c in zip(*out))
 
 
-def unnarrow(held: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """A slot's packed cells as (rows, gen, lens, 4-byte pairs), for merging."""
-    rows, gen, lens, idx, cnt = entries(held)
+def unnarrow(held: tuple[bytes, tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A packed slot as (rows, lens, 4-byte pairs), for merging."""
+    rows, lens, idx, cnt, _ = decode([held])
     idx, cnt, src = _split(idx, cnt)
     out = np.empty(len(idx), dtype=PAIR)
     out["i"], out["c"] = idx, cnt
-    return rows, gen, np.bincount(np.repeat(np.arange(len(lens)), lens)[src],
-                                  minlength=len(lens)).astype(np.int64), out
+    return rows, np.bincount(np.repeat(np.arange(len(lens)), lens)[src],
+                             minlength=len(lens)).astype(np.int64), out
 
 
 def bucket_values(idx: np.ndarray) -> np.ndarray:

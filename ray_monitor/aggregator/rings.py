@@ -9,17 +9,19 @@ Storage. Each resolution ``(step, slots)`` is a ring of aligned buckets on the
 Counter buckets hold a sum; gauge buckets count, sum, min, max and the latest sample (with
 its offset in the bucket); histogram buckets count, sum, zero count, min, max and the
 sparse exponential-bucket counts (coded by :mod:`~ray_monitor.aggregator.packing`: 4 bytes
-an entry while a bucket fills, 2 where smaller once complete). Nothing is rounded: counts
+an entry while a bucket fills, 1 or 2 where smaller once complete). Nothing is rounded: counts
 and counter sums are held in the narrowest type that holds every value so far exactly,
 and widen for the whole ring the first time one does not fit (histogram counts uint16,
 zero counts uint8, then float32, then float64; counter sums float32, then float64:
 :meth:`Ring.widen`); sums, min, max and gauge samples are float64. Memory (issue 15): a
 bucket still filling keeps each row's histogram entries apart; once complete (the clock
 has left it and the next one: deltas land in the second of their midpoint, so the bucket
-behind the clock still fills) its rows are compacted, sorted and packed into one array
-per slot, with no Python object per bucket. A per-series gauge
-ring (one report a second) keeps only each bucket's sample and its offset until some
-bucket gets a second one, and every column from then on (:meth:`Ring.unfold`).
+behind the clock still fills) its rows are compacted, sorted and packed into one bytes
+object per slot, with no Python object per bucket. A per-series gauge
+ring (one report a second) keeps only each bucket's sample (a uint8 while every sample is
+a whole number 0-255, widening like counts) and its offset until some bucket gets a second
+one, and every column from then on (:meth:`Ring.unfold`). Each series' value since the
+store started (for ``/metrics``) is in :mod:`~ray_monitor.aggregator.totals`.
 Every sample is written into every resolution, so a coarse bucket is exactly the union of
 its fine buckets.
 
@@ -41,14 +43,15 @@ was created).
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import numpy as np
 
 from ray_monitor.common.catalog import Metric
-from ray_monitor.aggregator.packing import (PAIR, compact, compact_cells, entries, narrow,
-                                            pack_histogram, unnarrow, unpack)
+from ray_monitor.aggregator.packing import (PAIR, compact, compact_cells, decode,
+                                            histogram_entries, narrow, pack_histogram,
+                                            unnarrow, unpack)
+from ray_monitor.aggregator.totals import Totals
 from ray_monitor.common.histogram import Histogram
 from ray_monitor.common.matchers import Matcher, matches
 from ray_monitor.common.snapshot import Exemplar
@@ -74,7 +77,11 @@ _COLUMNS = {"counter": {"v": (np.float32, np.nan)},
                       "to": (np.float32, -np.inf)}}  # to: the latest sample's offset in the bucket
 # A per-series gauge ring holds one sample per bucket (one report a second): until a bucket
 # gets a second sample it keeps the sample and its offset only (see Ring.single).
-_SINGLE = {"n": (np.uint8, 0), "last": (np.float64, 0.0), "to": (np.float32, -np.inf)}
+# Its samples start as uint8 and widen like counts (gauges such as in-flight requests or
+# hung requests are small whole numbers; a value that does not fit widens the ring).
+_SINGLE = {"n": (np.uint8, 0), "last": (np.uint8, 0), "to": (np.float32, -np.inf)}
+_F64 = np.dtype(np.float64)
+_NO_META = np.zeros((0, 4), dtype=np.uint32)
 _GROW_ROWS = 2  # rows of capacity a space starts with: rollups are few per metric
 _COMPACT_AT = 8  # appended deltas in one histogram bucket before it is compacted
 
@@ -97,7 +104,10 @@ def fits(dtype: np.dtype, x: float) -> bool:
     top = _UMAX.get(dtype)
     if top is not None:
         return 0 <= x <= top and float(x).is_integer()
-    return dtype != np.float32 or exact32(x)
+    if dtype != np.float32:
+        return True
+    x = float(x)  # whole numbers up to 2**24 (counts) need no float32 round trip
+    return (-16777216.0 <= x <= 16777216.0 and x.is_integer()) or exact32(x)
 
 
 def _pad(a: np.ndarray, rows: int, fill) -> np.ndarray:
@@ -111,9 +121,10 @@ class Ring:
 
     Histogram buckets: a bucket still filling (the clock's and the one behind it) keeps
     each row's packed pairs in ``open[slot][row]``; once complete, the slot's rows are
-    packed into one array (``packed[slot]``: rows, their generation, entry counts, pairs),
-    with no object per cell. A row that is cleared bumps its generation, which retires
-    its packed entries. ``single``: a per-series gauge ring that keeps only the sample
+    packed into one bytes object (``packed[slot]``, its header in ``meta[slot]``: see
+    :func:`~ray_monitor.aggregator.packing.narrow`), with no object per cell. A slot's
+    packed entries of a row count only if the slot was sealed after the row was last
+    cleared (``sealed[slot] > cleared[row]``: rows are reused). ``single``: a per-series gauge ring that keeps only the sample
     and its offset until some bucket gets a second sample (then it keeps every column).
     """
 
@@ -126,9 +137,17 @@ class Ring:
         for c, (dtype, fill) in self.columns.items():
             setattr(self, c, np.full((0, slots), fill, dtype=dtype))
         if kind == "histogram":
-            self.open: dict[int, dict[int, list]] = {}  # slot -> row -> [pairs, deltas]
-            self.packed: list[Optional[tuple]] = [None] * slots
-            self.gen = np.zeros(0, dtype=np.uint16)
+            # slot -> row -> packed pairs, and slot -> row -> deltas appended where more
+            # than one (bytes and ints only: no object per cell for the GC to scan)
+            self.open: dict[int, dict[int, bytes]] = {}
+            self.appended: dict[int, dict[int, int]] = {}
+            self.packed: list[Optional[bytes]] = [None] * slots
+            self.meta = _NO_META  # per slot: packing.narrow's header (made at the first seal)
+            # A packed slot's entries of a row are valid if the slot was sealed after the
+            # row was last cleared (rows are reused): one number per slot and per row.
+            self.epoch = 0
+            self.sealed = _NO_META[:, 0]
+            self.cleared = np.zeros(0, dtype=np.int64)
 
     @property
     def rows(self) -> int:
@@ -138,7 +157,7 @@ class Ring:
         for c, (_, fill) in self.columns.items():
             setattr(self, c, _pad(getattr(self, c), cap, fill))
         if self.kind == "histogram":
-            self.gen = _pad(self.gen, cap, 0)
+            self.cleared = _pad(self.cleared, cap, 0)
 
     def widen(self, column: str, value: float) -> np.ndarray:
         """Holds ``column`` in the next type that holds ``value`` exactly, from now on."""
@@ -160,6 +179,7 @@ class Ring:
         self.lo = np.where(has, self.last, full["lo"][1])
         self.hi = np.where(has, self.last, full["hi"][1])
         self.n = self.n.astype(full["n"][0])
+        self.last = self.last.astype(np.float64)
         self.columns = {c: (getattr(self, c).dtype.type, fill) for c, (_, fill) in full.items()}
         self.top = {c: _TOP[np.dtype(d)] for c, (d, _) in self.columns.items()}
         self.single = False
@@ -182,10 +202,13 @@ class Ring:
             for p in (range(self.slots) if isinstance(slots, slice) else np.ravel(slots).tolist()):
                 self.packed[p] = None
                 self.open.pop(p, None)
+                self.appended.pop(p, None)
         else:
-            self.gen[rows] += 1
+            self.cleared[rows] = self.epoch
             for cells in self.open.values():
                 cells.pop(rows, None)
+            for counts in self.appended.values():
+                counts.pop(rows, None)
 
     def close(self, p: int, final: bool) -> None:
         """The bucket in slot ``p`` is complete (``final``: no delta is due in it any more):
@@ -198,48 +221,51 @@ class Ring:
         if final:
             self._seal(p)
             return
-        for cell in cells.values():
-            if cell[1] > 1:
-                cell[0], cell[1] = compact(cell[0]), 1
+        for r in self.appended.pop(p, {}):
+            cells[r] = compact(cells[r])
 
     def _seal(self, p: int) -> None:
         cells = self.open.pop(p)
+        self.appended.pop(p, None)
         rows = np.fromiter(cells, dtype=np.int64, count=len(cells))
-        blobs = [c[0] for c in cells.values()]
+        blobs = list(cells.values())
         lens = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs)) // PAIR.itemsize
         pairs = np.frombuffer(b"".join(blobs), dtype=PAIR)
         old = self.packed[p]
         if old is not None:  # late deltas for a packed bucket: one array again
-            orows, ogen, olens, opairs = unnarrow(old)
-            ok = ogen == self.gen[orows]
+            orows, olens, opairs = unnarrow((old, tuple(self.meta[p].tolist())))
+            ok = self.sealed[p] > self.cleared[orows]
             rows = np.concatenate((orows[ok], rows))
             pairs = np.concatenate((opairs[np.repeat(ok, olens)], pairs))
             lens = np.concatenate((olens[ok], lens))
-        # sorted, one entry per (row, index): what the 2-byte form codes as gaps
+        # sorted, one entry per (row, index): what the gap forms code as steps
         rows, lens, pairs = compact_cells(rows, lens, pairs)
-        self.packed[p] = narrow(rows, self.gen[rows], lens, pairs)
+        if not len(self.meta):
+            self.meta = np.zeros((self.slots, 4), dtype=np.uint32)
+            self.sealed = np.zeros(self.slots, dtype=np.int64)
+        self.epoch += 1
+        self.sealed[p] = self.epoch
+        self.packed[p], self.meta[p] = narrow(rows, lens, pairs)
 
     def pairs(self, slots) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Histogram entries held in ``slots``: (row of each, bucket index, count)."""
-        forms: dict[int, list] = {4: [], 5: []}  # packed slots of each form, decoded at once
+        at = []  # packed slots, decoded at once
         tags, idxs, cnts = [], [], []
         for p in np.ravel(slots).tolist():
-            held = self.packed[p]
-            if held is not None:
-                forms[len(held)].append(held)
+            if self.packed[p] is not None:
+                at.append(p)
             cells = self.open.get(p)
             if cells:
-                blobs = [c[0] for c in cells.values()]
+                blobs = list(cells.values())
                 lens = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs)) // PAIR.itemsize
                 tags.append(np.repeat(np.fromiter(cells, dtype=np.int64, count=len(cells)), lens))
                 idx, cnt = unpack(b"".join(blobs))
                 idxs.append(idx)
                 cnts.append(cnt)
-        for helds in forms.values():
-            if not helds:
-                continue
-            rows, gen, lens, idx, cnt = entries(tuple(np.concatenate(part) for part in zip(*helds)))
-            ok = gen == self.gen[rows]
+        if at:
+            helds = [(self.packed[p], tuple(m)) for p, m in zip(at, self.meta[at].tolist())]
+            rows, lens, idx, cnt, where = decode(helds)
+            ok = self.sealed[np.array(at)[where]] > self.cleared[rows]
             if not ok.all():
                 keep = np.repeat(ok, lens)
                 rows, lens, idx, cnt = rows[ok], lens[ok], idx[keep], cnt[keep]
@@ -254,9 +280,9 @@ class Ring:
     def nbytes(self) -> int:
         n = sum(getattr(self, c).nbytes for c in self.columns)
         if self.kind == "histogram":
-            n += self.gen.nbytes + sum(sum(a.nbytes for a in held) for held in self.packed
-                                       if held is not None)
-            n += sum(len(c[0]) + 100 for cells in self.open.values() for c in cells.values())
+            n += self.cleared.nbytes + self.sealed.nbytes + self.meta.nbytes
+            n += sum(len(held) + 33 for held in self.packed if held is not None)
+            n += sum(len(c) + 100 for cells in self.open.values() for c in cells.values())
         return n
 
 
@@ -325,7 +351,8 @@ class LabelSpace:
 
     def select(self, matchers: tuple[Matcher, ...],
                by_names: list[str]) -> tuple[np.ndarray, list[GroupKey], np.ndarray]:
-        """Live rows matching ``matchers``: (rows, group keys, group index per row)."""
+        """Live rows matching ``matchers``: (rows, group keys, group index per row); the
+        keys are those of every live row's group (a group no selected row is in is unused)."""
         n = len(self.labels)
         ok = self.live[:n].copy()
         for m in matchers:
@@ -350,10 +377,7 @@ class LabelSpace:
         if not cols:
             return rows, [tuple((b, "") for b in by_names)], np.zeros(len(rows), dtype=np.int64)
         gid, all_keys = self._groups_of(cols, by_names)
-        if not matchers:  # every live row: every group is used, ids are already dense
-            return rows, all_keys, gid[rows]
-        used, inv = np.unique(gid[rows], return_inverse=True)
-        return rows, [all_keys[i] for i in used.tolist()], inv.ravel()
+        return rows, all_keys, gid[rows]  # keys of every group: callers index the used ones
 
     def _groups_of(self, cols: tuple[int, ...], by_names: list[str]) -> tuple[np.ndarray, list]:
         """Every live row's group under ``by`` (ids in the order of the groups' codes) and
@@ -385,7 +409,7 @@ class Table:
         self.metric = metric
         self.kind = metric.kind
         self.series = LabelSpace(metric.labels)
-        self.cum: list = []  # per row: [total] | [value, time] | [Histogram, exemplars]
+        self.totals = Totals(self.kind)  # per row: its value since the store started
         self.keep = tuple(i for i, n in enumerate(metric.labels) if n not in ROLLUP_DROPS)
         self.has_drops = len(self.keep) < len(metric.labels)
         # without labels to drop, a rollup is its series: one space, one set of rings
@@ -415,11 +439,9 @@ class Table:
             if row is not None:
                 return row
         row = self.series.add(values)
-        if row >= len(self.cum):
-            self.cum.append(None)
+        if row >= len(self.up):
             self.up.append(-1)
-        self.cum[row] = ([0.0] if self.kind == "counter" else [math.nan, -math.inf]
-                         if self.kind == "gauge" else [Histogram(), {}])
+        self.totals.reset(row)
         up = row
         if self.has_drops:
             if len(self.series.live) > self.series_ring.rows:
@@ -460,7 +482,6 @@ class Table:
         if self.has_drops:
             self.live_series[self.up[row]] -= 1
         self.series.remove(row)
-        self.cum[row] = None
         for ring in [self.series_ring] if self.has_drops else self.rings:
             ring.clear(row, slice(None))
         self.version += 1
@@ -493,7 +514,7 @@ class Table:
             if not fits(ring.v.dtype, new):
                 ring.widen("v", new)
             ring.v[r, p] = new
-        self.cum[row][0] += value
+        self.totals.add(row, value)
 
     def add_gauge(self, row: int, where, value: float, t: float, now: float) -> None:
         for ring, r, k, p in self._targets(row, where, now):
@@ -501,6 +522,8 @@ class Table:
             if ring.single:
                 if not ring.n[r, p]:
                     ring.n[r, p] = 1
+                    if ring.last.dtype != _F64 and not fits(ring.last.dtype, value):
+                        ring.widen("last", value)
                     ring.last[r, p] = value
                     ring.to[r, p] = off
                     continue
@@ -522,13 +545,12 @@ class Table:
                 ring.n[r, p] = 1
                 ring.s[r, p] = ring.lo[r, p] = ring.hi[r, p] = ring.last[r, p] = value
                 ring.to[r, p] = off
-        cum = self.cum[row]
-        if t >= cum[1]:
-            cum[0], cum[1] = value, t
+        self.totals.set(row, value, t)
 
     def add_hist(self, row: int, where, h: Histogram, now: float,
                  exemplars: Optional[dict[int, Exemplar]]) -> None:
-        packed = pack_histogram(h)
+        a = histogram_entries(h)
+        packed = pack_histogram(a)
         for ring, r, k, p in self._targets(row, where, now):
             cells = ring.open.get(p)
             if cells is None:
@@ -548,12 +570,18 @@ class Table:
                     ring.hi[r, p] = h.max
                 cell = cells.get(r)
                 if cell is None:  # a late delta for a packed bucket: merged when sealed
-                    cells[r] = [packed, 1]
-                elif cell[1] + 1 >= _COMPACT_AT:
-                    cell[0], cell[1] = compact(cell[0] + packed), 1
+                    cells[r] = packed
                 else:
-                    cell[0] += packed
-                    cell[1] += 1
+                    counts = ring.appended.get(p)
+                    if counts is None:
+                        counts = ring.appended[p] = {}
+                    k = counts.get(r, 1) + 1
+                    if k >= _COMPACT_AT:
+                        cells[r] = compact(cell + packed)
+                        counts.pop(r, None)
+                    else:
+                        cells[r] = cell + packed
+                        counts[r] = k
             else:
                 for c, value in (("n", h.count), ("z", h.zero_count)):
                     if value:  # a slot is emptied to 0
@@ -564,11 +592,5 @@ class Table:
                 ring.s[r, p] = h.sum
                 ring.lo[r, p] = h.min
                 ring.hi[r, p] = h.max
-                cells[r] = [packed, 1]
-        cum_hist, cum_ex = self.cum[row]
-        cum_hist.merge(h)
-        if exemplars:
-            for i, ex in exemplars.items():
-                cur = cum_ex.get(i)
-                if cur is None or ex.timestamp >= cur.timestamp:
-                    cum_ex[i] = ex
+                cells[r] = packed
+        self.totals.merge(row, h, a[0::2], a[1::2], exemplars)

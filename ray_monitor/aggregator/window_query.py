@@ -50,7 +50,9 @@ history steps. For counters a step past ``end`` is left out: it is still filling
 
 Sharing. Within one evaluation round (same ``end``, no ingest in between) per-row
 window aggregates, per-group merges and whole results are memoised, so rules that differ
-only in function or threshold cost one dictionary copy. Which rows a matcher set selects,
+only in function or threshold cost one dictionary copy; a rule whose matchers name only
+labels of its ``by`` (``p99(...{deployment="a"}) by (application, deployment)``) reads
+the result of the same query without matchers, restricted to the matching groups. Which rows a matcher set selects,
 and their groups, is kept until a series of the metric comes or goes, and is recomputed
 with array operations over label codes.
 """
@@ -87,6 +89,16 @@ class _SeriesWindow:
         self.present = np.zeros(rows, dtype=bool)
         self.pair_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._dense = None
+        #: per-series gauge parts whose min and max are not in ``lo``/``hi`` yet: a round's
+        #: per-series windows are mostly read for ``last`` and ``sum`` (see settle)
+        self.pending: list[tuple[np.ndarray, np.ndarray, slice]] = []
+
+    def settle(self) -> None:
+        """Adds the pending parts' min and max into ``lo`` and ``hi``."""
+        for last, has, out in self.pending:
+            np.minimum(self.lo[out], np.where(has, last, np.inf).min(axis=1), out=self.lo[out])
+            np.maximum(self.hi[out], np.where(has, last, -np.inf).max(axis=1), out=self.hi[out])
+        self.pending = []
 
     def dense(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-row histogram counts ``[rows, C]`` and the bucket index of each column."""
@@ -138,6 +150,8 @@ class _Groups:
         """``ufunc``-reduce the per-row array ``sw.<name>`` within each group (memoised)."""
         key = (name, ufunc)
         if key not in self._memo:
+            if self.sw.pending and name in ("lo", "hi"):
+                self.sw.settle()
             self._memo[key] = ufunc.reduceat(getattr(self.sw, name)[self.rows], self.starts)
         return self._memo[key]
 
@@ -199,8 +213,42 @@ class WindowQuery:
             self._stamp = stamp
         result = self._memo.get(query)
         if result is None:
-            result = self._memo[query] = self._compute(query, table, end)
+            result = self._whole_groups(query, table, end)
+            if result is None:
+                result = self._compute(query, table, end)
+            self._memo[query] = result
         return dict(result)
+
+    def _whole_groups(self, q: Query, table: Table, end: float) -> Optional[dict[GroupKey, float]]:
+        """Matchers only on labels of ``by`` select whole groups, and every function is
+        computed per group from the group's rows alone: such a query's value is that of
+        the query without matchers, restricted to the groups that match (the same rows in
+        the same order, so the same numbers), computed once for every such rule of the
+        round. None where that does not hold."""
+        if not q.matchers or not q.by or q.function == ABSENT or \
+                any(m.label not in q.by for m in q.matchers):
+            return None
+        unmatched = Query(q.function, q.metric, q.window_s, by=q.by, param=q.param)
+        full = self._memo.get(unmatched)
+        if full is None:
+            full = self._memo[unmatched] = self._compute(unmatched, table, end)
+        at = {b: i for i, b in enumerate(sorted(q.by))}  # a key's (label, value) pairs
+        if any(m.op != "=" for m in q.matchers):
+            return {k: v for k, v in full.items()
+                    if all(matches(m, k[at[m.label]][1]) for m in q.matchers)}
+        # equality only: the groups by the matched labels' values, once per result
+        labels = tuple(sorted({m.label for m in q.matchers}))
+        want = {}
+        for m in q.matchers:
+            if want.setdefault(m.label, m.value) != m.value:
+                return {}  # two values for one label: nothing matches
+        key = ("by-value", unmatched, labels)
+        index = self._memo.get(key)
+        if index is None:
+            index = self._memo[key] = {}
+            for k, v in full.items():
+                index.setdefault(tuple(k[at[b]][1] for b in labels), {})[k] = v
+        return index.get(tuple(want[b] for b in labels), {})
 
     # -- which rows, which buckets ---------------------------------------------------------
 
@@ -254,23 +302,22 @@ class WindowQuery:
                 continue
             cnt = ring.n[at]
             has = cnt > 0
-            sw.present[out] |= has.any(axis=1)
+            any_ = has.any(axis=1)
+            sw.present[out] |= any_
             sw.n[out] += cnt.sum(axis=1, dtype=np.float64)
             if ring.single:  # one sample per bucket: sum, min and max are that sample
                 last = ring.last[at]
                 sw.s[out] += np.where(has, last, 0.0).sum(axis=1)
-                lo, hi = np.where(has, last, np.inf).min(axis=1), np.where(has, last, -np.inf).max(axis=1)
+                sw.pending.append((last, has, out))  # min and max: when a query reads them
             else:
                 sw.s[out] += ring.s[at].sum(axis=1)
-                lo, hi = ring.lo[at].min(axis=1), ring.hi[at].max(axis=1)
-            np.minimum(sw.lo[out], lo, out=sw.lo[out])
-            np.maximum(sw.hi[out], hi, out=sw.hi[out])
+                np.minimum(sw.lo[out], ring.lo[at].min(axis=1), out=sw.lo[out])
+                np.maximum(sw.hi[out], ring.hi[at].max(axis=1), out=sw.hi[out])
             if kind == "histogram":
                 sw.z[out] += ring.z[at].sum(axis=1, dtype=np.float64)
                 sw.pair_parts.append(ring.pairs(cols))
             else:  # parts come in time order: the newest column with data holds the latest
                 newest = len(cols) - 1 - has[:, ::-1].argmax(axis=1)
-                any_ = has.any(axis=1)
                 sw.last[out] = np.where(any_, ring.last[np.arange(n), cols[newest]], sw.last[out])
         sw.has_data = sw.present.copy()
         if kind == "gauge":

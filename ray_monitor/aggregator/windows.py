@@ -444,13 +444,12 @@ class WindowStore:
                     fresh = self._fresh_s(values, by_node)
                     if fresh is not None and now - table.series.updated[row] > fresh:
                         continue
-                cum = table.cum[row]
                 s = CumulativeSeries(metric=name, kind=kind, labels=dict(zip(names, values)),
                                      updated=float(table.series.updated[row]))
                 if kind == "histogram":
-                    s.histogram, s.exemplars = cum[0].copy(), dict(cum[1])
+                    s.histogram, s.exemplars = table.totals.histogram(row)
                 else:
-                    s.value = cum[0]
+                    s.value = table.totals.value(row)
                 out.append(s)
         return out
 

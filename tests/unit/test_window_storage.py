@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 
+from ray_monitor.aggregator.packing import GAP_FORMS
 from ray_monitor.aggregator.windows import WindowStore
 from ray_monitor.common.catalog import Query
 from ray_monitor.common.matchers import Matcher
@@ -114,13 +115,27 @@ def test_compact_rings_give_the_reference_values_over_a_long_random_sequence():
     assert lat.series_ring.n.dtype == np.float64
     assert not store._tables["inflight"].series_ring.single
     assert store._tables["cpu_percent"].series_ring.single  # never written: stays compact
-    # complete buckets are held both ways: 2-byte entries (with steps over 255 and counts
-    # over 255 continued) and, where those would take more room (2**24), 4-byte pairs
-    held = [h for ring in (lat.series_ring, lat.rings[0]) for h in ring.packed if h is not None]
-    narrow = [h[3] for h in held if len(h) == 5]
-    assert narrow and len(narrow) < len(held)
-    gaps = np.concatenate(narrow)
-    assert ((gaps["g"] == 255) & (gaps["c"] == 0)).any() and ((gaps["g"] == 0) & (gaps["c"] > 0)).any()
+    # complete buckets are held in gap forms (with long steps and large counts continued)
+    # and, where those would take more room (2**24), in 4-byte pairs
+    forms, skips, more = set(), False, False
+    for ring in (lat.series_ring, lat.rings[0]):
+        for p, held in enumerate(ring.packed):
+            if held is None:
+                continue
+            form, rw, lw, n = ring.meta[p].tolist()
+            forms.add(form)
+            if form:
+                gb, cb = GAP_FORMS[form - 1]
+                e = np.frombuffer(held, np.uint8 if gb + cb == 8 else np.uint16,
+                                  offset=n * (rw + lw + 2)).astype(np.int64)
+                g, c = e >> cb, e & (2 ** cb - 1)
+                lens = np.frombuffer(held, np.uint8 if lw == 1 else np.uint16, n, n * rw)
+                later = np.ones(len(e), dtype=bool)  # not a row's first entry
+                later[np.cumsum(lens) - lens] = False
+                skips |= bool(((g == 2 ** gb - 1) & (c == 0)).any())
+                more |= bool(((g == 0) & (c > 0) & later).any())
+    assert 0 in forms and len(forms) >= 3, forms
+    assert skips and more
 
 
 def test_an_unfolded_gauge_ring_and_a_widened_counter_keep_every_value():
@@ -182,3 +197,32 @@ def test_a_window_as_long_as_the_fine_ring_reads_its_oldest_second(resolutions):
             assert list(got.values()) == [want_count], (by, lag)
         got = store.evaluate(Query("min", "inflight", float(span), by=("replica",)), now)
         assert list(got.values()) == [float(seconds[0] + 1)], lag
+
+
+def test_a_per_series_gauge_ring_holds_whole_samples_narrow_and_widens_for_any_other():
+    # One sample a second per series: whole numbers 0-255 are held in one byte, and the
+    # first value that does not fit (300, then 2.5, then -1.5) widens the ring, keeping
+    # every earlier sample.
+    clock = Clock(T0)
+    store = WindowStore(clock=clock)
+    ring = store._tables["inflight"].series_ring
+    values = [float(v) for v in range(0, 256, 15)] + [300.0, 2.5, -1.5, 7.0]
+    dtypes = []
+    for i, value in enumerate(values):
+        clock.t = T0 + i + 0.25
+        store.ingest(ReplicaSnapshot(ident(), i + 1, clock.t - 1.0, clock.t, [], {"__call__": value}, None))
+        dtypes.append(ring.last.dtype)
+    assert ring.single
+    assert dtypes[:18] == [np.uint8] * 18 and dtypes[18] == np.uint16
+    assert dtypes[19] == dtypes[20] == np.float32 and dtypes[-1] == np.float32
+    q = lambda f, w: Query(f, "inflight", w, by=("replica",))  # noqa: E731
+    now = clock.t + 1.0
+    key = (("replica", "r1"),)
+    got = {f: store.evaluate(q(f, 60.0), now)[key] for f in ("min", "max", "sum", "count")}
+    assert got == {"min": -1.5, "max": 300.0, "sum": pytest.approx(sum(values) / len(values)),
+                   "count": float(len(values))}
+    # the last sample, and every sample one by one (1 s windows ending at each second)
+    assert store.evaluate(q("last", 60.0), now)[key] == 7.0
+    for i, value in enumerate(values):
+        end = T0 + i  # sample i lands in second T0 + i - 1 (its delta's midpoint)
+        assert store._query.evaluate(q("last", 1.0), end, store._version)[key] == value
