@@ -142,8 +142,15 @@ class Aggregator:
             self._nodes = NodeMergerManager(namespace=NAMESPACE)
         self._loop_task = asyncio.get_running_loop().create_task(self._loop())
         self._serve_task = asyncio.get_running_loop().create_task(self._serve_loop())
-        if self.shard:  # only the front serves HTTP
-            return
+        if not self.shard:  # only the front serves HTTP
+            await self._serve_http()
+        # What exists now (the interpreter's, Ray's and numpy's objects, the rules) lives as
+        # long as the actor: out of every later full garbage collection, which otherwise
+        # scans it all inside whichever rule round triggers it (issue 15: 45 of 110 ms).
+        gc.collect()
+        gc.freeze()
+
+    async def _serve_http(self) -> None:
         # Reuse the port of a previous incarnation so scrape configs keep working.
         port = self.port or persistence.load_port() or 0
         try:
@@ -156,11 +163,6 @@ class Aggregator:
         else:
             persistence.save_port(self.port)
             self.core.set_external_url(self.url())
-        # What exists now (the interpreter's, Ray's and numpy's objects, the rules) lives as
-        # long as the actor: out of every later full garbage collection, which otherwise
-        # scans it all inside whichever rule round triggers it (issue 15: 45 of 110 ms).
-        gc.collect()
-        gc.freeze()
 
     async def _loop(self) -> None:
         next_gpu = 0.0
@@ -171,7 +173,7 @@ class Aggregator:
             while not self.core.round_ready() and time.monotonic() - started < ROUND_WAIT_S:
                 await asyncio.sleep(0.05)
             try:
-                self.core.evaluate()
+                self.core.evaluate(self.core.round_time(self.core.clock()))
             except Exception as e:  # the loop must outlive any bad round
                 self.core.count_error("aggregator", f"evaluate_failed:{type(e).__name__}", e)
             if started >= next_gpu:
@@ -205,13 +207,12 @@ class Aggregator:
         """A shard's kept trace ids to shard 0, and those kept anywhere back (see
         :class:`~ray_monitor.aggregator.shards.KeptExchange`); shard 0 away: next round."""
         ex, log = self._exchange, self.core.kept_log
-        out, upto = ex.outgoing(log)
-        try:
+        try:  # a task nobody awaits: whatever fails is counted here or never seen
+            out, upto = ex.outgoing(log)
             reply = await self._peers.call(0, "kept_trade", out, ex.cursor)
+            self.core.trace_store.adopt(ex.incoming(log, reply, out, upto))
         except Exception as e:  # the same ids go out again next round
             self.core.count_error("aggregator", f"kept_trade_failed:{type(e).__name__}", e)
-            return
-        self.core.trace_store.adopt(ex.incoming(log, reply, out, upto))
 
     def _owned(self, running: Optional[dict]) -> Optional[dict]:
         """Serve's (application, deployment) -> replicas, of this shard's applications only:

@@ -320,13 +320,19 @@ class AggregatorCore:
             out.append(values)
         return out
 
-    def next_round_at(self, now: float) -> float:
-        """When the next evaluation round runs: :data:`EVAL_PHASE_S` past a whole multiple
-        of ``eval_interval_s`` (at most half an interval past), the first such after
-        ``now``; a round that overran skips the points it missed."""
+    def round_time(self, now: float) -> float:
+        """A round's evaluation timestamp: the last grid point (:data:`EVAL_PHASE_S` past
+        a multiple of ``eval_interval_s``, at most half an interval) at or before ``now``.
+        As in Prometheus, ``for: 3s`` is then three rounds however late each ran (by wall
+        clock a round 2 ms late read 2.998 s and fired a whole round later)."""
         interval = self.eval_interval_s
         phase = min(EVAL_PHASE_S, interval / 2)
-        return (math.floor((now - phase) / interval) + 1) * interval + phase
+        return math.floor((now - phase) / interval) * interval + phase
+
+    def next_round_at(self, now: float) -> float:
+        """When the next evaluation round runs: the first point of the round grid after
+        ``now`` (see :meth:`round_time`); a round that overran skips the points it missed."""
+        return self.round_time(now) + self.eval_interval_s
 
     def round_ready(self, now: Optional[float] = None) -> bool:
         """Whether a round at ``now`` reads complete seconds up to the last whole one

@@ -115,10 +115,14 @@ def merge_groups(per_shard: Sequence[Optional[dict]]) -> dict:
     ``application`` are disjoint; a group two shards both answer (a query not grouped by
     application: each shard's part of it) is kept per shard, its key given a ``shard``
     label, never summed into a number that means something else for each function."""
+    seen: dict = {}  # key -> the shards that answer it
+    for index, groups in enumerate(per_shard):
+        for key in groups or {}:
+            seen.setdefault(key, []).append(index)
     out: dict = {}
     for index, groups in enumerate(per_shard):
         for key, value in (groups or {}).items():
-            if key in out:
+            if len(seen[key]) > 1:  # every part labelled: none reads as the whole
                 labels = json.loads(key)
                 labels["shard"] = str(index)
                 key = json.dumps(labels, sort_keys=True)

@@ -21,10 +21,11 @@ import ray
 from ray_monitor.common.names import AGGREGATOR_NAME, NAMESPACE
 from ray_monitor.common.node_socket import session_dir, socket_path
 from ray_monitor.common.shards import load_count, shard_name, split_by_shard
+from ray_monitor.common.snapshot import ReplicaSnapshot
 from ray_monitor.node.local_socket import LocalServer
 from ray_monitor.node.merger import MAX_SNAPSHOTS, Delivery, NodeMerger
 
-__all__ = ["GATHER_S", "NodeMergerActor", "RETRY_S"]
+__all__ = ["FORWARD_TIMEOUT_S", "GATHER_S", "NodeMergerActor", "RETRY_S"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 GATHER_S = 0.05
 #: How long a failed forward waits before the next try (the aggregator is restarting).
 RETRY_S = 1.0
+#: A forward not answered in this long counts as failed (sent again; the aggregator drops
+#: what arrives twice by replica and sequence number).
+FORWARD_TIMEOUT_S = 5.0
 
 
 @ray.remote(num_cpus=0)
@@ -61,6 +65,7 @@ class NodeMergerActor:
         self._sinks: dict[int, Any] = {}  # aggregator shard -> handle (see _aggregator)
         self._shards: Optional[int] = None  # the monitor's shard count, read from the GCS
         self._cursors: dict[int, Any] = {}  # each shard's kept-traces (epoch, seq)
+        self._out: dict[int, asyncio.Task] = {}  # each shard's forward in flight
         self._wake: Optional[asyncio.Event] = None
         self._task: Optional[asyncio.Task] = None
         self._failed: set[str] = set()  # causes already logged
@@ -81,6 +86,10 @@ class NodeMergerActor:
     async def ingest(self, snaps: list, kept_since: Any = None) -> dict:
         """A replica's delivery; answered once the aggregator took it (see NodeMerger)."""
         self._ensure_loop()
+        bad = next((s for s in snaps if not isinstance(s, ReplicaSnapshot)), None)
+        if bad is not None:  # refused here, not inside the forward loop that serves all
+            raise TypeError(f"a delivery holds ReplicaSnapshot objects only, got "
+                            f"{type(bad).__name__}")
         delivery = Delivery(list(snaps), kept_since, asyncio.get_running_loop().create_future())
         for old in self.merger.add(delivery):
             if not old.waiter.done():
@@ -89,50 +98,70 @@ class NodeMergerActor:
         return await delivery.waiter
 
     async def _forward_loop(self) -> None:
-        # One call per aggregator shard per forward (one shard: one call), the shards'
-        # calls at once: each shard's part is kept, given back and retried on its own, so
-        # a shard that is away holds back only the deliveries of its applications.
+        # One forward per aggregator shard at a time (one shard: one call), the shards'
+        # forwards side by side: a shard's part is sent, kept, given back and retried on
+        # its own, so a shard that is away (or slow: a call past FORWARD_TIMEOUT_S counts
+        # as failed) holds back only the deliveries of its applications, and each shard
+        # still receives a replica's snapshots in the order sent.
         while True:
             await self._wake.wait()
             self._wake.clear()
             if self._gather_s:
                 await asyncio.sleep(self._gather_s)
-            while len(self.merger):
-                batch, taken = self.merger.take()
+            if not len(self.merger):
+                continue
+            batch, taken = self.merger.take()
+            try:
                 shards = await self._shard_count()
                 parts = sorted(split_by_shard(taken, _application, shards).items())
-                if len(parts) == 1:
-                    failed = [await self._forward(parts[0][0], parts[0][1], batch)]
+            except Exception as e:  # never lose what was taken, never end the loop
+                self._log_once(f"split:{type(e).__name__}", e)
+                self.merger.give_back(taken)
+                await asyncio.sleep(RETRY_S)
+                self._wake.set()
+                continue
+            held = []
+            for shard, deliveries in parts:
+                if shard in self._out:  # its previous forward is still out: the next one
+                    held.extend(deliveries)
                 else:
-                    failed = await asyncio.gather(*(self._forward(shard, deliveries)
-                                                    for shard, deliveries in parts))
-                failed = [f for f in failed if f]
-                if failed:
-                    for deliveries in reversed(failed):  # back to the front, in order
-                        self.merger.give_back(deliveries)
-                    await asyncio.sleep(RETRY_S)
+                    snaps = batch if len(parts) == 1 else None
+                    self._out[shard] = asyncio.get_running_loop().create_task(
+                        self._forward(shard, deliveries, snaps))
+            if held:
+                self.merger.give_back(held, failed=False)
 
-    async def _forward(self, shard: int, deliveries: list, snaps: Optional[list] = None
-                       ) -> Optional[list]:
-        """One shard's part of a forward; returns its deliveries when the call failed."""
+    async def _forward(self, shard: int, deliveries: list, snaps: Optional[list] = None) -> None:
+        """One shard's part of a forward; a failed one goes back to the front of the queue
+        and its shard waits RETRY_S before its next forward."""
         if snaps is None:
             snaps = [s for d in deliveries for s in d.snaps]
         try:
-            sink = await self._aggregator(shard)
-            reply = await sink.ingest_node.remote(snaps, self._cursors.get(shard),
-                                                 self.merger.report())
-        except Exception as e:  # away or restarting: keep them, try again
-            self._sinks.pop(shard, None)
-            self._shards = None  # a stop() and start() may have changed it
-            self._log_once(f"forward:{type(e).__name__}", e)
-            return deliveries
-        if isinstance(reply, dict) and "seq" in reply:
-            self._cursors[shard] = (reply.get("epoch"), reply["seq"])
-        self.merger.answered(reply)
-        for d in deliveries:
-            if not d.waiter.done():  # a replica that went away cancelled its wait
-                d.waiter.set_result(self.merger.reply(d))
-        return None
+            try:
+                sink = await self._aggregator(shard)
+                # a shard Ray is restarting answers late rather than failing: bounded, so
+                # the replicas' deliveries are answered (or sent again) and the ledger
+                # drops whatever a late call still delivers twice
+                reply = await asyncio.wait_for(
+                    sink.ingest_node.remote(snaps, self._cursors.get(shard),
+                                            self.merger.report()), FORWARD_TIMEOUT_S)
+            except Exception as e:  # away, restarting or slow: keep them, try again
+                self._sinks.pop(shard, None)
+                self._shards = None  # a stop() and start() may have changed it
+                self._log_once(f"forward:{type(e).__name__}", e)
+                self.merger.give_back(deliveries)
+                await asyncio.sleep(RETRY_S)
+                return
+            if isinstance(reply, dict) and "seq" in reply:
+                self._cursors[shard] = (reply.get("epoch"), reply["seq"])
+            self.merger.answered(reply)
+            for d in deliveries:
+                if not d.waiter.done():  # a replica that went away cancelled its wait
+                    d.waiter.set_result(self.merger.reply(d))
+        finally:
+            self._out.pop(shard, None)
+            if len(self.merger) and self._wake is not None:
+                self._wake.set()  # what waited for this shard's slot, or arrived meanwhile
 
     async def _shard_count(self) -> int:
         if self._shards is None:  # a GCS call: off the event loop

@@ -99,9 +99,10 @@ class NodeMerger:
         self._held = 0
         return [s for d in taken for s in d.snaps], taken
 
-    def give_back(self, taken: list[Delivery]) -> None:
-        """A forward failed: its deliveries go back to the front, in their order."""
-        self.forward_failures += 1
+    def give_back(self, taken: list[Delivery], failed: bool = True) -> None:
+        """A forward failed (or, ``failed=False``, waits for its shard's forward in flight):
+        its deliveries go back to the front, in their order."""
+        self.forward_failures += bool(failed)
         self._pending.extendleft(reversed(taken))
         self._held += sum(len(d.snaps) for d in taken)
 

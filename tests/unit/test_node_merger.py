@@ -171,3 +171,113 @@ def test_a_replica_looks_for_its_node_merger_once_the_aggregator_says_it_is_up()
     assert not through._looking
     # Without a node id (outside Ray Serve) there is no merger to look for.
     assert ActorSink().node_name is None
+
+
+# -- the actor's forward loop (its plumbing, driven on an event loop without Ray) ----------
+
+def _app_snapshots(app: str, n: int) -> list:
+    rec = Recorder(identity=ReplicaIdentity(app, "Dep", f"{app}-r", "node-a", 1),
+                   clock=Clock(1000.0))
+    cells = rec.method("__call__")
+    cells.end(cells.begin(0.0), "ok", False, 0.01)
+    return [rec.snapshot() for _ in range(n)]
+
+
+class _Shard:
+    """A shard's ``ingest_node``: answers at once, or holds each call until released."""
+
+    def __init__(self, hold: bool = False) -> None:
+        self.hold = hold
+        self.release = None
+        self.calls = 0
+
+    @property
+    def ingest_node(self):
+        import asyncio
+        from types import SimpleNamespace
+
+        async def call(snaps, cursor, report):
+            self.calls += 1
+            if self.hold:
+                self.release = self.release or asyncio.Event()
+                await self.release.wait()
+            return {"epoch": "e", "seq": self.calls, "kept": []}
+        return SimpleNamespace(remote=call)
+
+
+def _merger_actor(shards: dict, monkeypatch, **kw):
+    import ray_monitor.node.actor as node_actor
+
+    monkeypatch.setattr(node_actor, "RETRY_S", 0.01)
+    actor = node_actor.NodeMergerActor.__ray_metadata__.modified_class(node_id="n1", **kw)
+
+    async def count():
+        return len(shards)
+
+    async def aggregator(shard=0):
+        return shards[shard]
+    actor._shard_count, actor._aggregator = count, aggregator
+    return actor
+
+
+def _apps_on_each_shard() -> tuple[str, str]:
+    from ray_monitor.common.shards import shard_of
+
+    names = {shard_of(f"app{i}", 2): f"app{i}" for i in range(20)}
+    return names[0], names[1]
+
+
+def test_a_shard_that_does_not_answer_holds_back_only_its_own_applications(monkeypatch):
+    import asyncio
+
+    app0, app1 = _apps_on_each_shard()
+    shards = {0: _Shard(), 1: _Shard(hold=True)}  # shard 1 restarting: its calls hang
+
+    async def run():
+        actor = _merger_actor(shards, monkeypatch, gather_s=0.0)
+        slow = asyncio.ensure_future(actor.ingest(_app_snapshots(app1, 1)))
+        await asyncio.sleep(0.05)
+        for i in range(3):  # shard 0's deliveries go on while shard 1's forward is out
+            reply = await asyncio.wait_for(actor.ingest(_app_snapshots(app0, 1)), 30)
+            assert reply["merger"] is True
+        assert not slow.done() and shards[1].calls == 1
+        shards[1].release.set()
+        assert (await asyncio.wait_for(slow, 30))["merger"] is True
+        return actor.merger.report()
+    report = asyncio.run(run())
+    assert report["forward_failures"] == 0 and shards[0].calls == 3
+
+
+def test_a_forward_past_its_timeout_is_sent_again(monkeypatch):
+    import asyncio
+
+    import ray_monitor.node.actor as node_actor
+
+    monkeypatch.setattr(node_actor, "FORWARD_TIMEOUT_S", 0.1)
+    shard = _Shard(hold=True)  # the first call never answers; later ones do
+
+    async def run():
+        actor = _merger_actor({0: shard}, monkeypatch, gather_s=0.0)
+
+        async def unhold():
+            while shard.calls < 1:
+                await asyncio.sleep(0.01)
+            shard.hold = False
+        asyncio.ensure_future(unhold())
+        reply = await asyncio.wait_for(actor.ingest(_app_snapshots("app", 2)), 30)
+        return reply, actor.merger.report()
+    reply, report = asyncio.run(run())
+    assert reply["merger"] is True and shard.calls >= 2 and report["forward_failures"] >= 1
+
+
+def test_a_delivery_of_anything_but_snapshots_is_refused_and_the_loop_goes_on(monkeypatch):
+    import asyncio
+
+    async def run():
+        actor = _merger_actor({0: _Shard()}, monkeypatch, gather_s=0.0)
+        with pytest.raises(TypeError, match="ReplicaSnapshot"):
+            await actor.ingest([object()])
+        reply = await asyncio.wait_for(actor.ingest(_app_snapshots("app", 1)), 30)
+        return reply, actor._task.done()
+    reply, loop_ended = asyncio.run(run())
+    assert reply["merger"] is True and not loop_ended

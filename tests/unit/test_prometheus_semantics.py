@@ -297,6 +297,31 @@ def test_rounds_run_just_after_the_replicas_flush():
         sim.close()
 
 
+def test_for_counts_grid_rounds_however_late_each_ran():
+    # Rounds run 0.3 s past the second, some later (waiting up to 0.4 s for a late
+    # delivery). A round evaluates at its grid point, as Prometheus evaluates at its
+    # scheduled timestamps: "for: 3s" fires three rounds after the pending one, even where
+    # by wall clock the later round ran less than 3 s after it.
+    sim = Sim(rules(rule("Down", 'rate(requests{application="app"}[2s]) '
+                                 'by (application, deployment) < 1', **{"for": "3s"})))
+    try:
+        for _ in range(5):
+            sim.second(ok=10)
+        states = []
+        for i in range(10):
+            sim.clock.t = math.floor(sim.clock.t) + 1.01
+            sim.seq += 1
+            sim.core.ingest([report(sim.clock.t, sim.seq)])
+            sim.clock.t = math.floor(sim.clock.t) + 0.3 + 0.04 * (9 - i)  # late, less each time
+            assert sim.core.round_time(sim.clock.t) == math.floor(sim.clock.t) + 0.3
+            sim.core.evaluate(sim.core.round_time(sim.clock.t))
+            states.append(sim.state().get(("Down", APP_D1), ("",))[0])
+        assert "pending" in states and "firing" in states, states
+        assert states.index("firing") - states.index("pending") == 3, states
+    finally:
+        sim.close()
+
+
 # -- the quantile decision at a threshold ---------------------------------------------------
 
 def prometheus_histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float:

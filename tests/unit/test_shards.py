@@ -164,7 +164,7 @@ def test_query_groups_and_stats_merge():
     assert merge_groups([{ga: 1.0}, {gb: 2.0}]) == {ga: 1.0, gb: 2.0}
     # Not grouped by application: each shard's part kept apart, never summed.
     both = merge_groups([{"{}": 1.0}, None, {"{}": 2.0}])
-    assert both == {"{}": 1.0, json.dumps({"shard": "2"}): 2.0}
+    assert both == {json.dumps({"shard": "0"}): 1.0, json.dumps({"shard": "2"}): 2.0}
     s = merge_stats([{"ingested": 3, "replicas": 1, "delivery": {"a/D": {}}},
                      {"ingested": 4, "replicas": 2, "delivery": {"b/D": {}}}, None])
     assert s["ingested"] == 7 and s["replicas"] == 3 and set(s["delivery"]) == {"a/D", "b/D"}
