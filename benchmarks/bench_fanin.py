@@ -115,6 +115,25 @@ class Sender:
         return sent
 
 
+def start_ray(namespace: str) -> None:
+    """Prints the command, Python and load, and starts a local Ray cluster (for every
+    benchmark that drives real actors)."""
+    print("command:", shlex.join([sys.executable, *sys.argv]))
+    print("python", platform.python_version(), "| load average",
+          " ".join(f"{x:.2f}" for x in os.getloadavg()), "|", time.strftime(
+              "%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+    for attempt in range(4):  # Ray gives its raylet 30 s, hard-coded: a busy machine
+        try:
+            ray.init(address="local", num_cpus=4, include_dashboard=False,
+                     namespace=namespace,
+                     runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path[:1])}})
+            return
+        except Exception as e:
+            if attempt == 3:
+                raise
+            print(f"Ray did not start ({e}); trying again", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, default=100)
@@ -126,21 +145,7 @@ def main() -> None:
     ap.add_argument("--measure-s", type=float, default=20.0)
     ap.add_argument("--json")
     args = ap.parse_args()
-    print("command:", shlex.join([sys.executable, *sys.argv]))
-    print("python", platform.python_version(), "| load average",
-          " ".join(f"{x:.2f}" for x in os.getloadavg()), "|", time.strftime(
-              "%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
-
-    for attempt in range(4):  # Ray gives its raylet 30 s, hard-coded: a busy machine
-        try:
-            ray.init(address="local", num_cpus=4, include_dashboard=False,
-                     namespace="bench_fanin",
-                     runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path[:1])}})
-            break
-        except Exception as e:
-            if attempt == 3:
-                raise
-            print(f"Ray did not start ({e}); trying again", flush=True)
+    start_ray(namespace="bench_fanin")
     from ray_monitor.aggregator.actor import get_or_create
     from ray_monitor.node.actor import NodeMergerActor
 

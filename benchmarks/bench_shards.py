@@ -31,8 +31,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -42,7 +40,7 @@ import ray
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.bench_aggregator import snapshot_maker  # noqa: E402
-from benchmarks.bench_fanin import actor_pid, cpu_s  # noqa: E402
+from benchmarks.bench_fanin import actor_pid, cpu_s, start_ray  # noqa: E402
 from ray_monitor.common.names import NAMESPACE  # noqa: E402
 
 
@@ -110,20 +108,7 @@ def main() -> None:
     ap.add_argument("--measure-s", type=float, default=20.0)
     ap.add_argument("--json")
     args = ap.parse_args()
-    print("command:", shlex.join([sys.executable, *sys.argv]))
-    print("python", platform.python_version(), "| load average",
-          " ".join(f"{x:.2f}" for x in os.getloadavg()), "|", time.strftime(
-              "%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
-    for attempt in range(4):  # Ray gives its raylet 30 s, hard-coded: a busy machine
-        try:
-            ray.init(address="local", num_cpus=4, include_dashboard=False,
-                     namespace="bench_shards",
-                     runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path[:1])}})
-            break
-        except Exception as e:
-            if attempt == 3:
-                raise
-            print(f"Ray did not start ({e}); trying again", flush=True)
+    start_ray(namespace="bench_shards")
     from ray_monitor.aggregator.actor import get_or_create
     from ray_monitor.common.shards import save_count, shard_of
     from ray_monitor.node.actor import NodeMergerActor

@@ -58,6 +58,18 @@ def retried(start: Callable[[], Any], attempts: int = 4) -> Any:
             print(f"a Ray node did not start ({e}); trying again", file=sys.stderr)
 
 
+def serve_on_free_port() -> None:
+    """Ray Serve with its proxy on a free loopback port."""
+    import socket
+
+    from ray import serve
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+
+
 def main(out_path: str) -> None:
     os.environ.pop("RAY_ADDRESS", None)
     os.environ["PYTHONPATH"] = os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])
@@ -83,12 +95,7 @@ def main(out_path: str) -> None:
         result["node_ids"] = ids
         mon = ray_monitor.start(port=0, eval_interval_s=1.0, gpu=False, series_ttl_s=TTL_S)
         agg = ray.get_actor(AGGREGATOR_NAME, namespace=NAMESPACE)
-        import socket
-
-        with socket.socket() as sock:  # a free loopback port for Serve's proxy
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve_on_free_port()
 
         @ray_monitor.monitor
         class Echo:

@@ -16,6 +16,7 @@ from typing import Any, Optional
 from ray_monitor.common.histogram import Histogram
 
 __all__ = ["Captured", "CaptureServer", "Clock", "genai_queried", "hist", "http_down",
+           "replica_snapshots",
            "kill_aggregator"]
 
 
@@ -164,3 +165,20 @@ def genai_queried() -> set[str]:
     queue = METRICS["queue_seconds"].prometheus  # only once a caller sent its time
     return {n for n in queried_metrics({"panels": panels, "templating": {"list": []}})
             if not n.startswith(queue)}
+
+
+def replica_snapshots(replica: str, n: int, per_flush: int = 2, app: str = "app") -> list:
+    """``n`` consecutive snapshots of one replica of ``app``/``Dep`` (a real Recorder),
+    each carrying ``per_flush`` ok requests."""
+    from ray_monitor.common.snapshot import ReplicaIdentity
+    from ray_monitor.replica.recorder import Recorder
+
+    rec = Recorder(identity=ReplicaIdentity(app, "Dep", replica, "node-a", 1),
+                   clock=Clock(1000.0))
+    cells = rec.method("__call__")
+    out = []
+    for _ in range(n):
+        for _ in range(per_flush):
+            cells.end(cells.begin(0.0), "ok", False, 0.01)
+        out.append(rec.snapshot())
+    return out

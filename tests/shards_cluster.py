@@ -32,7 +32,7 @@ import time
 import urllib.request
 from typing import Any
 
-from tests.fanin_cluster import wait_until
+from tests.fanin_cluster import serve_on_free_port, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APPS = {"alpha": "A", "beta": "B"}
@@ -72,12 +72,7 @@ def main(out_path: str) -> None:
         mon = ray_monitor.start(RULES, port=0, eval_interval_s=1.0, gpu=False, shards=2)
         shards = [ray.get_actor(shard_name(i), namespace=NAMESPACE) for i in range(2)]
         result["second_start_url"] = ray_monitor.start().url == mon.url
-        import socket
-
-        with socket.socket() as sock:  # a free loopback port for Serve's proxy
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve_on_free_port()
 
         @ray_monitor.monitor
         class Echo:

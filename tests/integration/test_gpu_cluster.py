@@ -137,14 +137,20 @@ groups:
 """
 
 
-def test_gpu_processes_are_joined_to_replicas_and_rules_fire(mon, serve_apps):
+def _gpu_user(mon, serve_apps) -> tuple[str, dict]:
+    """A GpuUser application and its replica's whoami, once the aggregator knows the
+    replica (it joins GPU pids only to replicas it has heard from)."""
     app = f"g{uuid.uuid4().hex[:8]}"
     serve_apps.append(app)
     h = serve.run(GpuUser.bind(), name=app, route_prefix=f"/{app}")
     me = h.whoami.remote().result(timeout_s=60)
-    # The aggregator joins pids to the replicas it has heard from: wait for ours first.
     wait_until(lambda: any(d["application"] == app and d["replicas"] == 1 for d in mon.deployments()),
                timeout=60, what="the replica known to the aggregator")
+    return app, me
+
+
+def test_gpu_processes_are_joined_to_replicas_and_rules_fire(mon, serve_apps):
+    app, me = _gpu_user(mon, serve_apps)
     stranger = os.getpid()  # a real process on this node that is no replica: the test driver
     set_cluster_processes([ExtraProcess(gpu=0, pid=me["pid"], used_memory=3 * GiB, sm_util=55, node_id=me["node"]),
                            ExtraProcess(gpu=1, pid=stranger, used_memory=1 * GiB, node_id=me["node"])])
@@ -189,12 +195,7 @@ def test_gpu_processes_are_joined_to_replicas_and_rules_fire(mon, serve_apps):
 def test_gpu_seconds_of_a_replica_are_priced_from_the_rule_files_prices(mon, serve_apps):
     """Issue 14: cost{part="gpu"} is the price per GPU-second times the GPU-seconds the
     fake NVML's process list attributed to the replica, exactly."""
-    app = f"g{uuid.uuid4().hex[:8]}"
-    serve_apps.append(app)
-    h = serve.run(GpuUser.bind(), name=app, route_prefix=f"/{app}")
-    me = h.whoami.remote().result(timeout_s=60)
-    wait_until(lambda: any(d["application"] == app and d["replicas"] == 1 for d in mon.deployments()),
-               timeout=60, what="the replica known to the aggregator")
+    app, me = _gpu_user(mon, serve_apps)
     price = 0.002
     mon.reload({"groups": [], "prices": {"GpuUser": {"per_gpu_second": price}}})  # no model named
     by = ("application", "deployment", "replica")

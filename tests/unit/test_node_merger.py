@@ -11,22 +11,8 @@ import pytest
 from ray_monitor.aggregator.core import AggregatorCore
 from ray_monitor.aggregator.exposition import MonitorCollector, registry, render
 from ray_monitor.aggregator.per_node import PerNodeActors
-from ray_monitor.common.snapshot import ReplicaIdentity
 from ray_monitor.node.merger import Delivery, NodeMerger
-from ray_monitor.replica.recorder import Recorder
-from tests.helpers import Clock
-
-
-def replica_snapshots(replica: str, n: int, per_flush: int = 2) -> list:
-    rec = Recorder(identity=ReplicaIdentity("app", "Dep", replica, "node-a", 1),
-                   clock=Clock(1000.0))
-    cells = rec.method("__call__")
-    out = []
-    for _ in range(n):
-        for _ in range(per_flush):
-            cells.end(cells.begin(0.0), "ok", False, 0.01)
-        out.append(rec.snapshot())
-    return out
+from tests.helpers import Clock, replica_snapshots
 
 
 def test_one_forward_carries_every_replicas_delivery_and_the_counts_are_exact():
@@ -175,14 +161,6 @@ def test_a_replica_looks_for_its_node_merger_once_the_aggregator_says_it_is_up()
 
 # -- the actor's forward loop (its plumbing, driven on an event loop without Ray) ----------
 
-def _app_snapshots(app: str, n: int) -> list:
-    rec = Recorder(identity=ReplicaIdentity(app, "Dep", f"{app}-r", "node-a", 1),
-                   clock=Clock(1000.0))
-    cells = rec.method("__call__")
-    cells.end(cells.begin(0.0), "ok", False, 0.01)
-    return [rec.snapshot() for _ in range(n)]
-
-
 class _Shard:
     """A shard's ``ingest_node``: answers at once, or holds each call until released."""
 
@@ -235,10 +213,10 @@ def test_a_shard_that_does_not_answer_holds_back_only_its_own_applications(monke
 
     async def run():
         actor = _merger_actor(shards, monkeypatch, gather_s=0.0)
-        slow = asyncio.ensure_future(actor.ingest(_app_snapshots(app1, 1)))
+        slow = asyncio.ensure_future(actor.ingest(replica_snapshots("r", 1, app=app1)))
         await asyncio.sleep(0.05)
         for i in range(3):  # shard 0's deliveries go on while shard 1's forward is out
-            reply = await asyncio.wait_for(actor.ingest(_app_snapshots(app0, 1)), 30)
+            reply = await asyncio.wait_for(actor.ingest(replica_snapshots("r", 1, app=app0)), 30)
             assert reply["merger"] is True
         assert not slow.done() and shards[1].calls == 1
         shards[1].release.set()
@@ -264,7 +242,7 @@ def test_a_forward_past_its_timeout_is_sent_again(monkeypatch):
                 await asyncio.sleep(0.01)
             shard.hold = False
         asyncio.ensure_future(unhold())
-        reply = await asyncio.wait_for(actor.ingest(_app_snapshots("app", 2)), 30)
+        reply = await asyncio.wait_for(actor.ingest(replica_snapshots("r", 2)), 30)
         return reply, actor.merger.report()
     reply, report = asyncio.run(run())
     assert reply["merger"] is True and shard.calls >= 2 and report["forward_failures"] >= 1
@@ -277,7 +255,7 @@ def test_a_delivery_of_anything_but_snapshots_is_refused_and_the_loop_goes_on(mo
         actor = _merger_actor({0: _Shard()}, monkeypatch, gather_s=0.0)
         with pytest.raises(TypeError, match="ReplicaSnapshot"):
             await actor.ingest([object()])
-        reply = await asyncio.wait_for(actor.ingest(_app_snapshots("app", 1)), 30)
+        reply = await asyncio.wait_for(actor.ingest(replica_snapshots("r", 1)), 30)
         return reply, actor._task.done()
     reply, loop_ended = asyncio.run(run())
     assert reply["merger"] is True and not loop_ended

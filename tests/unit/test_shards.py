@@ -25,23 +25,10 @@ from ray_monitor.common.names import AGGREGATOR_NAME
 from ray_monitor.common.shards import shard_name, shard_of, split_by_shard
 from ray_monitor.common.snapshot import ReplicaIdentity
 from ray_monitor.node.merger import Delivery, NodeMerger
-from ray_monitor.replica.recorder import Recorder
-from tests.helpers import Clock
+from tests.helpers import Clock, replica_snapshots
 
 # crc32("alpha") is even, crc32("beta") odd: with two shards they land apart.
 A, B = "alpha", "beta"
-
-
-def snapshots(app: str, replica: str, n: int, per_flush: int = 2) -> list:
-    rec = Recorder(identity=ReplicaIdentity(app, "Dep", replica, "node-a", 1),
-                   clock=Clock(1000.0))
-    cells = rec.method("__call__")
-    out = []
-    for _ in range(n):
-        for _ in range(per_flush):
-            cells.end(cells.begin(0.0), "ok", False, 0.01)
-        out.append(rec.snapshot())
-    return out
 
 
 def test_an_applications_shard_is_stable_and_spread():
@@ -72,7 +59,7 @@ def test_a_node_forward_split_by_shard_keeps_each_shards_counts_exact():
     shards = [AggregatorCore({"shards": 2}, clock=Clock(1000.0)),
               AggregatorCore({"shards": 2}, clock=Clock(1000.0))]
     merger = NodeMerger("node-a")
-    a, b = snapshots(A, "ra", 3), snapshots(B, "rb", 3)
+    a, b = replica_snapshots("ra", 3, app=A), replica_snapshots("rb", 3, app=B)
     for i in range(3):
         merger.add(Delivery([a[i]], None))
         merger.add(Delivery([b[i]], None))
@@ -99,8 +86,8 @@ def test_a_node_forward_split_by_shard_keeps_each_shards_counts_exact():
 def test_metrics_of_two_shards_are_one_exposition_with_help_once():
     cores = [AggregatorCore({"shards": 2}, clock=Clock(1000.0)),
              AggregatorCore({"shards": 2}, clock=Clock(1000.0))]
-    cores[0].ingest(snapshots(A, "ra", 2))
-    cores[1].ingest(snapshots(B, "rb", 2))
+    cores[0].ingest(replica_snapshots("ra", 2, app=A))
+    cores[1].ingest(replica_snapshots("rb", 2, app=B))
     fams = [list(monitor_registry(c).collect()) for c in cores]
     merged = merge_families(fams)
     text = render(type("C", (), {"collect": lambda _: iter(merged)})())[0].decode()
