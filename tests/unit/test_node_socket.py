@@ -58,11 +58,12 @@ class Merger:
 
     async def _deliver(self, snaps, kept_since):
         self.got.append((list(snaps), kept_since))
+        n = len(self.got)  # this delivery's number, before waiting: others arrive meanwhile
         if self.fail:
             self.fail -= 1
             raise RuntimeError("the merger's ingest failed")
         await self.release.wait()
-        return {"epoch": "e", "seq": len(self.got), "kept": [f"t{len(self.got)}"]}
+        return {"epoch": "e", "seq": n, "kept": [f"t{n}"]}
 
     def answer(self) -> None:
         self.loop.call_soon_threadsafe(self.release.set)
