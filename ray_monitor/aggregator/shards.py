@@ -22,7 +22,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from ray_monitor.common.names import NAMESPACE
 from ray_monitor.common.shards import shard_name
 
-__all__ = ["CALL_TIMEOUT_S", "KeptExchange", "SELF_PREFIX", "ShardFront", "merge_families",
+__all__ = ["CALL_TIMEOUT_S", "KeptExchange", "NODE_FAMILIES", "SELF_PREFIX", "ShardFront", "merge_families",
            "merge_feedback", "merge_groups", "merge_stats", "merge_traces", "route_feedback"]
 
 log = logging.getLogger(__name__)
@@ -33,15 +33,20 @@ log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 5.0
 #: The monitor's own metrics: every shard has them, so they get a ``shard`` label.
 SELF_PREFIX = "ray_monitor_self_"
+#: The node mergers' own counters: reported to shard 0 only (a node's, not a shard's;
+#: :meth:`~ray_monitor.node.merger.NodeMerger.report`), so taken from shard 0 alone.
+NODE_FAMILIES = frozenset({SELF_PREFIX + "ingest_calls_socket",
+                           SELF_PREFIX + "node_snapshots_dropped"})
 
 
 def merge_families(per_shard: Sequence[Optional[Iterable[Metric]]]) -> list[Metric]:
     """One exposition from the shards' metric families (index = shard; None: no answer).
 
     The shards' series are disjoint (each owns its applications), so a family's samples
-    are concatenated under one HELP/TYPE; the monitor's own metrics get a ``shard`` label;
-    a sample two shards both have (e.g. a series about the cluster as a whole) is kept
-    once, shard 0's. ``ray_monitor_self_shard_up`` says which shards answered."""
+    are concatenated under one HELP/TYPE; the monitor's own metrics get a ``shard`` label,
+    except the node mergers' counters (:data:`NODE_FAMILIES`), shard 0's alone; a sample
+    two shards both have (e.g. a series about the cluster as a whole) is kept once,
+    shard 0's. ``ray_monitor_self_shard_up`` says which shards answered."""
     out: dict[str, Metric] = {}
     seen: set[tuple] = set()
     up = GaugeMetricFamily(SELF_PREFIX + "shard_up", "Whether each aggregator shard "
@@ -50,6 +55,8 @@ def merge_families(per_shard: Sequence[Optional[Iterable[Metric]]]) -> list[Metr
     for index, families in enumerate(per_shard):
         up.add_metric([str(index)], 0.0 if families is None else 1.0)
         for fam in families or ():
+            if index and fam.name in NODE_FAMILIES:
+                continue
             mine = fam.name.startswith(SELF_PREFIX)
             merged = out.get(fam.name)
             if merged is None:

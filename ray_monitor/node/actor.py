@@ -144,17 +144,17 @@ class NodeMergerActor:
                 # drops whatever a late call still delivers twice
                 reply = await asyncio.wait_for(
                     sink.ingest_node.remote(snaps, self._cursors.get(shard),
-                                            self.merger.report()), FORWARD_TIMEOUT_S)
+                                            self.merger.report(shard)), FORWARD_TIMEOUT_S)
             except Exception as e:  # away, restarting or slow: keep them, try again
                 self._sinks.pop(shard, None)
                 self._shards = None  # a stop() and start() may have changed it
                 self._log_once(f"forward:{type(e).__name__}", e)
-                self.merger.give_back(deliveries)
+                self.merger.give_back(deliveries, shard=shard)
                 await asyncio.sleep(RETRY_S)
                 return
             if isinstance(reply, dict) and "seq" in reply:
                 self._cursors[shard] = (reply.get("epoch"), reply["seq"])
-            self.merger.answered(reply)
+            self.merger.answered(reply, shard)
             for d in deliveries:
                 if not d.waiter.done():  # a replica that went away cancelled its wait
                     d.waiter.set_result(self.merger.reply(d))
@@ -178,7 +178,7 @@ class NodeMergerActor:
         return sink
 
     async def stats(self) -> dict:
-        """This merger's counters (what every forward reports too)."""
+        """This merger's counters (each forward reports its shard's part of them)."""
         return self.merger.report()
 
     def running_node_id(self) -> str:
