@@ -72,6 +72,7 @@ class Aggregator:
         self._peers = None  # the other shards (config.shards > 1)
         self._exchange = None  # kept trace ids traded with shard 0 (shards other than 0)
         self._trade = None  # the trade in flight
+        self._reroute = None  # shard 0: held feedback handed on to its shard, in flight
         if config.shards > 1:
             from ray_monitor.aggregator.shards import KeptExchange, ShardFront
 
@@ -182,6 +183,8 @@ class Aggregator:
             if self._exchange is not None and (self._trade is None or self._trade.done()):
                 # Not awaited: shard 0 away must not hold this shard's evaluation.
                 self._trade = asyncio.get_running_loop().create_task(self._trade_kept())
+            if self._front(False) and (self._reroute is None or self._reroute.done()):
+                self._reroute = asyncio.get_running_loop().create_task(self._reroute_held())
             now = time.time()
             await asyncio.sleep(max(0.0, self.core.next_round_at(now) - now))
 
@@ -213,6 +216,16 @@ class Aggregator:
             self.core.trace_store.adopt(ex.incoming(log, reply, out, upto))
         except Exception as e:  # the same ids go out again next round
             self.core.count_error("aggregator", f"kept_trade_failed:{type(e).__name__}", e)
+
+    async def _reroute_held(self) -> None:
+        """Shard 0: feedback held for a prediction that reached another shard since, to
+        that shard (:func:`~ray_monitor.aggregator.shards.reroute_held`)."""
+        from ray_monitor.aggregator.shards import reroute_held
+
+        try:  # a task nobody awaits, as the trade
+            await reroute_held(self.core.quality.join, self._peers)
+        except Exception as e:
+            self.core.count_error("aggregator", f"feedback_reroute_failed:{type(e).__name__}", e)
 
     def _owned(self, running: Optional[dict]) -> Optional[dict]:
         """Serve's (application, deployment) -> replicas, of this shard's applications only:

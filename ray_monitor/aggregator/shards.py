@@ -22,8 +22,9 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from ray_monitor.common.names import NAMESPACE
 from ray_monitor.common.shards import shard_name
 
-__all__ = ["CALL_TIMEOUT_S", "KeptExchange", "NODE_FAMILIES", "SELF_PREFIX", "ShardFront", "merge_families",
-           "merge_feedback", "merge_groups", "merge_stats", "merge_traces", "route_feedback"]
+__all__ = ["CALL_TIMEOUT_S", "KeptExchange", "NODE_FAMILIES", "REROUTE_MAX", "SELF_PREFIX",
+           "ShardFront", "merge_families", "merge_feedback", "merge_groups", "merge_stats",
+           "merge_traces", "reroute_held", "route_feedback"]
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def route_feedback(items: Sequence[Any], known: Sequence[Iterable[str]]
                    ) -> dict[int, list[int]]:
     """Which shard gets each feedback item (by index): the first whose ``known`` request
     ids hold its request id (that shard has the prediction), else shard 0, which holds it
-    for a late prediction as one aggregator does (or reports it unknown)."""
+    for a late prediction and hands it on once its shard has it (:func:`reroute_held`)."""
     owners: dict[str, int] = {}
     for index, rids in enumerate(known):
         for rid in rids:
@@ -166,6 +167,38 @@ def route_feedback(items: Sequence[Any], known: Sequence[Iterable[str]]
         rid = item.get("request_id") if isinstance(item, dict) else None
         out.setdefault(owners.get(rid, 0) if isinstance(rid, str) else 0, []).append(i)
     return out
+
+
+#: Held feedback ids shard 0 asks the other shards about per round, at most (oldest first).
+REROUTE_MAX = 20_000
+
+
+async def reroute_held(join: Any, front: Any) -> int:
+    """Shard 0's held feedback (no prediction anywhere when it came) to the shard that
+    has its prediction now: asked each round while held (``early_grace_s``), so
+    feedback sent before its prediction reached the monitor joins on whichever shard
+    owns the application, as on one aggregator. What the owner does not take stays
+    held here (counted unknown after the grace, once). Returns the items moved."""
+    rids = join.held_ids(REROUTE_MAX)
+    if not rids:
+        return 0
+    known = await front.gather("known_requests", rids, True)
+    moved = 0
+    for shard, ids in sorted(route_feedback(
+            [{"request_id": r} for r in rids], [()] + [k or () for k in known]).items()):
+        if shard == 0:  # no shard has it yet (or it is ours and joins here)
+            continue
+        released = join.release(rids[i] for i in ids)
+        items = [{"request_id": rid, **({"label": label} if label is not None
+                                        else {"value": value})}
+                 for rid, _, label, value in released]
+        try:
+            await front.call(shard, "feedback", items, True)
+        except Exception:  # away: held here again, asked again next round
+            join.hold(released)
+            continue
+        moved += len(items)
+    return moved
 
 
 def merge_feedback(parts: Sequence[tuple[list[int], dict]], limit: int = 100) -> dict:

@@ -145,6 +145,73 @@ def test_feedback_goes_to_the_shard_that_holds_the_prediction():
     assert [p["index"] for p in merged["problems"]] == [2, 3]
 
 
+class _Peers:
+    """ShardFront's ``gather`` and ``call`` on real cores (index 1..), as the actors answer."""
+
+    def __init__(self, cores, away=()) -> None:
+        self.cores, self.away, self.calls = cores, set(away), []
+        self.refuse = False  # answers gather, fails the call that hands feedback on
+
+    async def gather(self, method, *args):
+        return [None if i in self.away else await self._one(i, method, *args)
+                for i in range(1, len(self.cores))]
+
+    async def call(self, index, method, *args):
+        if index in self.away or self.refuse:
+            raise TimeoutError(f"shard {index} away")
+        return await self._one(index, method, *args)
+
+    async def _one(self, index, method, *args):
+        self.calls.append((index, method))
+        core = self.cores[index]
+        if method == "known_requests":
+            return core.quality.join.known(args[0])
+        assert method == "feedback"
+        return await core.feedback_async(list(args[0]))
+
+
+def test_early_feedback_joins_on_the_shard_that_owns_the_application():
+    """Ground truth sent before its prediction reached any shard is held by shard 0, then
+    handed to the shard whose replica's prediction arrived since, and joins there, counted
+    once (before: held on shard 0 until its grace ran out, reported unknown)."""
+    import asyncio
+
+    from ray_monitor.aggregator.shards import reroute_held
+    from ray_monitor.quality.prediction import Prediction
+
+    clock = Clock(1000.0)
+    cores = [AggregatorCore({"shards": 2}, clock=clock), AggregatorCore({"shards": 2}, clock=clock)]
+    for core in cores:
+        core.quality.join._clock = clock
+    peers = _Peers(cores)
+    first = cores[0].feedback([{"request_id": "r-b", "label": "yes"},
+                               {"request_id": "r-a", "label": "no"},
+                               {"request_id": "r-none", "value": 1.0}])
+    assert first["counts"] == {"held": 3}
+    assert asyncio.run(reroute_held(cores[0].quality.join, peers)) == 0  # nowhere yet
+    # The predictions reach their applications' shards a flush later.
+    cores[1].quality.add_predictions([Prediction("r-b", 1000.0, B, "Dep", "v1", label="yes")])
+    cores[0].quality.add_predictions([Prediction("r-a", 1000.0, A, "Dep", "v1", label="yes")])
+    assert cores[0].quality.join.held_ids(10) == ["r-b", "r-none"]  # r-a joined here at once
+    peers.away = {1}  # shard 1 away this round: r-b stays held on shard 0
+    assert asyncio.run(reroute_held(cores[0].quality.join, peers)) == 0
+    peers.away, peers.refuse = set(), True  # it knows r-b, then fails to take it: held again
+    assert asyncio.run(reroute_held(cores[0].quality.join, peers)) == 0
+    assert cores[0].quality.join.held_ids(10) == ["r-b", "r-none"]
+    peers.refuse = False
+    assert asyncio.run(reroute_held(cores[0].quality.join, peers)) == 1
+    assert cores[0].quality.join.held_ids(10) == ["r-none"]
+    st0, st1 = cores[0].quality.join.stats(), cores[1].quality.join.stats()
+    assert st1["feedback_joined"] == 1 and st1["predictions_joined"] == 1
+    assert st0["feedback_joined"] == 1  # r-a, on its own shard
+    clock.advance(11.0)  # past early_grace_s: the one nobody predicted is unknown, once
+    cores[0].feedback([])
+    cores[1].feedback([])
+    assert cores[0].quality.join.stats()["feedback_unknown"] == 1
+    assert cores[1].quality.join.stats()["feedback_unknown"] == 0
+    assert st0["held"] == 1 and cores[0].quality.join.stats()["held"] == 0
+
+
 def test_query_groups_and_stats_merge():
     ga = json.dumps({"application": A}, sort_keys=True)
     gb = json.dumps({"application": B}, sort_keys=True)
