@@ -12,19 +12,21 @@ trace that crosses applications on different shards is still exported whole.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections import deque
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from ray_monitor.common.names import NAMESPACE
 from ray_monitor.common.shards import shard_name
 
-__all__ = ["CALL_TIMEOUT_S", "KeptExchange", "NODE_FAMILIES", "REROUTE_MAX", "SELF_PREFIX",
-           "ShardFront", "merge_families", "merge_feedback", "merge_groups", "merge_stats",
-           "merge_traces", "reroute_held", "route_feedback"]
+__all__ = ["CALL_TIMEOUT_S", "GpuRelay", "KeptExchange", "NODE_FAMILIES", "REROUTE_MAX",
+           "SELF_PREFIX", "ShardFront", "front_feedback", "gpu_share", "ingest_gpu_share",
+           "merge_families", "merge_feedback", "merge_groups", "merge_stats", "merge_traces",
+           "reroute_held", "route_feedback"]
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +171,26 @@ def route_feedback(items: Sequence[Any], known: Sequence[Iterable[str]]
     return out
 
 
+async def front_feedback(core: Any, front: "ShardFront", items: list) -> dict:
+    """Shard 0's answer to a batch of feedback: each item to the shard that holds its
+    prediction (:func:`route_feedback`), the answers merged; the rest held on shard 0."""
+    rids = [it.get("request_id") for it in items if isinstance(it, dict)]
+    known = [core.quality.join.known(rids)] + \
+        [k or [] for k in await front.gather("known_requests", rids, True)]
+    parts = []
+    for shard, indices in sorted(route_feedback(items, known).items()):
+        part = [items[i] for i in indices]
+        if shard == 0:
+            res = await core.feedback_async(part)
+        else:  # an owner that went away since: shard 0 holds them for late predictions
+            try:
+                res = await front.call(shard, "feedback", part, True)
+            except Exception:
+                res = await core.feedback_async(part)
+        parts.append((indices, res))
+    return merge_feedback(parts)
+
+
 #: Held feedback ids shard 0 asks the other shards about per round, at most (oldest first).
 REROUTE_MAX = 20_000
 
@@ -199,6 +221,32 @@ async def reroute_held(join: Any, front: Any) -> int:
             continue
         moved += len(items)
     return moved
+
+
+def gpu_share(snap: Any, own: dict, mine: Callable[[str], bool]) -> Any:
+    """The part of a node's GPU sample (already joined to every shard's replicas by shard
+    0) that another shard ingests: its replicas joined afresh (``own``: pid -> identity),
+    no devices (shard 0 keeps the device series), and only the processes on GPUs that one
+    of its applications (``mine``) uses, the other replicas there included, so each
+    replica's share of a GPU is the same on every shard. Ingested even when empty: the
+    next sample's interval runs from this one."""
+    from ray_monitor.gpu.attribution import attribute_processes
+
+    snap = attribute_processes(snap, own)
+    lost = {d.uuid for d in snap.devices if d.lost}
+    used = {p.gpu_uuid for p in snap.processes
+            if p.replica is not None and mine(p.replica.application)}
+    return dataclasses.replace(snap, devices=[], processes=[
+        p for p in snap.processes if p.gpu_uuid in used and p.gpu_uuid not in lost])
+
+
+def ingest_gpu_share(core: Any, snap: Any, mine: Callable[[str], bool]) -> None:
+    """Another shard's handling of a GPU sample shard 0 passed on (:func:`gpu_share`)."""
+    own = {i.pid: i for i, _ in core.replicas.values()}
+    try:
+        core.store.ingest_gpu(gpu_share(snap, own, mine))
+    except Exception as e:  # one bad sample never stops the next
+        core.count_error("aggregator", f"ingest_gpu_failed:{type(e).__name__}", e)
 
 
 def merge_feedback(parts: Sequence[tuple[list[int], dict]], limit: int = 100) -> dict:
@@ -322,3 +370,40 @@ class KeptExchange:
                 self.pushed_seq = kept_log.seq
         self.traded += 1
         return new
+
+
+class GpuRelay:
+    """Shard 0's GPU samples, joined to every shard's replicas, passed on to the other
+    shards, which count their replicas' GPU time (:func:`gpu_share`)."""
+
+    def __init__(self, front: "ShardFront", *, max_in_flight: int = 256) -> None:
+        self.front = front
+        self.pids: dict[str, dict[int, Any]] = {}  # node -> pid -> another shard's replica
+        self.max_in_flight = max_in_flight
+        self._out: set[asyncio.Task] = set()
+
+    async def refresh(self) -> None:
+        """The other shards' replicas, asked again (at the aggregator's reconcile)."""
+        pids: dict[str, dict[int, Any]] = {}
+        for part in await self.front.gather("replica_identities", True):
+            for ident in part or ():
+                pids.setdefault(ident.node_id, {})[ident.pid] = ident
+        self.pids = pids
+
+    def joined(self, snap: Any, own: dict) -> Any:
+        """``snap`` with its processes joined to every shard's replicas (``own``: shard
+        0's, pid -> identity, which win)."""
+        from ray_monitor.gpu.attribution import attribute_processes
+
+        return attribute_processes(snap, {**self.pids.get(snap.node_id, {}), **own})
+
+    def send(self, snap: Any) -> bool:
+        """Passes ``snap`` on without waiting (a shard away must not hold shard 0's GPU
+        samples); False when too many are still on their way (this one is not sent)."""
+        if len(self._out) >= self.max_in_flight:
+            return False
+        task = asyncio.get_running_loop().create_task(
+            self.front.gather("ingest_gpu", snap, True))
+        self._out.add(task)
+        task.add_done_callback(self._out.discard)
+        return True
