@@ -36,6 +36,7 @@ On a sharded monitor (``StartConfig.shards > 1``) this app runs on shard 0 only,
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hmac
 import json
@@ -186,14 +187,18 @@ def make_app(agg) -> web.Application:
         check_origin(request, content_types=content_types, loopback_exception=not agg.token)
 
     async def metrics(request):
-        source: Any = metrics_registry
+        # Collected here, on the loop: one consistent snapshot of the state (prometheus
+        # Metric objects, plain values). Rendered on a worker thread: the text of a large
+        # cluster's series takes seconds, which the loop's ingest and rule rounds would
+        # otherwise wait out (the thread only shares the GIL with them).
+        families = list(metrics_registry.collect())
         if sharded:  # every shard's series, one exposition (see aggregator.shards)
             from ray_monitor.aggregator.shards import merge_families
 
-            mine = list(metrics_registry.collect())
-            source = _Families(merge_families([mine] + await agg._peers.gather(
-                "metric_families", True)))
-        body, ctype = render(source, request.headers.get("Accept", ""))
+            families = merge_families([families] + await agg._peers.gather(
+                "metric_families", True))
+        body, ctype = await asyncio.get_running_loop().run_in_executor(
+            None, render, _Families(families), request.headers.get("Accept", ""))
         return web.Response(body=body, headers={"Content-Type": ctype})
 
     async def alerts(request):
