@@ -230,7 +230,10 @@ def main(out_path: str) -> None:
             cost = mon.query("sum", "cost", 600.0, by=("application", "part"))
             return {"seconds": secs, "cost": cost}
         try:
-            wait_until(lambda: len(gpu_time()["cost"]) == 2, 30, "GPU cost of both")
+            # a series shows at its first sample; its window sums it a round later
+            wait_until(lambda: (g := gpu_time()) and len(g["cost"]) == len(g["seconds"]) == 2
+                       and all(v > 0 for v in [*g["cost"].values(), *g["seconds"].values()]),
+                       30, "GPU time and cost of both")
         except TimeoutError:  # said in the JSON
             pass
         finally:
