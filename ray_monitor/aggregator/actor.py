@@ -417,9 +417,9 @@ class Aggregator:
 
     async def metric_families(self, local: bool = True) -> list:
         """This shard's ``/metrics`` families (prometheus_client Metric objects)."""
-        from ray_monitor.aggregator.http_api import monitor_registry
+        from ray_monitor.aggregator.http_api import collect_off_loop, monitor_collectors
 
-        return list(monitor_registry(self.core, self._hints).collect())
+        return await collect_off_loop(monitor_collectors(self.core, self._hints))
 
     async def reload(self, rules_text: Any, filename: Optional[str] = None,
                      local: bool = False) -> dict:

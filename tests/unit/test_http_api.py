@@ -138,7 +138,12 @@ def test_metrics_text_is_rendered_off_the_event_loop_from_a_snapshot_taken_on_it
     agg = Agg("127.0.0.1", None)
     agg.core.ingest([snap("one")])
     seen = {}
-    real = http_api.render
+    real, cumulative = http_api.render, agg.core.store.cumulative
+
+    def read(*a, **k):  # the store is read on the loop, in one go
+        seen["read"] = threading.current_thread()
+        return cumulative(*a, **k)
+    agg.core.store.cumulative = read
 
     def render(source, accept=""):
         seen["thread"] = threading.current_thread()
@@ -156,7 +161,7 @@ def test_metrics_text_is_rendered_off_the_event_loop_from_a_snapshot_taken_on_it
         status, text = asyncio.run(go())
     finally:
         agg.core.notifier.close(1.0)
-    assert status == 200 and seen["thread"] is not seen["loop"]
+    assert status == 200 and seen["thread"] is not seen["loop"] and seen["read"] is seen["loop"]
     assert 'application="one"' in text and 'application="two"' not in text
 
 
