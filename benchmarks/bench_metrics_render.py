@@ -1,6 +1,7 @@
 """/metrics at 1,000 replicas: how long a scrape holds the aggregator's event loop.
 
-    nice .venv/bin/python benchmarks/bench_metrics_render.py [--replicas 1000] [--runs 7]
+    nice .venv/bin/python benchmarks/bench_metrics_render.py [--replicas 1000] [--runs 7] \
+        [--json OUT]
 
 A real AggregatorCore takes one delivery from each of ``--replicas`` simulated replicas
 (real Recorders: 50 deployments over 10 applications, two methods, ok and error
@@ -21,7 +22,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import platform
+import shlex
 import statistics
 import sys
 import time
@@ -99,6 +103,10 @@ def summary(xs: list[float]) -> str:
 
 
 async def main_async(args) -> None:
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"command: {shlex.join([sys.executable, *sys.argv])}\npython "
+          f"{platform.python_version()} | {platform.processor() or platform.machine()} | "
+          f"load average {load}")
     clock = Clock(1000.0)
     core = AggregatorCore({}, clock=clock)
     fill(core, args.replicas, clock)
@@ -128,16 +136,21 @@ async def main_async(args) -> None:
             alone["render"].append(time.perf_counter() - t1)
     series = sum(len(f.samples) for f in fams)
     print(f"{args.replicas} replicas, {series} samples, /metrics {size / 2 ** 20:.2f} MiB; "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"collect alone {summary(alone['collect'])}, render alone {summary(alone['render'])}")
     for way, r in res.items():
         print(f"{way:9s} scrape {summary(r['wall'])}, longest loop stall {summary(r['stall'])}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"replicas": args.replicas, "samples": series, "bytes": size,
+                       "alone": alone, "ways": res}, f, indent=1)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--replicas", type=int, default=1000)
     ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--json", help="also write the figures here")
     asyncio.run(main_async(ap.parse_args()))
 
 
