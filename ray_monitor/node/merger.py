@@ -19,7 +19,8 @@ gap in the replicas' totals.
 A sharded monitor gets one forward per shard with deliveries per flush; ``forwards`` and
 ``forward_failures`` count those calls, per shard too, and each shard is told its own
 (:meth:`NodeMerger.report`). The node's counters (deliveries, snapshots, drops, the
-socket's) go to shard 0 only, so the front's ``/metrics`` has each of them once.
+socket's) go to shard 0 only (at least every few seconds, in a forward of nothing when
+shard 0 has no deliveries of this node), so the front's ``/metrics`` has each of them once.
 
 The aggregator's answer names the trace ids kept anywhere since this merger's cursor;
 they go into a local :class:`~ray_monitor.common.kept_log.KeptLog`, from which each

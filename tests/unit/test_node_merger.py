@@ -319,3 +319,28 @@ def test_a_mergers_counters_show_once_on_a_sharded_metrics_and_forwards_by_shard
         assert lines == [f'ray_monitor_self_{name}_total{{shard="0"}} {value}'], lines
     # what each shard received itself stays by shard
     assert 'ray_monitor_self_ingest_calls_node_total{shard="1"} 2.0' in text
+
+
+def test_a_node_without_shard_0s_applications_still_reports_its_counters_there(monkeypatch):
+    """Shard 0 alone exposes a merger's counters, so a node whose replicas all belong to
+    another shard's applications sends shard 0 a forward of nothing now and then (every
+    REPORT_EVERY_S), carrying them; without it that node was missing from the sum."""
+    import asyncio
+
+    import ray_monitor.node.actor as node_actor
+    from ray_monitor.aggregator.core import AggregatorCore
+
+    monkeypatch.setattr(node_actor, "REPORT_EVERY_S", 0.0)
+    _, app1 = _apps_on_each_shard()
+    cores = [AggregatorCore({"shards": 2}, clock=Clock(1000.0)) for _ in range(2)]
+    shards = {0: _CoreShard(cores[0]), 1: _CoreShard(cores[1])}
+
+    async def run():
+        actor = _merger_actor(shards, monkeypatch, gather_s=0.0)
+        actor.merger.socket_counts["socket_calls"] = 4
+        for snap in replica_snapshots("rb", 2, app=app1):
+            await asyncio.wait_for(actor.ingest([snap]), 30)
+    asyncio.run(run())
+    assert shards[1].calls == 2 and shards[0].calls >= 1
+    assert cores[0].fanin_stats()["nodes"]["n1"]["socket_calls"] == 4
+    assert cores[0].ingested == 0 and cores[1].ingested == 2  # no snapshot went astray
