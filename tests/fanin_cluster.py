@@ -58,8 +58,8 @@ def retried(start: Callable[[], Any], attempts: int = 4) -> Any:
             print(f"a Ray node did not start ({e}); trying again", file=sys.stderr)
 
 
-def serve_on_free_port() -> None:
-    """Ray Serve with its proxy on a free loopback port."""
+def serve_on_free_port() -> int:
+    """Ray Serve with its proxy on a free loopback port (returned)."""
     import socket
 
     from ray import serve
@@ -68,6 +68,7 @@ def serve_on_free_port() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
 
 
 def main(out_path: str) -> None:

@@ -20,6 +20,12 @@ writing what the monitor reported next to what the clients sent:
    shard 1 through shard 0 to shop's replica. The one trace view must show both spans.
 3. ``shard_killed``: shard 1 killed (Ray restarts it) while a client keeps sending to
    beta; then totals, ``/metrics`` and alerts again.
+4. ``gpu``: the fake NVML reports a process of alpha's replica (shard 0) and one of
+   beta's (shard 1); each application's GPU-seconds and GPU cost, as the one view shows.
+5. ``early_feedback``: ground truth for a request id sent before the request, whose
+   application ``delta`` is on shard 1; then the request over HTTP with that id.
+
+After ``stop()``: the token prices the monitor published in the GCS, gone or not.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ groups:
     rules:
       - alert: Busy
         expr: count(requests[10m]) by (application, deployment) > 5
+prices:
+  "*": {prompt_per_1k: 0.5, completion_per_1k: 2.0, per_gpu_second: 0.01}
 """
 CROSS = RULES.replace("by (application, deployment)", "by (deployment)")
 
@@ -69,10 +77,11 @@ def main(out_path: str) -> None:
         except ConfigError as e:
             result["phases"]["refused"] = {"refused": True, "message": str(e),
                                            "actors": _names(ray, NAMESPACE)}
-        mon = ray_monitor.start(RULES, port=0, eval_interval_s=1.0, gpu=False, shards=2)
+        mon = ray_monitor.start(RULES, port=0, eval_interval_s=1.0, shards=2,
+                                nvml_factory="tests.fake_nvml:make_fake")
         shards = [ray.get_actor(shard_name(i), namespace=NAMESPACE) for i in range(2)]
         result["second_start_url"] = ray_monitor.start().url == mon.url
-        serve_on_free_port()
+        serve_port = serve_on_free_port()
 
         @ray_monitor.monitor
         class Echo:
@@ -206,6 +215,60 @@ def main(out_path: str) -> None:
         wait_until(lambda: firing() == {"alpha": "firing", "beta": "firing"}, 60,
                    "Busy firing for both applications after the restart")
         snapshot("shard_killed")
+
+        # 4. GPU time of a replica on each shard, counted and priced
+        from tests.fake_nvml import GiB, ExtraProcess, set_cluster_processes
+
+        me = {i.application: i for s in shards
+              for i in ray.get(s.replica_identities.remote(True), timeout=60)}
+        set_cluster_processes([ExtraProcess(gpu=g, pid=me[app].pid, used_memory=GiB,
+                                            node_id=me[app].node_id)
+                               for g, app in enumerate(APPS)])
+
+        def gpu_time() -> dict:
+            secs = mon.query("sum", "replica_gpu_seconds", 600.0, by=("application",))
+            cost = mon.query("sum", "cost", 600.0, by=("application", "part"))
+            return {"seconds": secs, "cost": cost}
+        try:
+            # a series shows at its first sample; its window sums it a round later
+            wait_until(lambda: (g := gpu_time()) and len(g["cost"]) == len(g["seconds"]) == 2
+                       and all(v > 0 for v in [*g["cost"].values(), *g["seconds"].values()]),
+                       30, "GPU time and cost of both")
+        except TimeoutError:  # said in the JSON
+            pass
+        finally:
+            set_cluster_processes([])
+        result["phases"]["gpu"] = gpu_time()
+
+        # 5. feedback before its prediction, for an application on shard 1
+        def guess(result: str) -> dict:
+            return {"label": result}
+
+        @ray_monitor.monitor(prediction=guess)
+        class Guess:
+            async def __call__(self, request) -> str:
+                return "yes"
+
+        serve.run(serve.deployment(Guess, name="Guess", **opts).bind(), name="delta",
+                  route_prefix="/delta")
+        early = {"owner": shard_of("delta", 2),
+                 "first": ray_monitor.record_feedback([{"request_id": "early-1",
+                                                        "label": "yes"}])}
+        req = urllib.request.Request(f"http://127.0.0.1:{serve_port}/delta",
+                                     headers={"X-Request-ID": "early-1"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            early["answer"] = r.read().decode()
+
+        def labelled() -> Any:
+            return next((m["quality"].get("labeled") for m in mon.quality()
+                         if m["application"] == "delta"), None)
+        try:
+            wait_until(labelled, 30, "the early feedback joined")
+        except TimeoutError:
+            pass
+        early["labeled"] = labelled()
+        early["stats"] = [ray.get(s.stats.remote(True), timeout=60)["quality"] for s in shards]
+        result["phases"]["early_feedback"] = early
     finally:
         with open(out_path, "w") as f:
             json.dump(result, f, indent=1, default=str)
@@ -214,8 +277,16 @@ def main(out_path: str) -> None:
         except Exception:
             pass
         try:
+            from ray.experimental import internal_kv
+
+            from ray_monitor.common.names import KV_NAMESPACE, PRICES_KEY
+
+            result["prices_before_stop"] = internal_kv._internal_kv_get(
+                PRICES_KEY, namespace=KV_NAMESPACE)
             result["stopped"] = ray_monitor.stop()
             result["left_after_stop"] = _names(ray, NAMESPACE)
+            result["prices_after_stop"] = internal_kv._internal_kv_get(
+                PRICES_KEY, namespace=KV_NAMESPACE)
             with open(out_path, "w") as f:
                 json.dump(result, f, indent=1, default=str)
         except Exception:

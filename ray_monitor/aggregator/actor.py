@@ -72,11 +72,14 @@ class Aggregator:
         self._peers = None  # the other shards (config.shards > 1)
         self._exchange = None  # kept trace ids traded with shard 0 (shards other than 0)
         self._trade = None  # the trade in flight
+        self._reroute = None  # shard 0: held feedback handed on to its shard, in flight
+        self._relay = None  # shard 0: GPU samples to the other shards
         if config.shards > 1:
-            from ray_monitor.aggregator.shards import KeptExchange, ShardFront
+            from ray_monitor.aggregator.shards import GpuRelay, KeptExchange, ShardFront
 
             self._peers = ShardFront(config.shards)
             self._exchange = KeptExchange() if shard else None
+            self._relay = None if shard else GpuRelay(self._peers)
         persist, load = persistence.gcs_state(shard)
         persist_log, load_log = persistence.gcs_notification_log(shard)
         self.core = AggregatorCore(config, rules_text=rules_text, rules_file=rules_file,
@@ -84,6 +87,8 @@ class Aggregator:
                                    load_log=load_log, shard=shard)
         # token prices for the replicas' spans (issue 14): now, and at every reload
         self.core.on_prices = persistence.publish_prices
+        if config.shards > 1:  # GPU time counted by the shard that owns the replica
+            self.core.store.tenants.gpu_owner = self._mine
         persistence.publish_prices(self.core.store.tenants.prices)
         self.host = config.host
         self.port = config.port
@@ -182,6 +187,8 @@ class Aggregator:
             if self._exchange is not None and (self._trade is None or self._trade.done()):
                 # Not awaited: shard 0 away must not hold this shard's evaluation.
                 self._trade = asyncio.get_running_loop().create_task(self._trade_kept())
+            if self._front(False) and (self._reroute is None or self._reroute.done()):
+                self._reroute = asyncio.get_running_loop().create_task(self._reroute_held())
             now = time.time()
             await asyncio.sleep(max(0.0, self.core.next_round_at(now) - now))
 
@@ -196,6 +203,8 @@ class Aggregator:
                     self.core.gpu_latest.pop(node_id, None)
             except Exception as e:
                 self.core.count_error("gpu", f"reconcile_failed:{type(e).__name__}", e)
+            if self._relay is not None:
+                await self._relay.refresh()
         if self._nodes is not None:
             wanted = {ident.node_id for ident, _ in self.core.replicas.values() if ident.node_id}
             try:
@@ -213,6 +222,16 @@ class Aggregator:
             self.core.trace_store.adopt(ex.incoming(log, reply, out, upto))
         except Exception as e:  # the same ids go out again next round
             self.core.count_error("aggregator", f"kept_trade_failed:{type(e).__name__}", e)
+
+    async def _reroute_held(self) -> None:
+        """Shard 0: feedback held for a prediction that reached another shard since, to
+        that shard (:func:`~ray_monitor.aggregator.shards.reroute_held`)."""
+        from ray_monitor.aggregator.shards import reroute_held
+
+        try:  # a task nobody awaits, as the trade
+            await reroute_held(self.core.quality.join, self._peers)
+        except Exception as e:
+            self.core.count_error("aggregator", f"feedback_reroute_failed:{type(e).__name__}", e)
 
     def _owned(self, running: Optional[dict]) -> Optional[dict]:
         """Serve's (application, deployment) -> replicas, of this shard's applications only:
@@ -335,8 +354,24 @@ class Aggregator:
         self.core.ingest(snaps, node_report=report)
         return self.core.kept_log.reply(kept_since)
 
-    async def ingest_gpu(self, snap: GpuSnapshot) -> None:
+    async def ingest_gpu(self, snap: GpuSnapshot, local: bool = False) -> None:
+        """A node's GPU sample, from its GPU-stats actor to shard 0. Sharded, shard 0 joins
+        it to every shard's replicas and passes it on; each shard counts its replicas' GPU
+        time (:func:`~ray_monitor.aggregator.shards.gpu_share`), shard 0 the devices."""
+        if self._peers is None:
+            return self.core.ingest_gpu(snap)
+        from ray_monitor.aggregator.shards import ingest_gpu_share
+
+        if self.shard:
+            return ingest_gpu_share(self.core, snap, self._mine)
+        snap = self._relay.joined(snap, {i.pid: i for i, _ in self.core.replicas.values()})
+        if not self._relay.send(snap):
+            self.core.count_error("gpu", "shard_forward_backlog")
         self.core.ingest_gpu(snap)
+
+    async def replica_identities(self, local: bool = True) -> list:
+        """This shard's replicas (shard 0 joins GPU processes to them by pid)."""
+        return [ident for ident, _ in self.core.replicas.values()]
 
     # -- answers: shard 0 (the front) gathers every shard's part ------------------------
 
@@ -382,9 +417,9 @@ class Aggregator:
 
     async def metric_families(self, local: bool = True) -> list:
         """This shard's ``/metrics`` families (prometheus_client Metric objects)."""
-        from ray_monitor.aggregator.http_api import monitor_registry
+        from ray_monitor.aggregator.http_api import collect_off_loop, monitor_collectors
 
-        return list(monitor_registry(self.core, self._hints).collect())
+        return await collect_off_loop(monitor_collectors(self.core, self._hints))
 
     async def reload(self, rules_text: Any, filename: Optional[str] = None,
                      local: bool = False) -> dict:
@@ -464,23 +499,9 @@ class Aggregator:
         items = list(items)
         if not self._front(local):
             return await self.core.feedback_async(items)
-        from ray_monitor.aggregator.shards import merge_feedback, route_feedback
+        from ray_monitor.aggregator.shards import front_feedback
 
-        rids = [it.get("request_id") for it in items if isinstance(it, dict)]
-        known = [self.core.quality.join.known(rids)] + \
-            [k or [] for k in await self._peers.gather("known_requests", rids, True)]
-        parts = []
-        for shard, indices in sorted(route_feedback(items, known).items()):
-            part = [items[i] for i in indices]
-            if shard == 0:
-                res = await self.core.feedback_async(part)
-            else:  # an owner that went away since: shard 0 holds them for late predictions
-                try:
-                    res = await self._peers.call(shard, "feedback", part, True)
-                except Exception:
-                    res = await self.core.feedback_async(part)
-            parts.append((indices, res))
-        return merge_feedback(parts)
+        return await front_feedback(self.core, self._peers, items)
 
     async def set_drift_reference(self, application: str, deployment: str, model_version: str,
                                   references: dict, local: bool = False) -> dict:

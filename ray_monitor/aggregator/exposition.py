@@ -14,6 +14,7 @@ OpenMetrics for Prometheus, which asks for it, the text format otherwise.
 
 from __future__ import annotations
 
+import copy
 from typing import Callable, Iterable, Mapping, Optional, Union
 
 from prometheus_client import CollectorRegistry
@@ -48,6 +49,25 @@ class MonitorCollector:
         self._autoscale = autoscale
         self._bounds = bounds  # histogram metric -> classic bounds (default: Prometheus')
         self._serve = serve  # (application, deployment) -> replicas Serve runs
+
+    def frozen(self) -> "MonitorCollector":
+        """This collector over what its sources say now, read here (on the aggregator's
+        loop): the copy's ``collect()`` reads nothing else, so it may run on a worker
+        thread while ingest goes on (the store's cumulative series are copies already)."""
+        series, alerts = list(self._series()), list(self._alerts())
+        own = copy.deepcopy(self._self())
+        auto = None
+        if self._autoscale is not None:
+            hints, decisions = self._autoscale()
+            auto = (list(hints), dict(decisions))
+        bounds = dict(self._bounds()) if self._bounds is not None else None
+        serve = self._serve() if self._serve is not None else None
+        serve = dict(serve) if serve is not None else None
+        return MonitorCollector(series=lambda: series, alerts=lambda: alerts,
+                                self_metrics=lambda: own,
+                                autoscale=None if auto is None else (lambda: auto),
+                                bounds=None if bounds is None else (lambda: bounds),
+                                serve=None if self._serve is None else (lambda: serve))
 
     def collect(self) -> Iterable[Metric]:
         families: dict[str, tuple[Metric, list[str]]] = {}  # metric -> (family, label names)
@@ -163,6 +183,11 @@ class QualityCollector:
 
     def __init__(self, summary: Callable[[], list[dict]]) -> None:
         self._summary = summary
+
+    def frozen(self) -> "QualityCollector":
+        """As :meth:`MonitorCollector.frozen`: the models' figures read now."""
+        models = copy.deepcopy(self._summary())
+        return QualityCollector(lambda: models)
 
     def collect(self) -> Iterable[Metric]:
         models = self._summary()

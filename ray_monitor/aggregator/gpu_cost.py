@@ -16,6 +16,11 @@ Cost: each replica's GPU-seconds times its deployment's GPU price
 (:func:`~ray_monitor.alerting.prices.gpu_price_for`: the model its responses named last,
 then the deployment's name, then ``*``), added to ``cost`` with ``part="gpu"`` and
 ``tenant=""`` (GPU time is the deployment's, not a tenant's), next to the tokens' part.
+
+Sharded (``StartConfig.shards``), each shard counts and prices the GPU time of its own
+applications' replicas (``TenantBook.gpu_owner``), from the samples shard 0 passes on
+(:func:`~ray_monitor.aggregator.shards.gpu_share`): the share of a GPU still counts
+every replica on it, whichever shard owns them.
 """
 
 from __future__ import annotations
@@ -51,8 +56,11 @@ def feed_gpu_seconds(tables: Mapping, book: TenantBook, snap: GpuSnapshot, inter
     if interval <= 0:
         return
     seconds, costs = tables["replica_gpu_seconds"], tables["cost"]
+    owner = book.gpu_owner
     for (gpu, uuid, r), s in sorted(attributed_seconds(snap, interval).items(),
                                     key=lambda kv: (kv[0][0], kv[0][2].replica)):
+        if owner is not None and not owner(r.application):
+            continue  # another shard's replica: counted there, with its share
         labels = (snap.node_id, gpu, uuid, r.application, r.deployment, r.replica)
         seconds.add_counter(seconds.row_for(labels, cap), where, s, now)
         model = book.models.get((r.application, r.deployment), "")

@@ -36,6 +36,7 @@ On a sharded monitor (``StartConfig.shards > 1``) this app runs on shard 0 only,
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hmac
 import json
@@ -55,8 +56,8 @@ from ray_monitor.common.errors import BadRequest, ConfigError
 from ray_monitor.quality.compare import COMPARE_WINDOW_S
 from ray_monitor.quality.store import GAUGE_WINDOW_S
 
-__all__ = ["LOOPBACK", "MAX_BODY_BYTES", "make_app", "monitor_registry", "query_seconds",
-           "start_server", "writes_allowed"]
+__all__ = ["LOOPBACK", "MAX_BODY_BYTES", "collect_off_loop", "make_app", "monitor_collectors",
+           "monitor_registry", "query_seconds", "start_server", "writes_allowed"]
 
 logger = logging.getLogger("ray_monitor.http")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -146,16 +147,28 @@ def _float_param(query: Mapping[str, str], name: str) -> Optional[float]:
 
 # -- the app ------------------------------------------------------------------------------
 
-def monitor_registry(core, hints=None, *extra):
-    """The registry of one aggregator's (or shard's) series; ``hints`` the hints it
+def monitor_collectors(core, hints=None) -> list:
+    """The collectors of one aggregator's (or shard's) series; ``hints`` the hints it
     exposes (default: all its engine has)."""
     hints = hints or core.hints.hints
-    return registry(
-        MonitorCollector(series=core.store.cumulative, alerts=core.engine.alert_series,
-                         self_metrics=core.self_metrics,
-                         autoscale=lambda: (hints(), core.hints.decisions),
-                         bounds=lambda: core.classic_bounds, serve=core.serve_running),
-        QualityCollector(core.quality_summary), *extra)
+    return [MonitorCollector(series=core.store.cumulative, alerts=core.engine.alert_series,
+                             self_metrics=core.self_metrics,
+                             autoscale=lambda: (hints(), core.hints.decisions),
+                             bounds=lambda: core.classic_bounds, serve=core.serve_running),
+            QualityCollector(core.quality_summary)]
+
+
+def monitor_registry(core, hints=None, *extra):
+    """The registry of :func:`monitor_collectors` (and ``extra`` collectors)."""
+    return registry(*monitor_collectors(core, hints), *extra)
+
+
+async def collect_off_loop(collectors: list) -> list:
+    """The metric families of ``collectors``: their sources read now, on the loop (one
+    consistent snapshot of the state: ``frozen()``), the families built on a worker
+    thread, so a large cluster's series do not hold ingest and rule rounds meanwhile."""
+    snap = [c.frozen() if hasattr(c, "frozen") else c for c in collectors]
+    return await asyncio.to_thread(lambda: [f for c in snap for f in c.collect()])
 
 
 class _Families:
@@ -175,8 +188,8 @@ def make_app(agg) -> web.Application:
     core = agg.core
     # The aggregator's own process (process_resident_memory_bytes, CPU, open fds), as
     # every Prometheus client exports it.
-    metrics_registry = monitor_registry(core, getattr(agg, "_hints", None),
-                                        ProcessCollector(registry=None))
+    collectors = monitor_collectors(core, getattr(agg, "_hints", None)) + [
+        ProcessCollector(registry=None)]
     sharded = getattr(agg, "_peers", None) is not None
 
     def check_writer(request: web.Request, content_types: tuple[str, ...]) -> None:
@@ -186,14 +199,18 @@ def make_app(agg) -> web.Application:
         check_origin(request, content_types=content_types, loopback_exception=not agg.token)
 
     async def metrics(request):
-        source: Any = metrics_registry
+        # The state read on the loop, in one go (a consistent snapshot); the families
+        # and their text made on a worker thread: at a large cluster's series they take
+        # seconds, which ingest and rule rounds would otherwise wait out (the thread only
+        # shares the GIL with them).
+        families = await collect_off_loop(collectors)
         if sharded:  # every shard's series, one exposition (see aggregator.shards)
             from ray_monitor.aggregator.shards import merge_families
 
-            mine = list(metrics_registry.collect())
-            source = _Families(merge_families([mine] + await agg._peers.gather(
-                "metric_families", True)))
-        body, ctype = render(source, request.headers.get("Accept", ""))
+            families = merge_families([families] + await agg._peers.gather(
+                "metric_families", True))
+        body, ctype = await asyncio.get_running_loop().run_in_executor(
+            None, render, _Families(families), request.headers.get("Accept", ""))
         return web.Response(body=body, headers={"Content-Type": ctype})
 
     async def alerts(request):

@@ -12,18 +12,21 @@ trace that crosses applications on different shards is still exported whole.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections import deque
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from ray_monitor.common.names import NAMESPACE
 from ray_monitor.common.shards import shard_name
 
-__all__ = ["CALL_TIMEOUT_S", "KeptExchange", "SELF_PREFIX", "ShardFront", "merge_families",
-           "merge_feedback", "merge_groups", "merge_stats", "merge_traces", "route_feedback"]
+__all__ = ["CALL_TIMEOUT_S", "GpuRelay", "KeptExchange", "NODE_FAMILIES", "REROUTE_MAX",
+           "SELF_PREFIX", "ShardFront", "front_feedback", "gpu_share", "ingest_gpu_share",
+           "merge_families", "merge_feedback", "merge_groups", "merge_stats", "merge_traces",
+           "reroute_held", "route_feedback"]
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +36,20 @@ log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 5.0
 #: The monitor's own metrics: every shard has them, so they get a ``shard`` label.
 SELF_PREFIX = "ray_monitor_self_"
+#: The node mergers' own counters: reported to shard 0 only (a node's, not a shard's;
+#: :meth:`~ray_monitor.node.merger.NodeMerger.report`), so taken from shard 0 alone.
+NODE_FAMILIES = frozenset({SELF_PREFIX + "ingest_calls_socket",
+                           SELF_PREFIX + "node_snapshots_dropped"})
 
 
 def merge_families(per_shard: Sequence[Optional[Iterable[Metric]]]) -> list[Metric]:
     """One exposition from the shards' metric families (index = shard; None: no answer).
 
     The shards' series are disjoint (each owns its applications), so a family's samples
-    are concatenated under one HELP/TYPE; the monitor's own metrics get a ``shard`` label;
-    a sample two shards both have (e.g. a series about the cluster as a whole) is kept
-    once, shard 0's. ``ray_monitor_self_shard_up`` says which shards answered."""
+    are concatenated under one HELP/TYPE; the monitor's own metrics get a ``shard`` label,
+    except the node mergers' counters (:data:`NODE_FAMILIES`), shard 0's alone; a sample
+    two shards both have (e.g. a series about the cluster as a whole) is kept once,
+    shard 0's. ``ray_monitor_self_shard_up`` says which shards answered."""
     out: dict[str, Metric] = {}
     seen: set[tuple] = set()
     up = GaugeMetricFamily(SELF_PREFIX + "shard_up", "Whether each aggregator shard "
@@ -50,6 +58,8 @@ def merge_families(per_shard: Sequence[Optional[Iterable[Metric]]]) -> list[Metr
     for index, families in enumerate(per_shard):
         up.add_metric([str(index)], 0.0 if families is None else 1.0)
         for fam in families or ():
+            if index and fam.name in NODE_FAMILIES:
+                continue
             mine = fam.name.startswith(SELF_PREFIX)
             merged = out.get(fam.name)
             if merged is None:
@@ -149,7 +159,7 @@ def route_feedback(items: Sequence[Any], known: Sequence[Iterable[str]]
                    ) -> dict[int, list[int]]:
     """Which shard gets each feedback item (by index): the first whose ``known`` request
     ids hold its request id (that shard has the prediction), else shard 0, which holds it
-    for a late prediction as one aggregator does (or reports it unknown)."""
+    for a late prediction and hands it on once its shard has it (:func:`reroute_held`)."""
     owners: dict[str, int] = {}
     for index, rids in enumerate(known):
         for rid in rids:
@@ -159,6 +169,84 @@ def route_feedback(items: Sequence[Any], known: Sequence[Iterable[str]]
         rid = item.get("request_id") if isinstance(item, dict) else None
         out.setdefault(owners.get(rid, 0) if isinstance(rid, str) else 0, []).append(i)
     return out
+
+
+async def front_feedback(core: Any, front: "ShardFront", items: list) -> dict:
+    """Shard 0's answer to a batch of feedback: each item to the shard that holds its
+    prediction (:func:`route_feedback`), the answers merged; the rest held on shard 0."""
+    rids = [it.get("request_id") for it in items if isinstance(it, dict)]
+    known = [core.quality.join.known(rids)] + \
+        [k or [] for k in await front.gather("known_requests", rids, True)]
+    parts = []
+    for shard, indices in sorted(route_feedback(items, known).items()):
+        part = [items[i] for i in indices]
+        if shard == 0:
+            res = await core.feedback_async(part)
+        else:  # an owner that went away since: shard 0 holds them for late predictions
+            try:
+                res = await front.call(shard, "feedback", part, True)
+            except Exception:
+                res = await core.feedback_async(part)
+        parts.append((indices, res))
+    return merge_feedback(parts)
+
+
+#: Held feedback ids shard 0 asks the other shards about per round, at most (oldest first).
+REROUTE_MAX = 20_000
+
+
+async def reroute_held(join: Any, front: Any) -> int:
+    """Shard 0's held feedback (no prediction anywhere when it came) to the shard that
+    has its prediction now: asked each round while held (``early_grace_s``), so
+    feedback sent before its prediction reached the monitor joins on whichever shard
+    owns the application, as on one aggregator. What the owner does not take stays
+    held here (counted unknown after the grace, once). Returns the items moved."""
+    rids = join.held_ids(REROUTE_MAX)
+    if not rids:
+        return 0
+    known = await front.gather("known_requests", rids, True)
+    moved = 0
+    for shard, ids in sorted(route_feedback(
+            [{"request_id": r} for r in rids], [()] + [k or () for k in known]).items()):
+        if shard == 0:  # no shard has it yet (or it is ours and joins here)
+            continue
+        released = join.release(rids[i] for i in ids)
+        items = [{"request_id": rid, **({"label": label} if label is not None
+                                        else {"value": value})}
+                 for rid, _, label, value in released]
+        try:
+            await front.call(shard, "feedback", items, True)
+        except Exception:  # away: held here again, asked again next round
+            join.hold(released)
+            continue
+        moved += len(items)
+    return moved
+
+
+def gpu_share(snap: Any, own: dict, mine: Callable[[str], bool]) -> Any:
+    """The part of a node's GPU sample (already joined to every shard's replicas by shard
+    0) that another shard ingests: its replicas joined afresh (``own``: pid -> identity),
+    no devices (shard 0 keeps the device series), and only the processes on GPUs that one
+    of its applications (``mine``) uses, the other replicas there included, so each
+    replica's share of a GPU is the same on every shard. Ingested even when empty: the
+    next sample's interval runs from this one."""
+    from ray_monitor.gpu.attribution import attribute_processes
+
+    snap = attribute_processes(snap, own)
+    lost = {d.uuid for d in snap.devices if d.lost}
+    used = {p.gpu_uuid for p in snap.processes
+            if p.replica is not None and mine(p.replica.application)}
+    return dataclasses.replace(snap, devices=[], processes=[
+        p for p in snap.processes if p.gpu_uuid in used and p.gpu_uuid not in lost])
+
+
+def ingest_gpu_share(core: Any, snap: Any, mine: Callable[[str], bool]) -> None:
+    """Another shard's handling of a GPU sample shard 0 passed on (:func:`gpu_share`)."""
+    own = {i.pid: i for i, _ in core.replicas.values()}
+    try:
+        core.store.ingest_gpu(gpu_share(snap, own, mine))
+    except Exception as e:  # one bad sample never stops the next
+        core.count_error("aggregator", f"ingest_gpu_failed:{type(e).__name__}", e)
 
 
 def merge_feedback(parts: Sequence[tuple[list[int], dict]], limit: int = 100) -> dict:
@@ -282,3 +370,40 @@ class KeptExchange:
                 self.pushed_seq = kept_log.seq
         self.traded += 1
         return new
+
+
+class GpuRelay:
+    """Shard 0's GPU samples, joined to every shard's replicas, passed on to the other
+    shards, which count their replicas' GPU time (:func:`gpu_share`)."""
+
+    def __init__(self, front: "ShardFront", *, max_in_flight: int = 256) -> None:
+        self.front = front
+        self.pids: dict[str, dict[int, Any]] = {}  # node -> pid -> another shard's replica
+        self.max_in_flight = max_in_flight
+        self._out: set[asyncio.Task] = set()
+
+    async def refresh(self) -> None:
+        """The other shards' replicas, asked again (at the aggregator's reconcile)."""
+        pids: dict[str, dict[int, Any]] = {}
+        for part in await self.front.gather("replica_identities", True):
+            for ident in part or ():
+                pids.setdefault(ident.node_id, {})[ident.pid] = ident
+        self.pids = pids
+
+    def joined(self, snap: Any, own: dict) -> Any:
+        """``snap`` with its processes joined to every shard's replicas (``own``: shard
+        0's, pid -> identity, which win)."""
+        from ray_monitor.gpu.attribution import attribute_processes
+
+        return attribute_processes(snap, {**self.pids.get(snap.node_id, {}), **own})
+
+    def send(self, snap: Any) -> bool:
+        """Passes ``snap`` on without waiting (a shard away must not hold shard 0's GPU
+        samples); False when too many are still on their way (this one is not sent)."""
+        if len(self._out) >= self.max_in_flight:
+            return False
+        task = asyncio.get_running_loop().create_task(
+            self.front.gather("ingest_gpu", snap, True))
+        self._out.add(task)
+        task.add_done_callback(self._out.discard)
+        return True

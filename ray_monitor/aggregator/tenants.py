@@ -23,7 +23,7 @@ deployment's responses named last is kept for the GPU part (:mod:`.gpu_cost`).
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 from ray_monitor.alerting.prices import Price, price_for
 from ray_monitor.common.histogram import Histogram
@@ -104,6 +104,9 @@ class TenantBook:
         self._books: dict[tuple[str, str], tuple[SpaceSaving, set[str]]] = {}
         #: (application, deployment) -> the model its responses named last (GPU cost).
         self.models: dict[tuple[str, str], str] = {}
+        #: Whether GPU time of an application is counted here (a shard: its own
+        #: applications; the others' replicas still take their share of a GPU). None: all.
+        self.gpu_owner: Optional[Callable[[str], bool]] = None
 
     def label(self, app: str, dep: str, tenant: str, weight: float) -> str:
         """The label ``tenant``'s requests arriving now are counted under."""

@@ -266,7 +266,7 @@ def stop() -> bool:
 
     from ray_monitor.aggregator.persistence import shard_key
     from ray_monitor.common.names import (CONFIG_KEY, KV_NAMESPACE, NOTIFY_LOG_KEY, PORT_KEY,
-                                          STATE_KEY)
+                                          PRICES_KEY, STATE_KEY)
     from ray_monitor.common.shards import MAX_SHARDS, SHARDS_KEY, shard_name
 
     shards = min(_running_shards() or 1, MAX_SHARDS)
@@ -287,6 +287,8 @@ def stop() -> bool:
     for index in range(shards):
         for key in (STATE_KEY, NOTIFY_LOG_KEY):
             internal_kv._internal_kv_del(shard_key(key, index), namespace=KV_NAMESPACE)
-    for key in (CONFIG_KEY, PORT_KEY, SHARDS_KEY):
+    # PRICES_KEY too: replicas read it every 10 s, and a later monitor started without
+    # prices must not have its spans priced with this one's.
+    for key in (CONFIG_KEY, PORT_KEY, SHARDS_KEY, PRICES_KEY):
         internal_kv._internal_kv_del(key, namespace=KV_NAMESPACE)
     return True

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Optional
 
 import ray
@@ -25,7 +26,7 @@ from ray_monitor.common.snapshot import ReplicaSnapshot
 from ray_monitor.node.local_socket import LocalServer
 from ray_monitor.node.merger import MAX_SNAPSHOTS, Delivery, NodeMerger
 
-__all__ = ["FORWARD_TIMEOUT_S", "GATHER_S", "NodeMergerActor", "RETRY_S"]
+__all__ = ["FORWARD_TIMEOUT_S", "GATHER_S", "NodeMergerActor", "REPORT_EVERY_S", "RETRY_S"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,9 @@ RETRY_S = 1.0
 #: A forward not answered in this long counts as failed (sent again; the aggregator drops
 #: what arrives twice by replica and sequence number).
 FORWARD_TIMEOUT_S = 5.0
+#: Sharded, how often at least a merger's counters reach shard 0, which alone exposes
+#: them, when none of its node's replicas' applications is shard 0's (a forward of none).
+REPORT_EVERY_S = 5.0
 
 
 @ray.remote(num_cpus=0)
@@ -66,6 +70,7 @@ class NodeMergerActor:
         self._shards: Optional[int] = None  # the monitor's shard count, read from the GCS
         self._cursors: dict[int, Any] = {}  # each shard's kept-traces (epoch, seq)
         self._out: dict[int, asyncio.Task] = {}  # each shard's forward in flight
+        self._reported = time.monotonic()  # when shard 0 last took a forward (and counters)
         self._wake: Optional[asyncio.Event] = None
         self._task: Optional[asyncio.Task] = None
         self._failed: set[str] = set()  # causes already logged
@@ -120,6 +125,9 @@ class NodeMergerActor:
                 await asyncio.sleep(RETRY_S)
                 self._wake.set()
                 continue
+            if shards > 1 and 0 not in self._out and all(shard for shard, _ in parts) \
+                    and time.monotonic() - self._reported >= REPORT_EVERY_S:
+                parts.insert(0, (0, []))  # nothing for shard 0: the counters all the same
             held = []
             for shard, deliveries in parts:
                 if shard in self._out:  # its previous forward is still out: the next one
@@ -144,17 +152,19 @@ class NodeMergerActor:
                 # drops whatever a late call still delivers twice
                 reply = await asyncio.wait_for(
                     sink.ingest_node.remote(snaps, self._cursors.get(shard),
-                                            self.merger.report()), FORWARD_TIMEOUT_S)
+                                            self.merger.report(shard)), FORWARD_TIMEOUT_S)
             except Exception as e:  # away, restarting or slow: keep them, try again
                 self._sinks.pop(shard, None)
                 self._shards = None  # a stop() and start() may have changed it
                 self._log_once(f"forward:{type(e).__name__}", e)
-                self.merger.give_back(deliveries)
+                self.merger.give_back(deliveries, shard=shard)
                 await asyncio.sleep(RETRY_S)
                 return
             if isinstance(reply, dict) and "seq" in reply:
                 self._cursors[shard] = (reply.get("epoch"), reply["seq"])
-            self.merger.answered(reply)
+            if shard == 0:
+                self._reported = time.monotonic()
+            self.merger.answered(reply, shard)
             for d in deliveries:
                 if not d.waiter.done():  # a replica that went away cancelled its wait
                     d.waiter.set_result(self.merger.reply(d))
@@ -178,7 +188,7 @@ class NodeMergerActor:
         return sink
 
     async def stats(self) -> dict:
-        """This merger's counters (what every forward reports too)."""
+        """This merger's counters (each forward reports its shard's part of them)."""
         return self.merger.report()
 
     def running_node_id(self) -> str:

@@ -16,6 +16,12 @@ deliveries waiting here (it buffers the rest itself); past ``max_snapshots`` the
 deliveries are answered as dropped and counted (``dropped``), and the ledger shows the
 gap in the replicas' totals.
 
+A sharded monitor gets one forward per shard with deliveries per flush; ``forwards`` and
+``forward_failures`` count those calls, per shard too, and each shard is told its own
+(:meth:`NodeMerger.report`). The node's counters (deliveries, snapshots, drops, the
+socket's) go to shard 0 only (at least every few seconds, in a forward of nothing when
+shard 0 has no deliveries of this node), so the front's ``/metrics`` has each of them once.
+
 The aggregator's answer names the trace ids kept anywhere since this merger's cursor;
 they go into a local :class:`~ray_monitor.common.kept_log.KeptLog`, from which each
 replica's answer names the ids since its own cursor.
@@ -63,8 +69,9 @@ class NodeMerger:
         self.cursor: Optional[tuple] = None  # the aggregator's (epoch, seq) last answered
         self.calls = 0  # deliveries received
         self.snapshots = 0  # snapshots received
-        self.forwards = 0  # forwards the aggregator took
+        self.forwards = 0  # forward calls the aggregator took (one per shard per flush)
         self.forward_failures = 0
+        self.by_shard: dict[int, dict[str, int]] = {}  # shard -> its forwards and failures
         self.dropped = 0  # snapshots dropped past max_snapshots
         #: Deliveries over the node's Unix socket and its refusals (node/local_socket.py).
         self.socket_counts: dict[str, int] = {}
@@ -99,16 +106,26 @@ class NodeMerger:
         self._held = 0
         return [s for d in taken for s in d.snaps], taken
 
-    def give_back(self, taken: list[Delivery], failed: bool = True) -> None:
-        """A forward failed (or, ``failed=False``, waits for its shard's forward in flight):
-        its deliveries go back to the front, in their order."""
-        self.forward_failures += bool(failed)
+    def _shard(self, shard: int) -> dict[str, int]:
+        counts = self.by_shard.get(shard)
+        if counts is None:
+            counts = self.by_shard[shard] = {"forwards": 0, "forward_failures": 0}
+        return counts
+
+    def give_back(self, taken: list[Delivery], failed: bool = True, shard: int = 0) -> None:
+        """A forward to ``shard`` failed (or, ``failed=False``, waits for its shard's
+        forward in flight): its deliveries go back to the front, in their order."""
+        if failed:
+            self.forward_failures += 1
+            self._shard(shard)["forward_failures"] += 1
         self._pending.extendleft(reversed(taken))
         self._held += sum(len(d.snaps) for d in taken)
 
-    def answered(self, reply: Any) -> None:
-        """The aggregator took a forward; ``reply`` is its ``{"epoch", "seq", "kept"}``."""
+    def answered(self, reply: Any, shard: int = 0) -> None:
+        """The aggregator (``shard``) took a forward; ``reply`` is its
+        ``{"epoch", "seq", "kept"}``."""
         self.forwards += 1
+        self._shard(shard)["forwards"] += 1
         if isinstance(reply, dict) and "seq" in reply:
             self.cursor = (reply.get("epoch"), reply["seq"])
             kept = reply.get("kept")
@@ -128,8 +145,18 @@ class NodeMerger:
         out["dropped"] = len(delivery.snaps)
         return out
 
-    def report(self) -> dict:
-        """What travels with each forward, for the aggregator's counters of this node."""
-        return {"node_id": self.node_id, "calls": self.calls, "snapshots": self.snapshots,
-                "forwards": self.forwards, "forward_failures": self.forward_failures,
-                "dropped": self.dropped, "held": self._held, **self.socket_counts}
+    def report(self, shard: Optional[int] = None) -> dict:
+        """What travels with each forward to ``shard``, for its counters of this node: the
+        node's own counters to shard 0 only (else a sharded ``/metrics`` would sum them
+        once per shard), and that shard's forwards. ``None``: everything, with the
+        forwards of every shard under ``by_shard`` (the merger's ``stats()``)."""
+        if shard is not None and shard > 0:
+            return {"node_id": self.node_id, **self._shard(shard)}
+        out = {"node_id": self.node_id, "calls": self.calls, "snapshots": self.snapshots,
+               "forwards": self.forwards, "forward_failures": self.forward_failures,
+               "dropped": self.dropped, "held": self._held, **self.socket_counts}
+        if shard == 0:
+            out.update(self._shard(0))
+        else:
+            out["by_shard"] = {str(k): dict(v) for k, v in sorted(self.by_shard.items())}
+        return out

@@ -12,6 +12,7 @@ counts.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -223,6 +224,30 @@ class FeedbackJoin:
         a sharded monitor sends each feedback item to the shard that holds its prediction."""
         return [r for r in request_ids if isinstance(r, str)
                 and (r in self._pending or r in self._done)]
+
+    def held_ids(self, limit: int) -> list[str]:
+        """The request ids of held feedback (no prediction here yet), oldest first, at
+        most ``limit``: a sharded monitor's front asks the other shards for them."""
+        return list(itertools.islice(self._held, limit))
+
+    def release(self, request_ids: Iterable[str]) -> list[tuple]:
+        """Lets held feedback go without counting it (its prediction is on another shard,
+        which joins it): ``(request_id, arrived, label, value)`` for each id held."""
+        out = []
+        for rid in request_ids:
+            entry = self._held.pop(rid, None)
+            if entry is not None:
+                out.append((rid, *entry))
+        return out
+
+    def hold(self, released: Iterable[tuple]) -> None:
+        """Puts back what :meth:`release` gave (the owner did not answer), as it was:
+        its grace still counts from when it first arrived."""
+        for rid, arrived, label, value in released:
+            if rid not in self._held and rid not in self._pending and rid not in self._done:
+                self._held[rid] = (arrived, label, value)
+        # oldest first again, so the sweep still stops at the first one in its grace
+        self._held = OrderedDict(sorted(self._held.items(), key=lambda kv: kv[1][0]))
 
     def add_feedback(self, items: Iterable[Any], *, result: Optional[FeedbackResult] = None,
                      start: int = 0) -> FeedbackResult:

@@ -14,6 +14,9 @@ Nothing here blocks the flush thread: the socket is non-blocking, a frame that d
 fit the socket's buffer is finished at the next flush, and the answers that arrived are
 read at the next flush (as :class:`ActorSink` checks its refs with ``timeout=0``), with
 at most :data:`~ray_monitor.replica.delivery.MAX_IN_FLIGHT` deliveries unanswered.
+When the replica stops (``Runtime.close``, after the recorder's last flush),
+:meth:`LocalSink.close` finishes the last frame, waits up to a second for its answers and
+closes the socket.
 
 The merger is trusted as the replica's own user: the socket's directory must be this
 uid's with mode 700 and the peer's ``SO_PEERCRED`` uid this uid, or the replica keeps
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import time
 from typing import Any, Callable, Optional
@@ -106,6 +110,33 @@ class LocalSink:
         except Exception:
             self._carry = mine  # the caller keeps ``snapshots``; these are ours to keep
             raise
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Ends the connection when the replica's recorder stops: writes what is left of
+        the last frames, reads the answers that come within ``timeout`` (their kept ids),
+        then closes the socket. A frame written whole is delivered whatever comes after
+        (the merger takes it before it sees the end). Never raises; failures counted."""
+        sock = self._sock
+        if sock is None:
+            return
+        deadline = time.monotonic() + max(0.0, timeout)
+        try:
+            while self._sock is not None and (self._out or self._in_flight):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                want = [sock] if self._in_flight else []
+                select.select(want, [sock] if self._out else [], [], min(left, 0.05))
+                self._poll()
+        except Exception as e:  # stopping: nothing to do but count it
+            self._failed("close", e)
+        finally:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+            self._in_flight.clear()
+            self._out.clear()
+            self._in.clear()
 
     def _connect(self) -> bool:
         if self._sock is not None:

@@ -216,6 +216,12 @@ class Runtime:
             tracing.release_serve_spans(st.spans)
         st.prices.close()
         st.recorder.close()
+        close_sink = getattr(st.recorder.sink, "close", None)  # the node socket (LocalSink)
+        if close_sink is not None:
+            try:
+                close_sink()
+            except Exception as e:  # stopping never raises into the replica
+                st.recorder.self_errors.count(f"sink_close_failed:{type(e).__name__}", e)
         otlp = st.recorder.on_flush
         if otlp is not None and hasattr(otlp, "shutdown"):
             _bounded(otlp.shutdown, CLOSE_EXPORT_WAIT_S, "otlp_metrics_shutdown_slow",

@@ -161,17 +161,21 @@ def measure(runtime: Any, stream: Optional[Stream], result: Any,
             latency: float, call: Optional[tuple] = None) -> Optional[Figures]:
     """:func:`figures` with the deployment's options (``call``: the request's ``(args,
     kwargs)`` for an extractor that takes them); a failing extractor is counted
-    (``tokens_extractor:<type>``) and the request goes on without usage."""
+    (``tokens_extractor:<type>``) and the request goes on without usage; a failing price
+    lookup is counted as itself (``span_cost:<type>``) and only the span's cost is lost."""
     opts = runtime.options
     try:
         fig = figures(stream, result, latency, opts.tokens, opts.tokens_auto, call)
-        u = fig.usage if fig is not None else None
-        if u is not None and runtime.state is not None:
-            fig.cost = runtime.state.prices.cost(u.model, u.input_tokens, u.output_tokens)
-        return fig
     except Exception as e:
         runtime.self_error(f"tokens_extractor:{type(e).__name__}", e)
         return figures(stream, None, latency, None, False)
+    u = fig.usage if fig is not None else None
+    if u is not None and runtime.state is not None:
+        try:
+            fig.cost = runtime.state.prices.cost(u.model, u.input_tokens, u.output_tokens)
+        except Exception as e:  # the usage still counts; the span goes without its cost
+            runtime.self_error(f"span_cost:{type(e).__name__}", e)
+    return fig
 
 
 def record_usage(recorder: Any, tenant: Optional[str], fig: Optional[Figures], error: bool,

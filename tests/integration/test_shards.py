@@ -110,5 +110,31 @@ def test_a_killed_shard_restarts_without_loss_beyond_what_is_counted(run):
     assert killed["shard_up"][1].endswith(" 1.0")
 
 
+def test_every_shards_replicas_get_their_gpu_time_counted_and_priced(run):
+    """alpha's replica (shard 0) on GPU 0, beta's (shard 1) on GPU 1 of the fake NVML:
+    both applications' GPU-seconds and cost{part="gpu"}, at the rule file's price (before,
+    shard 0 alone counted GPU time, and only its own applications')."""
+    gpu = run["phases"]["gpu"]
+    secs = {json.loads(k)["application"]: v for k, v in gpu["seconds"].items()}
+    cost = {(json.loads(k)["application"], json.loads(k)["part"]): v
+            for k, v in gpu["cost"].items()}
+    assert set(secs) == {"alpha", "beta"} and all(v > 0 for v in secs.values()), gpu
+    assert set(cost) == {("alpha", "gpu"), ("beta", "gpu")}, gpu
+    for app in ("alpha", "beta"):  # read in two queries: a sample may land between them
+        assert cost[(app, "gpu")] == pytest.approx(0.01 * secs[app], rel=0.5)
+
+
+def test_feedback_sent_before_its_prediction_joins_on_the_owning_shard(run):
+    early = run["phases"]["early_feedback"]
+    assert early["owner"] == 1 and early["answer"] == "yes"
+    assert early["first"]["counts"] == {"held": 1}  # no prediction anywhere yet
+    assert early["labeled"] == 1  # joined on shard 1 (before: held on shard 0, then unknown)
+    assert early["stats"][1]["feedback_joined"] == 1
+    assert early["stats"][0]["feedback_joined"] == 0 and early["stats"][0]["feedback_unknown"] == 0
+
+
 def test_stop_removes_every_shard(run):
     assert run["stopped"] is True and run["left_after_stop"] == []
+    # and the token prices it published for the replicas' spans (a later monitor without
+    # prices must not have its spans priced with these)
+    assert run["prices_before_stop"] and run["prices_after_stop"] is None

@@ -224,3 +224,21 @@ def test_a_replica_prices_its_requests_span_from_the_published_prices():
     fig = measure(runtime, None, {"model": "unpriced", "usage": {"prompt_tokens": 7,
                                                                  "completion_tokens": 3}}, 0.1)
     assert "ray_monitor.request.cost" not in fig.span_attributes()
+
+
+def test_a_failing_price_lookup_is_counted_as_itself_and_the_usage_still_counts():
+    from types import SimpleNamespace
+
+    from ray_monitor.replica.streaming import measure
+
+    def cost(model, i, o):
+        raise KeyError(model)
+    errors = []
+    runtime = SimpleNamespace(options=SimpleNamespace(tokens=None, tokens_auto=True),
+                              state=SimpleNamespace(prices=SimpleNamespace(cost=cost)),
+                              self_error=lambda cause, e=None: errors.append(cause))
+    fig = measure(runtime, None, {"model": "toy", "usage": {"prompt_tokens": 7,
+                                                            "completion_tokens": 3}}, 0.1)
+    assert errors == ["span_cost:KeyError"]  # not the extractor's fault
+    assert (fig.usage.input_tokens, fig.usage.output_tokens) == (7, 3)
+    assert "ray_monitor.request.cost" not in fig.span_attributes()

@@ -120,6 +120,51 @@ PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,text/plain;vers
                      "*/*;q=0.1")
 
 
+def test_metrics_text_is_rendered_off_the_event_loop_from_a_snapshot_taken_on_it(monkeypatch):
+    """A large /metrics takes seconds to render: a worker thread does it, so ingest and
+    rule rounds are not held; the series are collected on the loop first, so state that
+    changes meanwhile (an ingest while the text is made) is not in this scrape."""
+    import threading
+
+    import ray_monitor.aggregator.http_api as http_api
+    from ray_monitor.common.histogram import Histogram
+    from ray_monitor.common.snapshot import ReplicaIdentity, ReplicaSnapshot, SeriesDelta
+
+    def snap(app):
+        now, latency = agg.core.clock(), Histogram()
+        latency.record(0.2)
+        return ReplicaSnapshot(ReplicaIdentity(app, "D", f"{app}-r", "n", 1), 1, now - 1, now,
+                               [SeriesDelta("__call__", "ok", False, latency)])
+    agg = Agg("127.0.0.1", None)
+    agg.core.ingest([snap("one")])
+    seen = {}
+    real, cumulative = http_api.render, agg.core.store.cumulative
+
+    def read(*a, **k):  # the store is read on the loop, in one go
+        seen["read"] = threading.current_thread()
+        return cumulative(*a, **k)
+    agg.core.store.cumulative = read
+
+    def render(source, accept=""):
+        seen["thread"] = threading.current_thread()
+        # state changing while the text is made (on the loop, in production)
+        agg.core.ingest([snap("two")])
+        return real(source, accept)
+    monkeypatch.setattr(http_api, "render", render)
+
+    async def go():
+        async with TestClient(TestServer(make_app(agg))) as client:
+            seen["loop"] = threading.current_thread()
+            resp = await client.get("/metrics")
+            return resp.status, await resp.text()
+    try:
+        status, text = asyncio.run(go())
+    finally:
+        agg.core.notifier.close(1.0)
+    assert status == 200 and seen["thread"] is not seen["loop"] and seen["read"] is seen["loop"]
+    assert 'application="one"' in text and 'application="two"' not in text
+
+
 def test_metrics_answer_openmetrics_when_asked_and_the_text_format_otherwise():
     from ray_monitor.common.histogram import Histogram
     from ray_monitor.common.snapshot import Exemplar, ReplicaIdentity, ReplicaSnapshot, SeriesDelta

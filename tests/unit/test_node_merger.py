@@ -259,3 +259,88 @@ def test_a_delivery_of_anything_but_snapshots_is_refused_and_the_loop_goes_on(mo
         return reply, actor._task.done()
     reply, loop_ended = asyncio.run(run())
     assert reply["merger"] is True and not loop_ended
+
+
+class _CoreShard:
+    """A shard's ``ingest_node`` into a real AggregatorCore, as the actor's method does."""
+
+    def __init__(self, core) -> None:
+        self.core = core
+        self.calls = 0
+
+    @property
+    def ingest_node(self):
+        from types import SimpleNamespace
+
+        async def call(snaps, cursor, report):
+            self.calls += 1
+            self.core.ingest(snaps, node_report=report)
+            return self.core.kept_log.reply(cursor)
+        return SimpleNamespace(remote=call)
+
+
+def test_a_mergers_counters_show_once_on_a_sharded_metrics_and_forwards_by_shard(monkeypatch):
+    """The node's counters (deliveries, socket calls, drops) go to shard 0 only, so the
+    front's merged /metrics has each once with the node's value (not once per shard);
+    each shard is told the forwards it took, and the merger's stats say them by shard."""
+    import asyncio
+
+    from ray_monitor.aggregator.core import AggregatorCore
+    from ray_monitor.aggregator.exposition import render
+    from ray_monitor.aggregator.http_api import monitor_registry
+    from ray_monitor.aggregator.shards import merge_families
+
+    app0, app1 = _apps_on_each_shard()
+    cores = [AggregatorCore({"shards": 2}, clock=Clock(1000.0)) for _ in range(2)]
+    shards = {0: _CoreShard(cores[0]), 1: _CoreShard(cores[1])}
+
+    async def run():
+        actor = _merger_actor(shards, monkeypatch, gather_s=0.0)
+        actor.merger.socket_counts["socket_calls"] = 7  # as the node's LocalServer counts
+        a, b = replica_snapshots("ra", 3, app=app0), replica_snapshots("rb", 2, app=app1)
+        for snap in a:
+            await asyncio.wait_for(actor.ingest([snap]), 30)
+        for snap in b:
+            await asyncio.wait_for(actor.ingest([snap]), 30)
+        return actor.merger.report()
+    report = asyncio.run(run())
+    assert shards[0].calls == 3 and shards[1].calls == 2
+    assert report["forwards"] == 5 and report["by_shard"] == {
+        "0": {"forwards": 3, "forward_failures": 0}, "1": {"forwards": 2, "forward_failures": 0}}
+    # each forward carries the counts up to it: the forwards the shard took before it
+    told = [c.fanin_stats()["nodes"]["n1"] for c in cores]
+    assert told[0]["forwards"] == 2 and told[0]["calls"] == 3 and told[0]["socket_calls"] == 7
+    assert told[1] == {"node_id": "n1", "forwards": 1, "forward_failures": 0}
+    merged = merge_families([list(monitor_registry(c).collect()) for c in cores])
+    text = render(type("C", (), {"collect": lambda _: iter(merged)})())[0].decode()
+    for name, value in (("ingest_calls_socket", 7.0), ("node_snapshots_dropped", 0.0)):
+        lines = [line for line in text.splitlines()
+                 if line.startswith(f"ray_monitor_self_{name}_total")]
+        assert lines == [f'ray_monitor_self_{name}_total{{shard="0"}} {value}'], lines
+    # what each shard received itself stays by shard
+    assert 'ray_monitor_self_ingest_calls_node_total{shard="1"} 2.0' in text
+
+
+def test_a_node_without_shard_0s_applications_still_reports_its_counters_there(monkeypatch):
+    """Shard 0 alone exposes a merger's counters, so a node whose replicas all belong to
+    another shard's applications sends shard 0 a forward of nothing now and then (every
+    REPORT_EVERY_S), carrying them; without it that node was missing from the sum."""
+    import asyncio
+
+    import ray_monitor.node.actor as node_actor
+    from ray_monitor.aggregator.core import AggregatorCore
+
+    monkeypatch.setattr(node_actor, "REPORT_EVERY_S", 0.0)
+    _, app1 = _apps_on_each_shard()
+    cores = [AggregatorCore({"shards": 2}, clock=Clock(1000.0)) for _ in range(2)]
+    shards = {0: _CoreShard(cores[0]), 1: _CoreShard(cores[1])}
+
+    async def run():
+        actor = _merger_actor(shards, monkeypatch, gather_s=0.0)
+        actor.merger.socket_counts["socket_calls"] = 4
+        for snap in replica_snapshots("rb", 2, app=app1):
+            await asyncio.wait_for(actor.ingest([snap]), 30)
+    asyncio.run(run())
+    assert shards[1].calls == 2 and shards[0].calls >= 1
+    assert cores[0].fanin_stats()["nodes"]["n1"]["socket_calls"] == 4
+    assert cores[0].ingested == 0 and cores[1].ingested == 2  # no snapshot went astray

@@ -300,3 +300,53 @@ def test_no_socket_for_a_replica_outside_ray_or_when_turned_off(monkeypatch):
     assert isinstance(with_local_socket(calls, "ab" * 28), LocalSink)
     monkeypatch.setenv("RAY_MONITOR_NODE_SOCKET", "0")
     assert with_local_socket(calls, "ab" * 28) is calls
+
+
+def test_the_socket_is_closed_when_the_replicas_recorder_stops(sock_dir, monkeypatch):
+    """Runtime.close ends the replica's connection after the last flush (a closed
+    Runtime in a live process kept its socket open before); the last frame is written
+    whole and delivered; closing twice, or a sink whose close raises, never raises."""
+    from ray_monitor import monitor
+
+    for k in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(k, raising=False)
+    path = str(sock_dir / "node-c.sock")
+    merger = Merger(path)
+    try:
+        @monitor(flush_interval_s=3600.0)
+        class Echo:
+            def __call__(self, x):
+                return x
+
+        Echo()(1)
+        rt = Echo.__ray_monitor__
+        sink = LocalSink(RayCalls(), path, clock=Clock(1000.0))
+        rt.state.recorder.sink = sink
+        assert sink.send(["s0"]) == [] and sink.connected
+        fd = sink._sock
+        merger.answer()  # the merger answers as the aggregator takes each forward
+        rt.close()  # the last flush goes over the socket, then the socket is closed
+        assert not sink.connected and fd.fileno() == -1
+        wait_for(lambda: len(merger.got) == 2, "the last flush's delivery")
+        assert merger.got[1][0] and merger.got[1][0][0].identity.deployment
+        sink.close()  # again: nothing to do
+
+        class Broken:
+            def send(self, snaps):
+                return []
+
+            def close(self):
+                raise OSError("bad close")
+
+        @monitor(flush_interval_s=3600.0)
+        class Other:
+            def __call__(self, x):
+                return x
+
+        Other()(1)
+        st = Other.__ray_monitor__.state
+        st.recorder.sink = Broken()
+        Other.__ray_monitor__.close()  # counted, not raised
+        assert st.recorder.self_errors.snapshot().get("sink_close_failed:OSError") == 1
+    finally:
+        merger.stop()

@@ -145,6 +145,73 @@ def test_feedback_goes_to_the_shard_that_holds_the_prediction():
     assert [p["index"] for p in merged["problems"]] == [2, 3]
 
 
+class _Peers:
+    """ShardFront's ``gather`` and ``call`` on real cores (index 1..), as the actors answer."""
+
+    def __init__(self, cores, away=()) -> None:
+        self.cores, self.away, self.calls = cores, set(away), []
+        self.refuse = False  # answers gather, fails the call that hands feedback on
+
+    async def gather(self, method, *args):
+        return [None if i in self.away else await self._one(i, method, *args)
+                for i in range(1, len(self.cores))]
+
+    async def call(self, index, method, *args):
+        if index in self.away or self.refuse:
+            raise TimeoutError(f"shard {index} away")
+        return await self._one(index, method, *args)
+
+    async def _one(self, index, method, *args):
+        self.calls.append((index, method))
+        core = self.cores[index]
+        if method == "known_requests":
+            return core.quality.join.known(args[0])
+        assert method == "feedback"
+        return await core.feedback_async(list(args[0]))
+
+
+def test_early_feedback_joins_on_the_shard_that_owns_the_application():
+    """Ground truth sent before its prediction reached any shard is held by shard 0, then
+    handed to the shard whose replica's prediction arrived since, and joins there, counted
+    once (before: held on shard 0 until its grace ran out, reported unknown)."""
+    import asyncio
+
+    from ray_monitor.aggregator.shards import reroute_held
+    from ray_monitor.quality.prediction import Prediction
+
+    clock = Clock(1000.0)
+    cores = [AggregatorCore({"shards": 2}, clock=clock), AggregatorCore({"shards": 2}, clock=clock)]
+    for core in cores:
+        core.quality.join._clock = clock
+    peers = _Peers(cores)
+    first = cores[0].feedback([{"request_id": "r-b", "label": "yes"},
+                               {"request_id": "r-a", "label": "no"},
+                               {"request_id": "r-none", "value": 1.0}])
+    assert first["counts"] == {"held": 3}
+    assert asyncio.run(reroute_held(cores[0].quality.join, peers)) == 0  # nowhere yet
+    # The predictions reach their applications' shards a flush later.
+    cores[1].quality.add_predictions([Prediction("r-b", 1000.0, B, "Dep", "v1", label="yes")])
+    cores[0].quality.add_predictions([Prediction("r-a", 1000.0, A, "Dep", "v1", label="yes")])
+    assert cores[0].quality.join.held_ids(10) == ["r-b", "r-none"]  # r-a joined here at once
+    peers.away = {1}  # shard 1 away this round: r-b stays held on shard 0
+    assert asyncio.run(reroute_held(cores[0].quality.join, peers)) == 0
+    peers.away, peers.refuse = set(), True  # it knows r-b, then fails to take it: held again
+    assert asyncio.run(reroute_held(cores[0].quality.join, peers)) == 0
+    assert sorted(cores[0].quality.join.held_ids(10)) == ["r-b", "r-none"]
+    peers.refuse = False
+    assert asyncio.run(reroute_held(cores[0].quality.join, peers)) == 1
+    assert cores[0].quality.join.held_ids(10) == ["r-none"]
+    st0, st1 = cores[0].quality.join.stats(), cores[1].quality.join.stats()
+    assert st1["feedback_joined"] == 1 and st1["predictions_joined"] == 1
+    assert st0["feedback_joined"] == 1  # r-a, on its own shard
+    clock.advance(11.0)  # past early_grace_s: the one nobody predicted is unknown, once
+    cores[0].feedback([])
+    cores[1].feedback([])
+    assert cores[0].quality.join.stats()["feedback_unknown"] == 1
+    assert cores[1].quality.join.stats()["feedback_unknown"] == 0
+    assert st0["held"] == 1 and cores[0].quality.join.stats()["held"] == 0
+
+
 def test_query_groups_and_stats_merge():
     ga = json.dumps({"application": A}, sort_keys=True)
     gb = json.dumps({"application": B}, sort_keys=True)
@@ -263,3 +330,67 @@ def test_context_spans_of_a_trace_kept_on_another_shard_are_kept_and_shown_whole
         t = merged[tid]
         assert {s["application"] for s in t["spans"]} == {A, B} and t["kinds"] == ["errors"]
         assert t["application"] == A and t["span_count"] == 2 and t["spans_dropped"] == 0
+
+
+def test_every_shards_replicas_get_their_gpu_time_counted_and_priced_on_their_shard():
+    """Shard 0 joins a node's GPU sample to every shard's replicas (their pids asked for at
+    each reconcile) and passes it on; each shard counts and prices its own replicas' GPU
+    time, a shared GPU split over every replica on it; shard 0 alone keeps the device
+    series. (Before: beta's GPU time was not counted anywhere, nor priced.)"""
+    import asyncio
+    import dataclasses
+
+    from ray_monitor.aggregator.shards import GpuRelay, ingest_gpu_share
+    from ray_monitor.common.catalog import Query
+    from ray_monitor.common.snapshot import GpuDevice, GpuProcess, GpuSnapshot
+
+    prices = {"groups": [], "prices": {"*": {"per_gpu_second": 0.01}}}
+    clock = Clock(1000.0)
+    cores = [AggregatorCore({"shards": 2}, rules_text=prices, clock=clock) for _ in range(2)]
+    ids = [ReplicaIdentity(A, "Dep", "ra", "node-a", 101), ReplicaIdentity(B, "Dep", "rb", "node-a", 202)]
+    for i, core in enumerate(cores):
+        core.store.tenants.gpu_owner = lambda app, i=i: shard_of(app, 2) == i  # as the actor
+        snap = replica_snapshots(ids[i].replica, 1, app=ids[i].application)[0]
+        core.ingest([dataclasses.replace(snap, identity=ids[i])])
+
+    class Front:
+        async def gather(self, method, *args):
+            assert method == "replica_identities"
+            return [[ident for ident, _ in cores[1].replicas.values()]]
+    relay = GpuRelay(Front())
+    asyncio.run(relay.refresh())
+    devices = [GpuDevice(0, "G0", "H100"), GpuDevice(1, "G1", "H100")]
+    procs = [GpuProcess(0, "G0", 101, 1, 0.5), GpuProcess(0, "G0", 202, 1, 0.5),
+             GpuProcess(1, "G1", 202, 1, 0.5), GpuProcess(1, "G1", 999, 1, 0.5)]
+    for t in (1001.0, 1003.0, 1004.0):  # 1 s (the node's first), 2 s, 1 s: 4 s in all
+        clock.t = t
+        snap = relay.joined(GpuSnapshot("node-a", t, devices, procs),
+                            {i.pid: i for i, _ in cores[0].replicas.values()})
+        cores[0].ingest_gpu(snap)  # shard 0, as the actor does once it passed it on
+        ingest_gpu_share(cores[1], snap, lambda app: shard_of(app, 2) == 1)
+    clock.t = 1006.0
+
+    def ev(core, fn, metric, by):
+        return core.store.evaluate(Query(fn, metric, 60.0, by=by), clock.t)
+    by = ("application", "gpu")
+    assert ev(cores[0], "sum", "replica_gpu_seconds", by) == {
+        (("application", A), ("gpu", "0")): 2.0}  # half of G0
+    assert ev(cores[1], "sum", "replica_gpu_seconds", by) == {
+        (("application", B), ("gpu", "0")): 2.0, (("application", B), ("gpu", "1")): 4.0}
+    cost = [ev(c, "sum", "cost", ("application", "part")) for c in cores]
+    assert cost[0] == pytest.approx({(("application", A), ("part", "gpu")): 2.0 * 0.01})
+    assert cost[1] == pytest.approx({(("application", B), ("part", "gpu")): 6.0 * 0.01})
+    # Device series on shard 0 only, labelled with every application using the GPU.
+    xid = ev(cores[0], "count", "gpu_xid_errors", ("gpu", "application"))
+    assert sorted(xid) == [(("application", A), ("gpu", "0")), (("application", B), ("gpu", "0")),
+                           (("application", B), ("gpu", "1"))]
+    assert ev(cores[1], "count", "gpu_xid_errors", ("gpu",)) == {}
+    assert cores[0].gpu_latest["node-a"].processes[1].replica == ids[1]
+    fams = merge_families([list(monitor_registry(c).collect()) for c in cores])
+    text = render(type("C", (), {"collect": lambda _: iter(fams)})())[0].decode()
+    secs = [line for line in text.splitlines()
+            if line.startswith("ray_monitor_gpu_replica_seconds_total{")]
+    assert len(secs) == 3 and sum('application="beta"' in line for line in secs) == 2, secs
+    mem = [line for line in text.splitlines()
+           if line.startswith("ray_monitor_gpu_replica_memory_used_bytes{") and 'pid="202"' in line]
+    assert len(mem) == 2 and all('application="beta"' in line for line in mem), mem  # once each
