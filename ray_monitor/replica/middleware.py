@@ -210,7 +210,8 @@ class _Request:
         st = hook.runtime.state or hook.runtime.start()
         self.cells = st.recorder.method(hook.name) if hook.cells is None else hook.cells
         self.t0 = _perf()
-        ctx = _serve_context()
+        var = _REQUEST_CONTEXT  # Serve's request context, without a call once looked up
+        ctx = var.get() if var is not None else _serve_context()
         self.token = self.cells.begin(self.t0, ctx.request_id if ctx is not None else "",
                                       queueing.queue_of(ctx))
         self.tracer = st.tracer
@@ -296,11 +297,6 @@ def _serve_context() -> Any:
     return var.get()
 
 
-def _request_id() -> str:
-    ctx = _serve_context()
-    return ctx.request_id if ctx is not None else ""
-
-
 def _outcome(e: BaseException) -> tuple[str, bool]:
     if isinstance(e, (asyncio.CancelledError, GeneratorExit)):
         return _CANCELLED, False  # the caller went away: not the server's fault
@@ -318,13 +314,6 @@ except ImportError:  # pragma: no cover - without Starlette nothing is an HTTP o
 
     class _HttpResponse:  # type: ignore[no-redef]
         pass
-
-
-def _result_outcome(result: Any) -> tuple[str, bool]:
-    if isinstance(result, _HttpResponse):
-        status = result.status_code
-        return str(status), status >= 500
-    return OK, False
 
 
 def _headers(args: tuple, i: int) -> Any:
@@ -396,7 +385,7 @@ def _capture(runtime: Runtime, result: Any, args: tuple, kwargs: dict) -> None:
     """Runs the extractor on an ok result and keeps the prediction; never raises."""
     opts = runtime.options
     try:
-        if _result_outcome(result)[1]:
+        if isinstance(result, _HttpResponse) and result.status_code >= 500:
             return  # an HTTP error response is not a prediction
         raw = opts.prediction(result, args, kwargs) if opts.prediction_input else \
             opts.prediction(result)
@@ -406,7 +395,7 @@ def _capture(runtime: Runtime, result: Any, args: tuple, kwargs: dict) -> None:
         st = runtime.state or runtime.start()
         ident = st.identity
         st.recorder.record_prediction(Prediction(
-            _request_id(), time.time(), ident.application, ident.deployment,
+            getattr(_serve_context(), "request_id", ""), time.time(), ident.application, ident.deployment,
             ident.model_version, positive_label=opts.positive_label, **fields))
     except Exception as e:  # a bad extractor must never fail the request
         runtime.self_error(f"prediction_extractor:{type(e).__name__}", e)
@@ -453,7 +442,8 @@ def wrap_callable(fn: Callable, name: str, runtime: Runtime, bound: bool = True)
 
     elif inspect.iscoroutinefunction(fn):
         async def wrapper(*args, **kwargs):
-            req = hook.start(_headers(args, at), False, args, kwargs)
+            req = hook.start(args[at].scope if len(args) > at and isinstance(
+                args[at], _HttpRequest) else None, False, args, kwargs)  # _headers, inline
             try:
                 result = await fn(*args, **kwargs)
             except BaseException as e:
@@ -506,7 +496,12 @@ def _finish(hook: _Hook, req: Optional[_Request], result: Any) -> Any:
             return result
         _done(hook, req, str(status), None, status >= 500, None, result)
         return result
-    _done(hook, req, OK, None, False, None, result)
+    if req is not None:  # _done, inline: the common case of every request
+        try:
+            req.exit()
+            req.finish(OK, None, False, None, result)
+        except Exception as e:
+            hook.runtime.self_error("middleware_failed", e)
     return result
 
 
