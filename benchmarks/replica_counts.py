@@ -1,23 +1,33 @@
 """What a monitored request does inside a real Serve replica that an unmonitored one does
-not, counted instead of timed: Python function calls (and C calls) per request, by
-function, and event-loop iterations per request, in the replica processes themselves.
+not, counted instead of timed: Python calls per request by function and by thread,
+syscalls, garbage collections, and CPU per request by thread, in the replica processes.
 
-    .venv/bin/python benchmarks/replica_counts.py [--requests 500] [--top 40]
-        [--env VAR=VALUE,...] [--json OUT]
+    .venv/bin/python benchmarks/replica_counts.py [--requests 300] [--top 40]
+        [--cpu-windows N] [--cpu-requests 1000] [--strace] [--env VAR=VALUE,...]
+        [--json OUT]
 
-CPU time on a shared machine moves by more than the few tens of microseconds being
-looked for (``bench_replica_cpu.py`` reads +-150 us per run even in the same processes);
-counts do not depend on the load. One application (Ingress -> Model, no-op work, as
+CPU time on a shared machine moves by more than the tens of microseconds looked for
+(``bench_replica_cpu.py`` reads +-150 us per run even in the same processes); counts do
+not depend on the load. One application (Ingress -> Model, no-op work, as
 ``bench_replica_cpu.py`` deploys it) is monitored with ``--env`` as its replicas'
 environment; its replicas answer both through their monitored ``__call__`` and through an
-unmonitored method doing the same (``bare``). Requests go one at a time (concurrency 1, so
-that an event-loop turn serves one request), first ``--requests`` monitored, then as many
-bare, each window bracketed by a ``diag`` call that, in each replica, puts a counting
-profile function (``sys.setprofile``) on every running asyncio event loop's thread (the
-replica's own loop and Serve's user-code loop) and counts each loop's ``_run_once``.
-Threads Ray starts in C++ are not seen (their CPU is in ``bench_replica_cpu.py``'s
-per-thread idle figures). Prints, per deployment, calls and loop turns per request for
-both windows and the functions whose count differs most.
+unmonitored method doing the same (``bare``). Then, each side in turn:
+
+- counts: ``--requests`` one at a time, bracketed by a ``diag`` call that, in each
+  replica, puts a counting profile function (``sys.setprofile``: Python calls and C calls)
+  on the three threads that run Python per request (Ray's actor loop, where Serve takes
+  the request; Serve's user-code loop, where the method runs; Serve's router loop, where
+  a handle call is sent). All three are uvloop's, so loop turns are not counted; a
+  callback or an extra await shows as a call. Threads Ray runs in C++ are not seen (the
+  CPU windows below are).
+- ``--strace``: the same with ``strace -c -f`` on each replica: syscalls per request.
+- ``--cpu-windows N``: N alternating windows per side of ``--cpu-requests`` at
+  concurrency 8 without the profile function: CPU per request by thread
+  (``/proc/self/task/*/schedstat``, Python's thread names), and garbage collections by
+  generation (``gc.callbacks``), the medians and each window's monitored minus bare.
+
+The Model's ``diag("hot:N")`` times both methods N times in a tight loop on Serve's
+user-code thread (``time.thread_time``): the same code warm, for comparison.
 """
 
 from __future__ import annotations

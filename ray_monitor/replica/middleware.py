@@ -23,9 +23,9 @@ from typing import Any, Callable, Optional
 
 from opentelemetry import context as otel_context
 
-from ray_monitor.replica import queueing, streaming, tracing
-from ray_monitor.replica.http_semantics import (carry_traceparent, from_scope, method_label,
-                                                status_of)
+from ray_monitor.replica import http_semantics, queueing, streaming, tracing
+from ray_monitor.replica.http_semantics import (HTTP_TYPES, carry_traceparent, from_scope,
+                                                is_http_type, method_label, status_of)
 from ray_monitor.replica.span_errors import error_type
 from ray_monitor.replica.options import UNSET, MonitorOptions, refuse
 from ray_monitor.quality.prediction import Prediction, validate_extractor_result
@@ -305,22 +305,19 @@ def _outcome(e: BaseException) -> tuple[str, bool]:
     return error_type(e), True
 
 
-try:  # Starlette ships with Ray Serve; the classes are looked up once, not per request
-    from starlette.requests import Request as _HttpRequest
+try:  # Starlette ships with Ray Serve; the class is looked up once, not per request
     from starlette.responses import Response as _HttpResponse
 except ImportError:  # pragma: no cover - without Starlette nothing is an HTTP object
-    class _HttpRequest:  # type: ignore[no-redef]
-        pass
-
     class _HttpResponse:  # type: ignore[no-redef]
         pass
 
 
 def _headers(args: tuple, i: int) -> Any:
     """The ASGI scope when argument ``i`` is a Starlette request (Serve's HTTP path)."""
-    if len(args) > i and isinstance(args[i], _HttpRequest):
-        return args[i].scope
-    return None
+    if len(args) <= i:
+        return None
+    http = HTTP_TYPES.get(type(args[i]))
+    return args[i].scope if (is_http_type(type(args[i])) if http is None else http) else None
 
 
 class _Hook:
@@ -442,8 +439,12 @@ def wrap_callable(fn: Callable, name: str, runtime: Runtime, bound: bool = True)
 
     elif inspect.iscoroutinefunction(fn):
         async def wrapper(*args, **kwargs):
-            req = hook.start(args[at].scope if len(args) > at and isinstance(
-                args[at], _HttpRequest) else None, False, args, kwargs)  # _headers, inline
+            kind = type(args[at]) if len(args) > at else type(None)  # _headers, inline
+            # (through the module: Ray pickles this closure with a copy of its globals)
+            http = http_semantics.HTTP_TYPES.get(kind)
+            if http is None:
+                http = is_http_type(kind)
+            req = hook.start(args[at].scope if http else None, False, args, kwargs)
             try:
                 result = await fn(*args, **kwargs)
             except BaseException as e:
