@@ -226,8 +226,8 @@ class _Request:
             # template, known once the app has routed the request.
             http = None if scope is None else from_scope(
                 scope, None if asgi or ctx is None else ctx.route)
-            self.span = st.tracer.begin(hook.span_name, st.span_attributes(hook.name), ctx,
-                                        http)
+            attrs = hook.attrs or st.span_attributes(hook.name)  # bound at start
+            self.span = st.tracer.begin(hook.span_name, attrs, ctx, http)
 
     def enter(self) -> None:
         """Marks the deployment busy with this request around user code, and makes the
@@ -323,14 +323,14 @@ def _headers(args: tuple, i: int) -> Any:
 class _Hook:
     """What a wrapper needs, bound once: the runtime, the method's name and cells."""
 
-    __slots__ = ("runtime", "name", "span_name", "cells", "at")
+    __slots__ = ("runtime", "name", "span_name", "cells", "attrs", "at")
 
     def __init__(self, runtime: Runtime, name: str, at: int = 0) -> None:
         self.runtime = runtime
         self.at = at  # where the call's own arguments start (after `self`)
         self.name = name
         self.span_name = f"{runtime.target_name}.{name}"
-        self.cells = None  # bound by the runtime when it starts
+        self.cells = self.attrs = None  # bound by the runtime when it starts
 
     def start(self, scope: Any, asgi: bool = False, args: tuple = (),
               kwargs: Optional[dict] = None) -> Optional[_Request]:
@@ -352,7 +352,7 @@ class _Hook:
         self.runtime, self.name, self.span_name = (state["runtime"], state["name"],
                                                    state["span_name"])
         self.at = state.get("at", 0)
-        self.cells = None
+        self.cells = self.attrs = None
 
 
 def _done(hook: _Hook, req: Optional[_Request], outcome: str, error: Optional[BaseException],
