@@ -198,7 +198,8 @@ def traced_window(handle, pids: dict, n: int) -> dict:
 
     procs = {}
     for dep, pid in pids.items():
-        out = tempfile.mktemp(prefix=f"strace-{dep}-")
+        fd, out = tempfile.mkstemp(prefix=f"strace-{dep}-")
+        os.close(fd)
         procs[dep] = (subprocess.Popen(["strace", "-c", "-f", "-p", str(pid), "-o", out],
                                        stderr=subprocess.DEVNULL), out)
     time.sleep(2.0)  # attached to every thread
