@@ -18,12 +18,32 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-__all__ = ["HttpRequest", "KNOWN_METHODS", "carry_traceparent", "from_scope", "method_label",
-           "status_of"]
+__all__ = ["HTTP_TYPES", "HttpRequest", "KNOWN_METHODS", "carry_traceparent", "from_scope",
+           "is_http_type", "method_label", "status_of"]
+
+try:  # Starlette ships with Ray Serve; the class is looked up once, not per request
+    from starlette.requests import Request as _HttpRequest
+except ImportError:  # pragma: no cover - without Starlette nothing is an HTTP request
+    class _HttpRequest:  # type: ignore[no-redef]
+        pass
 
 #: OpenTelemetry's known HTTP methods; others are reported as ``_OTHER``.
 KNOWN_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS",
                            "TRACE", "PATCH"))
+
+
+#: Whether an argument's type is a Starlette request, by type (see :func:`is_http_type`).
+HTTP_TYPES: dict[type, bool] = {}
+
+
+def is_http_type(kind: type) -> bool:
+    """Whether ``kind`` is a Starlette request, kept in :data:`HTTP_TYPES`: Starlette's
+    Request is a ``Mapping``, so ``isinstance`` would run ABCMeta's Python-level check on
+    every request (a call, about 1 us inside a replica); a dictionary lookup does not."""
+    http = issubclass(kind, _HttpRequest)
+    if len(HTTP_TYPES) < 1024:  # argument types are few; a bound all the same
+        HTTP_TYPES[kind] = http
+    return http
 
 
 class HttpRequest:

@@ -23,9 +23,9 @@ from typing import Any, Callable, Optional
 
 from opentelemetry import context as otel_context
 
-from ray_monitor.replica import queueing, streaming, tracing
-from ray_monitor.replica.http_semantics import (carry_traceparent, from_scope, method_label,
-                                                status_of)
+from ray_monitor.replica import http_semantics, queueing, streaming, tracing
+from ray_monitor.replica.http_semantics import (HTTP_TYPES, carry_traceparent, from_scope,
+                                                is_http_type, method_label, status_of)
 from ray_monitor.replica.span_errors import error_type
 from ray_monitor.replica.options import UNSET, MonitorOptions, refuse
 from ray_monitor.quality.prediction import Prediction, validate_extractor_result
@@ -210,7 +210,8 @@ class _Request:
         st = hook.runtime.state or hook.runtime.start()
         self.cells = st.recorder.method(hook.name) if hook.cells is None else hook.cells
         self.t0 = _perf()
-        ctx = _serve_context()
+        var = _REQUEST_CONTEXT  # Serve's request context, without a call once looked up
+        ctx = var.get() if var is not None else _serve_context()
         self.token = self.cells.begin(self.t0, ctx.request_id if ctx is not None else "",
                                       queueing.queue_of(ctx))
         self.tracer = st.tracer
@@ -225,8 +226,8 @@ class _Request:
             # template, known once the app has routed the request.
             http = None if scope is None else from_scope(
                 scope, None if asgi or ctx is None else ctx.route)
-            self.span = st.tracer.begin(hook.span_name, st.span_attributes(hook.name), ctx,
-                                        http)
+            attrs = hook.attrs or st.span_attributes(hook.name)  # bound at start
+            self.span = st.tracer.begin(hook.span_name, attrs, ctx, http)
 
     def enter(self) -> None:
         """Marks the deployment busy with this request around user code, and makes the
@@ -296,11 +297,6 @@ def _serve_context() -> Any:
     return var.get()
 
 
-def _request_id() -> str:
-    ctx = _serve_context()
-    return ctx.request_id if ctx is not None else ""
-
-
 def _outcome(e: BaseException) -> tuple[str, bool]:
     if isinstance(e, (asyncio.CancelledError, GeneratorExit)):
         return _CANCELLED, False  # the caller went away: not the server's fault
@@ -309,42 +305,32 @@ def _outcome(e: BaseException) -> tuple[str, bool]:
     return error_type(e), True
 
 
-try:  # Starlette ships with Ray Serve; the classes are looked up once, not per request
-    from starlette.requests import Request as _HttpRequest
+try:  # Starlette ships with Ray Serve; the class is looked up once, not per request
     from starlette.responses import Response as _HttpResponse
 except ImportError:  # pragma: no cover - without Starlette nothing is an HTTP object
-    class _HttpRequest:  # type: ignore[no-redef]
-        pass
-
     class _HttpResponse:  # type: ignore[no-redef]
         pass
 
 
-def _result_outcome(result: Any) -> tuple[str, bool]:
-    if isinstance(result, _HttpResponse):
-        status = result.status_code
-        return str(status), status >= 500
-    return OK, False
-
-
 def _headers(args: tuple, i: int) -> Any:
     """The ASGI scope when argument ``i`` is a Starlette request (Serve's HTTP path)."""
-    if len(args) > i and isinstance(args[i], _HttpRequest):
-        return args[i].scope
-    return None
+    if len(args) <= i:
+        return None
+    http = HTTP_TYPES.get(type(args[i]))
+    return args[i].scope if (is_http_type(type(args[i])) if http is None else http) else None
 
 
 class _Hook:
     """What a wrapper needs, bound once: the runtime, the method's name and cells."""
 
-    __slots__ = ("runtime", "name", "span_name", "cells", "at")
+    __slots__ = ("runtime", "name", "span_name", "cells", "attrs", "at")
 
     def __init__(self, runtime: Runtime, name: str, at: int = 0) -> None:
         self.runtime = runtime
         self.at = at  # where the call's own arguments start (after `self`)
         self.name = name
         self.span_name = f"{runtime.target_name}.{name}"
-        self.cells = None  # bound by the runtime when it starts
+        self.cells = self.attrs = None  # bound by the runtime when it starts
 
     def start(self, scope: Any, asgi: bool = False, args: tuple = (),
               kwargs: Optional[dict] = None) -> Optional[_Request]:
@@ -366,7 +352,7 @@ class _Hook:
         self.runtime, self.name, self.span_name = (state["runtime"], state["name"],
                                                    state["span_name"])
         self.at = state.get("at", 0)
-        self.cells = None
+        self.cells = self.attrs = None
 
 
 def _done(hook: _Hook, req: Optional[_Request], outcome: str, error: Optional[BaseException],
@@ -396,7 +382,7 @@ def _capture(runtime: Runtime, result: Any, args: tuple, kwargs: dict) -> None:
     """Runs the extractor on an ok result and keeps the prediction; never raises."""
     opts = runtime.options
     try:
-        if _result_outcome(result)[1]:
+        if isinstance(result, _HttpResponse) and result.status_code >= 500:
             return  # an HTTP error response is not a prediction
         raw = opts.prediction(result, args, kwargs) if opts.prediction_input else \
             opts.prediction(result)
@@ -406,7 +392,7 @@ def _capture(runtime: Runtime, result: Any, args: tuple, kwargs: dict) -> None:
         st = runtime.state or runtime.start()
         ident = st.identity
         st.recorder.record_prediction(Prediction(
-            _request_id(), time.time(), ident.application, ident.deployment,
+            getattr(_serve_context(), "request_id", ""), time.time(), ident.application, ident.deployment,
             ident.model_version, positive_label=opts.positive_label, **fields))
     except Exception as e:  # a bad extractor must never fail the request
         runtime.self_error(f"prediction_extractor:{type(e).__name__}", e)
@@ -453,7 +439,12 @@ def wrap_callable(fn: Callable, name: str, runtime: Runtime, bound: bool = True)
 
     elif inspect.iscoroutinefunction(fn):
         async def wrapper(*args, **kwargs):
-            req = hook.start(_headers(args, at), False, args, kwargs)
+            kind = type(args[at]) if len(args) > at else type(None)  # _headers, inline
+            # (through the module: Ray pickles this closure with a copy of its globals)
+            http = http_semantics.HTTP_TYPES.get(kind)
+            if http is None:
+                http = is_http_type(kind)
+            req = hook.start(args[at].scope if http else None, False, args, kwargs)
             try:
                 result = await fn(*args, **kwargs)
             except BaseException as e:
@@ -506,7 +497,12 @@ def _finish(hook: _Hook, req: Optional[_Request], result: Any) -> Any:
             return result
         _done(hook, req, str(status), None, status >= 500, None, result)
         return result
-    _done(hook, req, OK, None, False, None, result)
+    if req is not None:  # _done, inline: the common case of every request
+        try:
+            req.exit()
+            req.finish(OK, None, False, None, result)
+        except Exception as e:
+            hook.runtime.self_error("middleware_failed", e)
     return result
 
 

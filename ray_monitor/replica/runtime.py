@@ -186,6 +186,7 @@ class Runtime:
                 state = State(self)
                 for hook in self.hooks:
                     hook.cells = state.recorder.method(hook.name)
+                    hook.attrs = state.span_attributes(hook.name)
                 if self.routed:
                     state.recorder.routed = sorted({h.name for h in self.hooks} | {"__call__"})
                 state.recorder.start()
@@ -207,7 +208,7 @@ class Runtime:
             return
         self.state = None
         for hook in self.hooks:
-            hook.cells = None
+            hook.cells = hook.attrs = None
         # First the tracer, so the spans it still holds go into the last flush; but the
         # SDK's batch processor flushes without a timeout, so never wait on it for long.
         _bounded(st.tracer.shutdown, CLOSE_EXPORT_WAIT_S, "tracer_shutdown_slow",

@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 
 from ray_monitor.common.histogram import Histogram
 from ray_monitor.common.snapshot import GenAIDelta
+from ray_monitor.replica.genai import _MARK as _USAGE
 from ray_monitor.replica.genai import Usage, extract
 
 __all__ = ["Figures", "Stream", "figures", "measure", "on_body", "record_usage",
@@ -157,6 +158,10 @@ def figures(stream: Optional[Stream], result: Any, latency: float,
     return Figures(stream, usage, latency)
 
 
+#: Result types that never carry token usage.
+_NO_USAGE = frozenset({int, float, bool, type(None)})
+
+
 def measure(runtime: Any, stream: Optional[Stream], result: Any,
             latency: float, call: Optional[tuple] = None) -> Optional[Figures]:
     """:func:`figures` with the deployment's options (``call``: the request's ``(args,
@@ -164,6 +169,15 @@ def measure(runtime: Any, stream: Optional[Stream], result: Any,
     (``tokens_extractor:<type>``) and the request goes on without usage; a failing price
     lookup is counted as itself (``span_cost:<type>``) and only the span's cost is lost."""
     opts = runtime.options
+    if stream is None and opts.tokens is None:
+        # A returned result that cannot carry OpenAI usage (what figures() would find
+        # after five calls): none of them. Inside a replica each Python call of the
+        # request path costs about 1 us (RESULTS.md §18), so the common case is cut short.
+        kind = type(result)
+        if not opts.tokens_auto or kind in _NO_USAGE or (
+                kind is str and _USAGE not in result) or (
+                kind is dict and _USAGE not in result and "response" not in result):
+            return None
     try:
         fig = figures(stream, result, latency, opts.tokens, opts.tokens_auto, call)
     except Exception as e:

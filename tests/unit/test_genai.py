@@ -64,6 +64,30 @@ def test_no_usage_is_none_never_an_error(thing):
     assert usage_of(thing) is None
 
 
+def test_measure_shortcut_answers_as_figures_for_every_result_shape():
+    """measure() skips extraction for results that cannot carry usage (a few us a request
+    inside a replica): for each shape, with and without OpenAI extraction, it must answer
+    what figures() answers."""
+    from types import SimpleNamespace
+
+    from ray_monitor.replica.streaming import measure
+
+    usage_dict = {"object": "chat.completion", "model": "toy", "usage": USAGE}
+    shapes = [None, 3, 2.5, True, "ok", "", sse(chunk(usage=USAGE)), json.dumps(usage_dict),
+              {"got": "ok"}, usage_dict, {"usage": None}, {"type": "response.completed",
+              "response": {"model": "toy", "usage": {"input_tokens": 7, "output_tokens": 5}}},
+              {"response": "x"}, [sse(chunk(usage=USAGE))], b"x", object()]
+    for auto in (True, False):  # the default (OpenAI shapes read), and tokens=False
+        opts = SimpleNamespace(tokens=None, tokens_auto=auto)
+        runtime = SimpleNamespace(options=opts, state=None, self_error=lambda *a: None)
+        for result in shapes:
+            want = figures(None, result, 1.0, opts.tokens, opts.tokens_auto)
+            got = measure(runtime, None, result, 1.0)
+            assert (got is None) == (want is None), (auto, result)
+            if want is not None:
+                assert got.usage == want.usage, (auto, result)
+
+
 def test_a_raising_object_is_no_usage():
     class Hostile:
         def __getattr__(self, name):

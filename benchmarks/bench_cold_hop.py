@@ -1,0 +1,90 @@
+"""``bench_overhead.py``'s "one Serve replica hop", one hop at a time with the CPU's caches
+emptied before each, as a request finds them inside a busy replica.
+
+    .venv/bin/python benchmarks/bench_cold_hop.py [--hops 2000] [--repeats 5] \
+        [--evict-mb 48] [--json OUT]
+
+In process, hop after hop, the monitor's code and data stay in the CPU's caches: a hop
+costs 13-18 us at the defaults (``RESULTS.md`` §12). Inside a Serve replica each request
+finds them evicted by everything the replica, Ray and the machine ran since the last
+one, and the same Python code costs several times more (``RESULTS.md`` §18: about 1 us
+per Python call on Serve's user-code thread, against 5.8 us for the whole monitored
+method in a tight loop on that same thread). Here each hop is preceded by a walk over
+``--evict-mb`` of memory (more than the CPU's last-level cache) and timed alone; the
+variants take turns hop by hop. The figure is the median of each repeat's median hop
+time, minus the unwrapped hop's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_overhead import SERVE_HOP, US, serve_hop_cases  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--hops", type=int, default=2000, help="hops per variant per repeat")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--evict-mb", type=int, default=48,
+                    help="memory walked before each hop (0: hot, as bench_overhead.py)")
+    ap.add_argument("--json", metavar="OUT")
+    args = ap.parse_args(argv)
+    for k in [k for k in os.environ if k.startswith("OTEL_EXPORTER_OTLP")]:
+        del os.environ[k]
+    print(f"command: {' '.join(sys.argv)}; load average {os.getloadavg()}")
+    buf = bytearray(args.evict_mb << 20)
+    view = memoryview(buf)
+
+    def evict() -> None:
+        # One byte in every 64 (a cache line) written: the whole buffer passes through
+        # the caches, pushing out what the last hop left there.
+        view[::64] = b"\x01" * (len(buf) // 64)
+
+    loop = asyncio.new_event_loop()
+    caller = "00-0123456789abcdef0123456789abcdef-0123456789abcdef-00"
+    cases = serve_hop_cases(loop, caller)[SERVE_HOP]
+    for fn in cases.values():  # warm-up: first-call caches
+        fn(200)
+    per: dict[str, list[float]] = {v: [] for v in cases}
+    for r in range(args.repeats):
+        got: dict[str, list[float]] = {v: [] for v in cases}
+        names = list(cases)
+        for i in range(args.hops):
+            for v in names[i % len(names):] + names[:i % len(names)]:
+                if args.evict_mb:
+                    evict()
+                got[v].append(cases[v](1))
+        for v, xs in got.items():
+            per[v].append(statistics.median(xs))
+        print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(
+            f"{v} {statistics.median(xs) / US:.1f} us" for v, xs in got.items()))
+    loop.close()
+    base = per["unwrapped"]
+    rows = {v: {"median_us": statistics.median(xs) / US,
+                "overhead_us": statistics.median(a - b for a, b in zip(xs, base)) / US,
+                "overhead_min_us": min(a - b for a, b in zip(xs, base)) / US,
+                "overhead_max_us": max(a - b for a, b in zip(xs, base)) / US}
+            for v, xs in per.items()}
+    print(f"\n{SERVE_HOP}, {'cold' if args.evict_mb else 'hot'} "
+          f"({args.evict_mb} MB walked before each hop):")
+    for v, row in rows.items():
+        print(f"  {v:<20}{row['median_us']:8.1f} us  overhead {row['overhead_us']:+7.1f} us "
+              f"({row['overhead_min_us']:+.1f}..{row['overhead_max_us']:+.1f})")
+    print(f"load average at end {os.getloadavg()}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": " ".join(sys.argv), "rows": rows,
+                       "per_repeat_ns": per}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
