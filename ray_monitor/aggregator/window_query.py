@@ -174,6 +174,15 @@ class _Groups:
         return self._memo["cum"]
 
 
+class _Plan:
+    """How one query is answered (see WindowQuery._plan), and its result this round."""
+
+    __slots__ = ("table", "whole", "result", "round")
+
+    def __init__(self, table: Table, whole: Optional[tuple]) -> None:
+        self.table, self.whole, self.result, self.round = table, whole, None, -1
+
+
 class WindowQuery:
     """Answers queries over a store's tables, sharing work within a round (see Sharing).
 
@@ -186,6 +195,8 @@ class WindowQuery:
         self._tables = tables
         self._memo: dict = {}
         self._stamp: Optional[tuple[float, int]] = None
+        self._round = 0  # bumps with every new stamp: a plan's result is of one round
+        self._plans: dict[Query, _Plan] = {}
         #: (application, deployment) -> replicas Ray Serve runs (None: unknown), for
         #: ``absent_over_time(...) by (...)``; the store sets it.
         self.running: Optional[dict[tuple[str, str], int]] = None
@@ -194,11 +205,30 @@ class WindowQuery:
         """Frees the round's memo."""
         self._memo.clear()
         self._stamp = None
+        self._round += 1
+        for plan in self._plans.values():
+            plan.result = None
 
     def evaluate(self, query: Query, end: float, version: int) -> dict[GroupKey, float]:
         """The query's value per group over the window that ends at ``end`` (see
         Windows); groups without a value are absent. Raises ``ValueError`` naming what is
         wrong with the query."""
+        plan = self._plans.get(query)
+        if plan is None:
+            plan = self._plan(query)
+        stamp = (end, version)
+        if stamp != self._stamp:
+            self._memo.clear()
+            self._stamp = stamp
+            self._round += 1
+        if plan.round != self._round:
+            plan.result = self._answer(query, plan, end)
+            plan.round = self._round
+        return dict(plan.result)
+
+    def _plan(self, query: Query) -> "_Plan":
+        """Checks a query the first time it comes, and decides how it is answered (kept
+        until the rules change: the same queries come every round)."""
         table = self._tables.get(query.metric)
         if table is None:
             raise ValueError(f"query metric {query.metric!r} is unknown; "
@@ -216,58 +246,64 @@ class WindowQuery:
                 check_regex(m.value)
         if not query.window_s > 0:
             raise ValueError(f"query window_s must be > 0, got {query.window_s!r}")
-        stamp = (end, version)
-        if stamp != self._stamp:
-            self._memo.clear()
-            self._stamp = stamp
-        result = self._memo.get(query)
-        if result is None:
-            result = self._whole_groups(query, table, end)
-            if result is None:
-                result = self._compute(query, table, end)
-            self._memo[query] = result
-        return dict(result)
+        if len(self._plans) > 4096:  # rules change: forget queries nobody asks for
+            self._plans.clear()
+        plan = self._plans[query] = _Plan(table, self._whole_groups(query, table))
+        return plan
 
-    def _whole_groups(self, q: Query, table: Table, end: float) -> Optional[dict[GroupKey, float]]:
+    def _answer(self, q: Query, plan: "_Plan", end: float) -> dict[GroupKey, float]:
+        if plan.whole is None:
+            result = self._memo.get(q)
+            if result is None:
+                result = self._memo[q] = self._compute(q, plan.table, end)
+            return result
+        unmatched, source, fine_only, at, labels, want = plan.whole
+        full = self._memo.get(unmatched)
+        if full is None:
+            full = self._memo[unmatched] = self._compute(unmatched, plan.table, end)
+        if labels is None:  # not only "=": each group's labels matched
+            return {k: v for k, v in full.items()
+                    if all(matches(m, k[at[m.label]][1]) for m in q.matchers)}
+        if want is None:
+            return {}  # two values for one label: nothing matches
+        keys = self._by_value(source, unmatched.by, fine_only, labels, at).get(want, ())
+        return {k: full[k] for k in keys if k in full}
+
+    def _whole_groups(self, q: Query, table: Table) -> Optional[tuple]:
         """Matchers only on labels of ``by`` select whole groups, and every function is
         computed per group from the group's rows alone: such a query's value is that of
         the query without matchers, restricted to the groups that match (the same rows in
         the same order, so the same numbers), computed once for every such rule of the
-        round. None where that does not hold."""
+        round. None where that does not hold; else (the query without matchers, the table
+        its groups come from, whether it reads per-series rows, each ``by`` label's place
+        in a group key, and for equality matchers only: the matched labels and values)."""
         if not q.matchers or not q.by or q.function == ABSENT or \
                 any(m.label not in q.by for m in q.matchers):
             return None
         unmatched = Query(q.function, q.metric, q.window_s, by=q.by, param=q.param)
-        full = self._memo.get(unmatched)
-        if full is None:
-            full = self._memo[unmatched] = self._compute(unmatched, table, end)
+        source = self._tables["requests"] if q.function == "error_ratio" else table
+        fine_only = self._per_series(unmatched, source)
         at = {b: i for i, b in enumerate(sorted(q.by))}  # a key's (label, value) pairs
         if any(m.op != "=" for m in q.matchers):
-            return {k: v for k, v in full.items()
-                    if all(matches(m, k[at[m.label]][1]) for m in q.matchers)}
-        # equality only: the groups with the matched labels' values, in the order of the
-        # result (group order), from an index kept with the grouping
+            return unmatched, source, fine_only, at, None, None
         labels = tuple(sorted({m.label for m in q.matchers}))
         want = {}
         for m in q.matchers:
             if want.setdefault(m.label, m.value) != m.value:
-                return {}  # two values for one label: nothing matches
-        source = self._tables["requests"] if q.function == "error_ratio" else table
-        keys = self._by_value(source, unmatched, labels, at).get(
-            tuple(want[b] for b in labels), ())
-        return {k: full[k] for k in keys if k in full}
+                return unmatched, source, fine_only, at, labels, None
+        return unmatched, source, fine_only, at, labels, tuple(want[b] for b in labels)
 
-    def _by_value(self, table: Table, q: Query, labels: tuple[str, ...],
-                  at: dict[str, int]) -> dict[tuple[str, ...], list[GroupKey]]:
-        """The group keys of ``q``'s grouping (no matchers) by their values of ``labels``,
-        each list in group order; kept with the grouping, until a series or rollup of the
-        metric comes or goes."""
-        fine_only = self._per_series(q, table)
-        key = ("by-value", q.by, fine_only, labels)
+    def _by_value(self, table: Table, by: tuple[str, ...], fine_only: bool,
+                  labels: tuple[str, ...], at: dict[str, int],
+                  ) -> dict[tuple[str, ...], list[GroupKey]]:
+        """The group keys of the grouping by ``by`` (no matchers) by their values of
+        ``labels``, each list in group order (the order of a result); kept with the
+        grouping, until a series or rollup of the metric comes or goes."""
+        key = ("by-value", by, fine_only, labels)
         hit = table.selections.get(key)
         if hit is not None and hit[0] == table.version:
             return hit[1]
-        _, _, keys = self._selection(table, (), q.by, fine_only)
+        _, _, keys = self._selection(table, (), by, fine_only)
         index: dict[tuple[str, ...], list[GroupKey]] = {}
         for k in keys:
             index.setdefault(tuple(k[at[b]][1] for b in labels), []).append(k)
@@ -477,7 +513,9 @@ class WindowQuery:
         rows, gids = g.selected  # present in the window's cover or not
         pos = g.gid_pos[gids]
         rows, pos = rows[pos >= 0], pos[pos >= 0]
-        idx = np.ix_(rows, cols)
+        # a run of adjacent slots as a slice: the rows are gathered, not every cell
+        idx = (rows, slice(int(cols[0]), int(cols[-1]) + 1)) \
+            if len(cols) and cols[-1] - cols[0] + 1 == len(cols) else np.ix_(rows, cols)
         if table.kind == "counter":
             v = ring.read("v", idx)
             has = ~np.isnan(v)
