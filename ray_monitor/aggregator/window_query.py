@@ -87,8 +87,11 @@ class _SeriesWindow:
     def __init__(self, ri: int, a: int, b: int, fine_only: bool, rows: int) -> None:
         self.ri, self.a, self.b, self.fine_only = ri, a, b, fine_only
         self.present = np.zeros(rows, dtype=bool)
-        self.pair_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        #: (ring, slots) whose histogram entries the window holds: decoded by dense()
+        self.pair_src: list[tuple] = []
         self._dense = None
+        #: makes dense()'s answer (WindowQuery._dense: from a sliding window when it can)
+        self.make_dense = None
         #: per-series gauge parts whose min and max are not in ``lo``/``hi`` yet: a round's
         #: per-series windows are mostly read for ``last`` and ``sum`` (see settle)
         self.pending: list[tuple[np.ndarray, np.ndarray, slice]] = []
@@ -103,28 +106,82 @@ class _SeriesWindow:
     def dense(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-row histogram counts ``[rows, C]`` and the bucket index of each column."""
         if self._dense is None:
-            rows = len(self.present)
-            parts = [p for p in self.pair_parts if len(p[0])]
-            if not parts:
-                self._dense = (np.zeros((rows, 0)), np.zeros(0, dtype=np.int64))
-                return self._dense
-            tags, idx, cnt = (np.concatenate(c) for c in zip(*parts))
-            keep = tags < rows  # rows added since the window was read are not in it
-            if not keep.all():
-                tags, idx, cnt = tags[keep], idx[keep], cnt[keep]
-            lo, hi = (int(idx.min()), int(idx.max())) if len(idx) else (0, 0)
-            width = hi - lo + 1
-            if rows * width <= 50_000_000:
-                d = np.bincount(tags * width + (idx - lo), weights=cnt,
-                                minlength=rows * width).reshape(rows, width)
-                used = np.flatnonzero(d.any(axis=0))
-                self._dense = (d[:, used], used + lo)
-            else:  # outliers spread the range: index the buckets actually used
-                cols, inv = np.unique(idx, return_inverse=True)
-                d = np.bincount(tags * len(cols) + inv.ravel(), weights=cnt,
-                                minlength=rows * len(cols)).reshape(rows, len(cols))
-                self._dense = (d, cols)
+            self._dense = self.make_dense()
         return self._dense
+
+
+def _entries(rows: int, parts: list) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Histogram entries ``(row, index, count)`` of ``parts`` in rows below ``rows`` (rows
+    added since the window was read are not in it); None if there are none."""
+    parts = [p for p in parts if len(p[0])]
+    if not parts:
+        return None
+    tags, idx, cnt = (np.concatenate(c) for c in zip(*parts))
+    keep = tags < rows
+    if not keep.all():
+        tags, idx, cnt = tags[keep], idx[keep], cnt[keep]
+    return (tags, idx, cnt) if len(idx) else None
+
+
+def _bucket_counts(rows: int, parts: list) -> tuple[np.ndarray, int, Optional[np.ndarray]]:
+    """Per-row counts of histogram entries ``(row, index, count)``: ``(d, lo, None)`` with
+    ``d[:, j]`` the counts of bucket index ``lo + j`` over the whole range of indices, or,
+    where outliers spread that range too wide, ``(d, 0, cols)`` over the indices used."""
+    got = _entries(rows, parts)
+    if got is None:
+        return np.zeros((rows, 0)), 0, None
+    tags, idx, cnt = got
+    lo, hi = int(idx.min()), int(idx.max())
+    width = hi - lo + 1
+    if rows * width <= 50_000_000:
+        return np.bincount(tags * width + (idx - lo), weights=cnt,
+                           minlength=rows * width).reshape(rows, width), lo, None
+    cols, inv = np.unique(idx, return_inverse=True)  # index the buckets actually used
+    return np.bincount(tags * len(cols) + inv.ravel(), weights=cnt,
+                       minlength=rows * len(cols)).reshape(rows, len(cols)), 0, cols
+
+
+def _used(d: np.ndarray, lo: int) -> tuple[np.ndarray, np.ndarray]:
+    """The columns of full-range counts with any count, and their bucket indices."""
+    used = np.flatnonzero(d.any(axis=0))
+    return d[:, used], used + lo
+
+
+class _Slide:
+    """Per-row histogram counts of one window over the finest ring, kept from round to
+    round: the next round's window adds the buckets that entered it and takes off those
+    that left (counts are whole numbers, so the sums are exact in any order). Valid
+    while no series or rollup of the metric came or went and no bucket it holds was
+    written or emptied since (a late delta: the store marks each slot it writes)."""
+
+    __slots__ = ("a", "b", "held", "table_version", "stamp", "d", "lo")
+
+    def __init__(self, a: int, b: int, held: int, table_version: int, stamp: int,
+                 d: np.ndarray, lo: int) -> None:
+        self.a, self.b, self.held, self.table_version = a, b, held, table_version
+        self.stamp, self.d, self.lo = stamp, d, lo
+
+    def add(self, rows: int, parts: list, sign: float) -> bool:
+        """Adds (``sign`` 1) or takes off (-1) histogram entries; False where the range of
+        bucket indices would grow past what a dense matrix holds (then it is rebuilt)."""
+        got = _entries(rows, parts)
+        if got is None:
+            return True
+        tags, idx, cnt = got
+        lo, hi = int(idx.min()), int(idx.max())
+        width = self.d.shape[1]
+        if width:
+            lo, hi = min(lo, self.lo), max(hi, self.lo + width - 1)
+        if not width or lo < self.lo or hi >= self.lo + width:  # a bucket index new to it
+            if rows * (hi - lo + 1) > 50_000_000:
+                return False
+            d = np.zeros((rows, hi - lo + 1))
+            d[:, self.lo - lo:self.lo - lo + width] = self.d
+            self.d, self.lo = d, lo
+        width = self.d.shape[1]
+        self.d += sign * np.bincount(tags * width + (idx - lo), weights=cnt,
+                                     minlength=rows * width).reshape(rows, width)
+        return True
 
 
 def _whole_sum(a: np.ndarray) -> np.ndarray:
@@ -197,6 +254,8 @@ class WindowQuery:
         self._stamp: Optional[tuple[float, int]] = None
         self._round = 0  # bumps with every new stamp: a plan's result is of one round
         self._plans: dict[Query, _Plan] = {}
+        self._slides: dict[tuple, _Slide] = {}  # see _Slide; kept while a round reads it
+        self._slides_used: set[tuple] = set()
         #: (application, deployment) -> replicas Ray Serve runs (None: unknown), for
         #: ``absent_over_time(...) by (...)``; the store sets it.
         self.running: Optional[dict[tuple[str, str], int]] = None
@@ -208,6 +267,9 @@ class WindowQuery:
         self._round += 1
         for plan in self._plans.values():
             plan.result = None
+        if len(self._slides_used) < len(self._slides):  # rules changed: free the rest
+            self._slides = {k: v for k, v in self._slides.items() if k in self._slides_used}
+        self._slides_used = set()
 
     def evaluate(self, query: Query, end: float, version: int) -> dict[GroupKey, float]:
         """The query's value per group over the window that ends at ``end`` (see
@@ -333,6 +395,7 @@ class WindowQuery:
         space = table.series if fine_only else table.rollups
         rows = len(space.labels)
         sw = _SeriesWindow(ri, a, b, fine_only, rows)
+        sw.make_dense = lambda: self._dense(table, sw, ("slide", key[1:]))
         kind = table.kind
         if kind == "counter":
             sw.v = np.zeros(rows)
@@ -377,7 +440,7 @@ class WindowQuery:
                 np.maximum(sw.hi[out], ring.hi[at].max(axis=1), out=sw.hi[out])
             if kind == "histogram":
                 sw.z[out] += ring.z[at].sum(axis=1, dtype=np.float64)
-                sw.pair_parts.append(ring.pairs(cols))
+                sw.pair_src.append((ring, cols))
             else:  # parts come in time order: the newest column with data holds the latest
                 newest = len(cols) - 1 - has[:, ::-1].argmax(axis=1)
                 sw.last[out] = np.where(any_, ring.last[np.arange(n), cols[newest]], sw.last[out])
@@ -389,6 +452,50 @@ class WindowQuery:
             sw.present |= table.alive(fine_only)[:rows]
         self._memo[key] = sw
         return sw
+
+    def _dense(self, table: Table, sw: _SeriesWindow, key: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """``sw.dense()``: per-row histogram counts over the window. A rollup window over
+        the finest ring slides from the last round's (see _Slide): two buckets decoded a
+        round instead of the window's every bucket."""
+        rows = len(sw.present)
+        version = self._stamp[1] if self._stamp is not None else None
+        slides = not sw.fine_only and sw.ri == 0 and version is not None
+        sl = self._slides.get(key) if slides else None
+        if sl is not None:
+            self._slides_used.add(key)
+            if self._slide(sl, table, sw, rows, version):
+                return _used(sl.d, sl.lo)
+            del self._slides[key]
+        d, lo, cols = _bucket_counts(rows, [ring.pairs(c) for ring, c in sw.pair_src])
+        if cols is not None:
+            return d, cols
+        if slides:
+            held = len(self._tl.columns(0, sw.a, sw.b)[0])
+            self._slides[key] = _Slide(sw.a, sw.b, held, table.version, version, d, lo)
+            self._slides_used.add(key)
+        return _used(d, lo)
+
+    def _slide(self, sl: _Slide, table: Table, sw: _SeriesWindow, rows: int,
+               version: int) -> bool:
+        """Moves ``sl`` to ``sw``'s window; False where it cannot (then it is rebuilt)."""
+        if sl.table_version != table.version or sl.d.shape[0] != rows or sw.a < sl.a \
+                or sw.b < sl.b or sw.b - sl.b > 30 or sw.a > sl.b:
+            return False
+        tl = self._tl
+        ks, ps = tl.columns(0, sl.a, sl.b)
+        # every bucket it holds still held, and none written since it was read
+        if len(ks) != sl.held or (len(ps) and int(tl.written[ps].max()) > sl.stamp):
+            return False
+        ring = table.rings[0]
+        leave = ps[ks < sw.a]
+        _, enter = tl.columns(0, sl.b + 1, sw.b)
+        if len(enter) and not sl.add(rows, [ring.pairs(enter)], 1.0):
+            return False
+        if len(leave) and not sl.add(rows, [ring.pairs(leave)], -1.0):
+            return False
+        sl.a, sl.b, sl.stamp = sw.a, sw.b, version
+        sl.held = len(tl.columns(0, sw.a, sw.b)[0])
+        return True
 
     @staticmethod
     def _selection(table: Table, matchers: tuple[Matcher, ...],

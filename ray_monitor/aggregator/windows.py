@@ -184,6 +184,8 @@ class WindowStore:
         if t < self._read_through:  # a round already read this second as complete
             self._counts["late_snapshots"] += 1
         self._version += 1
+        if where[0][0] == 0:  # the finest ring keeps it: its slot changed (see Timeline)
+            tl.written[where[0][2]] = self._version
         if t > tl.max_time:
             tl.max_time = t
         return where
