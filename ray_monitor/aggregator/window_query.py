@@ -59,6 +59,7 @@ with array operations over label codes.
 
 from __future__ import annotations
 
+from itertools import compress
 from typing import Mapping, Optional
 
 import numpy as np
@@ -234,10 +235,14 @@ class _Groups:
 class _Plan:
     """How one query is answered (see WindowQuery._plan), and its result this round."""
 
-    __slots__ = ("table", "whole", "result", "round")
+    __slots__ = ("table", "whole", "result", "round", "keys", "keys_version")
 
     def __init__(self, table: Table, whole: Optional[tuple]) -> None:
         self.table, self.whole, self.result, self.round = table, whole, None, -1
+        #: equality matchers on ``by`` labels: the matching group keys, and the table
+        #: version they are of
+        self.keys: tuple = ()
+        self.keys_version = -1
 
 
 class WindowQuery:
@@ -310,26 +315,31 @@ class WindowQuery:
             raise ValueError(f"query window_s must be > 0, got {query.window_s!r}")
         if len(self._plans) > 4096:  # rules change: forget queries nobody asks for
             self._plans.clear()
-        plan = self._plans[query] = _Plan(table, self._whole_groups(query, table))
+        whole = self._whole_groups(query, table)
+        if whole is not None:  # the query without matchers: planned too, answered once
+            unmatched = whole[0]
+            whole = (self._plans.get(unmatched) or self._plan(unmatched),) + whole
+        plan = self._plans[query] = _Plan(table, whole)
         return plan
 
     def _answer(self, q: Query, plan: "_Plan", end: float) -> dict[GroupKey, float]:
         if plan.whole is None:
-            result = self._memo.get(q)
-            if result is None:
-                result = self._memo[q] = self._compute(q, plan.table, end)
-            return result
-        unmatched, source, fine_only, at, labels, want = plan.whole
-        full = self._memo.get(unmatched)
-        if full is None:
-            full = self._memo[unmatched] = self._compute(unmatched, plan.table, end)
+            return self._compute(q, plan.table, end)
+        uplan, unmatched, source, fine_only, at, labels, want = plan.whole
+        if uplan.round != self._round:
+            uplan.result = self._compute(unmatched, plan.table, end)
+            uplan.round = self._round
+        full = uplan.result
         if labels is None:  # not only "=": each group's labels matched
             return {k: v for k, v in full.items()
                     if all(matches(m, k[at[m.label]][1]) for m in q.matchers)}
         if want is None:
             return {}  # two values for one label: nothing matches
-        keys = self._by_value(source, unmatched.by, fine_only, labels, at).get(want, ())
-        return {k: full[k] for k in keys if k in full}
+        if plan.keys_version != source.version:
+            plan.keys = tuple(self._by_value(source, unmatched.by, fine_only, labels, at)
+                              .get(want, ()))
+            plan.keys_version = source.version
+        return {k: full[k] for k in plan.keys if k in full}
 
     def _whole_groups(self, q: Query, table: Table) -> Optional[tuple]:
         """Matchers only on labels of ``by`` select whole groups, and every function is
@@ -579,7 +589,10 @@ class WindowQuery:
             values = self._ratio_above(g, q.param, n)
         else:
             values = self._quantile(g, SHORTHAND_QUANTILES.get(f, q.param), n)
-        return {k: v for k, v, c in zip(g.keys, values.tolist(), n.tolist()) if c > 0}
+        has = (n > 0).tolist()
+        if all(has):
+            return dict(zip(g.keys, values.tolist()))
+        return dict(zip(compress(g.keys, has), compress(values.tolist(), has)))
 
     @staticmethod
     def _quantile(g: _Groups, q: float, n: np.ndarray) -> np.ndarray:
