@@ -48,13 +48,13 @@ reads 0 and a flat series followed by a jump is a large anomaly. Absent with few
 history steps. For counters a step past ``end`` is left out: it is still filling.
 ``absent_over_time``: see :meth:`WindowQuery._absent`.
 
-Sharing. Within one evaluation round (same ``end``, no ingest in between) per-row
-window aggregates, per-group merges and whole results are memoised, so rules that differ
-only in function or threshold cost one dictionary copy; a rule whose matchers name only
-labels of its ``by`` (``p99(...{deployment="a"}) by (application, deployment)``) reads
-the result of the same query without matchers, restricted to the matching groups. Which rows a matcher set selects,
-and their groups, is kept until a series of the metric comes or goes, and is recomputed
-with array operations over label codes.
+Sharing. Within one round (same ``end``, no ingest in between) per-row window aggregates,
+per-group merges and results are memoised; a rule whose matchers name only labels of its
+``by`` (``p99(...{deployment="a"}) by (application, deployment)``) reads the result of
+the query without matchers, restricted to the matching groups (looked up in an index of
+the grouping). Which rows a matcher set selects, their groups, and each query's checks
+and plan are kept until a series comes or goes (the rules change); a rollup histogram
+window's counts, from round to round (:mod:`~ray_monitor.aggregator.window_counts`).
 """
 
 from __future__ import annotations
@@ -67,6 +67,8 @@ import numpy as np
 from ray_monitor.aggregator.packing import bucket_values
 from ray_monitor.aggregator.rings import ROLLUP_DROPS, GroupKey, Table
 from ray_monitor.aggregator.timeline import Timeline
+from ray_monitor.aggregator.window_counts import (SlidingCounts, bucket_counts, run_starts,
+                                                  used_columns, whole_sums)
 from ray_monitor.common.catalog import (ABSENT, FUNCTIONS, SHORTHAND_QUANTILES, Query,
                                         absence_metric, absent_labels)
 from ray_monitor.common.matchers import Matcher, check_regex, matches
@@ -109,100 +111,6 @@ class _SeriesWindow:
         if self._dense is None:
             self._dense = self.make_dense()
         return self._dense
-
-
-def _entries(rows: int, parts: list) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Histogram entries ``(row, index, count)`` of ``parts`` in rows below ``rows`` (rows
-    added since the window was read are not in it); None if there are none."""
-    parts = [p for p in parts if len(p[0])]
-    if not parts:
-        return None
-    tags, idx, cnt = (np.concatenate(c) for c in zip(*parts))
-    keep = tags < rows
-    if not keep.all():
-        tags, idx, cnt = tags[keep], idx[keep], cnt[keep]
-    return (tags, idx, cnt) if len(idx) else None
-
-
-def _bucket_counts(rows: int, parts: list) -> tuple[np.ndarray, int, Optional[np.ndarray]]:
-    """Per-row counts of histogram entries ``(row, index, count)``: ``(d, lo, None)`` with
-    ``d[:, j]`` the counts of bucket index ``lo + j`` over the whole range of indices, or,
-    where outliers spread that range too wide, ``(d, 0, cols)`` over the indices used."""
-    got = _entries(rows, parts)
-    if got is None:
-        return np.zeros((rows, 0)), 0, None
-    tags, idx, cnt = got
-    lo, hi = int(idx.min()), int(idx.max())
-    width = hi - lo + 1
-    if rows * width <= 50_000_000:
-        return np.bincount(tags * width + (idx - lo), weights=cnt,
-                           minlength=rows * width).reshape(rows, width), lo, None
-    cols, inv = np.unique(idx, return_inverse=True)  # index the buckets actually used
-    return np.bincount(tags * len(cols) + inv.ravel(), weights=cnt,
-                       minlength=rows * len(cols)).reshape(rows, len(cols)), 0, cols
-
-
-def _used(d: np.ndarray, lo: int) -> tuple[np.ndarray, np.ndarray]:
-    """The columns of full-range counts with any count, and their bucket indices."""
-    used = np.flatnonzero(d.any(axis=0))
-    return d[:, used], used + lo
-
-
-class _Slide:
-    """Per-row histogram counts of one window over the finest ring, kept from round to
-    round: the next round's window adds the buckets that entered it and takes off those
-    that left (counts are whole numbers, so the sums are exact in any order). Valid
-    while no series or rollup of the metric came or went and no bucket it holds was
-    written or emptied since (a late delta: the store marks each slot it writes)."""
-
-    __slots__ = ("a", "b", "held", "table_version", "stamp", "d", "lo")
-
-    def __init__(self, a: int, b: int, held: int, table_version: int, stamp: int,
-                 d: np.ndarray, lo: int) -> None:
-        self.a, self.b, self.held, self.table_version = a, b, held, table_version
-        self.stamp, self.d, self.lo = stamp, d, lo
-
-    def add(self, rows: int, parts: list, sign: float) -> bool:
-        """Adds (``sign`` 1) or takes off (-1) histogram entries; False where the range of
-        bucket indices would grow past what a dense matrix holds (then it is rebuilt)."""
-        got = _entries(rows, parts)
-        if got is None:
-            return True
-        tags, idx, cnt = got
-        lo, hi = int(idx.min()), int(idx.max())
-        width = self.d.shape[1]
-        if width:
-            lo, hi = min(lo, self.lo), max(hi, self.lo + width - 1)
-        if not width or lo < self.lo or hi >= self.lo + width:  # a bucket index new to it
-            if rows * (hi - lo + 1) > 50_000_000:
-                return False
-            d = np.zeros((rows, hi - lo + 1))
-            d[:, self.lo - lo:self.lo - lo + width] = self.d
-            self.d, self.lo = d, lo
-        width = self.d.shape[1]
-        self.d += sign * np.bincount(tags * width + (idx - lo), weights=cnt,
-                                     minlength=rows * width).reshape(rows, width)
-        return True
-
-
-def _whole_sum(a: np.ndarray) -> np.ndarray:
-    """Row sums of a count column as float64. Counts of 1 or 2 bytes (at most 65535 a
-    bucket, a few hundred buckets) add up exactly in uint32, twice as fast as float64;
-    wider columns (float32/64 after a widen) sum as float64, as every count did before."""
-    if a.dtype.kind == "u" and a.dtype.itemsize <= 2 and a.shape[1] <= 65536:
-        return a.sum(axis=1, dtype=np.uint32).astype(np.float64)
-    return a.sum(axis=1, dtype=np.float64)
-
-
-def _run_starts(a: np.ndarray) -> np.ndarray:
-    """Where each run of equal values in the sorted ``a`` starts (np.r_ costs more than
-    the comparison at a thousand rules a round)."""
-    if not len(a):
-        return np.zeros(0, dtype=np.int64)
-    edge = np.empty(len(a), dtype=bool)
-    edge[0] = True
-    np.not_equal(a[1:], a[:-1], out=edge[1:])
-    return np.flatnonzero(edge)
 
 
 class _Groups:
@@ -259,7 +167,7 @@ class WindowQuery:
         self._stamp: Optional[tuple[float, int]] = None
         self._round = 0  # bumps with every new stamp: a plan's result is of one round
         self._plans: dict[Query, _Plan] = {}
-        self._slides: dict[tuple, _Slide] = {}  # see _Slide; kept while a round reads it
+        self._slides: dict[tuple, SlidingCounts] = {}  # see window_counts; kept while a round reads it
         self._slides_used: set[tuple] = set()
         #: (application, deployment) -> replicas Ray Serve runs (None: unknown), for
         #: ``absent_over_time(...) by (...)``; the store sets it.
@@ -437,11 +345,11 @@ class WindowQuery:
             has = cnt > 0
             any_ = has.any(axis=1)
             sw.present[out] |= any_
-            sw.n[out] += _whole_sum(cnt)
+            sw.n[out] += whole_sums(cnt)
             if ring.single:  # one sample per bucket: sum, min and max are that sample
                 last = ring.last[at]
                 # an empty bucket's sample is 0: whole-number samples add up as integers
-                sw.s[out] += _whole_sum(last) if last.dtype.itemsize <= 2 and \
+                sw.s[out] += whole_sums(last) if last.dtype.itemsize <= 2 and \
                     last.dtype.kind == "u" else np.where(has, last, 0.0).sum(axis=1)
                 sw.pending.append((last, has, out))  # min and max: when a query reads them
             else:
@@ -465,7 +373,8 @@ class WindowQuery:
 
     def _dense(self, table: Table, sw: _SeriesWindow, key: tuple) -> tuple[np.ndarray, np.ndarray]:
         """``sw.dense()``: per-row histogram counts over the window. A rollup window over
-        the finest ring slides from the last round's (see _Slide): two buckets decoded a
+        the finest ring slides from the last round's (see
+        :class:`~ray_monitor.aggregator.window_counts.SlidingCounts`): two buckets decoded a
         round instead of the window's every bucket."""
         rows = len(sw.present)
         version = self._stamp[1] if self._stamp is not None else None
@@ -473,39 +382,17 @@ class WindowQuery:
         sl = self._slides.get(key) if slides else None
         if sl is not None:
             self._slides_used.add(key)
-            if self._slide(sl, table, sw, rows, version):
-                return _used(sl.d, sl.lo)
+            if sl.move(self._tl, table, sw.a, sw.b, rows, version):
+                return used_columns(sl.d, sl.lo)
             del self._slides[key]
-        d, lo, cols = _bucket_counts(rows, [ring.pairs(c) for ring, c in sw.pair_src])
+        d, lo, cols = bucket_counts(rows, [ring.pairs(c) for ring, c in sw.pair_src])
         if cols is not None:
             return d, cols
         if slides:
             held = len(self._tl.columns(0, sw.a, sw.b)[0])
-            self._slides[key] = _Slide(sw.a, sw.b, held, table.version, version, d, lo)
+            self._slides[key] = SlidingCounts(sw.a, sw.b, held, table.version, version, d, lo)
             self._slides_used.add(key)
-        return _used(d, lo)
-
-    def _slide(self, sl: _Slide, table: Table, sw: _SeriesWindow, rows: int,
-               version: int) -> bool:
-        """Moves ``sl`` to ``sw``'s window; False where it cannot (then it is rebuilt)."""
-        if sl.table_version != table.version or sl.d.shape[0] != rows or sw.a < sl.a \
-                or sw.b < sl.b or sw.b - sl.b > 30 or sw.a > sl.b:
-            return False
-        tl = self._tl
-        ks, ps = tl.columns(0, sl.a, sl.b)
-        # every bucket it holds still held, and none written since it was read
-        if len(ks) != sl.held or (len(ps) and int(tl.written[ps].max()) > sl.stamp):
-            return False
-        ring = table.rings[0]
-        leave = ps[ks < sw.a]
-        _, enter = tl.columns(0, sl.b + 1, sw.b)
-        if len(enter) and not sl.add(rows, [ring.pairs(enter)], 1.0):
-            return False
-        if len(leave) and not sl.add(rows, [ring.pairs(leave)], -1.0):
-            return False
-        sl.a, sl.b, sl.stamp = sw.a, sw.b, version
-        sl.held = len(tl.columns(0, sw.a, sw.b)[0])
-        return True
+        return used_columns(d, lo)
 
     @staticmethod
     def _selection(table: Table, matchers: tuple[Matcher, ...],
@@ -537,7 +424,7 @@ class WindowQuery:
         sel_rows, sel_gids, keys = self._selection(table, q.matchers, q.by, fine_only)
         keep = sw.present[sel_rows]
         rows, gids = sel_rows[keep], sel_gids[keep]
-        starts = _run_starts(gids)
+        starts = run_starts(gids)
         g = self._memo[key] = _Groups([keys[i] for i in gids[starts]], rows, starts, sw)
         g.selected = (sel_rows, sel_gids)
         g.gid_pos = np.full(len(keys), -1, dtype=np.int64)
@@ -645,7 +532,7 @@ class WindowQuery:
         out_t = np.zeros((len(g.keys), len(cols)))
         out_c = np.zeros((len(g.keys), len(cols)))
         if len(rows):
-            starts = _run_starts(pos)
+            starts = run_starts(pos)
             out_t[pos[starts]] = np.add.reduceat(total, starts, axis=0)
             out_c[pos[starts]] = np.add.reduceat(count, starts, axis=0)
         memo = (ks, out_t, out_c)
