@@ -190,6 +190,8 @@ def run_case(args: argparse.Namespace, simple: bool) -> None:
         round_ms.append((time.process_time() - start) * 1000)
         round_gc.append(sum(d for _, d in full_gc) * 1000)
     gc.callbacks.remove(on_gc)
+    # what rule rounds keep from one round to the next: sliding histogram windows
+    kept = sum(sl.d.nbytes for sl in store._query._slides.values())
     # without the memo: each query at its own instant computes everything from the rings
     sample = qs[::10]
     start = time.process_time()
@@ -221,6 +223,8 @@ def run_case(args: argparse.Namespace, simple: bool) -> None:
         ("  of which full garbage collections, ms (per round)",
          ", ".join(f"{x:.1f}" for x in round_gc) + ("" if args.no_gc_freeze else
                                                      " (gc.freeze() before the store)")),
+        ("  kept between rounds (sliding histogram windows), KiB",
+         f"{kept / 2 ** 10:,.0f} ({kept / n_rep:,.0f} bytes per replica)"),
         ("one query without the round memo, ms (mean of 100)", f"{single_ms:.2f}"),
         (f"expire() with {st['series_total']} live series, ms", f"{expire_ms:.2f}"),
         ("queries with a non-empty answer", f"{answered}/{len(qs)}"),

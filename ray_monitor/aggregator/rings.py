@@ -391,7 +391,7 @@ class LabelSpace:
         gid = np.full(n, -1, dtype=np.int64)
         keys: list[GroupKey] = []
         if len(live):
-            combos, inv = np.unique(self.codes[live][:, list(cols)], axis=0, return_inverse=True)
+            combos, inv = _unique_rows(self.codes[live][:, list(cols)])
             gid[live] = inv.ravel()
             for combo in combos.tolist():
                 value = dict(zip((self.names[j] for j in cols),
@@ -399,6 +399,20 @@ class LabelSpace:
                 keys.append(tuple((b, value.get(b, "")) for b in by_names))
         self._grouping[(cols, tuple(by_names))] = (gid, keys)
         return gid, keys
+
+
+def _unique_rows(sub: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(sub, axis=0, return_inverse=True)`` for non-negative codes, a tenth of
+    its time: each row as one int64 (same order), where that fits."""
+    sub = sub.astype(np.int64)
+    tops = [int(c.max()) + 1 for c in sub.T]
+    if float(np.prod(tops, dtype=np.float64)) >= 2.0 ** 62:
+        return np.unique(sub, axis=0, return_inverse=True)
+    flat = sub[:, 0].copy()
+    for j in range(1, sub.shape[1]):
+        flat = flat * tops[j] + sub[:, j]
+    _, first, inv = np.unique(flat, return_index=True, return_inverse=True)
+    return sub[first], inv
 
 
 class Table:

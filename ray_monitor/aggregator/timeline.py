@@ -70,6 +70,9 @@ class Timeline:
         self.cur = [EMPTY] * len(self.res)
         self.keys = [np.full(slots, EMPTY, dtype=np.int64) for _, slots in self.held]
         self.max_time = -math.inf  # newest sample time held: tells if the future is empty
+        #: per slot of the finest ring: the store's data version when it was last written
+        #: (what a window kept from round to round checks; window_query's _Slide)
+        self.written = np.zeros(self.held[0][1], dtype=np.int64)
 
     @property
     def max_window_s(self) -> float:

@@ -48,17 +48,18 @@ reads 0 and a flat series followed by a jump is a large anomaly. Absent with few
 history steps. For counters a step past ``end`` is left out: it is still filling.
 ``absent_over_time``: see :meth:`WindowQuery._absent`.
 
-Sharing. Within one evaluation round (same ``end``, no ingest in between) per-row
-window aggregates, per-group merges and whole results are memoised, so rules that differ
-only in function or threshold cost one dictionary copy; a rule whose matchers name only
-labels of its ``by`` (``p99(...{deployment="a"}) by (application, deployment)``) reads
-the result of the same query without matchers, restricted to the matching groups. Which rows a matcher set selects,
-and their groups, is kept until a series of the metric comes or goes, and is recomputed
-with array operations over label codes.
+Sharing. Within one round (same ``end``, no ingest in between) per-row window aggregates,
+per-group merges and results are memoised; a rule whose matchers name only labels of its
+``by`` (``p99(...{deployment="a"}) by (application, deployment)``) reads the result of
+the query without matchers, restricted to the matching groups (looked up in an index of
+the grouping). Which rows a matcher set selects, their groups, and each query's checks
+and plan are kept until a series comes or goes (the rules change); a rollup histogram
+window's counts, from round to round (:mod:`~ray_monitor.aggregator.window_counts`).
 """
 
 from __future__ import annotations
 
+from itertools import compress
 from typing import Mapping, Optional
 
 import numpy as np
@@ -66,6 +67,8 @@ import numpy as np
 from ray_monitor.aggregator.packing import bucket_values
 from ray_monitor.aggregator.rings import ROLLUP_DROPS, GroupKey, Table
 from ray_monitor.aggregator.timeline import Timeline
+from ray_monitor.aggregator.window_counts import (SlidingCounts, bucket_counts, run_starts,
+                                                  used_columns, whole_sums)
 from ray_monitor.common.catalog import (ABSENT, FUNCTIONS, SHORTHAND_QUANTILES, Query,
                                         absence_metric, absent_labels)
 from ray_monitor.common.matchers import Matcher, check_regex, matches
@@ -87,8 +90,11 @@ class _SeriesWindow:
     def __init__(self, ri: int, a: int, b: int, fine_only: bool, rows: int) -> None:
         self.ri, self.a, self.b, self.fine_only = ri, a, b, fine_only
         self.present = np.zeros(rows, dtype=bool)
-        self.pair_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        #: (ring, slots) whose histogram entries the window holds: decoded by dense()
+        self.pair_src: list[tuple] = []
         self._dense = None
+        #: makes dense()'s answer (WindowQuery._dense: from a sliding window when it can)
+        self.make_dense = None
         #: per-series gauge parts whose min and max are not in ``lo``/``hi`` yet: a round's
         #: per-series windows are mostly read for ``last`` and ``sum`` (see settle)
         self.pending: list[tuple[np.ndarray, np.ndarray, slice]] = []
@@ -103,39 +109,8 @@ class _SeriesWindow:
     def dense(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-row histogram counts ``[rows, C]`` and the bucket index of each column."""
         if self._dense is None:
-            rows = len(self.present)
-            parts = [p for p in self.pair_parts if len(p[0])]
-            if not parts:
-                self._dense = (np.zeros((rows, 0)), np.zeros(0, dtype=np.int64))
-                return self._dense
-            tags, idx, cnt = (np.concatenate(c) for c in zip(*parts))
-            keep = tags < rows  # rows added since the window was read are not in it
-            if not keep.all():
-                tags, idx, cnt = tags[keep], idx[keep], cnt[keep]
-            lo, hi = (int(idx.min()), int(idx.max())) if len(idx) else (0, 0)
-            width = hi - lo + 1
-            if rows * width <= 50_000_000:
-                d = np.bincount(tags * width + (idx - lo), weights=cnt,
-                                minlength=rows * width).reshape(rows, width)
-                used = np.flatnonzero(d.any(axis=0))
-                self._dense = (d[:, used], used + lo)
-            else:  # outliers spread the range: index the buckets actually used
-                cols, inv = np.unique(idx, return_inverse=True)
-                d = np.bincount(tags * len(cols) + inv.ravel(), weights=cnt,
-                                minlength=rows * len(cols)).reshape(rows, len(cols))
-                self._dense = (d, cols)
+            self._dense = self.make_dense()
         return self._dense
-
-
-def _run_starts(a: np.ndarray) -> np.ndarray:
-    """Where each run of equal values in the sorted ``a`` starts (np.r_ costs more than
-    the comparison at a thousand rules a round)."""
-    if not len(a):
-        return np.zeros(0, dtype=np.int64)
-    edge = np.empty(len(a), dtype=bool)
-    edge[0] = True
-    np.not_equal(a[1:], a[:-1], out=edge[1:])
-    return np.flatnonzero(edge)
 
 
 class _Groups:
@@ -165,6 +140,19 @@ class _Groups:
         return self._memo["cum"]
 
 
+class _Plan:
+    """How one query is answered (see WindowQuery._plan), and its result this round."""
+
+    __slots__ = ("table", "whole", "result", "round", "keys", "keys_version")
+
+    def __init__(self, table: Table, whole: Optional[tuple]) -> None:
+        self.table, self.whole, self.result, self.round = table, whole, None, -1
+        #: equality matchers on ``by`` labels: the matching group keys, and the table
+        #: version they are of
+        self.keys: tuple = ()
+        self.keys_version = -1
+
+
 class WindowQuery:
     """Answers queries over a store's tables, sharing work within a round (see Sharing).
 
@@ -177,6 +165,10 @@ class WindowQuery:
         self._tables = tables
         self._memo: dict = {}
         self._stamp: Optional[tuple[float, int]] = None
+        self._round = 0  # bumps with every new stamp: a plan's result is of one round
+        self._plans: dict[Query, _Plan] = {}
+        self._slides: dict[tuple, SlidingCounts] = {}  # see window_counts; kept while a round reads it
+        self._slides_used: set[tuple] = set()
         #: (application, deployment) -> replicas Ray Serve runs (None: unknown), for
         #: ``absent_over_time(...) by (...)``; the store sets it.
         self.running: Optional[dict[tuple[str, str], int]] = None
@@ -185,11 +177,33 @@ class WindowQuery:
         """Frees the round's memo."""
         self._memo.clear()
         self._stamp = None
+        self._round += 1
+        for plan in self._plans.values():
+            plan.result = None
+        if len(self._slides_used) < len(self._slides):  # rules changed: free the rest
+            self._slides = {k: v for k, v in self._slides.items() if k in self._slides_used}
+        self._slides_used = set()
 
     def evaluate(self, query: Query, end: float, version: int) -> dict[GroupKey, float]:
         """The query's value per group over the window that ends at ``end`` (see
         Windows); groups without a value are absent. Raises ``ValueError`` naming what is
         wrong with the query."""
+        plan = self._plans.get(query)
+        if plan is None:
+            plan = self._plan(query)
+        stamp = (end, version)
+        if stamp != self._stamp:
+            self._memo.clear()
+            self._stamp = stamp
+            self._round += 1
+        if plan.round != self._round:
+            plan.result = self._answer(query, plan, end)
+            plan.round = self._round
+        return dict(plan.result)
+
+    def _plan(self, query: Query) -> "_Plan":
+        """Checks a query the first time it comes, and decides how it is answered (kept
+        until the rules change: the same queries come every round)."""
         table = self._tables.get(query.metric)
         if table is None:
             raise ValueError(f"query metric {query.metric!r} is unknown; "
@@ -207,48 +221,74 @@ class WindowQuery:
                 check_regex(m.value)
         if not query.window_s > 0:
             raise ValueError(f"query window_s must be > 0, got {query.window_s!r}")
-        stamp = (end, version)
-        if stamp != self._stamp:
-            self._memo.clear()
-            self._stamp = stamp
-        result = self._memo.get(query)
-        if result is None:
-            result = self._whole_groups(query, table, end)
-            if result is None:
-                result = self._compute(query, table, end)
-            self._memo[query] = result
-        return dict(result)
+        if len(self._plans) > 4096:  # rules change: forget queries nobody asks for
+            self._plans.clear()
+        whole = self._whole_groups(query, table)
+        if whole is not None:  # the query without matchers: planned too, answered once
+            unmatched = whole[0]
+            whole = (self._plans.get(unmatched) or self._plan(unmatched),) + whole
+        plan = self._plans[query] = _Plan(table, whole)
+        return plan
 
-    def _whole_groups(self, q: Query, table: Table, end: float) -> Optional[dict[GroupKey, float]]:
+    def _answer(self, q: Query, plan: "_Plan", end: float) -> dict[GroupKey, float]:
+        if plan.whole is None:
+            return self._compute(q, plan.table, end)
+        uplan, unmatched, source, fine_only, at, labels, want = plan.whole
+        if uplan.round != self._round:
+            uplan.result = self._compute(unmatched, plan.table, end)
+            uplan.round = self._round
+        full = uplan.result
+        if labels is None:  # not only "=": each group's labels matched
+            return {k: v for k, v in full.items()
+                    if all(matches(m, k[at[m.label]][1]) for m in q.matchers)}
+        if want is None:
+            return {}  # two values for one label: nothing matches
+        if plan.keys_version != source.version:
+            plan.keys = tuple(self._by_value(source, unmatched.by, fine_only, labels, at)
+                              .get(want, ()))
+            plan.keys_version = source.version
+        return {k: full[k] for k in plan.keys if k in full}
+
+    def _whole_groups(self, q: Query, table: Table) -> Optional[tuple]:
         """Matchers only on labels of ``by`` select whole groups, and every function is
         computed per group from the group's rows alone: such a query's value is that of
         the query without matchers, restricted to the groups that match (the same rows in
         the same order, so the same numbers), computed once for every such rule of the
-        round. None where that does not hold."""
+        round. None where that does not hold; else (the query without matchers, the table
+        its groups come from, whether it reads per-series rows, each ``by`` label's place
+        in a group key, and for equality matchers only: the matched labels and values)."""
         if not q.matchers or not q.by or q.function == ABSENT or \
                 any(m.label not in q.by for m in q.matchers):
             return None
         unmatched = Query(q.function, q.metric, q.window_s, by=q.by, param=q.param)
-        full = self._memo.get(unmatched)
-        if full is None:
-            full = self._memo[unmatched] = self._compute(unmatched, table, end)
+        source = self._tables["requests"] if q.function == "error_ratio" else table
+        fine_only = self._per_series(unmatched, source)
         at = {b: i for i, b in enumerate(sorted(q.by))}  # a key's (label, value) pairs
         if any(m.op != "=" for m in q.matchers):
-            return {k: v for k, v in full.items()
-                    if all(matches(m, k[at[m.label]][1]) for m in q.matchers)}
-        # equality only: the groups by the matched labels' values, once per result
+            return unmatched, source, fine_only, at, None, None
         labels = tuple(sorted({m.label for m in q.matchers}))
         want = {}
         for m in q.matchers:
             if want.setdefault(m.label, m.value) != m.value:
-                return {}  # two values for one label: nothing matches
-        key = ("by-value", unmatched, labels)
-        index = self._memo.get(key)
-        if index is None:
-            index = self._memo[key] = {}
-            for k, v in full.items():
-                index.setdefault(tuple(k[at[b]][1] for b in labels), {})[k] = v
-        return index.get(tuple(want[b] for b in labels), {})
+                return unmatched, source, fine_only, at, labels, None
+        return unmatched, source, fine_only, at, labels, tuple(want[b] for b in labels)
+
+    def _by_value(self, table: Table, by: tuple[str, ...], fine_only: bool,
+                  labels: tuple[str, ...], at: dict[str, int],
+                  ) -> dict[tuple[str, ...], list[GroupKey]]:
+        """The group keys of the grouping by ``by`` (no matchers) by their values of
+        ``labels``, each list in group order (the order of a result); kept with the
+        grouping, until a series or rollup of the metric comes or goes."""
+        key = ("by-value", by, fine_only, labels)
+        hit = table.selections.get(key)
+        if hit is not None and hit[0] == table.version:
+            return hit[1]
+        _, _, keys = self._selection(table, (), by, fine_only)
+        index: dict[tuple[str, ...], list[GroupKey]] = {}
+        for k in keys:
+            index.setdefault(tuple(k[at[b]][1] for b in labels), []).append(k)
+        table.selections[key] = (table.version, index)
+        return index
 
     # -- which rows, which buckets ---------------------------------------------------------
 
@@ -273,6 +313,7 @@ class WindowQuery:
         space = table.series if fine_only else table.rollups
         rows = len(space.labels)
         sw = _SeriesWindow(ri, a, b, fine_only, rows)
+        sw.make_dense = lambda: self._dense(table, sw, ("slide", key[1:]))
         kind = table.kind
         if kind == "counter":
             sw.v = np.zeros(rows)
@@ -304,10 +345,12 @@ class WindowQuery:
             has = cnt > 0
             any_ = has.any(axis=1)
             sw.present[out] |= any_
-            sw.n[out] += cnt.sum(axis=1, dtype=np.float64)
+            sw.n[out] += whole_sums(cnt)
             if ring.single:  # one sample per bucket: sum, min and max are that sample
                 last = ring.last[at]
-                sw.s[out] += np.where(has, last, 0.0).sum(axis=1)
+                # an empty bucket's sample is 0: whole-number samples add up as integers
+                sw.s[out] += whole_sums(last) if last.dtype.itemsize <= 2 and \
+                    last.dtype.kind == "u" else np.where(has, last, 0.0).sum(axis=1)
                 sw.pending.append((last, has, out))  # min and max: when a query reads them
             else:
                 sw.s[out] += ring.s[at].sum(axis=1)
@@ -315,7 +358,7 @@ class WindowQuery:
                 np.maximum(sw.hi[out], ring.hi[at].max(axis=1), out=sw.hi[out])
             if kind == "histogram":
                 sw.z[out] += ring.z[at].sum(axis=1, dtype=np.float64)
-                sw.pair_parts.append(ring.pairs(cols))
+                sw.pair_src.append((ring, cols))
             else:  # parts come in time order: the newest column with data holds the latest
                 newest = len(cols) - 1 - has[:, ::-1].argmax(axis=1)
                 sw.last[out] = np.where(any_, ring.last[np.arange(n), cols[newest]], sw.last[out])
@@ -327,6 +370,29 @@ class WindowQuery:
             sw.present |= table.alive(fine_only)[:rows]
         self._memo[key] = sw
         return sw
+
+    def _dense(self, table: Table, sw: _SeriesWindow, key: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """``sw.dense()``: per-row histogram counts over the window. A rollup window over
+        the finest ring slides from the last round's (see
+        :class:`~ray_monitor.aggregator.window_counts.SlidingCounts`): two buckets decoded a
+        round instead of the window's every bucket."""
+        rows = len(sw.present)
+        version = self._stamp[1] if self._stamp is not None else None
+        slides = not sw.fine_only and sw.ri == 0 and version is not None
+        sl = self._slides.get(key) if slides else None
+        if sl is not None:
+            self._slides_used.add(key)
+            if sl.move(self._tl, table, sw.a, sw.b, rows, version):
+                return used_columns(sl.d, sl.lo)
+            del self._slides[key]
+        d, lo, cols = bucket_counts(rows, [ring.pairs(c) for ring, c in sw.pair_src])
+        if cols is not None:
+            return d, cols
+        if slides:
+            held = len(self._tl.columns(0, sw.a, sw.b)[0])
+            self._slides[key] = SlidingCounts(sw.a, sw.b, held, table.version, version, d, lo)
+            self._slides_used.add(key)
+        return used_columns(d, lo)
 
     @staticmethod
     def _selection(table: Table, matchers: tuple[Matcher, ...],
@@ -358,7 +424,7 @@ class WindowQuery:
         sel_rows, sel_gids, keys = self._selection(table, q.matchers, q.by, fine_only)
         keep = sw.present[sel_rows]
         rows, gids = sel_rows[keep], sel_gids[keep]
-        starts = _run_starts(gids)
+        starts = run_starts(gids)
         g = self._memo[key] = _Groups([keys[i] for i in gids[starts]], rows, starts, sw)
         g.selected = (sel_rows, sel_gids)
         g.gid_pos = np.full(len(keys), -1, dtype=np.int64)
@@ -410,7 +476,10 @@ class WindowQuery:
             values = self._ratio_above(g, q.param, n)
         else:
             values = self._quantile(g, SHORTHAND_QUANTILES.get(f, q.param), n)
-        return {k: v for k, v, c in zip(g.keys, values.tolist(), n.tolist()) if c > 0}
+        has = (n > 0).tolist()
+        if all(has):
+            return dict(zip(g.keys, values.tolist()))
+        return dict(zip(compress(g.keys, has), compress(values.tolist(), has)))
 
     @staticmethod
     def _quantile(g: _Groups, q: float, n: np.ndarray) -> np.ndarray:
@@ -451,7 +520,9 @@ class WindowQuery:
         rows, gids = g.selected  # present in the window's cover or not
         pos = g.gid_pos[gids]
         rows, pos = rows[pos >= 0], pos[pos >= 0]
-        idx = np.ix_(rows, cols)
+        # a run of adjacent slots as a slice: the rows are gathered, not every cell
+        idx = (rows, slice(int(cols[0]), int(cols[-1]) + 1)) \
+            if len(cols) and cols[-1] - cols[0] + 1 == len(cols) else np.ix_(rows, cols)
         if table.kind == "counter":
             v = ring.read("v", idx)
             has = ~np.isnan(v)
@@ -461,7 +532,7 @@ class WindowQuery:
         out_t = np.zeros((len(g.keys), len(cols)))
         out_c = np.zeros((len(g.keys), len(cols)))
         if len(rows):
-            starts = _run_starts(pos)
+            starts = run_starts(pos)
             out_t[pos[starts]] = np.add.reduceat(total, starts, axis=0)
             out_c[pos[starts]] = np.add.reduceat(count, starts, axis=0)
         memo = (ks, out_t, out_c)

@@ -146,8 +146,13 @@ class WindowStore:
         self._table_list = list(self._tables.values())
         self._query = WindowQuery(self._tl, self._tables)
         self.tenants = TenantBook()  # top tenants per deployment, and token prices (issue 14)
-        # (application, deployment, replica) -> [last seq, dropped, seen, data end, interval]
+        # (application, deployment, replica) -> [last seq, dropped, seen, data end, interval,
+        # slot]; per slot, when the replica's data is complete through and when its next
+        # delta is overdue (see window_end: one array operation, not a loop per replica)
         self._replicas: dict[tuple[str, str, str], list] = {}
+        self._through = np.zeros(0)
+        self._due = np.zeros(0)
+        self._free_slots: list[int] = []
         self._gpu_nodes: dict[str, tuple[float, float, float]] = {}  # node -> (seen, time, interval)
         self._ends: Optional[tuple[float, int, float]] = None  # (now, version) -> window end
         self._read_through = -math.inf  # newest window end a round has read
@@ -179,6 +184,8 @@ class WindowStore:
         if t < self._read_through:  # a round already read this second as complete
             self._counts["late_snapshots"] += 1
         self._version += 1
+        if where[0][0] == 0:  # the finest ring keeps it: its slot changed (see Timeline)
+            tl.written[where[0][2]] = self._version
         if t > tl.max_time:
             tl.max_time = t
         return where
@@ -199,7 +206,8 @@ class WindowStore:
         end = min(snap.end, now)
         seen = self._replicas.get(rkey)
         if seen is None:
-            self._replicas[rkey] = [snap.seq, snap.dropped, now, end, interval]
+            self._replicas[rkey] = [snap.seq, snap.dropped, now, end, interval, self._slot()]
+            self._set_due(self._replicas[rkey][5], end, interval)
         else:
             if snap.seq > seen[0] + 1:
                 self._counts["snapshots_missed"] += snap.seq - seen[0] - 1
@@ -208,6 +216,7 @@ class WindowStore:
             seen[2] = now
             if end >= seen[3]:
                 seen[3], seen[4] = end, interval
+                self._set_due(seen[5], end, interval)
         t = min(mid, now)
         where = self._begin_write(t, now)
         if where is None:
@@ -252,6 +261,23 @@ class WindowStore:
                 if value is not None:
                     table = tables[name]
                     table.add_gauge(table.row_for(labels, cap), where, float(value), end, now)
+
+    def _slot(self) -> int:
+        """A free slot of the per-replica arrays that window_end reads."""
+        if self._free_slots:
+            return self._free_slots.pop()
+        n = len(self._through)
+        grow = max(16, n // 4)
+        self._through = np.concatenate((self._through, np.full(grow, np.inf)))
+        self._due = np.concatenate((self._due, np.full(grow, -np.inf)))
+        self._free_slots = list(range(n + grow - 1, n, -1))
+        return n
+
+    def _set_due(self, slot: int, end: float, interval: float) -> None:
+        # complete up to where its next delta's midpoint will fall, unless that delta is
+        # overdue: a replica that stopped (or lags) holds no window back for long
+        self._through[slot] = end + interval / 2
+        self._due[slot] = end + interval + COMPLETE_WAIT_S
 
     def ingest_gpu(self, snap: GpuSnapshot) -> None:
         """Adds one GPU sample of a node (see the module docstring for what it becomes)."""
@@ -345,13 +371,10 @@ class WindowStore:
         hit = self._ends
         if hit is not None and hit[0] == now and hit[1] == self._version:
             return hit[2]
-        end = now
-        for _, _, _, data_end, interval in self._replicas.values():
-            # complete up to where its next delta's midpoint will fall, unless that delta
-            # is overdue: a replica that stopped (or lags) holds no window back for long
-            through = data_end + interval / 2
-            if through < end and now < data_end + interval + COMPLETE_WAIT_S:
-                end = through
+        # the earliest "complete through" of the replicas whose next delta is not
+        # overdue (see _set_due); free slots are never waited for
+        waited = self._through[self._due > now]
+        end = min(now, float(waited.min())) if len(waited) else now
         step = self._tl.res[0][0]
         end = math.floor(end / step + 1e-9) * step
         self._ends = (now, self._version, end)
@@ -411,6 +434,10 @@ class WindowStore:
                     rp.forget_codes()
                     self._version += 1
         if any(v[2] < cutoff for v in self._replicas.values()):
+            for v in self._replicas.values():
+                if v[2] < cutoff:
+                    self._through[v[5]], self._due[v[5]] = np.inf, -np.inf
+                    self._free_slots.append(v[5])
             self._replicas = {k: v for k, v in self._replicas.items() if v[2] >= cutoff}
         if any(v[1] < cutoff for v in self._xid.values()):
             self._xid = {k: v for k, v in self._xid.items() if v[1] >= cutoff}

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from ray_monitor.aggregator.packing import GAP_FORMS
+from ray_monitor.aggregator.window_query import WindowQuery
 from ray_monitor.aggregator.windows import WindowStore
 from ray_monitor.common.catalog import Query
 from ray_monitor.common.matchers import Matcher
 from ray_monitor.common.snapshot import ReplicaSnapshot, SeriesDelta
 from tests.helpers import Clock, hist
-from tests.unit.test_windows import T0, _reference, ident
+from tests.unit.test_windows import T0, _reference, ident, ok
 
 FUNCS = {"requests": ("count", "rate"),
          "latency_seconds": ("count", "sum", "avg", "min", "max", "p50", "p99", "ratio_above"),
@@ -226,3 +227,50 @@ def test_a_per_series_gauge_ring_holds_whole_samples_narrow_and_widens_for_any_o
     for i, value in enumerate(values):
         end = T0 + i  # sample i lands in second T0 + i - 1 (its delta's midpoint)
         assert store._query.evaluate(q("last", 1.0), end, store._version)[key] == value
+
+
+def test_a_window_kept_from_round_to_round_equals_a_fresh_read():
+    """The per-row histogram counts a rollup window keeps between rounds (window_query's
+    _Slide: it adds the second that entered, takes off the one that left) give exactly
+    what a fresh read gives, through a delta that lands late in a second it holds, a
+    replica and a deployment that appear, a replica that goes away and a jump of the
+    clock past the window."""
+    clock = Clock(T0)
+    store = WindowStore(clock=clock, series_ttl_s=20.0)
+    rng = np.random.default_rng(16)
+    queries = [Query(f, "latency_seconds", w, by=by, param=0.08 if f == "ratio_above" else None)
+               for f in ("p50", "p99", "ratio_above", "count")
+               for w in (10.0, 60.0, 300.0) for by in (None, ("deployment",))]
+    replicas = [("d1", "a"), ("d1", "b"), ("d2", "a")]
+    seq = 0
+    slid = 0
+    for sec in range(160):
+        if sec == 100:
+            clock.t += 80.0  # past the 60 s window: nothing of the kept one is in the new
+        t = math.floor(clock.t) + 1.0
+        if sec == 40:
+            replicas.append(("d3", "a"))
+        if sec == 70:
+            replicas.remove(("d1", "b"))  # expires 20 s later: its rollup stays
+        clock.t = t + 0.5
+        for dep, rep in replicas:
+            seq += 1
+            late = dep == "d2" and sec % 17 == 5  # held back, delivered late below
+            if not late:
+                store.ingest(ReplicaSnapshot(ident(rep, dep), seq, t - 1.0, t + 0.4,
+                                             [ok(*rng.lognormal(-2.5, 0.7, int(rng.integers(1, 30))))],
+                                             {}, None))
+        clock.t = t + 0.8
+        if sec % 17 == 7:  # two seconds late: it lands in seconds the last round read
+            store.ingest(ReplicaSnapshot(ident("a", "d2"), seq, t - 3.0, t - 1.6,
+                                         [ok(*rng.lognormal(-2.5, 0.7, 5))], {}, None))
+        store.expire()
+        now = store.begin_round()
+        got = [store.evaluate(query) for query in queries]
+        fresh = WindowQuery(store._tl, store._tables)
+        end = store.window_end(now)
+        want = [fresh.evaluate(query, end, store._version) for query in queries]
+        slid += len(store._query._slides_used)
+        store.end_round()
+        assert got == want, sec
+    assert slid > 200  # the kept windows were read (two a round, the 300 s one included)

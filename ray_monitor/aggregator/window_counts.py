@@ -1,0 +1,141 @@
+"""Per-row histogram bucket counts over a rule's window, and the window kept from round
+to round.
+
+Runs in the aggregator actor, under :mod:`~ray_monitor.aggregator.window_query` (which
+decides what a window is and what a query means); this module turns the histogram
+entries a window holds into per-row counts per bucket index, and keeps a rollup window's
+counts between rounds (:class:`SlidingCounts`): a round one second after the last reads
+the second that entered the window and the one that left it, not the window's every
+bucket (at 3,000 replicas, 600 rollup rows of ~35 buckets a second). Counts are whole
+numbers, so added and taken off in any order they are exactly those of a fresh read
+(tests/unit/test_window_storage.py compares the two every round).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from ray_monitor.aggregator.rings import Table
+from ray_monitor.aggregator.timeline import Timeline
+
+__all__ = ["SlidingCounts", "bucket_counts", "run_starts", "used_columns", "whole_sums"]
+
+#: Cells of a dense count matrix past which a window indexes only the bucket indices used.
+_DENSE_CELLS = 50_000_000
+
+
+def _entries(rows: int, parts: list) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Histogram entries ``(row, index, count)`` of ``parts`` in rows below ``rows`` (rows
+    added since the window was read are not in it); None if there are none."""
+    parts = [p for p in parts if len(p[0])]
+    if not parts:
+        return None
+    tags, idx, cnt = (np.concatenate(c) for c in zip(*parts))
+    keep = tags < rows
+    if not keep.all():
+        tags, idx, cnt = tags[keep], idx[keep], cnt[keep]
+    return (tags, idx, cnt) if len(idx) else None
+
+
+def bucket_counts(rows: int, parts: list) -> tuple[np.ndarray, int, Optional[np.ndarray]]:
+    """Per-row counts of histogram entries ``(row, index, count)``: ``(d, lo, None)`` with
+    ``d[:, j]`` the counts of bucket index ``lo + j`` over the whole range of indices, or,
+    where outliers spread that range too wide, ``(d, 0, cols)`` over the indices used."""
+    got = _entries(rows, parts)
+    if got is None:
+        return np.zeros((rows, 0)), 0, None
+    tags, idx, cnt = got
+    lo, hi = int(idx.min()), int(idx.max())
+    width = hi - lo + 1
+    if rows * width <= _DENSE_CELLS:
+        return np.bincount(tags * width + (idx - lo), weights=cnt,
+                           minlength=rows * width).reshape(rows, width), lo, None
+    cols, inv = np.unique(idx, return_inverse=True)  # index the buckets actually used
+    return np.bincount(tags * len(cols) + inv.ravel(), weights=cnt,
+                       minlength=rows * len(cols)).reshape(rows, len(cols)), 0, cols
+
+
+def used_columns(d: np.ndarray, lo: int) -> tuple[np.ndarray, np.ndarray]:
+    """The columns of full-range counts with any count, and their bucket indices."""
+    used = np.flatnonzero(d.any(axis=0))
+    return d[:, used], used + lo
+
+
+class SlidingCounts:
+    """Per-row histogram counts of one window over the finest ring, kept from round to
+    round: the next round's window adds the buckets that entered it and takes off those
+    that left (counts are whole numbers, so the sums are exact in any order). Valid
+    while no series or rollup of the metric came or went and no bucket it holds was
+    written or emptied since (a late delta: the store marks each slot it writes)."""
+
+    __slots__ = ("a", "b", "held", "table_version", "stamp", "d", "lo")
+
+    def __init__(self, a: int, b: int, held: int, table_version: int, stamp: int,
+                 d: np.ndarray, lo: int) -> None:
+        self.a, self.b, self.held, self.table_version = a, b, held, table_version
+        self.stamp, self.d, self.lo = stamp, d, lo
+
+    def add(self, rows: int, parts: list, sign: float) -> bool:
+        """Adds (``sign`` 1) or takes off (-1) histogram entries; False where the range of
+        bucket indices would grow past what a dense matrix holds (then it is rebuilt)."""
+        got = _entries(rows, parts)
+        if got is None:
+            return True
+        tags, idx, cnt = got
+        lo, hi = int(idx.min()), int(idx.max())
+        width = self.d.shape[1]
+        if width:
+            lo, hi = min(lo, self.lo), max(hi, self.lo + width - 1)
+        if not width or lo < self.lo or hi >= self.lo + width:  # a bucket index new to it
+            if rows * (hi - lo + 1) > _DENSE_CELLS:
+                return False
+            d = np.zeros((rows, hi - lo + 1))
+            d[:, self.lo - lo:self.lo - lo + width] = self.d
+            self.d, self.lo = d, lo
+        width = self.d.shape[1]
+        self.d += sign * np.bincount(tags * width + (idx - lo), weights=cnt,
+                                     minlength=rows * width).reshape(rows, width)
+        return True
+
+    def move(self, tl: Timeline, table: Table, a: int, b: int, rows: int, version: int) -> bool:
+        """Moves to the window of buckets ``a..b`` of the finest ring at the store's data
+        ``version``; False where it cannot (then the caller reads the window afresh)."""
+        if self.table_version != table.version or self.d.shape[0] != rows or a < self.a \
+                or b < self.b or b - self.b > 30 or a > self.b:
+            return False
+        ks, ps = tl.columns(0, self.a, self.b)
+        # every bucket it holds still held, and none written since it was read
+        if len(ks) != self.held or (len(ps) and int(tl.written[ps].max()) > self.stamp):
+            return False
+        ring = table.rings[0]
+        leave = ps[ks < a]
+        _, enter = tl.columns(0, self.b + 1, b)
+        if len(enter) and not self.add(rows, [ring.pairs(enter)], 1.0):
+            return False
+        if len(leave) and not self.add(rows, [ring.pairs(leave)], -1.0):
+            return False
+        self.a, self.b, self.stamp = a, b, version
+        self.held = len(tl.columns(0, a, b)[0])
+        return True
+
+
+def whole_sums(a: np.ndarray) -> np.ndarray:
+    """Row sums of a count column as float64. Counts of 1 or 2 bytes (at most 65535 a
+    bucket, a few hundred buckets) add up exactly in uint32, twice as fast as float64;
+    wider columns (float32/64 after a widen) sum as float64, as every count did before."""
+    if a.dtype.kind == "u" and a.dtype.itemsize <= 2 and a.shape[1] <= 65536:
+        return a.sum(axis=1, dtype=np.uint32).astype(np.float64)
+    return a.sum(axis=1, dtype=np.float64)
+
+
+def run_starts(a: np.ndarray) -> np.ndarray:
+    """Where each run of equal values in the sorted ``a`` starts (np.r_ costs more than
+    the comparison at a thousand rules a round)."""
+    if not len(a):
+        return np.zeros(0, dtype=np.int64)
+    edge = np.empty(len(a), dtype=bool)
+    edge[0] = True
+    np.not_equal(a[1:], a[:-1], out=edge[1:])
+    return np.flatnonzero(edge)
