@@ -68,8 +68,12 @@ ROLLUP_DROPS = frozenset({"replica", "pid"})
 
 # column -> (dtype, value of an empty bucket); sums and mins read empty buckets as no-ops.
 # Counts and counter sums start narrow and widen the first time a value does not fit
-# exactly (see Ring.widen), so no stored value is ever rounded.
-_COLUMNS = {"counter": {"v": (np.float32, np.nan)},
+# exactly (see Ring.widen), so no stored value is ever rounded. A counter bucket must tell
+# "no sample" from 0 (a request series reads as present with 0 requests): while its
+# column is unsigned it holds the value + 1 and 0 means empty (requests and errors per
+# second are whole numbers, mostly below 255: one byte, not a float32's four); once
+# float, the value itself and NaN for empty (see Ring.read).
+_COLUMNS = {"counter": {"v": (np.uint8, 0)},  # value + 1 while unsigned: 0 marks empty
             "histogram": {"n": (np.uint16, 0), "s": (np.float64, 0.0), "z": (np.uint8, 0),
                           "lo": (np.float64, np.inf), "hi": (np.float64, -np.inf)},
             "gauge": {"n": (np.uint16, 0), "s": (np.float64, 0.0), "lo": (np.float64, np.inf),
@@ -79,7 +83,8 @@ _COLUMNS = {"counter": {"v": (np.float32, np.nan)},
 # gets a second sample it keeps the sample and its offset only (see Ring.single).
 # Its samples start as uint8 and widen like counts (gauges such as in-flight requests or
 # hung requests are small whole numbers; a value that does not fit widens the ring).
-_SINGLE = {"n": (np.uint8, 0), "last": (np.uint8, 0), "to": (np.float32, -np.inf)}
+# No count column: a bucket has its sample where its offset is not -inf (Ring.count).
+_SINGLE = {"last": (np.uint8, 0), "to": (np.float32, -np.inf)}
 _F64 = np.dtype(np.float64)
 _NO_META = np.zeros((0, 4), dtype=np.uint32)
 _GROW_ROWS = 2  # rows of capacity a space starts with: rollups are few per metric
@@ -162,35 +167,68 @@ class Ring:
     def widen(self, column: str, value: float) -> np.ndarray:
         """Holds ``column`` in the next type that holds ``value`` exactly, from now on."""
         dtype, fill = self.columns[column]
-        if fits(np.dtype(dtype), value):  # past ``top`` but held exactly all the same
+        shifted = self.kind == "counter"  # unsigned: value + 1 (see _COLUMNS)
+
+        def holds(d) -> bool:
+            d = np.dtype(d)
+            return fits(d, value + 1 if shifted and d.kind == "u" else value)
+        if holds(dtype):  # past ``top`` but held exactly all the same
             return getattr(self, column)
-        while not fits(np.dtype(dtype), value):
+        while not holds(dtype):
             dtype = _WIDER[np.dtype(dtype)]
+        old = getattr(self, column)
+        if shifted and old.dtype.kind == "u" and np.dtype(dtype).kind == "f":
+            fill = np.nan
+            new = old.astype(dtype)
+            new -= 1
+            new[old == 0] = np.nan
+        else:
+            new = old.astype(dtype)
         self.columns[column] = (dtype, fill)
         self.top[column] = _TOP[np.dtype(dtype)]
-        setattr(self, column, getattr(self, column).astype(dtype))
-        return getattr(self, column)
+        setattr(self, column, new)
+        return new
 
     def unfold(self) -> None:
         """A single-sample gauge ring gets every column: a bucket has a second sample."""
         full = _COLUMNS["gauge"]
-        has = self.n > 0
+        has = self.to > -np.inf
         self.s = np.where(has, self.last, full["s"][1])
         self.lo = np.where(has, self.last, full["lo"][1])
         self.hi = np.where(has, self.last, full["hi"][1])
-        self.n = self.n.astype(full["n"][0])
+        self.n = has.astype(full["n"][0])
         self.last = self.last.astype(np.float64)
         self.columns = {c: (getattr(self, c).dtype.type, fill) for c, (_, fill) in full.items()}
         self.top = {c: _TOP[np.dtype(d)] for c, (d, _) in self.columns.items()}
         self.single = False
 
     def read(self, column: str, index) -> np.ndarray:
-        """``column[index]`` as float64 (a single-sample ring derives s, lo, hi)."""
-        if self.single and column in ("s", "lo", "hi"):
-            last, has = self.last[index], self.n[index] > 0
+        """``column[index]`` as float64 (a single-sample ring derives n, s, lo, hi; a
+        counter ring's empty buckets read NaN)."""
+        if self.single and column in ("n", "s", "lo", "hi"):
+            has = self.to[index] > -np.inf
+            if column == "n":
+                return has.astype(np.float64)
             fill = _COLUMNS["gauge"][column][1]
-            return np.where(has, last, fill)
-        return getattr(self, column)[index].astype(np.float64, copy=False)
+            return np.where(has, self.last[index], fill)
+        a = getattr(self, column)[index]
+        if self.kind == "counter" and a.dtype.kind == "u":
+            return np.where(a == 0, np.nan, a - 1.0)
+        return a.astype(np.float64, copy=False)
+
+    def count(self, index) -> np.ndarray:
+        """Samples (observations) per bucket of ``n[index]``, in its own type (a
+        single-sample ring holds no count: a bucket has a sample where it has an offset)."""
+        if self.single:
+            return (self.to[index] > -np.inf).view(np.uint8)
+        return self.n[index]
+
+    def has(self, index) -> np.ndarray:
+        """Whether each bucket of ``[index]`` holds data."""
+        if self.kind == "counter":
+            v = self.v[index]
+            return v != 0 if v.dtype.kind == "u" else ~np.isnan(v)
+        return self.count(index) > 0
 
     def clear(self, rows, slots) -> None:
         """Empties ``[rows, slots]``: whole slots (``rows`` a slice) or one row's every slot."""
@@ -509,19 +547,30 @@ class Table:
 
     def add_counter(self, row: int, where, value: float, now: float) -> None:
         for ring, r, k, p in self._targets(row, where, now):
-            cur = float(ring.v[r, p])
-            new = value if cur != cur else cur + value  # NaN: the bucket was empty
-            if not fits(ring.v.dtype, new):
-                ring.widen("v", new)
-            ring.v[r, p] = new
+            v = ring.v
+            if v.dtype.kind == "u":  # value + 1, 0: empty (see _COLUMNS)
+                cur = v[r, p].item()
+                new = value + cur - 1 if cur else value
+                if 0 <= new < ring.top["v"] and float(new).is_integer():
+                    v[r, p] = new + 1
+                    continue
+                v = ring.widen("v", new)
+                if v.dtype.kind == "u":
+                    v[r, p] = new + 1
+                    continue
+            else:
+                cur = float(v[r, p])
+                new = value if cur != cur else cur + value  # NaN: the bucket was empty
+                if not fits(v.dtype, new):
+                    v = ring.widen("v", new)
+            v[r, p] = new
         self.totals.add(row, value)
 
     def add_gauge(self, row: int, where, value: float, t: float, now: float) -> None:
         for ring, r, k, p in self._targets(row, where, now):
             off = t - k * ring.step
             if ring.single:
-                if not ring.n[r, p]:
-                    ring.n[r, p] = 1
+                if ring.to[r, p] == -np.inf:
                     if ring.last.dtype != _F64 and not fits(ring.last.dtype, value):
                         ring.widen("last", value)
                     ring.last[r, p] = value

@@ -300,7 +300,7 @@ class WindowQuery:
                 sw.present[out] |= has.any(axis=1)
                 sw.v[out] += np.where(has, v, 0.0).sum(axis=1)
                 continue
-            cnt = ring.n[at]
+            cnt = ring.count(at)
             has = cnt > 0
             any_ = has.any(axis=1)
             sw.present[out] |= any_
