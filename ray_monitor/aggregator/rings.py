@@ -9,11 +9,14 @@ Storage. Each resolution ``(step, slots)`` is a ring of aligned buckets on the
 Counter buckets hold a sum; gauge buckets count, sum, min, max and the latest sample (with
 its offset in the bucket); histogram buckets count, sum, zero count, min, max and the
 sparse exponential-bucket counts (coded by :mod:`~ray_monitor.aggregator.packing`: 4 bytes
-an entry while a bucket fills, 1 or 2 where smaller once complete). Nothing is rounded: counts
-and counter sums are held in the narrowest type that holds every value so far exactly,
-and widen for the whole ring the first time one does not fit (histogram counts uint16,
-zero counts uint8, then float32, then float64; counter sums float32, then float64:
-:meth:`Ring.widen`); sums, min, max and gauge samples are float64. Memory (issue 15): a
+an entry while a bucket fills, bits to 2 bytes an entry once complete). Nothing is
+rounded: counts and counter sums are held in the narrowest type that holds every value so
+far exactly, and widen for the whole ring the first time one does not fit (counts uint8,
+uint16, float32, float64; counter sums the same, holding the value + 1 while unsigned so
+that 0 marks an empty bucket: :meth:`Ring.widen`), and a uint16 column goes back to
+uint8 once a whole turn of the ring fits a byte again; sums, min, max and gauge samples
+are float64. A rollup's gauge rings keep no latest sample (``last`` reads series rows
+only). Memory (issue 15): a
 bucket still filling keeps each row's histogram entries apart; once complete (the clock
 has left it and the next one: deltas land in the second of their midpoint, so the bucket
 behind the clock still fills) its rows are compacted, sorted and packed into one bytes
@@ -74,9 +77,9 @@ ROLLUP_DROPS = frozenset({"replica", "pid"})
 # second are whole numbers, mostly below 255: one byte, not a float32's four); once
 # float, the value itself and NaN for empty (see Ring.read).
 _COLUMNS = {"counter": {"v": (np.uint8, 0)},  # value + 1 while unsigned: 0 marks empty
-            "histogram": {"n": (np.uint16, 0), "s": (np.float64, 0.0), "z": (np.uint8, 0),
+            "histogram": {"n": (np.uint8, 0), "s": (np.float64, 0.0), "z": (np.uint8, 0),
                           "lo": (np.float64, np.inf), "hi": (np.float64, -np.inf)},
-            "gauge": {"n": (np.uint16, 0), "s": (np.float64, 0.0), "lo": (np.float64, np.inf),
+            "gauge": {"n": (np.uint8, 0), "s": (np.float64, 0.0), "lo": (np.float64, np.inf),
                       "hi": (np.float64, -np.inf), "last": (np.float64, 0.0),
                       "to": (np.float32, -np.inf)}}  # to: the latest sample's offset in the bucket
 # A per-series gauge ring holds one sample per bucket (one report a second): until a bucket
@@ -86,7 +89,7 @@ _COLUMNS = {"counter": {"v": (np.uint8, 0)},  # value + 1 while unsigned: 0 mark
 # No count column: a bucket has its sample where its offset is not -inf (Ring.count).
 _SINGLE = {"last": (np.uint8, 0), "to": (np.float32, -np.inf)}
 _F64 = np.dtype(np.float64)
-_NO_META = np.zeros((0, 4), dtype=np.uint32)
+_NO_META = np.zeros((0, 5), dtype=np.uint32)
 _GROW_ROWS = 2  # rows of capacity a space starts with: rollups are few per metric
 _COMPACT_AT = 8  # appended deltas in one histogram bucket before it is compacted
 
@@ -133,14 +136,21 @@ class Ring:
     and its offset until some bucket gets a second sample (then it keeps every column).
     """
 
-    def __init__(self, step: float, slots: int, kind: str, single: bool = False) -> None:
+    def __init__(self, step: float, slots: int, kind: str, single: bool = False,
+                 latest: bool = True) -> None:
         self.step, self.slots, self.kind = step, slots, kind
         self.single = single and kind == "gauge"
         self.columns = dict(_SINGLE if self.single else _COLUMNS[kind])
+        #: whether a gauge ring keeps each bucket's latest sample: ``last`` (and ``sum``,
+        #: which adds per-series averages) read series rows only, so rollup rings do not
+        self.latest = latest or self.single
+        if kind == "gauge" and not self.latest:
+            del self.columns["last"], self.columns["to"]
         #: per column: the largest whole number it holds exactly (a quick check on writes)
         self.top = {c: _TOP[np.dtype(d)] for c, (d, _) in self.columns.items()}
         for c, (dtype, fill) in self.columns.items():
             setattr(self, c, np.full((0, slots), fill, dtype=dtype))
+        self.reused = 0  # slots emptied for reuse since a look at the columns' types
         if kind == "histogram":
             # slot -> row -> packed pairs, and slot -> row -> deltas appended where more
             # than one (bytes and ints only: no object per cell for the GC to scan)
@@ -189,6 +199,16 @@ class Ring:
         setattr(self, column, new)
         return new
 
+    def _narrow_back(self) -> None:
+        """Every slot has been reused since the last look: a uint16 column whose values
+        all fit a byte again (a burst has left the ring) goes back to uint8."""
+        for c, (dtype, fill) in self.columns.items():
+            a = getattr(self, c)
+            if a.dtype == np.uint16 and a.size and int(a.max()) <= 255:
+                self.columns[c] = (np.uint8, fill)
+                self.top[c] = 255
+                setattr(self, c, a.astype(np.uint8))
+
     def unfold(self) -> None:
         """A single-sample gauge ring gets every column: a bucket has a second sample."""
         full = _COLUMNS["gauge"]
@@ -234,6 +254,11 @@ class Ring:
         """Empties ``[rows, slots]``: whole slots (``rows`` a slice) or one row's every slot."""
         for c, (_, fill) in self.columns.items():
             getattr(self, c)[rows, slots] = fill
+        if isinstance(rows, slice):
+            self.reused += self.slots if isinstance(slots, slice) else len(slots)
+            if self.reused >= self.slots:
+                self.reused = 0
+                self._narrow_back()
         if self.kind != "histogram":
             return
         if isinstance(rows, slice):
@@ -279,7 +304,7 @@ class Ring:
         # sorted, one entry per (row, index): what the gap forms code as steps
         rows, lens, pairs = compact_cells(rows, lens, pairs)
         if not len(self.meta):
-            self.meta = np.zeros((self.slots, 4), dtype=np.uint32)
+            self.meta = np.zeros((self.slots, 5), dtype=np.uint32)
             self.sealed = np.zeros(self.slots, dtype=np.int64)
         self.epoch += 1
         self.sealed[p] = self.epoch
@@ -453,7 +478,8 @@ class Table:
         # without labels to drop, a rollup is its series: one space, one set of rings
         self.rollups = LabelSpace(tuple(metric.labels[i] for i in self.keep)) \
             if self.has_drops else self.series
-        self.rings = [Ring(step, slots, metric.kind) for step, slots in resolutions]
+        self.rings = [Ring(step, slots, metric.kind, latest=not self.has_drops)
+                      for step, slots in resolutions]
         self.series_ring = Ring(*resolutions[0], metric.kind, single=True) \
             if self.has_drops else self.rings[0]
         self.up: list[int] = []  # series row -> rollup row
@@ -587,13 +613,15 @@ class Table:
                     ring.lo[r, p] = value
                 if value > ring.hi[r, p]:
                     ring.hi[r, p] = value
-                if off >= ring.to[r, p]:
+                if ring.latest and off >= ring.to[r, p]:
                     ring.last[r, p] = value
                     ring.to[r, p] = off
             else:
                 ring.n[r, p] = 1
-                ring.s[r, p] = ring.lo[r, p] = ring.hi[r, p] = ring.last[r, p] = value
-                ring.to[r, p] = off
+                ring.s[r, p] = ring.lo[r, p] = ring.hi[r, p] = value
+                if ring.latest:
+                    ring.last[r, p] = value
+                    ring.to[r, p] = off
         self.totals.set(row, value, t)
 
     def add_hist(self, row: int, where, h: Histogram, now: float,

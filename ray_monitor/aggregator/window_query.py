@@ -316,7 +316,7 @@ class WindowQuery:
             if kind == "histogram":
                 sw.z[out] += ring.z[at].sum(axis=1, dtype=np.float64)
                 sw.pair_parts.append(ring.pairs(cols))
-            else:  # parts come in time order: the newest column with data holds the latest
+            elif ring.latest:  # parts in time order: the newest column with data holds the latest
                 newest = len(cols) - 1 - has[:, ::-1].argmax(axis=1)
                 sw.last[out] = np.where(any_, ring.last[np.arange(n), cols[newest]], sw.last[out])
         sw.has_data = sw.present.copy()
