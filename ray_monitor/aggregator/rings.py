@@ -54,16 +54,14 @@ from ray_monitor.common.catalog import Metric
 from ray_monitor.aggregator.packing import (PAIR, compact, compact_cells, decode,
                                             histogram_entries, narrow, pack_histogram,
                                             unnarrow, unpack)
+from ray_monitor.aggregator.label_space import GroupKey, LabelSpace
+from ray_monitor.aggregator.label_space import pad_rows as _pad
 from ray_monitor.aggregator.totals import Totals
 from ray_monitor.common.histogram import Histogram
-from ray_monitor.common.matchers import Matcher, matches
 from ray_monitor.common.snapshot import Exemplar
 
 __all__ = ["GroupKey", "LabelSpace", "OTHER", "ROLLUP_DROPS", "Ring", "Table", "exact32",
            "fits"]
-
-#: A group's labels: sorted ``(name, value)`` pairs of the query's ``by``.
-GroupKey = tuple[tuple[str, str], ...]
 
 OTHER = "other"
 #: Labels the coarse rings leave out (see Rollups above).
@@ -90,7 +88,6 @@ _COLUMNS = {"counter": {"v": (np.uint8, 0)},  # value + 1 while unsigned: 0 mark
 _SINGLE = {"last": (np.uint8, 0), "to": (np.float32, -np.inf)}
 _F64 = np.dtype(np.float64)
 _NO_META = np.zeros((0, 5), dtype=np.uint32)
-_GROW_ROWS = 2  # rows of capacity a space starts with: rollups are few per metric
 _COMPACT_AT = 8  # appended deltas in one histogram bucket before it is compacted
 
 
@@ -116,10 +113,6 @@ def fits(dtype: np.dtype, x: float) -> bool:
         return True
     x = float(x)  # whole numbers up to 2**24 (counts) need no float32 round trip
     return (-16777216.0 <= x <= 16777216.0 and x.is_integer()) or exact32(x)
-
-
-def _pad(a: np.ndarray, rows: int, fill) -> np.ndarray:
-    return np.concatenate((a, np.full((rows - a.shape[0],) + a.shape[1:], fill, dtype=a.dtype)))
 
 
 # -- rings and their time axis -----------------------------------------------------------
@@ -349,120 +342,7 @@ class Ring:
         return n
 
 
-# -- label spaces and tables -------------------------------------------------------------
-
-class LabelSpace:
-    """Rows and their label values: a metric's series, or its rollups. Label values are
-    also kept as integer codes per label, so matchers and ``by`` run as array operations."""
-
-    def __init__(self, names: tuple[str, ...]) -> None:
-        self.names = names
-        self.pos = {n: i for i, n in enumerate(names)}
-        self.index: dict[tuple[str, ...], int] = {}
-        self.labels: list[Optional[tuple[str, ...]]] = []
-        self.free: list[int] = []
-        self.updated = np.zeros(0)
-        self.live = np.zeros(0, dtype=bool)
-        self.codes = np.zeros((0, len(names)), dtype=np.int32)
-        self._grouping: dict[tuple, tuple[np.ndarray, list]] = {}  # see _groups_of
-        self._recode()
-
-    def _recode(self) -> None:
-        self._grouping.clear()
-        self.code_of: list[dict[str, int]] = [{} for _ in self.names]
-        self.strings: list[list[str]] = [[] for _ in self.names]
-        for values, row in self.index.items():
-            self._set_codes(row, values)
-
-    def _set_codes(self, row: int, values: tuple[str, ...]) -> None:
-        for j, v in enumerate(values):
-            c = self.code_of[j].get(v)
-            if c is None:
-                c = self.code_of[j][v] = len(self.strings[j])
-                self.strings[j].append(v)
-            self.codes[row, j] = c
-
-    def add(self, values: tuple[str, ...]) -> int:
-        if self.free:
-            row = self.free.pop()
-        else:
-            row = len(self.labels)
-            self.labels.append(None)
-            if row >= len(self.live):
-                cap = row + max(_GROW_ROWS, row // 8)  # grows rarely: series come in bursts
-                self.updated = _pad(self.updated, cap, 0.0)
-                self.live = _pad(self.live, cap, False)
-                self.codes = _pad(self.codes, cap, 0)
-        self._grouping.clear()
-        self.index[values] = row
-        self.labels[row] = values
-        self.live[row] = True
-        self._set_codes(row, values)
-        return row
-
-    def remove(self, row: int) -> None:
-        self._grouping.clear()
-        del self.index[self.labels[row]]
-        self.labels[row] = None
-        self.live[row] = False
-        self.free.append(row)
-
-    def forget_codes(self) -> None:
-        """Drops codes of values no live row has any more (replica names churn)."""
-        if max(map(len, self.strings), default=0) > 2 * len(self.index) + 64:
-            self._recode()
-
-    def select(self, matchers: tuple[Matcher, ...],
-               by_names: list[str]) -> tuple[np.ndarray, list[GroupKey], np.ndarray]:
-        """Live rows matching ``matchers``: (rows, group keys, group index per row); the
-        keys are those of every live row's group (a group no selected row is in is unused)."""
-        n = len(self.labels)
-        ok = self.live[:n].copy()
-        for m in matchers:
-            j = self.pos.get(m.label)
-            if j is None:  # a label the metric lacks reads as ""
-                if not matches(m, ""):
-                    ok[:] = False
-                continue
-            if m.op in ("=", "!="):  # equality: one code, no string compared
-                truth = np.full(len(self.strings[j]), m.op == "!=")
-                c = self.code_of[j].get(m.value)
-                if c is not None:
-                    truth[c] = m.op == "="
-            else:
-                truth = np.fromiter((matches(m, v) for v in self.strings[j]), dtype=bool,
-                                    count=len(self.strings[j]))
-            ok &= truth[self.codes[:n, j]]
-        rows = np.flatnonzero(ok)
-        cols = tuple(self.pos[b] for b in by_names if b in self.pos)
-        if not len(rows):
-            return rows, [], np.zeros(0, dtype=np.int64)
-        if not cols:
-            return rows, [tuple((b, "") for b in by_names)], np.zeros(len(rows), dtype=np.int64)
-        gid, all_keys = self._groups_of(cols, by_names)
-        return rows, all_keys, gid[rows]  # keys of every group: callers index the used ones
-
-    def _groups_of(self, cols: tuple[int, ...], by_names: list[str]) -> tuple[np.ndarray, list]:
-        """Every live row's group under ``by`` (ids in the order of the groups' codes) and
-        the group keys; kept until a row comes or goes, so every matcher set of a round
-        shares one grouping."""
-        hit = self._grouping.get((cols, tuple(by_names)))
-        if hit is not None:
-            return hit
-        n = len(self.labels)
-        live = np.flatnonzero(self.live[:n])
-        gid = np.full(n, -1, dtype=np.int64)
-        keys: list[GroupKey] = []
-        if len(live):
-            combos, inv = np.unique(self.codes[live][:, list(cols)], axis=0, return_inverse=True)
-            gid[live] = inv.ravel()
-            for combo in combos.tolist():
-                value = dict(zip((self.names[j] for j in cols),
-                                 (self.strings[j][c] for j, c in zip(cols, combo))))
-                keys.append(tuple((b, value.get(b, "")) for b in by_names))
-        self._grouping[(cols, tuple(by_names))] = (gid, keys)
-        return gid, keys
-
+# -- tables --------------------------------------------------------------------------------
 
 class Table:
     """All series of one metric: label index, per-series fine ring, rollup rings (every
