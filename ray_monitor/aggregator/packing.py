@@ -160,7 +160,10 @@ def narrow(rows: np.ndarray, lens: np.ndarray, pairs: np.ndarray,
         if size < best:
             best, form, per = size, k, p
     obs = int(cnt.sum())
-    if obs < 8 * best:  # else no Rice form can be smaller: each observation takes a bit
+    # Rice forms only where observations are at most twice the entries: a read decodes
+    # one entry per observation (a rollup's second of 20 replicas would take 6 times the
+    # work of its gap form), and a smaller one needs under 8 observations a byte
+    if (obs <= 2 * n or forms is not None) and obs < 8 * best:
         for k in range(_RICE_K + 1):
             if RICE + k not in allowed:
                 continue

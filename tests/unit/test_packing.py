@@ -55,7 +55,10 @@ def test_every_form_decodes_to_the_same_counts(spread, top, rows):
             assert got == want, form
     # rows: a bitmap where most of 0..max are there, else the numbers
     assert (narrow(rows_, lens, pairs)[1][1] == 0) == (rows == 200)
-    # narrow alone picks a smallest form
+    # narrow alone picks a smallest form (Rice forms only for at most 2 observations an
+    # entry: they decode to one entry per observation)
     held, head = narrow(rows_, lens, pairs)
+    if pairs["c"].sum() > 2 * len(pairs):
+        sizes = {f: n for f, n in sizes.items() if f < RICE}
     assert len(held) == min(sizes.values()), (head, sizes)
 
