@@ -18,7 +18,7 @@ import numpy as np
 
 from ray_monitor.common.histogram import BASE, Histogram
 
-__all__ = ["GAP_FORMS", "PAIR", "bucket_values", "compact", "compact_cells", "decode",
+__all__ = ["GAP_FORMS", "PAIR", "RICE", "bucket_values", "compact", "compact_cells", "decode",
            "histogram_entries", "narrow", "pack_histogram", "unnarrow", "unpack"]
 
 _LOG_BASE = math.log(BASE)
@@ -102,61 +102,135 @@ def _width(top: int) -> int:
     return 1 if top < 2 ** 8 else 2 if top < 2 ** 16 else 4
 
 
-def narrow(rows: np.ndarray, lens: np.ndarray, pairs: np.ndarray) -> tuple[bytes, tuple]:
-    """A complete bucket's cells (sorted, one entry per row and index, every row with an
-    entry) as one bytes object, and its header ``(form, row bytes, length bytes, rows)``.
+#: Rice forms: form ``RICE + k`` codes every observation's index step from the previous
+#: one in its row as ``k`` low bits and the rest in unary (see :func:`narrow`).
+RICE = len(GAP_FORMS) + 1
+_RICE_K = 6
 
-    The bytes hold the row numbers, each row's entry count, then (gap forms) each row's
-    first index as int16, then the entries: 4-byte pairs (form 0), or, where smaller, the
-    gap form of :data:`GAP_FORMS` that takes the fewest bytes: each entry is the index's
-    step from the row's previous entry and a count (``step << count bits | count``). A
-    step over the form's largest takes extra entries (largest, 0) before, a count over
-    its largest extra entries (0, up to largest) after. Nothing is rounded:
-    :func:`decode` gives back the same (index, count) sums."""
+
+def _rows_part(rows: np.ndarray) -> tuple[bytes, int]:
+    """A slot's row numbers (sorted, distinct) as bytes, and their width: a bitmap over
+    rows ``0..max`` (width 0) where that is smaller than the numbers (a per-series ring
+    has most of its rows in every slot)."""
+    top = int(rows.max()) if len(rows) else 0
+    rw = _width(top)
+    if top // 8 + 1 < len(rows) * rw:
+        bits = np.zeros(top + 1, dtype=np.uint8)
+        bits[rows] = 1
+        return np.packbits(bits).tobytes(), 0
+    return rows.astype(_UINT[rw]).tobytes(), rw
+
+
+def _bits_of(v: np.ndarray, k: int) -> bytes:
+    """The ``k`` low bits of each value, high bit first, packed."""
+    return np.packbits(((v[:, None] >> np.arange(k - 1, -1, -1)) & 1).astype(np.uint8)).tobytes()
+
+
+def narrow(rows: np.ndarray, lens: np.ndarray, pairs: np.ndarray,
+           forms=None) -> tuple[bytes, tuple]:
+    """A complete bucket's cells (sorted, one entry per row and index, every row with an
+    entry) as one bytes object, and its header ``(form, row width, length bytes, rows,
+    row bytes)``.
+
+    The bytes hold the row numbers (or, row width 0, a bitmap of them), each row's entry
+    count, then (gap and Rice forms) each row's first index as int16, then the entries:
+    4-byte pairs (form 0), or, where smaller, the form that takes the fewest bytes. Gap
+    forms (:data:`GAP_FORMS`): each entry is the index's step from the row's previous
+    entry and a count (``step << count bits | count``); a step over the form's largest
+    takes extra entries (largest, 0) before, a count over its largest extra entries (0, up
+    to largest) after. Rice forms (``RICE + k``, few observations spread over many
+    indices, as a replica's second of latency): the row's count is its observations, and
+    each observation's step from the previous one is coded as its ``k`` low bits (all
+    observations' first) and the rest in unary (ones ended by a zero). Nothing is
+    rounded: :func:`decode` gives back the same (index, count) sums. ``forms``: the form
+    numbers to choose from (all by default; the tests force each)."""
     n = len(pairs)
     idx, cnt = unpack(pairs)
     gap = np.diff(idx, prepend=0)
     starts = np.cumsum(lens, dtype=np.int64) - lens
     gap[starts] = 0
     g1, c1 = np.maximum(gap - 1, 0), np.maximum(cnt - 1, 0)
-    best, form, per = PAIR.itemsize * n, 0, None
+    allowed = range(RICE + _RICE_K + 1) if forms is None else forms
+    best, form, per = (PAIR.itemsize * n, 0, None) if 0 in allowed else (np.inf, 0, None)
     for k, (gb, cb) in enumerate(GAP_FORMS, 1):
+        if k not in allowed:
+            continue
         p = 1 + g1 // (2 ** gb - 1) + c1 // (2 ** cb - 1)
         size = int(p.sum()) * (gb + cb) // 8 + 2 * len(lens)
         if size < best:
             best, form, per = size, k, p
-    rw = _width(int(rows.max()) if len(rows) else 0)
+    obs = int(cnt.sum())
+    # Rice forms only where observations are at most twice the entries: a read decodes
+    # one entry per observation (a rollup's second of 20 replicas would take 6 times the
+    # work of its gap form), and a smaller one needs under 8 observations a byte
+    if (obs <= 2 * n or forms is not None) and obs < 8 * best:
+        for k in range(_RICE_K + 1):
+            if RICE + k not in allowed:
+                continue
+            size = (obs * k + 7) // 8 + (int((gap >> k).sum()) + obs + 7) // 8 + 2 * len(lens)
+            if size < best:
+                best, form = size, RICE + k
+    head, rw = _rows_part(rows)
     if not form:
         lw = _width(int(lens.max()) if len(lens) else 0)
-        return (b"".join((rows.astype(_UINT[rw]).tobytes(), lens.astype(_UINT[lw]).tobytes(),
-                          pairs.tobytes())), (0, rw, lw, len(rows)))
-    gb, cb = GAP_FORMS[form - 1]
-    gmax, cmax = 2 ** gb - 1, 2 ** cb - 1
-    skips = g1 // gmax
-    total = int(per.sum())
-    src = np.repeat(np.arange(n), per)
-    pos = np.arange(total) - np.repeat(np.cumsum(per) - per, per)
-    sk = skips[src]
-    g = np.where(pos < sk, gmax, np.where(pos == sk, gap[src] - gmax * sk, 0))
-    c = np.where(pos < sk, 0, np.minimum(cnt[src] - cmax * (pos - sk), cmax))
-    out = ((g << cb) | c).astype(_UINT[(gb + cb) // 8])
-    lens8 = np.add.reduceat(per, starts) if n else np.zeros(0, dtype=np.int64)
-    lw = _width(int(lens8.max()) if len(lens8) else 0)
+        return (b"".join((head, lens.astype(_UINT[lw]).tobytes(), pairs.tobytes())),
+                (0, rw, lw, len(rows), len(head)))
     first = idx[starts].astype(np.int16)
-    return (b"".join((rows.astype(_UINT[rw]).tobytes(), lens8.astype(_UINT[lw]).tobytes(),
-                      first.tobytes(), out.tobytes())), (form, rw, lw, len(rows)))
+    if form >= RICE:
+        k = form - RICE
+        step = np.zeros(obs, dtype=np.int64)  # an entry's first observation steps, the rest 0
+        step[np.cumsum(cnt) - cnt] = gap
+        q = step >> k
+        unary = np.ones(int(q.sum()) + obs, dtype=np.uint8)
+        unary[np.cumsum(q + 1) - 1] = 0
+        body = (_bits_of(step, k) if k else b"") + np.packbits(unary).tobytes()
+        lens8 = np.add.reduceat(cnt, starts) if n else np.zeros(0, dtype=np.int64)
+    else:
+        gb, cb = GAP_FORMS[form - 1]
+        gmax, cmax = 2 ** gb - 1, 2 ** cb - 1
+        skips = g1 // gmax
+        total = int(per.sum())
+        src = np.repeat(np.arange(n), per)
+        pos = np.arange(total) - np.repeat(np.cumsum(per) - per, per)
+        sk = skips[src]
+        g = np.where(pos < sk, gmax, np.where(pos == sk, gap[src] - gmax * sk, 0))
+        c = np.where(pos < sk, 0, np.minimum(cnt[src] - cmax * (pos - sk), cmax))
+        body = ((g << cb) | c).astype(_UINT[(gb + cb) // 8]).tobytes()
+        lens8 = np.add.reduceat(per, starts) if n else np.zeros(0, dtype=np.int64)
+    lw = _width(int(lens8.max()) if len(lens8) else 0)
+    return (b"".join((head, lens8.astype(_UINT[lw]).tobytes(), first.tobytes(), body)),
+            (form, rw, lw, len(rows), len(head)))
+
+
+def _rice_steps(buf, off: int, obs: int, k: int) -> np.ndarray:
+    """The ``obs`` observation steps of a Rice form's entries at ``buf[off:]``."""
+    low = np.zeros(obs, dtype=np.int64)
+    if k:
+        nb = (obs * k + 7) // 8
+        bits = np.unpackbits(np.frombuffer(buf, np.uint8, nb, off))[:obs * k].reshape(obs, k)
+        low = bits.astype(np.int64) @ (1 << np.arange(k - 1, -1, -1))
+        off += nb
+    ends = np.flatnonzero(np.unpackbits(np.frombuffer(buf, np.uint8, offset=off)) == 0)[:obs]
+    return ((np.diff(ends, prepend=-1) - 1) << k) | low
 
 
 def decode(helds: list[tuple[bytes, tuple]]) -> tuple[np.ndarray, ...]:
     """Packed slots (bytes and header from :func:`narrow`) as (rows, entries per row,
     bucket index, count, position in ``helds`` of each row) in int64; slots of one form
-    are decoded in one pass."""
+    are decoded in one pass (Rice forms' steps slot by slot)."""
     forms: dict[int, list] = {}
-    for at, (buf, (form, rw, lw, n)) in enumerate(helds):
-        rows = np.frombuffer(buf, _UINT[rw], n)
-        lens = np.frombuffer(buf, _UINT[lw], n, n * rw)
-        off = n * (rw + lw)
-        if form:
+    for at, (buf, (form, rw, lw, n, rb)) in enumerate(helds):
+        if rw:
+            rows = np.frombuffer(buf, _UINT[rw], n)
+        else:
+            rows = np.flatnonzero(np.unpackbits(np.frombuffer(buf, np.uint8, rb)))
+        lens = np.frombuffer(buf, _UINT[lw], n, rb)
+        off = rb + n * lw
+        if form >= RICE:
+            first = np.frombuffer(buf, np.int16, n, off)
+            ent = _rice_steps(buf, off + 2 * n, int(lens.sum()), form - RICE)
+            form = RICE  # one pass for every k: the steps are decoded
+        elif form:
             first = np.frombuffer(buf, np.int16, n, off)
             gb, cb = GAP_FORMS[form - 1]
             ent = np.frombuffer(buf, _UINT[(gb + cb) // 8], offset=off + 2 * n)
@@ -172,9 +246,12 @@ def decode(helds: list[tuple[bytes, tuple]]) -> tuple[np.ndarray, ...]:
             idx, cnt = unpack(ent)
             out.append((rows, lens, idx, cnt, where))
             continue
-        gb, cb = GAP_FORMS[form - 1]
-        ent = ent.astype(np.int64)
-        g, cnt = ent >> cb, ent & (2 ** cb - 1)
+        if form == RICE:
+            g, cnt = ent, np.ones(len(ent), dtype=np.int64)
+        else:
+            gb, cb = GAP_FORMS[form - 1]
+            ent = ent.astype(np.int64)
+            g, cnt = ent >> cb, ent & (2 ** cb - 1)
         rowid = np.repeat(np.arange(len(lens)), lens)
         csum = np.cumsum(g)
         before = np.concatenate(([0], csum))[np.cumsum(lens) - lens]  # steps before each row

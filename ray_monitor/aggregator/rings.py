@@ -9,11 +9,14 @@ Storage. Each resolution ``(step, slots)`` is a ring of aligned buckets on the
 Counter buckets hold a sum; gauge buckets count, sum, min, max and the latest sample (with
 its offset in the bucket); histogram buckets count, sum, zero count, min, max and the
 sparse exponential-bucket counts (coded by :mod:`~ray_monitor.aggregator.packing`: 4 bytes
-an entry while a bucket fills, 1 or 2 where smaller once complete). Nothing is rounded: counts
-and counter sums are held in the narrowest type that holds every value so far exactly,
-and widen for the whole ring the first time one does not fit (histogram counts uint16,
-zero counts uint8, then float32, then float64; counter sums float32, then float64:
-:meth:`Ring.widen`); sums, min, max and gauge samples are float64. Memory (issue 15): a
+an entry while a bucket fills, bits to 2 bytes an entry once complete). Nothing is
+rounded: counts and counter sums are held in the narrowest type that holds every value so
+far exactly, and widen for the whole ring the first time one does not fit (counts uint8,
+uint16, float32, float64; counter sums the same, holding the value + 1 while unsigned so
+that 0 marks an empty bucket: :meth:`Ring.widen`), and a uint16 column goes back to
+uint8 once a whole turn of the ring fits a byte again; sums, min, max and gauge samples
+are float64. A rollup's gauge rings keep no latest sample (``last`` reads series rows
+only). Memory (issue 15): a
 bucket still filling keeps each row's histogram entries apart; once complete (the clock
 has left it and the next one: deltas land in the second of their midpoint, so the bucket
 behind the clock still fills) its rows are compacted, sorted and packed into one bytes
@@ -51,16 +54,14 @@ from ray_monitor.common.catalog import Metric
 from ray_monitor.aggregator.packing import (PAIR, compact, compact_cells, decode,
                                             histogram_entries, narrow, pack_histogram,
                                             unnarrow, unpack)
+from ray_monitor.aggregator.label_space import GroupKey, LabelSpace
+from ray_monitor.aggregator.label_space import pad_rows as _pad
 from ray_monitor.aggregator.totals import Totals
 from ray_monitor.common.histogram import Histogram
-from ray_monitor.common.matchers import Matcher, matches
 from ray_monitor.common.snapshot import Exemplar
 
 __all__ = ["GroupKey", "LabelSpace", "OTHER", "ROLLUP_DROPS", "Ring", "Table", "exact32",
            "fits"]
-
-#: A group's labels: sorted ``(name, value)`` pairs of the query's ``by``.
-GroupKey = tuple[tuple[str, str], ...]
 
 OTHER = "other"
 #: Labels the coarse rings leave out (see Rollups above).
@@ -68,21 +69,25 @@ ROLLUP_DROPS = frozenset({"replica", "pid"})
 
 # column -> (dtype, value of an empty bucket); sums and mins read empty buckets as no-ops.
 # Counts and counter sums start narrow and widen the first time a value does not fit
-# exactly (see Ring.widen), so no stored value is ever rounded.
-_COLUMNS = {"counter": {"v": (np.float32, np.nan)},
-            "histogram": {"n": (np.uint16, 0), "s": (np.float64, 0.0), "z": (np.uint8, 0),
+# exactly (see Ring.widen), so no stored value is ever rounded. A counter bucket must tell
+# "no sample" from 0 (a request series reads as present with 0 requests): while its
+# column is unsigned it holds the value + 1 and 0 means empty (requests and errors per
+# second are whole numbers, mostly below 255: one byte, not a float32's four); once
+# float, the value itself and NaN for empty (see Ring.read).
+_COLUMNS = {"counter": {"v": (np.uint8, 0)},  # value + 1 while unsigned: 0 marks empty
+            "histogram": {"n": (np.uint8, 0), "s": (np.float64, 0.0), "z": (np.uint8, 0),
                           "lo": (np.float64, np.inf), "hi": (np.float64, -np.inf)},
-            "gauge": {"n": (np.uint16, 0), "s": (np.float64, 0.0), "lo": (np.float64, np.inf),
+            "gauge": {"n": (np.uint8, 0), "s": (np.float64, 0.0), "lo": (np.float64, np.inf),
                       "hi": (np.float64, -np.inf), "last": (np.float64, 0.0),
                       "to": (np.float32, -np.inf)}}  # to: the latest sample's offset in the bucket
 # A per-series gauge ring holds one sample per bucket (one report a second): until a bucket
 # gets a second sample it keeps the sample and its offset only (see Ring.single).
 # Its samples start as uint8 and widen like counts (gauges such as in-flight requests or
 # hung requests are small whole numbers; a value that does not fit widens the ring).
-_SINGLE = {"n": (np.uint8, 0), "last": (np.uint8, 0), "to": (np.float32, -np.inf)}
+# No count column: a bucket has its sample where its offset is not -inf (Ring.count).
+_SINGLE = {"last": (np.uint8, 0), "to": (np.float32, -np.inf)}
 _F64 = np.dtype(np.float64)
-_NO_META = np.zeros((0, 4), dtype=np.uint32)
-_GROW_ROWS = 2  # rows of capacity a space starts with: rollups are few per metric
+_NO_META = np.zeros((0, 5), dtype=np.uint32)
 _COMPACT_AT = 8  # appended deltas in one histogram bucket before it is compacted
 
 
@@ -110,10 +115,6 @@ def fits(dtype: np.dtype, x: float) -> bool:
     return (-16777216.0 <= x <= 16777216.0 and x.is_integer()) or exact32(x)
 
 
-def _pad(a: np.ndarray, rows: int, fill) -> np.ndarray:
-    return np.concatenate((a, np.full((rows - a.shape[0],) + a.shape[1:], fill, dtype=a.dtype)))
-
-
 # -- rings and their time axis -----------------------------------------------------------
 
 class Ring:
@@ -128,14 +129,21 @@ class Ring:
     and its offset until some bucket gets a second sample (then it keeps every column).
     """
 
-    def __init__(self, step: float, slots: int, kind: str, single: bool = False) -> None:
+    def __init__(self, step: float, slots: int, kind: str, single: bool = False,
+                 latest: bool = True) -> None:
         self.step, self.slots, self.kind = step, slots, kind
         self.single = single and kind == "gauge"
         self.columns = dict(_SINGLE if self.single else _COLUMNS[kind])
+        #: whether a gauge ring keeps each bucket's latest sample: ``last`` (and ``sum``,
+        #: which adds per-series averages) read series rows only, so rollup rings do not
+        self.latest = latest or self.single
+        if kind == "gauge" and not self.latest:
+            del self.columns["last"], self.columns["to"]
         #: per column: the largest whole number it holds exactly (a quick check on writes)
         self.top = {c: _TOP[np.dtype(d)] for c, (d, _) in self.columns.items()}
         for c, (dtype, fill) in self.columns.items():
             setattr(self, c, np.full((0, slots), fill, dtype=dtype))
+        self.reused = 0  # slots emptied for reuse since a look at the columns' types
         if kind == "histogram":
             # slot -> row -> packed pairs, and slot -> row -> deltas appended where more
             # than one (bytes and ints only: no object per cell for the GC to scan)
@@ -162,40 +170,88 @@ class Ring:
     def widen(self, column: str, value: float) -> np.ndarray:
         """Holds ``column`` in the next type that holds ``value`` exactly, from now on."""
         dtype, fill = self.columns[column]
-        if fits(np.dtype(dtype), value):  # past ``top`` but held exactly all the same
+        shifted = self.kind == "counter"  # unsigned: value + 1 (see _COLUMNS)
+
+        def holds(d) -> bool:
+            d = np.dtype(d)
+            return fits(d, value + 1 if shifted and d.kind == "u" else value)
+        if holds(dtype):  # past ``top`` but held exactly all the same
             return getattr(self, column)
-        while not fits(np.dtype(dtype), value):
+        while not holds(dtype):
             dtype = _WIDER[np.dtype(dtype)]
+        old = getattr(self, column)
+        if shifted and old.dtype.kind == "u" and np.dtype(dtype).kind == "f":
+            fill = np.nan
+            new = old.astype(dtype)
+            new -= 1
+            new[old == 0] = np.nan
+        else:
+            new = old.astype(dtype)
         self.columns[column] = (dtype, fill)
         self.top[column] = _TOP[np.dtype(dtype)]
-        setattr(self, column, getattr(self, column).astype(dtype))
-        return getattr(self, column)
+        setattr(self, column, new)
+        return new
+
+    def _narrow_back(self) -> None:
+        """Every slot has been reused since the last look: a uint16 column whose values
+        all fit a byte again (a burst has left the ring) goes back to uint8."""
+        for c, (dtype, fill) in self.columns.items():
+            a = getattr(self, c)
+            if a.dtype == np.uint16 and a.size and int(a.max()) <= 255:
+                self.columns[c] = (np.uint8, fill)
+                self.top[c] = 255
+                setattr(self, c, a.astype(np.uint8))
 
     def unfold(self) -> None:
         """A single-sample gauge ring gets every column: a bucket has a second sample."""
         full = _COLUMNS["gauge"]
-        has = self.n > 0
+        has = self.to > -np.inf
         self.s = np.where(has, self.last, full["s"][1])
         self.lo = np.where(has, self.last, full["lo"][1])
         self.hi = np.where(has, self.last, full["hi"][1])
-        self.n = self.n.astype(full["n"][0])
+        self.n = has.astype(full["n"][0])
         self.last = self.last.astype(np.float64)
         self.columns = {c: (getattr(self, c).dtype.type, fill) for c, (_, fill) in full.items()}
         self.top = {c: _TOP[np.dtype(d)] for c, (d, _) in self.columns.items()}
         self.single = False
 
     def read(self, column: str, index) -> np.ndarray:
-        """``column[index]`` as float64 (a single-sample ring derives s, lo, hi)."""
-        if self.single and column in ("s", "lo", "hi"):
-            last, has = self.last[index], self.n[index] > 0
+        """``column[index]`` as float64 (a single-sample ring derives n, s, lo, hi; a
+        counter ring's empty buckets read NaN)."""
+        if self.single and column in ("n", "s", "lo", "hi"):
+            has = self.to[index] > -np.inf
+            if column == "n":
+                return has.astype(np.float64)
             fill = _COLUMNS["gauge"][column][1]
-            return np.where(has, last, fill)
-        return getattr(self, column)[index].astype(np.float64, copy=False)
+            return np.where(has, self.last[index], fill)
+        a = getattr(self, column)[index]
+        if self.kind == "counter" and a.dtype.kind == "u":
+            return np.where(a == 0, np.nan, a - 1.0)
+        return a.astype(np.float64, copy=False)
+
+    def count(self, index) -> np.ndarray:
+        """Samples (observations) per bucket of ``n[index]``, in its own type (a
+        single-sample ring holds no count: a bucket has a sample where it has an offset)."""
+        if self.single:
+            return (self.to[index] > -np.inf).view(np.uint8)
+        return self.n[index]
+
+    def has(self, index) -> np.ndarray:
+        """Whether each bucket of ``[index]`` holds data."""
+        if self.kind == "counter":
+            v = self.v[index]
+            return v != 0 if v.dtype.kind == "u" else ~np.isnan(v)
+        return self.count(index) > 0
 
     def clear(self, rows, slots) -> None:
         """Empties ``[rows, slots]``: whole slots (``rows`` a slice) or one row's every slot."""
         for c, (_, fill) in self.columns.items():
             getattr(self, c)[rows, slots] = fill
+        if isinstance(rows, slice):
+            self.reused += self.slots if isinstance(slots, slice) else len(slots)
+            if self.reused >= self.slots:
+                self.reused = 0
+                self._narrow_back()
         if self.kind != "histogram":
             return
         if isinstance(rows, slice):
@@ -241,7 +297,7 @@ class Ring:
         # sorted, one entry per (row, index): what the gap forms code as steps
         rows, lens, pairs = compact_cells(rows, lens, pairs)
         if not len(self.meta):
-            self.meta = np.zeros((self.slots, 4), dtype=np.uint32)
+            self.meta = np.zeros((self.slots, 5), dtype=np.uint32)
             self.sealed = np.zeros(self.slots, dtype=np.int64)
         self.epoch += 1
         self.sealed[p] = self.epoch
@@ -286,134 +342,7 @@ class Ring:
         return n
 
 
-# -- label spaces and tables -------------------------------------------------------------
-
-class LabelSpace:
-    """Rows and their label values: a metric's series, or its rollups. Label values are
-    also kept as integer codes per label, so matchers and ``by`` run as array operations."""
-
-    def __init__(self, names: tuple[str, ...]) -> None:
-        self.names = names
-        self.pos = {n: i for i, n in enumerate(names)}
-        self.index: dict[tuple[str, ...], int] = {}
-        self.labels: list[Optional[tuple[str, ...]]] = []
-        self.free: list[int] = []
-        self.updated = np.zeros(0)
-        self.live = np.zeros(0, dtype=bool)
-        self.codes = np.zeros((0, len(names)), dtype=np.int32)
-        self._grouping: dict[tuple, tuple[np.ndarray, list]] = {}  # see _groups_of
-        self._recode()
-
-    def _recode(self) -> None:
-        self._grouping.clear()
-        self.code_of: list[dict[str, int]] = [{} for _ in self.names]
-        self.strings: list[list[str]] = [[] for _ in self.names]
-        for values, row in self.index.items():
-            self._set_codes(row, values)
-
-    def _set_codes(self, row: int, values: tuple[str, ...]) -> None:
-        for j, v in enumerate(values):
-            c = self.code_of[j].get(v)
-            if c is None:
-                c = self.code_of[j][v] = len(self.strings[j])
-                self.strings[j].append(v)
-            self.codes[row, j] = c
-
-    def add(self, values: tuple[str, ...]) -> int:
-        if self.free:
-            row = self.free.pop()
-        else:
-            row = len(self.labels)
-            self.labels.append(None)
-            if row >= len(self.live):
-                cap = row + max(_GROW_ROWS, row // 8)  # grows rarely: series come in bursts
-                self.updated = _pad(self.updated, cap, 0.0)
-                self.live = _pad(self.live, cap, False)
-                self.codes = _pad(self.codes, cap, 0)
-        self._grouping.clear()
-        self.index[values] = row
-        self.labels[row] = values
-        self.live[row] = True
-        self._set_codes(row, values)
-        return row
-
-    def remove(self, row: int) -> None:
-        self._grouping.clear()
-        del self.index[self.labels[row]]
-        self.labels[row] = None
-        self.live[row] = False
-        self.free.append(row)
-
-    def forget_codes(self) -> None:
-        """Drops codes of values no live row has any more (replica names churn)."""
-        if max(map(len, self.strings), default=0) > 2 * len(self.index) + 64:
-            self._recode()
-
-    def select(self, matchers: tuple[Matcher, ...],
-               by_names: list[str]) -> tuple[np.ndarray, list[GroupKey], np.ndarray]:
-        """Live rows matching ``matchers``: (rows, group keys, group index per row); the
-        keys are those of every live row's group (a group no selected row is in is unused)."""
-        n = len(self.labels)
-        ok = self.live[:n].copy()
-        for m in matchers:
-            j = self.pos.get(m.label)
-            if j is None:  # a label the metric lacks reads as ""
-                if not matches(m, ""):
-                    ok[:] = False
-                continue
-            if m.op in ("=", "!="):  # equality: one code, no string compared
-                truth = np.full(len(self.strings[j]), m.op == "!=")
-                c = self.code_of[j].get(m.value)
-                if c is not None:
-                    truth[c] = m.op == "="
-            else:
-                truth = np.fromiter((matches(m, v) for v in self.strings[j]), dtype=bool,
-                                    count=len(self.strings[j]))
-            ok &= truth[self.codes[:n, j]]
-        rows = np.flatnonzero(ok)
-        cols = tuple(self.pos[b] for b in by_names if b in self.pos)
-        if not len(rows):
-            return rows, [], np.zeros(0, dtype=np.int64)
-        if not cols:
-            return rows, [tuple((b, "") for b in by_names)], np.zeros(len(rows), dtype=np.int64)
-        gid, all_keys = self._groups_of(cols, by_names)
-        return rows, all_keys, gid[rows]  # keys of every group: callers index the used ones
-
-    def _groups_of(self, cols: tuple[int, ...], by_names: list[str]) -> tuple[np.ndarray, list]:
-        """Every live row's group under ``by`` (ids in the order of the groups' codes) and
-        the group keys; kept until a row comes or goes, so every matcher set of a round
-        shares one grouping."""
-        hit = self._grouping.get((cols, tuple(by_names)))
-        if hit is not None:
-            return hit
-        n = len(self.labels)
-        live = np.flatnonzero(self.live[:n])
-        gid = np.full(n, -1, dtype=np.int64)
-        keys: list[GroupKey] = []
-        if len(live):
-            combos, inv = _unique_rows(self.codes[live][:, list(cols)])
-            gid[live] = inv.ravel()
-            for combo in combos.tolist():
-                value = dict(zip((self.names[j] for j in cols),
-                                 (self.strings[j][c] for j, c in zip(cols, combo))))
-                keys.append(tuple((b, value.get(b, "")) for b in by_names))
-        self._grouping[(cols, tuple(by_names))] = (gid, keys)
-        return gid, keys
-
-
-def _unique_rows(sub: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``np.unique(sub, axis=0, return_inverse=True)`` for non-negative codes, a tenth of
-    its time: each row as one int64 (same order), where that fits."""
-    sub = sub.astype(np.int64)
-    tops = [int(c.max()) + 1 for c in sub.T]
-    if float(np.prod(tops, dtype=np.float64)) >= 2.0 ** 62:
-        return np.unique(sub, axis=0, return_inverse=True)
-    flat = sub[:, 0].copy()
-    for j in range(1, sub.shape[1]):
-        flat = flat * tops[j] + sub[:, j]
-    _, first, inv = np.unique(flat, return_index=True, return_inverse=True)
-    return sub[first], inv
-
+# -- tables --------------------------------------------------------------------------------
 
 class Table:
     """All series of one metric: label index, per-series fine ring, rollup rings (every
@@ -429,7 +358,8 @@ class Table:
         # without labels to drop, a rollup is its series: one space, one set of rings
         self.rollups = LabelSpace(tuple(metric.labels[i] for i in self.keep)) \
             if self.has_drops else self.series
-        self.rings = [Ring(step, slots, metric.kind) for step, slots in resolutions]
+        self.rings = [Ring(step, slots, metric.kind, latest=not self.has_drops)
+                      for step, slots in resolutions]
         self.series_ring = Ring(*resolutions[0], metric.kind, single=True) \
             if self.has_drops else self.rings[0]
         self.up: list[int] = []  # series row -> rollup row
@@ -523,19 +453,30 @@ class Table:
 
     def add_counter(self, row: int, where, value: float, now: float) -> None:
         for ring, r, k, p in self._targets(row, where, now):
-            cur = float(ring.v[r, p])
-            new = value if cur != cur else cur + value  # NaN: the bucket was empty
-            if not fits(ring.v.dtype, new):
-                ring.widen("v", new)
-            ring.v[r, p] = new
+            v = ring.v
+            if v.dtype.kind == "u":  # value + 1, 0: empty (see _COLUMNS)
+                cur = v[r, p].item()
+                new = value + cur - 1 if cur else value
+                if 0 <= new < ring.top["v"] and float(new).is_integer():
+                    v[r, p] = new + 1
+                    continue
+                v = ring.widen("v", new)
+                if v.dtype.kind == "u":
+                    v[r, p] = new + 1
+                    continue
+            else:
+                cur = float(v[r, p])
+                new = value if cur != cur else cur + value  # NaN: the bucket was empty
+                if not fits(v.dtype, new):
+                    v = ring.widen("v", new)
+            v[r, p] = new
         self.totals.add(row, value)
 
     def add_gauge(self, row: int, where, value: float, t: float, now: float) -> None:
         for ring, r, k, p in self._targets(row, where, now):
             off = t - k * ring.step
             if ring.single:
-                if not ring.n[r, p]:
-                    ring.n[r, p] = 1
+                if ring.to[r, p] == -np.inf:
                     if ring.last.dtype != _F64 and not fits(ring.last.dtype, value):
                         ring.widen("last", value)
                     ring.last[r, p] = value
@@ -552,13 +493,15 @@ class Table:
                     ring.lo[r, p] = value
                 if value > ring.hi[r, p]:
                     ring.hi[r, p] = value
-                if off >= ring.to[r, p]:
+                if ring.latest and off >= ring.to[r, p]:
                     ring.last[r, p] = value
                     ring.to[r, p] = off
             else:
                 ring.n[r, p] = 1
-                ring.s[r, p] = ring.lo[r, p] = ring.hi[r, p] = ring.last[r, p] = value
-                ring.to[r, p] = off
+                ring.s[r, p] = ring.lo[r, p] = ring.hi[r, p] = value
+                if ring.latest:
+                    ring.last[r, p] = value
+                    ring.to[r, p] = off
         self.totals.set(row, value, t)
 
     def add_hist(self, row: int, where, h: Histogram, now: float,

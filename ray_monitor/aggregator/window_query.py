@@ -341,7 +341,7 @@ class WindowQuery:
                 sw.present[out] |= has.any(axis=1)
                 sw.v[out] += np.where(has, v, 0.0).sum(axis=1)
                 continue
-            cnt = ring.n[at]
+            cnt = ring.count(at)
             has = cnt > 0
             any_ = has.any(axis=1)
             sw.present[out] |= any_
@@ -359,7 +359,7 @@ class WindowQuery:
             if kind == "histogram":
                 sw.z[out] += ring.z[at].sum(axis=1, dtype=np.float64)
                 sw.pair_src.append((ring, cols))
-            else:  # parts come in time order: the newest column with data holds the latest
+            elif ring.latest:  # parts in time order: the newest column with data holds the latest
                 newest = len(cols) - 1 - has[:, ::-1].argmax(axis=1)
                 sw.last[out] = np.where(any_, ring.last[np.arange(n), cols[newest]], sw.last[out])
         sw.has_data = sw.present.copy()

@@ -492,10 +492,7 @@ class WindowStore:
             _, cols = self._tl.columns(ri, EMPTY + 1, self._tl.cur[ri])
             for t in self._tables.values():
                 for ring in [t.series_ring if ri == 0 else t.rings[ri]]:
-                    if t.kind == "counter":
-                        buckets += int((~np.isnan(ring.v[:, cols])).sum())
-                    else:
-                        buckets += int((ring.n[:, cols] > 0).sum())
+                    buckets += int(ring.has((slice(None), cols)).sum())
         nbytes = sum(ring.nbytes() for t in self._tables.values() for ring in t.all_rings(0)
                      + t.rings[1:])
         nbytes += sum(200 * (len(t.series.index) + len(t.rollups.index) * t.has_drops)

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from ray_monitor.aggregator.packing import GAP_FORMS
+from ray_monitor.aggregator.packing import GAP_FORMS, RICE
 from ray_monitor.aggregator.window_query import WindowQuery
 from ray_monitor.aggregator.windows import WindowStore
 from ray_monitor.common.catalog import Query
@@ -116,27 +116,29 @@ def test_compact_rings_give_the_reference_values_over_a_long_random_sequence():
     assert lat.series_ring.n.dtype == np.float64
     assert not store._tables["inflight"].series_ring.single
     assert store._tables["cpu_percent"].series_ring.single  # never written: stays compact
-    # complete buckets are held in gap forms (with long steps and large counts continued)
-    # and, where those would take more room (2**24), in 4-byte pairs
-    forms, skips, more = set(), False, False
+    # complete buckets are held in gap forms (with long steps and large counts continued),
+    # Rice forms (few observations a second) and, where those would take more room
+    # (2**24), in 4-byte pairs; a slot's rows as a bitmap where that is smaller
+    forms, skips, more, bitmaps = set(), False, False, False
     for ring in (lat.series_ring, lat.rings[0]):
         for p, held in enumerate(ring.packed):
             if held is None:
                 continue
-            form, rw, lw, n = ring.meta[p].tolist()
+            form, rw, lw, n, rb = ring.meta[p].tolist()
             forms.add(form)
-            if form:
+            bitmaps |= rw == 0
+            if 0 < form < RICE:
                 gb, cb = GAP_FORMS[form - 1]
                 e = np.frombuffer(held, np.uint8 if gb + cb == 8 else np.uint16,
-                                  offset=n * (rw + lw + 2)).astype(np.int64)
+                                  offset=rb + n * (lw + 2)).astype(np.int64)
                 g, c = e >> cb, e & (2 ** cb - 1)
-                lens = np.frombuffer(held, np.uint8 if lw == 1 else np.uint16, n, n * rw)
+                lens = np.frombuffer(held, np.uint8 if lw == 1 else np.uint16, n, rb)
                 later = np.ones(len(e), dtype=bool)  # not a row's first entry
                 later[np.cumsum(lens) - lens] = False
                 skips |= bool(((g == 2 ** gb - 1) & (c == 0)).any())
                 more |= bool(((g == 0) & (c > 0) & later).any())
-    assert 0 in forms and len(forms) >= 3, forms
-    assert skips and more
+    assert 0 in forms and len(forms) >= 3 and max(forms) >= RICE, forms
+    assert skips and more and bitmaps
 
 
 def test_an_unfolded_gauge_ring_and_a_widened_counter_keep_every_value():
@@ -274,3 +276,30 @@ def test_a_window_kept_from_round_to_round_equals_a_fresh_read():
         store.end_round()
         assert got == want, sec
     assert slid > 200  # the kept windows were read (two a round, the 300 s one included)
+
+
+def test_a_burst_widens_counts_for_one_turn_of_the_ring_only():
+    # 300 requests in one second widen the request and count columns to uint16; once
+    # every slot has been reused and all values fit a byte again, they are uint8 again,
+    # and every value reads the same through both changes.
+    clock = Clock(T0)
+    store = WindowStore(resolutions=((1.0, 60), (10.0, 60)), clock=clock)
+    lat, req = store._tables["latency_seconds"], store._tables["requests"]
+    dtypes = []
+    for i in range(140):
+        clock.t = T0 + i + 0.25
+        n = 300 if i == 5 else 2
+        store.ingest(ReplicaSnapshot(ident(), i + 1, clock.t - 1.0, clock.t,
+                                     [SeriesDelta("__call__", "ok", False, hist(*[0.1] * n))],
+                                     {}, None))
+        dtypes.append((lat.series_ring.n.dtype, req.series_ring.v.dtype))
+        if i in (30, 139):
+            now = clock.t + 0.3
+            for by in (None, ("replica",)):
+                got = store.evaluate(Query("count", "requests", 60.0, by=by), now)
+                want = 300 + 2 * 30 if i == 30 else 2 * 60  # every report so far; the last 60 s
+                assert list(got.values()) == [float(want)], (i, by)
+                got = store.evaluate(Query("count", "latency_seconds", 60.0, by=by), now)
+                assert list(got.values()) == [float(want)], (i, by)
+    assert dtypes[4] == (np.uint8, np.uint8) and dtypes[5] == (np.uint16, np.uint16)
+    assert dtypes[-1] == (np.uint8, np.uint8)
