@@ -5,9 +5,9 @@ wrapped, and what one request records.
 
 Each wrapper has the same kind as what it wraps (sync, async, generator, async
 generator), because Ray Serve decides how to call a method by inspecting it. Per
-request it does a timer, a span (see :mod:`tracing`) and an O(1) record (see
-:mod:`recorder`), and any failure of its own is counted and swallowed: the user's
-result or exception passes through untouched.
+request it does a timer, a span's ids (see :mod:`tracing`) and queues the request's end
+for the flush thread to record (see :mod:`deferred`), and any failure of its own is
+counted and swallowed: the user's result or exception passes through untouched.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from opentelemetry import context as otel_context
 
 from ray_monitor.replica import deferred, http_semantics, queueing, streaming, tracing
 from ray_monitor.replica.http_semantics import (HTTP_TYPES, carry_traceparent, from_scope,
-                                                is_http_type, method_label, status_of)
+                                                is_http_type, method_label)
 from ray_monitor.replica.span_errors import error_type
 from ray_monitor.replica.options import UNSET, MonitorOptions, refuse
 from ray_monitor.quality.prediction import Prediction, validate_extractor_result

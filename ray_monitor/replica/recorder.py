@@ -2,8 +2,10 @@
 
 Runs in every replica: the request path writes the cells; the flush thread reads them.
 
-The write path is one lock and a few additions (prometheus_client's habit): no I/O,
-no actor call, nothing that grows with traffic. Everything else (building a
+The request path writes an in-flight entry and queues the request's end (``ended``,
+see replica/deferred.py); recording it is one lock and a few additions
+(prometheus_client's habit), on the flush thread: no I/O, no actor call, nothing that
+grows with traffic. Everything else (building a
 snapshot, health readings, delivery) runs on the flush thread, every
 ``flush_interval_s``, and can fail without the request ever noticing.
 """
