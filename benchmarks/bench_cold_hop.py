@@ -17,7 +17,8 @@ time, minus the unwrapped hop's.
 Where the monitor defers part of a request to its flush thread (``replica/deferred.py``,
 RESULTS.md §21), that part is not in the hop: after each repeat the queued requests are
 recorded (``Recorder.drain``, as the flush thread does, with warm caches) and the time
-per request is printed as ``deferred``, to add to the hop's for the replica's CPU.
+per request is printed as ``deferred``, to add to the hop's for the replica's CPU (the
+flush thread records the rest while the hops run, as in a replica).
 """
 
 from __future__ import annotations
@@ -100,8 +101,9 @@ def main(argv=None) -> int:
         print(f"  {v:<20}{row['median_us']:8.1f} us  overhead {row['overhead_us']:+7.1f} us "
               f"({row['overhead_min_us']:+.1f}..{row['overhead_max_us']:+.1f})")
     per_request = drained[1] / drained[0] * 1e6 if drained[0] else 0.0
-    print(f"  deferred: {drained[0]} requests recorded after each repeat, "
-          f"{per_request:.1f} us each (warm, batched)")
+    print(f"  deferred: {per_request:.1f} us a request (warm, batched; timed on the "
+          f"{drained[0]} requests left queued at the ends of repeats, the flush thread "
+          "recorded the others)")
     print(f"load average at end {os.getloadavg()}")
     if args.json:
         with open(args.json, "w") as f:
