@@ -5,9 +5,9 @@ wrapped, and what one request records.
 
 Each wrapper has the same kind as what it wraps (sync, async, generator, async
 generator), because Ray Serve decides how to call a method by inspecting it. Per
-request it does a timer, a span (see :mod:`tracing`) and an O(1) record (see
-:mod:`recorder`), and any failure of its own is counted and swallowed: the user's
-result or exception passes through untouched.
+request it does a timer, a span's ids (see :mod:`tracing`) and queues the request's end
+for the flush thread to record (see :mod:`deferred`), and any failure of its own is
+counted and swallowed: the user's result or exception passes through untouched.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Any, Callable, Optional
 
 from opentelemetry import context as otel_context
 
-from ray_monitor.replica import http_semantics, queueing, streaming, tracing
+from ray_monitor.replica import deferred, http_semantics, queueing, streaming, tracing
 from ray_monitor.replica.http_semantics import (HTTP_TYPES, carry_traceparent, from_scope,
-                                                is_http_type, method_label, status_of)
+                                                is_http_type, method_label)
 from ray_monitor.replica.span_errors import error_type
 from ray_monitor.replica.options import UNSET, MonitorOptions, refuse
 from ray_monitor.quality.prediction import Prediction, validate_extractor_result
@@ -253,24 +253,7 @@ class _Request:
 
     def finish(self, outcome: str, error: Optional[BaseException], is_error: bool,
                stream: Optional[streaming.Stream] = None, result: Any = None) -> None:
-        latency = _perf() - self.t0
-        exemplar = extra = fig = None
-        if stream is not None or result is not None:
-            fig = streaming.measure(self.runtime, stream, result, latency, self.call)
-        if self.tenant is not None or fig is not None and fig.usage is not None:
-            streaming.record_usage(self.runtime.state.recorder, self.tenant, fig, is_error,
-                                   latency)
-        sp = self.span
-        if sp is not None:
-            extra = queueing.span_attributes(self.cells, self.token, fig)
-            kept = self.tracer.end(sp, latency, error if is_error else None, extra,
-                                   error_status=outcome if is_error and error is None else None,
-                                   status=None if sp.http is None else status_of(outcome, is_error))
-            if kept:
-                exemplar = Exemplar(f"{sp.trace_id:032x}", f"{sp.span_id:016x}", latency,
-                                    time.time())
-        self.cells.end(self.token, outcome, is_error, latency,
-                       None if stream is None else stream.first, exemplar, fig)
+        deferred.end(self, outcome, error, is_error, stream, result)  # see deferred
 
 
 def _tenant(hook: "_Hook", scope: Any, args: tuple, kwargs: Optional[dict]) -> Optional[str]:
@@ -361,7 +344,7 @@ def _done(hook: _Hook, req: Optional[_Request], outcome: str, error: Optional[Ba
         return
     try:
         req.exit()
-        req.finish(outcome, error, is_error, stream, result)
+        deferred.end(req, outcome, error, is_error, stream, result)
     except Exception as e:
         hook.runtime.self_error("middleware_failed", e)
 
@@ -500,7 +483,7 @@ def _finish(hook: _Hook, req: Optional[_Request], result: Any) -> Any:
     if req is not None:  # _done, inline: the common case of every request
         try:
             req.exit()
-            req.finish(OK, None, False, None, result)
+            deferred.end(req, OK, None, False, None, result)
         except Exception as e:
             hook.runtime.self_error("middleware_failed", e)
     return result

@@ -2,14 +2,17 @@
 
 Runs in every replica: the request path writes the cells; the flush thread reads them.
 
-The write path is one lock and a few additions (prometheus_client's habit): no I/O,
-no actor call, nothing that grows with traffic. Everything else (building a
+The request path writes an in-flight entry and queues the request's end (``ended``,
+see replica/deferred.py); recording it is one lock and a few additions
+(prometheus_client's habit), on the flush thread: no I/O, no actor call, nothing that
+grows with traffic. Everything else (building a
 snapshot, health readings, delivery) runs on the flush thread, every
 ``flush_interval_s``, and can fail without the request ever noticing.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import math
@@ -105,7 +108,7 @@ class _Cell:
 class MethodCells:
     """The pre-bound cells of one method: what a request touches, and only that."""
 
-    __slots__ = ("name", "running", "cells", "_lock", "_ids", "_recorder", "_queued")
+    __slots__ = ("name", "running", "cells", "ended", "_lock", "_ids", "_recorder", "_queued")
 
     def __init__(self, name: str, recorder: "Recorder") -> None:
         self.name = name
@@ -115,6 +118,7 @@ class MethodCells:
         self._ids = recorder._ids
         self._recorder = recorder
         self._queued = recorder.queued
+        self.ended = recorder.ended  # requests ended, waiting to be recorded (deferred)
 
     def begin(self, start: float, request_id: str = "", queue: Optional[float] = None) -> int:
         """A request starts; ``queue``: its queue time, when its caller sent one."""
@@ -210,6 +214,9 @@ class Recorder:
         self._ids = itertools.count()
         #: token -> queue time of running requests whose caller sent its time (queueing)
         self.queued: dict[int, float] = {}
+        #: ``(fn, *args)`` of requests that ended, recorded by :meth:`drain` (see
+        #: replica/deferred.py): appended on the request path, taken on the flush thread
+        self.ended: collections.deque = collections.deque()
         self._seq = 0
         self._window_start = clock()
         self._buffer: list[ReplicaSnapshot] = []
@@ -236,9 +243,27 @@ class Recorder:
 
     # -- off the request path -------------------------------------------------
 
+    def drain(self) -> int:
+        """Records the requests that ended since the last drain (replica/deferred.py);
+        returns how many. Runs at the start of every snapshot; a test that reads the
+        cells or the spans right after a request calls it first."""
+        ended = self.ended
+        n = 0
+        while True:
+            try:
+                item = ended.popleft()  # atomic: two drains never take one request
+            except IndexError:
+                return n
+            n += 1
+            try:
+                item[0](*item[1:])
+            except Exception as e:  # one bad request's record, never the rest
+                self.self_errors.count("middleware_failed", e)
+
     def snapshot(self, now: Optional[float] = None) -> ReplicaSnapshot:
         """Takes the deltas since the last snapshot (and resets them)."""
         now = self.clock() if now is None else now
+        self.drain()  # every request that ended before this flush began is in it
         series: list[SeriesDelta] = []
         with self._lock:
             taken = [(m.name, m.cells) for m in self.methods.values()]

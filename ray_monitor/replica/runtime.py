@@ -130,8 +130,14 @@ class State:
             propagation.install()
             self.recorder.kept = self.tracer.tail
             if sink is not None:
-                sink.on_kept = self.tracer.export_kept
+                sink.on_kept = self.export_kept
             _say_who_samples(opts, self.tracer)
+
+    def export_kept(self, trace_ids: list[str]) -> int:
+        """Exports the held spans of kept traces, with every request that ended before
+        (their spans are held when recorded: replica/deferred.py)."""
+        self.recorder.drain()
+        return self.tracer.export_kept(trace_ids)
 
     def span_attributes(self, method: str) -> dict:
         a = self._attrs.get(method)
@@ -206,6 +212,7 @@ class Runtime:
         st = self.state
         if st is None:
             return
+        st.recorder.drain()  # the requests that ended, while the tracer can end spans
         self.state = None
         for hook in self.hooks:
             hook.cells = hook.attrs = None

@@ -179,6 +179,7 @@ def test_a_tokens_extractor_of_three_arguments_also_gets_the_requests_arguments(
     c = Chat()
     assert list(c.gen("tell me a story", n=4)) == ["t0", "t1", "t2", "t3"]
     assert seen == [("t3", ("tell me a story",), {"n": 4})]
+    Chat.__ray_monitor__.state.recorder.drain()  # the request ended: recorded off the path
     (u,) = Chat.__ray_monitor__.state.recorder.usage.drain()
     assert (u.input_tokens, u.output_tokens, u.pairs) == (4, 4, {(4, 4): 1})
     Chat.__ray_monitor__.close()

@@ -233,6 +233,7 @@ def test_tail_keeping_sends_errors_and_slow_requests_only(otlp_env):
     with pytest.raises(ValueError):
         m.sync(-1)
     m.slow(SLOW * 2)
+    M.__ray_monitor__.state.recorder.drain()  # the requests ended: recorded off the path
     M.__ray_monitor__.state.tracer.provider.force_flush()
     spans = otlp_env.wait_for(lambda rx: rx.spans() if len(rx.spans()) >= 2 else None)
     assert sorted((s.name, s.attributes.get("ray_monitor.kept")) for s in spans) == [
@@ -255,6 +256,7 @@ def test_head_sampled_requests_are_all_traced(otlp_env):
     for i in range(5):
         m.sync(i)
     assert asyncio.run(m.coro(1)) == 2
+    M.__ray_monitor__.state.recorder.drain()  # the requests ended: recorded off the path
     M.__ray_monitor__.state.tracer.provider.force_flush()
     spans = otlp_env.wait_for(lambda rx: rx.spans() if len(rx.spans()) >= 6 else None)
     assert sorted(s.name for s in spans) == ["Model.coro"] + ["Model.sync"] * 5
@@ -274,6 +276,7 @@ def test_traceparent_header_makes_the_span_a_child(otlp_env):
     scope = {"type": "http", "method": "GET", "path": "/", "headers": [
         (b"traceparent", f"00-{trace_id}-{parent}-01".encode())], "query_string": b""}
     assert Http()(Request(scope)) == "ok"
+    Http.__ray_monitor__.state.recorder.drain()  # the requests ended: recorded off the path
     Http.__ray_monitor__.state.tracer.provider.force_flush()
     span = otlp_env.wait_for(lambda rx: rx.spans())[0]
     assert span.trace_id == trace_id and span.parent_span_id == parent
@@ -285,6 +288,7 @@ def test_log_records_carry_the_request_trace(otlp_env, caplog):
     m = M()
     with caplog.at_level(logging.WARNING, logger="user"):
         assert m.log() == "logged"
+    M.__ray_monitor__.state.recorder.drain()  # the requests ended: recorded off the path
     M.__ray_monitor__.state.tracer.provider.force_flush()
     span = otlp_env.wait_for(lambda rx: [s for s in rx.spans() if s.name == "Model.log"])[0]
     rec = next(r for r in caplog.records if r.getMessage() == "inside the request")
@@ -300,6 +304,7 @@ def test_unsampled_request_logs_lead_to_its_span_when_kept(otlp_env, caplog):
             raise RuntimeError("failed")
     with caplog.at_level(logging.ERROR, logger="user"), pytest.raises(RuntimeError):
         Fails().run()
+    Fails.__ray_monitor__.state.recorder.drain()  # the requests ended: recorded off the path
     Fails.__ray_monitor__.state.tracer.provider.force_flush()
     span = otlp_env.wait_for(lambda rx: rx.spans())[0]
     rec = next(r for r in caplog.records if r.getMessage() == "about to fail")
@@ -316,6 +321,7 @@ def test_exporter_down_never_reaches_the_request(monkeypatch, caplog):
     m = M()
     assert [m.sync(i) for i in range(3)] == [0, 2, 4]
     state = M.__ray_monitor__.state
+    state.recorder.drain()  # the requests ended: recorded off the path
     state.tracer.provider.force_flush()
     counts = state.recorder.self_errors.snapshot()
     assert counts.get("trace_export_failed", 0) >= 1
@@ -441,6 +447,7 @@ def test_with_an_endpoint_kept_spans_go_to_the_backend_and_the_aggregator(otlp_e
     with pytest.raises(ValueError):
         m.sync(-1)
     state = M.__ray_monitor__.state
+    state.recorder.drain()  # the requests ended: recorded off the path
     state.tracer.provider.force_flush()
     [span] = otlp_env.wait_for(lambda rx: rx.spans())
     [rec] = state.recorder.snapshot().traces
@@ -461,6 +468,7 @@ def test_a_kept_request_under_an_unsampled_caller_is_still_traced(otlp_env):
     with pytest.raises(RuntimeError):
         Http()(Request(scope))
     state = Http.__ray_monitor__.state
+    state.recorder.drain()  # the requests ended: recorded off the path
     state.tracer.provider.force_flush()
     span = otlp_env.wait_for(lambda rx: rx.spans())[0]
     assert span.trace_id == trace_id and span.parent_span_id == parent

@@ -33,6 +33,7 @@ def _request(method="GET", path="/shop/items", headers=()):
 
 
 def _spans(cls, rx, n):
+    cls.__ray_monitor__.state.recorder.drain()  # the requests ended: recorded off the path
     cls.__ray_monitor__.state.tracer.provider.force_flush()
     return rx.wait_for(lambda r: r.spans() if len(r.spans()) >= n else None,
                        what=f"{n} spans")
@@ -141,6 +142,7 @@ def test_a_backend_that_refuses_traces_is_told_once(protocol, monkeypatch, caplo
             for round_ in range(3):
                 for i in range(5):
                     m(i)
+                state.recorder.drain()  # the requests ended: recorded off the path
                 state.tracer.provider.force_flush()
         assert rx.request_counts()["rejected"] == 1  # then nothing more was sent
         lines = [r.getMessage() for r in caplog.records]

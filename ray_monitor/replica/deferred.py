@@ -1,0 +1,76 @@
+"""Deferred recording: the end of a request, recorded on the flush thread.
+
+Runs in every replica. On the request path (:func:`end`, called by the middleware) a
+request that ended without an exception only reads the clock, takes its in-flight entry
+out (so the in-flight gauge and hung-request detection stay live) and appends one tuple
+to its recorder's queue (``Recorder.ended``, a ``collections.deque``: one atomic append,
+no lock). The flush thread records it (:func:`record`): latency histogram, queue time,
+token usage, span end with the tail-keeping and export decisions, exemplar. It drains
+the queue at the start of every snapshot (``Recorder.drain``), so a snapshot holds every
+request that ended before its flush began, and before exporting the spans of kept
+traces. What is recorded does not change by waiting: latency and stream timings are
+taken on the path, and token figures are read there from a returned result or a stream
+(the tokens extractor is user code: it runs where it ran; a result is never queued).
+
+Why: inside a Serve replica every Python call of the request path costs about 1 us, as
+the replica evicts the monitor's code from the CPU's caches between requests (RESULTS.md
+§18); on the flush thread the same work runs hot and in a batch (§21).
+
+Not deferred: a request that raised (its exception holds the frames of user code, kept
+alive no longer than the request), and an ASGI route's end (middleware._finish_route).
+A full queue (the flush thread stuck) records on the path again, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+from ray_monitor.common.snapshot import Exemplar
+from ray_monitor.replica import queueing, streaming
+from ray_monitor.replica.http_semantics import status_of
+
+__all__ = ["MAX_QUEUED", "end", "record"]
+
+#: Ended requests waiting for the flush thread, per deployment and replica; past this
+#: many (about 20 MB) the request path records its requests itself.
+MAX_QUEUED = 65536
+_perf = time.perf_counter
+
+
+def end(req: Any, outcome: str, error: Optional[BaseException], is_error: bool,
+        stream: Optional[streaming.Stream] = None, result: Any = None) -> None:
+    """The request path's part of a request's end (``req``: a middleware ``_Request``)."""
+    t1 = _perf()
+    fig = None
+    if stream is not None or result is not None:
+        # read now, on the thread that ran the request: a tokens extractor is user code,
+        # and the queue never holds a result or a stream's last item (their memory)
+        fig = streaming.measure(req.runtime, stream, result, t1 - req.t0, req.call)
+    queue = req.cells.ended
+    if error is None and len(queue) < MAX_QUEUED:
+        req.cells.running.pop(req.token, None)  # in flight no more, from now
+        queue.append((record, req, outcome, None, is_error, stream, fig, t1))
+        return
+    record(req, outcome, error, is_error, stream, fig, t1)
+
+
+def record(req: Any, outcome: str, error: Optional[BaseException], is_error: bool,
+           stream: Optional[streaming.Stream], fig: Any, t1: float) -> None:
+    """Records one ended request (the flush thread; the request path for the few above)."""
+    latency = t1 - req.t0
+    runtime = req.runtime
+    if req.tenant is not None or fig is not None and fig.usage is not None:
+        streaming.record_usage(runtime.state.recorder, req.tenant, fig, is_error, latency)
+    exemplar = None
+    sp = req.span
+    if sp is not None:
+        extra = queueing.span_attributes(req.cells, req.token, fig)
+        kept = req.tracer.end(sp, latency, error if is_error else None, extra,
+                              error_status=outcome if is_error and error is None else None,
+                              status=None if sp.http is None else status_of(outcome, is_error))
+        if kept:  # the wall-clock time the request ended, not the time it is recorded
+            exemplar = Exemplar(f"{sp.trace_id:032x}", f"{sp.span_id:016x}", latency,
+                                time.time() - (_perf() - t1))
+    req.cells.end(req.token, outcome, is_error, latency,
+                  None if stream is None else stream.first, exemplar, fig)
