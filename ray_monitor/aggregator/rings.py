@@ -86,6 +86,10 @@ _COLUMNS = {"counter": {"v": (np.uint8, 0)},  # value + 1 while unsigned: 0 mark
 # hung requests are small whole numbers; a value that does not fit widens the ring).
 # No count column: a bucket has its sample where its offset is not -inf (Ring.count).
 _SINGLE = {"last": (np.uint8, 0), "to": (np.float32, -np.inf)}
+# Columns held as a read-only broadcast of their empty value, no memory, until the first
+# non-empty write (Ring.column): observations in the zero bucket are rare for latencies
+# (a duration of exactly 0), and a full uint8 column is 2.4 KiB per replica.
+_LAZY = frozenset({"z"})
 _F64 = np.dtype(np.float64)
 _NO_META = np.zeros((0, 5), dtype=np.uint32)
 _COMPACT_AT = 8  # appended deltas in one histogram bucket before it is compacted
@@ -141,8 +145,10 @@ class Ring:
             del self.columns["last"], self.columns["to"]
         #: per column: the largest whole number it holds exactly (a quick check on writes)
         self.top = {c: _TOP[np.dtype(d)] for c, (d, _) in self.columns.items()}
+        self.lazy = set(_LAZY.intersection(self.columns))  # see _LAZY
         for c, (dtype, fill) in self.columns.items():
-            setattr(self, c, np.full((0, slots), fill, dtype=dtype))
+            setattr(self, c, self._empty(c, 0) if c in self.lazy else
+                    np.full((0, slots), fill, dtype=dtype))
         self.reused = 0  # slots emptied for reuse since a look at the columns' types
         if kind == "histogram":
             # slot -> row -> packed pairs, and slot -> row -> deltas appended where more
@@ -161,9 +167,21 @@ class Ring:
     def rows(self) -> int:
         return getattr(self, next(iter(self.columns))).shape[0]
 
+    def _empty(self, column: str, rows: int) -> np.ndarray:
+        dtype, fill = self.columns[column]
+        return np.broadcast_to(np.array(fill, dtype=dtype), (rows, self.slots))
+
+    def column(self, name: str) -> np.ndarray:
+        """``name``'s array, to write into (a lazy column is made then: see _LAZY)."""
+        if name in self.lazy:
+            self.lazy.discard(name)
+            setattr(self, name, np.array(getattr(self, name)))  # a writable copy
+        return getattr(self, name)
+
     def grow(self, cap: int) -> None:
         for c, (_, fill) in self.columns.items():
-            setattr(self, c, _pad(getattr(self, c), cap, fill))
+            setattr(self, c, self._empty(c, cap) if c in self.lazy else
+                    _pad(getattr(self, c), cap, fill))
         if self.kind == "histogram":
             self.cleared = _pad(self.cleared, cap, 0)
 
@@ -246,7 +264,8 @@ class Ring:
     def clear(self, rows, slots) -> None:
         """Empties ``[rows, slots]``: whole slots (``rows`` a slice) or one row's every slot."""
         for c, (_, fill) in self.columns.items():
-            getattr(self, c)[rows, slots] = fill
+            if c not in self.lazy:  # a lazy column holds only its empty value
+                getattr(self, c)[rows, slots] = fill
         if isinstance(rows, slice):
             self.reused += self.slots if isinstance(slots, slice) else len(slots)
             if self.reused >= self.slots:
@@ -334,7 +353,7 @@ class Ring:
         return np.concatenate(tags), np.concatenate(idxs), np.concatenate(cnts)
 
     def nbytes(self) -> int:
-        n = sum(getattr(self, c).nbytes for c in self.columns)
+        n = sum(getattr(self, c).nbytes for c in self.columns if c not in self.lazy)
         if self.kind == "histogram":
             n += self.cleared.nbytes + self.sealed.nbytes + self.meta.nbytes
             n += sum(len(held) + 33 for held in self.packed if held is not None)
@@ -515,7 +534,7 @@ class Table:
             if ring.n[r, p]:
                 for c, add in (("n", h.count), ("z", h.zero_count)):
                     if add:
-                        col = getattr(ring, c)
+                        col = ring.column(c)
                         new = col[r, p].item() + add
                         if new > ring.top[c] or type(new) is not int and not fits(col.dtype, new):
                             col = ring.widen(c, new)
@@ -542,7 +561,7 @@ class Table:
             else:
                 for c, value in (("n", h.count), ("z", h.zero_count)):
                     if value:  # a slot is emptied to 0
-                        col = getattr(ring, c)
+                        col = ring.column(c)
                         if value > ring.top[c] or type(value) is not int and not fits(col.dtype, value):
                             col = ring.widen(c, value)
                         col[r, p] = value

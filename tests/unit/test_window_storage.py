@@ -303,3 +303,25 @@ def test_a_burst_widens_counts_for_one_turn_of_the_ring_only():
                 assert list(got.values()) == [float(want)], (i, by)
     assert dtypes[4] == (np.uint8, np.uint8) and dtypes[5] == (np.uint16, np.uint16)
     assert dtypes[-1] == (np.uint8, np.uint8)
+
+
+def test_the_zero_bucket_column_is_made_at_its_first_observation_and_reads_the_same():
+    # Latencies of exactly 0 are rare: the zero-count column takes no memory until one
+    # comes, then holds it; a quantile and a ratio over the window count it either way.
+    clock = Clock(T0)
+    store = WindowStore(resolutions=((1.0, 60), (10.0, 60)), clock=clock)
+    ring = store._tables["latency_seconds"].series_ring
+    for i in range(20):
+        clock.t = T0 + i + 0.25
+        values = [0.0, 0.2] if i == 12 else [0.1, 0.2]
+        store.ingest(ReplicaSnapshot(ident(), i + 1, clock.t - 1.0, clock.t,
+                                     [SeriesDelta("__call__", "ok", False, hist(*values))],
+                                     {}, None))
+        if i == 11:
+            assert "z" in ring.lazy and ring.z.strides == (0, 0) and not ring.z.any()
+    assert "z" not in ring.lazy and int(ring.z.sum()) == 1 and ring.z.flags.writeable
+    now = clock.t + 0.3
+    below = store.evaluate(Query("ratio_above", "latency_seconds", 30.0, param=0.05), now)
+    assert list(below.values()) == [pytest.approx(39 / 40)]  # the one 0.0 is not above
+    low = store.evaluate(Query("min", "latency_seconds", 30.0), now)
+    assert list(low.values()) == [0.0]
