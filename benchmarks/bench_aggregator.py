@@ -107,11 +107,16 @@ def queries(n: int, deployments: int) -> list[Query]:
 
 def fill_full(store: WindowStore, clock: Clock, make, n_rep: int, now: float) -> int:
     """Fills every ring of every series: one snapshot per coarse step where only the coarse
-    ring keeps the time, per medium step where the medium ring does, per second after."""
+    ring keeps the time, per medium step where the medium ring does, per second after.
+
+    The per-second part lasts two turns of the 1 s ring (20 min), not one: a medium-step
+    snapshot holds 10 s of traffic in one second of the 1 s ring, which widens its counts
+    to uint16 until a full turn of the ring has passed since (rings.Ring._narrow_back), as
+    a burst does; a replica at steady traffic holds them in a byte after that."""
     res = ((60, 6 * 3600), (10, 3600), (1, 600))
     seq, t = 0, now - res[0][1]
     for step, span in res:
-        end = now - (span // 6 if step == 60 else 600 if step == 10 else 0)
+        end = now - (span // 6 if step == 60 else 1200 if step == 10 else 0)
         while t < end:
             clock.t = t + 0.5
             for i in range(n_rep):
