@@ -47,6 +47,7 @@ def end(req: Any, outcome: str, error: Optional[BaseException], is_error: bool,
         # read now, on the thread that ran the request: a tokens extractor is user code,
         # and the queue never holds a result or a stream's last item (their memory)
         fig = streaming.measure(req.runtime, stream, result, t1 - req.t0, req.call)
+    req.call = None  # the request's arguments (tokens=fn's): not held while queued
     queue = req.cells.ended
     if error is None and len(queue) < MAX_QUEUED:
         req.cells.running.pop(req.token, None)  # in flight no more, from now

@@ -101,3 +101,20 @@ def test_closing_records_what_is_queued(clock):
     m.run(0.1)
     M.__ray_monitor__.close()
     assert sum(s.latency.count for snap in sent for s in snap.series) == 1
+
+
+def test_a_queued_request_does_not_hold_its_arguments(clock):
+    # tokens=fn(result, args, kwargs) reads the request's arguments on the path; the
+    # queue then keeps none of them (a payload can be large, and is held up to a flush)
+    @monitor(flush_interval_s=3600.0, tracing_enabled=False,
+             tokens=lambda result, args, kwargs: {"input": len(args[0]), "output": 1})
+    class Chat:
+        def run(self, prompt):
+            return "ok"
+    c = Chat()
+    recorder = Chat.__ray_monitor__.state.recorder
+    assert c.run("x" * 1000) == "ok"
+    (item,) = recorder.ended
+    assert item[1].call is None
+    assert recorder.drain() == 1
+    Chat.__ray_monitor__.close()
