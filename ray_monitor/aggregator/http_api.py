@@ -154,7 +154,8 @@ def monitor_collectors(core, hints=None) -> list:
     return [MonitorCollector(series=core.store.cumulative, alerts=core.engine.alert_series,
                              self_metrics=core.self_metrics,
                              autoscale=lambda: (hints(), core.hints.decisions),
-                             bounds=lambda: core.classic_bounds, serve=core.serve_running),
+                             bounds=lambda: core.classic_bounds, serve=core.serve_running,
+                             series_reader=core.store.cumulative_reader),
             QualityCollector(core.quality_summary)]
 
 
