@@ -299,3 +299,33 @@ def test_deployments_show_stream_figures_and_top_tenants_only_for_streaming_ones
     assert e["tokens_per_s"] is None and e["items_per_s"] == pytest.approx(12 / 60.0)
     assert e["top_tenants"] == [] and e["tpot_p50_s"] is None
     assert e["queue_p95_s"] is None  # no caller sent its time
+
+
+def test_garbage_collection_is_paused_while_a_scrape_builds_and_renders_then_restored():
+    """A full collection during a large scrape scans all it made so far, with the GIL
+    held: the loop would stall whichever thread it lands in. The pause nests, ends with
+    the scrape, and leaves a collector that was off (the user's choice) off."""
+    import gc
+
+    from ray_monitor.aggregator.http_api import collect_off_loop, gc_paused
+
+    class Probe:
+        def collect(self):
+            seen.append(gc.isenabled())
+            return iter(())
+    seen: list = []
+    assert gc.isenabled()
+    assert asyncio.run(collect_off_loop([Probe()])) == [] and seen == [False]
+    assert gc.isenabled()
+    with gc_paused():
+        with gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
