@@ -143,7 +143,9 @@ async def main_async(args) -> None:
           f"{platform.python_version()} | {platform.processor() or platform.machine()} | "
           f"load average {load}")
     clock = Clock(1000.0)
-    core = AggregatorCore({}, clock=clock)
+    # the cap raised past 4 series per replica, so that no series is folded at 3,000
+    core = AggregatorCore({"max_series_per_metric": max(5000, 5 * args.replicas)},
+                          clock=clock)
     fill(core, args.replicas, clock)
     clock.t += 1.0
     # as the aggregator actor does once started (actor.py): what exists now is out of

@@ -236,9 +236,10 @@ def make_app(agg) -> web.Application:
         if sharded:  # every shard's series, one exposition (see aggregator.shards)
             from ray_monitor.aggregator.shards import merge_families
 
-            families = merge_families([families] + await agg._peers.gather(
-                "metric_families", True))
-        with gc_paused():
+            parts = [families] + await agg._peers.gather("metric_families", True)
+        with gc_paused():  # the merge too reads every sample: on the thread
+            if sharded:
+                families = await asyncio.to_thread(merge_families, parts)
             body, ctype = await asyncio.get_running_loop().run_in_executor(
                 None, render, _Families(families), request.headers.get("Accept", ""))
         return web.Response(body=body, headers={"Content-Type": ctype})
