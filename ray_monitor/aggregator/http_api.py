@@ -212,9 +212,9 @@ class _Families:
 
 def _render_dropping(box: list, accept: str) -> tuple[bytes, str]:
     """:func:`render` of the families in ``box`` (made for this scrape alone), then the
-    families emptied here, a slice
-    of samples at a time: freeing a large scrape's objects takes 100 ms at 3,000
-    replicas, and one C call that frees them all would hold the GIL (the loop) as long."""
+    families emptied here, a slice of samples at a time: freeing a large scrape's objects
+    takes 100 ms at 3,000 replicas, and one C call that frees them all would hold the GIL
+    (so the loop) as long."""
     families = box.pop()
     try:
         return render(_Families(families), accept)
