@@ -240,11 +240,14 @@ def gpu_share(snap: Any, own: dict, mine: Callable[[str], bool]) -> Any:
         p for p in snap.processes if p.gpu_uuid in used and p.gpu_uuid not in lost])
 
 
-def ingest_gpu_share(core: Any, snap: Any, mine: Callable[[str], bool]) -> None:
-    """Another shard's handling of a GPU sample shard 0 passed on (:func:`gpu_share`)."""
+def ingest_gpu_share(core: Any, snap: Any, mine: Callable[[str], bool],
+                     since: Optional[float] = None) -> None:
+    """Another shard's handling of a GPU sample shard 0 passed on (:func:`gpu_share`);
+    ``since``: the time of the node's previous sample (this shard is passed only the
+    samples that concern it, :meth:`GpuRelay.targets`)."""
     own = {i.pid: i for i, _ in core.replicas.values()}
     try:
-        core.store.ingest_gpu(gpu_share(snap, own, mine))
+        core.store.ingest_gpu(gpu_share(snap, own, mine), since=since)
     except Exception as e:  # one bad sample never stops the next
         core.count_error("aggregator", f"ingest_gpu_failed:{type(e).__name__}", e)
 
@@ -374,12 +377,14 @@ class KeptExchange:
 
 class GpuRelay:
     """Shard 0's GPU samples, joined to every shard's replicas, passed on to the other
-    shards, which count their replicas' GPU time (:func:`gpu_share`)."""
+    shards whose replicas use the node's GPUs, which count their GPU time
+    (:func:`gpu_share`)."""
 
     def __init__(self, front: "ShardFront", *, max_in_flight: int = 256) -> None:
         self.front = front
         self.pids: dict[str, dict[int, Any]] = {}  # node -> pid -> another shard's replica
         self.max_in_flight = max_in_flight
+        self._last: dict[str, float] = {}  # node -> time of its previous sample
         self._out: set[asyncio.Task] = set()
 
     async def refresh(self) -> None:
@@ -389,6 +394,7 @@ class GpuRelay:
             for ident in part or ():
                 pids.setdefault(ident.node_id, {})[ident.pid] = ident
         self.pids = pids
+        self._last = {k: v for k, v in self._last.items() if k in pids}
 
     def joined(self, snap: Any, own: dict) -> Any:
         """``snap`` with its processes joined to every shard's replicas (``own``: shard
@@ -397,13 +403,37 @@ class GpuRelay:
 
         return attribute_processes(snap, {**self.pids.get(snap.node_id, {}), **own})
 
+    def targets(self, snap: Any) -> list[int]:
+        """The other shards that ``snap`` (joined) concerns: those whose applications have
+        a process on its GPUs. Every other shard while a process is not joined (a replica
+        of the last 3 s that only its own shard knows yet, or no replica: its shard
+        cannot be told), so no GPU time is missed; the rest would ingest nothing."""
+        from ray_monitor.common.shards import shard_of
+
+        n = self.front.shards
+        if any(p.replica is None for p in snap.processes):
+            return list(range(1, n))
+        return sorted({shard_of(p.replica.application, n) for p in snap.processes} - {0})
+
     def send(self, snap: Any) -> bool:
-        """Passes ``snap`` on without waiting (a shard away must not hold shard 0's GPU
-        samples); False when too many are still on their way (this one is not sent)."""
-        if len(self._out) >= self.max_in_flight:
+        """Passes ``snap`` on to :meth:`targets` without waiting (a shard away must not
+        hold shard 0's GPU samples), with the time of the node's previous sample, which
+        that shard may not have had (its interval starts there); False when too many are
+        still on their way (this one is not sent: the next one's interval covers it; a
+        shard that is away loses the interval of a sample it did not take)."""
+        targets = self.targets(snap)
+        if len(self._out) + len(targets) > self.max_in_flight:
             return False
-        task = asyncio.get_running_loop().create_task(
-            self.front.gather("ingest_gpu", snap, True))
-        self._out.add(task)
-        task.add_done_callback(self._out.discard)
+        since = self._last.get(snap.node_id)
+        self._last[snap.node_id] = snap.time
+        for i in targets:
+            task = asyncio.get_running_loop().create_task(self._pass(i, snap, since))
+            self._out.add(task)
+            task.add_done_callback(self._out.discard)
         return True
+
+    async def _pass(self, index: int, snap: Any, since: Optional[float]) -> None:
+        try:
+            await self.front.call(index, "ingest_gpu", snap, True, since)
+        except Exception:  # logged once by the front; its next sample's interval covers it
+            pass

@@ -279,8 +279,10 @@ class WindowStore:
         self._through[slot] = end + interval / 2
         self._due[slot] = end + interval + COMPLETE_WAIT_S
 
-    def ingest_gpu(self, snap: GpuSnapshot) -> None:
-        """Adds one GPU sample of a node (see the module docstring for what it becomes)."""
+    def ingest_gpu(self, snap: GpuSnapshot, since: Optional[float] = None) -> None:
+        """Adds one GPU sample of a node (see the module docstring for what it becomes);
+        ``since``: the time of the node's previous sample where the caller knows it better
+        than this store (a shard passed only some of a node's samples)."""
         now = self._clock()
         self._counts["gpu_snapshots_ingested"] += 1
         node = snap.node_id
@@ -296,7 +298,8 @@ class WindowStore:
             increases[dev.uuid] = inc
         t = min(snap.time, now)
         last = self._gpu_nodes.get(node)
-        interval = min(t - last[1], 60.0) if last and t > last[1] else 1.0
+        prev = since if since is not None else last[1] if last else None
+        interval = min(t - prev, 60.0) if prev is not None and t > prev else 1.0
         self._gpu_nodes[node] = (now, t, interval)
         # a sample stands for the interval it ends, like a replica's delta (see Time)
         where = self._begin_write(t - interval / 2, now)
