@@ -2,12 +2,13 @@
 mergers' report-only forwards cost the aggregator shards.
 
     nice .venv/bin/python benchmarks/bench_gpu_relay.py [--shards 4] [--nodes 100]
-        [--gpus 8] [--apps 20] [--rounds 2] [--measure-s 15] [--json OUT]
+        [--gpus 8] [--apps 20] [--apps-per-node 2] [--rounds 2] [--measure-s 15]
+        [--json OUT]
 
 Real aggregator shards (``get_or_create(shard=i)``, GPU management on with the fake NVML
 of the tests, node fan-in management off) run throughout. Each simulated node has
-``--gpus`` GPUs and one replica per GPU (replica r of the cluster: application
-``app{r % apps}``, so every node holds applications of every shard); each replica
+``--gpus`` GPUs and one replica per GPU, of ``--apps-per-node`` of the ``--apps``
+applications (node k's: ``app{(k * apps_per_node + j) % apps}``); each replica
 delivers one snapshot to its own shard first, so every shard knows its replicas and
 shard 0's relay (refreshed every 3 s) knows the others'. A ``Sender`` actor then plays,
 by mode:
@@ -42,23 +43,22 @@ from benchmarks.bench_fanin import actor_pid, cpu_s, start_ray  # noqa: E402
 from ray_monitor.common.names import NAMESPACE  # noqa: E402
 
 
-def identity(k: int, g: int, gpus: int, apps: int):
+def identity(k: int, g: int, gpus: int, apps: int, per_node: int):
     from ray_monitor.common.snapshot import ReplicaIdentity
 
-    r = k * gpus + g
-    return ReplicaIdentity(f"app{r % apps}", f"Dep{r % apps}", f"Dep{r % apps}#r{r}",
-                           f"node{k}", 100_000 + r, "v1")
+    r, a = k * gpus + g, (k * per_node + g % per_node) % apps
+    return ReplicaIdentity(f"app{a}", f"Dep{a}", f"Dep{a}#r{r}", f"node{k}", 100_000 + r, "v1")
 
 
 @ray.remote(num_cpus=0)
 class Sender:
     """Plays the GPU-stats actors and node mergers of ``--nodes`` simulated nodes."""
 
-    def __init__(self, nodes: int, gpus: int, apps: int, shards: int) -> None:
+    def __init__(self, nodes: int, gpus: int, apps: int, per_node: int, shards: int) -> None:
         from ray_monitor.common.names import AGGREGATOR_NAME
         from ray_monitor.common.shards import shard_name
 
-        self.nodes, self.gpus, self.apps = nodes, gpus, apps
+        self.nodes, self.gpus, self.apps, self.per_node = nodes, gpus, apps, per_node
         self.shards = [ray.get_actor(AGGREGATOR_NAME if i == 0 else shard_name(i),
                                      namespace=NAMESPACE) for i in range(shards)]
 
@@ -71,7 +71,7 @@ class Sender:
         calls = [self.shards[shard_of(ident.application, len(self.shards))].ingest.remote(
                  [ReplicaSnapshot(ident, 1, now - 1, now, [])], None)
                  for k in range(self.nodes) for g in range(self.gpus)
-                 for ident in [identity(k, g, self.gpus, self.apps)]]
+                 for ident in [identity(k, g, self.gpus, self.apps, self.per_node)]]
         ray.get(calls, timeout=300)
         return len(calls)
 
@@ -82,8 +82,8 @@ class Sender:
             "utilization_ratio": 0.5, "memory_used_bytes": 4e10, "memory_total_bytes": 8e10,
             "temperature_celsius": 60.0, "power_watts": 400.0, "throttled": 0.0})
             for g in range(self.gpus)]
-        processes = [GpuProcess(g, f"GPU-{k}-{g}", identity(k, g, self.gpus, self.apps).pid,
-                                2 ** 34, 0.4) for g in range(self.gpus)]
+        processes = [GpuProcess(g, f"GPU-{k}-{g}", identity(
+            k, g, self.gpus, self.apps, self.per_node).pid, 2 ** 34, 0.4) for g in range(self.gpus)]
         return GpuSnapshot(f"node{k}", t, devices, processes)
 
     def run(self, mode: str, until: float) -> int:
@@ -121,6 +121,7 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=100)
     ap.add_argument("--gpus", type=int, default=8)
     ap.add_argument("--apps", type=int, default=20)
+    ap.add_argument("--apps-per-node", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--measure-s", type=float, default=15.0)
     ap.add_argument("--json")
@@ -136,7 +137,7 @@ def main() -> None:
     shards = [get_or_create(cfg, shard=i) for i in range(n)]
     ray.get([s.ready.remote() for s in shards], timeout=120)
     pids = [actor_pid(s) for s in shards]
-    sender = Sender.remote(args.nodes, args.gpus, args.apps, n)
+    sender = Sender.remote(args.nodes, args.gpus, args.apps, args.apps_per_node, n)
     print(f"{n} shards; {args.nodes} nodes x {args.gpus} GPUs, one replica each: "
           f"{ray.get(sender.register.remote(), timeout=600)} replicas registered")
     time.sleep(4)  # shard 0's relay asks the others for their replicas every 3 s
