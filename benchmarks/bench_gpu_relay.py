@@ -15,8 +15,10 @@ by mode:
 
 - ``gpu``: every node's GPU-stats actor: one ``ingest_gpu`` call to shard 0 per node per
   second (the default ``gpu_interval_s``), each sample ``--gpus`` devices and one process
-  per replica. Shard 0 joins it to every shard's replicas, ingests it and passes it on to
-  every other shard (``GpuRelay``), which joins its own replicas and ingests its share;
+  per replica. Shard 0 joins it to every shard's replicas, ingests it and passes it on
+  (``GpuRelay``: since RESULTS §24 only to the shards with a process on the node's GPUs,
+  gathered into one call per shard a second; before, one call per sample to every other
+  shard), and each of those joins its own replicas and ingests its share;
 - ``empty``: every node's merger when none of its replicas is shard 0's: a forward of no
   snapshots to shard 0 every ``REPORT_EVERY_S`` (5 s), carrying its counters;
 - ``idle``: nothing sent: each shard's own loop (and the one real GPU actor's samples of
