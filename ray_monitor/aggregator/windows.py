@@ -4,7 +4,8 @@ Runs in the aggregator actor. The aggregator hands each
 :class:`~ray_monitor.common.snapshot.ReplicaSnapshot` and
 :class:`~ray_monitor.common.snapshot.GpuSnapshot` to :meth:`WindowStore.ingest` /
 :meth:`WindowStore.ingest_gpu`; alert rules call :meth:`WindowStore.evaluate` with a parsed
-:class:`~ray_monitor.common.catalog.Query`; ``/metrics`` reads :meth:`WindowStore.cumulative`.
+:class:`~ray_monitor.common.catalog.Query`; ``/metrics`` reads :meth:`WindowStore.cumulative`
+(copied on the aggregator's loop, built on a worker thread: ``cumulative_reader``).
 This module decides what a snapshot becomes and when; how it is held (rings, rollups, the
 cap on series) is :mod:`~ray_monitor.aggregator.rings`, and what a query means (windows,
 functions, sharing within a round) is :mod:`~ray_monitor.aggregator.window_query`.
