@@ -354,10 +354,10 @@ class Aggregator:
         self.core.ingest(snaps, node_report=report)
         return self.core.kept_log.reply(kept_since)
 
-    async def ingest_gpu(self, snap: GpuSnapshot, local: bool = False) -> None:
+    async def ingest_gpu(self, snap: GpuSnapshot | list, local: bool = False) -> None:
         """A node's GPU sample, from its GPU-stats actor to shard 0. Sharded, shard 0 joins
-        it to every shard's replicas and passes it on; each shard counts its replicas' GPU
-        time (:func:`~ray_monitor.aggregator.shards.gpu_share`), shard 0 the devices."""
+        it to every shard's replicas and passes it on (to another shard: a batch, GpuRelay);
+        each shard counts its replicas' GPU time (shards.gpu_share), shard 0 the devices."""
         if self._peers is None:
             return self.core.ingest_gpu(snap)
         from ray_monitor.aggregator.shards import ingest_gpu_share

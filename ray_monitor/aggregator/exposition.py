@@ -42,8 +42,12 @@ class MonitorCollector:
                  self_metrics: Callable[[], dict],
                  autoscale: Optional[Callable[[], tuple[list, dict]]] = None,
                  bounds: Optional[Callable[[], Mapping[str, tuple[float, ...]]]] = None,
-                 serve: Optional[Callable[[], Mapping[tuple[str, str], int]]] = None) -> None:
+                 serve: Optional[Callable[[], Mapping[tuple[str, str], int]]] = None,
+                 series_reader: Optional[Callable[[], Callable[[], Iterable]]] = None) -> None:
         self._series = series
+        # what frozen() calls on the loop: it copies the series' sources and returns what
+        # lists them from the copies (default: the series listed there and then)
+        self._series_reader = series_reader
         self._alerts = alerts
         self._self = self_metrics
         self._autoscale = autoscale
@@ -53,8 +57,14 @@ class MonitorCollector:
     def frozen(self) -> "MonitorCollector":
         """This collector over what its sources say now, read here (on the aggregator's
         loop): the copy's ``collect()`` reads nothing else, so it may run on a worker
-        thread while ingest goes on (the store's cumulative series are copies already)."""
-        series, alerts = list(self._series()), list(self._alerts())
+        thread while ingest goes on. The series are built there too, from what
+        ``series_reader`` copied (the store's arrays), when it is given."""
+        if self._series_reader is not None:
+            series = self._series_reader()
+        else:
+            listed = list(self._series())
+            series = lambda: listed
+        alerts = list(self._alerts())
         own = copy.deepcopy(self._self())
         auto = None
         if self._autoscale is not None:
@@ -63,7 +73,7 @@ class MonitorCollector:
         bounds = dict(self._bounds()) if self._bounds is not None else None
         serve = self._serve() if self._serve is not None else None
         serve = dict(serve) if serve is not None else None
-        return MonitorCollector(series=lambda: series, alerts=lambda: alerts,
+        return MonitorCollector(series=series, alerts=lambda: alerts,
                                 self_metrics=lambda: own,
                                 autoscale=None if auto is None else (lambda: auto),
                                 bounds=None if bounds is None else (lambda: bounds),

@@ -37,7 +37,9 @@ On a sharded monitor (``StartConfig.shards > 1``) this app runs on shard 0 only,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import gc
 import hmac
 import json
 import logging
@@ -56,7 +58,8 @@ from ray_monitor.common.errors import BadRequest, ConfigError
 from ray_monitor.quality.compare import COMPARE_WINDOW_S
 from ray_monitor.quality.store import GAUGE_WINDOW_S
 
-__all__ = ["LOOPBACK", "MAX_BODY_BYTES", "collect_off_loop", "make_app", "monitor_collectors",
+__all__ = ["LOOPBACK", "MAX_BODY_BYTES", "collect_off_loop", "gc_paused", "make_app",
+           "monitor_collectors",
            "monitor_registry", "query_seconds", "start_server", "writes_allowed"]
 
 logger = logging.getLogger("ray_monitor.http")
@@ -154,7 +157,8 @@ def monitor_collectors(core, hints=None) -> list:
     return [MonitorCollector(series=core.store.cumulative, alerts=core.engine.alert_series,
                              self_metrics=core.self_metrics,
                              autoscale=lambda: (hints(), core.hints.decisions),
-                             bounds=lambda: core.classic_bounds, serve=core.serve_running),
+                             bounds=lambda: core.classic_bounds, serve=core.serve_running,
+                             series_reader=core.store.cumulative_reader),
             QualityCollector(core.quality_summary)]
 
 
@@ -163,12 +167,37 @@ def monitor_registry(core, hints=None, *extra):
     return registry(*monitor_collectors(core, hints), *extra)
 
 
+@contextlib.contextmanager
+def gc_paused():
+    """The garbage collector off inside (on the loop's thread; nested uses share one
+    pause). A large scrape makes hundreds of thousands of objects that live until it
+    ends; each full collection meanwhile scans them all, 20-100 ms with the GIL held,
+    which stalls the loop whichever thread it lands in (RESULTS §24). They are freed by
+    reference counting at the end (no cycles): cyclic garbage made meanwhile waits for the
+    next collection, a second or two later."""
+    if _gc_pause["depth"] == 0:
+        _gc_pause["enabled"] = gc.isenabled()
+        gc.disable()
+    _gc_pause["depth"] += 1
+    try:
+        yield
+    finally:
+        _gc_pause["depth"] -= 1
+        if _gc_pause["depth"] == 0 and _gc_pause["enabled"]:
+            gc.enable()
+
+
+_gc_pause = {"depth": 0, "enabled": True}
+
+
 async def collect_off_loop(collectors: list) -> list:
     """The metric families of ``collectors``: their sources read now, on the loop (one
-    consistent snapshot of the state: ``frozen()``), the families built on a worker
-    thread, so a large cluster's series do not hold ingest and rule rounds meanwhile."""
-    snap = [c.frozen() if hasattr(c, "frozen") else c for c in collectors]
-    return await asyncio.to_thread(lambda: [f for c in snap for f in c.collect()])
+    consistent snapshot of the state: ``frozen()``, copies), the families built on a
+    worker thread, so a large cluster's series do not hold ingest and rule rounds
+    meanwhile (nor do garbage collections of what it makes: :func:`gc_paused`)."""
+    with gc_paused():
+        snap = [c.frozen() if hasattr(c, "frozen") else c for c in collectors]
+        return await asyncio.to_thread(lambda: [f for c in snap for f in c.collect()])
 
 
 class _Families:
@@ -179,6 +208,21 @@ class _Families:
 
     def collect(self):
         return iter(self.families)
+
+
+def _render_dropping(box: list, accept: str) -> tuple[bytes, str]:
+    """:func:`render` of the families in ``box`` (made for this scrape alone), then the
+    families emptied here, a slice of samples at a time: freeing a large scrape's objects
+    takes 100 ms at 3,000 replicas, and one C call that frees them all would hold the GIL
+    (so the loop) as long."""
+    families = box.pop()
+    try:
+        return render(_Families(families), accept)
+    finally:
+        while families:
+            samples = families.pop().samples
+            while samples:
+                del samples[-2000:]
 
 
 def make_app(agg) -> web.Application:
@@ -199,18 +243,23 @@ def make_app(agg) -> web.Application:
         check_origin(request, content_types=content_types, loopback_exception=not agg.token)
 
     async def metrics(request):
-        # The state read on the loop, in one go (a consistent snapshot); the families
-        # and their text made on a worker thread: at a large cluster's series they take
-        # seconds, which ingest and rule rounds would otherwise wait out (the thread only
-        # shares the GIL with them).
-        families = await collect_off_loop(collectors)
-        if sharded:  # every shard's series, one exposition (see aggregator.shards)
-            from ray_monitor.aggregator.shards import merge_families
+        # The state read on the loop, in one go (a consistent snapshot, copies); the
+        # families and their text made on worker threads: at a large cluster's series they
+        # take seconds, which ingest and rule rounds would otherwise wait out (the threads
+        # only share the GIL with them). The collector stays off until the families are
+        # freed (a collection while they live scans them all, see gc_paused).
+        with gc_paused():
+            families = await collect_off_loop(collectors)
+            if sharded:  # every shard's series, one exposition (see aggregator.shards)
+                from ray_monitor.aggregator.shards import merge_families
 
-            families = merge_families([families] + await agg._peers.gather(
-                "metric_families", True))
-        body, ctype = await asyncio.get_running_loop().run_in_executor(
-            None, render, _Families(families), request.headers.get("Accept", ""))
+                parts = [families] + await agg._peers.gather("metric_families", True)
+                families = await asyncio.to_thread(merge_families, parts)  # every sample
+                del parts
+            box = [families]
+            del families  # the thread holds the last reference: frees them there
+            body, ctype = await asyncio.get_running_loop().run_in_executor(
+                None, _render_dropping, box, request.headers.get("Accept", ""))
         return web.Response(body=body, headers={"Content-Type": ctype})
 
     async def alerts(request):

@@ -23,10 +23,10 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from ray_monitor.common.names import NAMESPACE
 from ray_monitor.common.shards import shard_name
 
-__all__ = ["CALL_TIMEOUT_S", "GpuRelay", "KeptExchange", "NODE_FAMILIES", "REROUTE_MAX",
-           "SELF_PREFIX", "ShardFront", "front_feedback", "gpu_share", "ingest_gpu_share",
-           "merge_families", "merge_feedback", "merge_groups", "merge_stats", "merge_traces",
-           "reroute_held", "route_feedback"]
+__all__ = ["CALL_TIMEOUT_S", "GpuRelay", "KeptExchange", "NODE_FAMILIES", "RELAY_EVERY_S",
+           "REROUTE_MAX", "SELF_PREFIX", "ShardFront", "front_feedback", "gpu_share",
+           "ingest_gpu_share", "merge_families", "merge_feedback", "merge_groups",
+           "merge_stats", "merge_traces", "reroute_held", "route_feedback"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 #: answer in time is left out of that answer and shown as ``ray_monitor_self_shard_up 0``
 #: (under Prometheus' default 10 s scrape timeout, so the scrape itself still succeeds).
 CALL_TIMEOUT_S = 5.0
+#: How long shard 0 gathers GPU samples before passing them on to another shard (one
+#: call per shard and second, :class:`GpuRelay`).
+RELAY_EVERY_S = 1.0
 #: The monitor's own metrics: every shard has them, so they get a ``shard`` label.
 SELF_PREFIX = "ray_monitor_self_"
 #: The node mergers' own counters: reported to shard 0 only (a node's, not a shard's;
@@ -240,13 +243,17 @@ def gpu_share(snap: Any, own: dict, mine: Callable[[str], bool]) -> Any:
         p for p in snap.processes if p.gpu_uuid in used and p.gpu_uuid not in lost])
 
 
-def ingest_gpu_share(core: Any, snap: Any, mine: Callable[[str], bool]) -> None:
-    """Another shard's handling of a GPU sample shard 0 passed on (:func:`gpu_share`)."""
+def ingest_gpu_share(core: Any, batch: list, mine: Callable[[str], bool]) -> None:
+    """Another shard's handling of the GPU samples shard 0 passed on (:func:`gpu_share`):
+    ``(sample, since)`` pairs, oldest first; ``since``: the time of the node's previous
+    sample (this shard is passed only the samples that concern it,
+    :meth:`GpuRelay.targets`)."""
     own = {i.pid: i for i, _ in core.replicas.values()}
-    try:
-        core.store.ingest_gpu(gpu_share(snap, own, mine))
-    except Exception as e:  # one bad sample never stops the next
-        core.count_error("aggregator", f"ingest_gpu_failed:{type(e).__name__}", e)
+    for snap, since in batch:
+        try:
+            core.store.ingest_gpu(gpu_share(snap, own, mine), since=since)
+        except Exception as e:  # one bad sample never stops the next
+            core.count_error("aggregator", f"ingest_gpu_failed:{type(e).__name__}", e)
 
 
 def merge_feedback(parts: Sequence[tuple[list[int], dict]], limit: int = 100) -> dict:
@@ -374,13 +381,19 @@ class KeptExchange:
 
 class GpuRelay:
     """Shard 0's GPU samples, joined to every shard's replicas, passed on to the other
-    shards, which count their replicas' GPU time (:func:`gpu_share`)."""
+    shards whose replicas use the node's GPUs, which count their GPU time
+    (:func:`gpu_share`): gathered for ``every_s``, one call per shard (not one per node
+    sample and shard: 300 Ray calls a second from shard 0 at 100 nodes and 4 shards)."""
 
-    def __init__(self, front: "ShardFront", *, max_in_flight: int = 256) -> None:
+    def __init__(self, front: "ShardFront", *, max_pending: int = 10_000,
+                 every_s: float = RELAY_EVERY_S) -> None:
         self.front = front
         self.pids: dict[str, dict[int, Any]] = {}  # node -> pid -> another shard's replica
-        self.max_in_flight = max_in_flight
-        self._out: set[asyncio.Task] = set()
+        self.max_pending = max_pending
+        self.every_s = every_s
+        self._last: dict[str, float] = {}  # node -> time of its previous sample
+        self._pending: dict[int, list] = {}  # shard -> [(sample, since)], oldest first
+        self._tasks: dict[int, asyncio.Task] = {}  # shard -> its pass in the making
 
     async def refresh(self) -> None:
         """The other shards' replicas, asked again (at the aggregator's reconcile)."""
@@ -397,13 +410,42 @@ class GpuRelay:
 
         return attribute_processes(snap, {**self.pids.get(snap.node_id, {}), **own})
 
+    def targets(self, snap: Any) -> list[int]:
+        """The other shards that ``snap`` (joined) concerns: those whose applications have
+        a process on its GPUs. Every other shard while a process is not joined (a replica
+        of the last 3 s that only its own shard knows yet, or no replica: its shard
+        cannot be told), so no GPU time is missed; the rest would ingest nothing."""
+        from ray_monitor.common.shards import shard_of
+
+        n = self.front.shards
+        if any(p.replica is None for p in snap.processes):
+            return list(range(1, n))
+        return sorted({shard_of(p.replica.application, n) for p in snap.processes} - {0})
+
     def send(self, snap: Any) -> bool:
-        """Passes ``snap`` on without waiting (a shard away must not hold shard 0's GPU
-        samples); False when too many are still on their way (this one is not sent)."""
-        if len(self._out) >= self.max_in_flight:
+        """Queues ``snap`` for :meth:`targets`, passed on within ``every_s`` without
+        waiting (a shard away must not hold shard 0's GPU samples), with the time of the
+        node's previous sample, which that shard may not have had (its interval starts
+        there). False when a target has ``max_pending`` samples queued (this one is not
+        sent: the next one's interval covers it). A shard that is away loses the
+        intervals of the samples it did not take."""
+        targets = self.targets(snap)
+        if any(len(self._pending.get(i, ())) >= self.max_pending for i in targets):
             return False
-        task = asyncio.get_running_loop().create_task(
-            self.front.gather("ingest_gpu", snap, True))
-        self._out.add(task)
-        task.add_done_callback(self._out.discard)
+        since = self._last.get(snap.node_id)
+        self._last[snap.node_id] = snap.time
+        for i in targets:
+            self._pending.setdefault(i, []).append((snap, since))
+            task = self._tasks.get(i)
+            if task is None or task.done():  # else it takes this one after its call
+                self._tasks[i] = asyncio.get_running_loop().create_task(self._pass(i))
         return True
+
+    async def _pass(self, index: int) -> None:
+        while self._pending.get(index):
+            await asyncio.sleep(self.every_s)
+            batch = self._pending.pop(index, [])
+            try:
+                await self.front.call(index, "ingest_gpu", batch, True)
+            except Exception:  # logged once by the front
+                pass

@@ -115,6 +115,20 @@ class Totals:
                 if cur is None or e.timestamp >= cur.timestamp:
                     ex[i] = e
 
+    def take(self, rows: np.ndarray) -> "Totals":
+        """A copy of rows ``rows`` (its row ``i`` is row ``rows[i]`` here), sharing nothing
+        that this one writes in place: ``/metrics`` takes it on the aggregator's loop and
+        reads it on a worker thread while ingest goes on changing this one."""
+        out = Totals(self.kind)
+        out.v, out.t = self.v[rows], self.t[rows]
+        if self.kind == "histogram":
+            for name in ("n", "s", "z", "lo", "hi", "base"):
+                setattr(out, name, getattr(self, name)[rows])
+            counts, ex, at = self.counts, self.exemplars, rows.tolist()
+            out.counts = [None if c is None else c.copy() for c in map(counts.__getitem__, at)]
+            out.exemplars = {i: dict(ex[r]) for i, r in enumerate(at) if r in ex}
+        return out
+
     def value(self, row: int) -> float:
         return float(self.v[row])
 

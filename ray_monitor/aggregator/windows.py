@@ -4,7 +4,8 @@ Runs in the aggregator actor. The aggregator hands each
 :class:`~ray_monitor.common.snapshot.ReplicaSnapshot` and
 :class:`~ray_monitor.common.snapshot.GpuSnapshot` to :meth:`WindowStore.ingest` /
 :meth:`WindowStore.ingest_gpu`; alert rules call :meth:`WindowStore.evaluate` with a parsed
-:class:`~ray_monitor.common.catalog.Query`; ``/metrics`` reads :meth:`WindowStore.cumulative`.
+:class:`~ray_monitor.common.catalog.Query`; ``/metrics`` reads :meth:`WindowStore.cumulative`
+(copied on the aggregator's loop, built on a worker thread: ``cumulative_reader``).
 This module decides what a snapshot becomes and when; how it is held (rings, rollups, the
 cap on series) is :mod:`~ray_monitor.aggregator.rings`, and what a query means (windows,
 functions, sharing within a round) is :mod:`~ray_monitor.aggregator.window_query`.
@@ -279,8 +280,10 @@ class WindowStore:
         self._through[slot] = end + interval / 2
         self._due[slot] = end + interval + COMPLETE_WAIT_S
 
-    def ingest_gpu(self, snap: GpuSnapshot) -> None:
-        """Adds one GPU sample of a node (see the module docstring for what it becomes)."""
+    def ingest_gpu(self, snap: GpuSnapshot, since: Optional[float] = None) -> None:
+        """Adds one GPU sample of a node (see the module docstring for what it becomes);
+        ``since``: the time of the node's previous sample where the caller knows it better
+        than this store (a shard passed only some of a node's samples)."""
         now = self._clock()
         self._counts["gpu_snapshots_ingested"] += 1
         node = snap.node_id
@@ -296,7 +299,8 @@ class WindowStore:
             increases[dev.uuid] = inc
         t = min(snap.time, now)
         last = self._gpu_nodes.get(node)
-        interval = min(t - last[1], 60.0) if last and t > last[1] else 1.0
+        prev = since if since is not None else last[1] if last else None
+        interval = min(t - prev, 60.0) if prev is not None and t > prev else 1.0
         self._gpu_nodes[node] = (now, t, interval)
         # a sample stands for the interval it ends, like a replica's delta (see Time)
         where = self._begin_write(t - interval / 2, now)
@@ -447,38 +451,37 @@ class WindowStore:
             self._version += 1
         return gone
 
-    def _fresh_s(self, labels: tuple[str, ...], by_node: bool) -> Optional[float]:
-        """How recently the source of a gauge series last reported (None: unknown)."""
-        if by_node:
-            seen = self._gpu_nodes.get(labels[0])
-            return None if seen is None else max(GAUGE_FRESH_S, 3 * seen[2])
-        seen = self._replicas.get(labels[:3])
-        return None if seen is None else max(GAUGE_FRESH_S, 3 * seen[4])
-
     def cumulative(self, now: Optional[float] = None) -> list[CumulativeSeries]:
         """Every live series since the store started (totals, latest values, histograms),
         for ``/metrics``. A gauge is left out once its source (replica, or GPU node) has
         not reported for :data:`GAUGE_FRESH_S` (or three of its intervals), as Prometheus
         drops the series of a target that stopped answering; counters and histograms stay
         while the series is alive, so ``rate()`` over them reads 0, not nothing."""
+        return self.cumulative_reader(now)()
+
+    def cumulative_reader(self, now: Optional[float] = None) -> Callable[[], list[CumulativeSeries]]:
+        """:meth:`cumulative` in two steps: this call copies what it reads (each table's
+        label index and the rows' totals, the sources' report intervals: arrays, a few ms
+        at thousands of replicas), and the function it returns builds the series from the
+        copies alone, so ``/metrics`` calls it on a worker thread while ingest goes on
+        (issue 15: built here, it held the aggregator's loop for hundreds of ms)."""
         now = self._clock() if now is None else now
-        out = []
+        parts = []
         for name, table in self._tables.items():
-            names, kind = table.metric.labels, table.kind
-            by_node = names[0] == "node"
-            for values, row in table.series.index.items():
-                if kind == "gauge":
-                    fresh = self._fresh_s(values, by_node)
-                    if fresh is not None and now - table.series.updated[row] > fresh:
-                        continue
-                s = CumulativeSeries(metric=name, kind=kind, labels=dict(zip(names, values)),
-                                     updated=float(table.series.updated[row]))
-                if kind == "histogram":
-                    s.histogram, s.exemplars = table.totals.histogram(row)
-                else:
-                    s.value = table.totals.value(row)
-                out.append(s)
-        return out
+            index = table.series.index
+            if not index:
+                continue
+            rows = np.fromiter(index.values(), dtype=np.intp, count=len(index))
+            parts.append((name, table.metric.labels, table.kind, list(index),
+                          table.series.updated[rows], table.totals.take(rows)))
+        intervals = ({k: v[4] for k, v in self._replicas.items()},
+                     {k: v[2] for k, v in self._gpu_nodes.items()})
+        return lambda: _cumulative(parts, intervals, now)
+
+    def series_count(self) -> int:
+        """How many series the store holds (what ``stats()["series_total"]`` says, without
+        reading the rings)."""
+        return sum(len(t.series.index) for t in self._table_list)
 
     def stats(self) -> dict:
         """Sizes and counters for the monitor's own metrics and status page.
@@ -508,3 +511,26 @@ class WindowStore:
             "replica_dropped": sum(v[1] for v in self._replicas.values()),
             **self._counts,
         }
+
+
+def _cumulative(parts: list, intervals: tuple[dict, dict], now: float) -> list[CumulativeSeries]:
+    """The series of :meth:`WindowStore.cumulative` from the copies its reader took."""
+    out = []
+    for name, names, kind, labels, updated, totals in parts:
+        if kind == "gauge":  # fresh while its source reports (see cumulative)
+            by_node = names[0] == "node"
+            seen = intervals[1] if by_node else intervals[0]
+            limit = [seen.get(v[0] if by_node else v[:3]) for v in labels]
+            keep = [i for i, x in enumerate(limit)
+                    if x is None or now - updated[i] <= max(GAUGE_FRESH_S, 3 * x)]
+        else:
+            keep = range(len(labels))
+        for i in keep:
+            s = CumulativeSeries(metric=name, kind=kind, labels=dict(zip(names, labels[i])),
+                                 updated=float(updated[i]))
+            if kind == "histogram":
+                s.histogram, s.exemplars = totals.histogram(i)
+            else:
+                s.value = totals.value(i)
+            out.append(s)
+    return out

@@ -120,34 +120,41 @@ PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,text/plain;vers
                      "*/*;q=0.1")
 
 
-def test_metrics_text_is_rendered_off_the_event_loop_from_a_snapshot_taken_on_it(monkeypatch):
-    """A large /metrics takes seconds to render: a worker thread does it, so ingest and
-    rule rounds are not held; the series are collected on the loop first, so state that
-    changes meanwhile (an ingest while the text is made) is not in this scrape."""
+def test_metrics_are_built_off_the_event_loop_from_copies_taken_on_it(monkeypatch):
+    """A large /metrics takes seconds to build and render: worker threads do it, so ingest
+    and rule rounds are not held. On the loop the store's arrays are only copied, so state
+    that changes meanwhile (ingest, on the loop in production: here while the series are
+    built, and while the text is made) is not in this scrape, even where ingest writes a
+    series' arrays in place (a second delta of the same histogram)."""
     import threading
 
     import ray_monitor.aggregator.http_api as http_api
     from ray_monitor.common.histogram import Histogram
     from ray_monitor.common.snapshot import ReplicaIdentity, ReplicaSnapshot, SeriesDelta
 
-    def snap(app):
+    def snap(app, seq=1):
         now, latency = agg.core.clock(), Histogram()
         latency.record(0.2)
-        return ReplicaSnapshot(ReplicaIdentity(app, "D", f"{app}-r", "n", 1), 1, now - 1, now,
+        return ReplicaSnapshot(ReplicaIdentity(app, "D", f"{app}-r", "n", 1), seq, now - 1, now,
                                [SeriesDelta("__call__", "ok", False, latency)])
     agg = Agg("127.0.0.1", None)
     agg.core.ingest([snap("one")])
     seen = {}
-    real, cumulative = http_api.render, agg.core.store.cumulative
+    real, reader = http_api.render, agg.core.store.cumulative_reader
 
-    def read(*a, **k):  # the store is read on the loop, in one go
+    def read(*a, **k):  # the store is copied on the loop, in one go
         seen["read"] = threading.current_thread()
-        return cumulative(*a, **k)
-    agg.core.store.cumulative = read
+        build = reader(*a, **k)
+
+        def built():
+            seen["built"] = threading.current_thread()
+            agg.core.ingest([snap("one", 2)])  # the same series: its bucket counts grow
+            return build()
+        return built
+    agg.core.store.cumulative_reader = read
 
     def render(source, accept=""):
         seen["thread"] = threading.current_thread()
-        # state changing while the text is made (on the loop, in production)
         agg.core.ingest([snap("two")])
         return real(source, accept)
     monkeypatch.setattr(http_api, "render", render)
@@ -161,8 +168,17 @@ def test_metrics_text_is_rendered_off_the_event_loop_from_a_snapshot_taken_on_it
         status, text = asyncio.run(go())
     finally:
         agg.core.notifier.close(1.0)
-    assert status == 200 and seen["thread"] is not seen["loop"] and seen["read"] is seen["loop"]
+    assert status == 200 and seen["read"] is seen["loop"]
+    assert seen["built"] is not seen["loop"] and seen["thread"] is not seen["loop"]
     assert 'application="one"' in text and 'application="two"' not in text
+    one = [line for line in text.splitlines() if 'application="one"' in line]
+    assert [line.rsplit(" ", 1)[1] for line in one if 'le="0.25"' in line] == ["1.0"]
+    assert [line.rsplit(" ", 1)[1] for line in one
+            if line.startswith("ray_monitor_requests_total")] == ["1.0"]
+    # and the store did take both deltas
+    assert [s.histogram.buckets for s in agg.core.store.cumulative()
+            if s.metric == "latency_seconds" and s.labels["application"] == "one"
+            ][0] == {k: 2 * v for k, v in snap("one").series[0].latency.buckets.items()}
 
 
 def test_metrics_answer_openmetrics_when_asked_and_the_text_format_otherwise():
@@ -283,3 +299,33 @@ def test_deployments_show_stream_figures_and_top_tenants_only_for_streaming_ones
     assert e["tokens_per_s"] is None and e["items_per_s"] == pytest.approx(12 / 60.0)
     assert e["top_tenants"] == [] and e["tpot_p50_s"] is None
     assert e["queue_p95_s"] is None  # no caller sent its time
+
+
+def test_garbage_collection_is_paused_while_a_scrape_builds_and_renders_then_restored():
+    """A full collection during a large scrape scans all it made so far, with the GIL
+    held: the loop would stall whichever thread it lands in. The pause nests, ends with
+    the scrape, and leaves a collector that was off (the user's choice) off."""
+    import gc
+
+    from ray_monitor.aggregator.http_api import collect_off_loop, gc_paused
+
+    class Probe:
+        def collect(self):
+            seen.append(gc.isenabled())
+            return iter(())
+    seen: list = []
+    assert gc.isenabled()
+    assert asyncio.run(collect_off_loop([Probe()])) == [] and seen == [False]
+    assert gc.isenabled()
+    with gc_paused():
+        with gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -332,6 +332,63 @@ def test_context_spans_of_a_trace_kept_on_another_shard_are_kept_and_shown_whole
         assert t["application"] == A and t["span_count"] == 2 and t["spans_dropped"] == 0
 
 
+def test_a_gpu_sample_is_passed_only_to_the_shards_it_concerns_and_their_time_stays_right():
+    """Shard 0 passes a node's sample on only to the shards with a process on its GPUs,
+    gathered into one call per shard (issue 15: one Ray call per node per second per
+    shard, most of them for nothing); a process not joined (a replica only its own shard
+    knows yet) sends it to every shard.
+    A shard that missed the node's samples while it had no process there counts its next
+    interval from the node's previous sample, not from the last one it had."""
+    import asyncio
+    import dataclasses
+
+    from ray_monitor.aggregator.shards import GpuRelay, ingest_gpu_share
+    from ray_monitor.common.catalog import Query
+    from ray_monitor.common.snapshot import GpuDevice, GpuProcess, GpuSnapshot
+
+    a, b = "zeta", "gamma"  # of 3 shards: shard 0's, shard 2's
+    kb = shard_of(b, 3)
+    assert (shard_of(a, 3), kb) == (0, 2)
+    clock = Clock(1000.0)
+    core = AggregatorCore({"shards": 3}, clock=clock)  # shard kb
+    core.store.tenants.gpu_owner = lambda app: shard_of(app, 3) == kb  # as the actor
+    ids = {a: ReplicaIdentity(a, "Dep", "ra", "node-a", 101),
+           b: ReplicaIdentity(b, "Dep", "rb", "node-a", 202)}
+    snap = replica_snapshots("rb", 1, app=b)[0]
+    core.ingest([dataclasses.replace(snap, identity=ids[b])])
+    sent = []
+
+    class Front:
+        shards = 3
+
+        async def call(self, index, method, batch, local):
+            assert method == "ingest_gpu" and local
+            sent.append((index, [(snap.time, since) for snap, since in batch]))
+            ingest_gpu_share(core, batch, lambda app: shard_of(app, 3) == kb)
+    relay = GpuRelay(Front(), every_s=0.0)
+    relay.pids = {"node-a": {202: ids[b]}}
+    own = {101: ids[a]}
+    devices = [GpuDevice(0, "G0", "H100")]
+
+    async def go():
+        for t, pids in ((1001.0, [101]), (1002.0, [101, 202]), (1003.0, [101]),
+                        (1004.0, [101]), (1005.0, [101, 202]), (1005.5, [101, 202]),
+                        (1006.0, [101, 999])):
+            clock.t = t
+            procs = [GpuProcess(0, "G0", pid, 1, 0.5) for pid in pids]
+            assert relay.send(relay.joined(GpuSnapshot("node-a", t, devices, procs), own))
+            if t != 1005.0:  # 1005 and 1005.5 go in one call: a batch
+                await asyncio.gather(*relay._tasks.values())
+    asyncio.run(go())
+    assert sent == [(kb, [(1002.0, 1001.0)]), (kb, [(1005.0, 1004.0), (1005.5, 1005.0)]),
+                    *[(k, [(1006.0, 1005.5)]) for k in (1, 2)]]
+    # b's replica shared G0 for the intervals ending at 1002, 1005 and 1005.5: 0.5 s,
+    # 0.5 s and 0.25 s
+    got = core.store.evaluate(Query("sum", "replica_gpu_seconds", 60.0, by=("application",)),
+                              1010.0)
+    assert got == {(("application", b),): 1.25}
+
+
 def test_every_shards_replicas_get_their_gpu_time_counted_and_priced_on_their_shard():
     """Shard 0 joins a node's GPU sample to every shard's replicas (their pids asked for at
     each reconcile) and passes it on; each shard counts and prices its own replicas' GPU
@@ -367,7 +424,7 @@ def test_every_shards_replicas_get_their_gpu_time_counted_and_priced_on_their_sh
         snap = relay.joined(GpuSnapshot("node-a", t, devices, procs),
                             {i.pid: i for i, _ in cores[0].replicas.values()})
         cores[0].ingest_gpu(snap)  # shard 0, as the actor does once it passed it on
-        ingest_gpu_share(cores[1], snap, lambda app: shard_of(app, 2) == 1)
+        ingest_gpu_share(cores[1], [(snap, None)], lambda app: shard_of(app, 2) == 1)
     clock.t = 1006.0
 
     def ev(core, fn, metric, by):
