@@ -32,6 +32,7 @@ from ray_monitor.common.snapshot import Exemplar
 from ray_monitor.replica import queueing, streaming
 from ray_monitor.replica.http_semantics import status_of
 from ray_monitor.replica.propagation import ACTIVE, CURRENT
+from ray_monitor.replica.genai import _MARK as USAGE
 from ray_monitor.replica.streaming import NO_USAGE
 
 __all__ = ["MAX_QUEUED", "end", "record"]
@@ -61,10 +62,14 @@ def end(req: Any, outcome: str, error: Optional[BaseException], is_error: bool,
         ACTIVE.reset(token)
     t1 = _perf()
     fig = None
+    kind = type(result)
+    opts = req.runtime.options
     if stream is not None or result is not None and (
-            type(result) not in NO_USAGE or req.runtime.options.tokens is not None):
-        # (measure() would answer None for a number or None without a tokens extractor:
-        # its call is skipped here)
+            opts.tokens is not None or opts.tokens_auto and not (
+                kind in NO_USAGE or kind is str and USAGE not in result or
+                kind is dict and USAGE not in result and "response" not in result)):
+        # (without a stream or a tokens extractor, the results measure() answers None
+        # for after its own shortcut are left out here: one Python frame less)
         # read now, on the thread that ran the request: a tokens extractor is user code,
         # and the queue never holds a result or a stream's last item (their memory)
         fig = streaming.measure(req.runtime, stream, result, t1 - req.t0, req.call)

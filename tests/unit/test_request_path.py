@@ -206,8 +206,16 @@ def test_the_queue_time_read_at_start_is_queue_of(monkeypatch, sent):
     Model.__ray_monitor__.close()
 
 
-@pytest.mark.parametrize("result", [None, 0, 1.5, True, "text", {"a": 1}, [1]])
-@pytest.mark.parametrize("tokens", [None, False])
+USAGE = {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13}
+RESULTS = [None, 0, 1.5, True, "text", "", {"a": 1}, [1], b"x",
+           '{"model": "m", "usage": ' + str(USAGE).replace("'", '"') + "}",
+           {"model": "m", "usage": USAGE}, {"usage": None}, {"response": "x"},
+           {"type": "response.completed",
+            "response": {"model": "m", "usage": {"input_tokens": 7, "output_tokens": 5}}}]
+
+
+@pytest.mark.parametrize("result", RESULTS, ids=[repr(r)[:30] for r in RESULTS])
+@pytest.mark.parametrize("tokens", [None, False, lambda r: (1, 2)])
 def test_measure_is_skipped_only_where_it_would_answer_none(monkeypatch, result, tokens):
     """deferred.end's inline test against a call of measure() for every result."""
     for k in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
@@ -227,4 +235,7 @@ def test_measure_is_skipped_only_where_it_would_answer_none(monkeypatch, result,
     rt = Model.__ray_monitor__
     if not called:
         assert real(rt, None, result, 0.1, None) is None
+    if callable(tokens) or (tokens is None and isinstance(result, (str, dict)) and (
+            "usage" in result or "response" in result and isinstance(result, dict))):
+        assert called or result is None  # a result that may carry usage is measured
     Model.__ray_monitor__.close()
