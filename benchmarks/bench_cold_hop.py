@@ -14,6 +14,12 @@ method in a tight loop on that same thread). Here each hop is preceded by a walk
 variants take turns hop by hop. The figure is the median of each repeat's median hop
 time, minus the unwrapped hop's.
 
+``--parts`` adds variants of the default one with one piece taken out, to say where its
+cost goes: ``Tracer.begin`` answering a ready-made span, the handle-call hook left out
+(the unwrapped ``send``), the log-record factory left out (Ray's own). ``--ops`` times
+single operations of the path instead, each after the walk (a regex match, an int
+parsed from hex, a hex format, ...): the cold cost of one C routine.
+
 Where the monitor defers part of a request to its flush thread (``replica/deferred.py``,
 RESULTS.md §21), that part is not in the hop: after each repeat the queued requests are
 recorded (``Recorder.drain``, as the flush thread does, with warm caches) and the time
@@ -43,8 +49,13 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--evict-mb", type=int, default=48,
                     help="memory walked before each hop (0: hot, as bench_overhead.py)")
+    ap.add_argument("--parts", action="store_true",
+                    help="also the defaults with one piece out (where the cost goes)")
+    ap.add_argument("--ops", action="store_true", help="time single operations instead")
     ap.add_argument("--json", metavar="OUT")
     args = ap.parse_args(argv)
+    if args.ops:
+        return cold_ops(args.hops, args.evict_mb)
     for k in [k for k in os.environ if k.startswith("OTEL_EXPORTER_OTLP")]:
         del os.environ[k]
     print(f"command: {' '.join(sys.argv)}; load average {os.getloadavg()}")
@@ -59,6 +70,8 @@ def main(argv=None) -> int:
     loop = asyncio.new_event_loop()
     caller = "00-0123456789abcdef0123456789abcdef-0123456789abcdef-00"
     cases = serve_hop_cases(loop, caller)[SERVE_HOP]
+    if args.parts:
+        cases.update(part_cases(loop, caller))
     for fn in cases.values():  # warm-up: first-call caches
         fn(200)
     per: dict[str, list[float]] = {v: [] for v in cases}
@@ -110,6 +123,96 @@ def main(argv=None) -> int:
             json.dump({"command": " ".join(sys.argv), "rows": rows,
                        "deferred_us_per_request": per_request,
                        "per_repeat_ns": per}, f, indent=1)
+    return 0
+
+
+def part_cases(loop: asyncio.AbstractEventLoop, caller: str) -> dict:
+    """The default variant ("monitor unsampled") with one piece taken out each."""
+    import logging
+
+    from ray.serve._private.common import RequestMetadata
+    from ray.serve.context import _RequestContext, _serve_request_context
+
+    from bench_overhead import PLAIN_RECORD_FACTORY, monitored
+    from ray_monitor.replica import propagation
+
+    class Hop:  # as bench_overhead's
+        async def __call__(self, send, pending):
+            send(None, pending, False)
+            return None
+
+    def send(self, pr, with_rejection):
+        return pr
+    hooked = propagation._wrap(send)
+    md = RequestMetadata(request_id="r", internal_request_id="i")
+
+    class Pending:
+        metadata = md
+        created_at = time.time()
+    pending = Pending()
+    request = _RequestContext(request_id="bench", _ray_trace_ctx={"traceparent": caller})
+
+    def hop(m, call, make_record):
+        async def go(n: int) -> float:
+            t0 = time.perf_counter_ns()
+            for _ in range(n):
+                token = _serve_request_context.set(request)
+                md.tracing_context = None
+                await m(call, pending)
+                make_record("ray.serve", logging.INFO, __file__, 0, "access log", None, None)
+                _serve_request_context.reset(token)
+            return (time.perf_counter_ns() - t0) / n
+        return lambda n: loop.run_until_complete(go(n))
+    full = monitored(cls=Hop, tracing_enabled=True, sample_ratio=0.0)
+    ready = monitored(cls=Hop, tracing_enabled=True, sample_ratio=0.0)
+    tracer = type(ready).__ray_monitor__.state.tracer
+    span = tracer.begin("Hop.__call__", {}, request)
+    tracer.begin = lambda *a, **k: span  # a ready-made span: begin's own work out
+    factory = logging.getLogRecordFactory()
+    return {"defaults, begin ready": hop(ready, hooked, factory),
+            "defaults, no hook": hop(full, send, factory),
+            "defaults, no factory": hop(full, hooked, PLAIN_RECORD_FACTORY)}
+
+
+def cold_ops(n: int, evict_mb: int) -> int:
+    """Single operations of the request path, each timed alone after the walk (minus an
+    empty call's time): what one C routine costs when its code and data are cold."""
+    import random
+
+    from ray_monitor.replica.propagation import TRACEPARENT_COMMON
+    from ray_monitor.replica.queueing import SENT
+
+    tp = "00-0123456789abcdef0123456789abcdef-0123456789abcdef-00"
+    t128, s64 = random.getrandbits(128), random.getrandbits(64)
+    bits = random.getrandbits
+    ops = {"empty call": lambda: None,
+           "regex fullmatch (traceparent)": lambda: TRACEPARENT_COMMON.fullmatch(tp),
+           "int(32 hex digits, 16)": lambda: int(tp[3:35], 16),
+           "random.getrandbits(64)": lambda: bits(64),
+           "f'{id:032x}'": lambda: f"{t128:032x}",
+           "traceparent f-string": lambda: f"00-{t128:032x}-{s64:016x}-00",
+           "str(int(time.time() * 1e6))": lambda: str(int(time.time() * 1e6)),
+           "time.time_ns()": time.time_ns,
+           "{2 keys} dict": lambda: {"traceparent": tp, SENT: "1"},
+           "slices + concatenation": lambda: "00-" + tp[3:35] + "-" + tp[36:52] + "-00"}
+    buf = bytearray(evict_mb << 20)
+    view = memoryview(buf)
+    got: dict[str, list[int]] = {k: [] for k in ops}
+    names = list(ops)
+    clock = time.perf_counter_ns
+    for i in range(n):
+        for k in names[i % len(names):] + names[:i % len(names)]:
+            if evict_mb:
+                view[::64] = b"\x01" * (len(buf) // 64)
+            op = ops[k]
+            t0 = clock()
+            op()
+            got[k].append(clock() - t0)
+    empty = statistics.median(got["empty call"])
+    print(f"one operation, {'cold' if evict_mb else 'hot'}, median of {n}, minus an empty "
+          f"call ({empty / US:.2f} us); load average {os.getloadavg()}")
+    for k in names[1:]:
+        print(f"  {k:<32}{(statistics.median(got[k]) - empty) / US:7.2f} us")
     return 0
 
 

@@ -13,7 +13,6 @@ counted and swallowed: the user's result or exception passes through untouched.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import inspect
 import logging
@@ -26,6 +25,8 @@ from opentelemetry import context as otel_context
 from ray_monitor.replica import deferred, http_semantics, queueing, streaming, tracing
 from ray_monitor.replica.http_semantics import (HTTP_TYPES, carry_traceparent, from_scope,
                                                 is_http_type, method_label)
+from ray_monitor.replica.propagation import ACTIVE
+from ray_monitor.replica.queueing import SENT
 from ray_monitor.replica.span_errors import error_type
 from ray_monitor.replica.options import UNSET, MonitorOptions, refuse
 from ray_monitor.quality.prediction import Prediction, validate_extractor_result
@@ -41,11 +42,8 @@ logger = logging.getLogger(__name__)
 SERVE_HOOKS = frozenset({"reconfigure", "check_health", "record_autoscaling_stats",
                          "__serve_build_asgi_app__"})
 _CANCELLED = "cancelled"
-#: The monitored deployment whose request is running in this context: a public method
-#: the deployment calls on itself (``self.preprocess(x)``) is part of that request, not
-#: a request of its own.
-ACTIVE: contextvars.ContextVar[Any] = contextvars.ContextVar("ray_monitor_active", default=None)
 _perf = time.perf_counter
+_time = time.time
 
 
 def monitor(target: Any = None, /, *, model_version: Any = UNSET, sample_ratio: Any = UNSET,
@@ -199,35 +197,11 @@ def _wrap_function(fn: Callable, options: MonitorOptions) -> Callable:
 # -- the per-request part ------------------------------------------------------
 
 class _Request:
-    """State of one request between start and finish; lives only as long as it."""
+    """State of one request between start and finish; lives only as long as it. Made by
+    :func:`_start` (no ``__init__``: one Python frame less per request)."""
 
     __slots__ = ("cells", "token", "t0", "span", "ctx_token", "otel_token", "tracer", "runtime",
                  "active_token", "tenant", "call")
-
-    def __init__(self, hook: "_Hook", scope: Any, asgi: bool = False, args: tuple = (),
-                 kwargs: Optional[dict] = None) -> None:
-        self.runtime = hook.runtime
-        st = hook.runtime.state or hook.runtime.start()
-        self.cells = st.recorder.method(hook.name) if hook.cells is None else hook.cells
-        self.t0 = _perf()
-        var = _REQUEST_CONTEXT  # Serve's request context, without a call once looked up
-        ctx = var.get() if var is not None else _serve_context()
-        self.token = self.cells.begin(self.t0, ctx.request_id if ctx is not None else "",
-                                      queueing.queue_of(ctx))
-        self.tracer = st.tracer
-        self.span = None
-        self.ctx_token = self.otel_token = self.active_token = None
-        opts = hook.runtime.options
-        self.tenant = None if opts.tenant is None and opts.tenant_header is None else \
-            _tenant(hook, scope, args, kwargs)
-        self.call = (args[hook.at:], kwargs) if opts.tokens_input else None  # tokens=fn's
-        if st.tracer.enabled:
-            # A plain HTTP ingress's route is Serve's route prefix; FastAPI's is its
-            # template, known once the app has routed the request.
-            http = None if scope is None else from_scope(
-                scope, None if asgi or ctx is None else ctx.route)
-            attrs = hook.attrs or st.span_attributes(hook.name)  # bound at start
-            self.span = st.tracer.begin(hook.span_name, attrs, ctx, http)
 
     def enter(self) -> None:
         """Marks the deployment busy with this request around user code, and makes the
@@ -250,10 +224,6 @@ class _Request:
         if self.active_token is not None:
             ACTIVE.reset(self.active_token)
             self.active_token = None
-
-    def finish(self, outcome: str, error: Optional[BaseException], is_error: bool,
-               stream: Optional[streaming.Stream] = None, result: Any = None) -> None:
-        deferred.end(self, outcome, error, is_error, stream, result)  # see deferred
 
 
 def _tenant(hook: "_Hook", scope: Any, args: tuple, kwargs: Optional[dict]) -> Optional[str]:
@@ -315,18 +285,6 @@ class _Hook:
         self.span_name = f"{runtime.target_name}.{name}"
         self.cells = self.attrs = None  # bound by the runtime when it starts
 
-    def start(self, scope: Any, asgi: bool = False, args: tuple = (),
-              kwargs: Optional[dict] = None) -> Optional[_Request]:
-        if ACTIVE.get() is self.runtime:
-            return None  # the deployment calling its own method: part of the same request
-        try:
-            req = _Request(self, scope, asgi, args, kwargs)
-            req.enter()
-            return req
-        except Exception as e:
-            self.runtime.self_error("middleware_failed", e)
-            return None
-
     def __getstate__(self):
         return {"runtime": self.runtime, "name": self.name, "span_name": self.span_name,
                 "at": self.at}
@@ -338,13 +296,69 @@ class _Hook:
         self.cells = self.attrs = None
 
 
+def _start(hook: _Hook, scope: Any, asgi: bool = False, args: tuple = (),
+           kwargs: Optional[dict] = None) -> Optional[_Request]:
+    """A request starts: its timer, in-flight entry, queue time, span ids, and its context
+    made current (:meth:`_Request.enter`), or None when it is not a request of its own (or
+    the monitor failed: counted, and the request goes on unmonitored).
+
+    One Python frame for what were six (``MethodCells.begin``, ``queueing.queue_of``,
+    ``_Request.__init__``, ``enter``, ...): inside a replica each call of the request path
+    costs about 1 us, as the replica evicts the monitor's code from the CPU's caches
+    between requests (RESULTS.md §18, §22)."""
+    runtime = hook.runtime
+    if ACTIVE.get() is runtime:
+        return None  # the deployment calling its own method: part of the same request
+    try:
+        req = _Request()
+        req.runtime = runtime
+        st = runtime.state or runtime.start()
+        req.cells = cells = st.recorder.method(hook.name) if hook.cells is None else hook.cells
+        req.t0 = t0 = _perf()
+        var = _REQUEST_CONTEXT  # Serve's request context, without a call once looked up
+        ctx = var.get() if var is not None else _serve_context()
+        # MethodCells.begin and queueing.queue_of, inline
+        req.token = token = next(cells._ids)  # itertools.count is atomic under the GIL
+        cells.running[token] = (t0, ctx.request_id if ctx is not None else "")
+        carried = getattr(ctx, "_ray_trace_ctx", None) if ctx is not None else None
+        if carried and SENT in carried:
+            try:
+                q = _time() - int(carried[SENT]) * 1e-6
+                cells._queued[token] = q if q > 0.0 else 0.0
+            except (TypeError, ValueError):
+                pass  # an unreadable send time: no queue time, as queue_of
+        opts = runtime.options
+        req.tenant = None if opts.tenant is None and opts.tenant_header is None else \
+            _tenant(hook, scope, args, kwargs)
+        req.call = (args[hook.at:], kwargs) if opts.tokens_input else None  # tokens=fn's
+        req.tracer = tracer = st.tracer
+        req.span = sp = None
+        req.ctx_token = req.otel_token = None
+        if tracer.enabled:
+            # A plain HTTP ingress's route is Serve's route prefix; FastAPI's is its
+            # template, known once the app has routed the request.
+            http = None if scope is None else from_scope(
+                scope, None if asgi or ctx is None else ctx.route)
+            attrs = hook.attrs or st.span_attributes(hook.name)  # bound at start
+            req.span = sp = tracer.begin(hook.span_name, attrs, ctx, http)
+        # enter(), inline
+        req.active_token = ACTIVE.set(runtime)
+        if sp is not None:
+            req.ctx_token = tracing.CURRENT.set(sp)
+            if sp.span is not None or tracer.attach_unsampled:
+                req.otel_token = otel_context.attach(sp.otel_context())
+        return req
+    except Exception as e:
+        runtime.self_error("middleware_failed", e)
+        return None
+
+
 def _done(hook: _Hook, req: Optional[_Request], outcome: str, error: Optional[BaseException],
           is_error: bool, stream: Optional[streaming.Stream] = None, result: Any = None) -> None:
     if req is None:
         return
     try:
-        req.exit()
-        deferred.end(req, outcome, error, is_error, stream, result)
+        deferred.end(req, outcome, error, is_error, stream, result)  # leaves its context too
     except Exception as e:
         hook.runtime.self_error("middleware_failed", e)
 
@@ -410,7 +424,7 @@ def wrap_callable(fn: Callable, name: str, runtime: Runtime, bound: bool = True)
 
     if inspect.isasyncgenfunction(fn):
         async def wrapper(*args, **kwargs):
-            req = hook.start(_headers(args, at), False, args, kwargs)
+            req = _start(hook, _headers(args, at), False, args, kwargs)
             if req is not None:
                 req.exit()
             timed = streaming.timed_async_generator(fn(*args, **kwargs), req, _end(hook, req))
@@ -427,18 +441,26 @@ def wrap_callable(fn: Callable, name: str, runtime: Runtime, bound: bool = True)
             http = http_semantics.HTTP_TYPES.get(kind)
             if http is None:
                 http = is_http_type(kind)
-            req = hook.start(args[at].scope if http else None, False, args, kwargs)
+            req = _start(hook, args[at].scope if http else None, False, args, kwargs)
             try:
                 result = await fn(*args, **kwargs)
             except BaseException as e:
                 outcome, is_error = _outcome(e)
                 _done(hook, req, outcome, e, is_error)
                 raise
-            return _finish(hook, req, result)
+            kind = type(result)
+            if req is None or kind is GeneratorType or kind is AsyncGeneratorType or \
+                    isinstance(result, _HttpResponse):
+                return _finish(hook, req, result)
+            try:  # _finish's common case, without its frame
+                deferred.end(req, OK, None, False, None, result)
+            except Exception as e:
+                hook.runtime.self_error("middleware_failed", e)
+            return result
 
     elif inspect.isgeneratorfunction(fn):
         def wrapper(*args, **kwargs):
-            req = hook.start(_headers(args, at), False, args, kwargs)
+            req = _start(hook, _headers(args, at), False, args, kwargs)
             if req is not None:
                 req.exit()
             return (yield from streaming.timed_generator(fn(*args, **kwargs), req,
@@ -446,7 +468,7 @@ def wrap_callable(fn: Callable, name: str, runtime: Runtime, bound: bool = True)
 
     else:
         def wrapper(*args, **kwargs):
-            req = hook.start(_headers(args, at), False, args, kwargs)
+            req = _start(hook, _headers(args, at), False, args, kwargs)
             try:
                 result = fn(*args, **kwargs)
             except BaseException as e:
@@ -482,7 +504,6 @@ def _finish(hook: _Hook, req: Optional[_Request], result: Any) -> Any:
         return result
     if req is not None:  # _done, inline: the common case of every request
         try:
-            req.exit()
             deferred.end(req, OK, None, False, None, result)
         except Exception as e:
             hook.runtime.self_error("middleware_failed", e)
@@ -526,7 +547,7 @@ def _wrap_asgi(fn: Callable, runtime: Runtime) -> Callable:
 
         req = None
         try:
-            req = hook.start(scope, asgi=True)
+            req = _start(hook, scope, True)
             if req is not None and req.span is not None and req.tracer.attach_unsampled:
                 # FastAPI's own span (on with any global TracerProvider, as Serve's
                 # tracing sets one) takes its parent from the headers alone.

@@ -29,7 +29,7 @@ from ray_monitor.common.snapshot import GenAIDelta
 from ray_monitor.replica.genai import _MARK as _USAGE
 from ray_monitor.replica.genai import Usage, extract
 
-__all__ = ["Figures", "Stream", "figures", "measure", "on_body", "record_usage",
+__all__ = ["Figures", "NO_USAGE", "Stream", "figures", "measure", "on_body", "record_usage",
            "timed_async_generator", "timed_generator"]
 
 _perf = time.perf_counter
@@ -159,7 +159,7 @@ def figures(stream: Optional[Stream], result: Any, latency: float,
 
 
 #: Result types that never carry token usage.
-_NO_USAGE = frozenset({int, float, bool, type(None)})
+NO_USAGE = frozenset({int, float, bool, type(None)})
 
 
 def measure(runtime: Any, stream: Optional[Stream], result: Any,
@@ -174,7 +174,7 @@ def measure(runtime: Any, stream: Optional[Stream], result: Any,
         # after five calls): none of them. Inside a replica each Python call of the
         # request path costs about 1 us (RESULTS.md §18), so the common case is cut short.
         kind = type(result)
-        if not opts.tokens_auto or kind in _NO_USAGE or (
+        if not opts.tokens_auto or kind in NO_USAGE or (
                 kind is str and _USAGE not in result) or (
                 kind is dict and _USAGE not in result and "response" not in result):
             return None

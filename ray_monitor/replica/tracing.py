@@ -44,7 +44,8 @@ from opentelemetry.trace.status import Status, StatusCode
 
 from ray_monitor.common import env
 from ray_monitor.replica import otlp_refusal, propagation
-from ray_monitor.replica.propagation import CURRENT, Parent, parse_traceparent, resolve
+from ray_monitor.replica.propagation import (CURRENT, TRACEPARENT_COMMON, Parent,
+                                             otel_current, parse_traceparent, resolve)
 from ray_monitor.replica.span_errors import MAX_MESSAGE, clean, exception_attributes
 from ray_monitor.replica.span_records import (MAX_CONTEXT_SPANS_PER_FLUSH, MAX_SPANS_PER_FLUSH,
                                               MAX_TEXT, RECORD_ATTRIBUTES, RecordingProcessor,
@@ -67,6 +68,7 @@ FIRST_CHUNK = "gen_ai.response.time_to_first_chunk"
 FIRST_ITEM_EVENT = "ray_monitor.stream.first_item"
 _EMPTY = otel_context.Context()
 _FLAGS = (TraceFlags(TraceFlags.DEFAULT), TraceFlags(TraceFlags.SAMPLED))
+_new = object.__new__
 
 
 def otlp_traces_configured() -> bool:
@@ -160,33 +162,17 @@ def _trace_state(header: Optional[str]) -> Optional[TraceState]:
 
 class RequestSpan:
     """The trace side of one request, from :meth:`Tracer.begin` to :meth:`Tracer.end`,
-    and while it is held (see :mod:`tail`)."""
+    and while it is held (see :mod:`tail`). Made by :meth:`Tracer.begin` alone, which
+    sets every field (no ``__init__``: one Python frame less per request).
+
+    ``parent_id``: the parent span's id (0: a root); ``sampled``: the request's decision,
+    carried to the next hop; ``span``: the SDK span, once made; ``attributes``: shared
+    per method, never written to; ``http``: ``http_semantics.HttpRequest`` of an HTTP
+    ingress request, ``status`` its HTTP status."""
 
     __slots__ = ("trace_id", "span_id", "parent_id", "remote", "sampled", "tracestate", "span",
                  "start_ns", "end_ns", "name", "attributes", "kind", "request_id", "http",
                  "status", "extra", "done", "_context")
-
-    def __init__(self, trace_id: int, span_id: int, parent: Optional[Parent], sampled: bool,
-                 start_ns: int, name: str, attributes: dict, kind: SpanKind,
-                 request_id: str = "", http: Any = None) -> None:
-        self.trace_id = trace_id
-        self.span_id = span_id
-        self.parent_id = parent.span_id if parent is not None else 0  # 0: a root
-        self.remote = parent.remote if parent is not None else False
-        self.tracestate = parent.tracestate if parent is not None else None
-        self.sampled = sampled  # the request's decision, carried to the next hop
-        self.span = None  # the SDK span, once made
-        self.start_ns = start_ns
-        self.end_ns = 0
-        self.name = name
-        self.attributes = attributes  # shared per method: never written to
-        self.kind = kind
-        self.request_id = request_id
-        self.http = http  # http_semantics.HttpRequest of an HTTP ingress request
-        self.status: Optional[int] = None  # its HTTP status
-        self.extra: Optional[dict] = None
-        self.done = False
-        self._context: Optional[otel_context.Context] = None
 
     @property
     def ids(self) -> tuple[int, int]:
@@ -301,26 +287,58 @@ class Tracer:
     def begin(self, name: str, attributes: dict, request: Any = None, http: Any = None,
               kind: SpanKind = SpanKind.SERVER) -> RequestSpan:
         start_ns = time.time_ns()
+        parent = None
+        trace_id = 0
         if request is None and http is None and not self.serve_tracing:
-            parent = None  # outside Serve, or a plain call: nothing can have come in
+            pass  # outside Serve, or a plain call: nothing can have come in
         elif http is None and not self.serve_tracing and not isinstance(request, Parent):
             # A handle call, Serve's tracing off: what the caller sent decides, as
-            # resolve() would, without its two calls (each about 1 us inside a replica)
+            # resolve() would, without its calls (each about 1 us inside a replica); the
+            # common form (a bare ``00`` traceparent, as every hop sends) parsed here.
             came = getattr(request, "_ray_trace_ctx", None)
-            parent = parse_traceparent(came.get("traceparent"), came.get("tracestate")) \
-                if came and isinstance(came, dict) else None
+            if came and isinstance(came, dict):
+                tp, state = came.get("traceparent"), came.get("tracestate")
+                m = TRACEPARENT_COMMON.fullmatch(tp) if type(tp) is str and not state else None
+                if m is not None and m[1] == "00":
+                    trace_id, parent_id = int(m[2], 16), int(m[3], 16)
+                    if not (trace_id and parent_id):
+                        trace_id = 0  # invalid, so ignored (parse_traceparent's None)
+                else:
+                    parent = parse_traceparent(tp, state)
         else:
             parent = request if isinstance(request, Parent) else self.parent(request, http)
-        if parent is None:
-            trace_id = random.getrandbits(128)
-            sampled = (trace_id & _TRACE_ID_LIMIT) < self._sample_bound  # see head_sampled
+        rs = _new(RequestSpan)
+        if trace_id:  # parsed above: a remote parent, no tracestate
+            rs.trace_id = trace_id
+            rs.sampled = bool(int(m[4], 16) & 1)
+            rs.parent_id = parent_id
+            rs.remote = True
+            rs.tracestate = None
+        elif parent is None:
+            rs.trace_id = trace_id = random.getrandbits(128)
+            rs.sampled = (trace_id & _TRACE_ID_LIMIT) < self._sample_bound  # see head_sampled
+            rs.parent_id = 0  # a root
+            rs.remote = False
+            rs.tracestate = None
         else:
-            trace_id = parent.trace_id or random.getrandbits(128)  # DECLINED: a new trace
-            sampled = parent.sampled
+            rs.trace_id = parent.trace_id or random.getrandbits(128)  # DECLINED: a new trace
+            rs.sampled = parent.sampled
+            rs.parent_id = parent.span_id
+            rs.remote = parent.remote
+            rs.tracestate = parent.tracestate
+        rs.span_id = random.getrandbits(64)
+        rs.span = None
+        rs.start_ns = start_ns
+        rs.end_ns = 0
+        rs.name = name
+        rs.attributes = attributes
+        rs.kind = kind
         rid = getattr(request, "request_id", "") if request is not None else ""
-        rs = RequestSpan(trace_id, random.getrandbits(64), parent, sampled, start_ns, name,
-                         attributes, kind, rid if isinstance(rid, str) else "", http)
-        if sampled and self.head_sampling:
+        rs.request_id = rid if isinstance(rid, str) else ""
+        rs.http = http
+        rs.status = rs.extra = rs._context = None
+        rs.done = False
+        if rs.sampled and self.head_sampling:
             rs.span = self._start(rs)
         return rs
 
@@ -445,7 +463,7 @@ def install_log_correlation() -> None:
         else:
             # Serve's access log line of every request comes here, outside the request:
             # OpenTelemetry is asked only when its context holds something (Serve's tracing).
-            ctx = _otel_current()
+            ctx = otel_current()
             if ctx:
                 sc = trace.get_current_span(ctx).get_span_context()
                 if sc.is_valid:
@@ -457,7 +475,6 @@ def install_log_correlation() -> None:
     _factory_installed = True
 
 
-_otel_current = otel_context.get_current
 
 
 def _ids_from_otel() -> Optional[tuple[int, int]]:

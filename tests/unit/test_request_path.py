@@ -1,0 +1,241 @@
+"""The request path's shortcuts (issue 15: each Python call costs about 1 us inside a
+replica) answer exactly as the general code they stand in for, without Ray: the span a
+request begins with (``Tracer.begin``'s inline parse of the caller's ``traceparent``
+against ``parse_traceparent``/``resolve``), the handle-call hook's common case against
+``_fill``, OpenTelemetry's context read straight from its ContextVar, the queue time read
+in ``middleware._start`` against ``queueing.queue_of``, and the ``measure`` call skipped
+for results that carry no usage."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from ray_monitor import monitor
+from ray_monitor.replica import deferred, middleware, propagation, queueing, streaming
+from ray_monitor.replica.propagation import PLACEHOLDER
+from ray_monitor.replica.queueing import SENT
+from ray_monitor.replica.span_records import SpanRecords
+from ray_monitor.replica.tracing import RequestSpan, Tracer
+
+TID = "4bf92f3577b34da6a3ce929d0e0e4736"
+SID = "00f067aa0ba902b7"
+#: RequestSpan's fields that two begins of one request share (not its own id and start).
+SHARED = [f for f in RequestSpan.__slots__ if f not in ("span_id", "start_ns", "span",
+                                                        "_context")]
+
+
+class Ctx:
+    """Ray Serve's request context as a replica sees it (the fields read here)."""
+
+    def __init__(self, came=None, request_id="req-1"):
+        self.request_id = request_id
+        self.route = ""
+        self._ray_trace_ctx = came
+
+
+@pytest.fixture
+def tracer():
+    exporter = InMemorySpanExporter()
+    t = Tracer(sample_ratio=0.0, slow_threshold_s=1.0, processors=[
+        SimpleSpanProcessor(exporter)], records=SpanRecords(), hold=16)
+    yield t, exporter
+    t.shutdown()
+
+
+CAME = [
+    {"traceparent": f"00-{TID}-{SID}-00"},  # unsampled caller: the common case
+    {"traceparent": f"00-{TID}-{SID}-01"},  # sampled caller
+    {"traceparent": f"00-{TID}-{SID}-03"},  # the W3C random bit with sampled
+    {"traceparent": f"00-{TID}-{SID}-02"},  # the random bit alone
+    {"traceparent": f"00-{TID}-{SID}-00", "tracestate": "congo=t61rcWkgMzE"},
+    {"traceparent": f"00-{TID}-{SID}-00", "tracestate": PLACEHOLDER},  # proxy's "no"
+    {"traceparent": f"00-{TID}-{SID}-01", "tracestate": "   "},
+    {"traceparent": f"01-{TID}-{SID}-01"},  # a later version
+    {"traceparent": f"01-{TID}-{SID}-01-future"},
+    {"traceparent": f"00-{TID}-{SID}-01-extra"},  # invalid: 00 with more
+    {"traceparent": f"ff-{TID}-{SID}-01"},  # invalid version
+    {"traceparent": f"00-{'0' * 32}-{SID}-01"},  # zero trace id: invalid
+    {"traceparent": f"00-{TID}-{'0' * 16}-01"},  # zero span id: invalid
+    {"traceparent": f" 00-{TID}-{SID}-01 "},  # padded
+    {"traceparent": f"00-{TID.upper()}-{SID}-01"},  # upper case: invalid
+    {"traceparent": 12},
+    {"traceparent": None},
+    {SENT: "1700000000000000"},  # a send time only
+    {},
+    None,
+    "not a dict",
+]
+
+
+@pytest.mark.parametrize("came", CAME, ids=[repr(c)[:40] for c in CAME])
+def test_a_handle_calls_span_begins_as_the_general_resolution_makes_it(tracer, came):
+    t, exporter = tracer
+    request = Ctx(came)
+    fast = t.begin("M.__call__", {"a": 1}, request)
+    parent = t.parent(request, None)  # parse_traceparent + resolve
+    if parent is None:
+        assert fast.parent_id == 0 and not fast.remote and fast.tracestate is None
+        return  # a root: its own random trace id and our ratio's decision
+    # the general path, as with Serve's tracing on and no Serve span current: what the
+    # caller sent, through Tracer.parent()
+    t.serve_tracing = True
+    try:
+        general = t.begin("M.__call__", {"a": 1}, request)
+    finally:
+        t.serve_tracing = False
+    assert {f: getattr(fast, f) for f in SHARED} == {f: getattr(general, f) for f in SHARED}
+    assert (fast.span is None) == (general.span is None) == (not fast.sampled)
+    assert isinstance(fast.span_id, int) and fast.span_id != general.span_id
+    # and the spans made from each are the same but for their own ids
+    for rs in (fast, general):
+        t.end(rs, 2.0, None)  # slow: made
+    a, b = exporter.get_finished_spans()[-2:]
+    assert (a.context.trace_id, a.parent.span_id if a.parent else None, a.attributes,
+            a.kind, a.name, a.context.trace_state) == \
+        (b.context.trace_id, b.parent.span_id if b.parent else None, b.attributes, b.kind,
+         b.name, b.context.trace_state)
+
+
+def test_a_span_begun_fast_keeps_every_field_the_eager_one_had(tracer):
+    t, _ = tracer
+    rs = t.begin("M.run", {"k": "v"}, None)
+    assert set(RequestSpan.__slots__) == {f for f in RequestSpan.__slots__
+                                          if hasattr(rs, f)}  # every field set
+    assert (rs.parent_id, rs.remote, rs.tracestate, rs.end_ns, rs.status, rs.extra,
+            rs.done, rs.request_id, rs.http, rs.name, rs.attributes) == \
+        (0, False, None, 0, None, None, False, "", None, "M.run", {"k": "v"})
+    assert abs(rs.start_ns - time.time_ns()) < 60e9 and rs.ids == (rs.trace_id, rs.span_id)
+
+
+class _Span:
+    def __init__(self, trace_id, span_id, sampled, tracestate=None):
+        self.trace_id, self.span_id, self.sampled = trace_id, span_id, sampled
+        self.tracestate = tracestate
+
+
+class _Pending:
+    def __init__(self, created_at=1_700_000_000.25):
+        from ray.serve._private.common import RequestMetadata
+
+        self.metadata = RequestMetadata(request_id="r", internal_request_id="i")
+        self.created_at = created_at
+
+
+@pytest.mark.parametrize("span", [_Span(5, 6, False), _Span(5, 6, True),
+                                  _Span(int(TID, 16), int(SID, 16), False, "a=b")])
+@pytest.mark.parametrize("created_at", [1_700_000_000.25, None])
+def test_the_hooks_common_case_carries_what_fill_carries(span, created_at):
+    hooked = propagation._wrap(lambda self, pr, *a: pr.metadata.tracing_context)
+    token = propagation.CURRENT.set(span)
+    try:
+        before = time.time()
+        fast = hooked(None, _Pending(created_at), False)
+        pr = _Pending(created_at)
+        propagation._fill(pr.metadata, pr)
+        general = pr.metadata.tracing_context
+    finally:
+        propagation.CURRENT.reset(token)
+    assert list(fast) == list(general)  # same keys, same order
+    if created_at is None:  # the time it was sent: now
+        assert before - 1 <= int(fast.pop(SENT)) * 1e-6 <= time.time() + 1
+        general.pop(SENT)
+    assert fast == general
+
+
+def test_the_hook_leaves_a_context_serve_filled_and_asks_outgoing_with_otel_current():
+    hooked = propagation._wrap(lambda self, pr, *a: pr.metadata.tracing_context)
+    token = propagation.CURRENT.set(_Span(5, 6, False))
+    provider = TracerProvider()
+    try:
+        pr = _Pending()
+        pr.metadata.tracing_context = {"traceparent": f"00-{TID}-{SID}-01"}  # Serve's own
+        assert hooked(None, pr, False) == {"traceparent": f"00-{TID}-{SID}-01",
+                                           SENT: "1700000000250000"}
+        with provider.get_tracer("t").start_as_current_span("user span") as user:
+            sc = user.get_span_context()  # a sampled span current: it is the parent
+            got = hooked(None, _Pending(), False)
+        assert got["traceparent"] == f"00-{sc.trace_id:032x}-{sc.span_id:016x}-01"
+    finally:
+        propagation.CURRENT.reset(token)
+
+
+def test_otel_current_is_opentelemetrys_current_context():
+    assert propagation.otel_current() is otel_context.get_current()
+    span = trace.NonRecordingSpan(trace.SpanContext(5, 6, False))
+    token = otel_context.attach(trace.set_span_in_context(span))
+    try:
+        assert propagation.otel_current() is otel_context.get_current()
+        assert trace.get_current_span(propagation.otel_current()) is span
+    finally:
+        otel_context.detach(token)
+    assert not propagation.otel_current()
+
+
+@pytest.mark.parametrize("sent", ["1700000000250000", str(int((time.time() - 2.5) * 1e6)),
+                                  str(int((time.time() + 30) * 1e6)), "bad", None, 12.5])
+def test_the_queue_time_read_at_start_is_queue_of(monkeypatch, sent):
+    for k in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(k, raising=False)
+    now = time.time()
+    monkeypatch.setattr(middleware, "_time", lambda: now)
+    monkeypatch.setattr(queueing, "_time", lambda: now)
+    came = {"traceparent": f"00-{TID}-{SID}-00"}
+    if sent is not None:
+        came[SENT] = sent
+    ctx = Ctx(came)
+    monkeypatch.setattr(middleware, "_REQUEST_CONTEXT", type("V", (), {"get": lambda s: ctx})())
+
+    @monitor(flush_interval_s=3600.0, tracing_enabled=False)
+    class Model:
+        def run(self):
+            return None
+    m = Model()
+    rec = Model.__ray_monitor__.state.recorder
+    req = middleware._start(Model.__ray_monitor__.hooks[0], None)
+    assert rec.methods["run"].queued(req.token) == queueing.queue_of(ctx)
+    assert rec.running()[0][2] == "req-1"
+    deferred.end(req, "ok", None, False)
+    assert rec.running() == [] and m.run() is None
+    Model.__ray_monitor__.close()
+
+
+USAGE = {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13}
+RESULTS = [None, 0, 1.5, True, "text", "", {"a": 1}, [1], b"x",
+           '{"model": "m", "usage": ' + str(USAGE).replace("'", '"') + "}",
+           {"model": "m", "usage": USAGE}, {"usage": None}, {"response": "x"},
+           {"type": "response.completed",
+            "response": {"model": "m", "usage": {"input_tokens": 7, "output_tokens": 5}}}]
+
+
+@pytest.mark.parametrize("result", RESULTS, ids=[repr(r)[:30] for r in RESULTS])
+@pytest.mark.parametrize("tokens", [None, False, lambda r: (1, 2)])
+def test_measure_is_skipped_only_where_it_would_answer_none(monkeypatch, result, tokens):
+    """deferred.end's inline test against a call of measure() for every result."""
+    for k in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(k, raising=False)
+    options = {} if tokens is None else {"tokens": tokens}
+
+    @monitor(flush_interval_s=3600.0, tracing_enabled=False, **options)
+    class Model:
+        def run(self, r):
+            return r
+    m = Model()
+    called = []
+    real = streaming.measure
+    monkeypatch.setattr(streaming, "measure",
+                        lambda *a, **k: called.append(1) or real(*a, **k))
+    assert m.run(result) == result
+    rt = Model.__ray_monitor__
+    if not called:
+        assert real(rt, None, result, 0.1, None) is None
+    if callable(tokens) or (tokens is None and isinstance(result, (str, dict)) and (
+            "usage" in result or "response" in result and isinstance(result, dict))):
+        assert called or result is None  # a result that may carry usage is measured
+    Model.__ray_monitor__.close()
