@@ -66,9 +66,10 @@ import numpy as np
 
 from ray_monitor.aggregator.packing import bucket_values
 from ray_monitor.aggregator.rings import ROLLUP_DROPS, GroupKey, Table
+from ray_monitor.aggregator.row_windows import RowWindow, read_rows
 from ray_monitor.aggregator.timeline import Timeline
 from ray_monitor.aggregator.window_counts import (SlidingCounts, bucket_counts, run_starts,
-                                                  used_columns, whole_sums)
+                                                  used_columns)
 from ray_monitor.common.catalog import (ABSENT, FUNCTIONS, SHORTHAND_QUANTILES, Query,
                                         absence_metric, absent_labels)
 from ray_monitor.common.matchers import Matcher, check_regex, matches
@@ -83,41 +84,11 @@ ZSCORE_REL_FLOOR = 0.01
 ZSCORE_ABS_FLOOR = 1e-9
 
 
-class _SeriesWindow:
-    """Per-row aggregates of one metric over one window: rows of the series (per-series
-    queries, finest ring only) or of the rollups (all rings)."""
-
-    def __init__(self, ri: int, a: int, b: int, fine_only: bool, rows: int) -> None:
-        self.ri, self.a, self.b, self.fine_only = ri, a, b, fine_only
-        self.present = np.zeros(rows, dtype=bool)
-        #: (ring, slots) whose histogram entries the window holds: decoded by dense()
-        self.pair_src: list[tuple] = []
-        self._dense = None
-        #: makes dense()'s answer (WindowQuery._dense: from a sliding window when it can)
-        self.make_dense = None
-        #: per-series gauge parts whose min and max are not in ``lo``/``hi`` yet: a round's
-        #: per-series windows are mostly read for ``last`` and ``sum`` (see settle)
-        self.pending: list[tuple[np.ndarray, np.ndarray, slice]] = []
-
-    def settle(self) -> None:
-        """Adds the pending parts' min and max into ``lo`` and ``hi``."""
-        for last, has, out in self.pending:
-            np.minimum(self.lo[out], np.where(has, last, np.inf).min(axis=1), out=self.lo[out])
-            np.maximum(self.hi[out], np.where(has, last, -np.inf).max(axis=1), out=self.hi[out])
-        self.pending = []
-
-    def dense(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-row histogram counts ``[rows, C]`` and the bucket index of each column."""
-        if self._dense is None:
-            self._dense = self.make_dense()
-        return self._dense
-
-
 class _Groups:
     """One (metric, window, matchers, by): the present rows sorted by group, and sums."""
 
     def __init__(self, keys: list[GroupKey], rows: np.ndarray, starts: np.ndarray,
-                 sw: _SeriesWindow) -> None:
+                 sw: RowWindow) -> None:
         self.keys, self.rows, self.starts, self.sw = keys, rows, starts, sw
         self._memo: dict = {}
 
@@ -303,75 +274,21 @@ class WindowQuery:
             any(b in ROLLUP_DROPS for b in q.by or ())
 
     def _series_window(self, table: Table, window_s: float, end: float,
-                       fine_only: bool) -> _SeriesWindow:
+                       fine_only: bool) -> RowWindow:
         key = ("series", table.metric.name, window_s, fine_only)
         sw = self._memo.get(key)
         if sw is not None:
             return sw
         tl = self._tl
         ri, a, b = tl.span(window_s, end, fine_only)
-        space = table.series if fine_only else table.rollups
-        rows = len(space.labels)
-        sw = _SeriesWindow(ri, a, b, fine_only, rows)
+        rows = len((table.series if fine_only else table.rollups).labels)
+        sw = read_rows(tl, table, ri, a, b, fine_only, rows, tl.max_time < end)
         sw.make_dense = lambda: self._dense(table, sw, ("slide", key[1:]))
-        kind = table.kind
-        if kind == "counter":
-            sw.v = np.zeros(rows)
-        else:
-            sw.n, sw.s = np.zeros(rows), np.zeros(rows)
-            sw.lo, sw.hi = np.full(rows, np.inf), np.full(rows, -np.inf)
-            if kind == "histogram":
-                sw.z = np.zeros(rows)
-            else:
-                sw.last = np.zeros(rows)
-        parts = [(ri, a, b)] if fine_only else tl.cover(ri, a, b, tl.max_time < end)
-        for pri, lo, hi in parts:
-            _, cols = tl.columns(pri, lo, hi)
-            if not len(cols):
-                continue
-            ring = table.series_ring if fine_only else table.rings[pri]
-            n = rows
-            out = slice(0, n)
-            # a run of adjacent slots reads as a view, not a copy
-            at = (slice(0, n), slice(int(cols[0]), int(cols[-1]) + 1)
-                  if cols[-1] - cols[0] + 1 == len(cols) else cols)
-            if kind == "counter":
-                v = ring.read("v", at)
-                has = ~np.isnan(v)
-                sw.present[out] |= has.any(axis=1)
-                sw.v[out] += np.where(has, v, 0.0).sum(axis=1)
-                continue
-            cnt = ring.count(at)
-            has = cnt > 0
-            any_ = has.any(axis=1)
-            sw.present[out] |= any_
-            sw.n[out] += whole_sums(cnt)
-            if ring.single:  # one sample per bucket: sum, min and max are that sample
-                last = ring.last[at]
-                # an empty bucket's sample is 0: whole-number samples add up as integers
-                sw.s[out] += whole_sums(last) if last.dtype.itemsize <= 2 and \
-                    last.dtype.kind == "u" else np.where(has, last, 0.0).sum(axis=1)
-                sw.pending.append((last, has, out))  # min and max: when a query reads them
-            else:
-                sw.s[out] += ring.s[at].sum(axis=1)
-                np.minimum(sw.lo[out], ring.lo[at].min(axis=1), out=sw.lo[out])
-                np.maximum(sw.hi[out], ring.hi[at].max(axis=1), out=sw.hi[out])
-            if kind == "histogram":
-                sw.z[out] += ring.z[at].sum(axis=1, dtype=np.float64)
-                sw.pair_src.append((ring, cols))
-            elif ring.latest:  # parts in time order: the newest column with data holds the latest
-                newest = len(cols) - 1 - has[:, ::-1].argmax(axis=1)
-                sw.last[out] = np.where(any_, ring.last[np.arange(n), cols[newest]], sw.last[out])
-        sw.has_data = sw.present.copy()
-        if kind == "gauge":
-            with np.errstate(invalid="ignore", divide="ignore"):
-                sw.avg = sw.s / sw.n
-        else:  # zero is a value: an alive counter or histogram without data reads 0
-            sw.present |= table.alive(fine_only)[:rows]
+        sw.finish(table)
         self._memo[key] = sw
         return sw
 
-    def _dense(self, table: Table, sw: _SeriesWindow, key: tuple) -> tuple[np.ndarray, np.ndarray]:
+    def _dense(self, table: Table, sw: RowWindow, key: tuple) -> tuple[np.ndarray, np.ndarray]:
         """``sw.dense()``: per-row histogram counts over the window. A rollup window over
         the finest ring slides from the last round's (see
         :class:`~ray_monitor.aggregator.window_counts.SlidingCounts`): two buckets decoded a
