@@ -17,13 +17,15 @@ numbers only, so the sums equal a fresh read's exactly; see :class:`SlidingGauge
 from __future__ import annotations
 
 
+from typing import Optional
+
 import numpy as np
 
 from ray_monitor.aggregator.rings import Ring, Table
 from ray_monitor.aggregator.timeline import Timeline
-from ray_monitor.aggregator.window_counts import whole_sums
+from ray_monitor.aggregator.window_counts import run_starts, whole_sums
 
-__all__ = ["RowWindow", "read_rows"]
+__all__ = ["RowWindow", "SlidingSteps", "read_rows", "step_sums"]
 
 #: Largest magnitude of a gauge bucket's sum that a sliding window adds up: whole numbers
 #: below 2**43, a window of at most 600 buckets, so every partial sum is below 2**53 and
@@ -145,3 +147,71 @@ def read_rows(tl: Timeline, table: Table, ri: int, a: int, b: int, fine_only: bo
             newest = _newest(cnt, any_)
             sw.last[out] = np.where(any_, ring.last[np.arange(n), cols[newest]], sw.last[out])
     return sw
+
+
+def step_sums(kind: str, ring: Ring, rows: np.ndarray, pos: np.ndarray, cols: np.ndarray,
+              groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per group (``pos``: each row's group, sorted) and column of ``cols``: the sum and
+    the count of the rows' buckets (counter: increase and samples; histogram: sum of values
+    and observations; gauge: sum of samples and samples). Each column is summed on its
+    own, in row order: the columns of a subset of ``cols`` equal those of the whole."""
+    idx = (rows, slice(int(cols[0]), int(cols[-1]) + 1)) \
+        if len(cols) and cols[-1] - cols[0] + 1 == len(cols) else np.ix_(rows, cols)
+    if kind == "counter":
+        v = ring.read("v", idx)
+        has = ~np.isnan(v)
+        total, count = np.where(has, v, 0.0), has.astype(np.float64)
+    else:
+        total, count = ring.read("s", idx), ring.read("n", idx)
+    out_t = np.zeros((groups, len(cols)))
+    out_c = np.zeros((groups, len(cols)))
+    if len(rows):
+        starts = run_starts(pos)
+        out_t[pos[starts]] = np.add.reduceat(total, starts, axis=0)
+        out_c[pos[starts]] = np.add.reduceat(count, starts, axis=0)
+    return out_t, out_c
+
+
+class SlidingSteps:
+    """A grouping's per-step sums over the finest ring (zscore, deriv), kept from round to
+    round: a round reads only the steps that entered the window, or were written since
+    (a late delta; the store marks each slot it writes), and copies the rest. Each step is
+    summed on its own (:func:`step_sums`), so the copy is what a fresh read gives. Valid
+    while no series or rollup of the metric came or went and the grouping's rows are the
+    same ones (a group with no data in the window is left out of it)."""
+
+    __slots__ = ("table_version", "single", "rows", "pos", "ks", "t", "c", "stamp")
+
+    def __init__(self, table_version: int, single: bool, rows: np.ndarray, pos: np.ndarray,
+                 ks: np.ndarray, t: np.ndarray, c: np.ndarray, stamp: int) -> None:
+        self.table_version, self.single, self.rows, self.pos = table_version, single, rows, pos
+        self.ks, self.t, self.c, self.stamp = ks, t, c, stamp
+
+    def nbytes(self) -> int:
+        return self.t.nbytes + self.c.nbytes + self.rows.nbytes + self.pos.nbytes
+
+    def move(self, tl: Timeline, table: Table, ring: Ring, ks: np.ndarray, cols: np.ndarray,
+             rows: np.ndarray, pos: np.ndarray, groups: int, stamp: int,
+             ) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """The sums of buckets ``ks`` (slots ``cols`` of the finest ring) at the store's data
+        version ``stamp``; None where the kept ones cannot serve (then read afresh)."""
+        if self.table_version != table.version or self.single != ring.single or \
+                self.t.shape[0] != groups or not len(ks) or not len(self.ks) or \
+                not np.array_equal(self.rows, rows) or not np.array_equal(self.pos, pos):
+            return None
+        j = ks - self.ks[0]  # bucket keys are consecutive: a key's column in the kept ones
+        keep = (j >= 0) & (j < len(self.ks))
+        keep[keep] = tl.written[cols[keep]] <= self.stamp
+        t = np.empty((groups, len(ks)))
+        c = np.empty((groups, len(ks)))
+        kept = np.flatnonzero(keep)
+        if len(kept):
+            src = j[kept]
+            if src[-1] - src[0] + 1 == len(src) and kept[-1] - kept[0] + 1 == len(kept):
+                src, kept = slice(int(src[0]), int(src[-1]) + 1), slice(int(kept[0]), int(kept[-1]) + 1)
+            t[:, kept], c[:, kept] = self.t[:, src], self.c[:, src]
+        new = np.flatnonzero(~keep)
+        if len(new):
+            t[:, new], c[:, new] = step_sums(table.kind, ring, rows, pos, cols[new], groups)
+        self.ks, self.t, self.c, self.stamp = ks, t, c, stamp
+        return t, c

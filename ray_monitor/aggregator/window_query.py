@@ -66,7 +66,7 @@ import numpy as np
 
 from ray_monitor.aggregator.packing import bucket_values
 from ray_monitor.aggregator.rings import ROLLUP_DROPS, GroupKey, Table
-from ray_monitor.aggregator.row_windows import RowWindow, read_rows
+from ray_monitor.aggregator.row_windows import RowWindow, SlidingSteps, read_rows, step_sums
 from ray_monitor.aggregator.timeline import Timeline
 from ray_monitor.aggregator.window_counts import (SlidingCounts, bucket_counts, run_starts,
                                                   used_columns)
@@ -138,7 +138,9 @@ class WindowQuery:
         self._stamp: Optional[tuple[float, int]] = None
         self._round = 0  # bumps with every new stamp: a plan's result is of one round
         self._plans: dict[Query, _Plan] = {}
-        self._slides: dict[tuple, SlidingCounts] = {}  # see window_counts; kept while a round reads it
+        #: windows kept from round to round while a round reads them: histogram counts
+        #: (window_counts.SlidingCounts) and per-step sums (row_windows.SlidingSteps)
+        self._slides: dict[tuple, object] = {}
         self._slides_used: set[tuple] = set()
         #: (application, deployment) -> replicas Ray Serve runs (None: unknown), for
         #: ``absent_over_time(...) by (...)``; the store sets it.
@@ -343,6 +345,7 @@ class WindowQuery:
         rows, gids = sel_rows[keep], sel_gids[keep]
         starts = run_starts(gids)
         g = self._memo[key] = _Groups([keys[i] for i in gids[starts]], rows, starts, sw)
+        g.key = key[1:]
         g.selected = (sel_rows, sel_gids)
         g.gid_pos = np.full(len(keys), -1, dtype=np.int64)
         g.gid_pos[gids[starts]] = np.arange(len(starts))
@@ -437,23 +440,20 @@ class WindowQuery:
         rows, gids = g.selected  # present in the window's cover or not
         pos = g.gid_pos[gids]
         rows, pos = rows[pos >= 0], pos[pos >= 0]
-        # a run of adjacent slots as a slice: the rows are gathered, not every cell
-        idx = (rows, slice(int(cols[0]), int(cols[-1]) + 1)) \
-            if len(cols) and cols[-1] - cols[0] + 1 == len(cols) else np.ix_(rows, cols)
-        if table.kind == "counter":
-            v = ring.read("v", idx)
-            has = ~np.isnan(v)
-            total, count = np.where(has, v, 0.0), has.astype(np.float64)
-        else:
-            total, count = ring.read("s", idx), ring.read("n", idx)
-        out_t = np.zeros((len(g.keys), len(cols)))
-        out_c = np.zeros((len(g.keys), len(cols)))
-        if len(rows):
-            starts = run_starts(pos)
-            out_t[pos[starts]] = np.add.reduceat(total, starts, axis=0)
-            out_c[pos[starts]] = np.add.reduceat(count, starts, axis=0)
-        memo = (ks, out_t, out_c)
-        g._memo["steps"] = memo
+        # over the finest ring, the steps slide from the last round's (SlidingSteps)
+        version = self._stamp[1] if self._stamp is not None and sw.ri == 0 else None
+        key = ("steps",) + g.key
+        sl = self._slides.get(key) if version is not None else None
+        got = sl.move(self._tl, table, ring, ks, cols, rows, pos, len(g.keys), version) \
+            if sl is not None else None
+        if got is None:
+            got = step_sums(table.kind, ring, rows, pos, cols, len(g.keys))
+            if version is not None:
+                self._slides[key] = SlidingSteps(table.version, ring.single, rows, pos, ks,
+                                                 *got, version)
+        if version is not None:
+            self._slides_used.add(key)
+        memo = g._memo["steps"] = (ks,) + got
         return memo
 
     def _deriv(self, table: Table, g: _Groups) -> dict[GroupKey, float]:
