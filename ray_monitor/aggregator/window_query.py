@@ -66,7 +66,8 @@ import numpy as np
 
 from ray_monitor.aggregator.packing import bucket_values
 from ray_monitor.aggregator.rings import ROLLUP_DROPS, GroupKey, Table
-from ray_monitor.aggregator.row_windows import RowWindow, SlidingSteps, read_rows, step_sums
+from ray_monitor.aggregator.row_windows import (RowWindow, SlidingGauge, SlidingSteps,
+                                                read_rows, step_sums)
 from ray_monitor.aggregator.timeline import Timeline
 from ray_monitor.aggregator.window_counts import (SlidingCounts, bucket_counts, run_starts,
                                                   used_columns)
@@ -284,7 +285,19 @@ class WindowQuery:
         tl = self._tl
         ri, a, b = tl.span(window_s, end, fine_only)
         rows = len((table.series if fine_only else table.rollups).labels)
-        sw = read_rows(tl, table, ri, a, b, fine_only, rows, tl.max_time < end)
+        # a per-series gauge window slides from the last round's (row_windows.SlidingGauge)
+        version = self._stamp[1] if fine_only and table.kind == "gauge" and ri == 0 \
+            and self._stamp is not None else None
+        slide = ("gauge",) + key[1:]
+        sl = self._slides.get(slide) if version is not None else None
+        sw = sl.move(tl, table, a, b, rows, version) if sl is not None else None
+        if sw is None:
+            sw = read_rows(tl, table, ri, a, b, fine_only, rows, tl.max_time < end)
+            if version is not None:
+                self._slides[slide] = SlidingGauge(sw, tl.columns(0, a, b)[0], table.version,
+                                                   table.series_ring.single, version)
+        if version is not None:
+            self._slides_used.add(slide)
         sw.make_dense = lambda: self._dense(table, sw, ("slide", key[1:]))
         sw.finish(table)
         self._memo[key] = sw
