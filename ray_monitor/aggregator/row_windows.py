@@ -25,12 +25,8 @@ from ray_monitor.aggregator.rings import Ring, Table
 from ray_monitor.aggregator.timeline import Timeline
 from ray_monitor.aggregator.window_counts import run_starts, whole_sums
 
-__all__ = ["RowWindow", "SlidingGauge", "SlidingSteps", "read_rows", "step_sums"]
+__all__ = ["RowWindow", "SlidingGauge", "SlidingSteps", "deriv_dense", "read_rows", "step_sums"]
 
-#: Largest magnitude of a gauge bucket's sum that a sliding window adds up: whole numbers
-#: below 2**43, a window of at most 600 buckets, so every partial sum is below 2**53 and
-#: exact, in any order (the sum a fresh read makes, bit for bit).
-_WHOLE_TOP = float(2 ** 43)
 _NONE = np.iinfo(np.int64).min  # no bucket with data
 
 
@@ -171,6 +167,16 @@ def step_sums(kind: str, ring: Ring, rows: np.ndarray, pos: np.ndarray, cols: np
     return out_t, out_c
 
 
+def deriv_dense(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least-squares slope of each row of ``y`` over the times ``x``, every step with data:
+    window_query's deriv without its masks. Each row's sums are those of the masked form
+    (the same values, summed along the same contiguous row), so the slopes are the same
+    bits; the time terms, equal for every row, are summed once."""
+    xc = x - x.sum() / x.shape[0]
+    yc = y - (y.sum(axis=1) / x.shape[0])[:, None]
+    return (xc * yc).sum(axis=1) / (xc * xc).sum()
+
+
 class SlidingSteps:
     """A grouping's per-step sums over the finest ring (zscore, deriv), kept from round to
     round: a round reads only the steps that entered the window, or were written since
@@ -233,17 +239,11 @@ def _row_sums(cells: np.ndarray) -> np.ndarray:
     return cells.sum(axis=1)
 
 
-def _whole(cells: np.ndarray) -> bool:
-    """Whether every cell is a whole number below _WHOLE_TOP (such add up exactly, in any
-    order)."""
-    if cells.dtype.kind == "u" or not cells.size:
-        return True
-    return bool((np.abs(cells) <= _WHOLE_TOP).all() and (np.floor(cells) == cells).all())
-
-
-#: Buckets of a new window checked per round for whole sums (see SlidingGauge): about
-#: 1.5 ms at 10,000 rows; until all are, each round adds the window's sums afresh.
-_CHECK_PER_ROUND = 50
+def _exact(ring: Ring, cols) -> bool:
+    """Whether the sums of samples of slots ``cols`` add up exactly in any order: every
+    sample a whole number of magnitude at most rings.WHOLE_SAMPLE, at most 65,535 a bucket
+    (a count column still unsigned), at most 600 buckets."""
+    return (ring.single or ring.n.dtype.kind == "u") and not ring.unwhole[cols].any()
 
 
 class SlidingGauge:
@@ -251,23 +251,22 @@ class SlidingGauge:
     10,000 rows x 300 s at 10,000 replicas), kept from round to round: the next round's
     window adds the buckets that entered it and takes off those that left. Counts are
     whole numbers, so they slide exactly; the latest sample moves to an entering bucket's,
-    and a row whose latest left has no data left. The sums slide only once every bucket
-    the window holds is known to hold a whole number below 2**43 (buckets are checked as
-    they enter, and the first window's ``_CHECK_PER_ROUND`` a round); until then, and
-    while the window holds a bucket that is not, each round adds them afresh, as a fresh
-    read does. So every figure equals a fresh read's exactly. Valid while no series of the
-    metric came or went and no bucket it holds was written or emptied since (as
-    window_counts.SlidingCounts)."""
+    and a row whose latest left has no data left. The sums slide while every bucket of the
+    last window and the new one holds whole-number samples (the ring marks each slot that
+    gets one that is not: ``Ring.unwhole``), which add up exactly in any order; otherwise
+    the round adds them afresh, as a fresh read does. So every figure equals a fresh
+    read's exactly. Valid while no series of the metric came or went and no bucket it
+    holds was written or emptied since (as window_counts.SlidingCounts)."""
 
-    __slots__ = ("a", "b", "held", "table_version", "single", "stamp", "todo", "unwhole",
-                 "n", "s", "newest_k", "last")
+    __slots__ = ("a", "b", "held", "table_version", "single", "stamp", "exact", "n", "s",
+                 "newest_k", "last")
 
-    def __init__(self, sw: RowWindow, ks: np.ndarray, table_version: int, single: bool,
-                 stamp: int) -> None:
-        self.a, self.b, self.held, self.table_version = sw.a, sw.b, len(ks), table_version
-        self.single, self.stamp = single, stamp
-        self.todo = ks  # buckets not yet checked for whole sums
-        self.unwhole = _NONE  # the newest bucket found whose sum is not a whole number
+    def __init__(self, sw: RowWindow, tl: Timeline, table: Table, stamp: int) -> None:
+        ring = table.series_ring
+        ks, cols = tl.columns(0, sw.a, sw.b)
+        self.a, self.b, self.held, self.table_version = sw.a, sw.b, len(ks), table.version
+        self.single, self.stamp = ring.single, stamp
+        self.exact = _exact(ring, cols)  # the kept sums are exact integer sums
         self.n, self.s, self.last = sw.n.copy(), sw.s.copy(), sw.last.copy()
         self.newest_k = sw.newest_k.copy() if hasattr(sw, "newest_k") else \
             np.full(len(sw.n), _NONE, dtype=np.int64)
@@ -289,27 +288,17 @@ class SlidingGauge:
         if len(ks) != self.held or (len(ps) and int(tl.written[ps].max()) > self.stamp):
             return None
         every = slice(0, rows)
-        # the kept sums are exact: every bucket of the last window checked, and whole
-        exact = not len(self.todo) and self.a > self.unwhole
-        todo = self.todo[self.todo >= a]  # those that leave need no check
-        if len(todo):
-            check, todo = todo[:_CHECK_PER_ROUND], todo[_CHECK_PER_ROUND:]
-            _, cp = tl.columns(0, int(check[0]), int(check[-1]))
-            if not _whole(_cell_sums(ring, (every, cp))):
-                self.unwhole = max(self.unwhole, int(check[-1]))
-        self.todo = todo
         ek, enter = tl.columns(0, self.b + 1, b)
         leave = ps[ks < a]
+        ks, cols = tl.columns(0, a, b)
+        exact = _exact(ring, cols)
+        slide = self.exact and exact
         n, s, newest_k, last = self.n, self.s, self.newest_k, self.last
-        slide = exact
         if len(enter):
             cnt = ring.count((every, enter))
-            cells = _cell_sums(ring, (every, enter), cnt)
-            if not _whole(cells):
-                self.unwhole, slide = b, False
             n += whole_sums(cnt)
             if slide:
-                s += _row_sums(cells)
+                s += _row_sums(_cell_sums(ring, (every, enter), cnt))
             has = cnt > 0
             got = np.flatnonzero(has.any(axis=1))
             if len(got):
@@ -324,9 +313,7 @@ class SlidingGauge:
         gone = newest_k < a  # its latest sample left the window, and every earlier one
         last[gone] = 0.0
         newest_k[gone] = _NONE
-        self.a, self.b, self.stamp = a, b, stamp
-        ks, cols = tl.columns(0, a, b)
-        self.held = len(ks)
+        self.a, self.b, self.stamp, self.held, self.exact = a, b, stamp, len(ks), exact
         at = (every, slice(int(cols[0]), int(cols[-1]) + 1)
               if len(cols) and cols[-1] - cols[0] + 1 == len(cols) else cols)
         if not slide:  # as read_rows adds them

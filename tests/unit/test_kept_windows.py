@@ -93,3 +93,24 @@ def test_windows_kept_between_rounds_equal_a_fresh_read_bit_for_bit():
             [repr(sorted(w.items())) for w in want], sec
     assert {"SlidingGauge", "SlidingSteps"} <= kinds
     assert sum(1 for g in got if g) > len(queries) // 2  # most queries have an answer
+
+
+def _deriv_masked(x: np.ndarray, total: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """window_query's deriv with its masks (steps without data left out), as before."""
+    has = count > 0
+    m = has.sum(axis=1)
+    xb = np.broadcast_to(x, has.shape)
+    y = np.where(has, total / np.where(has, count, 1.0), 0.0)
+    xc = np.where(has, xb - (np.where(has, xb, 0.0).sum(axis=1) / m)[:, None], 0.0)
+    yc = np.where(has, y - (y.sum(axis=1) / m)[:, None], 0.0)
+    return (xc * yc).sum(axis=1) / (xc * xc).sum(axis=1)
+
+
+def test_deriv_without_masks_gives_the_masked_slopes_bit_for_bit():
+    from ray_monitor.aggregator.row_windows import deriv_dense
+    rng = np.random.default_rng(18)
+    for steps in (3, 7, 8, 9, 60, 129, 300, 600):
+        x = (1_000_000 + np.arange(steps)) * float(rng.choice([1.0, 10.0, 60.0]))
+        total = rng.lognormal(3, 2, (50, steps)) * rng.choice([1, -1], (50, steps))
+        count = rng.integers(1, 40, (50, steps)).astype(np.float64)
+        assert deriv_dense(x, total / count).tobytes() == _deriv_masked(x, total, count).tobytes()
