@@ -3,15 +3,18 @@
 Runs in the aggregator actor, under :mod:`~ray_monitor.aggregator.window_query` (which
 decides what a window is, which rows and buckets it covers, and what a query means); this
 module reads those buckets into one value per row and aggregate (``n``, ``s``, ``lo``,
-``hi``, ``last``, ``v``, ``z``), and keeps a per-series gauge window from round to round
-(:class:`SlidingGauge`).
+``hi``, ``last``, ``v``, ``z``) and into per-group step sums (``zscore``, ``deriv``), and
+keeps what a round one second later can reuse (:class:`SlidingGauge`,
+:class:`SlidingSteps`; histogram counts: :mod:`~ray_monitor.aggregator.window_counts`).
 
-Cost at 10,000 replicas: a per-series gauge window (``inflight`` ``last`` and ``sum``) is
-10,000 rows x 300 one-second buckets. Its min and max are read only when a query asks for
-them (``last`` and ``sum`` do not), the newest bucket with data is found from the last
-column first (every series reporting each second has data there), and a round one second
-after the last adds the second that entered and takes off the one that left (whole
-numbers only, so the sums equal a fresh read's exactly; see :class:`SlidingGauge`).
+Cost at 10,000 replicas (issue 15): a per-series gauge window (``inflight`` ``last`` and
+``sum``) is 10,000 rows x 300 one-second buckets. Its min and max are read only when a
+query asks for them (``last`` and ``sum`` do not), the newest bucket with data is found
+from the last column first (every series reporting each second has data there), and a
+round one second after the last adds the second that entered and takes off the one that
+left. Per-step sums are summed per step, so a kept step is the one a fresh read makes.
+Whatever is kept gives exactly a fresh read's figures (tests/unit/test_kept_windows.py
+compares them every round, bit for bit).
 """
 
 from __future__ import annotations

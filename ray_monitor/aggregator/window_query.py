@@ -53,8 +53,10 @@ per-group merges and results are memoised; a rule whose matchers name only label
 ``by`` (``p99(...{deployment="a"}) by (application, deployment)``) reads the result of
 the query without matchers, restricted to the matching groups (looked up in an index of
 the grouping). Which rows a matcher set selects, their groups, and each query's checks
-and plan are kept until a series comes or goes (the rules change); a rollup histogram
-window's counts, from round to round (:mod:`~ray_monitor.aggregator.window_counts`).
+and plan are kept until a series comes or goes (the rules change); from round to round, a
+rollup histogram window's counts (:mod:`~ray_monitor.aggregator.window_counts`), a
+per-series gauge window and the per-step sums of zscore/deriv over the 1 s ring
+(:mod:`~ray_monitor.aggregator.row_windows`), each equal to a fresh read bit for bit.
 """
 
 from __future__ import annotations
