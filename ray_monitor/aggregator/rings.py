@@ -60,10 +60,13 @@ from ray_monitor.aggregator.totals import Totals
 from ray_monitor.common.histogram import Histogram
 from ray_monitor.common.snapshot import Exemplar
 
-__all__ = ["GroupKey", "LabelSpace", "OTHER", "ROLLUP_DROPS", "Ring", "Table", "exact32",
-           "fits"]
+__all__ = ["GroupKey", "LabelSpace", "OTHER", "ROLLUP_DROPS", "Ring", "Table", "WHOLE_SAMPLE",
+           "exact32", "fits"]
 
 OTHER = "other"
+#: Gauge samples that are whole numbers up to this magnitude add up exactly in any order
+#: over a window (a bucket's sum below 2**42 with at most 65,535 samples; 600 buckets).
+WHOLE_SAMPLE = float(2 ** 26)
 #: Labels the coarse rings leave out (see Rollups above).
 ROLLUP_DROPS = frozenset({"replica", "pid"})
 
@@ -150,6 +153,10 @@ class Ring:
             setattr(self, c, self._empty(c, 0) if c in self.lazy else
                     np.full((0, slots), fill, dtype=dtype))
         self.reused = 0  # slots emptied for reuse since a look at the columns' types
+        #: per slot of a gauge ring: a sample written since the slot was emptied is not a
+        #: whole number of magnitude at most WHOLE_SAMPLE (a window's sums slide over the
+        #: slots without one: row_windows.SlidingGauge)
+        self.unwhole = np.zeros(slots, dtype=bool)
         if kind == "histogram":
             # slot -> row -> packed pairs, and slot -> row -> deltas appended where more
             # than one (bytes and ints only: no object per cell for the GC to scan)
@@ -267,6 +274,7 @@ class Ring:
             if c not in self.lazy:  # a lazy column holds only its empty value
                 getattr(self, c)[rows, slots] = fill
         if isinstance(rows, slice):
+            self.unwhole[slots] = False
             self.reused += self.slots if isinstance(slots, slice) else len(slots)
             if self.reused >= self.slots:
                 self.reused = 0
@@ -492,8 +500,11 @@ class Table:
         self.totals.add(row, value)
 
     def add_gauge(self, row: int, where, value: float, t: float, now: float) -> None:
+        whole = value.is_integer() and -WHOLE_SAMPLE <= value <= WHOLE_SAMPLE
         for ring, r, k, p in self._targets(row, where, now):
             off = t - k * ring.step
+            if not whole:
+                ring.unwhole[p] = True
             if ring.single:
                 if ring.to[r, p] == -np.inf:
                     if ring.last.dtype != _F64 and not fits(ring.last.dtype, value):

@@ -77,6 +77,9 @@ class SlidingCounts:
         self.a, self.b, self.held, self.table_version = a, b, held, table_version
         self.stamp, self.d, self.lo = stamp, d, lo
 
+    def nbytes(self) -> int:
+        return self.d.nbytes
+
     def add(self, rows: int, parts: list, sign: float) -> bool:
         """Adds (``sign`` 1) or takes off (-1) histogram entries; False where the range of
         bucket indices would grow past what a dense matrix holds (then it is rebuilt)."""

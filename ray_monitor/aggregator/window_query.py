@@ -53,8 +53,10 @@ per-group merges and results are memoised; a rule whose matchers name only label
 ``by`` (``p99(...{deployment="a"}) by (application, deployment)``) reads the result of
 the query without matchers, restricted to the matching groups (looked up in an index of
 the grouping). Which rows a matcher set selects, their groups, and each query's checks
-and plan are kept until a series comes or goes (the rules change); a rollup histogram
-window's counts, from round to round (:mod:`~ray_monitor.aggregator.window_counts`).
+and plan are kept until a series comes or goes (the rules change); from round to round, a
+rollup histogram window's counts (:mod:`~ray_monitor.aggregator.window_counts`), a
+per-series gauge window and the per-step sums of zscore/deriv over the 1 s ring
+(:mod:`~ray_monitor.aggregator.row_windows`), each equal to a fresh read bit for bit.
 """
 
 from __future__ import annotations
@@ -66,9 +68,11 @@ import numpy as np
 
 from ray_monitor.aggregator.packing import bucket_values
 from ray_monitor.aggregator.rings import ROLLUP_DROPS, GroupKey, Table
+from ray_monitor.aggregator.row_windows import (RowWindow, SlidingGauge, SlidingSteps,
+                                                deriv_dense, read_rows, step_sums)
 from ray_monitor.aggregator.timeline import Timeline
 from ray_monitor.aggregator.window_counts import (SlidingCounts, bucket_counts, run_starts,
-                                                  used_columns, whole_sums)
+                                                  used_columns)
 from ray_monitor.common.catalog import (ABSENT, FUNCTIONS, SHORTHAND_QUANTILES, Query,
                                         absence_metric, absent_labels)
 from ray_monitor.common.matchers import Matcher, check_regex, matches
@@ -83,41 +87,11 @@ ZSCORE_REL_FLOOR = 0.01
 ZSCORE_ABS_FLOOR = 1e-9
 
 
-class _SeriesWindow:
-    """Per-row aggregates of one metric over one window: rows of the series (per-series
-    queries, finest ring only) or of the rollups (all rings)."""
-
-    def __init__(self, ri: int, a: int, b: int, fine_only: bool, rows: int) -> None:
-        self.ri, self.a, self.b, self.fine_only = ri, a, b, fine_only
-        self.present = np.zeros(rows, dtype=bool)
-        #: (ring, slots) whose histogram entries the window holds: decoded by dense()
-        self.pair_src: list[tuple] = []
-        self._dense = None
-        #: makes dense()'s answer (WindowQuery._dense: from a sliding window when it can)
-        self.make_dense = None
-        #: per-series gauge parts whose min and max are not in ``lo``/``hi`` yet: a round's
-        #: per-series windows are mostly read for ``last`` and ``sum`` (see settle)
-        self.pending: list[tuple[np.ndarray, np.ndarray, slice]] = []
-
-    def settle(self) -> None:
-        """Adds the pending parts' min and max into ``lo`` and ``hi``."""
-        for last, has, out in self.pending:
-            np.minimum(self.lo[out], np.where(has, last, np.inf).min(axis=1), out=self.lo[out])
-            np.maximum(self.hi[out], np.where(has, last, -np.inf).max(axis=1), out=self.hi[out])
-        self.pending = []
-
-    def dense(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-row histogram counts ``[rows, C]`` and the bucket index of each column."""
-        if self._dense is None:
-            self._dense = self.make_dense()
-        return self._dense
-
-
 class _Groups:
     """One (metric, window, matchers, by): the present rows sorted by group, and sums."""
 
     def __init__(self, keys: list[GroupKey], rows: np.ndarray, starts: np.ndarray,
-                 sw: _SeriesWindow) -> None:
+                 sw: RowWindow) -> None:
         self.keys, self.rows, self.starts, self.sw = keys, rows, starts, sw
         self._memo: dict = {}
 
@@ -167,7 +141,9 @@ class WindowQuery:
         self._stamp: Optional[tuple[float, int]] = None
         self._round = 0  # bumps with every new stamp: a plan's result is of one round
         self._plans: dict[Query, _Plan] = {}
-        self._slides: dict[tuple, SlidingCounts] = {}  # see window_counts; kept while a round reads it
+        #: windows kept from round to round while a round reads them: histogram counts
+        #: (window_counts.SlidingCounts) and per-step sums (row_windows.SlidingSteps)
+        self._slides: dict[tuple, object] = {}
         self._slides_used: set[tuple] = set()
         #: (application, deployment) -> replicas Ray Serve runs (None: unknown), for
         #: ``absent_over_time(...) by (...)``; the store sets it.
@@ -303,75 +279,32 @@ class WindowQuery:
             any(b in ROLLUP_DROPS for b in q.by or ())
 
     def _series_window(self, table: Table, window_s: float, end: float,
-                       fine_only: bool) -> _SeriesWindow:
+                       fine_only: bool) -> RowWindow:
         key = ("series", table.metric.name, window_s, fine_only)
         sw = self._memo.get(key)
         if sw is not None:
             return sw
         tl = self._tl
         ri, a, b = tl.span(window_s, end, fine_only)
-        space = table.series if fine_only else table.rollups
-        rows = len(space.labels)
-        sw = _SeriesWindow(ri, a, b, fine_only, rows)
+        rows = len((table.series if fine_only else table.rollups).labels)
+        # a per-series gauge window slides from the last round's (row_windows.SlidingGauge)
+        version = self._stamp[1] if fine_only and table.kind == "gauge" and ri == 0 \
+            and self._stamp is not None else None
+        slide = ("gauge",) + key[1:]
+        sl = self._slides.get(slide) if version is not None else None
+        sw = sl.move(tl, table, a, b, rows, version) if sl is not None else None
+        if sw is None:
+            sw = read_rows(tl, table, ri, a, b, fine_only, rows, tl.max_time < end)
+            if version is not None:
+                self._slides[slide] = SlidingGauge(sw, tl, table, version)
+        if version is not None:
+            self._slides_used.add(slide)
         sw.make_dense = lambda: self._dense(table, sw, ("slide", key[1:]))
-        kind = table.kind
-        if kind == "counter":
-            sw.v = np.zeros(rows)
-        else:
-            sw.n, sw.s = np.zeros(rows), np.zeros(rows)
-            sw.lo, sw.hi = np.full(rows, np.inf), np.full(rows, -np.inf)
-            if kind == "histogram":
-                sw.z = np.zeros(rows)
-            else:
-                sw.last = np.zeros(rows)
-        parts = [(ri, a, b)] if fine_only else tl.cover(ri, a, b, tl.max_time < end)
-        for pri, lo, hi in parts:
-            _, cols = tl.columns(pri, lo, hi)
-            if not len(cols):
-                continue
-            ring = table.series_ring if fine_only else table.rings[pri]
-            n = rows
-            out = slice(0, n)
-            # a run of adjacent slots reads as a view, not a copy
-            at = (slice(0, n), slice(int(cols[0]), int(cols[-1]) + 1)
-                  if cols[-1] - cols[0] + 1 == len(cols) else cols)
-            if kind == "counter":
-                v = ring.read("v", at)
-                has = ~np.isnan(v)
-                sw.present[out] |= has.any(axis=1)
-                sw.v[out] += np.where(has, v, 0.0).sum(axis=1)
-                continue
-            cnt = ring.count(at)
-            has = cnt > 0
-            any_ = has.any(axis=1)
-            sw.present[out] |= any_
-            sw.n[out] += whole_sums(cnt)
-            if ring.single:  # one sample per bucket: sum, min and max are that sample
-                last = ring.last[at]
-                # an empty bucket's sample is 0: whole-number samples add up as integers
-                sw.s[out] += whole_sums(last) if last.dtype.itemsize <= 2 and \
-                    last.dtype.kind == "u" else np.where(has, last, 0.0).sum(axis=1)
-                sw.pending.append((last, has, out))  # min and max: when a query reads them
-            else:
-                sw.s[out] += ring.s[at].sum(axis=1)
-                np.minimum(sw.lo[out], ring.lo[at].min(axis=1), out=sw.lo[out])
-                np.maximum(sw.hi[out], ring.hi[at].max(axis=1), out=sw.hi[out])
-            if kind == "histogram":
-                sw.z[out] += ring.z[at].sum(axis=1, dtype=np.float64)
-                sw.pair_src.append((ring, cols))
-            elif ring.latest:  # parts in time order: the newest column with data holds the latest
-                newest = len(cols) - 1 - has[:, ::-1].argmax(axis=1)
-                sw.last[out] = np.where(any_, ring.last[np.arange(n), cols[newest]], sw.last[out])
-        sw.has_data = sw.present.copy()
-        if kind == "gauge":
-            with np.errstate(invalid="ignore", divide="ignore"):
-                sw.avg = sw.s / sw.n
-        else:  # zero is a value: an alive counter or histogram without data reads 0
-            sw.present |= table.alive(fine_only)[:rows]
+        sw.finish(table)
         self._memo[key] = sw
         return sw
 
-    def _dense(self, table: Table, sw: _SeriesWindow, key: tuple) -> tuple[np.ndarray, np.ndarray]:
+    def _dense(self, table: Table, sw: RowWindow, key: tuple) -> tuple[np.ndarray, np.ndarray]:
         """``sw.dense()``: per-row histogram counts over the window. A rollup window over
         the finest ring slides from the last round's (see
         :class:`~ray_monitor.aggregator.window_counts.SlidingCounts`): two buckets decoded a
@@ -426,6 +359,7 @@ class WindowQuery:
         rows, gids = sel_rows[keep], sel_gids[keep]
         starts = run_starts(gids)
         g = self._memo[key] = _Groups([keys[i] for i in gids[starts]], rows, starts, sw)
+        g.key = key[1:]
         g.selected = (sel_rows, sel_gids)
         g.gid_pos = np.full(len(keys), -1, dtype=np.int64)
         g.gid_pos[gids[starts]] = np.arange(len(starts))
@@ -520,23 +454,20 @@ class WindowQuery:
         rows, gids = g.selected  # present in the window's cover or not
         pos = g.gid_pos[gids]
         rows, pos = rows[pos >= 0], pos[pos >= 0]
-        # a run of adjacent slots as a slice: the rows are gathered, not every cell
-        idx = (rows, slice(int(cols[0]), int(cols[-1]) + 1)) \
-            if len(cols) and cols[-1] - cols[0] + 1 == len(cols) else np.ix_(rows, cols)
-        if table.kind == "counter":
-            v = ring.read("v", idx)
-            has = ~np.isnan(v)
-            total, count = np.where(has, v, 0.0), has.astype(np.float64)
-        else:
-            total, count = ring.read("s", idx), ring.read("n", idx)
-        out_t = np.zeros((len(g.keys), len(cols)))
-        out_c = np.zeros((len(g.keys), len(cols)))
-        if len(rows):
-            starts = run_starts(pos)
-            out_t[pos[starts]] = np.add.reduceat(total, starts, axis=0)
-            out_c[pos[starts]] = np.add.reduceat(count, starts, axis=0)
-        memo = (ks, out_t, out_c)
-        g._memo["steps"] = memo
+        # over the finest ring, the steps slide from the last round's (SlidingSteps)
+        version = self._stamp[1] if self._stamp is not None and sw.ri == 0 else None
+        key = ("steps",) + g.key
+        sl = self._slides.get(key) if version is not None else None
+        got = sl.move(self._tl, table, ring, ks, cols, rows, pos, len(g.keys), version) \
+            if sl is not None else None
+        if got is None:
+            got = step_sums(table.kind, ring, rows, pos, cols, len(g.keys))
+            if version is not None:
+                self._slides[key] = SlidingSteps(table.version, ring.single, rows, pos, ks,
+                                                 *got, version)
+        if version is not None:
+            self._slides_used.add(key)
+        memo = g._memo["steps"] = (ks,) + got
         return memo
 
     def _deriv(self, table: Table, g: _Groups) -> dict[GroupKey, float]:
@@ -548,7 +479,10 @@ class WindowQuery:
         if not len(ok):
             return {}
         has, m = has[ok], m[ok]
-        x = np.broadcast_to(ks * self._tl.res[g.sw.ri][0], has.shape)
+        x = ks * self._tl.res[g.sw.ri][0]
+        if len(ok) == len(count) and has.all():  # every step has data: the same sums, fewer passes
+            return dict(zip(g.keys, deriv_dense(x, total / count).tolist()))
+        x = np.broadcast_to(x, has.shape)
         y = np.where(has, total[ok] / np.where(has, count[ok], 1.0), 0.0)
         xc = np.where(has, x - (np.where(has, x, 0.0).sum(axis=1) / m)[:, None], 0.0)
         yc = np.where(has, y - (y.sum(axis=1) / m)[:, None], 0.0)

@@ -1,0 +1,108 @@
+"""Rule rounds of two trees on the very same store: fill once, pickle, play the rounds.
+
+    # fill as bench_aggregator.py --case realistic --fill-s FILL fills, and pickle it
+    nice .venv/bin/python benchmarks/rounds_ab.py fill DEPLOYMENTS FILL STORE.pkl [MAX_SERIES]
+    # then, once per tree, interleaved (PYTHONPATH picks the tree; it prints which loaded)
+    PYTHONPATH=<tree> nice .venv/bin/python benchmarks/rounds_ab.py rounds STORE.pkl \
+        DEPLOYMENTS FILL ROUNDS [RESULTS_PREFIX]
+    # and compare two runs' results byte for byte
+    .venv/bin/python benchmarks/rounds_ab.py compare PREFIX_A PREFIX_B ROUNDS
+
+A round is the benchmark's: one second of new snapshots, then ``begin_round``, the
+``bench_aggregator.queries`` (1,000), ``end_round``; each round's CPU time
+(``time.process_time``) is printed, and with RESULTS_PREFIX its results are pickled. The
+store's query object is made afresh after loading, so the first round plans and reads
+everything, as a started aggregator's first round does (RESULTS.md §23). Filling 10,000
+replicas takes minutes, loading the pickle seconds: before and after read one store.
+Fill with the newer tree: what it adds to the store (``Ring.unwhole``) is missing from a
+store an older tree pickled, and an older tree ignores it.
+"""
+
+from __future__ import annotations
+
+import gc
+import pickle
+import sys
+import time
+
+from bench_aggregator import Clock, queries, snapshot_maker
+from ray_monitor.aggregator import window_query
+from ray_monitor.aggregator.windows import WindowStore
+
+
+def fill(deps: int, fill_s: int, out: str, cap: int) -> None:
+    make, n = snapshot_maker(deps, 20)
+    clock = Clock(1_000_000.0)
+    store = WindowStore(clock=clock, max_series_per_metric=cap)
+    t0 = 1_000_000.0 - fill_s
+    for sec in range(fill_s):
+        clock.t = t0 + sec + 0.5
+        for i in range(n):
+            store.ingest(make(i, sec, t0 + sec + 0.4))
+    with open(out, "wb") as f:
+        pickle.dump(store, f, protocol=5)
+    print(f"filled {n} replicas, {fill_s} s, max_series_per_metric {cap}: {out}")
+
+
+def rounds(path: str, deps: int, fill_s: int, count: int, prefix: str) -> None:
+    print("window_query from", window_query.__file__)
+    make, n = snapshot_maker(deps, 20)
+    with open(path, "rb") as f:
+        store = pickle.load(f)
+    clock = store._clock
+    store._query = window_query.WindowQuery(store._tl, store._tables)
+    gc.collect()
+    gc.freeze()  # as the aggregator actor does once started
+    t0 = 1_000_000.0 - fill_s
+    qs = queries(1000, deps)
+    for r in range(count):
+        sec = fill_s + r
+        clock.t = t0 + sec + 0.5
+        for i in range(n):
+            store.ingest(make(i, sec, t0 + sec + 0.4))
+        clock.t += 0.3
+        start = time.process_time()
+        store.begin_round()
+        res = [store.evaluate(q) for q in qs]
+        store.end_round()
+        print(f"round {r}: {(time.process_time() - start) * 1000:.1f} ms cpu", flush=True)
+        if prefix:
+            with open(f"{prefix}.{r}", "wb") as f:
+                pickle.dump(res, f)
+    kept = {}
+    for sl in store._query._slides.values():
+        size = sl.nbytes() if hasattr(sl, "nbytes") else sl.d.nbytes
+        kept[type(sl).__name__] = kept.get(type(sl).__name__, 0) + size
+    print("kept between rounds, KiB:", {k: round(v / 1024) for k, v in kept.items()},
+          f"total {sum(kept.values()) / 1024:,.0f} for {n} replicas")
+
+
+def compare(a: str, b: str, count: int) -> None:
+    bad = total = 0
+    for r in range(count):
+        with open(f"{a}.{r}", "rb") as fa, open(f"{b}.{r}", "rb") as fb:
+            x, y = pickle.load(fa), pickle.load(fb)
+        assert len(x) == len(y)
+        for i, (p, q) in enumerate(zip(x, y)):
+            total += 1
+            if pickle.dumps(list(p.items())) != pickle.dumps(list(q.items())):
+                bad += 1
+                if bad <= 5:
+                    print("differs: round", r, "query", i)
+    print(f"rounds {count}, results compared {total}, differing {bad}")
+
+
+def main() -> None:
+    mode, args = sys.argv[1], sys.argv[2:]
+    if mode == "fill":
+        fill(int(args[0]), int(args[1]), args[2], int(args[3]) if len(args) > 3 else 10_000)
+    elif mode == "rounds":
+        rounds(args[0], int(args[1]), int(args[2]), int(args[3]), args[4] if len(args) > 4 else "")
+    elif mode == "compare":
+        compare(args[0], args[1], int(args[2]))
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Windows a rule round keeps for the next (issue 15, 10,000 replicas): per-series gauge
+windows (``inflight`` ``last`` and ``sum``) and the per-step sums of ``zscore`` and
+``deriv`` give, every round, exactly what a fresh read of the same store gives (compared
+by ``repr``: bit for bit, the sign of zero included), through late deltas into seconds a
+round read, replicas coming and going, a gauge sample that is not a whole number, two
+samples in one second (the per-series ring unfolds), a clock jump, and windows that do not
+slide (a coarse ring's steps)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ray_monitor.aggregator.window_query import WindowQuery
+from ray_monitor.aggregator.windows import WindowStore
+from ray_monitor.common.catalog import Query
+from ray_monitor.common.matchers import Matcher
+from ray_monitor.common.snapshot import ReplicaHealth, ReplicaSnapshot
+from tests.helpers import Clock
+from tests.unit.test_windows import T0, ident, ok
+
+BYS = (None, ("deployment",), ("application", "deployment"))
+
+
+def _queries() -> list[Query]:
+    out = []
+    for w in (10.0, 60.0, 300.0, 900.0):  # 900: past the 1 s ring, its steps do not slide
+        for by in BYS:
+            out += [Query(f, "inflight", w, by=by) for f in ("last", "sum", "avg", "max", "min")]
+            out += [Query("zscore", m, w, by=by) for m in ("requests", "latency_seconds",
+                                                           "inflight", "cpu_percent")]
+            out += [Query("deriv", m, w, by=by) for m in ("cpu_percent", "rss_bytes", "inflight")]
+        out.append(Query("last", "inflight", w, by=("application", "deployment"),
+                         matchers=(Matcher("deployment", "=", "d2"),)))
+        out.append(Query("sum", "inflight", w, by=("replica",)))
+    return out
+
+
+def _snap(dep: str, rep: str, seq: int, start: float, end: float, rng, inflight: float):
+    return ReplicaSnapshot(ident(rep, dep), seq, start, end,
+                           [ok(*rng.lognormal(-2.5, 0.7, int(rng.integers(1, 20))))],
+                           {"__call__": inflight},
+                           ReplicaHealth(cpu_percent=float(rng.integers(10, 90)) + 0.25,
+                                         rss_bytes=int(rng.integers(1, 2 ** 30))))
+
+
+def test_windows_kept_between_rounds_equal_a_fresh_read_bit_for_bit():
+    clock = Clock(T0)
+    store = WindowStore(clock=clock, series_ttl_s=20.0)
+    rng = np.random.default_rng(17)
+    queries = _queries()
+    replicas = [("d1", "a"), ("d1", "b"), ("d2", "a")]
+    seq, kinds = 0, set()
+    for sec in range(420):
+        if sec == 380:
+            clock.t += 80.0  # past the 60 s window: nothing of the kept one is in the new
+        t = math.floor(clock.t) + 1.0
+        if sec == 40:
+            replicas.append(("d3", "a"))
+        if sec == 70:
+            replicas.remove(("d1", "b"))  # expires 20 s later
+        clock.t = t + 0.5
+        for dep, rep in replicas:
+            seq += 1
+            if dep == "d2" and sec % 17 == 5:  # held back, delivered late below
+                continue
+            # whole numbers of requests in flight, but a few samples that are not (a gauge
+            # that is not a count: the sums stop sliding while a window holds one)
+            value = float(rng.integers(0, 4))
+            if rep == "a" and dep == "d1" and sec in (150, 151, 153, 160, 230):
+                value += 0.1 * (sec % 7) + 0.1
+            if sec == 200 and dep == "d1":
+                # two reports in one second: the per-series ring keeps every column from now
+                store.ingest(_snap(dep, rep, seq, t - 1.0, t - 0.5, rng, value + 1))
+                seq += 1
+                store.ingest(_snap(dep, rep, seq, t - 0.5, t + 0.4, rng, value))
+            else:
+                store.ingest(_snap(dep, rep, seq, t - 1.0, t + 0.4, rng, value))
+        clock.t = t + 0.8
+        if sec % 17 == 7:  # two seconds late: it lands in seconds the last round read
+            seq += 1
+            store.ingest(_snap("d2", "a", seq, t - 3.0, t - 1.6, rng, 2.0))
+        store.expire()
+        now = store.begin_round()
+        got = [store.evaluate(query) for query in queries]
+        fresh = WindowQuery(store._tl, store._tables)
+        end = store.window_end(now)
+        want = [fresh.evaluate(query, end, store._version) for query in queries]
+        kinds |= {type(store._query._slides[k]).__name__ for k in store._query._slides_used}
+        store.end_round()
+        assert [repr(sorted(g.items())) for g in got] == \
+            [repr(sorted(w.items())) for w in want], sec
+    assert {"SlidingGauge", "SlidingSteps"} <= kinds
+    assert sum(1 for g in got if g) > len(queries) // 2  # most queries have an answer
+
+
+def _deriv_masked(x: np.ndarray, total: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """window_query's deriv with its masks (steps without data left out), as before."""
+    has = count > 0
+    m = has.sum(axis=1)
+    xb = np.broadcast_to(x, has.shape)
+    y = np.where(has, total / np.where(has, count, 1.0), 0.0)
+    xc = np.where(has, xb - (np.where(has, xb, 0.0).sum(axis=1) / m)[:, None], 0.0)
+    yc = np.where(has, y - (y.sum(axis=1) / m)[:, None], 0.0)
+    return (xc * yc).sum(axis=1) / (xc * xc).sum(axis=1)
+
+
+def test_deriv_without_masks_gives_the_masked_slopes_bit_for_bit():
+    from ray_monitor.aggregator.row_windows import deriv_dense
+    rng = np.random.default_rng(18)
+    for steps in (3, 7, 8, 9, 60, 129, 300, 600):
+        x = (1_000_000 + np.arange(steps)) * float(rng.choice([1.0, 10.0, 60.0]))
+        total = rng.lognormal(3, 2, (50, steps)) * rng.choice([1, -1], (50, steps))
+        count = rng.integers(1, 40, (50, steps)).astype(np.float64)
+        assert deriv_dense(x, total / count).tobytes() == _deriv_masked(x, total, count).tobytes()
