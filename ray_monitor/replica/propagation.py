@@ -46,7 +46,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.trace import sampling
 
-from ray_monitor.replica.queueing import SENT, stamp
+from ray_monitor.replica.queueing import SENT_AT, stamp
 
 __all__ = ["ACTIVE", "CURRENT", "DECLINED", "PLACEHOLDER", "Parent", "TRACEPARENT_COMMON",
            "carrier", "install", "installed", "one_decision_in_proxy", "otel_current",
@@ -287,7 +287,7 @@ def _wrap(original: Callable) -> Callable:
                     if rs.tracestate:
                         ctx["tracestate"] = rs.tracestate
                     sent = getattr(pr, "created_at", None)
-                    ctx[SENT] = str(int((sent if isinstance(sent, float) else _time()) * 1e6))
+                    ctx[SENT_AT] = sent if isinstance(sent, float) else _time()
                     md.tracing_context = ctx
                 except Exception:
                     _fill(md, pr)  # the same again, where a failure is counted
