@@ -282,7 +282,9 @@ def _wrap(original: Callable) -> Callable:
                 # replica): a monitored request's own span, no OpenTelemetry context here
                 # (outgoing()'s first answer), and its send time (stamp())
                 try:
-                    ctx = {"traceparent": f"00-{rs.trace_id:032x}-{rs.span_id:016x}-"
+                    tp = rs.tp  # the caller's text: the trace id without a 128-bit format
+                    tid = tp[3:35] if tp is not None else f"{rs.trace_id:032x}"
+                    ctx = {"traceparent": f"00-{tid}-{rs.span_id:016x}-"
                                           f"{'01' if rs.sampled else '00'}"}
                     if rs.tracestate:
                         ctx["tracestate"] = rs.tracestate

@@ -272,3 +272,71 @@ def test_the_send_time_travels_as_a_float_and_both_forms_are_read(monkeypatch):
     for bad in (float("nan"), float("inf"), "1700000000.25", None):
         assert queueing.queue_of(_Carried({SENT_AT: bad})) is None
     assert queueing.queue_of(_Carried({SENT_AT: now + 30})) == 0.0  # a clock behind
+
+
+#: More callers for the exact check that keeps a traceparent as text (§25).
+CAME_TEXT = [
+    {"traceparent": f"00-{TID}-{SID}-ff"},  # every flag bit
+    {"traceparent": f"00-{TID}-{SID}-0a"},  # an even last digit: unsampled
+    {"traceparent": f"00-{TID}-{SID}-0G"},  # not hex
+    {"traceparent": f"00-{TID}-{SID}-01\n"},  # a trailing newline (the general regex's $)
+    {"traceparent": f"00-{TID}-{SID}-1"},  # short
+    {"traceparent": f"00-{TID}0-{SID}-01"},  # long
+    {"traceparent": f"00_{TID}-{SID}-01"},  # not a dash
+    {"traceparent": f"00-{'0' * 31}1-{SID}-00"},  # a trace id that is nearly zero
+    {"traceparent": f"00-{TID}-{'0' * 15}1-00"},  # a span id that is nearly zero
+    {"traceparent": f"00-{'0' * 32}-{'0' * 16}-00"},  # both zero
+    {"traceparent": f"00-{TID}-{SID}-01", "tracestate": ""},  # an empty tracestate
+    {"traceparent": f"00-{TID}-{SID}-01", "tracestate": None},
+    {"traceparent": ""},
+]
+
+
+@pytest.mark.parametrize("came", CAME_TEXT, ids=[repr(c)[:40] for c in CAME_TEXT])
+def test_a_caller_kept_as_text_begins_as_the_general_resolution_makes_it(tracer, came):
+    test_a_handle_calls_span_begins_as_the_general_resolution_makes_it(tracer, came)
+
+
+def test_a_span_from_a_callers_text_makes_its_ints_where_read_and_its_id_once():
+    from ray_monitor.replica.request_span import _PARENT, _SPAN, _TRACE, FromCaller
+
+    t = Tracer(sample_ratio=0.0, slow_threshold_s=1.0, enabled=False)
+    rs = t.begin("M.run", {}, Ctx({"traceparent": f"00-{TID}-{SID}-00"}))
+    assert type(rs) is FromCaller and rs.tp == f"00-{TID}-{SID}-00"
+    for slot in (_TRACE, _PARENT, _SPAN):  # nothing made on the path yet
+        with pytest.raises(AttributeError):
+            slot.__get__(rs)
+    assert (rs.trace_id, rs.parent_id) == (int(TID, 16), int(SID, 16))
+    first = rs.span_id
+    assert isinstance(first, int) and rs.span_id == first and rs.ids == (int(TID, 16), first)
+    rs.trace_id = 7  # the setters write the slots
+    assert rs.trace_id == 7
+    plain = t.begin("M.run", {}, None)  # a root: ints from the start, no text
+    assert type(plain) is RequestSpan and plain.tp is None
+    assert isinstance(_SPAN.__get__(plain), int)
+
+
+@pytest.mark.parametrize("flags", ["00", "01"])
+def test_the_hook_and_the_log_factory_write_a_text_spans_ids_as_the_general_code(flags):
+    """Same bytes on the wire and in the log whether the trace id comes from the
+    caller's text or from the int."""
+    import logging
+
+    from ray_monitor.replica import tracing
+
+    t = Tracer(sample_ratio=0.0, slow_threshold_s=1.0, enabled=False)
+    rs = t.begin("M.run", {}, Ctx({"traceparent": f"00-{TID}-{SID}-{flags}"}))
+    hooked = propagation._wrap(lambda self, pr, *a: pr.metadata.tracing_context)
+    token = propagation.CURRENT.set(rs)
+    try:
+        fast = hooked(None, _Pending(), False)
+        pr = _Pending()
+        propagation._fill(pr.metadata, pr)
+        assert fast == pr.metadata.tracing_context == {
+            "traceparent": f"00-{TID}-{rs.span_id:016x}-{flags}", SENT_AT: 1_700_000_000.25}
+        tracing.install_log_correlation()
+        record = logging.getLogRecordFactory()("x", logging.INFO, __file__, 0, "m", None, None)
+        assert (record.trace_id, record.span_id) == (f"{rs.trace_id:032x}",
+                                                     f"{rs.span_id:016x}")
+    finally:
+        propagation.CURRENT.reset(token)
