@@ -72,57 +72,49 @@ class RequestSpan:
         return trace.set_span_in_context(NonRecordingSpan(sc), _EMPTY)
 
 
-# The slots' own descriptors, under FromCaller's properties of the same names.
-_TRACE, _PARENT, _SPAN = RequestSpan.trace_id, RequestSpan.parent_id, RequestSpan.span_id
-
-
 class FromCaller(RequestSpan):
     """A :class:`RequestSpan` begun under a caller's valid common ``traceparent``
     (``00``, no ``tracestate``), kept as ``tp``: its trace and parent ids are that text's
     until read as ints (then parsed once), and its own span id is drawn at its first read.
+    Begin sets ``_tid``, ``_pid`` and ``_sid`` to None (not made yet): a test of None, not
+    an AttributeError caught (an exception made on the path costs more than the parse).
 
     Two threads reading the span id first at the same instant could each draw one; only
     the request's own thread reads it while the request runs (the flush thread reads it
     after the request ended), unless user code logs from a thread of its own at the same
     moment as the request's first handle call."""
 
-    __slots__ = ("tp",)
+    __slots__ = ("tp", "_tid", "_pid", "_sid")
 
     @property
     def trace_id(self) -> int:
-        try:
-            return _TRACE.__get__(self)
-        except AttributeError:
-            value = int(self.tp[3:35], 16)
-            _TRACE.__set__(self, value)
-            return value
+        value = self._tid
+        if value is None:
+            value = self._tid = int(self.tp[3:35], 16)
+        return value
 
     @trace_id.setter
     def trace_id(self, value: int) -> None:
-        _TRACE.__set__(self, value)
+        self._tid = value
 
     @property
     def parent_id(self) -> int:
-        try:
-            return _PARENT.__get__(self)
-        except AttributeError:
-            value = int(self.tp[36:52], 16)
-            _PARENT.__set__(self, value)
-            return value
+        value = self._pid
+        if value is None:
+            value = self._pid = int(self.tp[36:52], 16)
+        return value
 
     @parent_id.setter
     def parent_id(self, value: int) -> None:
-        _PARENT.__set__(self, value)
+        self._pid = value
 
     @property
     def span_id(self) -> int:
-        try:
-            return _SPAN.__get__(self)
-        except AttributeError:
-            value = random.getrandbits(64)
-            _SPAN.__set__(self, value)
-            return value
+        value = self._sid
+        if value is None:
+            value = self._sid = random.getrandbits(64)
+        return value
 
     @span_id.setter
     def span_id(self, value: int) -> None:
-        _SPAN.__set__(self, value)
+        self._sid = value

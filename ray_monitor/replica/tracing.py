@@ -264,6 +264,7 @@ class Tracer:
         if text is not None:  # a remote parent, no tracestate; ids made where read
             rs = _new(FromCaller)
             rs.tp = text
+            rs._tid = rs._pid = rs._sid = None  # made where first read
             rs.sampled = text[54] in _ODD  # the flags' sampled bit (lower-case hex)
             rs.remote = True
             rs.tracestate = None

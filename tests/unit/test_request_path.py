@@ -298,14 +298,12 @@ def test_a_caller_kept_as_text_begins_as_the_general_resolution_makes_it(tracer,
 
 
 def test_a_span_from_a_callers_text_makes_its_ints_where_read_and_its_id_once():
-    from ray_monitor.replica.request_span import _PARENT, _SPAN, _TRACE, FromCaller
+    from ray_monitor.replica.request_span import FromCaller
 
     t = Tracer(sample_ratio=0.0, slow_threshold_s=1.0, enabled=False)
     rs = t.begin("M.run", {}, Ctx({"traceparent": f"00-{TID}-{SID}-00"}))
     assert type(rs) is FromCaller and rs.tp == f"00-{TID}-{SID}-00"
-    for slot in (_TRACE, _PARENT, _SPAN):  # nothing made on the path yet
-        with pytest.raises(AttributeError):
-            slot.__get__(rs)
+    assert (rs._tid, rs._pid, rs._sid) == (None, None, None)  # nothing made on the path yet
     assert (rs.trace_id, rs.parent_id) == (int(TID, 16), int(SID, 16))
     first = rs.span_id
     assert isinstance(first, int) and rs.span_id == first and rs.ids == (int(TID, 16), first)
@@ -313,7 +311,7 @@ def test_a_span_from_a_callers_text_makes_its_ints_where_read_and_its_id_once():
     assert rs.trace_id == 7
     plain = t.begin("M.run", {}, None)  # a root: ints from the start, no text
     assert type(plain) is RequestSpan and plain.tp is None
-    assert isinstance(_SPAN.__get__(plain), int)
+    assert isinstance(plain.span_id, int) and isinstance(plain.trace_id, int)
 
 
 @pytest.mark.parametrize("flags", ["00", "01"])
