@@ -269,14 +269,14 @@ def _headers(args: tuple, i: int) -> Any:
 class _Hook:
     """What a wrapper needs, bound once: the runtime, the method's name and cells."""
 
-    __slots__ = ("runtime", "name", "span_name", "cells", "attrs", "at")
+    __slots__ = ("runtime", "name", "span_name", "cells", "attrs", "at", "plain")
 
     def __init__(self, runtime: Runtime, name: str, at: int = 0) -> None:
         self.runtime = runtime
         self.at = at  # where the call's own arguments start (after `self`)
         self.name = name
         self.span_name = f"{runtime.target_name}.{name}"
-        self.cells = self.attrs = None  # bound by the runtime when it starts
+        self.cells = self.attrs = self.plain = None  # bound by the runtime when it starts
 
     def __getstate__(self):
         return {"runtime": self.runtime, "name": self.name, "span_name": self.span_name,
@@ -286,7 +286,7 @@ class _Hook:
         self.runtime, self.name, self.span_name = (state["runtime"], state["name"],
                                                    state["span_name"])
         self.at = state.get("at", 0)
-        self.cells = self.attrs = None
+        self.cells = self.attrs = self.plain = None
 
 
 def _start(hook: _Hook, scope: Any, asgi: bool = False, args: tuple = (),
@@ -326,10 +326,13 @@ def _start(hook: _Hook, scope: Any, asgi: bool = False, args: tuple = (),
                     cells._queued[token] = q if q > 0.0 else 0.0
                 except (TypeError, ValueError, OverflowError):
                     pass  # an unreadable send time: no queue time, as queue_of
-        opts = runtime.options
-        req.tenant = None if opts.tenant is None and opts.tenant_header is None else \
-            _tenant(hook, scope, args, kwargs)
-        req.call = (args[hook.at:], kwargs) if opts.tokens_input else None  # tokens=fn's
+        if hook.plain:  # bound at start: none of the options below
+            req.tenant = req.call = None
+        else:
+            opts = runtime.options
+            req.tenant = None if opts.tenant is None and opts.tenant_header is None else \
+                _tenant(hook, scope, args, kwargs)
+            req.call = (args[hook.at:], kwargs) if opts.tokens_input else None  # tokens=fn's
         req.tracer = tracer = st.tracer
         req.span = sp = None
         req.ctx_token = req.otel_token = None

@@ -338,3 +338,30 @@ def test_the_hook_and_the_log_factory_write_a_text_spans_ids_as_the_general_code
                                                      f"{rs.span_id:016x}")
     finally:
         propagation.CURRENT.reset(token)
+
+
+@pytest.mark.parametrize("options, plain", [({}, True), ({"tenant": lambda a, k: "t"}, False),
+                                            ({"tenant_header": "x-tenant"}, False),
+                                            ({"tokens": lambda r, a, k: (1, 2)}, False),
+                                            ({"tokens": lambda r: (1, 2)}, True)])
+def test_a_hook_binds_at_start_whether_its_requests_read_tenant_or_call(
+        monkeypatch, options, plain):
+    for k in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(k, raising=False)
+
+    @monitor(flush_interval_s=3600.0, tracing_enabled=False, **options)
+    class Model:
+        def run(self, x):
+            return None
+    m = Model()
+    hook = Model.__ray_monitor__.hooks[0]
+    assert m.run(1) is None
+    assert hook.plain is plain  # bound when the runtime started
+    req = middleware._start(hook, None, False, (m, 1), {})
+    takes_the_call = Model.__ray_monitor__.options.tokens_input
+    assert req.tenant is None if plain else req.tenant is not None or takes_the_call
+    assert (req.call is None) is (not takes_the_call)
+    assert plain is not ("tenant" in options or "tenant_header" in options or takes_the_call)
+    deferred.end(req, "ok", None, False)
+    Model.__ray_monitor__.close()
+    assert hook.plain is None
