@@ -180,8 +180,12 @@ def cold_ops(n: int, evict_mb: int) -> int:
     import random
 
     from ray_monitor.replica.propagation import TRACEPARENT_COMMON
-    from ray_monitor.replica.queueing import SENT
+    from os import urandom
 
+    from ray_monitor.replica.queueing import SENT, SENT_AT
+
+    HEX_DASH = "0123456789abcdef-"
+    t = time.time()
     tp = "00-0123456789abcdef0123456789abcdef-0123456789abcdef-00"
     t128, s64 = random.getrandbits(128), random.getrandbits(64)
     bits = random.getrandbits
@@ -194,7 +198,17 @@ def cold_ops(n: int, evict_mb: int) -> int:
            "str(int(time.time() * 1e6))": lambda: str(int(time.time() * 1e6)),
            "time.time_ns()": time.time_ns,
            "{2 keys} dict": lambda: {"traceparent": tp, SENT: "1"},
-           "slices + concatenation": lambda: "00-" + tp[3:35] + "-" + tp[36:52] + "-00"}
+           "slices + concatenation": lambda: "00-" + tp[3:35] + "-" + tp[36:52] + "-00",
+           # candidates for §25: ids kept as text, a send time kept as a float
+           "{2 keys} dict, a float value": lambda: {"traceparent": tp, SENT_AT: t},
+           "tp[3:35] (a slice)": lambda: tp[3:35],
+           "os.urandom(8).hex()": lambda: urandom(8).hex(),
+           "random.randbytes(8).hex()": lambda: random.randbytes(8).hex(),
+           "f'{getrandbits(64):016x}'": lambda: f"{bits(64):016x}",
+           "hex check: not s.strip(HEX)": lambda: not tp[3:52].strip(HEX_DASH),
+           "len + 3 dashes + strip check": lambda: len(tp) == 55 and tp[2] == tp[35] == tp[52]
+           == "-" and not tp.strip(HEX_DASH) and tp.count("-") == 3,
+           "tp[54] in '13579bdf'": lambda: tp[54] in "13579bdf"}
     buf = bytearray(evict_mb << 20)
     view = memoryview(buf)
     got: dict[str, list[int]] = {k: [] for k in ops}

@@ -26,10 +26,10 @@ from ray_monitor.replica import deferred, http_semantics, queueing, streaming, t
 from ray_monitor.replica.http_semantics import (HTTP_TYPES, carry_traceparent, from_scope,
                                                 is_http_type, method_label)
 from ray_monitor.replica.propagation import ACTIVE
-from ray_monitor.replica.queueing import SENT
+from ray_monitor.replica.queueing import SENT, SENT_AT
 from ray_monitor.replica.span_errors import error_type
 from ray_monitor.replica.options import UNSET, MonitorOptions, refuse
-from ray_monitor.quality.prediction import Prediction, validate_extractor_result
+from ray_monitor.replica.capture import HttpResponse as _HttpResponse, capturing as _capturing
 from ray_monitor.replica.runtime import Runtime
 from ray_monitor.replica.usage import tenant_of
 from ray_monitor.common.snapshot import OK, Exemplar
@@ -258,13 +258,6 @@ def _outcome(e: BaseException) -> tuple[str, bool]:
     return error_type(e), True
 
 
-try:  # Starlette ships with Ray Serve; the class is looked up once, not per request
-    from starlette.responses import Response as _HttpResponse
-except ImportError:  # pragma: no cover - without Starlette nothing is an HTTP object
-    class _HttpResponse:  # type: ignore[no-redef]
-        pass
-
-
 def _headers(args: tuple, i: int) -> Any:
     """The ASGI scope when argument ``i`` is a Starlette request (Serve's HTTP path)."""
     if len(args) <= i:
@@ -276,14 +269,14 @@ def _headers(args: tuple, i: int) -> Any:
 class _Hook:
     """What a wrapper needs, bound once: the runtime, the method's name and cells."""
 
-    __slots__ = ("runtime", "name", "span_name", "cells", "attrs", "at")
+    __slots__ = ("runtime", "name", "span_name", "cells", "attrs", "at", "plain")
 
     def __init__(self, runtime: Runtime, name: str, at: int = 0) -> None:
         self.runtime = runtime
         self.at = at  # where the call's own arguments start (after `self`)
         self.name = name
         self.span_name = f"{runtime.target_name}.{name}"
-        self.cells = self.attrs = None  # bound by the runtime when it starts
+        self.cells = self.attrs = self.plain = None  # bound by the runtime when it starts
 
     def __getstate__(self):
         return {"runtime": self.runtime, "name": self.name, "span_name": self.span_name,
@@ -293,7 +286,7 @@ class _Hook:
         self.runtime, self.name, self.span_name = (state["runtime"], state["name"],
                                                    state["span_name"])
         self.at = state.get("at", 0)
-        self.cells = self.attrs = None
+        self.cells = self.attrs = self.plain = None
 
 
 def _start(hook: _Hook, scope: Any, asgi: bool = False, args: tuple = (),
@@ -321,16 +314,25 @@ def _start(hook: _Hook, scope: Any, asgi: bool = False, args: tuple = (),
         req.token = token = next(cells._ids)  # itertools.count is atomic under the GIL
         cells.running[token] = (t0, ctx.request_id if ctx is not None else "")
         carried = getattr(ctx, "_ray_trace_ctx", None) if ctx is not None else None
-        if carried and SENT in carried:
-            try:
-                q = _time() - int(carried[SENT]) * 1e-6
-                cells._queued[token] = q if q > 0.0 else 0.0
-            except (TypeError, ValueError):
-                pass  # an unreadable send time: no queue time, as queue_of
-        opts = runtime.options
-        req.tenant = None if opts.tenant is None and opts.tenant_header is None else \
-            _tenant(hook, scope, args, kwargs)
-        req.call = (args[hook.at:], kwargs) if opts.tokens_input else None  # tokens=fn's
+        if carried and type(carried) is dict:
+            sent = carried.get(SENT_AT)  # a float from this version (queueing.sent_time)
+            if type(sent) is float:
+                if sent - sent == 0.0:  # nan and inf are no time
+                    q = _time() - sent
+                    cells._queued[token] = q if q > 0.0 else 0.0
+            elif SENT in carried:  # text, from a caller of the version before
+                try:
+                    q = _time() - int(carried[SENT]) * 1e-6
+                    cells._queued[token] = q if q > 0.0 else 0.0
+                except (TypeError, ValueError, OverflowError):
+                    pass  # an unreadable send time: no queue time, as queue_of
+        if hook.plain:  # bound at start: none of the options below
+            req.tenant = req.call = None
+        else:
+            opts = runtime.options
+            req.tenant = None if opts.tenant is None and opts.tenant_header is None else \
+                _tenant(hook, scope, args, kwargs)
+            req.call = (args[hook.at:], kwargs) if opts.tokens_input else None  # tokens=fn's
         req.tracer = tracer = st.tracer
         req.span = sp = None
         req.ctx_token = req.otel_token = None
@@ -373,44 +375,6 @@ def _end(hook: _Hook, req: Optional[_Request], outcome: str = OK,
             failed, is_failure = _outcome(error)
             _done(hook, req, failed, error, is_failure, stream)
     return end
-
-
-def _capture(runtime: Runtime, result: Any, args: tuple, kwargs: dict) -> None:
-    """Runs the extractor on an ok result and keeps the prediction; never raises."""
-    opts = runtime.options
-    try:
-        if isinstance(result, _HttpResponse) and result.status_code >= 500:
-            return  # an HTTP error response is not a prediction
-        raw = opts.prediction(result, args, kwargs) if opts.prediction_input else \
-            opts.prediction(result)
-        if raw is None:
-            return
-        fields = validate_extractor_result(raw)
-        st = runtime.state or runtime.start()
-        ident = st.identity
-        st.recorder.record_prediction(Prediction(
-            getattr(_serve_context(), "request_id", ""), time.time(), ident.application, ident.deployment,
-            ident.model_version, positive_label=opts.positive_label, **fields))
-    except Exception as e:  # a bad extractor must never fail the request
-        runtime.self_error(f"prediction_extractor:{type(e).__name__}", e)
-
-
-def _capturing(fn: Callable, runtime: Runtime, bound: bool) -> Callable:
-    """``fn`` with the prediction extractor after it, of the same kind. Only methods
-    with an extractor get this layer: the others pay nothing for the feature."""
-    skip = 1 if bound else 0  # the extractor sees the call's arguments without `self`
-    if inspect.iscoroutinefunction(fn):
-        async def capture(*args, **kwargs):
-            result = await fn(*args, **kwargs)
-            _capture(runtime, result, args[skip:], kwargs)
-            return result
-    else:
-        def capture(*args, **kwargs):
-            result = fn(*args, **kwargs)
-            _capture(runtime, result, args[skip:], kwargs)
-            return result
-    functools.update_wrapper(capture, fn)
-    return capture
 
 
 def wrap_callable(fn: Callable, name: str, runtime: Runtime, bound: bool = True) -> Callable:

@@ -46,7 +46,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.trace import sampling
 
-from ray_monitor.replica.queueing import SENT, stamp
+from ray_monitor.replica.queueing import SENT_AT, stamp
 
 __all__ = ["ACTIVE", "CURRENT", "DECLINED", "PLACEHOLDER", "Parent", "TRACEPARENT_COMMON",
            "carrier", "install", "installed", "one_decision_in_proxy", "otel_current",
@@ -282,12 +282,14 @@ def _wrap(original: Callable) -> Callable:
                 # replica): a monitored request's own span, no OpenTelemetry context here
                 # (outgoing()'s first answer), and its send time (stamp())
                 try:
-                    ctx = {"traceparent": f"00-{rs.trace_id:032x}-{rs.span_id:016x}-"
+                    tp = rs.tp  # the caller's text: the trace id without a 128-bit format
+                    tid = tp[3:35] if tp is not None else f"{rs.trace_id:032x}"
+                    ctx = {"traceparent": f"00-{tid}-{rs.span_id:016x}-"
                                           f"{'01' if rs.sampled else '00'}"}
                     if rs.tracestate:
                         ctx["tracestate"] = rs.tracestate
                     sent = getattr(pr, "created_at", None)
-                    ctx[SENT] = str(int((sent if isinstance(sent, float) else _time()) * 1e6))
+                    ctx[SENT_AT] = sent if isinstance(sent, float) else _time()
                     md.tracing_context = ctx
                 except Exception:
                     _fill(md, pr)  # the same again, where a failure is counted

@@ -4,7 +4,7 @@ Runs on both ends of a ``DeploymentHandle`` call. Ray Serve 2.60 gives the repli
 arrival or enqueue time (``RequestMetadata`` and the request context carry none), so the
 caller sends its own: where :mod:`~ray_monitor.replica.propagation` fills Serve's
 ``RequestMetadata.tracing_context`` (``RunningReplica.try_send_request``, in an upstream
-replica or in Serve's proxy), :func:`stamp` adds :data:`SENT`, the wall-clock time at
+replica or in Serve's proxy), :func:`stamp` adds :data:`SENT_AT`, the wall-clock time at
 which the caller handed the request to its router (Serve's ``PendingRequest.created_at``,
 so the router's own wait for a replica with room counts as queue). The replica reads it
 back with :func:`queue_of` when its wrapper starts the request: queue time is
@@ -23,12 +23,18 @@ from __future__ import annotations
 import time
 from typing import Any, Optional
 
-__all__ = ["SENT", "span_attributes", "queue_of", "stamp"]
+__all__ = ["SENT", "SENT_AT", "sent_time", "span_attributes", "queue_of", "stamp"]
 
-#: The key of the caller's send time in Serve's ``tracing_context`` (a ``Dict[str, str]``
-#: Serve pickles as it is; W3C propagators read only ``traceparent``/``tracestate``, and
-#: gRPC metadata allows this name): whole microseconds since the epoch, as text (half
-#: the cost of ``repr`` of a float).
+#: The key of the caller's send time in Serve's ``tracing_context`` (typed
+#: ``Dict[str, str]``, but a dict Serve pickles as it is; W3C propagators read only
+#: ``traceparent``/``tracestate``): seconds since the epoch as a float, as Serve's
+#: ``created_at`` is, so the caller makes no text of it (a cold ``str(int(t * 1e6))``
+#: cost about 14 us a hop, RESULTS.md §22). A new key, not a new value under
+#: :data:`SENT`: a replica of the version before reads ``int(value)`` of :data:`SENT`,
+#: which a float passes as a wrong number; under this key it finds no send time.
+SENT_AT = "ray-monitor-sent"
+#: The send time as the version before sent it (whole microseconds since the epoch, as
+#: text): still read, from callers not yet upgraded (a rolling upgrade has both).
 SENT = "ray-monitor-sent-us"
 _time = time.time
 
@@ -36,9 +42,23 @@ _time = time.time
 def stamp(carrier: dict, pr: Any) -> None:
     """Adds the caller's send time to ``carrier`` (once: a request the router retries on
     another replica keeps its first)."""
-    if SENT not in carrier:
+    if SENT_AT not in carrier and SENT not in carrier:
         sent = getattr(pr, "created_at", None)
-        carrier[SENT] = str(int((sent if isinstance(sent, float) else _time()) * 1e6))
+        carrier[SENT_AT] = sent if isinstance(sent, float) else _time()
+
+
+def sent_time(carried: Any) -> Optional[float]:
+    """The caller's send time in ``carried`` (Serve's ``_ray_trace_ctx``), either form;
+    None when there is none or it is unreadable (not a finite number)."""
+    sent = carried.get(SENT_AT)
+    if type(sent) is float:
+        return sent if sent - sent == 0.0 else None  # nan and inf are not a time
+    if SENT in carried:
+        try:
+            return int(carried[SENT]) * 1e-6
+        except (TypeError, ValueError, OverflowError):
+            return None
+    return None
 
 
 def queue_of(request: Any) -> Optional[float]:
@@ -47,11 +67,10 @@ def queue_of(request: Any) -> Optional[float]:
     if request is None:
         return None
     carried = getattr(request, "_ray_trace_ctx", None)
-    if not carried or SENT not in carried:  # no exception raised on the common paths
+    if not carried or not isinstance(carried, dict):
         return None
-    try:
-        sent = int(carried[SENT]) * 1e-6
-    except (TypeError, ValueError):
+    sent = sent_time(carried)
+    if sent is None:
         return None
     q = _time() - sent
     return q if q > 0.0 else 0.0

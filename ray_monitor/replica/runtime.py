@@ -190,9 +190,15 @@ class Runtime:
         with self._lock:
             if self.state is None:
                 state = State(self)
+                opts = self.options
+                # no tenant and no tokens function taking the call: the request path
+                # then reads none of these options per request
+                plain = opts.tenant is None and opts.tenant_header is None and \
+                    not opts.tokens_input
                 for hook in self.hooks:
                     hook.cells = state.recorder.method(hook.name)
                     hook.attrs = state.span_attributes(hook.name)
+                    hook.plain = plain
                 if self.routed:
                     state.recorder.routed = sorted({h.name for h in self.hooks} | {"__call__"})
                 state.recorder.start()
@@ -215,7 +221,7 @@ class Runtime:
         st.recorder.drain()  # the requests that ended, while the tracer can end spans
         self.state = None
         for hook in self.hooks:
-            hook.cells = hook.attrs = None
+            hook.cells = hook.attrs = hook.plain = None
         # First the tracer, so the spans it still holds go into the last flush; but the
         # SDK's batch processor flushes without a timeout, so never wait on it for long.
         _bounded(st.tracer.shutdown, CLOSE_EXPORT_WAIT_S, "tracer_shutdown_slow",

@@ -32,14 +32,13 @@ import threading
 import time
 from typing import Any, Iterable, Optional, Sequence
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
-from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags, TraceState
+from opentelemetry.trace import SpanKind
 from opentelemetry.trace.status import Status, StatusCode
 
 from ray_monitor.common import env
@@ -50,6 +49,7 @@ from ray_monitor.replica.span_errors import MAX_MESSAGE, clean, exception_attrib
 from ray_monitor.replica.span_records import (MAX_CONTEXT_SPANS_PER_FLUSH, MAX_SPANS_PER_FLUSH,
                                               MAX_TEXT, RECORD_ATTRIBUTES, RecordingProcessor,
                                               SpanRecords, span_record)
+from ray_monitor.replica.request_span import FromCaller, RequestSpan
 from ray_monitor.replica.tail import HeldRecord, TailBuffer
 
 __all__ = ["CURRENT", "FIRST_CHUNK", "FIRST_ITEM_EVENT", "MAX_CONTEXT_SPANS_PER_FLUSH",
@@ -66,9 +66,9 @@ _TRACE_ID_LIMIT = (1 << 64) - 1
 #: at that moment (GenAI's conventions name no such event, so the monitor's namespace).
 FIRST_CHUNK = "gen_ai.response.time_to_first_chunk"
 FIRST_ITEM_EVENT = "ray_monitor.stream.first_item"
-_EMPTY = otel_context.Context()
-_FLAGS = (TraceFlags(TraceFlags.DEFAULT), TraceFlags(TraceFlags.SAMPLED))
 _new = object.__new__
+#: What begin checks of a caller's common ``traceparent`` without making ints of it.
+_ZERO_TRACE, _ZERO_SPAN, _ODD = "0" * 32, "0" * 16, "13579bdf"
 
 
 def otlp_traces_configured() -> bool:
@@ -154,51 +154,6 @@ class _ChosenIds(IdGenerator):
 def head_sampled(trace_id: int, ratio: float) -> bool:
     """TraceIdRatioBased's rule, so every process decides the same for one trace."""
     return (trace_id & _TRACE_ID_LIMIT) < round(ratio * (_TRACE_ID_LIMIT + 1))
-
-
-def _trace_state(header: Optional[str]) -> Optional[TraceState]:
-    return TraceState.from_header([header]) if header else None
-
-
-class RequestSpan:
-    """The trace side of one request, from :meth:`Tracer.begin` to :meth:`Tracer.end`,
-    and while it is held (see :mod:`tail`). Made by :meth:`Tracer.begin` alone, which
-    sets every field (no ``__init__``: one Python frame less per request).
-
-    ``parent_id``: the parent span's id (0: a root); ``sampled``: the request's decision,
-    carried to the next hop; ``span``: the SDK span, once made; ``attributes``: shared
-    per method, never written to; ``http``: ``http_semantics.HttpRequest`` of an HTTP
-    ingress request, ``status`` its HTTP status."""
-
-    __slots__ = ("trace_id", "span_id", "parent_id", "remote", "sampled", "tracestate", "span",
-                 "start_ns", "end_ns", "name", "attributes", "kind", "request_id", "http",
-                 "status", "extra", "done", "_context")
-
-    @property
-    def ids(self) -> tuple[int, int]:
-        return self.trace_id, self.span_id
-
-    def otel_context(self) -> otel_context.Context:
-        """The current context with this request's span in it, to attach around user code;
-        made once (a stream attaches it around every item)."""
-        ctx = self._context
-        if ctx is None:
-            if self.span is not None:
-                ctx = trace.set_span_in_context(self.span)
-            else:
-                sc = SpanContext(self.trace_id, self.span_id, False, _FLAGS[self.sampled],
-                                 _trace_state(self.tracestate))
-                ctx = trace.set_span_in_context(NonRecordingSpan(sc))
-            self._context = ctx
-        return ctx
-
-    def parent_context(self) -> otel_context.Context:
-        """The parent's context alone (empty for a root), to make the SDK span under it."""
-        if not self.parent_id:
-            return _EMPTY
-        sc = SpanContext(self.trace_id, self.parent_id, self.remote, _FLAGS[self.sampled],
-                         _trace_state(self.tracestate))
-        return trace.set_span_in_context(NonRecordingSpan(sc), _EMPTY)
 
 
 class Tracer:
@@ -287,46 +242,47 @@ class Tracer:
     def begin(self, name: str, attributes: dict, request: Any = None, http: Any = None,
               kind: SpanKind = SpanKind.SERVER) -> RequestSpan:
         start_ns = time.time_ns()
-        parent = None
-        trace_id = 0
+        parent = text = None
         if request is None and http is None and not self.serve_tracing:
             pass  # outside Serve, or a plain call: nothing can have come in
         elif http is None and not self.serve_tracing and not isinstance(request, Parent):
             # A handle call, Serve's tracing off: what the caller sent decides, as
             # resolve() would, without its calls (each about 1 us inside a replica); the
-            # common form (a bare ``00`` traceparent, as every hop sends) parsed here.
+            # common form (a bare ``00`` traceparent, as every hop sends) checked here,
+            # exactly (the regex, then the zero ids), and kept as text: no int on the path.
             came = getattr(request, "_ray_trace_ctx", None)
             if came and isinstance(came, dict):
                 tp, state = came.get("traceparent"), came.get("tracestate")
-                m = TRACEPARENT_COMMON.fullmatch(tp) if type(tp) is str and not state else None
-                if m is not None and m[1] == "00":
-                    trace_id, parent_id = int(m[2], 16), int(m[3], 16)
-                    if not (trace_id and parent_id):
-                        trace_id = 0  # invalid, so ignored (parse_traceparent's None)
-                else:
+                if type(tp) is str and not state and tp.startswith("00-") and \
+                        TRACEPARENT_COMMON.fullmatch(tp) is not None and \
+                        not tp.startswith(_ZERO_TRACE, 3) and not tp.startswith(_ZERO_SPAN, 36):
+                    text = tp  # valid: its ids stay text until read (FromCaller)
+                else:  # anything else as W3C says, through the general parse
                     parent = parse_traceparent(tp, state)
         else:
             parent = request if isinstance(request, Parent) else self.parent(request, http)
-        rs = _new(RequestSpan)
-        if trace_id:  # parsed above: a remote parent, no tracestate
-            rs.trace_id = trace_id
-            rs.sampled = bool(int(m[4], 16) & 1)
-            rs.parent_id = parent_id
+        if text is not None:  # a remote parent, no tracestate; ids made where read
+            rs = _new(FromCaller)
+            rs.tp = text
+            rs._tid = rs._pid = rs._sid = None  # made where first read
+            rs.sampled = text[54] in _ODD  # the flags' sampled bit (lower-case hex)
             rs.remote = True
             rs.tracestate = None
-        elif parent is None:
-            rs.trace_id = trace_id = random.getrandbits(128)
-            rs.sampled = (trace_id & _TRACE_ID_LIMIT) < self._sample_bound  # see head_sampled
-            rs.parent_id = 0  # a root
-            rs.remote = False
-            rs.tracestate = None
         else:
-            rs.trace_id = parent.trace_id or random.getrandbits(128)  # DECLINED: a new trace
-            rs.sampled = parent.sampled
-            rs.parent_id = parent.span_id
-            rs.remote = parent.remote
-            rs.tracestate = parent.tracestate
-        rs.span_id = random.getrandbits(64)
+            rs = _new(RequestSpan)
+            if parent is None:
+                rs.trace_id = trace_id = random.getrandbits(128)
+                rs.sampled = (trace_id & _TRACE_ID_LIMIT) < self._sample_bound  # head_sampled
+                rs.parent_id = 0  # a root
+                rs.remote = False
+                rs.tracestate = None
+            else:
+                rs.trace_id = parent.trace_id or random.getrandbits(128)  # DECLINED: new trace
+                rs.sampled = parent.sampled
+                rs.parent_id = parent.span_id
+                rs.remote = parent.remote
+                rs.tracestate = parent.tracestate
+            rs.span_id = random.getrandbits(64)
         rs.span = None
         rs.start_ns = start_ns
         rs.end_ns = 0
@@ -458,7 +414,8 @@ def install_log_correlation() -> None:
         record = previous(*args, **kwargs)
         rs = CURRENT.get()
         if rs is not None:
-            record.trace_id = f"{rs.trace_id:032x}"
+            tp = rs.tp  # the caller's text: its trace id without a 128-bit format
+            record.trace_id = tp[3:35] if tp is not None else f"{rs.trace_id:032x}"
             record.span_id = f"{rs.span_id:016x}"
         else:
             # Serve's access log line of every request comes here, outside the request:

@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from ray_monitor import monitor
 from ray_monitor.replica import deferred, middleware, propagation, queueing, streaming
 from ray_monitor.replica.propagation import PLACEHOLDER
-from ray_monitor.replica.queueing import SENT
+from ray_monitor.replica.queueing import SENT, SENT_AT
 from ray_monitor.replica.span_records import SpanRecords
 from ray_monitor.replica.tracing import RequestSpan, Tracer
 
@@ -144,8 +144,8 @@ def test_the_hooks_common_case_carries_what_fill_carries(span, created_at):
         propagation.CURRENT.reset(token)
     assert list(fast) == list(general)  # same keys, same order
     if created_at is None:  # the time it was sent: now
-        assert before - 1 <= int(fast.pop(SENT)) * 1e-6 <= time.time() + 1
-        general.pop(SENT)
+        assert before - 1 <= fast.pop(SENT_AT) <= time.time() + 1
+        general.pop(SENT_AT)
     assert fast == general
 
 
@@ -157,7 +157,7 @@ def test_the_hook_leaves_a_context_serve_filled_and_asks_outgoing_with_otel_curr
         pr = _Pending()
         pr.metadata.tracing_context = {"traceparent": f"00-{TID}-{SID}-01"}  # Serve's own
         assert hooked(None, pr, False) == {"traceparent": f"00-{TID}-{SID}-01",
-                                           SENT: "1700000000250000"}
+                                           SENT_AT: 1_700_000_000.25}
         with provider.get_tracer("t").start_as_current_span("user span") as user:
             sc = user.get_span_context()  # a sampled span current: it is the parent
             got = hooked(None, _Pending(), False)
@@ -178,9 +178,12 @@ def test_otel_current_is_opentelemetrys_current_context():
     assert not propagation.otel_current()
 
 
+@pytest.mark.parametrize("key", [SENT, SENT_AT])
 @pytest.mark.parametrize("sent", ["1700000000250000", str(int((time.time() - 2.5) * 1e6)),
-                                  str(int((time.time() + 30) * 1e6)), "bad", None, 12.5])
-def test_the_queue_time_read_at_start_is_queue_of(monkeypatch, sent):
+                                  str(int((time.time() + 30) * 1e6)), "bad", None, 12.5,
+                                  time.time() - 2.5, time.time() + 30, 1_700_000_000.25,
+                                  float("nan"), float("inf"), float("-inf"), 17, "1.5"])
+def test_the_queue_time_read_at_start_is_queue_of(monkeypatch, sent, key):
     for k in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
         monkeypatch.delenv(k, raising=False)
     now = time.time()
@@ -188,7 +191,7 @@ def test_the_queue_time_read_at_start_is_queue_of(monkeypatch, sent):
     monkeypatch.setattr(queueing, "_time", lambda: now)
     came = {"traceparent": f"00-{TID}-{SID}-00"}
     if sent is not None:
-        came[SENT] = sent
+        came[key] = sent
     ctx = Ctx(came)
     monkeypatch.setattr(middleware, "_REQUEST_CONTEXT", type("V", (), {"get": lambda s: ctx})())
 
@@ -239,3 +242,126 @@ def test_measure_is_skipped_only_where_it_would_answer_none(monkeypatch, result,
             "usage" in result or "response" in result and isinstance(result, dict))):
         assert called or result is None  # a result that may carry usage is measured
     Model.__ray_monitor__.close()
+
+
+class _Carried:
+    def __init__(self, carried):
+        self._ray_trace_ctx = carried
+
+
+def test_the_send_time_travels_as_a_float_and_both_forms_are_read(monkeypatch):
+    """This version sends a float under SENT_AT (no text made per hop); a replica reads
+    it and the text under SENT that the version before sends (a rolling upgrade has
+    both), and never reads the float where the version before would (SENT)."""
+    now = 1_700_000_010.0
+    monkeypatch.setattr(queueing, "_time", lambda: now)
+    pr = _Pending(1_700_000_000.25)
+    ctx = {"traceparent": f"00-{TID}-{SID}-00"}
+    queueing.stamp(ctx, pr)
+    assert ctx[SENT_AT] == 1_700_000_000.25 and SENT not in ctx
+    queueing.stamp(ctx, _Pending(1_700_000_005.0))  # a retry keeps the first
+    assert ctx[SENT_AT] == 1_700_000_000.25
+    old = {"traceparent": f"00-{TID}-{SID}-00", SENT: "1700000000250000"}
+    queueing.stamp(old, pr)  # passed on from an older caller: its time stays, one form
+    assert SENT_AT not in old
+    new_q = queueing.queue_of(_Carried(ctx))
+    old_q = queueing.queue_of(_Carried(old))
+    assert new_q == old_q == pytest.approx(9.75)
+    queueing.stamp(later := {}, _Pending(None))  # no created_at: the time it is sent
+    assert later[SENT_AT] == now
+    for bad in (float("nan"), float("inf"), "1700000000.25", None):
+        assert queueing.queue_of(_Carried({SENT_AT: bad})) is None
+    assert queueing.queue_of(_Carried({SENT_AT: now + 30})) == 0.0  # a clock behind
+
+
+#: More callers for the exact check that keeps a traceparent as text (§25).
+CAME_TEXT = [
+    {"traceparent": f"00-{TID}-{SID}-ff"},  # every flag bit
+    {"traceparent": f"00-{TID}-{SID}-0a"},  # an even last digit: unsampled
+    {"traceparent": f"00-{TID}-{SID}-0G"},  # not hex
+    {"traceparent": f"00-{TID}-{SID}-01\n"},  # a trailing newline (the general regex's $)
+    {"traceparent": f"00-{TID}-{SID}-1"},  # short
+    {"traceparent": f"00-{TID}0-{SID}-01"},  # long
+    {"traceparent": f"00_{TID}-{SID}-01"},  # not a dash
+    {"traceparent": f"00-{'0' * 31}1-{SID}-00"},  # a trace id that is nearly zero
+    {"traceparent": f"00-{TID}-{'0' * 15}1-00"},  # a span id that is nearly zero
+    {"traceparent": f"00-{'0' * 32}-{'0' * 16}-00"},  # both zero
+    {"traceparent": f"00-{TID}-{SID}-01", "tracestate": ""},  # an empty tracestate
+    {"traceparent": f"00-{TID}-{SID}-01", "tracestate": None},
+    {"traceparent": ""},
+]
+
+
+@pytest.mark.parametrize("came", CAME_TEXT, ids=[repr(c)[:40] for c in CAME_TEXT])
+def test_a_caller_kept_as_text_begins_as_the_general_resolution_makes_it(tracer, came):
+    test_a_handle_calls_span_begins_as_the_general_resolution_makes_it(tracer, came)
+
+
+def test_a_span_from_a_callers_text_makes_its_ints_where_read_and_its_id_once():
+    from ray_monitor.replica.request_span import FromCaller
+
+    t = Tracer(sample_ratio=0.0, slow_threshold_s=1.0, enabled=False)
+    rs = t.begin("M.run", {}, Ctx({"traceparent": f"00-{TID}-{SID}-00"}))
+    assert type(rs) is FromCaller and rs.tp == f"00-{TID}-{SID}-00"
+    assert (rs._tid, rs._pid, rs._sid) == (None, None, None)  # nothing made on the path yet
+    assert (rs.trace_id, rs.parent_id) == (int(TID, 16), int(SID, 16))
+    first = rs.span_id
+    assert isinstance(first, int) and rs.span_id == first and rs.ids == (int(TID, 16), first)
+    rs.trace_id = 7  # the setters write the slots
+    assert rs.trace_id == 7
+    plain = t.begin("M.run", {}, None)  # a root: ints from the start, no text
+    assert type(plain) is RequestSpan and plain.tp is None
+    assert isinstance(plain.span_id, int) and isinstance(plain.trace_id, int)
+
+
+@pytest.mark.parametrize("flags", ["00", "01"])
+def test_the_hook_and_the_log_factory_write_a_text_spans_ids_as_the_general_code(flags):
+    """Same bytes on the wire and in the log whether the trace id comes from the
+    caller's text or from the int."""
+    import logging
+
+    from ray_monitor.replica import tracing
+
+    t = Tracer(sample_ratio=0.0, slow_threshold_s=1.0, enabled=False)
+    rs = t.begin("M.run", {}, Ctx({"traceparent": f"00-{TID}-{SID}-{flags}"}))
+    hooked = propagation._wrap(lambda self, pr, *a: pr.metadata.tracing_context)
+    token = propagation.CURRENT.set(rs)
+    try:
+        fast = hooked(None, _Pending(), False)
+        pr = _Pending()
+        propagation._fill(pr.metadata, pr)
+        assert fast == pr.metadata.tracing_context == {
+            "traceparent": f"00-{TID}-{rs.span_id:016x}-{flags}", SENT_AT: 1_700_000_000.25}
+        tracing.install_log_correlation()
+        record = logging.getLogRecordFactory()("x", logging.INFO, __file__, 0, "m", None, None)
+        assert (record.trace_id, record.span_id) == (f"{rs.trace_id:032x}",
+                                                     f"{rs.span_id:016x}")
+    finally:
+        propagation.CURRENT.reset(token)
+
+
+@pytest.mark.parametrize("options, plain", [({}, True), ({"tenant": lambda a, k: "t"}, False),
+                                            ({"tenant_header": "x-tenant"}, False),
+                                            ({"tokens": lambda r, a, k: (1, 2)}, False),
+                                            ({"tokens": lambda r: (1, 2)}, True)])
+def test_a_hook_binds_at_start_whether_its_requests_read_tenant_or_call(
+        monkeypatch, options, plain):
+    for k in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(k, raising=False)
+
+    @monitor(flush_interval_s=3600.0, tracing_enabled=False, **options)
+    class Model:
+        def run(self, x):
+            return None
+    m = Model()
+    hook = Model.__ray_monitor__.hooks[0]
+    assert m.run(1) is None
+    assert hook.plain is plain  # bound when the runtime started
+    req = middleware._start(hook, None, False, (m, 1), {})
+    takes_the_call = Model.__ray_monitor__.options.tokens_input
+    assert req.tenant is None if plain else req.tenant is not None or takes_the_call
+    assert (req.call is None) is (not takes_the_call)
+    assert plain is not ("tenant" in options or "tenant_header" in options or takes_the_call)
+    deferred.end(req, "ok", None, False)
+    Model.__ray_monitor__.close()
+    assert hook.plain is None

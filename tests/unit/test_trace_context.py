@@ -22,7 +22,7 @@ from ray_monitor.replica import propagation, queueing
 from ray_monitor.replica.delivery import ActorSink
 from ray_monitor.replica.propagation import (DECLINED, PLACEHOLDER, Parent, carrier,
                                              parse_traceparent, resolve)
-from ray_monitor.replica.queueing import SENT
+from ray_monitor.replica.queueing import SENT, SENT_AT
 from ray_monitor.replica.recorder import Recorder
 from ray_monitor.replica.span_records import SpanRecords
 from ray_monitor.replica.tail import MIN_HOLD_S, TailBuffer
@@ -181,7 +181,7 @@ def test_the_hook_fills_what_serve_left_empty_and_never_raises(monkeypatch):
     finally:
         propagation.CURRENT.reset(token)
     # each also carries the caller's send time (queueing), Serve's own dict too
-    stamps = [int(ctx.pop(SENT)) * 1e-6 for ctx in sent]
+    stamps = [ctx.pop(SENT_AT) for ctx in sent]
     assert sent == [{"traceparent": f"00-{5:032x}-{6:016x}-01"}, serve_set]
     assert all(abs(t - time.time()) < 3600 for t in stamps)  # a wall-clock time
     failures = []
@@ -402,7 +402,7 @@ def test_the_hook_carries_the_routers_enqueue_time_once_and_the_callee_reads_a_q
     finally:
         propagation.CURRENT.reset(token)
     ctx = pr.metadata.tracing_context
-    assert ctx[SENT] == "1700000000250000" and ctx["traceparent"].endswith("-00")
+    assert ctx[SENT_AT] == 1_700_000_000.25 and ctx["traceparent"].endswith("-00")
 
     class Request:
         def __init__(self, carried):
