@@ -13,6 +13,7 @@ no ``int(hex, 16)`` on the path and a leaf no span id (each a C routine that cos
 from __future__ import annotations
 
 import random
+import threading
 from typing import Optional
 
 from opentelemetry import context as otel_context
@@ -23,6 +24,10 @@ __all__ = ["FromCaller", "RequestSpan"]
 
 _EMPTY = otel_context.Context()
 _FLAGS = (TraceFlags(TraceFlags.DEFAULT), TraceFlags(TraceFlags.SAMPLED))
+#: Taken only to draw a span id at its first read (once per request, never across user
+#: code): two threads of one request reading it first at once (``asyncio.gather`` of two
+#: ``to_thread`` calls that log, which copy the request's context) must see one id.
+_SID_LOCK = threading.Lock()
 
 
 def _trace_state(header: Optional[str]) -> Optional[TraceState]:
@@ -79,10 +84,9 @@ class FromCaller(RequestSpan):
     Begin sets ``_tid``, ``_pid`` and ``_sid`` to None (not made yet): a test of None, not
     an AttributeError caught (an exception made on the path costs more than the parse).
 
-    Two threads reading the span id first at the same instant could each draw one; only
-    the request's own thread reads it while the request runs (the flush thread reads it
-    after the request ended), unless user code logs from a thread of its own at the same
-    moment as the request's first handle call."""
+    The first read of the span id draws it under a lock, so threads of one request that
+    read it at the same instant (user code logging from ``to_thread`` calls, the flush
+    thread) all see the same id."""
 
     __slots__ = ("tp", "_tid", "_pid", "_sid")
 
@@ -112,7 +116,10 @@ class FromCaller(RequestSpan):
     def span_id(self) -> int:
         value = self._sid
         if value is None:
-            value = self._sid = random.getrandbits(64)
+            with _SID_LOCK:
+                value = self._sid
+                if value is None:
+                    value = self._sid = random.getrandbits(64)
         return value
 
     @span_id.setter

@@ -314,6 +314,39 @@ def test_a_span_from_a_callers_text_makes_its_ints_where_read_and_its_id_once():
     assert isinstance(plain.span_id, int) and isinstance(plain.trace_id, int)
 
 
+
+def test_threads_reading_a_text_spans_id_first_at_once_see_one_id(monkeypatch):
+    """User code that logs from two ``to_thread`` calls at once (they copy the request's
+    context) reads the span id from two threads: both must see the one the span gets.
+    The draw is slowed so that, without the lock, every thread would draw its own."""
+    import itertools
+    import threading
+
+    from ray_monitor.replica import request_span
+
+    drawn = itertools.count(1)
+
+    def slow_draw(bits):
+        time.sleep(0.005)  # lets the other threads in between the test and the store
+        return next(drawn)
+
+    monkeypatch.setattr(request_span.random, "getrandbits", slow_draw)
+    t = Tracer(sample_ratio=0.0, slow_threshold_s=1.0, enabled=False)
+    rs = t.begin("M.run", {}, Ctx({"traceparent": f"00-{TID}-{SID}-00"}))
+    start = threading.Barrier(8)
+    seen = []
+
+    def read():
+        start.wait()
+        seen.append(rs.span_id)
+
+    threads = [threading.Thread(target=read) for _ in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert seen == [rs.span_id] * 8 and next(drawn) == 2  # one draw, one id
+
 @pytest.mark.parametrize("flags", ["00", "01"])
 def test_the_hook_and_the_log_factory_write_a_text_spans_ids_as_the_general_code(flags):
     """Same bytes on the wire and in the log whether the trace id comes from the
