@@ -39,7 +39,8 @@ per exponential bucket by its representative value, so the threshold is honoured
 within 0.54%. Gauges: ``avg``/``min``/``max``/``count`` over every sample of every series
 of the group; ``last`` = sum of each series' latest sample in the window; ``sum`` = sum of
 each series' average; ``deriv`` = least-squares slope per second of the group's per-step
-average (absent with fewer than 3 steps with data). ``zscore``: per step of the chosen
+average (absent with fewer than 2 steps with data, as Prometheus' ``deriv()`` with
+fewer than 2 samples). ``zscore``: per step of the chosen
 resolution, the metric's natural value (counter: rate, 0 in a step without data after
 its first one; histogram: mean; gauge: average); ``latest`` is the newest step with a
 value and the history the earlier ones in the window;
@@ -81,7 +82,7 @@ __all__ = ["DERIV_MIN_STEPS", "GroupKey", "WindowQuery", "ZSCORE_ABS_FLOOR", "ZS
            "ZSCORE_REL_FLOOR"]
 
 ZSCORE_MIN_HISTORY = 5
-DERIV_MIN_STEPS = 3
+DERIV_MIN_STEPS = 2  # as Prometheus' deriv(), which needs two samples
 #: std floor of zscore, relative to the history's mean, and absolute.
 ZSCORE_REL_FLOOR = 0.01
 ZSCORE_ABS_FLOOR = 1e-9

@@ -19,8 +19,9 @@ replica not reporting at all while Serve still runs it, and reporting again (abo
   are the different paths data takes to each side's rules: to the monitor, a replica
   flush and up to two seconds until the window's last second is complete; to
   Prometheus, a flush, a scrape (1 s) and an evaluation (1 s), on a loaded 2-core
-  machine. For absence rules the other side's window is 3 s wider: a replica's gauges
-  leave /metrics 3 s after its last report, by design;
+  machine. For rules over a gauge (absence, deriv) the other side's window is 3 s wider:
+  a replica's gauges leave /metrics 3 s after its last report, by design, so a
+  Prometheus window still holds samples of a replica that stopped reporting 3 s longer;
 - request and error counts are exact: the client's tally, Prometheus' counters and the
   monitor's count agree.
 """
@@ -56,6 +57,8 @@ RATE = 10.0  # requests per second, open loop
 FAULT_DELAY_S = 0.27  # inside the classic bucket (0.25, 0.5], far below 0.48
 WINDOW_S = 4.0  # see the module docstring
 ABSENCE_EXTRA_S = 3.0  # GAUGE_FRESH_S: gauges leave /metrics this long after the last report
+#: The functions whose values come and go with a gauge's samples (see ABSENCE_EXTRA_S).
+GAUGE_FNS = ("absent_over_time", "deriv")
 FIRE_SLACK_S = 2.0  # the issue's criterion
 #: How long after a failed scrape or an aggregator stall rule results still read it.
 DISTURBED_AFTER_S = 15.0
@@ -466,7 +469,7 @@ def compare_values(series: list[dict], bounds: tuple, started: float, end: float
     checked, problems = 0, []
     for s in series:
         fn, ours, theirs = s["fn"], s["monitor"], s["prometheus"]
-        window = WINDOW_S + (ABSENCE_EXTRA_S if fn == "absent_over_time" else 0)
+        window = WINDOW_S + (ABSENCE_EXTRA_S if fn in GAUGE_FNS else 0)
         keys = {k for _, vals in ours + theirs for k in vals}
         for key in keys:
             for side, mine, other in (("monitor", ours, theirs), ("prometheus", theirs, ours)):

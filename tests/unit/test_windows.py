@@ -162,8 +162,11 @@ def test_deriv_of_a_growing_gauge(store, clock):
         store.ingest(snap(clock.t, seq=i, health=ReplicaHealth(rss_bytes=1000 + 50 * i)))
     clock.t = T0
     assert store.evaluate(q("deriv", "rss_bytes"))[()] == pytest.approx(50.0)
-    # fewer than 3 steps with data: absent
+    # two steps with data are enough, as two samples are for Prometheus' deriv()
     clock.t = T0 + 58
+    assert store.evaluate(q("deriv", "rss_bytes"))[()] == pytest.approx(50.0)
+    # one step: absent
+    clock.t = T0 + 59
     assert store.evaluate(q("deriv", "rss_bytes")) == {}
 
 
