@@ -15,7 +15,11 @@ replica not reporting at all while Serve still runs it, and reporting again (abo
 - the values of every rule's conditions agree wherever either side has one: each value
   one side had at time t lies within the other side's values over [t - 4 s, t + 4 s],
   widened by the function's tolerance (rate 15% + 0.5/s, error ratio 0.08, count 35% + 2,
-  deriv 0.3/s; a quantile in the same classic bucket; absence: present on both). The 4 s
+  deriv 0.3/s; a quantile in the same classic bucket, or in another where Prometheus'
+  own bucket counts put the quantile's rank less than one request from every bound
+  between the two (a tail of about 1% of the window's requests: a fraction of a
+  request, from the windows' different edges or Prometheus' extrapolation, moves the
+  rank across them); absence: present on both). The 4 s
   are the different paths data takes to each side's rules: to the monitor, a replica
   flush and up to two seconds until the window's last second is complete; to
   Prometheus, a flush, a scrape (1 s) and an evaluation (1 s), on a loaded 2-core
@@ -39,6 +43,7 @@ import time
 import uuid
 from datetime import datetime
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import requests
@@ -263,9 +268,27 @@ def _bucket(v: float, bounds: tuple) -> int:
     return bisect.bisect_left(bounds, v)  # (lower, upper]: the index of its upper bound
 
 
+QUANTILE_FNS = ("p99", "p50", "p90", "p95", "quantile")
+
+
+def rank_edges(cum: dict, q: float, window_s: float) -> list[float]:
+    """The bounds (``le``) near which a quantile's rank sits, from Prometheus' per-bucket
+    rates ``cum`` (le -> cumulative rate) over a window of ``window_s``: where one request
+    (or a tenth of the tail) more or fewer above the bound puts the rank on its other
+    side, so either bucket next to it is the quantile of nearly the same requests. Less
+    than one whole request: with every request below a bound, the rank is a whole request
+    from it and the quantile is below it on both sides."""
+    les = sorted(cum)
+    n = cum[les[-1]] * window_s
+    rank = q * n
+    tol = max(1.0, 0.1 * (1.0 - q) * n)
+    return [le for le in les[:-1] if abs(rank - cum[le] * window_s) < tol]
+
+
 def consistent(t: float, v, other: list[tuple[float, dict]], key: str, fn: str,
-               bounds: tuple, window: float) -> bool:
-    """Whether the other side had a matching value within ``window`` of ``t``."""
+               bounds: tuple, window: float, edges: Optional[list] = None) -> bool:
+    """Whether the other side had a matching value within ``window`` of ``t``
+    (``edges``: Prometheus' bounds near a quantile's rank, [(time, {key: [le]})])."""
     near = [vals.get(key) for ot, vals in other if abs(ot - t) <= window]
     if not near:
         return True  # the other side was not sampled then (a slow poll): nothing to compare
@@ -275,8 +298,19 @@ def consistent(t: float, v, other: list[tuple[float, dict]], key: str, fn: str,
     if not xs:
         return False
     lo, hi = min(xs), max(xs)
-    if fn in ("p99", "p50", "p90", "p95", "quantile"):
-        return any(_bucket(x, bounds) == _bucket(v, bounds) for x in xs) or lo <= v <= hi
+    if fn in QUANTILE_FNS:
+        b = _bucket(v, bounds)
+        if any(_bucket(x, bounds) == b for x in xs) or lo <= v <= hi:
+            return True
+        # the rank at every bound between v's bucket and x's (bucket j and j + 1 meet at
+        # bound j; several bounds where no request fell between them)
+        for et, e in edges or ():
+            if abs(et - t) <= window:
+                at = {_bucket(le, bounds) for le in e.get(key, ())}
+                if any(at.issuperset(range(min(b, bx), max(b, bx)))
+                       for bx in (_bucket(x, bounds) for x in xs)):
+                    return True
+        return False
     tol = {"rate": 0.15 * max(abs(v), hi) + 0.5, "error_ratio": 0.08,
            "count": 0.35 * max(abs(v), hi) + 2.0, "deriv": 0.3}.get(fn, 1e-9)
     return lo - tol <= v <= hi + tol
@@ -364,13 +398,38 @@ def scenario(mon, prom, h, app: str, text: str, rules_path: Path) -> dict:
                             by_t.setdefault(round(float(ts)), {})[key] = float(val)
             theirs = [(t, by_t.get(t, {})) for t in range(first, math.ceil(end) + 1)]
             series.append({"cond": str(cond), "fn": cond.query.function, "monitor": ours,
-                           "prometheus": theirs})
+                           "prometheus": theirs,
+                           "edges": quantile_edges(prom, cond, first, end, app)})
     return {"started": started, "end": end, "watch_errors": watch.errors,
             "disturbed": disturbed(prom, watch, started, end),
             "mon_episodes": {json.dumps(k): v for k, v in mon_eps.items()},
             "prom_episodes": {json.dumps(k): v for k, v in prom_eps.items()},
             "values": series, "traffic": {"sent": traffic.sent, "ok": traffic.ok,
                                           "failed": traffic.failed, "lost": traffic.lost}}
+
+
+def quantile_edges(prom, cond, first: float, end: float, app: str) -> list:
+    """For a quantile condition, Prometheus' bounds near its rank each second
+    (:func:`rank_edges`), read from the bucket rates its ``histogram_quantile`` reads:
+    [(time, {key: [le]})]; [] for any other condition."""
+    q = cond.query
+    if q.function not in QUANTILE_FNS:
+        return []
+    level = q.param if q.function == "quantile" else int(q.function[1:]) / 100
+    promql = condition_promql(cond)
+    inner = promql[promql.index(", ") + 2:-1]  # histogram_quantile(q, <inner>)
+    per_t: dict = {}
+    for s in prom.query_range(inner, first, end, 1.0):
+        labels = dict(s["metric"])
+        le = float(labels.pop("le"))
+        if labels.get("application") != app:
+            continue
+        key = json.dumps(labels, sort_keys=True)
+        for ts, val in s["values"]:
+            if not math.isnan(float(val)):
+                per_t.setdefault(round(float(ts)), {}).setdefault(key, {})[le] = float(val)
+    return [(t, {k: rank_edges(cum, level, q.window_s) for k, cum in keys.items()})
+            for t, keys in sorted(per_t.items())]
 
 
 def test_monitor_and_prometheus_decide_the_same_alerts(mon, serve_apps, tmp_path):
@@ -477,7 +536,8 @@ def compare_values(series: list[dict], bounds: tuple, started: float, end: float
                     if not t0 <= t <= t1 or _inside(t, zones):
                         continue
                     checked += 1
-                    if not consistent(t, vals.get(key), other, key, fn, bounds, window):
+                    if not consistent(t, vals.get(key), other, key, fn, bounds, window,
+                                      s.get("edges")):
                         near = [(round(ot - t, 1), ov.get(key)) for ot, ov in other
                                 if abs(ot - t) <= window]
                         problems.append(f"{s['cond']} {key}: {side} {vals.get(key)!r} at "
