@@ -276,10 +276,13 @@ def rank_edges(cum: dict, q: float, window_s: float) -> list[float]:
     rates ``cum`` (le -> cumulative rate) over a window of ``window_s``: where one request
     (or a tenth of the tail) more or fewer above the bound puts the rank on its other
     side, so either bucket next to it is the quantile of nearly the same requests. Less
-    than one whole request: with every request below a bound, the rank is a whole request
-    from it and the quantile is below it on both sides."""
+    than one whole request: with 100 requests, all below a bound, p99's rank is a whole
+    request from it and a slow request more leaves p99 below it; with fewer than 100,
+    p99 is the slowest request, and one more above the bound moves it there."""
     les = sorted(cum)
     n = cum[les[-1]] * window_s
+    if n <= 0.0:
+        return []  # no requests: no quantile on either side
     rank = q * n
     tol = max(1.0, 0.1 * (1.0 - q) * n)
     return [le for le in les[:-1] if abs(rank - cum[le] * window_s) < tol]
