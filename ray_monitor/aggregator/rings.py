@@ -46,6 +46,7 @@ was created).
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Optional
 
 import numpy as np
@@ -69,6 +70,9 @@ OTHER = "other"
 WHOLE_SAMPLE = float(2 ** 26)
 #: Labels the coarse rings leave out (see Rollups above).
 ROLLUP_DROPS = frozenset({"replica", "pid"})
+#: series rows that came or went a table remembers (Table.changed_rows): a round a second
+#: after the last sees a few; past this many, kept per-series windows are read afresh
+_CHURN_LOG = 256
 
 # column -> (dtype, value of an empty bucket); sums and mins read empty buckets as no-ops.
 # Counts and counter sums start narrow and widen the first time a value does not fit
@@ -392,6 +396,13 @@ class Table:
         self.up: list[int] = []  # series row -> rollup row
         self.live_series = np.zeros(0, dtype=np.int32)  # rollup row -> its live series
         self.version = 0  # bumps when a series or rollup comes or goes: selections depend on it
+        #: bumps when a rollup row comes or goes (with every series where rollups are the
+        #: series): what reads only rollup rows (their groupings, kept windows) depends on
+        #: it, so a replica coming or going in a deployment leaves them be
+        self.rollup_version = 0
+        #: (version after, series row) of the last series rows that came or went (-1: a
+        #: rollup), so a kept per-series window rereads only those rows (changed_rows)
+        self.churn: deque = deque(maxlen=_CHURN_LOG)
         self.other = (OTHER,) * len(metric.labels)
         self.folded: set[int] = set()
         self.selections: dict = {}
@@ -421,6 +432,9 @@ class Table:
             up = self.rollups.index.get(rvalues)
             if up is None:
                 up = self.rollups.add(rvalues)
+                self.rollup_version += 1
+        else:
+            self.rollup_version += 1
         if len(self.rollups.live) > self.rings[0].rows:
             for ring in self.rings:
                 ring.grow(len(self.rollups.live))
@@ -430,7 +444,22 @@ class Table:
                 self.live_series = _pad(self.live_series, len(self.rollups.live), 0)
             self.live_series[up] += 1
         self.version += 1
+        self.churn.append((self.version, row))
         return row
+
+    def rows_version(self, fine_only: bool) -> int:
+        """The version of the rows a read of the series (``fine_only``) or of the rollups
+        depends on."""
+        return self.version if fine_only else self.rollup_version
+
+    def changed_rows(self, version: int) -> Optional[list[int]]:
+        """Series rows that came or went since ``version``; None where the log does not
+        reach back that far."""
+        if version == self.version:
+            return []
+        if not self.churn or self.churn[0][0] > version + 1:
+            return None
+        return [row for v, row in self.churn if v > version and row >= 0]
 
     def touch(self, row: int, now: float) -> None:
         """Marks a series (and its rollup) as current without writing data: its replica
@@ -456,6 +485,9 @@ class Table:
         for ring in [self.series_ring] if self.has_drops else self.rings:
             ring.clear(row, slice(None))
         self.version += 1
+        self.churn.append((self.version, row))
+        if not self.has_drops:
+            self.rollup_version += 1
         if values == self.other:
             self.folded.clear()
 
@@ -464,6 +496,8 @@ class Table:
         for ring in self.rings:
             ring.clear(row, slice(None))
         self.version += 1
+        self.rollup_version += 1
+        self.churn.append((self.version, -1))
 
     # -- writes: ``where`` is Timeline.keeping() of the sample's time ------------------
 

@@ -67,8 +67,9 @@ class SlidingCounts:
     """Per-row histogram counts of one window over the finest ring, kept from round to
     round: the next round's window adds the buckets that entered it and takes off those
     that left (counts are whole numbers, so the sums are exact in any order). Valid
-    while no series or rollup of the metric came or went and no bucket it holds was
-    written or emptied since (a late delta: the store marks each slot it writes)."""
+    while no rollup of the metric came or went (a series coming or going leaves its
+    rollup's buckets as they are) and no bucket it holds was written or emptied since (a
+    late delta: the store marks each slot it writes)."""
 
     __slots__ = ("a", "b", "held", "table_version", "stamp", "d", "lo")
 
@@ -105,7 +106,7 @@ class SlidingCounts:
     def move(self, tl: Timeline, table: Table, a: int, b: int, rows: int, version: int) -> bool:
         """Moves to the window of buckets ``a..b`` of the finest ring at the store's data
         ``version``; False where it cannot (then the caller reads the window afresh)."""
-        if self.table_version != table.version or self.d.shape[0] != rows or a < self.a \
+        if self.table_version != table.rollup_version or self.d.shape[0] != rows or a < self.a \
                 or b < self.b or b - self.b > 30 or a > self.b:
             return False
         ks, ps = tl.columns(0, self.a, self.b)

@@ -220,10 +220,11 @@ class WindowQuery:
                     if all(matches(m, k[at[m.label]][1]) for m in q.matchers)}
         if want is None:
             return {}  # two values for one label: nothing matches
-        if plan.keys_version != source.version:
+        version = source.rows_version(fine_only)
+        if plan.keys_version != version:
             plan.keys = tuple(self._by_value(source, unmatched.by, fine_only, labels, at)
                               .get(want, ()))
-            plan.keys_version = source.version
+            plan.keys_version = version
         return {k: full[k] for k in plan.keys if k in full}
 
     def _whole_groups(self, q: Query, table: Table) -> Optional[tuple]:
@@ -258,13 +259,13 @@ class WindowQuery:
         grouping, until a series or rollup of the metric comes or goes."""
         key = ("by-value", by, fine_only, labels)
         hit = table.selections.get(key)
-        if hit is not None and hit[0] == table.version:
+        if hit is not None and hit[0] == table.rows_version(fine_only):
             return hit[1]
         _, _, keys = self._selection(table, (), by, fine_only)
         index: dict[tuple[str, ...], list[GroupKey]] = {}
         for k in keys:
             index.setdefault(tuple(k[at[b]][1] for b in labels), []).append(k)
-        table.selections[key] = (table.version, index)
+        table.selections[key] = (table.rows_version(fine_only), index)
         return index
 
     # -- which rows, which buckets ---------------------------------------------------------
@@ -324,7 +325,8 @@ class WindowQuery:
             return d, cols
         if slides:
             held = len(self._tl.columns(0, sw.a, sw.b)[0])
-            self._slides[key] = SlidingCounts(sw.a, sw.b, held, table.version, version, d, lo)
+            self._slides[key] = SlidingCounts(sw.a, sw.b, held, table.rollup_version, version,
+                                              d, lo)
             self._slides_used.add(key)
         return used_columns(d, lo)
 
@@ -337,7 +339,7 @@ class WindowQuery:
         goes."""
         key = (matchers, by, fine_only)
         hit = table.selections.get(key)
-        if hit is not None and hit[0] == table.version:
+        if hit is not None and hit[0] == table.rows_version(fine_only):
             return hit[1]
         space = table.series if fine_only else table.rollups
         rows, keys, gids = space.select(matchers, sorted(by) if by else [])
@@ -345,7 +347,7 @@ class WindowQuery:
         sel = (rows[order], gids[order], keys)
         if len(table.selections) > 4096:  # rules change: forget selections nobody asks for
             table.selections.clear()
-        table.selections[key] = (table.version, sel)
+        table.selections[key] = (table.rows_version(fine_only), sel)
         return sel
 
     def _groups(self, table: Table, q: Query, end: float) -> _Groups:
@@ -464,8 +466,8 @@ class WindowQuery:
         if got is None:
             got = step_sums(table.kind, ring, rows, pos, cols, len(g.keys))
             if version is not None:
-                self._slides[key] = SlidingSteps(table.version, ring.single, rows, pos, ks,
-                                                 *got, version)
+                self._slides[key] = SlidingSteps(table.rows_version(sw.fine_only), sw.fine_only,
+                                                 ring.single, rows, pos, ks, *got, version)
         if version is not None:
             self._slides_used.add(key)
         memo = g._memo["steps"] = (ks,) + got
