@@ -201,6 +201,11 @@ class SlidingSteps:
     def nbytes(self) -> int:
         return self.t.nbytes + self.c.nbytes + self.rows.nbytes + self.pos.nbytes
 
+    def copy(self) -> "SlidingSteps":
+        """Another window's start (move makes new arrays: nothing is shared that changes)."""
+        return SlidingSteps(self.table_version, self.fine_only, self.single, self.rows,
+                            self.pos, self.ks, self.t, self.c, self.stamp)
+
     def move(self, tl: Timeline, table: Table, ring: Ring, ks: np.ndarray, cols: np.ndarray,
              rows: np.ndarray, pos: np.ndarray, groups: int, stamp: int,
              ) -> Optional[tuple[np.ndarray, np.ndarray]]:
@@ -282,6 +287,15 @@ class SlidingGauge:
     def nbytes(self) -> int:
         return self.n.nbytes + self.s.nbytes + self.newest_k.nbytes + self.last.nbytes
 
+    def copy(self) -> "SlidingGauge":
+        """Another window's start: a longer window of the same round ending alike (the
+        300 s after the 60 s) adds only its older buckets (see move)."""
+        other = object.__new__(SlidingGauge)
+        for name in self.__slots__:
+            value = getattr(self, name)
+            setattr(other, name, value.copy() if isinstance(value, np.ndarray) else value)
+        return other
+
     def _reread(self, ring: Ring, rows: np.ndarray, ks: np.ndarray, cols: np.ndarray) -> None:
         """Rows ``rows`` over slots ``cols`` (buckets ``ks``) as read_rows reads them."""
         n, s = np.zeros(len(rows)), np.zeros(len(rows))
@@ -306,7 +320,7 @@ class SlidingGauge:
         # row was emptied, a new one's data is in entering buckets or marked written)
         changed = table.changed_rows(self.table_version)
         if changed is None or len(self.n) > rows or \
-                self.single != ring.single or not ring.latest or a < self.a or b < self.b \
+                self.single != ring.single or not ring.latest or b < self.b \
                 or b - self.b > 30 or a > self.b:
             return None
         ks, ps = tl.columns(0, self.a, self.b)
@@ -326,6 +340,18 @@ class SlidingGauge:
         exact = _exact(ring, cols)
         slide = self.exact and exact
         n, s, newest_k, last = self.n, self.s, self.newest_k, self.last
+        ok, older = tl.columns(0, a, self.a - 1) if a < self.a else (ek[:0], enter[:0])
+        if len(older):  # a longer window ending alike: older buckets, older samples
+            cnt = ring.count((every, older))
+            n += whole_sums(cnt)
+            if slide:
+                s += _row_sums(_cell_sums(ring, (every, older), cnt))
+            has = cnt > 0
+            got = np.flatnonzero(has.any(axis=1) & (newest_k == _NONE))
+            if len(got):
+                col = len(older) - 1 - has[got][:, ::-1].argmax(axis=1)
+                newest_k[got] = ok[col]
+                last[got] = ring.last[got, older[col]]
         if len(enter):
             cnt = ring.count((every, enter))
             n += whole_sums(cnt)

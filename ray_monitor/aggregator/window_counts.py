@@ -66,7 +66,9 @@ def used_columns(d: np.ndarray, lo: int) -> tuple[np.ndarray, np.ndarray]:
 class SlidingCounts:
     """Per-row histogram counts of one window over the finest ring, kept from round to
     round: the next round's window adds the buckets that entered it and takes off those
-    that left (counts are whole numbers, so the sums are exact in any order). Valid
+    that left (counts are whole numbers, so the sums are exact in any order); a copy
+    serves a longer window of the same round (the 300 s after the 60 s), adding only the
+    older buckets. Valid
     while no rollup of the metric came or went (a series coming or going leaves its
     rollup's buckets as they are) and no bucket it holds was written or emptied since (a
     late delta: the store marks each slot it writes)."""
@@ -80,6 +82,10 @@ class SlidingCounts:
 
     def nbytes(self) -> int:
         return self.d.nbytes
+
+    def copy(self) -> "SlidingCounts":
+        return SlidingCounts(self.a, self.b, self.held, self.table_version, self.stamp,
+                             self.d.copy(), self.lo)
 
     def add(self, rows: int, parts: list, sign: float) -> bool:
         """Adds (``sign`` 1) or takes off (-1) histogram entries; False where the range of
@@ -106,7 +112,7 @@ class SlidingCounts:
     def move(self, tl: Timeline, table: Table, a: int, b: int, rows: int, version: int) -> bool:
         """Moves to the window of buckets ``a..b`` of the finest ring at the store's data
         ``version``; False where it cannot (then the caller reads the window afresh)."""
-        if self.table_version != table.rollup_version or self.d.shape[0] != rows or a < self.a \
+        if self.table_version != table.rollup_version or self.d.shape[0] != rows \
                 or b < self.b or b - self.b > 30 or a > self.b:
             return False
         ks, ps = tl.columns(0, self.a, self.b)
@@ -116,6 +122,8 @@ class SlidingCounts:
         ring = table.rings[0]
         leave = ps[ks < a]
         _, enter = tl.columns(0, self.b + 1, b)
+        if a < self.a:  # a longer window ending alike: its older buckets enter too
+            enter = np.concatenate((tl.columns(0, a, self.a - 1)[1], enter))
         if len(enter) and not self.add(rows, [ring.pairs(enter)], 1.0):
             return False
         if len(leave) and not self.add(rows, [ring.pairs(leave)], -1.0):

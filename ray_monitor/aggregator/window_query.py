@@ -295,12 +295,17 @@ class WindowQuery:
         slide = ("gauge",) + key[1:]
         sl = self._slides.get(slide) if version is not None else None
         sw = sl.move(tl, table, a, b, rows, version) if sl is not None else None
+        sib = self._memo.get(("gauge-of", table.metric.name)) if version is not None else None
+        if sw is None and sib is not None and sib.a >= a:  # see _sibling
+            sl = self._slides[slide] = sib.copy()
+            sw = sl.move(tl, table, a, b, rows, version)
         if sw is None:
             sw = read_rows(tl, table, ri, a, b, fine_only, rows, tl.max_time < end)
             if version is not None:
-                self._slides[slide] = SlidingGauge(sw, tl, table, version)
+                sl = self._slides[slide] = SlidingGauge(sw, tl, table, version)
         if version is not None:
             self._slides_used.add(slide)
+            self._memo[("gauge-of", table.metric.name)] = sl
         sw.make_dense = lambda: self._dense(table, sw, ("slide", key[1:]))
         sw.finish(table)
         self._memo[key] = sw
@@ -318,16 +323,25 @@ class WindowQuery:
         if sl is not None:
             self._slides_used.add(key)
             if sl.move(self._tl, table, sw.a, sw.b, rows, version):
+                self._memo[("dense-of", table.metric.name)] = sl
                 return used_columns(sl.d, sl.lo)
             del self._slides[key]
+        sib = self._memo.get(("dense-of", table.metric.name)) if slides else None
+        if sib is not None and sib.a >= sw.a:  # see _sibling
+            sl = sib.copy()
+            if sl.move(self._tl, table, sw.a, sw.b, rows, version):
+                self._slides[key] = sl
+                self._slides_used.add(key)
+                return used_columns(sl.d, sl.lo)
         d, lo, cols = bucket_counts(rows, [ring.pairs(c) for ring, c in sw.pair_src])
         if cols is not None:
             return d, cols
         if slides:
             held = len(self._tl.columns(0, sw.a, sw.b)[0])
-            self._slides[key] = SlidingCounts(sw.a, sw.b, held, table.rollup_version, version,
-                                              d, lo)
+            sl = self._slides[key] = SlidingCounts(sw.a, sw.b, held, table.rollup_version,
+                                                   version, d, lo)
             self._slides_used.add(key)
+            self._memo[("dense-of", table.metric.name)] = sl
         return used_columns(d, lo)
 
     @staticmethod
@@ -460,16 +474,23 @@ class WindowQuery:
         # over the finest ring, the steps slide from the last round's (SlidingSteps)
         version = self._stamp[1] if self._stamp is not None and sw.ri == 0 else None
         key = ("steps",) + g.key
+        sib_key = ("steps-of",) + g.key[:1] + g.key[2:]  # the grouping, any window
         sl = self._slides.get(key) if version is not None else None
         got = sl.move(self._tl, table, ring, ks, cols, rows, pos, len(g.keys), version) \
             if sl is not None else None
+        sib = self._memo.get(sib_key) if version is not None else None
+        if got is None and sib is not None:  # see _sibling
+            sl = self._slides[key] = sib.copy()
+            got = sl.move(self._tl, table, ring, ks, cols, rows, pos, len(g.keys), version)
         if got is None:
             got = step_sums(table.kind, ring, rows, pos, cols, len(g.keys))
             if version is not None:
-                self._slides[key] = SlidingSteps(table.rows_version(sw.fine_only), sw.fine_only,
-                                                 ring.single, rows, pos, ks, *got, version)
+                sl = self._slides[key] = SlidingSteps(table.rows_version(sw.fine_only),
+                                                      sw.fine_only, ring.single, rows, pos, ks,
+                                                      *got, version)
         if version is not None:
             self._slides_used.add(key)
+            self._memo[sib_key] = sl
         memo = g._memo["steps"] = (ks,) + got
         return memo
 
