@@ -340,18 +340,14 @@ class SlidingGauge:
         exact = _exact(ring, cols)
         slide = self.exact and exact
         n, s, newest_k, last = self.n, self.s, self.newest_k, self.last
-        ok, older = tl.columns(0, a, self.a - 1) if a < self.a else (ek[:0], enter[:0])
-        if len(older):  # a longer window ending alike: older buckets, older samples
-            cnt = ring.count((every, older))
-            n += whole_sums(cnt)
+        if a < self.a:  # a longer window ending alike: older buckets, older samples
+            old = read_rows(tl, table, 0, a, self.a - 1, True, rows, False)
+            n += old.n
             if slide:
-                s += _row_sums(_cell_sums(ring, (every, older), cnt))
-            has = cnt > 0
-            got = np.flatnonzero(has.any(axis=1) & (newest_k == _NONE))
-            if len(got):
-                col = len(older) - 1 - has[got][:, ::-1].argmax(axis=1)
-                newest_k[got] = ok[col]
-                last[got] = ring.last[got, older[col]]
+                s += old.s
+            if hasattr(old, "newest_k"):
+                got = (old.newest_k != _NONE) & (newest_k == _NONE)
+                newest_k[got], last[got] = old.newest_k[got], old.last[got]
         if len(enter):
             cnt = ring.count((every, enter))
             n += whole_sums(cnt)

@@ -122,9 +122,13 @@ class SlidingCounts:
         ring = table.rings[0]
         leave = ps[ks < a]
         _, enter = tl.columns(0, self.b + 1, b)
-        if a < self.a:  # a longer window ending alike: its older buckets enter too
-            enter = np.concatenate((tl.columns(0, a, self.a - 1)[1], enter))
         if len(enter) and not self.add(rows, [ring.pairs(enter)], 1.0):
+            return False
+        # a longer window ending alike: its older buckets enter too, whole coarse buckets
+        # from the coarser rings as a fresh read takes them (the same counts)
+        older = [table.rings[ri].pairs(tl.columns(ri, lo, hi)[1])
+                 for ri, lo, hi in tl.cover(0, a, self.a - 1, False)]
+        if older and not self.add(rows, older, 1.0):
             return False
         if len(leave) and not self.add(rows, [ring.pairs(leave)], -1.0):
             return False
