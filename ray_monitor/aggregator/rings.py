@@ -70,8 +70,7 @@ OTHER = "other"
 WHOLE_SAMPLE = float(2 ** 26)
 #: Labels the coarse rings leave out (see Rollups above).
 ROLLUP_DROPS = frozenset({"replica", "pid"})
-#: series rows that came or went a table remembers (Table.changed_rows): a round a second
-#: after the last sees a few; past this many, kept per-series windows are read afresh
+#: rows that came or went a table remembers (Table.changed_rows); past these, kept windows are reread
 _CHURN_LOG = 256
 
 # column -> (dtype, value of an empty bucket); sums and mins read empty buckets as no-ops.
@@ -397,12 +396,11 @@ class Table:
         self.live_series = np.zeros(0, dtype=np.int32)  # rollup row -> its live series
         self.version = 0  # bumps when a series or rollup comes or goes: selections depend on it
         #: bumps when a rollup row comes or goes (with every series where rollups are the
-        #: series): what reads only rollup rows (their groupings, kept windows) depends on
-        #: it, so a replica coming or going in a deployment leaves them be
+        #: series): what reads only rollups depends on it, not on a replica coming or going
         self.rollup_version = 0
-        #: (version after, series row) of the last series rows that came or went (-1: a
-        #: rollup), so a kept per-series window rereads only those rows (changed_rows)
-        self.churn: deque = deque(maxlen=_CHURN_LOG)
+        #: (version after, row) of the last series (rollup) rows that came or went (-1: not
+        #: a row of the space), so kept windows redo only those rows (changed_rows)
+        self.churn, self.rollup_churn = deque(maxlen=_CHURN_LOG), deque(maxlen=_CHURN_LOG)
         self.other = (OTHER,) * len(metric.labels)
         self.folded: set[int] = set()
         self.selections: dict = {}
@@ -433,8 +431,10 @@ class Table:
             if up is None:
                 up = self.rollups.add(rvalues)
                 self.rollup_version += 1
+                self.rollup_churn.append((self.rollup_version, up))
         else:
             self.rollup_version += 1
+            self.rollup_churn.append((self.rollup_version, row))
         if len(self.rollups.live) > self.rings[0].rows:
             for ring in self.rings:
                 ring.grow(len(self.rollups.live))
@@ -452,14 +452,15 @@ class Table:
         depends on."""
         return self.version if fine_only else self.rollup_version
 
-    def changed_rows(self, version: int) -> Optional[list[int]]:
-        """Series rows that came or went since ``version``; None where the log does not
-        reach back that far."""
-        if version == self.version:
+    def changed_rows(self, version: int, rollups: bool = False) -> Optional[list[int]]:
+        """Series rows (or rollup rows, with ``rollups`` and a ``rollup_version``) that
+        came or went since ``version``; None where the log does not reach back that far."""
+        log, now = (self.rollup_churn, self.rollup_version) if rollups else (self.churn, self.version)
+        if version == now:
             return []
-        if not self.churn or self.churn[0][0] > version + 1:
+        if not log or log[0][0] > version + 1:
             return None
-        return [row for v, row in self.churn if v > version and row >= 0]
+        return [row for v, row in log if v > version and row >= 0]
 
     def touch(self, row: int, now: float) -> None:
         """Marks a series (and its rollup) as current without writing data: its replica
@@ -488,6 +489,7 @@ class Table:
         self.churn.append((self.version, row))
         if not self.has_drops:
             self.rollup_version += 1
+            self.rollup_churn.append((self.rollup_version, row))
         if values == self.other:
             self.folded.clear()
 
@@ -498,6 +500,7 @@ class Table:
         self.version += 1
         self.rollup_version += 1
         self.churn.append((self.version, -1))
+        self.rollup_churn.append((self.rollup_version, row))
 
     # -- writes: ``where`` is Timeline.keeping() of the sample's time ------------------
 

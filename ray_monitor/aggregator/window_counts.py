@@ -66,12 +66,12 @@ def used_columns(d: np.ndarray, lo: int) -> tuple[np.ndarray, np.ndarray]:
 class SlidingCounts:
     """Per-row histogram counts of one window over the finest ring, kept from round to
     round: the next round's window adds the buckets that entered it and takes off those
-    that left (counts are whole numbers, so the sums are exact in any order); a copy
-    serves a longer window of the same round (the 300 s after the 60 s), adding only the
-    older buckets. Valid
-    while no rollup of the metric came or went (a series coming or going leaves its
-    rollup's buckets as they are) and no bucket it holds was written or emptied since (a
-    late delta: the store marks each slot it writes)."""
+    that left (counts are whole numbers, so the sums are exact in any order), and a
+    rollup row that came or went since starts from nothing (a series coming or going
+    leaves its rollup's buckets as they are); a copy serves a longer window of the same
+    round (the 300 s after the 60 s), adding only the older buckets. Valid while no
+    bucket it holds was written or emptied since (a late delta: the store marks each slot
+    it writes)."""
 
     __slots__ = ("a", "b", "held", "table_version", "stamp", "d", "lo")
 
@@ -112,13 +112,21 @@ class SlidingCounts:
     def move(self, tl: Timeline, table: Table, a: int, b: int, rows: int, version: int) -> bool:
         """Moves to the window of buckets ``a..b`` of the finest ring at the store's data
         ``version``; False where it cannot (then the caller reads the window afresh)."""
-        if self.table_version != table.rollup_version or self.d.shape[0] != rows \
+        # rollups that came or went since hold nothing in the buckets it holds (a new
+        # one's data is in entering buckets or marked written, a gone one's was emptied)
+        changed = table.changed_rows(self.table_version, rollups=True)
+        if changed is None or self.d.shape[0] > rows \
                 or b < self.b or b - self.b > 30 or a > self.b:
             return False
         ks, ps = tl.columns(0, self.a, self.b)
         # every bucket it holds still held, and none written since it was read
         if len(ks) != self.held or (len(ps) and int(tl.written[ps].max()) > self.stamp):
             return False
+        if self.d.shape[0] < rows:
+            self.d = np.concatenate((self.d, np.zeros((rows - self.d.shape[0], self.d.shape[1]))))
+        if changed:
+            self.d[changed] = 0.0
+        self.table_version = table.rollup_version
         ring = table.rings[0]
         leave = ps[ks < a]
         _, enter = tl.columns(0, self.b + 1, b)
