@@ -12,7 +12,9 @@ A round is the benchmark's: one second of new snapshots, then ``begin_round``, t
 ``bench_aggregator.queries`` (1,000), ``end_round``; each round's CPU time
 (``time.process_time``) is printed, and with RESULTS_PREFIX its results are pickled. The
 store's query object is made afresh after loading, so the first round plans and reads
-everything, as a started aggregator's first round does (RESULTS.md §23). EVENTS (e.g.
+everything, as a started aggregator's first round does (RESULTS.md §23); a tree whose
+store plans rules at load (``WindowStore.prepare``, RESULTS.md §28) plans them first, timed
+on its own line. EVENTS (e.g.
 ``came@3,went@5``) change the replicas before a round's second of snapshots: ``came`` a
 new replica of deployment d0 starts reporting (as its first snapshot arrives), ``went``
 replica d0#r7 stops and its series expire (its last report aged past ``series_ttl_s``,
@@ -75,6 +77,10 @@ def rounds(path: str, deps: int, fill_s: int, count: int, prefix: str, events: s
     gc.freeze()  # as the aggregator actor does once started
     t0 = 1_000_000.0 - fill_s
     qs = queries(1000, deps)
+    if hasattr(store, "prepare"):  # planned when the rules are loaded, as the aggregator does
+        start = time.process_time()
+        store.prepare(qs)
+        print(f"prepare (at rule load): {(time.process_time() - start) * 1000:.1f} ms cpu")
     at = {int(e.split("@")[1]): e.split("@")[0] for e in events.split(",") if e}
     new = dataclasses.replace(make(0, 0, 0.0).identity, replica="d0#r20", pid=2000)
     stopped, extra = set(), False

@@ -128,3 +128,37 @@ def test_deriv_without_masks_gives_the_masked_slopes_bit_for_bit():
         total = rng.lognormal(3, 2, (50, steps)) * rng.choice([1, -1], (50, steps))
         count = rng.integers(1, 40, (50, steps)).astype(np.float64)
         assert deriv_dense(x, total / count).tobytes() == _deriv_masked(x, total, count).tobytes()
+
+
+def test_a_rule_group_with_a_longer_interval_keeps_its_windows_between_its_rounds():
+    """Rounds that evaluate only some rules (a group due every 5 s among 1 s ones) leave the
+    other rules' kept windows in place, still equal to a fresh read when next read; a
+    window no round reads for longer than it could slide is freed."""
+    clock = Clock(T0)
+    store = WindowStore(clock=clock)
+    rng = np.random.default_rng(5)
+    often = [Query("p99", "latency_seconds", 60.0, by=("deployment",))]
+    seldom = [Query("last", "inflight", 60.0, by=("deployment",)),
+              Query("zscore", "requests", 60.0, by=("deployment",))]
+    seq, kept = 0, {}
+    for sec in range(80):
+        t = math.floor(clock.t) + 1.0
+        clock.t = t + 0.5
+        for dep, rep in (("d1", "a"), ("d1", "b"), ("d2", "a")):
+            seq += 1
+            store.ingest(_snap(dep, rep, seq, t - 1.0, t + 0.4, rng, float(rng.integers(0, 4))))
+        clock.t = t + 0.8
+        both = sec % 5 == 0 and sec < 40
+        queries = often + seldom if both else often
+        now = store.begin_round()
+        got = [store.evaluate(q) for q in queries]
+        fresh = WindowQuery(store._tl, store._tables)
+        want = [fresh.evaluate(q, store.window_end(now), store._version) for q in queries]
+        assert [repr(sorted(g.items())) for g in got] == [repr(sorted(w.items())) for w in want]
+        if both and sec > 0:  # read 5 rounds ago: the same kept objects served this round
+            assert all(store._query._slides.get(k) is v for k, v in kept.items())
+        store.end_round()
+        if both:
+            kept = {k: v for k, v in store._query._slides.items() if k[0] in ("gauge", "steps")}
+            assert kept
+    assert not any(k[0] in ("gauge", "steps") for k in store._query._slides)  # 40 rounds unread
