@@ -375,7 +375,7 @@ class SlidingGauge:
             if len(cols):
                 s += _row_sums(_cell_sums(ring, at))
         if changed:
-            self._reread(ring, np.unique(np.array(changed, dtype=np.int64)), ks, cols)
+            self._reread(ring, np.array(sorted(set(changed)), dtype=np.int64), ks, cols)
         sw = RowWindow(0, a, b, True, rows)
         sw.n, sw.s, sw.last = n.copy(), s.copy(), last.copy()
         sw.lo, sw.hi = np.full(rows, np.inf), np.full(rows, -np.inf)
