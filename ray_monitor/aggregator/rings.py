@@ -46,7 +46,6 @@ was created).
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Optional
 
 import numpy as np
@@ -70,7 +69,6 @@ OTHER = "other"
 WHOLE_SAMPLE = float(2 ** 26)
 #: Labels the coarse rings leave out (see Rollups above).
 ROLLUP_DROPS = frozenset({"replica", "pid"})
-#: rows that came or went a table remembers (Table.changed_rows); past these, kept windows are reread
 _CHURN_LOG = 256
 
 # column -> (dtype, value of an empty bucket); sums and mins read empty buckets as no-ops.
@@ -395,12 +393,6 @@ class Table:
         self.up: list[int] = []  # series row -> rollup row
         self.live_series = np.zeros(0, dtype=np.int32)  # rollup row -> its live series
         self.version = 0  # bumps when a series or rollup comes or goes: selections depend on it
-        #: bumps when a rollup row comes or goes (with every series where rollups are the
-        #: series): what reads only rollups depends on it, not on a replica coming or going
-        self.rollup_version = 0
-        #: (version after, row) of the last series (rollup) rows that came or went (-1: not
-        #: a row of the space), so kept windows redo only those rows (changed_rows)
-        self.churn, self.rollup_churn = deque(maxlen=_CHURN_LOG), deque(maxlen=_CHURN_LOG)
         self.other = (OTHER,) * len(metric.labels)
         self.folded: set[int] = set()
         self.selections: dict = {}
@@ -430,11 +422,6 @@ class Table:
             up = self.rollups.index.get(rvalues)
             if up is None:
                 up = self.rollups.add(rvalues)
-                self.rollup_version += 1
-                self.rollup_churn.append((self.rollup_version, up))
-        else:
-            self.rollup_version += 1
-            self.rollup_churn.append((self.rollup_version, row))
         if len(self.rollups.live) > self.rings[0].rows:
             for ring in self.rings:
                 ring.grow(len(self.rollups.live))
@@ -444,23 +431,13 @@ class Table:
                 self.live_series = _pad(self.live_series, len(self.rollups.live), 0)
             self.live_series[up] += 1
         self.version += 1
-        self.churn.append((self.version, row))
         return row
 
     def rows_version(self, fine_only: bool) -> int:
-        """The version of the rows a read of the series (``fine_only``) or of the rollups
-        depends on."""
-        return self.version if fine_only else self.rollup_version
-
-    def changed_rows(self, version: int, rollups: bool = False) -> Optional[list[int]]:
-        """Series rows (or rollup rows, with ``rollups`` and a ``rollup_version``) that
-        came or went since ``version``; None where the log does not reach back that far."""
-        log, now = (self.rollup_churn, self.rollup_version) if rollups else (self.churn, self.version)
-        if version == now:
-            return []
-        if not log or log[0][0] > version + 1:
-            return None
-        return [row for v, row in log if v > version and row >= 0]
+        """What a read of the series (``fine_only``) or of the rollups depends on: its
+        space's count of rows that came or went (a replica coming or going in a deployment
+        leaves the rollups' groupings and kept windows be)."""
+        return (self.series if fine_only else self.rollups).edits
 
     def touch(self, row: int, now: float) -> None:
         """Marks a series (and its rollup) as current without writing data: its replica
@@ -486,10 +463,6 @@ class Table:
         for ring in [self.series_ring] if self.has_drops else self.rings:
             ring.clear(row, slice(None))
         self.version += 1
-        self.churn.append((self.version, row))
-        if not self.has_drops:
-            self.rollup_version += 1
-            self.rollup_churn.append((self.rollup_version, row))
         if values == self.other:
             self.folded.clear()
 
@@ -498,9 +471,6 @@ class Table:
         for ring in self.rings:
             ring.clear(row, slice(None))
         self.version += 1
-        self.rollup_version += 1
-        self.churn.append((self.version, -1))
-        self.rollup_churn.append((self.rollup_version, row))
 
     # -- writes: ``where`` is Timeline.keeping() of the sample's time ------------------
 

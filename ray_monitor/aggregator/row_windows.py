@@ -267,7 +267,7 @@ class SlidingGauge:
     last window and the new one holds whole-number samples (the ring marks each slot that
     gets one that is not: ``Ring.unwhole``), which add up exactly in any order; otherwise
     the round adds them afresh, as a fresh read does. So every figure equals a fresh
-    read's exactly. A series that came or went since (``Table.changed_rows``) has its row
+    read's exactly. A series that came or went since (``LabelSpace.changed_since``) has its row
     read afresh; valid while no bucket it holds was written or emptied since (as
     window_counts.SlidingCounts)."""
 
@@ -277,7 +277,7 @@ class SlidingGauge:
     def __init__(self, sw: RowWindow, tl: Timeline, table: Table, stamp: int) -> None:
         ring = table.series_ring
         ks, cols = tl.columns(0, sw.a, sw.b)
-        self.a, self.b, self.held, self.table_version = sw.a, sw.b, len(ks), table.version
+        self.a, self.b, self.held, self.table_version = sw.a, sw.b, len(ks), table.series.edits
         self.single, self.stamp = ring.single, stamp
         self.exact = _exact(ring, cols)  # the kept sums are exact integer sums
         self.n, self.s, self.last = sw.n.copy(), sw.s.copy(), sw.last.copy()
@@ -318,8 +318,8 @@ class SlidingGauge:
         ring = table.series_ring
         # series that came or went since: their rows are read afresh (a removed series'
         # row was emptied, a new one's data is in entering buckets or marked written)
-        changed = table.changed_rows(self.table_version)
-        if changed is None or len(self.n) > rows or \
+        changed = table.series.changed_since(self.table_version)
+        if len(self.n) > rows or \
                 self.single != ring.single or not ring.latest or b < self.b \
                 or b - self.b > 30 or a > self.b:
             return None
@@ -332,7 +332,7 @@ class SlidingGauge:
             self.n, self.s = np.concatenate((self.n, np.zeros(grow))), np.concatenate((self.s, np.zeros(grow)))
             self.last = np.concatenate((self.last, np.zeros(grow)))
             self.newest_k = np.concatenate((self.newest_k, np.full(grow, _NONE, dtype=np.int64)))
-        self.table_version = table.version
+        self.table_version = table.series.edits
         every = slice(0, rows)
         ek, enter = tl.columns(0, self.b + 1, b)
         leave = ps[ks < a]
@@ -374,8 +374,8 @@ class SlidingGauge:
             s[:] = 0.0
             if len(cols):
                 s += _row_sums(_cell_sums(ring, at))
-        if changed:
-            self._reread(ring, np.array(sorted(set(changed)), dtype=np.int64), ks, cols)
+        if len(changed):
+            self._reread(ring, changed, ks, cols)
         sw = RowWindow(0, a, b, True, rows)
         sw.n, sw.s, sw.last = n.copy(), s.copy(), last.copy()
         sw.lo, sw.hi = np.full(rows, np.inf), np.full(rows, -np.inf)

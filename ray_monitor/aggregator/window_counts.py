@@ -114,8 +114,8 @@ class SlidingCounts:
         ``version``; False where it cannot (then the caller reads the window afresh)."""
         # rollups that came or went since hold nothing in the buckets it holds (a new
         # one's data is in entering buckets or marked written, a gone one's was emptied)
-        changed = table.changed_rows(self.table_version, rollups=True)
-        if changed is None or self.d.shape[0] > rows \
+        changed = table.rollups.changed_since(self.table_version)
+        if self.d.shape[0] > rows \
                 or b < self.b or b - self.b > 30 or a > self.b:
             return False
         ks, ps = tl.columns(0, self.a, self.b)
@@ -124,9 +124,8 @@ class SlidingCounts:
             return False
         if self.d.shape[0] < rows:
             self.d = np.concatenate((self.d, np.zeros((rows - self.d.shape[0], self.d.shape[1]))))
-        if changed:
-            self.d[changed] = 0.0
-        self.table_version = table.rollup_version
+        self.d[changed] = 0.0
+        self.table_version = table.rollups.edits
         ring = table.rings[0]
         leave = ps[ks < a]
         _, enter = tl.columns(0, self.b + 1, b)

@@ -362,7 +362,7 @@ class WindowQuery:
             return d, cols
         if slides:
             held = len(self._tl.columns(0, sw.a, sw.b)[0])
-            sl = self._slides[key] = SlidingCounts(sw.a, sw.b, held, table.rollup_version,
+            sl = self._slides[key] = SlidingCounts(sw.a, sw.b, held, table.rollups.edits,
                                                    version, d, lo)
             self._slides_used.add(key)
             self._memo[("dense-of", table.metric.name)] = sl
