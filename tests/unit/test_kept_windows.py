@@ -162,3 +162,35 @@ def test_a_rule_group_with_a_longer_interval_keeps_its_windows_between_its_round
             kept = {k: v for k, v in store._query._slides.items() if k[0] in ("gauge", "steps")}
             assert kept
     assert not any(k[0] in ("gauge", "steps") for k in store._query._slides)  # 40 rounds unread
+
+
+def test_rules_are_planned_at_load_and_a_reload_of_the_same_rules_keeps_every_kept_window():
+    from ray_monitor.aggregator.core import AggregatorCore
+
+    rules = {"groups": [{"name": "g", "rules": [
+        {"alert": "Slow", "expr": 'p99(latency_seconds{deployment="d1"}[1m]) by (application, deployment) > 9'},
+        {"alert": "Busy", "expr": "last(inflight[1m]) by (application, deployment) > 99"},
+        {"alert": "Jump", "expr": "zscore(requests[1m]) by (application, deployment) > 99"}]}]}
+    clock = Clock(T0)
+    core = AggregatorCore({}, rules_text=rules, clock=clock)
+    try:
+        plans = dict(core.store._query._plans)
+        assert {q for q in plans} >= set(core.engine.ruleset.queries())  # planned at load
+        rng = np.random.default_rng(3)
+        kept, seq = {}, 0
+        for sec in range(12):
+            clock.t = math.floor(clock.t) + 1.5
+            for dep, rep in (("d1", "a"), ("d2", "a")):
+                seq += 1
+                core.ingest([_snap(dep, rep, seq, clock.t - 1.5, clock.t - 0.1, rng, 1.0)])
+            clock.t += 0.3
+            if sec == 8:  # the same rules again: nothing of the store's is read afresh
+                core.reload(rules)
+            core.evaluate()
+            slides = core.store._query._slides
+            if sec == 9:
+                assert all(slides.get(k) is v for k, v in kept.items()) and kept
+                assert all(core.store._query._plans.get(q) is p for q, p in plans.items())
+            kept = {k: v for k, v in slides.items() if k[0] in ("gauge", "steps", "slide")}
+    finally:
+        core.notifier.close(1.0)
