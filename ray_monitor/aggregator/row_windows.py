@@ -28,7 +28,8 @@ from ray_monitor.aggregator.rings import Ring, Table
 from ray_monitor.aggregator.timeline import Timeline
 from ray_monitor.aggregator.window_counts import run_starts, whole_sums
 
-__all__ = ["RowWindow", "SlidingGauge", "SlidingSteps", "deriv_dense", "read_rows", "step_sums"]
+__all__ = ["RowWindow", "SlidingGauge", "SlidingSteps", "deriv_dense", "deriv_same_steps",
+           "read_rows", "step_sums"]
 
 _NONE = np.iinfo(np.int64).min  # no bucket with data
 
@@ -177,6 +178,16 @@ def deriv_dense(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     bits; the time terms, equal for every row, are summed once."""
     xc = x - x.sum() / x.shape[0]
     yc = y - (y.sum(axis=1) / x.shape[0])[:, None]
+    return (xc * yc).sum(axis=1) / (xc * xc).sum()
+
+
+def deriv_same_steps(x: np.ndarray, has: np.ndarray, m: int, y: np.ndarray) -> np.ndarray:
+    """Least-squares slope of each row of ``y`` (0 where a step has no data) over the times
+    ``x``, where every row has data in the same steps ``has`` (``m`` of them; the usual
+    case where a window reaches back past the data): window_query's masked deriv with its
+    time terms, equal for every row, computed once (same values, same sums, same bits)."""
+    xc = np.where(has, x - np.where(has, x, 0.0).sum() / m, 0.0)
+    yc = np.where(has, y - (y.sum(axis=1) / m)[:, None], 0.0)
     return (xc * yc).sum(axis=1) / (xc * xc).sum()
 
 

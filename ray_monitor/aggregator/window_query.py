@@ -53,11 +53,16 @@ Sharing. Within one round (same ``end``, no ingest in between) per-row window ag
 per-group merges and results are memoised; a rule whose matchers name only labels of its
 ``by`` (``p99(...{deployment="a"}) by (application, deployment)``) reads the result of
 the query without matchers, restricted to the matching groups (looked up in an index of
-the grouping). Which rows a matcher set selects, their groups, and each query's checks
-and plan are kept until a series comes or goes (the rules change); from round to round, a
-rollup histogram window's counts (:mod:`~ray_monitor.aggregator.window_counts`), a
-per-series gauge window and the per-step sums of zscore/deriv over the 1 s ring
-(:mod:`~ray_monitor.aggregator.row_windows`), each equal to a fresh read bit for bit.
+the grouping). Each query's checks and plan are made when the rules are loaded
+(:meth:`WindowQuery.prepare`) and kept; which rows a matcher set selects and their groups
+are kept until a row of the space they read (series, or rollups) comes or goes. From round
+to round, a rollup histogram window's counts (:mod:`~ray_monitor.aggregator.window_counts`),
+a per-series gauge window and the per-step sums of zscore/deriv over the 1 s ring
+(:mod:`~ray_monitor.aggregator.row_windows`), each equal to a fresh read bit for bit; a
+replica coming or going leaves rollup windows as they are and has a per-series window
+reread its rows only. Within a round, a longer window ending alike (300 s after 60 s, same
+metric and grouping) starts from the shorter one's and reads only its older buckets. A
+kept window stays while a round read it in the last 32 (rule groups of longer intervals).
 """
 
 from __future__ import annotations
@@ -70,7 +75,8 @@ import numpy as np
 from ray_monitor.aggregator.packing import bucket_values
 from ray_monitor.aggregator.rings import ROLLUP_DROPS, GroupKey, Table
 from ray_monitor.aggregator.row_windows import (RowWindow, SlidingGauge, SlidingSteps,
-                                                deriv_dense, read_rows, step_sums)
+                                                deriv_dense, deriv_same_steps, read_rows,
+                                                step_sums)
 from ray_monitor.aggregator.timeline import Timeline
 from ray_monitor.aggregator.window_counts import (SlidingCounts, bucket_counts, run_starts,
                                                   used_columns)
@@ -530,8 +536,11 @@ class WindowQuery:
         x = ks * self._tl.res[g.sw.ri][0]
         if len(ok) == len(count) and has.all():  # every step has data: the same sums, fewer passes
             return dict(zip(g.keys, deriv_dense(x, total / count).tolist()))
-        x = np.broadcast_to(x, has.shape)
         y = np.where(has, total[ok] / np.where(has, count[ok], 1.0), 0.0)
+        if (has == has[0]).all():  # data in the same steps for every group
+            slope = deriv_same_steps(x, has[0], int(m[0]), y)
+            return dict(zip([g.keys[i] for i in ok.tolist()], slope.tolist()))
+        x = np.broadcast_to(x, has.shape)
         xc = np.where(has, x - (np.where(has, x, 0.0).sum(axis=1) / m)[:, None], 0.0)
         yc = np.where(has, y - (y.sum(axis=1) / m)[:, None], 0.0)
         slope = (xc * yc).sum(axis=1) / (xc * xc).sum(axis=1)

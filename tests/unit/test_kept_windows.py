@@ -130,6 +130,21 @@ def test_deriv_without_masks_gives_the_masked_slopes_bit_for_bit():
         assert deriv_dense(x, total / count).tobytes() == _deriv_masked(x, total, count).tobytes()
 
 
+def test_deriv_with_the_same_steps_in_every_group_gives_the_masked_slopes_bit_for_bit():
+    from ray_monitor.aggregator.row_windows import deriv_same_steps
+    rng = np.random.default_rng(19)
+    for steps in (3, 7, 8, 9, 60, 129, 300, 600):
+        x = (1_000_000 + np.arange(steps)) * float(rng.choice([1.0, 10.0, 60.0]))
+        total = rng.lognormal(3, 2, (50, steps)) * rng.choice([1, -1], (50, steps))
+        count = rng.integers(1, 40, (50, steps)).astype(np.float64)
+        has = rng.random(steps) < 0.6  # the steps with data, the same in every group
+        has[:2] = True
+        count[:, ~has], total[:, ~has] = 0.0, 0.0
+        y = np.where(has, total / np.where(has, count, 1.0), 0.0)
+        got = deriv_same_steps(x, has, int(has.sum()), y)
+        assert got.tobytes() == _deriv_masked(x, total, count).tobytes()
+
+
 def test_a_rule_group_with_a_longer_interval_keeps_its_windows_between_its_rounds():
     """Rounds that evaluate only some rules (a group due every 5 s among 1 s ones) leave the
     other rules' kept windows in place, still equal to a fresh read when next read; a
