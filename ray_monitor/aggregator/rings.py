@@ -392,7 +392,7 @@ class Table:
             if self.has_drops else self.rings[0]
         self.up: list[int] = []  # series row -> rollup row
         self.live_series = np.zeros(0, dtype=np.int32)  # rollup row -> its live series
-        self.version = 0  # bumps when a series or rollup comes or goes: selections depend on it
+        self.version = 0  # bumps when a series or rollup comes or goes (reads key on LabelSpace.edits)
         self.other = (OTHER,) * len(metric.labels)
         self.folded: set[int] = set()
         self.selections: dict = {}
