@@ -4,7 +4,7 @@
     nice .venv/bin/python benchmarks/rounds_ab.py fill DEPLOYMENTS FILL STORE.pkl [MAX_SERIES]
     # then, once per tree, interleaved (PYTHONPATH picks the tree; it prints which loaded)
     PYTHONPATH=<tree> nice .venv/bin/python benchmarks/rounds_ab.py rounds STORE.pkl \
-        DEPLOYMENTS FILL ROUNDS [RESULTS_PREFIX]
+        DEPLOYMENTS FILL ROUNDS [RESULTS_PREFIX] [EVENTS]
     # and compare two runs' results byte for byte
     .venv/bin/python benchmarks/rounds_ab.py compare PREFIX_A PREFIX_B ROUNDS
 
@@ -12,7 +12,14 @@ A round is the benchmark's: one second of new snapshots, then ``begin_round``, t
 ``bench_aggregator.queries`` (1,000), ``end_round``; each round's CPU time
 (``time.process_time``) is printed, and with RESULTS_PREFIX its results are pickled. The
 store's query object is made afresh after loading, so the first round plans and reads
-everything, as a started aggregator's first round does (RESULTS.md §23). Filling 10,000
+everything, as a started aggregator's first round does (RESULTS.md §23); a tree whose
+store plans rules at load (``WindowStore.prepare``, RESULTS.md §28) plans them first, timed
+on its own line. EVENTS (e.g.
+``came@3,went@5``) change the replicas before a round's second of snapshots: ``came`` a
+new replica of deployment d0 starts reporting (as its first snapshot arrives), ``went``
+replica d0#r7 stops and its series expire (its last report aged past ``series_ttl_s``,
+then ``WindowStore.expire``: what a replica's end does ``series_ttl_s`` later); the
+round after is "a round after one replica came/went" (RESULTS.md §28). Filling 10,000
 replicas takes minutes, loading the pickle seconds: before and after read one store.
 Fill with the newer tree: what it adds to the store (``Ring.unwhole``) is missing from a
 store an older tree pickled, and an older tree ignores it.
@@ -20,6 +27,7 @@ store an older tree pickled, and an older tree ignores it.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import pickle
 import sys
@@ -44,7 +52,21 @@ def fill(deps: int, fill_s: int, out: str, cap: int) -> None:
     print(f"filled {n} replicas, {fill_s} s, max_series_per_metric {cap}: {out}")
 
 
-def rounds(path: str, deps: int, fill_s: int, count: int, prefix: str) -> None:
+def _went(store: WindowStore, replica: str) -> None:
+    """Ages every series of ``replica`` and its last report past the store's TTL, and
+    expires them as the aggregator's upkeep does."""
+    for table in store._tables.values():
+        sp = table.series
+        for row, labels in enumerate(sp.labels):
+            if labels is not None and replica in labels:
+                sp.updated[row] = -1.0
+    for key, seen in store._replicas.items():
+        if key[2] == replica:
+            seen[2] = -1.0
+    store.expire()
+
+
+def rounds(path: str, deps: int, fill_s: int, count: int, prefix: str, events: str = "") -> None:
     print("window_query from", window_query.__file__)
     make, n = snapshot_maker(deps, 20)
     with open(path, "rb") as f:
@@ -55,17 +77,32 @@ def rounds(path: str, deps: int, fill_s: int, count: int, prefix: str) -> None:
     gc.freeze()  # as the aggregator actor does once started
     t0 = 1_000_000.0 - fill_s
     qs = queries(1000, deps)
+    if hasattr(store, "prepare"):  # planned when the rules are loaded, as the aggregator does
+        start = time.process_time()
+        store.prepare(qs)
+        print(f"prepare (at rule load): {(time.process_time() - start) * 1000:.1f} ms cpu")
+    at = {int(e.split("@")[1]): e.split("@")[0] for e in events.split(",") if e}
+    new = dataclasses.replace(make(0, 0, 0.0).identity, replica="d0#r20", pid=2000)
+    stopped, extra = set(), False
     for r in range(count):
         sec = fill_s + r
         clock.t = t0 + sec + 0.5
+        if at.get(r) == "went":
+            stopped.add(7)
+            _went(store, "d0#r7")
+        extra = extra or at.get(r) == "came"
         for i in range(n):
-            store.ingest(make(i, sec, t0 + sec + 0.4))
+            if i not in stopped:
+                store.ingest(make(i, sec, t0 + sec + 0.4))
+        if extra:
+            store.ingest(dataclasses.replace(make(0, sec, t0 + sec + 0.4), identity=new))
         clock.t += 0.3
         start = time.process_time()
         store.begin_round()
         res = [store.evaluate(q) for q in qs]
         store.end_round()
-        print(f"round {r}: {(time.process_time() - start) * 1000:.1f} ms cpu", flush=True)
+        print(f"round {r}: {(time.process_time() - start) * 1000:.1f} ms cpu",
+              at.get(r, ""), flush=True)
         if prefix:
             with open(f"{prefix}.{r}", "wb") as f:
                 pickle.dump(res, f)
@@ -97,7 +134,8 @@ def main() -> None:
     if mode == "fill":
         fill(int(args[0]), int(args[1]), args[2], int(args[3]) if len(args) > 3 else 10_000)
     elif mode == "rounds":
-        rounds(args[0], int(args[1]), int(args[2]), int(args[3]), args[4] if len(args) > 4 else "")
+        rounds(args[0], int(args[1]), int(args[2]), int(args[3]), args[4] if len(args) > 4 else "",
+               args[5] if len(args) > 5 else "")
     elif mode == "compare":
         compare(args[0], args[1], int(args[2]))
     else:

@@ -112,6 +112,7 @@ class AggregatorCore:
         self.all_rules = rule_file.ruleset  # what /api/v1/rules lists, on every shard
         self.engine = RuleEngine(rules=self._mine(rule_file.ruleset), clock=clock,
                                  eval_interval_s=self.eval_interval_s, generator_url=external_url)
+        self.store.prepare(self.engine.ruleset.queries())  # planned at load, not in a round
         #: Classic ``le`` bounds per histogram on /metrics: the defaults and every threshold
         #: a loaded rule compares a quantile with (see alerting.export.classic_bounds).
         self.classic_bounds = classic_bounds(rule_file.ruleset)
@@ -446,6 +447,7 @@ class AggregatorCore:
     def apply_rules(self, rule_file, rules_text: Any, filename: Optional[str] = None) -> dict:
         """Puts a file :meth:`read_rules` read in place of the running one."""
         self.engine.reload(self._mine(rule_file.ruleset), now=self.clock())
+        self.store.prepare(self.engine.ruleset.queries())
         self.all_rules = rule_file.ruleset
         self._add_bounds(rule_file.ruleset)
         self.hints.reload(rule_file.autoscaling)

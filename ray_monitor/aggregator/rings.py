@@ -69,6 +69,7 @@ OTHER = "other"
 WHOLE_SAMPLE = float(2 ** 26)
 #: Labels the coarse rings leave out (see Rollups above).
 ROLLUP_DROPS = frozenset({"replica", "pid"})
+_CHURN_LOG = 256
 
 # column -> (dtype, value of an empty bucket); sums and mins read empty buckets as no-ops.
 # Counts and counter sums start narrow and widen the first time a value does not fit
@@ -391,7 +392,7 @@ class Table:
             if self.has_drops else self.rings[0]
         self.up: list[int] = []  # series row -> rollup row
         self.live_series = np.zeros(0, dtype=np.int32)  # rollup row -> its live series
-        self.version = 0  # bumps when a series or rollup comes or goes: selections depend on it
+        self.version = 0  # bumps when a series or rollup comes or goes (reads key on LabelSpace.edits)
         self.other = (OTHER,) * len(metric.labels)
         self.folded: set[int] = set()
         self.selections: dict = {}
@@ -431,6 +432,12 @@ class Table:
             self.live_series[up] += 1
         self.version += 1
         return row
+
+    def rows_version(self, fine_only: bool) -> int:
+        """What a read of the series (``fine_only``) or of the rollups depends on: its
+        space's count of rows that came or went (a replica coming or going in a deployment
+        leaves the rollups' groupings and kept windows be)."""
+        return (self.series if fine_only else self.rollups).edits
 
     def touch(self, row: int, now: float) -> None:
         """Marks a series (and its rollup) as current without writing data: its replica

@@ -28,7 +28,8 @@ from ray_monitor.aggregator.rings import Ring, Table
 from ray_monitor.aggregator.timeline import Timeline
 from ray_monitor.aggregator.window_counts import run_starts, whole_sums
 
-__all__ = ["RowWindow", "SlidingGauge", "SlidingSteps", "deriv_dense", "read_rows", "step_sums"]
+__all__ = ["RowWindow", "SlidingGauge", "SlidingSteps", "deriv_dense", "deriv_same_steps",
+           "read_rows", "step_sums"]
 
 _NONE = np.iinfo(np.int64).min  # no bucket with data
 
@@ -180,30 +181,49 @@ def deriv_dense(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return (xc * yc).sum(axis=1) / (xc * xc).sum()
 
 
+def deriv_same_steps(x: np.ndarray, has: np.ndarray, m: int, y: np.ndarray) -> np.ndarray:
+    """Least-squares slope of each row of ``y`` (0 where a step has no data) over the times
+    ``x``, where every row has data in the same steps ``has`` (``m`` of them; the usual
+    case where a window reaches back past the data): window_query's masked deriv with its
+    time terms, equal for every row, computed once (same values, same sums, same bits)."""
+    xc = np.where(has, x - np.where(has, x, 0.0).sum() / m, 0.0)
+    yc = np.where(has, y - (y.sum(axis=1) / m)[:, None], 0.0)
+    return (xc * yc).sum(axis=1) / (xc * xc).sum()
+
+
 class SlidingSteps:
     """A grouping's per-step sums over the finest ring (zscore, deriv), kept from round to
     round: a round reads only the steps that entered the window, or were written since
     (a late delta; the store marks each slot it writes), and copies the rest. Each step is
     summed on its own (:func:`step_sums`), so the copy is what a fresh read gives. Valid
-    while no series or rollup of the metric came or went and the grouping's rows are the
-    same ones (a group with no data in the window is left out of it)."""
+    while the rows it reads stay (no rollup came or went, or over series rows
+    (``fine_only``) no series) and the grouping's rows are the same ones (a group with no
+    data in the window is left out of it)."""
 
-    __slots__ = ("table_version", "single", "rows", "pos", "ks", "t", "c", "stamp")
+    __slots__ = ("table_version", "fine_only", "single", "rows", "pos", "ks", "t", "c", "stamp")
 
-    def __init__(self, table_version: int, single: bool, rows: np.ndarray, pos: np.ndarray,
-                 ks: np.ndarray, t: np.ndarray, c: np.ndarray, stamp: int) -> None:
-        self.table_version, self.single, self.rows, self.pos = table_version, single, rows, pos
+    def __init__(self, table_version: int, fine_only: bool, single: bool, rows: np.ndarray,
+                 pos: np.ndarray, ks: np.ndarray, t: np.ndarray, c: np.ndarray,
+                 stamp: int) -> None:
+        self.table_version, self.fine_only, self.single = table_version, fine_only, single
+        self.rows, self.pos = rows, pos
         self.ks, self.t, self.c, self.stamp = ks, t, c, stamp
 
     def nbytes(self) -> int:
         return self.t.nbytes + self.c.nbytes + self.rows.nbytes + self.pos.nbytes
+
+    def copy(self) -> "SlidingSteps":
+        """Another window's start (move makes new arrays: nothing is shared that changes)."""
+        return SlidingSteps(self.table_version, self.fine_only, self.single, self.rows,
+                            self.pos, self.ks, self.t, self.c, self.stamp)
 
     def move(self, tl: Timeline, table: Table, ring: Ring, ks: np.ndarray, cols: np.ndarray,
              rows: np.ndarray, pos: np.ndarray, groups: int, stamp: int,
              ) -> Optional[tuple[np.ndarray, np.ndarray]]:
         """The sums of buckets ``ks`` (slots ``cols`` of the finest ring) at the store's data
         version ``stamp``; None where the kept ones cannot serve (then read afresh)."""
-        if self.table_version != table.version or self.single != ring.single or \
+        if self.table_version != table.rows_version(self.fine_only) or \
+                self.single != ring.single or \
                 self.t.shape[0] != groups or not len(ks) or not len(self.ks) or \
                 not np.array_equal(self.rows, rows) or not np.array_equal(self.pos, pos):
             return None
@@ -258,8 +278,9 @@ class SlidingGauge:
     last window and the new one holds whole-number samples (the ring marks each slot that
     gets one that is not: ``Ring.unwhole``), which add up exactly in any order; otherwise
     the round adds them afresh, as a fresh read does. So every figure equals a fresh
-    read's exactly. Valid while no series of the metric came or went and no bucket it
-    holds was written or emptied since (as window_counts.SlidingCounts)."""
+    read's exactly. A series that came or went since (``LabelSpace.changed_since``) has its row
+    read afresh; valid while no bucket it holds was written or emptied since (as
+    window_counts.SlidingCounts)."""
 
     __slots__ = ("a", "b", "held", "table_version", "single", "stamp", "exact", "n", "s",
                  "newest_k", "last")
@@ -267,7 +288,7 @@ class SlidingGauge:
     def __init__(self, sw: RowWindow, tl: Timeline, table: Table, stamp: int) -> None:
         ring = table.series_ring
         ks, cols = tl.columns(0, sw.a, sw.b)
-        self.a, self.b, self.held, self.table_version = sw.a, sw.b, len(ks), table.version
+        self.a, self.b, self.held, self.table_version = sw.a, sw.b, len(ks), table.series.edits
         self.single, self.stamp = ring.single, stamp
         self.exact = _exact(ring, cols)  # the kept sums are exact integer sums
         self.n, self.s, self.last = sw.n.copy(), sw.s.copy(), sw.last.copy()
@@ -277,19 +298,52 @@ class SlidingGauge:
     def nbytes(self) -> int:
         return self.n.nbytes + self.s.nbytes + self.newest_k.nbytes + self.last.nbytes
 
+    def copy(self) -> "SlidingGauge":
+        """Another window's start: a longer window of the same round ending alike (the
+        300 s after the 60 s) adds only its older buckets (see move)."""
+        other = object.__new__(SlidingGauge)
+        for name in self.__slots__:
+            value = getattr(self, name)
+            setattr(other, name, value.copy() if isinstance(value, np.ndarray) else value)
+        return other
+
+    def _reread(self, ring: Ring, rows: np.ndarray, ks: np.ndarray, cols: np.ndarray) -> None:
+        """Rows ``rows`` over slots ``cols`` (buckets ``ks``) as read_rows reads them."""
+        n, s = np.zeros(len(rows)), np.zeros(len(rows))
+        last, newest_k = np.zeros(len(rows)), np.full(len(rows), _NONE, dtype=np.int64)
+        if len(cols):
+            at = np.ix_(rows, cols)
+            cnt = ring.count(at)
+            n += whole_sums(cnt)
+            s += _row_sums(_cell_sums(ring, at, cnt))
+            any_ = n > 0
+            newest = _newest(cnt, any_)
+            last = np.where(any_, ring.last[rows, cols[newest]], last)
+            newest_k = np.where(any_, ks[newest], _NONE)
+        self.n[rows], self.s[rows], self.last[rows], self.newest_k[rows] = n, s, last, newest_k
+
     def move(self, tl: Timeline, table: Table, a: int, b: int, rows: int, stamp: int,
              ) -> Optional[RowWindow]:
         """The window of buckets ``a..b`` at the store's data version ``stamp``; None where
         the kept one cannot serve (then the caller reads it afresh)."""
         ring = table.series_ring
-        if self.table_version != table.version or len(self.n) != rows or \
-                self.single != ring.single or not ring.latest or a < self.a or b < self.b \
+        # series that came or went since: their rows are read afresh (a removed series'
+        # row was emptied, a new one's data is in entering buckets or marked written)
+        changed = table.series.changed_since(self.table_version)
+        if len(self.n) > rows or \
+                self.single != ring.single or not ring.latest or b < self.b \
                 or b - self.b > 30 or a > self.b:
             return None
         ks, ps = tl.columns(0, self.a, self.b)
         # every bucket it holds still held, and none written since it was read
         if len(ks) != self.held or (len(ps) and int(tl.written[ps].max()) > self.stamp):
             return None
+        if len(self.n) < rows:  # rows added since (also in ``changed``)
+            grow = rows - len(self.n)
+            self.n, self.s = np.concatenate((self.n, np.zeros(grow))), np.concatenate((self.s, np.zeros(grow)))
+            self.last = np.concatenate((self.last, np.zeros(grow)))
+            self.newest_k = np.concatenate((self.newest_k, np.full(grow, _NONE, dtype=np.int64)))
+        self.table_version = table.series.edits
         every = slice(0, rows)
         ek, enter = tl.columns(0, self.b + 1, b)
         leave = ps[ks < a]
@@ -297,6 +351,14 @@ class SlidingGauge:
         exact = _exact(ring, cols)
         slide = self.exact and exact
         n, s, newest_k, last = self.n, self.s, self.newest_k, self.last
+        if a < self.a:  # a longer window ending alike: older buckets, older samples
+            old = read_rows(tl, table, 0, a, self.a - 1, True, rows, False)
+            n += old.n
+            if slide:
+                s += old.s
+            if hasattr(old, "newest_k"):
+                got = (old.newest_k != _NONE) & (newest_k == _NONE)
+                newest_k[got], last[got] = old.newest_k[got], old.last[got]
         if len(enter):
             cnt = ring.count((every, enter))
             n += whole_sums(cnt)
@@ -323,6 +385,8 @@ class SlidingGauge:
             s[:] = 0.0
             if len(cols):
                 s += _row_sums(_cell_sums(ring, at))
+        if len(changed):
+            self._reread(ring, changed, ks, cols)
         sw = RowWindow(0, a, b, True, rows)
         sw.n, sw.s, sw.last = n.copy(), s.copy(), last.copy()
         sw.lo, sw.hi = np.full(rows, np.inf), np.full(rows, -np.inf)

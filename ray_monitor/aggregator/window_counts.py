@@ -66,9 +66,12 @@ def used_columns(d: np.ndarray, lo: int) -> tuple[np.ndarray, np.ndarray]:
 class SlidingCounts:
     """Per-row histogram counts of one window over the finest ring, kept from round to
     round: the next round's window adds the buckets that entered it and takes off those
-    that left (counts are whole numbers, so the sums are exact in any order). Valid
-    while no series or rollup of the metric came or went and no bucket it holds was
-    written or emptied since (a late delta: the store marks each slot it writes)."""
+    that left (counts are whole numbers, so the sums are exact in any order), and a
+    rollup row that came or went since starts from nothing (a series coming or going
+    leaves its rollup's buckets as they are); a copy serves a longer window of the same
+    round (the 300 s after the 60 s), adding only the older buckets. Valid while no
+    bucket it holds was written or emptied since (a late delta: the store marks each slot
+    it writes)."""
 
     __slots__ = ("a", "b", "held", "table_version", "stamp", "d", "lo")
 
@@ -79,6 +82,10 @@ class SlidingCounts:
 
     def nbytes(self) -> int:
         return self.d.nbytes
+
+    def copy(self) -> "SlidingCounts":
+        return SlidingCounts(self.a, self.b, self.held, self.table_version, self.stamp,
+                             self.d.copy(), self.lo)
 
     def add(self, rows: int, parts: list, sign: float) -> bool:
         """Adds (``sign`` 1) or takes off (-1) histogram entries; False where the range of
@@ -105,17 +112,30 @@ class SlidingCounts:
     def move(self, tl: Timeline, table: Table, a: int, b: int, rows: int, version: int) -> bool:
         """Moves to the window of buckets ``a..b`` of the finest ring at the store's data
         ``version``; False where it cannot (then the caller reads the window afresh)."""
-        if self.table_version != table.version or self.d.shape[0] != rows or a < self.a \
+        # rollups that came or went since hold nothing in the buckets it holds (a new
+        # one's data is in entering buckets or marked written, a gone one's was emptied)
+        changed = table.rollups.changed_since(self.table_version)
+        if self.d.shape[0] > rows \
                 or b < self.b or b - self.b > 30 or a > self.b:
             return False
         ks, ps = tl.columns(0, self.a, self.b)
         # every bucket it holds still held, and none written since it was read
         if len(ks) != self.held or (len(ps) and int(tl.written[ps].max()) > self.stamp):
             return False
+        if self.d.shape[0] < rows:
+            self.d = np.concatenate((self.d, np.zeros((rows - self.d.shape[0], self.d.shape[1]))))
+        self.d[changed] = 0.0
+        self.table_version = table.rollups.edits
         ring = table.rings[0]
         leave = ps[ks < a]
         _, enter = tl.columns(0, self.b + 1, b)
         if len(enter) and not self.add(rows, [ring.pairs(enter)], 1.0):
+            return False
+        # a longer window ending alike: its older buckets enter too, whole coarse buckets
+        # from the coarser rings as a fresh read takes them (the same counts)
+        older = [table.rings[ri].pairs(tl.columns(ri, lo, hi)[1])
+                 for ri, lo, hi in tl.cover(0, a, self.a - 1, False)]
+        if older and not self.add(rows, older, 1.0):
             return False
         if len(leave) and not self.add(rows, [ring.pairs(leave)], -1.0):
             return False

@@ -349,6 +349,11 @@ class WindowStore:
         self._round_now = self._clock() if now is None else float(now)
         return self._round_now
 
+    def prepare(self, queries) -> None:
+        """Checks and plans queries when rules are loaded, so the first round after a
+        (re)load does not (see :meth:`~ray_monitor.aggregator.window_query.WindowQuery.prepare`)."""
+        self._query.prepare(queries)
+
     def end_round(self) -> None:
         """Unpins ``now`` and frees the round's memo."""
         self._round_now = None

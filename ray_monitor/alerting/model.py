@@ -69,3 +69,7 @@ class RuleSet:
         for g in self.groups:
             for r in g.rules:
                 yield g, r
+
+    def queries(self) -> list:
+        """Every condition's query, in rule order."""
+        return [c.query for _, r in self.rules() for c in r.conditions]
