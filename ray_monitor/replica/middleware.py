@@ -25,7 +25,7 @@ from opentelemetry import context as otel_context
 from ray_monitor.replica import deferred, http_semantics, queueing, streaming, tracing
 from ray_monitor.replica.http_semantics import (HTTP_TYPES, carry_traceparent, from_scope,
                                                 is_http_type, method_label)
-from ray_monitor.replica.propagation import ACTIVE
+from ray_monitor.replica.propagation import ACTIVE, CURRENT
 from ray_monitor.replica.queueing import SENT, SENT_AT
 from ray_monitor.replica.span_errors import error_type
 from ray_monitor.replica.options import UNSET, MonitorOptions, refuse
@@ -305,7 +305,9 @@ def _start(hook: _Hook, scope: Any, asgi: bool = False, args: tuple = (),
     try:
         req = _Request()
         req.runtime = runtime
-        st = runtime.state or runtime.start()
+        st = runtime.state
+        if st is None:
+            st = runtime.start()
         req.cells = cells = st.recorder.method(hook.name) if hook.cells is None else hook.cells
         req.t0 = t0 = _perf()
         var = _REQUEST_CONTEXT  # Serve's request context, without a call once looked up
@@ -313,7 +315,12 @@ def _start(hook: _Hook, scope: Any, asgi: bool = False, args: tuple = (),
         # MethodCells.begin and queueing.queue_of, inline
         req.token = token = next(cells._ids)  # itertools.count is atomic under the GIL
         cells.running[token] = (t0, ctx.request_id if ctx is not None else "")
-        carried = getattr(ctx, "_ray_trace_ctx", None) if ctx is not None else None
+        carried = None
+        if ctx is not None:
+            try:  # an attribute read, not getattr(): no cold type-cache lookup (§27)
+                carried = ctx._ray_trace_ctx
+            except AttributeError:
+                pass
         if carried and type(carried) is dict:
             sent = carried.get(SENT_AT)  # a float from this version (queueing.sent_time)
             if type(sent) is float:
@@ -346,7 +353,7 @@ def _start(hook: _Hook, scope: Any, asgi: bool = False, args: tuple = (),
         # enter(), inline
         req.active_token = ACTIVE.set(runtime)
         if sp is not None:
-            req.ctx_token = tracing.CURRENT.set(sp)
+            req.ctx_token = CURRENT.set(sp)
             if sp.span is not None or tracer.attach_unsampled:
                 req.otel_token = otel_context.attach(sp.otel_context())
         return req
