@@ -382,11 +382,44 @@ def test_a_hook_binds_at_start_whether_its_requests_read_tenant_or_call(
     hook = Model.__ray_monitor__.hooks[0]
     assert m.run(1) is None
     assert hook.plain is plain  # bound when the runtime started
+    assert hook.state is Model.__ray_monitor__.state and hook.cells is not None
     req = middleware._start(hook, None, False, (m, 1), {})
+    assert req.cells is hook.cells
     takes_the_call = Model.__ray_monitor__.options.tokens_input
     assert req.tenant is None if plain else req.tenant is not None or takes_the_call
     assert (req.call is None) is (not takes_the_call)
     assert plain is not ("tenant" in options or "tenant_header" in options or takes_the_call)
     deferred.end(req, "ok", None, False)
     Model.__ray_monitor__.close()
-    assert hook.plain is None
+    assert hook.plain is None and hook.state is None
+    assert m.run(1) is None  # a request after close starts the runtime again, as before
+    assert hook.state is Model.__ray_monitor__.state is not None
+    Model.__ray_monitor__.close()
+
+
+@pytest.mark.parametrize("value", [0, 1, 0xF, 0x10, 1 << 63, (1 << 64) - 1, 0x0123456789ABCDEF])
+def test_an_id_as_hex_with_the_bit_above_it_is_the_zero_padded_format(value):
+    """The hook and the log factory write ids as ``hex(id | 2**bits)[3:]`` (no format spec
+    parsed on the path): the same text as ``f"{id:016x}"`` / ``f"{id:032x}"``."""
+    assert hex(value | propagation.BIT64)[3:] == f"{value:016x}"
+    wide = value << 64 | value
+    assert hex(wide | propagation.BIT128)[3:] == f"{wide:032x}"
+    assert hex(value | propagation.BIT128)[3:] == f"{value:032x}"
+
+
+TP_CASES = [f"00-{TID}-{SID}-00", f"00-{TID}-{SID}-01", f"00-{TID}-{SID}-ff",
+            f"01-{TID}-{SID}-00", f"00-{'0' * 32}-{SID}-00", f"00-{TID}-{'0' * 16}-00",
+            f"00-{'0' * 31}1-{SID}-00", f"00-{TID}-{'0' * 15}1-00", f"00-{TID.upper()}-{SID}-00",
+            f"00-{TID}-{SID}-00\n", f"00-{TID}-{SID}-00-x", f" 00-{TID}-{SID}-00",
+            f"00_{TID}-{SID}-00", f"00-{TID}-{SID}-0", f"00-{TID}0-{SID}-00", "", "00-"]
+
+
+@pytest.mark.parametrize("tp", TP_CASES)
+def test_begins_one_regex_is_the_checks_it_replaced(tp):
+    """``Tracer.begin``'s one match decides as the version check, the common regex and
+    the two zero-id checks did together."""
+    from ray_monitor.replica import tracing
+
+    before = tp.startswith("00-") and propagation.TRACEPARENT_COMMON.fullmatch(tp) is not None \
+        and not tp.startswith("0" * 32, 3) and not tp.startswith("0" * 16, 36)
+    assert (tracing._COMMON_VALID.fullmatch(tp) is not None) == before
