@@ -1,42 +1,47 @@
-"""``bench_cold_hop.py``'s cold Serve hop counted by cachegrind: instructions and cache
+"""``bench_cold_hop.py``'s cold Serve hop counted under valgrind: instructions and cache
 misses per hop, exactly and the same run after run (no timer, no load).
 
-    .venv/bin/python benchmarks/cachegrind_hop.py [--hops 100] [--evict-mb 12] \
+    .venv/bin/python benchmarks/cachegrind_hop.py [--hops 60] [--evict-mb 12] \
         [--ll-mb 8] [--variants NAME,...] [--parts] [--jobs 2] [--keep DIR] \
-        [--annotate VARIANT] [--json OUT]
+        [--from DIR] [--annotate VARIANT] [--top 40] [--json OUT]
 
-Each variant runs in a process of its own under ``valgrind --tool=callgrind`` (cachegrind's
-cache simulation, collected only inside ``operator.call``, through which each hop runs): the same
-set-up in every one (all variants of the hop built and warmed as ``bench_cold_hop.py``
-does, so the interpreter holds the same objects), then ``--hops`` hops of that one
-variant, each after a walk over ``--evict-mb`` of memory that empties the simulated
-caches, as a request finds them inside a busy replica. ``walk only`` does the walks and
-no hop. Per hop, a variant costs its run's totals minus ``walk only``'s, divided by
-``--hops`` (start-up, set-up and the walks cancel); its cost over the unwrapped hop is
-its totals minus ``unwrapped``'s. Printed per hop: ``Ir`` (instructions), ``D1 miss``
-(data reads and writes missing the first-level cache), ``LL miss`` (data and
-instruction fetches missing the last level: every distinct cache line the hop touches,
-code and data, since the walk left none of them cached), ``I1 miss``, and ``GC+``: the
-objects the garbage collector tracks that a hop leaves alive (a generation-0 collection
-runs every 700; collections are off during the counted hops, as where one falls among
-a hundred hops is chance, and are charged by this figure instead).
+Each variant runs in a process of its own under ``valgrind --tool=callgrind
+--cache-sim=yes`` (cachegrind's cache simulation; callgrind because it can collect
+inside one function only: ``--toggle-collect=_operator_call``, and each hop, nothing
+else, is called through ``operator.call``). Every process does the same set-up (all
+variants of the hop built and warmed as ``bench_cold_hop.py`` does), then ``--hops`` hops
+of its one variant, each after a walk over ``--evict-mb`` of memory that empties the
+simulated caches, as a request finds them inside a busy replica. The walks, start-up and
+set-up are not collected; ``empty call`` (a no-op through ``operator.call``) is
+subtracted from every variant, and ``+`` columns are a variant minus ``unwrapped``.
+
+Printed per hop: ``Ir`` (instructions), ``D1 miss`` (data reads and writes missing the
+first-level cache), ``LL miss`` (data and instruction fetches missing the last level:
+every distinct cache line the hop touches, code and data, since the walk left none of
+them cached; split into data ``DLL`` and instructions ``ILL``), ``I1 miss``, and ``GC+``:
+the objects the garbage collector tracks that a hop leaves alive (a generation-0
+collection runs every 700; automatic collections are off during the counted hops, as
+where one falls among a few dozen hops is chance, and are charged by this figure).
 
 The simulated caches: I1 and D1 as this machine's (32 KiB, 8-way, 64-byte lines), LL
-``--ll-mb`` (default 8 MiB, 16-way; the machine's L3 is 32 MiB, but with the walk twice
-the LL, a cold hop misses on every line it touches whatever the LL's size, and the
-walks are four times cheaper to simulate). Flush threads are kept asleep
-(``RAY_MONITOR_FLUSH_INTERVAL_S`` a day, the span processor's delay a day), so no other
-thread runs during the hops: the deferred part of a request (``replica/deferred.py``)
-is not in these counts, as it is not in ``bench_cold_hop.py``'s hop time.
-``PYTHONHASHSEED=0`` and ``PYTHONMALLOC=malloc`` make runs repeatable (pymalloc's arenas
-confuse valgrind).
+``--ll-mb`` (default 8 MiB, 16-way; the machine's L3 is 32 MiB, but with a walk larger
+than the LL a cold hop misses on every line it touches whatever the LL's size, and the
+walks are cheaper to simulate). Flush threads are kept asleep
+(``RAY_MONITOR_FLUSH_INTERVAL_S`` a day, the span processor's delay a day, OpenBLAS on
+one thread), so no other thread runs during the hops: the deferred part of a request
+(``replica/deferred.py``) is not in these counts, as it is not in ``bench_cold_hop.py``'s
+hop time. ``PYTHONHASHSEED=0`` keeps dict layouts the same from run to run; Python's own
+allocator (pymalloc) is left on, as in a replica.
 
 ``--parts`` adds ``bench_cold_hop.py --parts``'s variants (the defaults with one piece
-taken out). ``--annotate VARIANT`` prints ``cg_annotate`` of that variant's run minus the
-unwrapped one's (``cg_diff``): which C functions of the interpreter execute the extra
-instructions and take the extra misses. ``--keep DIR`` keeps the cachegrind output files.
-Valgrind makes Python about 50 times slower: the default 100 hops take a few minutes per
-variant. Results: ``RESULTS.md`` §27.
+taken out; ``defaults, no hook`` is a leaf deployment). ``--annotate VARIANT`` prints that
+variant minus ``unwrapped`` by C function of the interpreter (``callgrind_annotate``,
+exclusive cost, per hop), the most LL misses first: which routines the monitor's code
+runs that the hop does not run anyway, and where its data misses are taken
+(``_PyEval_EvalFrameDefault``: bytecode and the objects it reads). ``--keep DIR`` keeps
+the output files; ``--from DIR`` reads them again (a different ``--annotate``). Valgrind
+makes Python about 50 times slower: a variant takes 3-7 minutes. Results:
+``RESULTS.md`` §27.
 """
 
 from __future__ import annotations
@@ -190,7 +195,7 @@ def out_file(out_dir: str, variant: str) -> str:
 
 def run_one(variant: str, args: argparse.Namespace, out_dir: str) -> str:
     out = out_file(out_dir, variant)
-    env = dict(os.environ, PYTHONHASHSEED="0", PYTHONMALLOC="malloc",
+    env = dict(os.environ, PYTHONHASHSEED="0",
                RAY_MONITOR_FLUSH_INTERVAL_S=DAY, OTEL_BSP_SCHEDULE_DELAY=DAY + "000",
                OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
     for k in [k for k in env if k.startswith("OTEL_EXPORTER_OTLP")]:
@@ -213,7 +218,7 @@ def run_one(variant: str, args: argparse.Namespace, out_dir: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--inner", metavar="VARIANT", help=argparse.SUPPRESS)
-    ap.add_argument("--hops", type=int, default=100, help="hops per variant")
+    ap.add_argument("--hops", type=int, default=60, help="hops per variant")
     ap.add_argument("--evict-mb", type=int, default=12, help="memory walked before each hop")
     ap.add_argument("--ll-mb", type=int, default=8, help="the simulated last-level cache")
     ap.add_argument("--variants", help="comma-separated (default: walk only, unwrapped, "
