@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -230,12 +231,14 @@ def main(argv=None) -> int:
                     help="cg_annotate of VARIANT minus unwrapped, by function")
     ap.add_argument("--top", type=int, default=40, help="functions --annotate shows")
     ap.add_argument("--from", dest="reuse", metavar="DIR",
-                    help="read the output files of an earlier --keep DIR instead of running")
+                    help="read the output files of an earlier --keep DIR (and run the variants it lacks, "
+                    "keeping them there)")
     ap.add_argument("--json", metavar="OUT")
     args = ap.parse_args(argv)
     if args.inner:
         return inner(args.inner, args.hops, args.evict_mb)
-    variants = args.variants.split(",") if args.variants else list(VARIANTS)
+    # names hold ", " ("defaults, no hook"): split on commas not followed by a space
+    variants = re.split(r",(?! )", args.variants) if args.variants else list(VARIANTS)
     for need in (BASE, WALK):
         if need not in variants:
             variants.insert(0, need)
@@ -246,12 +249,10 @@ def main(argv=None) -> int:
     print(f"command: {' '.join(sys.argv)}; load average {os.getloadavg()}", flush=True)
     out_dir = args.reuse or args.keep or tempfile.mkdtemp(prefix="cg_hop.")
     os.makedirs(out_dir, exist_ok=True)
-    if args.reuse:
-        files = {v: out_file(out_dir, v) for v in variants}
-    else:
-        with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-            files = dict(zip(variants, pool.map(lambda v: run_one(v, args, out_dir),
-                                                variants)))
+    files = {v: out_file(out_dir, v) for v in variants}
+    todo = [v for v in variants if not (args.reuse and os.path.exists(files[v]))]
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # --from: only what is missing
+        list(pool.map(lambda v: run_one(v, args, out_dir), todo))
     tot = {v: totals(f) for v, f in files.items()}
     walk, base = per_hop(tot[WALK]), per_hop(tot[BASE])
     rows = {}
