@@ -48,8 +48,8 @@ from opentelemetry.sdk.trace import sampling
 
 from ray_monitor.replica.queueing import SENT_AT, stamp
 
-__all__ = ["ACTIVE", "BIT128", "BIT64", "CURRENT", "DECLINED", "PLACEHOLDER", "Parent", "TRACEPARENT_COMMON",
-           "carrier", "install", "installed", "one_decision_in_proxy", "otel_current",
+__all__ = ["ACTIVE", "BIT128", "BIT64", "CURRENT", "DECLINED", "PLACEHOLDER", "Parent",
+           "TRACEPARENT_COMMON", "carrier", "install", "installed", "one_decision_in_proxy", "otel_current",
            "outgoing", "parse_traceparent", "request_root_sampler", "resolve"]
 
 logger = logging.getLogger(__name__)

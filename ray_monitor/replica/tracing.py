@@ -67,7 +67,6 @@ _TRACE_ID_LIMIT = (1 << 64) - 1
 #: at that moment (GenAI's conventions name no such event, so the monitor's namespace).
 FIRST_CHUNK = "gen_ai.response.time_to_first_chunk"
 FIRST_ITEM_EVENT = "ray_monitor.stream.first_item"
-#: What begin checks of a caller's common ``traceparent`` without making ints of it.
 #: The sampled bit of a ``traceparent``'s flags, by their last (lower-case hex) digit: a
 #: dict subscript runs the dict code the hop runs anyway, where ``in "13579bdf"`` ran a
 #: string search of its own cold (RESULTS.md §27).
