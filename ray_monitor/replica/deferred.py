@@ -63,13 +63,13 @@ def end(req: Any, outcome: str, error: Optional[BaseException], is_error: bool,
     t1 = _perf()
     fig = None
     kind = type(result)
-    opts = req.runtime.options
     if stream is not None or result is not None and (
-            opts.tokens is not None or opts.tokens_auto and not (
+            (opts := req.runtime.options).tokens is not None or opts.tokens_auto and not (
                 kind in NO_USAGE or kind is str and USAGE not in result or
                 kind is dict and USAGE not in result and "response" not in result)):
         # (without a stream or a tokens extractor, the results measure() answers None
-        # for after its own shortcut are left out here: one Python frame less)
+        # for after its own shortcut are left out here: one Python frame less; and with
+        # no result, the options are not read: one object less touched cold, §27)
         # read now, on the thread that ran the request: a tokens extractor is user code,
         # and the queue never holds a result or a stream's last item (their memory)
         fig = streaming.measure(req.runtime, stream, result, t1 - req.t0, req.call)

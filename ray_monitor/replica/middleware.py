@@ -25,7 +25,7 @@ from opentelemetry import context as otel_context
 from ray_monitor.replica import deferred, http_semantics, queueing, streaming, tracing
 from ray_monitor.replica.http_semantics import (HTTP_TYPES, carry_traceparent, from_scope,
                                                 is_http_type, method_label)
-from ray_monitor.replica.propagation import ACTIVE
+from ray_monitor.replica.propagation import ACTIVE, CURRENT
 from ray_monitor.replica.queueing import SENT, SENT_AT
 from ray_monitor.replica.span_errors import error_type
 from ray_monitor.replica.options import UNSET, MonitorOptions, refuse
@@ -269,14 +269,15 @@ def _headers(args: tuple, i: int) -> Any:
 class _Hook:
     """What a wrapper needs, bound once: the runtime, the method's name and cells."""
 
-    __slots__ = ("runtime", "name", "span_name", "cells", "attrs", "at", "plain")
+    __slots__ = ("runtime", "name", "span_name", "cells", "attrs", "at", "plain", "state")
 
     def __init__(self, runtime: Runtime, name: str, at: int = 0) -> None:
         self.runtime = runtime
         self.at = at  # where the call's own arguments start (after `self`)
         self.name = name
         self.span_name = f"{runtime.target_name}.{name}"
-        self.cells = self.attrs = self.plain = None  # bound by the runtime when it starts
+        # bound by the runtime when it starts
+        self.cells = self.attrs = self.plain = self.state = None
 
     def __getstate__(self):
         return {"runtime": self.runtime, "name": self.name, "span_name": self.span_name,
@@ -286,7 +287,7 @@ class _Hook:
         self.runtime, self.name, self.span_name = (state["runtime"], state["name"],
                                                    state["span_name"])
         self.at = state.get("at", 0)
-        self.cells = self.attrs = self.plain = None
+        self.cells = self.attrs = self.plain = self.state = None
 
 
 def _start(hook: _Hook, scope: Any, asgi: bool = False, args: tuple = (),
@@ -305,15 +306,24 @@ def _start(hook: _Hook, scope: Any, asgi: bool = False, args: tuple = (),
     try:
         req = _Request()
         req.runtime = runtime
-        st = runtime.state or runtime.start()
-        req.cells = cells = st.recorder.method(hook.name) if hook.cells is None else hook.cells
+        st = hook.state  # bound at start: the runtime object itself is not read (§27)
+        if st is None:
+            st = runtime.state or runtime.start()
+            req.cells = cells = st.recorder.method(hook.name)
+        else:
+            req.cells = cells = hook.cells
         req.t0 = t0 = _perf()
         var = _REQUEST_CONTEXT  # Serve's request context, without a call once looked up
         ctx = var.get() if var is not None else _serve_context()
         # MethodCells.begin and queueing.queue_of, inline
         req.token = token = next(cells._ids)  # itertools.count is atomic under the GIL
         cells.running[token] = (t0, ctx.request_id if ctx is not None else "")
-        carried = getattr(ctx, "_ray_trace_ctx", None) if ctx is not None else None
+        carried = None
+        if ctx is not None:
+            try:  # an attribute read, not getattr(): no cold type-cache lookup (§27)
+                carried = ctx._ray_trace_ctx
+            except AttributeError:
+                pass
         if carried and type(carried) is dict:
             sent = carried.get(SENT_AT)  # a float from this version (queueing.sent_time)
             if type(sent) is float:
@@ -341,12 +351,14 @@ def _start(hook: _Hook, scope: Any, asgi: bool = False, args: tuple = (),
             # template, known once the app has routed the request.
             http = None if scope is None else from_scope(
                 scope, None if asgi or ctx is None else ctx.route)
-            attrs = hook.attrs or st.span_attributes(hook.name)  # bound at start
+            attrs = hook.attrs  # bound at start
+            if attrs is None:
+                attrs = st.span_attributes(hook.name)
             req.span = sp = tracer.begin(hook.span_name, attrs, ctx, http)
         # enter(), inline
         req.active_token = ACTIVE.set(runtime)
         if sp is not None:
-            req.ctx_token = tracing.CURRENT.set(sp)
+            req.ctx_token = CURRENT.set(sp)
             if sp.span is not None or tracer.attach_unsampled:
                 req.otel_token = otel_context.attach(sp.otel_context())
         return req

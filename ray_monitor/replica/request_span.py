@@ -4,16 +4,13 @@ Runs in every replica of a monitored deployment, on the request path (made, read
 handle-call hook and the log-record factory) and on the flush thread (the span made, or
 held for tail keeping). Decides which of a request's ids exist as ints when: a request
 begun under a caller's common ``traceparent`` (:class:`FromCaller`) keeps the caller's
-text and makes its ints only where they are read, and its own span id only where it is
-first needed (a handle call, a log line, or the span made at the drain), so a hop pays
-no ``int(hex, 16)`` on the path and a leaf no span id (each a C routine that costs
-10-15 us when it runs cold in a busy replica: RESULTS.md §22, §25).
+text and makes its ints only where they are read (the drain, a kept span), so a hop pays
+no ``int(hex, 16)`` on the path (a C routine that costs 10-15 us when it runs cold in a
+busy replica: RESULTS.md §22, §25).
 """
 
 from __future__ import annotations
 
-import random
-import threading
 from typing import Optional
 
 from opentelemetry import context as otel_context
@@ -24,10 +21,6 @@ __all__ = ["FromCaller", "RequestSpan"]
 
 _EMPTY = otel_context.Context()
 _FLAGS = (TraceFlags(TraceFlags.DEFAULT), TraceFlags(TraceFlags.SAMPLED))
-#: Taken only to draw a span id at its first read (once per request, never across user
-#: code): two threads of one request reading it first at once (``asyncio.gather`` of two
-#: ``to_thread`` calls that log, which copy the request's context) must see one id.
-_SID_LOCK = threading.Lock()
 
 
 def _trace_state(header: Optional[str]) -> Optional[TraceState]:
@@ -80,15 +73,13 @@ class RequestSpan:
 class FromCaller(RequestSpan):
     """A :class:`RequestSpan` begun under a caller's valid common ``traceparent``
     (``00``, no ``tracestate``), kept as ``tp``: its trace and parent ids are that text's
-    until read as ints (then parsed once), and its own span id is drawn at its first read.
-    Begin sets ``_tid``, ``_pid`` and ``_sid`` to None (not made yet): a test of None, not
-    an AttributeError caught (an exception made on the path costs more than the parse).
+    until read as ints (then parsed once). Its own span id is drawn at begin, a plain slot
+    as in :class:`RequestSpan` (drawn at its first read it needed a property and a lock,
+    which touched more memory cold than the draw: RESULTS.md §27). Begin sets ``_tid`` and
+    ``_pid`` to None (not made yet): a test of None, not an AttributeError caught (an
+    exception made on the path costs more than the parse)."""
 
-    The first read of the span id draws it under a lock, so threads of one request that
-    read it at the same instant (user code logging from ``to_thread`` calls, the flush
-    thread) all see the same id."""
-
-    __slots__ = ("tp", "_tid", "_pid", "_sid")
+    __slots__ = ("tp", "_tid", "_pid")
 
     @property
     def trace_id(self) -> int:
@@ -111,17 +102,3 @@ class FromCaller(RequestSpan):
     @parent_id.setter
     def parent_id(self, value: int) -> None:
         self._pid = value
-
-    @property
-    def span_id(self) -> int:
-        value = self._sid
-        if value is None:
-            with _SID_LOCK:
-                value = self._sid
-                if value is None:
-                    value = self._sid = random.getrandbits(64)
-        return value
-
-    @span_id.setter
-    def span_id(self, value: int) -> None:
-        self._sid = value

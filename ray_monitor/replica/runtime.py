@@ -204,6 +204,8 @@ class Runtime:
                 state.recorder.start()
                 atexit.register(self.close)
                 self.state = state
+                for hook in self.hooks:  # last: a request seeing it finds the state whole
+                    hook.state = state
         return self.state
 
     def self_error(self, cause: str, exc: Optional[BaseException] = None) -> None:
@@ -221,7 +223,7 @@ class Runtime:
         st.recorder.drain()  # the requests that ended, while the tracer can end spans
         self.state = None
         for hook in self.hooks:
-            hook.cells = hook.attrs = hook.plain = None
+            hook.cells = hook.attrs = hook.plain = hook.state = None
         # First the tracer, so the spans it still holds go into the last flush; but the
         # SDK's batch processor flushes without a timeout, so never wait on it for long.
         _bounded(st.tracer.shutdown, CLOSE_EXPORT_WAIT_S, "tracer_shutdown_slow",

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import threading
 import time
 from typing import Any, Iterable, Optional, Sequence
@@ -43,7 +44,7 @@ from opentelemetry.trace.status import Status, StatusCode
 
 from ray_monitor.common import env
 from ray_monitor.replica import otlp_refusal, propagation
-from ray_monitor.replica.propagation import (CURRENT, TRACEPARENT_COMMON, Parent,
+from ray_monitor.replica.propagation import (BIT64, BIT128, CURRENT, Parent,
                                              otel_current, parse_traceparent, resolve)
 from ray_monitor.replica.span_errors import MAX_MESSAGE, clean, exception_attributes
 from ray_monitor.replica.span_records import (MAX_CONTEXT_SPANS_PER_FLUSH, MAX_SPANS_PER_FLUSH,
@@ -66,9 +67,17 @@ _TRACE_ID_LIMIT = (1 << 64) - 1
 #: at that moment (GenAI's conventions name no such event, so the monitor's namespace).
 FIRST_CHUNK = "gen_ai.response.time_to_first_chunk"
 FIRST_ITEM_EVENT = "ray_monitor.stream.first_item"
-_new = object.__new__
-#: What begin checks of a caller's common ``traceparent`` without making ints of it.
-_ZERO_TRACE, _ZERO_SPAN, _ODD = "0" * 32, "0" * 16, "13579bdf"
+#: The sampled bit of a ``traceparent``'s flags, by their last (lower-case hex) digit: a
+#: dict subscript runs the dict code the hop runs anyway, where ``in "13579bdf"`` ran a
+#: string search of its own cold (RESULTS.md §27).
+_SAMPLED_BY_DIGIT = {d: int(d, 16) & 1 == 1 for d in "0123456789abcdef"}
+#: A caller's ``traceparent`` in the common form, exactly as ``parse_traceparent`` accepts
+#: it with version ``00`` and no suffix, zero ids refused: the checks begin made by three
+#: ``startswith`` calls besides the regex, in the one match (fewer C routines run cold).
+_COMMON_VALID = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
+#: Module-level aliases: one global read, not a module's dict besides (§27).
+_bits = random.getrandbits
+_time_ns = time.time_ns
 
 
 def otlp_traces_configured() -> bool:
@@ -241,55 +250,67 @@ class Tracer:
 
     def begin(self, name: str, attributes: dict, request: Any = None, http: Any = None,
               kind: SpanKind = SpanKind.SERVER) -> RequestSpan:
-        start_ns = time.time_ns()
+        start_ns = _time_ns()
         parent = text = None
         if request is None and http is None and not self.serve_tracing:
             pass  # outside Serve, or a plain call: nothing can have come in
-        elif http is None and not self.serve_tracing and not isinstance(request, Parent):
+        elif http is None and not self.serve_tracing:
             # A handle call, Serve's tracing off: what the caller sent decides, as
             # resolve() would, without its calls (each about 1 us inside a replica); the
             # common form (a bare ``00`` traceparent, as every hop sends) checked here,
-            # exactly (the regex, then the zero ids), and kept as text: no int on the path.
-            came = getattr(request, "_ray_trace_ctx", None)
+            # exactly (one regex: the version, the digits, no zero ids), and kept as text:
+            # no int on the path. Attributes read directly, not by getattr(): no lookup in
+            # the interpreter's type cache, which is cold in a busy replica (§27).
+            try:
+                came = request._ray_trace_ctx  # a Parent has none (slots)
+            except AttributeError:
+                came = None
             if came and isinstance(came, dict):
                 tp, state = came.get("traceparent"), came.get("tracestate")
-                if type(tp) is str and not state and tp.startswith("00-") and \
-                        TRACEPARENT_COMMON.fullmatch(tp) is not None and \
-                        not tp.startswith(_ZERO_TRACE, 3) and not tp.startswith(_ZERO_SPAN, 36):
+                if type(tp) is str and not state and _COMMON_VALID.fullmatch(tp) is not None:
                     text = tp  # valid: its ids stay text until read (FromCaller)
+                elif isinstance(request, Parent):
+                    parent = request
                 else:  # anything else as W3C says, through the general parse
                     parent = parse_traceparent(tp, state)
+            elif isinstance(request, Parent):
+                parent = request
         else:
             parent = request if isinstance(request, Parent) else self.parent(request, http)
         if text is not None:  # a remote parent, no tracestate; ids made where read
-            rs = _new(FromCaller)
+            rs = FromCaller()  # no __init__: the class call (type_call, as _Request's)
             rs.tp = text
-            rs._tid = rs._pid = rs._sid = None  # made where first read
-            rs.sampled = text[54] in _ODD  # the flags' sampled bit (lower-case hex)
+            rs._tid = rs._pid = None  # made where first read
+            rs.sampled = _SAMPLED_BY_DIGIT[text[54]]  # the flags' sampled bit (a hex digit)
             rs.remote = True
             rs.tracestate = None
         else:
-            rs = _new(RequestSpan)
+            rs = RequestSpan()
             if parent is None:
-                rs.trace_id = trace_id = random.getrandbits(128)
+                rs.trace_id = trace_id = _bits(128)
                 rs.sampled = (trace_id & _TRACE_ID_LIMIT) < self._sample_bound  # head_sampled
                 rs.parent_id = 0  # a root
                 rs.remote = False
                 rs.tracestate = None
             else:
-                rs.trace_id = parent.trace_id or random.getrandbits(128)  # DECLINED: new trace
+                rs.trace_id = parent.trace_id or _bits(128)  # DECLINED: a new trace
                 rs.sampled = parent.sampled
                 rs.parent_id = parent.span_id
                 rs.remote = parent.remote
                 rs.tracestate = parent.tracestate
-            rs.span_id = random.getrandbits(64)
+        rs.span_id = _bits(64)
         rs.span = None
         rs.start_ns = start_ns
         rs.end_ns = 0
         rs.name = name
         rs.attributes = attributes
         rs.kind = kind
-        rid = getattr(request, "request_id", "") if request is not None else ""
+        rid = ""
+        if request is not None:
+            try:
+                rid = request.request_id
+            except AttributeError:
+                pass
         rs.request_id = rid if isinstance(rid, str) else ""
         rs.http = http
         rs.status = rs.extra = rs._context = None
@@ -415,8 +436,8 @@ def install_log_correlation() -> None:
         rs = CURRENT.get()
         if rs is not None:
             tp = rs.tp  # the caller's text: its trace id without a 128-bit format
-            record.trace_id = tp[3:35] if tp is not None else f"{rs.trace_id:032x}"
-            record.span_id = f"{rs.span_id:016x}"
+            record.trace_id = tp[3:35] if tp is not None else hex(rs.trace_id | BIT128)[3:]
+            record.span_id = hex(rs.span_id | BIT64)[3:]  # f"{:016x}", no spec parsed
         else:
             # Serve's access log line of every request comes here, outside the request:
             # OpenTelemetry is asked only when its context holds something (Serve's tracing).

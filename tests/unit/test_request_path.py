@@ -303,7 +303,8 @@ def test_a_span_from_a_callers_text_makes_its_ints_where_read_and_its_id_once():
     t = Tracer(sample_ratio=0.0, slow_threshold_s=1.0, enabled=False)
     rs = t.begin("M.run", {}, Ctx({"traceparent": f"00-{TID}-{SID}-00"}))
     assert type(rs) is FromCaller and rs.tp == f"00-{TID}-{SID}-00"
-    assert (rs._tid, rs._pid, rs._sid) == (None, None, None)  # nothing made on the path yet
+    assert (rs._tid, rs._pid) == (None, None)  # no int parsed on the path yet
+    assert isinstance(rs.span_id, int) and 0 <= rs.span_id < 1 << 64  # drawn at begin
     assert (rs.trace_id, rs.parent_id) == (int(TID, 16), int(SID, 16))
     first = rs.span_id
     assert isinstance(first, int) and rs.span_id == first and rs.ids == (int(TID, 16), first)
@@ -315,22 +316,12 @@ def test_a_span_from_a_callers_text_makes_its_ints_where_read_and_its_id_once():
 
 
 
-def test_threads_reading_a_text_spans_id_first_at_once_see_one_id(monkeypatch):
+def test_threads_reading_a_text_spans_id_first_at_once_see_one_id():
     """User code that logs from two ``to_thread`` calls at once (they copy the request's
-    context) reads the span id from two threads: both must see the one the span gets.
-    The draw is slowed so that, without the lock, every thread would draw its own."""
-    import itertools
+    context) reads the span id from two threads: both see the one the span has (drawn at
+    begin, before any thread can read it)."""
     import threading
 
-    from ray_monitor.replica import request_span
-
-    drawn = itertools.count(1)
-
-    def slow_draw(bits):
-        time.sleep(0.005)  # lets the other threads in between the test and the store
-        return next(drawn)
-
-    monkeypatch.setattr(request_span.random, "getrandbits", slow_draw)
     t = Tracer(sample_ratio=0.0, slow_threshold_s=1.0, enabled=False)
     rs = t.begin("M.run", {}, Ctx({"traceparent": f"00-{TID}-{SID}-00"}))
     start = threading.Barrier(8)
@@ -345,7 +336,8 @@ def test_threads_reading_a_text_spans_id_first_at_once_see_one_id(monkeypatch):
         th.start()
     for th in threads:
         th.join()
-    assert seen == [rs.span_id] * 8 and next(drawn) == 2  # one draw, one id
+    assert seen == [rs.span_id] * 8
+
 
 @pytest.mark.parametrize("flags", ["00", "01"])
 def test_the_hook_and_the_log_factory_write_a_text_spans_ids_as_the_general_code(flags):
@@ -390,11 +382,44 @@ def test_a_hook_binds_at_start_whether_its_requests_read_tenant_or_call(
     hook = Model.__ray_monitor__.hooks[0]
     assert m.run(1) is None
     assert hook.plain is plain  # bound when the runtime started
+    assert hook.state is Model.__ray_monitor__.state and hook.cells is not None
     req = middleware._start(hook, None, False, (m, 1), {})
+    assert req.cells is hook.cells
     takes_the_call = Model.__ray_monitor__.options.tokens_input
     assert req.tenant is None if plain else req.tenant is not None or takes_the_call
     assert (req.call is None) is (not takes_the_call)
     assert plain is not ("tenant" in options or "tenant_header" in options or takes_the_call)
     deferred.end(req, "ok", None, False)
     Model.__ray_monitor__.close()
-    assert hook.plain is None
+    assert hook.plain is None and hook.state is None
+    assert m.run(1) is None  # a request after close starts the runtime again, as before
+    assert hook.state is Model.__ray_monitor__.state is not None
+    Model.__ray_monitor__.close()
+
+
+@pytest.mark.parametrize("value", [0, 1, 0xF, 0x10, 1 << 63, (1 << 64) - 1, 0x0123456789ABCDEF])
+def test_an_id_as_hex_with_the_bit_above_it_is_the_zero_padded_format(value):
+    """The hook and the log factory write ids as ``hex(id | 2**bits)[3:]`` (no format spec
+    parsed on the path): the same text as ``f"{id:016x}"`` / ``f"{id:032x}"``."""
+    assert hex(value | propagation.BIT64)[3:] == f"{value:016x}"
+    wide = value << 64 | value
+    assert hex(wide | propagation.BIT128)[3:] == f"{wide:032x}"
+    assert hex(value | propagation.BIT128)[3:] == f"{value:032x}"
+
+
+TP_CASES = [f"00-{TID}-{SID}-00", f"00-{TID}-{SID}-01", f"00-{TID}-{SID}-ff",
+            f"01-{TID}-{SID}-00", f"00-{'0' * 32}-{SID}-00", f"00-{TID}-{'0' * 16}-00",
+            f"00-{'0' * 31}1-{SID}-00", f"00-{TID}-{'0' * 15}1-00", f"00-{TID.upper()}-{SID}-00",
+            f"00-{TID}-{SID}-00\n", f"00-{TID}-{SID}-00-x", f" 00-{TID}-{SID}-00",
+            f"00_{TID}-{SID}-00", f"00-{TID}-{SID}-0", f"00-{TID}0-{SID}-00", "", "00-"]
+
+
+@pytest.mark.parametrize("tp", TP_CASES)
+def test_begins_one_regex_is_the_checks_it_replaced(tp):
+    """``Tracer.begin``'s one match decides as the version check, the common regex and
+    the two zero-id checks did together."""
+    from ray_monitor.replica import tracing
+
+    before = tp.startswith("00-") and propagation.TRACEPARENT_COMMON.fullmatch(tp) is not None \
+        and not tp.startswith("0" * 32, 3) and not tp.startswith("0" * 16, 36)
+    assert (tracing._COMMON_VALID.fullmatch(tp) is not None) == before
