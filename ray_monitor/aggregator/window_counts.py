@@ -68,10 +68,12 @@ class SlidingCounts:
     round: the next round's window adds the buckets that entered it and takes off those
     that left (counts are whole numbers, so the sums are exact in any order), and a
     rollup row that came or went since starts from nothing (a series coming or going
-    leaves its rollup's buckets as they are); a copy serves a longer window of the same
-    round (the 300 s after the 60 s), adding only the older buckets. Valid while no
-    bucket it holds was written or emptied since (a late delta: the store marks each slot
-    it writes)."""
+    leaves its rollup's buckets as they are). A longer window of the same round (the
+    300 s after the 60 s) is read afresh, not extended from a copy of the shorter one:
+    adding the older buckets to a copy cost more than a fresh read, whose coarse buckets
+    cover most of the window (first round at 3,000 replicas 51-70 ms extended, 40-44
+    fresh; RESULTS.md §28b). Valid while no bucket it holds was written or emptied since
+    (a late delta: the store marks each slot it writes)."""
 
     __slots__ = ("a", "b", "held", "table_version", "stamp", "d", "lo")
 
@@ -82,10 +84,6 @@ class SlidingCounts:
 
     def nbytes(self) -> int:
         return self.d.nbytes
-
-    def copy(self) -> "SlidingCounts":
-        return SlidingCounts(self.a, self.b, self.held, self.table_version, self.stamp,
-                             self.d.copy(), self.lo)
 
     def add(self, rows: int, parts: list, sign: float) -> bool:
         """Adds (``sign`` 1) or takes off (-1) histogram entries; False where the range of
@@ -115,7 +113,7 @@ class SlidingCounts:
         # rollups that came or went since hold nothing in the buckets it holds (a new
         # one's data is in entering buckets or marked written, a gone one's was emptied)
         changed = table.rollups.changed_since(self.table_version)
-        if self.d.shape[0] > rows \
+        if self.d.shape[0] > rows or a < self.a \
                 or b < self.b or b - self.b > 30 or a > self.b:
             return False
         ks, ps = tl.columns(0, self.a, self.b)
@@ -130,12 +128,6 @@ class SlidingCounts:
         leave = ps[ks < a]
         _, enter = tl.columns(0, self.b + 1, b)
         if len(enter) and not self.add(rows, [ring.pairs(enter)], 1.0):
-            return False
-        # a longer window ending alike: its older buckets enter too, whole coarse buckets
-        # from the coarser rings as a fresh read takes them (the same counts)
-        older = [table.rings[ri].pairs(tl.columns(ri, lo, hi)[1])
-                 for ri, lo, hi in tl.cover(0, a, self.a - 1, False)]
-        if older and not self.add(rows, older, 1.0):
             return False
         if len(leave) and not self.add(rows, [ring.pairs(leave)], -1.0):
             return False

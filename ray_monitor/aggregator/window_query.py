@@ -60,8 +60,9 @@ to round, a rollup histogram window's counts (:mod:`~ray_monitor.aggregator.wind
 a per-series gauge window and the per-step sums of zscore/deriv over the 1 s ring
 (:mod:`~ray_monitor.aggregator.row_windows`), each equal to a fresh read bit for bit; a
 replica coming or going leaves rollup windows as they are and has a per-series window
-reread its rows only. Within a round, a longer window ending alike (300 s after 60 s, same
-metric and grouping) starts from the shorter one's and reads only its older buckets. A
+reread its rows only. Within a round, a longer per-series gauge window or per-step sums
+ending alike (300 s after 60 s, same metric and grouping) start from the shorter one's and
+read only its older buckets; histogram counts are read afresh (cheaper, see window_counts). A
 kept window stays while a round read it in the last 32 (rule groups of longer intervals).
 """
 
@@ -353,16 +354,9 @@ class WindowQuery:
         if sl is not None:
             self._slides_used.add(key)
             if sl.move(self._tl, table, sw.a, sw.b, rows, version):
-                self._memo[("dense-of", table.metric.name)] = sl
                 return used_columns(sl.d, sl.lo)
             del self._slides[key]
-        sib = self._memo.get(("dense-of", table.metric.name)) if slides else None
-        if sib is not None and sib.a >= sw.a:  # see _sibling
-            sl = sib.copy()
-            if sl.move(self._tl, table, sw.a, sw.b, rows, version):
-                self._slides[key] = sl
-                self._slides_used.add(key)
-                return used_columns(sl.d, sl.lo)
+        # a longer window ending alike is read afresh (see SlidingCounts)
         d, lo, cols = bucket_counts(rows, [ring.pairs(c) for ring, c in sw.pair_src])
         if cols is not None:
             return d, cols
@@ -371,7 +365,6 @@ class WindowQuery:
             sl = self._slides[key] = SlidingCounts(sw.a, sw.b, held, table.rollups.edits,
                                                    version, d, lo)
             self._slides_used.add(key)
-            self._memo[("dense-of", table.metric.name)] = sl
         return used_columns(d, lo)
 
     @staticmethod
