@@ -69,7 +69,6 @@ OTHER = "other"
 WHOLE_SAMPLE = float(2 ** 26)
 #: Labels the coarse rings leave out (see Rollups above).
 ROLLUP_DROPS = frozenset({"replica", "pid"})
-_CHURN_LOG = 256
 
 # column -> (dtype, value of an empty bucket); sums and mins read empty buckets as no-ops.
 # Counts and counter sums start narrow and widen the first time a value does not fit

@@ -327,7 +327,7 @@ class WindowQuery:
         sl = self._slides.get(slide) if version is not None else None
         sw = sl.move(tl, table, a, b, rows, version) if sl is not None else None
         sib = self._memo.get(("gauge-of", table.metric.name)) if version is not None else None
-        if sw is None and sib is not None and sib.a >= a:  # see _sibling
+        if sw is None and sib is not None and sib.a >= a:  # longer, ending alike (docstring)
             sl = self._slides[slide] = sib.copy()
             sw = sl.move(tl, table, a, b, rows, version)
         if sw is None:
@@ -502,7 +502,7 @@ class WindowQuery:
         got = sl.move(self._tl, table, ring, ks, cols, rows, pos, len(g.keys), version) \
             if sl is not None else None
         sib = self._memo.get(sib_key) if version is not None else None
-        if got is None and sib is not None:  # see _sibling
+        if got is None and sib is not None:  # longer, ending alike (docstring)
             sl = self._slides[key] = sib.copy()
             got = sl.move(self._tl, table, ring, ks, cols, rows, pos, len(g.keys), version)
         if got is None:
