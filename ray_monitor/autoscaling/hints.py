@@ -64,8 +64,12 @@ def validate_against(config: HintConfig, known_deployments: Iterable[DeploymentK
         if not found:
             what = f"deployment {spec.deployment!r}" + (
                 f" of application {spec.application!r}" if spec.application else "")
-            out.append(f"autoscaling.deployments[{i}]: {what} is not running"
-                       f"{did_you_mean(spec.deployment, names, aside=True)}; "
+            elsewhere = sorted(a for a, d in known if d == spec.deployment)
+            # The name runs, in another application: suggesting the same name helps nobody.
+            hint = (f" (a deployment of that name runs in application(s) {', '.join(elsewhere)};"
+                    f" check autoscaling.deployments[{i}].application)" if elsewhere
+                    else did_you_mean(spec.deployment, names, aside=True))
+            out.append(f"autoscaling.deployments[{i}]: {what} is not running{hint}; "
                        f"running deployments: {listing}")
     if ruleset is not None:
         for group, rule in ruleset.rules():

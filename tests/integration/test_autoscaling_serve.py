@@ -10,6 +10,7 @@ controller's log.
 from __future__ import annotations
 
 import glob
+import os
 import time
 import uuid
 
@@ -36,17 +37,23 @@ POLICY = AutoscalingPolicy(policy_function="ray_monitor.autoscaling:MonitorPolic
                       target_ongoing_requests=1000, policy=POLICY))
 @monitor
 class Scalable:
-    def __init__(self):
-        self.delay = 0.0
+    """Sleeps for the delay written in ``delay_file`` (read on each call).
 
-    def set_delay(self, delay: float) -> float:
-        self.delay = delay
-        return delay
+    The fault reaches every replica through the file, whenever it started: a call to set a
+    delay goes where Serve's router sends it, and the router keeps away from the slow
+    replica, so "set it on every replica" by handle calls can miss the very one that is
+    slow (it then keeps the deployment's p95 up, and the test's scale-down never comes).
+    """
+
+    def __init__(self, delay_file: str):
+        self.delay_file = delay_file
 
     async def __call__(self, x: int) -> int:
         import asyncio
 
-        await asyncio.sleep(self.delay)
+        with open(self.delay_file) as f:
+            delay = float(f.read() or 0)
+        await asyncio.sleep(delay)
         return x
 
 
@@ -55,10 +62,11 @@ def running(app: str) -> int:
     return dep.replica_states.get("RUNNING", 0)
 
 
-def set_delay_everywhere(h, delay: float) -> None:
-    # Each replica gets the call a few times; new replicas start healthy (delay 0).
-    for _ in range(6):
-        h.set_delay.remote(delay).result()
+def set_delay_everywhere(delay_file, delay: float) -> None:
+    tmp = f"{delay_file}.tmp"
+    with open(tmp, "w") as f:
+        f.write(str(delay))
+    os.replace(tmp, delay_file)  # a replica reads the old delay or the new, never half
 
 
 def scaling_rules(app: str, *, rule: bool, target: bool) -> str:
@@ -102,16 +110,18 @@ def _alert(mon, name, app):
 
 
 @pytest.mark.parametrize("source", ["rule", "target"])
-def test_latency_scales_out_and_back_after_stabilization(mon, serve_apps, source):
+def test_latency_scales_out_and_back_after_stabilization(mon, serve_apps, source, tmp_path):
     app = f"s{uuid.uuid4().hex[:8]}"
     serve_apps.append(app)
-    h = serve.run(Scalable.bind(), name=app, route_prefix=f"/{app}")
+    delay_file = str(tmp_path / "delay")
+    set_delay_everywhere(delay_file, 0.0)
+    h = serve.run(Scalable.bind(delay_file), name=app, route_prefix=f"/{app}")
     mon.reload(scaling_rules(app, rule=source == "rule", target=source == "target"))
     try:
         assert running(app) == 1
         with Traffic(h, period_s=0.02):
             time.sleep(3)
-            set_delay_everywhere(h, 0.4)
+            set_delay_everywhere(delay_file, 0.4)
             if source == "rule":
                 firing = wait_until(lambda: (a := _alert(mon, "ScalableSlow", app))
                                     and a["state"] == "firing" and a, timeout=60,
@@ -129,9 +139,7 @@ def test_latency_scales_out_and_back_after_stabilization(mon, serve_apps, source
                   f"after the trigger; 2+ replicas running {t_running - trigger:.1f}s after")
             assert t_running - trigger <= 15 + 5  # within 15 s of firing (+ a replica's start)
             assert hint["reason"] in ("rule", "target", "max_replicas")
-            set_delay_everywhere(h, 0.0)
-            for _ in range(8):  # reach the replicas that started with a delay of 0 anyway
-                h.set_delay.remote(0.0).result()
+            set_delay_everywhere(delay_file, 0.0)
             calm = time.time()
             wait_until(lambda: running(app) == 1, timeout=STABILIZATION_S + 60,
                        what="back to the minimum")
@@ -153,10 +161,12 @@ def _controller_log() -> str:
     return text
 
 
-def test_aggregator_killed_serve_keeps_its_default_decision(mon, serve_apps):
+def test_aggregator_killed_serve_keeps_its_default_decision(mon, serve_apps, tmp_path):
     app = f"s{uuid.uuid4().hex[:8]}"
     serve_apps.append(app)
-    h = serve.run(Scalable.bind(), name=app, route_prefix=f"/{app}")
+    delay_file = str(tmp_path / "delay")
+    set_delay_everywhere(delay_file, 0.0)
+    h = serve.run(Scalable.bind(delay_file), name=app, route_prefix=f"/{app}")
     mon.reload(scaling_rules(app, rule=True, target=False))
     log_start = len(_controller_log())
     try:

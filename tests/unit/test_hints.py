@@ -454,6 +454,10 @@ groups:
     assert "autoscaling.deployments[0]" in problems[0] and "did you mean 'Classifier'" in problems[0]
     assert "rule 'A'" in problems[1] and "'Rankr'" in problems[1]
     assert validate_against(cfg, [(APP, "Clasifier"), ("x", "Ranker")]) == []
+    # The name runs, in another application: say where, not "did you mean" the same name.
+    [other] = validate_against(cfg, [("old", "Clasifier"), ("x", "Ranker")])
+    assert "runs in application(s) old" in other and "did you mean" not in other
+    assert "autoscaling.deployments[0].application" in other
 
 
 def test_a_target_over_model_quality_is_refused_with_the_field_named():
