@@ -29,8 +29,9 @@ from ray_monitor.common import catalog
 from ray_monitor.common.durations import format_duration
 from ray_monitor.common.histogram import DEFAULT_CLASSIC_BOUNDS
 
-__all__ = ["EXPORT_NOTE", "SERVE_REPLICAS", "classic_bounds", "condition_promql",
-           "export_prometheus", "export_prometheus_yaml", "le_value", "not_exported"]
+__all__ = ["EXPORT_NOTE", "SERVE_REPLICAS", "bucket_rates_promql", "classic_bounds",
+           "condition_promql", "export_prometheus", "export_prometheus_yaml", "le_value",
+           "not_exported"]
 
 #: Annotation that says where an exported rule only approximates the monitor's own.
 EXPORT_NOTE = "ray_monitor_export_note"
@@ -127,8 +128,7 @@ def _promql(q: catalog.Query, cond: Optional[Condition] = None) -> tuple[str, li
         return f"{op} by ({', '.join(by)}) ({inner})" if by else f"{op} ({inner})"
 
     def hq(quant: float) -> str:
-        return (f"histogram_quantile({format_number(quant)}, sum by ({', '.join(by + ('le',))}) "
-                f"(rate({sel(metric.prometheus + '_bucket')})))")
+        return f"histogram_quantile({format_number(quant)}, {_bucket_rates(q)})"
 
     fn, kind, base = q.function, metric.kind, metric.prometheus
     counter = f"{base}_total"
@@ -156,7 +156,7 @@ def _promql(q: catalog.Query, cond: Optional[Condition] = None) -> tuple[str, li
                          "slopes, ray-monitor fits the group's per-second average (per-10s "
                          "steps past 10m); the same slope for a steady trend sampled every "
                          "second, apart on noise and gaps; Prometheus needs 2 samples, "
-                         "ray-monitor 3 seconds with data")
+                         "ray-monitor 2 seconds with data")
         if fn == "count":
             notes.append("count of a gauge counts samples: Prometheus its scrapes, ray-monitor "
                          "the replicas' reports (the same at a scrape interval of flush_interval_s)")
@@ -182,6 +182,26 @@ def _promql(q: catalog.Query, cond: Optional[Condition] = None) -> tuple[str, li
     # threshold is a bound on /metrics while the rule is loaded (classic_bounds)
     below = agg("sum", f"rate({sel(base + '_bucket', 'le=' + quote(le_value(q.param)))})")
     return f"1 - ({below} / {count_rate})", notes
+
+
+def _bucket_rates(q: catalog.Query) -> str:
+    """The per-bucket rates a histogram quantile reads: ``sum by (<by>, le) (rate(..._bucket))``."""
+    by = (q.by or ()) + ("le",)
+    ms = ", ".join(f"{m.label}{m.op}{quote(m.value)}" for m in q.matchers)
+    name = catalog.METRICS[q.metric].prometheus + "_bucket" + ("{" + ms + "}" if ms else "")
+    return f"sum by ({', '.join(by)}) (rate({name}[{format_duration(q.window_s)}]))"
+
+
+def bucket_rates_promql(cond: Condition) -> Optional[str]:
+    """For a quantile condition (p50..p99, quantile, min and max of a histogram), the PromQL
+    of the per-bucket rates ``histogram_quantile`` ranks in; None for any other condition.
+    What a comparison with Prometheus needs to tell how near a bound the rank sits."""
+    q = cond.query
+    if q.function == catalog.ABSENT or catalog.METRICS[q.metric].kind != "histogram":
+        return None
+    if q.function in catalog.SHORTHAND_QUANTILES or q.function in ("quantile", "min", "max"):
+        return _bucket_rates(q)
+    return None
 
 
 def condition_promql(cond: Condition) -> str:

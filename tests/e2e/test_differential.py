@@ -50,7 +50,8 @@ import requests
 from ray import serve
 
 from ray_monitor import monitor
-from ray_monitor.alerting.export import classic_bounds, condition_promql, export_prometheus_yaml
+from ray_monitor.alerting.export import (bucket_rates_promql, classic_bounds, condition_promql,
+                                        export_prometheus_yaml)
 from ray_monitor.alerting.expr import parse_expr
 from ray_monitor.alerting.loader import load_rules
 from tests.conftest import wait_until
@@ -419,8 +420,7 @@ def quantile_edges(prom, cond, first: float, end: float, app: str) -> list:
     if q.function not in QUANTILE_FNS:
         return []
     level = q.param if q.function == "quantile" else int(q.function[1:]) / 100
-    promql = condition_promql(cond)
-    inner = promql[promql.index(", ") + 2:-1]  # histogram_quantile(q, <inner>)
+    inner = bucket_rates_promql(cond)
     per_t: dict = {}
     for s in prom.query_range(inner, first, end, 1.0):
         labels = dict(s["metric"])

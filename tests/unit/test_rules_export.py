@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from ray_monitor.common import catalog
-from ray_monitor.alerting.export import (EXPORT_NOTE, classic_bounds, export_prometheus,
+from ray_monitor.alerting.export import (EXPORT_NOTE, bucket_rates_promql, classic_bounds,
+                                         condition_promql, export_prometheus,
                                          export_prometheus_yaml)
 from ray_monitor.common.errors import ConfigError
 from ray_monitor.common.histogram import DEFAULT_CLASSIC_BOUNDS
@@ -61,6 +62,26 @@ def test_exported_expressions(expr, promql):
     rule = export_expr(expr)
     assert rule["expr"] == promql
     assert EXPORT_NOTE not in rule.get("annotations", {})
+
+
+@pytest.mark.parametrize("expr, rates", [
+    ('p99(latency_seconds{application="a", method="__call__"}[10s]) by (application) > 0.2',
+     'sum by (application, le) (rate(ray_monitor_request_duration_seconds_bucket'
+     '{application="a", method="__call__"}[10s]))'),
+    ("quantile(0.75, latency_seconds[5m]) > 2",
+     "sum by (le) (rate(ray_monitor_request_duration_seconds_bucket[5m]))"),
+    ("max(latency_seconds[1m]) by (deployment) > 1",
+     "sum by (deployment, le) (rate(ray_monitor_request_duration_seconds_bucket[1m]))"),
+    ("avg(latency_seconds[5m]) > 0.2", None),
+    ("max(gpu_temperature_celsius[5m]) by (node, gpu) >= 85", None),
+    ('absent_over_time(requests{application="shop"}[1m])', None),
+])
+def test_bucket_rates_are_what_the_quantile_ranks_in(expr, rates):
+    cond = load_rules({"groups": [{"name": "g", "rules": [{"alert": "A", "expr": expr}]}]}
+                      ).groups[0].rules[0].conditions[0]
+    assert bucket_rates_promql(cond) == rates
+    if rates is not None:  # the very text histogram_quantile reads in the export
+        assert condition_promql(cond).endswith(f", {rates})")
 
 
 def test_thresholds_become_classic_bounds_so_the_export_is_exact():
