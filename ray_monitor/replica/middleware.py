@@ -201,7 +201,12 @@ class _Request:
     :func:`_start` (no ``__init__``: one Python frame less per request)."""
 
     __slots__ = ("cells", "token", "t0", "span", "ctx_token", "otel_token", "tracer", "runtime",
-                 "active_token", "tenant", "call")
+                 "active_token", "tenant", "call",
+                 # how it ended, set by deferred.end when it queues the request itself
+                 "outcome", "is_error", "stream", "fig", "t1")
+
+    #: Queued by deferred.end, the request object is what the flush thread calls to record it.
+    __call__ = deferred.record_queued
 
     def enter(self) -> None:
         """Marks the deployment busy with this request around user code, and makes the
