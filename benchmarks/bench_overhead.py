@@ -423,8 +423,12 @@ def handle_call_cases() -> dict[str, Callable[[int], float]]:
             return (time.perf_counter_ns() - t0) / n
         return run
 
-    class Request:  # what the hook reads of the request's span
-        trace_id, span_id, sampled, tracestate = 0xab, 0xcd, False, None
+    class Request:  # what the hook reads of the request running (CURRENT) and its span
+        trace_id, span_id, sampled, tracestate, tp, runtime = 0xab, 0xcd, False, None, None, None
+
+        @property
+        def ctx_span(self):
+            return self
 
     def within(run, sampled: bool) -> Callable[[int], float]:
         provider = TracerProvider()

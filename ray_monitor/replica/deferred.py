@@ -31,7 +31,7 @@ from opentelemetry import context as otel_context
 from ray_monitor.common.snapshot import Exemplar
 from ray_monitor.replica import queueing, streaming
 from ray_monitor.replica.http_semantics import status_of
-from ray_monitor.replica.propagation import ACTIVE, CURRENT
+from ray_monitor.replica.propagation import CURRENT
 from ray_monitor.replica.genai import _MARK as USAGE
 from ray_monitor.replica.streaming import NO_USAGE
 
@@ -56,10 +56,6 @@ def end(req: Any, outcome: str, error: Optional[BaseException], is_error: bool,
     if token is not None:
         req.ctx_token = None
         CURRENT.reset(token)
-    token = req.active_token
-    if token is not None:
-        req.active_token = None
-        ACTIVE.reset(token)
     t1 = _perf()
     fig = None
     kind = type(result)

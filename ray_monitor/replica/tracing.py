@@ -433,8 +433,8 @@ def install_log_correlation() -> None:
 
     def factory(*args, **kwargs):
         record = previous(*args, **kwargs)
-        rs = CURRENT.get()
-        if rs is not None:
+        rs = CURRENT.get()  # the request running here (see CURRENT), then its span
+        if rs is not None and (rs := rs.ctx_span) is not None:
             tp = rs.tp  # the caller's text: its trace id without a 128-bit format
             record.trace_id = tp[3:35] if tp is not None else hex(rs.trace_id | BIT128)[3:]
             record.span_id = hex(rs.span_id | BIT64)[3:]  # f"{:016x}", no spec parsed
@@ -462,7 +462,8 @@ def _ids_from_otel() -> Optional[tuple[int, int]]:
 
 def current_trace_id() -> Optional[str]:
     """The hex trace id of the request running here, or None outside one."""
-    rs = CURRENT.get()
+    cur = CURRENT.get()
+    rs = None if cur is None else cur.ctx_span
     ids = rs.ids if rs is not None else _ids_from_otel()
     return f"{ids[0]:032x}" if ids else None
 
