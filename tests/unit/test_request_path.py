@@ -423,7 +423,33 @@ def test_begins_one_regex_is_the_checks_it_replaced(tp):
 
     before = tp.startswith("00-") and propagation.TRACEPARENT_COMMON.fullmatch(tp) is not None \
         and not tp.startswith("0" * 32, 3) and not tp.startswith("0" * 16, 36)
-    assert (tracing._COMMON_VALID.fullmatch(tp) is not None) == before
+    assert (tracing.COMMON_VALID.fullmatch(tp) is not None) == before
+
+
+@pytest.mark.parametrize("tp", TP_CASES + [
+    f"00-{TID[:-1]}g-{SID}-00", f"00-{TID}-{SID[:-1]}G-00", f"00-{TID}-{SID}-0g",
+    f"00-{TID}-{SID}-0F", f"00-{TID[:-2]}--{SID}-00", f"00-{TID[:-1]}-{SID}0-00",
+    f"00-{TID}-{SID}--0", f"00-{TID}-{SID}-0 ", f"00-{TID[:-1]} -{SID}-00",
+    f"00-{TID[:-1]}\u0660-{SID}-00", f"00-{TID[:-1]}\uff10-{SID}-00",
+    f"00-{TID[:-1]}_-{SID}-00", f"00-+{TID[1:]}-{SID}-00", f"00-0x{TID[2:]}-{SID}-00",
+    f"0-{TID}0-{SID}-00", f"000{TID}-{SID}-00", f"00-{TID}{SID}-00-0",
+    f"00-{TID}-{SID}-00".replace("-", "\u2010"), "0" * 55, "-" * 55])
+def test_begins_check_without_the_regex_is_the_regex(tp):
+    """``Tracer.begin`` takes the caller's text as it is (a ``FromCaller`` span) exactly
+    where ``COMMON_VALID`` matches: here over the cases above, non-hex and upper-case
+    digits in each field, dashes moved, added or missing, whitespace, non-ASCII digits
+    and dashes, signs, ``0x``."""
+    from ray_monitor.replica import tracing
+    from ray_monitor.replica.request_span import FromCaller
+
+    t = Tracer(sample_ratio=0.0, slow_threshold_s=1.0, enabled=False)
+    for state in (None, "", "a=b"):
+        came = {"traceparent": tp} if state is None else {"traceparent": tp, "tracestate": state}
+        rs = t.begin("M.run", {}, Ctx(came))
+        taken = type(rs) is FromCaller
+        assert taken == (tracing.COMMON_VALID.fullmatch(tp) is not None and not state), (tp, state)
+        if taken:
+            assert rs.tp is tp and rs.trace_id == int(tp[3:35], 16)
 
 
 def test_one_context_variable_keeps_what_the_two_said(monkeypatch):
