@@ -31,7 +31,7 @@ from opentelemetry import context as otel_context
 from ray_monitor.common.snapshot import Exemplar
 from ray_monitor.replica import queueing, streaming
 from ray_monitor.replica.http_semantics import status_of
-from ray_monitor.replica.propagation import CURRENT
+from ray_monitor.replica.propagation import current_reset
 from ray_monitor.replica.genai import _MARK as USAGE
 from ray_monitor.replica.streaming import NO_USAGE
 
@@ -55,7 +55,7 @@ def end(req: Any, outcome: str, error: Optional[BaseException], is_error: bool,
     token = req.ctx_token
     if token is not None:
         req.ctx_token = None
-        CURRENT.reset(token)
+        current_reset(token)  # (bound once: see propagation.current_get)
     t1 = _perf()
     fig = None
     kind = type(result)

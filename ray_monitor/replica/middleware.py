@@ -25,7 +25,7 @@ from opentelemetry import context as otel_context
 from ray_monitor.replica import deferred, http_semantics, queueing, streaming
 from ray_monitor.replica.http_semantics import (HTTP_TYPES, carry_traceparent, from_scope,
                                                 is_http_type, method_label)
-from ray_monitor.replica.propagation import CURRENT
+from ray_monitor.replica.propagation import current_get, current_reset, current_set
 from ray_monitor.replica.queueing import SENT, SENT_AT
 from ray_monitor.replica.span_errors import error_type
 from ray_monitor.replica.options import UNSET, MonitorOptions, refuse
@@ -212,7 +212,7 @@ class _Request:
         """Makes this request the one running around user code (``CURRENT``: the
         deployment busy with it, its ids for log records and handle calls), and its span
         OpenTelemetry's current one there (child spans)."""
-        self.ctx_token = CURRENT.set(self)
+        self.ctx_token = current_set(self)
         sp = self.span
         if sp is not None and (sp.span is not None or self.tracer.attach_unsampled):
             self.otel_token = otel_context.attach(sp.otel_context())
@@ -222,7 +222,7 @@ class _Request:
             otel_context.detach(self.otel_token)
             self.otel_token = None
         if self.ctx_token is not None:
-            CURRENT.reset(self.ctx_token)
+            current_reset(self.ctx_token)
             self.ctx_token = None
 
 
@@ -301,7 +301,7 @@ def _start(hook: _Hook, scope: Any, asgi: bool = False, args: tuple = (),
     costs about 1 us, as the replica evicts the monitor's code from the CPU's caches
     between requests (RESULTS.md §18, §22)."""
     runtime = hook.runtime
-    cur = CURRENT.get()  # the monitored request running here, if any (one variable, §29)
+    cur = current_get()  # the monitored request running here, if any (one variable, §29)
     if cur is not None and cur.runtime is runtime:
         return None  # the deployment calling its own method: part of the same request
     try:
@@ -356,14 +356,14 @@ def _start(hook: _Hook, scope: Any, asgi: bool = False, args: tuple = (),
                 attrs = st.span_attributes(hook.name)
             req.span = req.ctx_span = sp = tracer.begin(hook.span_name, attrs, ctx, http)
             # enter(), inline
-            req.ctx_token = CURRENT.set(req)
+            req.ctx_token = current_set(req)
             if sp.span is not None or tracer.attach_unsampled:
                 req.otel_token = otel_context.attach(sp.otel_context())
         else:  # no span of its own: log records and handle calls carry the enclosing
             # monitored request's, if any (another deployment's, called in process)
             req.span = None
             req.ctx_span = None if cur is None else cur.ctx_span
-            req.ctx_token = CURRENT.set(req)  # enter(), inline
+            req.ctx_token = current_set(req)  # enter(), inline
         return req
     except Exception as e:
         runtime.self_error("middleware_failed", e)

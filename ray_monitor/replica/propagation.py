@@ -49,7 +49,8 @@ from opentelemetry.sdk.trace import sampling
 from ray_monitor.replica.queueing import SENT_AT, stamp
 
 __all__ = ["BIT128", "BIT64", "CURRENT", "DECLINED", "PLACEHOLDER", "Parent",
-           "TRACEPARENT_COMMON", "carrier", "install", "installed", "one_decision_in_proxy", "otel_current",
+           "TRACEPARENT_COMMON", "carrier", "current_get", "current_reset", "current_set",
+           "install", "installed", "one_decision_in_proxy", "otel_current",
            "outgoing", "parse_traceparent", "request_root_sampler", "resolve"]
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,11 @@ logger = logging.getLogger(__name__)
 #: None).
 CURRENT: contextvars.ContextVar[Any] = contextvars.ContextVar("ray_monitor_current",
                                                                default=None)
+#: ``CURRENT``'s methods, bound once, for the modules that import it: CPython 3.11
+#: compiles ``CURRENT.get()`` on an imported name as an attribute read, not a method
+#: call, so each call looked the method up generically (the type cache, cold in a busy
+#: replica) and made a bound-method object (RESULTS.md §29).
+current_get, current_set, current_reset = CURRENT.get, CURRENT.set, CURRENT.reset
 
 #: The tracestate entry of a placeholder parent (see the module's docstring).
 PLACEHOLDER = "ray_monitor=root"

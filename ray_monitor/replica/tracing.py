@@ -44,7 +44,7 @@ from opentelemetry.trace.status import Status, StatusCode
 
 from ray_monitor.common import env
 from ray_monitor.replica import otlp_refusal, propagation
-from ray_monitor.replica.propagation import (BIT64, BIT128, CURRENT, Parent,
+from ray_monitor.replica.propagation import (BIT64, BIT128, CURRENT, Parent, current_get,
                                              otel_current, parse_traceparent, resolve)
 from ray_monitor.replica.span_errors import MAX_MESSAGE, clean, exception_attributes
 from ray_monitor.replica.span_records import (MAX_CONTEXT_SPANS_PER_FLUSH, MAX_SPANS_PER_FLUSH,
@@ -441,7 +441,7 @@ def install_log_correlation() -> None:
 
     def factory(*args, **kwargs):
         record = previous(*args, **kwargs)
-        rs = CURRENT.get()  # the request running here (see CURRENT), then its span
+        rs = current_get()  # the request running here (see CURRENT), then its span
         if rs is not None and (rs := rs.ctx_span) is not None:
             tp = rs.tp  # the caller's text: its trace id without a 128-bit format
             record.trace_id = tp[3:35] if tp is not None else hex(rs.trace_id | BIT128)[3:]
@@ -470,7 +470,7 @@ def _ids_from_otel() -> Optional[tuple[int, int]]:
 
 def current_trace_id() -> Optional[str]:
     """The hex trace id of the request running here, or None outside one."""
-    cur = CURRENT.get()
+    cur = current_get()
     rs = None if cur is None else cur.ctx_span
     ids = rs.ids if rs is not None else _ids_from_otel()
     return f"{ids[0]:032x}" if ids else None
