@@ -133,7 +133,7 @@ def part_cases(loop: asyncio.AbstractEventLoop, caller: str) -> dict:
     from ray.serve._private.common import RequestMetadata
     from ray.serve.context import _RequestContext, _serve_request_context
 
-    from bench_overhead import PLAIN_RECORD_FACTORY, monitored
+    from bench_overhead import PLAIN_RECORD_FACTORY, monitored, serve_pending
     from ray_monitor.replica import propagation
 
     class Hop:  # as bench_overhead's
@@ -146,10 +146,7 @@ def part_cases(loop: asyncio.AbstractEventLoop, caller: str) -> dict:
     hooked = propagation._wrap(send)
     md = RequestMetadata(request_id="r", internal_request_id="i")
 
-    class Pending:
-        metadata = md
-        created_at = time.time()
-    pending = Pending()
+    pending = serve_pending(md, loop)  # as bench_overhead's
     request = _RequestContext(request_id="bench", _ray_trace_ctx={"traceparent": caller})
 
     def hop(m, call, make_record):

@@ -43,8 +43,8 @@ exclusive cost, per hop), the most LL misses first: which routines the monitor's
 runs that the hop does not run anyway, and where its data misses are taken
 (``_PyEval_EvalFrameDefault``: bytecode and the objects it reads). ``--keep DIR`` keeps
 the output files; ``--from DIR`` reads them again (a different ``--annotate``). Valgrind
-makes Python about 50 times slower: a variant takes 3-7 minutes. Results:
-``RESULTS.md`` §27.
+makes Python about 50 times slower: a variant takes 3-7 minutes (longer on a loaded machine). Results:
+``RESULTS.md`` §27, §29.
 """
 
 from __future__ import annotations

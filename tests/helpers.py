@@ -182,3 +182,13 @@ def replica_snapshots(replica: str, n: int, per_flush: int = 2, app: str = "app"
             cells.end(cells.begin(0.0), "ok", False, 0.01)
         out.append(rec.snapshot())
     return out
+
+
+def running_request(span: Any) -> Any:
+    """A monitored request running, as the middleware makes it current
+    (``propagation.CURRENT``): ``span`` is what log records and handle calls carry."""
+    from ray_monitor.replica.middleware import _Request
+
+    req = _Request()
+    req.runtime, req.ctx_span = None, span
+    return req

@@ -22,10 +22,10 @@ from typing import Any, Callable, Optional
 
 from opentelemetry import context as otel_context
 
-from ray_monitor.replica import deferred, http_semantics, queueing, streaming, tracing
+from ray_monitor.replica import deferred, http_semantics, queueing, streaming
 from ray_monitor.replica.http_semantics import (HTTP_TYPES, carry_traceparent, from_scope,
                                                 is_http_type, method_label)
-from ray_monitor.replica.propagation import ACTIVE, CURRENT
+from ray_monitor.replica.propagation import current_get, current_reset, current_set
 from ray_monitor.replica.queueing import SENT, SENT_AT
 from ray_monitor.replica.span_errors import error_type
 from ray_monitor.replica.options import UNSET, MonitorOptions, refuse
@@ -201,17 +201,20 @@ class _Request:
     :func:`_start` (no ``__init__``: one Python frame less per request)."""
 
     __slots__ = ("cells", "token", "t0", "span", "ctx_token", "otel_token", "tracer", "runtime",
-                 "active_token", "tenant", "call")
+                 "ctx_span", "tenant", "call",
+                 # how it ended, set by deferred.end when it queues the request itself
+                 "outcome", "is_error", "stream", "fig", "t1")
+
+    #: Queued by deferred.end, the request object is what the flush thread calls to record it.
+    __call__ = deferred.record_queued
 
     def enter(self) -> None:
-        """Marks the deployment busy with this request around user code, and makes the
-        request's ids current there (log records, child spans)."""
-        self.active_token = ACTIVE.set(self.runtime)
+        """Makes this request the one running around user code (``CURRENT``: the
+        deployment busy with it, its ids for log records and handle calls), and its span
+        OpenTelemetry's current one there (child spans)."""
+        self.ctx_token = current_set(self)
         sp = self.span
-        if sp is None:
-            return
-        self.ctx_token = tracing.CURRENT.set(sp)
-        if sp.span is not None or self.tracer.attach_unsampled:
+        if sp is not None and (sp.span is not None or self.tracer.attach_unsampled):
             self.otel_token = otel_context.attach(sp.otel_context())
 
     def exit(self) -> None:
@@ -219,11 +222,8 @@ class _Request:
             otel_context.detach(self.otel_token)
             self.otel_token = None
         if self.ctx_token is not None:
-            tracing.CURRENT.reset(self.ctx_token)
+            current_reset(self.ctx_token)
             self.ctx_token = None
-        if self.active_token is not None:
-            ACTIVE.reset(self.active_token)
-            self.active_token = None
 
 
 def _tenant(hook: "_Hook", scope: Any, args: tuple, kwargs: Optional[dict]) -> Optional[str]:
@@ -301,7 +301,8 @@ def _start(hook: _Hook, scope: Any, asgi: bool = False, args: tuple = (),
     costs about 1 us, as the replica evicts the monitor's code from the CPU's caches
     between requests (RESULTS.md §18, §22)."""
     runtime = hook.runtime
-    if ACTIVE.get() is runtime:
+    cur = current_get()  # the monitored request running here, if any (one variable, §29)
+    if cur is not None and cur.runtime is runtime:
         return None  # the deployment calling its own method: part of the same request
     try:
         req = _Request()
@@ -344,8 +345,7 @@ def _start(hook: _Hook, scope: Any, asgi: bool = False, args: tuple = (),
                 _tenant(hook, scope, args, kwargs)
             req.call = (args[hook.at:], kwargs) if opts.tokens_input else None  # tokens=fn's
         req.tracer = tracer = st.tracer
-        req.span = sp = None
-        req.ctx_token = req.otel_token = None
+        req.otel_token = None
         if tracer.enabled:
             # A plain HTTP ingress's route is Serve's route prefix; FastAPI's is its
             # template, known once the app has routed the request.
@@ -354,13 +354,16 @@ def _start(hook: _Hook, scope: Any, asgi: bool = False, args: tuple = (),
             attrs = hook.attrs  # bound at start
             if attrs is None:
                 attrs = st.span_attributes(hook.name)
-            req.span = sp = tracer.begin(hook.span_name, attrs, ctx, http)
-        # enter(), inline
-        req.active_token = ACTIVE.set(runtime)
-        if sp is not None:
-            req.ctx_token = CURRENT.set(sp)
+            req.span = req.ctx_span = sp = tracer.begin(hook.span_name, attrs, ctx, http)
+            # enter(), inline
+            req.ctx_token = current_set(req)
             if sp.span is not None or tracer.attach_unsampled:
                 req.otel_token = otel_context.attach(sp.otel_context())
+        else:  # no span of its own: log records and handle calls carry the enclosing
+            # monitored request's, if any (another deployment's, called in process)
+            req.span = None
+            req.ctx_span = None if cur is None else cur.ctx_span
+            req.ctx_token = current_set(req)  # enter(), inline
         return req
     except Exception as e:
         runtime.self_error("middleware_failed", e)

@@ -48,20 +48,28 @@ from opentelemetry.sdk.trace import sampling
 
 from ray_monitor.replica.queueing import SENT_AT, stamp
 
-__all__ = ["ACTIVE", "BIT128", "BIT64", "CURRENT", "DECLINED", "PLACEHOLDER", "Parent",
-           "TRACEPARENT_COMMON", "carrier", "install", "installed", "one_decision_in_proxy", "otel_current",
+__all__ = ["BIT128", "BIT64", "CURRENT", "DECLINED", "PLACEHOLDER", "Parent",
+           "TRACEPARENT_COMMON", "carrier", "current_get", "current_reset", "current_set",
+           "install", "installed", "one_decision_in_proxy", "otel_current",
            "outgoing", "parse_traceparent", "request_root_sampler", "resolve"]
 
 logger = logging.getLogger(__name__)
 
-#: The request running in this context (a ``tracing.RequestSpan``): its ids for log
-#: records, and its context for the handle calls it makes.
-CURRENT: contextvars.ContextVar[Any] = contextvars.ContextVar("ray_monitor_current_span",
+#: The monitored request running in this context (the middleware's request object, set
+#: where it starts and reset where it ends), one variable for what were two (one set, one
+#: reset and one read fewer per request: RESULTS.md §29). Its ``runtime``: the deployment
+#: whose request it is (a public method the deployment calls on itself,
+#: ``self.preprocess(x)``, is part of that request, not a request of its own); its
+#: ``ctx_span``: the ``tracing.RequestSpan`` whose ids log records and handle calls made
+#: here carry (the request's own; with tracing off, the enclosing monitored request's, or
+#: None).
+CURRENT: contextvars.ContextVar[Any] = contextvars.ContextVar("ray_monitor_current",
                                                                default=None)
-#: The monitored deployment whose request is running in this context: a public method
-#: the deployment calls on itself (``self.preprocess(x)``) is part of that request, not
-#: a request of its own (set by the middleware, reset where the request ends).
-ACTIVE: contextvars.ContextVar[Any] = contextvars.ContextVar("ray_monitor_active", default=None)
+#: ``CURRENT``'s methods, bound once, for the modules that import it: CPython 3.11
+#: compiles ``CURRENT.get()`` on an imported name as an attribute read, not a method
+#: call, so each call looked the method up generically (the type cache, cold in a busy
+#: replica) and made a bound-method object (RESULTS.md §29).
+current_get, current_set, current_reset = CURRENT.get, CURRENT.set, CURRENT.reset
 
 #: The tracestate entry of a placeholder parent (see the module's docstring).
 PLACEHOLDER = "ray_monitor=root"
@@ -227,7 +235,8 @@ def outgoing() -> Optional[dict[str, str]]:
     other valid current span (the proxy: the caller's ``traceparent``); in the proxy, a
     placeholder that carries its sampler's "no".
     """
-    rs = CURRENT.get()
+    cur = CURRENT.get()
+    rs = None if cur is None else cur.ctx_span
     if rs is not None and not otel_current():
         # No OpenTelemetry context here (Serve's tracing off, no user span): the request's
         # own span, without OpenTelemetry's lookups; every handle call of every request.
@@ -282,8 +291,9 @@ def _wrap(original: Callable) -> Callable:
         except AttributeError:
             md = None
         if md is not None:
-            rs = CURRENT.get()
-            if rs is not None and not md.tracing_context and not otel_current():
+            rs = CURRENT.get()  # the request running here (see CURRENT), then its span
+            if rs is not None and (rs := rs.ctx_span) is not None and \
+                    not md.tracing_context and not otel_current():
                 # _fill's common case without its three calls (each about 1 us inside a
                 # replica): a monitored request's own span, no OpenTelemetry context here
                 # (outgoing()'s first answer), and its send time (stamp())

@@ -214,8 +214,9 @@ class Recorder:
         self._ids = itertools.count()
         #: token -> queue time of running requests whose caller sent its time (queueing)
         self.queued: dict[int, float] = {}
-        #: ``(fn, *args)`` of requests that ended, recorded by :meth:`drain` (see
-        #: replica/deferred.py): appended on the request path, taken on the flush thread
+        #: requests that ended, each a callable of no arguments that records it (the
+        #: middleware's request object itself: no tuple made per request; see
+        #: replica/deferred.py), appended on the request path, called by :meth:`drain`
         self.ended: collections.deque = collections.deque()
         self._seq = 0
         self._window_start = clock()
@@ -256,7 +257,7 @@ class Recorder:
                 return n
             n += 1
             try:
-                item[0](*item[1:])
+                item()
             except Exception as e:  # one bad request's record, never the rest
                 self.self_errors.count("middleware_failed", e)
 

@@ -44,7 +44,7 @@ from opentelemetry.trace.status import Status, StatusCode
 
 from ray_monitor.common import env
 from ray_monitor.replica import otlp_refusal, propagation
-from ray_monitor.replica.propagation import (BIT64, BIT128, CURRENT, Parent,
+from ray_monitor.replica.propagation import (BIT64, BIT128, CURRENT, Parent, current_get,
                                              otel_current, parse_traceparent, resolve)
 from ray_monitor.replica.span_errors import MAX_MESSAGE, clean, exception_attributes
 from ray_monitor.replica.span_records import (MAX_CONTEXT_SPANS_PER_FLUSH, MAX_SPANS_PER_FLUSH,
@@ -72,9 +72,13 @@ FIRST_ITEM_EVENT = "ray_monitor.stream.first_item"
 #: string search of its own cold (RESULTS.md §27).
 _SAMPLED_BY_DIGIT = {d: int(d, 16) & 1 == 1 for d in "0123456789abcdef"}
 #: A caller's ``traceparent`` in the common form, exactly as ``parse_traceparent`` accepts
-#: it with version ``00`` and no suffix, zero ids refused: the checks begin made by three
-#: ``startswith`` calls besides the regex, in the one match (fewer C routines run cold).
-_COMMON_VALID = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
+#: it with version ``00`` and no suffix, zero ids refused. ``Tracer.begin`` decides the
+#: same without a regex (its length, the version, three dashes, the digits by
+#: ``str.strip`` and the zero ids by comparison), where the regex engine's code and data
+#: were about 107 cache lines a hop cold (RESULTS.md §29); the tests hold the two equal.
+COMMON_VALID = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
+_HEX = "0123456789abcdef"
+_ZERO32, _ZERO16 = "0" * 32, "0" * 16
 #: Module-level aliases: one global read, not a module's dict besides (§27).
 _bits = random.getrandbits
 _time_ns = time.time_ns
@@ -267,7 +271,11 @@ class Tracer:
                 came = None
             if came and isinstance(came, dict):
                 tp, state = came.get("traceparent"), came.get("tracestate")
-                if type(tp) is str and not state and _COMMON_VALID.fullmatch(tp) is not None:
+                if type(tp) is str and not state and len(tp) == 55 and tp[:3] == "00-" and \
+                        tp[35] == "-" and tp[52] == "-" and not tp[53:].strip(_HEX) and \
+                        not (tid := tp[3:35]).strip(_HEX) and tid != _ZERO32 and \
+                        not (pid := tp[36:52]).strip(_HEX) and pid != _ZERO16:
+                    # COMMON_VALID, without the regex engine
                     text = tp  # valid: its ids stay text until read (FromCaller)
                 elif isinstance(request, Parent):
                     parent = request
@@ -433,8 +441,8 @@ def install_log_correlation() -> None:
 
     def factory(*args, **kwargs):
         record = previous(*args, **kwargs)
-        rs = CURRENT.get()
-        if rs is not None:
+        rs = current_get()  # the request running here (see CURRENT), then its span
+        if rs is not None and (rs := rs.ctx_span) is not None:
             tp = rs.tp  # the caller's text: its trace id without a 128-bit format
             record.trace_id = tp[3:35] if tp is not None else hex(rs.trace_id | BIT128)[3:]
             record.span_id = hex(rs.span_id | BIT64)[3:]  # f"{:016x}", no spec parsed
@@ -462,7 +470,8 @@ def _ids_from_otel() -> Optional[tuple[int, int]]:
 
 def current_trace_id() -> Optional[str]:
     """The hex trace id of the request running here, or None outside one."""
-    rs = CURRENT.get()
+    cur = current_get()
+    rs = None if cur is None else cur.ctx_span
     ids = rs.ids if rs is not None else _ids_from_otel()
     return f"{ids[0]:032x}" if ids else None
 

@@ -84,7 +84,7 @@ def test_a_record_that_fails_on_the_flush_thread_is_counted_and_the_rest_recorde
 
     def broken(*args):
         raise RuntimeError("bad record")
-    recorder.ended.append((broken, 1))
+    recorder.ended.append(lambda: broken(1))  # an item is a callable that records
     m.run(0.3)
     assert recorder.drain() == 2  # never raised
     assert recorder.self_errors.snapshot() == {"middleware_failed": 1}
@@ -114,7 +114,7 @@ def test_a_queued_request_does_not_hold_its_arguments(clock):
     c = Chat()
     recorder = Chat.__ray_monitor__.state.recorder
     assert c.run("x" * 1000) == "ok"
-    (item,) = recorder.ended
-    assert item[1].call is None
+    (item,) = recorder.ended  # the request object itself
+    assert isinstance(item, middleware._Request) and item.call is None
     assert recorder.drain() == 1
     Chat.__ray_monitor__.close()

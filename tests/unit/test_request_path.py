@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from ray_monitor import monitor
+from tests.helpers import running_request
 from ray_monitor.replica import deferred, middleware, propagation, queueing, streaming
 from ray_monitor.replica.propagation import PLACEHOLDER
 from ray_monitor.replica.queueing import SENT, SENT_AT
@@ -133,7 +134,7 @@ class _Pending:
 @pytest.mark.parametrize("created_at", [1_700_000_000.25, None])
 def test_the_hooks_common_case_carries_what_fill_carries(span, created_at):
     hooked = propagation._wrap(lambda self, pr, *a: pr.metadata.tracing_context)
-    token = propagation.CURRENT.set(span)
+    token = propagation.CURRENT.set(running_request(span))
     try:
         before = time.time()
         fast = hooked(None, _Pending(created_at), False)
@@ -151,7 +152,7 @@ def test_the_hooks_common_case_carries_what_fill_carries(span, created_at):
 
 def test_the_hook_leaves_a_context_serve_filled_and_asks_outgoing_with_otel_current():
     hooked = propagation._wrap(lambda self, pr, *a: pr.metadata.tracing_context)
-    token = propagation.CURRENT.set(_Span(5, 6, False))
+    token = propagation.CURRENT.set(running_request(_Span(5, 6, False)))
     provider = TracerProvider()
     try:
         pr = _Pending()
@@ -350,7 +351,7 @@ def test_the_hook_and_the_log_factory_write_a_text_spans_ids_as_the_general_code
     t = Tracer(sample_ratio=0.0, slow_threshold_s=1.0, enabled=False)
     rs = t.begin("M.run", {}, Ctx({"traceparent": f"00-{TID}-{SID}-{flags}"}))
     hooked = propagation._wrap(lambda self, pr, *a: pr.metadata.tracing_context)
-    token = propagation.CURRENT.set(rs)
+    token = propagation.CURRENT.set(running_request(rs))
     try:
         fast = hooked(None, _Pending(), False)
         pr = _Pending()
@@ -422,4 +423,82 @@ def test_begins_one_regex_is_the_checks_it_replaced(tp):
 
     before = tp.startswith("00-") and propagation.TRACEPARENT_COMMON.fullmatch(tp) is not None \
         and not tp.startswith("0" * 32, 3) and not tp.startswith("0" * 16, 36)
-    assert (tracing._COMMON_VALID.fullmatch(tp) is not None) == before
+    assert (tracing.COMMON_VALID.fullmatch(tp) is not None) == before
+
+
+@pytest.mark.parametrize("tp", TP_CASES + [
+    f"00-{TID[:-1]}g-{SID}-00", f"00-{TID}-{SID[:-1]}G-00", f"00-{TID}-{SID}-0g",
+    f"00-{TID}-{SID}-0F", f"00-{TID[:-2]}--{SID}-00", f"00-{TID[:-1]}-{SID}0-00",
+    f"00-{TID}-{SID}--0", f"00-{TID}-{SID}-0 ", f"00-{TID[:-1]} -{SID}-00",
+    f"00-{TID[:-1]}\u0660-{SID}-00", f"00-{TID[:-1]}\uff10-{SID}-00",
+    f"00-{TID[:-1]}_-{SID}-00", f"00-+{TID[1:]}-{SID}-00", f"00-0x{TID[2:]}-{SID}-00",
+    f"0-{TID}0-{SID}-00", f"000{TID}-{SID}-00", f"00-{TID}{SID}-00-0",
+    f"00-{TID}-{SID}-00".replace("-", "\u2010"), "0" * 55, "-" * 55])
+def test_begins_check_without_the_regex_is_the_regex(tp):
+    """``Tracer.begin`` takes the caller's text as it is (a ``FromCaller`` span) exactly
+    where ``COMMON_VALID`` matches: here over the cases above, non-hex and upper-case
+    digits in each field, dashes moved, added or missing, whitespace, non-ASCII digits
+    and dashes, signs, ``0x``."""
+    from ray_monitor.replica import tracing
+    from ray_monitor.replica.request_span import FromCaller
+
+    t = Tracer(sample_ratio=0.0, slow_threshold_s=1.0, enabled=False)
+    for state in (None, "", "a=b"):
+        came = {"traceparent": tp} if state is None else {"traceparent": tp, "tracestate": state}
+        rs = t.begin("M.run", {}, Ctx(came))
+        taken = type(rs) is FromCaller
+        assert taken == (tracing.COMMON_VALID.fullmatch(tp) is not None and not state), (tp, state)
+        if taken:
+            assert rs.tp is tp and rs.trace_id == int(tp[3:35], 16)
+
+
+def test_one_context_variable_keeps_what_the_two_said(monkeypatch):
+    """``CURRENT`` holds the request running (what ``ACTIVE`` and ``CURRENT`` held apart):
+    a deployment's call of its own method is part of its request, another monitored
+    deployment called in process is a request of its own, and where that one has no span
+    (tracing off) log records and handle calls carry the enclosing request's ids, as they
+    did when only the traced request set ``CURRENT``; each context is left as found."""
+    import logging
+
+    from ray_monitor.replica import tracing
+
+    for k in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(k, raising=False)
+    seen = {}
+
+    def ids():
+        record = logging.getLogRecordFactory()("x", logging.INFO, __file__, 0, "m", None, None)
+        return getattr(record, "trace_id", None), getattr(record, "span_id", None)
+
+    @monitor(flush_interval_s=3600.0, tracing_enabled=False)
+    class Inner:
+        def run(self):
+            seen["inner"] = ids()
+            return self.again()
+
+        def again(self):  # its own method: the same request
+            seen["again"] = ids()
+            return 1
+
+    @monitor(flush_interval_s=3600.0, tracing_enabled=True, sample_ratio=0.0)
+    class Outer:
+        def __init__(self):
+            self.inner = Inner()
+
+        def run(self):
+            rs = propagation.CURRENT.get().ctx_span
+            seen["outer"] = (f"{rs.trace_id:032x}", f"{rs.span_id:016x}")
+            return self.inner.run()
+
+    tracing.install_log_correlation()
+    o = Outer()
+    assert propagation.CURRENT.get() is None
+    assert o.run() == 1 and propagation.CURRENT.get() is None
+    assert seen["inner"] == seen["again"] == seen["outer"]
+    assert ids() == (None, None)  # outside a request: nothing
+    for cls, method in ((Outer, "run"), (Inner, "run")):
+        rec = cls.__ray_monitor__.state.recorder
+        rec.drain()
+        assert {m: sum(c.latency.count for c in mc.cells.values())
+                for m, mc in rec.methods.items() if mc.cells} == {method: 1}
+        cls.__ray_monitor__.close()

@@ -18,6 +18,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from ray_monitor.aggregator.trace_store import KeptLog
 from ray_monitor.common.snapshot import ReplicaIdentity
+from tests.helpers import running_request
 from ray_monitor.replica import propagation, queueing
 from ray_monitor.replica.delivery import ActorSink
 from ray_monitor.replica.propagation import (DECLINED, PLACEHOLDER, Parent, carrier,
@@ -107,7 +108,7 @@ def _with_current(span):
 def test_the_outgoing_context_is_the_nearest_span_that_can_be_exported(monkeypatch):
     monkeypatch.setattr(propagation, "_in_proxy", False)
     assert propagation.outgoing() is None  # nothing here, not the proxy
-    token = propagation.CURRENT.set(_Span(5, 6, False, "a=b"))
+    token = propagation.CURRENT.set(running_request(_Span(5, 6, False, "a=b")))
     try:
         assert propagation.outgoing() == {
             "traceparent": f"00-{5:032x}-{6:016x}-00", "tracestate": "a=b"}
@@ -173,7 +174,7 @@ def test_the_hook_fills_what_serve_left_empty_and_never_raises(monkeypatch):
     monkeypatch.setattr(propagation, "_installed", None)
     monkeypatch.setattr(propagation, "_in_proxy", False)
     assert propagation.install() is True and propagation.install() is True
-    token = propagation.CURRENT.set(_Span(5, 6, True))
+    token = propagation.CURRENT.set(running_request(_Span(5, 6, True)))
     try:
         RunningReplica.try_send_request(None, _Pending(), False)
         serve_set = {"traceparent": f"00-{TID}-{SID}-01"}
@@ -394,7 +395,7 @@ def test_the_hook_carries_the_routers_enqueue_time_once_and_the_callee_reads_a_q
     and a missing or bad value is no queue, never an error."""
     pr = _Pending()
     pr.created_at = 1_700_000_000.25
-    token = propagation.CURRENT.set(_Span(5, 6, False))
+    token = propagation.CURRENT.set(running_request(_Span(5, 6, False)))
     try:
         propagation._fill(pr.metadata, pr)
         pr.created_at = 1_700_000_099.0  # a retry: the first time stays
