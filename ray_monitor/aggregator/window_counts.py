@@ -17,6 +17,7 @@ from typing import Optional
 
 import numpy as np
 
+from ray_monitor.aggregator.packing import Runs
 from ray_monitor.aggregator.rings import Table
 from ray_monitor.aggregator.timeline import Timeline
 
@@ -39,22 +40,40 @@ def _entries(rows: int, parts: list) -> Optional[tuple[np.ndarray, np.ndarray, n
     return (tags, idx, cnt) if len(idx) else None
 
 
-def bucket_counts(rows: int, parts: list) -> tuple[np.ndarray, int, Optional[np.ndarray]]:
-    """Per-row counts of histogram entries ``(row, index, count)``: ``(d, lo, None)`` with
-    ``d[:, j]`` the counts of bucket index ``lo + j`` over the whole range of indices, or,
-    where outliers spread that range too wide, ``(d, 0, cols)`` over the indices used."""
-    got = _entries(rows, parts)
-    if got is None:
+def bucket_counts(rows: int, parts: list[Runs]) -> tuple[np.ndarray, int, Optional[np.ndarray]]:
+    """Per-row counts of histogram entries (:class:`~ray_monitor.aggregator.packing.Runs`)
+    in rows below ``rows``: ``(d, lo, None)`` with ``d[:, j]`` the counts of bucket index
+    ``lo + j`` over the whole range of indices (columns without a count included), or,
+    where outliers spread that range too wide, ``(d, 0, cols)`` over the indices counted.
+    Each entry's place in ``d`` comes from one cumulative sum of its run's steps
+    (:meth:`~ray_monitor.aggregator.packing.Runs.keys`), not from its bucket index and row
+    number spelt out; counts are whole numbers, so added in any order they are exact."""
+    parts = [r if int(r.rows.max()) < rows else r.take(r.rows < rows)
+             for r in parts if len(r.rows)]  # rows added since the window was read: not in it
+    parts = [r for r in parts if r.size()]
+    if not parts:
         return np.zeros((rows, 0)), 0, None
-    tags, idx, cnt = got
-    lo, hi = int(idx.min()), int(idx.max())
+    bounds = [r.bounds() for r in parts]
+    lo, hi = min(b[0] for b in bounds), max(b[1] for b in bounds)
     width = hi - lo + 1
-    if rows * width <= _DENSE_CELLS:
-        return np.bincount(tags * width + (idx - lo), weights=cnt,
-                           minlength=rows * width).reshape(rows, width), lo, None
-    cols, inv = np.unique(idx, return_inverse=True)  # index the buckets actually used
-    return np.bincount(tags * len(cols) + inv.ravel(), weights=cnt,
-                       minlength=rows * len(cols)).reshape(rows, len(cols)), 0, cols
+    if rows * width > _DENSE_CELLS:  # index the buckets actually counted
+        tags, idx, cnt = (np.concatenate(c) for c in zip(*(_explicit(r) for r in parts)))
+        cols, inv = np.unique(idx, return_inverse=True)
+        return np.bincount(tags * len(cols) + inv.ravel(), weights=cnt,
+                           minlength=rows * len(cols)).reshape(rows, len(cols)), 0, cols
+    d = None
+    for r in parts:
+        got = np.bincount(r.keys(r.rows * width, lo), weights=r.counts, minlength=rows * width)
+        if d is None:
+            d = got if got.dtype == np.float64 else got.astype(np.float64)
+        else:
+            d += got
+    return d.reshape(rows, width), lo, None
+
+
+def _explicit(r: Runs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    idx, cnt, lens = r.entries()
+    return np.repeat(r.rows, lens), idx, cnt
 
 
 def used_columns(d: np.ndarray, lo: int) -> tuple[np.ndarray, np.ndarray]:
