@@ -351,19 +351,6 @@ class Ring:
                 out.append(runs if ok.all() else runs.take(ok))
         return out
 
-    def pairs(self, slots) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Histogram entries held in ``slots``: (row of each, bucket index, count)."""
-        tags, idxs, cnts = [], [], []
-        for runs in self.runs(slots):
-            idx, cnt, lens = runs.entries()
-            tags.append(np.repeat(runs.rows, lens))
-            idxs.append(idx)
-            cnts.append(cnt)
-        if not tags:
-            empty = np.zeros(0, dtype=np.int64)
-            return empty, empty, empty
-        return np.concatenate(tags), np.concatenate(idxs), np.concatenate(cnts)
-
     def nbytes(self) -> int:
         n = sum(getattr(self, c).nbytes for c in self.columns if c not in self.lazy)
         if self.kind == "histogram":
