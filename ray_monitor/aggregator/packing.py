@@ -245,6 +245,11 @@ class Runs:
     def _starts(self) -> np.ndarray:
         return np.cumsum(self.lens) - self.lens
 
+    def nonempty(self) -> "Runs":
+        """The rows with an entry: :meth:`bounds` and :meth:`keys` take a row's first
+        entry at its start, so a row without one (none is packed so) is left out."""
+        return self if self.lens.all() else self.take(self.lens > 0)
+
     def bounds(self) -> tuple[int, int]:
         """The smallest and largest bucket index of the entries (rows with entries only)."""
         if self.idx is not None:

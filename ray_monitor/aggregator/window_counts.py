@@ -32,7 +32,7 @@ def _within(rows: int, parts: list[Runs]) -> list[Runs]:
     it), those with entries."""
     parts = [r if int(r.rows.max()) < rows else r.take(r.rows < rows)
              for r in parts if len(r.rows)]
-    return [r for r in parts if r.size()]
+    return [r.nonempty() for r in parts if r.size()]
 
 
 def _bounds(parts: list[Runs]) -> tuple[int, int]:

@@ -104,3 +104,19 @@ def test_runs_place_every_entry_where_its_row_and_index_say(spread, top, monkeyp
     r, j = np.nonzero(d)
     assert _totals(r, np.ones(len(r), dtype=np.int64), cols[j], d[r, j]) == \
         _totals(tags, np.ones(len(tags), dtype=np.int64), idx, cnt)
+
+
+def test_a_row_without_entries_takes_no_place():
+    """Rows packed with no entry (none are, but a read must not rely on it) add nothing
+    and do not shift the next row's places."""
+    from ray_monitor.aggregator.packing import Runs
+    from ray_monitor.aggregator.window_counts import bucket_counts
+
+    steps = np.array([0, 2, 0, 0, 5], dtype=np.uint8)
+    for lens in ([2, 0, 1, 2], [2, 1, 2, 0]):
+        runs = Runs(np.array([0, 1, 2, 3]), np.array(lens), np.array([1, 1, 4, 3, 2], dtype=np.uint8),
+                    first=np.array([10, 50, 7, 20]), steps=steps)
+        d, lo, _ = bucket_counts(4, [runs])
+        idx, cnt, n = runs.entries()
+        want = _totals(np.arange(4), n, idx, cnt)
+        assert _dense_totals(d, lo) == want, lens
