@@ -6,7 +6,10 @@ Runs in the aggregator actor, under :mod:`~ray_monitor.aggregator.rings` (which 
 when a bucket is complete and where its cells are held); this module decides only how
 (index, count) entries are coded, and never rounds: every form decodes to the same sums
 of counts per bucket index. Indices outside int16 (values beyond 2**+-512) are clamped to
-the edge; the ring keeps min and max exact.
+the edge; the ring keeps min and max exact. A window's read decodes packed slots only as
+far as each row's first index and its entries' steps (:class:`Runs`), from which
+:mod:`~ray_monitor.aggregator.window_counts` places every entry in its count matrix with
+one cumulative sum (a first round's histogram counts: RESULTS.md §30).
 """
 
 from __future__ import annotations
