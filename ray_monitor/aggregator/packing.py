@@ -6,7 +6,10 @@ Runs in the aggregator actor, under :mod:`~ray_monitor.aggregator.rings` (which 
 when a bucket is complete and where its cells are held); this module decides only how
 (index, count) entries are coded, and never rounds: every form decodes to the same sums
 of counts per bucket index. Indices outside int16 (values beyond 2**+-512) are clamped to
-the edge; the ring keeps min and max exact.
+the edge; the ring keeps min and max exact. A window's read decodes packed slots only as
+far as each row's first index and its entries' steps (:class:`Runs`), from which
+:mod:`~ray_monitor.aggregator.window_counts` places every entry in its count matrix with
+one cumulative sum (a first round's histogram counts: RESULTS.md §30).
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import numpy as np
 
 from ray_monitor.common.histogram import BASE, Histogram
 
-__all__ = ["GAP_FORMS", "PAIR", "RICE", "bucket_values", "compact", "compact_cells", "decode",
-           "histogram_entries", "narrow", "pack_histogram", "unnarrow", "unpack"]
+__all__ = ["GAP_FORMS", "PAIR", "RICE", "Runs", "bucket_values", "compact", "compact_cells",
+           "decode", "decode_runs", "histogram_entries", "narrow", "pack_histogram", "unnarrow",
+           "unpack"]
 
 _LOG_BASE = math.log(BASE)
 #: A bucket's entry while it fills: int16 index, uint16 count (a count above 65535 takes
@@ -214,10 +218,85 @@ def _rice_steps(buf, off: int, obs: int, k: int) -> np.ndarray:
     return ((np.diff(ends, prepend=-1) - 1) << k) | low
 
 
-def decode(helds: list[tuple[bytes, tuple]]) -> tuple[np.ndarray, ...]:
-    """Packed slots (bytes and header from :func:`narrow`) as (rows, entries per row,
-    bucket index, count, position in ``helds`` of each row) in int64; slots of one form
-    are decoded in one pass (Rice forms' steps slot by slot)."""
+class Runs:
+    """Packed rows' histogram entries, decoded as far as a count matrix needs them: per row
+    its number (``rows``) and entry count (``lens``), and either each entry's bucket index
+    (``idx``: 4-byte pairs, open cells) or the row's first index and each entry's step
+    from the one before (``first``, ``steps``: gap and Rice forms, the step of a row's
+    first entry 0), with each entry's count (``counts``; None: 1 each, the Rice forms).
+    A gap form's entries that only carry a step have count 0."""
+
+    __slots__ = ("rows", "lens", "counts", "idx", "first", "steps")
+
+    def __init__(self, rows: np.ndarray, lens: np.ndarray, counts, idx=None, first=None,
+                 steps=None) -> None:
+        self.rows, self.lens, self.counts = rows, lens, counts
+        self.idx, self.first, self.steps = idx, first, steps
+
+    def size(self) -> int:
+        return len(self.idx if self.idx is not None else self.steps)
+
+    def take(self, ok: np.ndarray) -> "Runs":
+        """The rows where ``ok`` (a row's steps start from its own first index)."""
+        keep = np.repeat(ok, self.lens)
+        return Runs(self.rows[ok], self.lens[ok],
+                    None if self.counts is None else self.counts[keep],
+                    None if self.idx is None else self.idx[keep],
+                    None if self.first is None else self.first[ok],
+                    None if self.steps is None else self.steps[keep])
+
+    def _starts(self) -> np.ndarray:
+        return np.cumsum(self.lens) - self.lens
+
+    def nonempty(self) -> "Runs":
+        """The rows with an entry: :meth:`bounds` and :meth:`keys` take a row's first
+        entry at its start, so a row without one (none is packed so) is left out."""
+        return self if self.lens.all() else self.take(self.lens > 0)
+
+    def bounds(self) -> tuple[int, int]:
+        """The smallest and largest bucket index of the entries (rows with entries only)."""
+        if self.idx is not None:
+            return int(self.idx.min()), int(self.idx.max())
+        starts = self._starts()
+        span = np.add.reduceat(self.steps, starts, dtype=np.int64)
+        return int((self.first + self.steps[starts]).min()), int((self.first + span).max())
+
+    def keys(self, base: np.ndarray, lo: int) -> np.ndarray:
+        """Each entry's place ``base[row] + index - lo`` (``base``: per row), in one pass of
+        the steps: a row's first step carries the jump from the previous row's last place,
+        so one cumulative sum gives every place (every row has an entry)."""
+        if self.idx is not None:
+            return np.repeat(base - lo, self.lens) + self.idx
+        starts = self._starts()
+        key0 = base + self.first - lo  # the place of index ``first``
+        out = self.steps.astype(np.int64)
+        end = key0 + np.add.reduceat(self.steps, starts, dtype=np.int64)
+        out[starts] += key0 - np.concatenate(([0], end[:-1]))
+        return np.cumsum(out, out=out)
+
+    def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(bucket index, count, entries per row) of the entries with a count, in int64."""
+        if self.idx is not None:
+            return self.idx, self.counts, self.lens
+        lens = self.lens
+        rowid = np.repeat(np.arange(len(lens)), lens)
+        csum = np.cumsum(self.steps, dtype=np.int64)
+        before = np.concatenate(([0], csum))[np.cumsum(lens) - lens]  # steps before each row
+        idx = self.first[rowid] + csum - before[rowid]
+        if self.counts is None:
+            return idx, np.ones(len(idx), dtype=np.int64), lens
+        cnt = self.counts.astype(np.int64)
+        keep = cnt > 0
+        if not keep.all():
+            lens = np.bincount(rowid[keep], minlength=len(lens)).astype(np.int64)
+            idx, cnt = idx[keep], cnt[keep]
+        return idx, cnt, lens
+
+
+def decode_runs(helds: list[tuple[bytes, tuple]]) -> list[tuple[Runs, np.ndarray]]:
+    """Packed slots (bytes and header from :func:`narrow`) as :class:`Runs`, one per form
+    (slots of one form in one pass; Rice forms' steps slot by slot), each with the position
+    in ``helds`` of each of its rows."""
     forms: dict[int, list] = {}
     for at, (buf, (form, rw, lw, n, rb)) in enumerate(helds):
         if rw:
@@ -244,23 +323,25 @@ def decode(helds: list[tuple[bytes, tuple]]) -> tuple[np.ndarray, ...]:
         rows, lens = rows.astype(np.int64), lens.astype(np.int64)
         if not form:
             idx, cnt = unpack(ent)
-            out.append((rows, lens, idx, cnt, where))
+            out.append((Runs(rows, lens, cnt, idx=idx), where))
             continue
+        first = first.astype(np.int64)
         if form == RICE:
-            g, cnt = ent, np.ones(len(ent), dtype=np.int64)
+            out.append((Runs(rows, lens, None, first=first, steps=ent), where))
         else:
-            gb, cb = GAP_FORMS[form - 1]
-            ent = ent.astype(np.int64)
-            g, cnt = ent >> cb, ent & (2 ** cb - 1)
-        rowid = np.repeat(np.arange(len(lens)), lens)
-        csum = np.cumsum(g)
-        before = np.concatenate(([0], csum))[np.cumsum(lens) - lens]  # steps before each row
-        idx = first.astype(np.int64)[rowid] + csum - before[rowid]
-        keep = cnt > 0
-        if not keep.all():
-            lens = np.bincount(rowid[keep], minlength=len(lens)).astype(np.int64)
-            idx, cnt = idx[keep], cnt[keep]
-        out.append((rows, lens, idx, cnt, where))
+            cb = GAP_FORMS[form - 1][1]
+            out.append((Runs(rows, lens, ent & (2 ** cb - 1), first=first, steps=ent >> cb), where))
+    return out
+
+
+def decode(helds: list[tuple[bytes, tuple]]) -> tuple[np.ndarray, ...]:
+    """Packed slots (bytes and header from :func:`narrow`) as (rows, entries per row,
+    bucket index, count, position in ``helds`` of each row) in int64, the entries with a
+    count only (see :func:`decode_runs`)."""
+    out = []
+    for runs, where in decode_runs(helds):
+        idx, cnt, lens = runs.entries()
+        out.append((runs.rows, lens, idx, cnt, where))
     if len(out) == 1:
         return out[0]
     if not out:

@@ -51,7 +51,7 @@ from typing import Optional
 import numpy as np
 
 from ray_monitor.common.catalog import Metric
-from ray_monitor.aggregator.packing import (PAIR, compact, compact_cells, decode,
+from ray_monitor.aggregator.packing import (PAIR, Runs, compact, compact_cells, decode_runs,
                                             histogram_entries, narrow, pack_histogram,
                                             unnarrow, unpack)
 from ray_monitor.aggregator.label_space import GroupKey, LabelSpace
@@ -330,10 +330,10 @@ class Ring:
         self.sealed[p] = self.epoch
         self.packed[p], self.meta[p] = narrow(rows, lens, pairs)
 
-    def pairs(self, slots) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Histogram entries held in ``slots``: (row of each, bucket index, count)."""
-        at = []  # packed slots, decoded at once
-        tags, idxs, cnts = [], [], []
+    def runs(self, slots) -> list[Runs]:
+        """Histogram entries held in ``slots``, as :class:`~ray_monitor.aggregator.packing.Runs`
+        (packed slots decoded at once, as far as their steps)."""
+        at, out = [], []
         for p in np.ravel(slots).tolist():
             if self.packed[p] is not None:
                 at.append(p)
@@ -341,24 +341,15 @@ class Ring:
             if cells:
                 blobs = list(cells.values())
                 lens = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs)) // PAIR.itemsize
-                tags.append(np.repeat(np.fromiter(cells, dtype=np.int64, count=len(cells)), lens))
                 idx, cnt = unpack(b"".join(blobs))
-                idxs.append(idx)
-                cnts.append(cnt)
+                out.append(Runs(np.fromiter(cells, dtype=np.int64, count=len(cells)), lens, cnt,
+                                idx=idx))
         if at:
             helds = [(self.packed[p], tuple(m)) for p, m in zip(at, self.meta[at].tolist())]
-            rows, lens, idx, cnt, where = decode(helds)
-            ok = self.sealed[np.array(at)[where]] > self.cleared[rows]
-            if not ok.all():
-                keep = np.repeat(ok, lens)
-                rows, lens, idx, cnt = rows[ok], lens[ok], idx[keep], cnt[keep]
-            tags.append(np.repeat(rows, lens))
-            idxs.append(idx)
-            cnts.append(cnt)
-        if not tags:
-            empty = np.zeros(0, dtype=np.int64)
-            return empty, empty, empty
-        return np.concatenate(tags), np.concatenate(idxs), np.concatenate(cnts)
+            for runs, where in decode_runs(helds):
+                ok = self.sealed[np.array(at)[where]] > self.cleared[runs.rows]
+                out.append(runs if ok.all() else runs.take(ok))
+        return out
 
     def nbytes(self) -> int:
         n = sum(getattr(self, c).nbytes for c in self.columns if c not in self.lazy)

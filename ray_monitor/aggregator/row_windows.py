@@ -162,10 +162,12 @@ def step_sums(kind: str, ring: Ring, rows: np.ndarray, pos: np.ndarray, cols: np
         total, count = np.where(has, v, 0.0), has.astype(np.float64)
     else:
         total, count = ring.read("s", idx), ring.read("n", idx)
+    starts = run_starts(pos)
+    if len(starts) == groups == len(rows):  # a row per group (a deployment's one rollup)
+        return total, count  # what reduceat of one-row runs gives, without its pass
     out_t = np.zeros((groups, len(cols)))
     out_c = np.zeros((groups, len(cols)))
     if len(rows):
-        starts = run_starts(pos)
         out_t[pos[starts]] = np.add.reduceat(total, starts, axis=0)
         out_c[pos[starts]] = np.add.reduceat(count, starts, axis=0)
     return out_t, out_c
@@ -240,7 +242,10 @@ class SlidingSteps:
             t[:, kept], c[:, kept] = self.t[:, src], self.c[:, src]
         new = np.flatnonzero(~keep)
         if len(new):
-            t[:, new], c[:, new] = step_sums(table.kind, ring, rows, pos, cols[new], groups)
+            got = step_sums(table.kind, ring, rows, pos, cols[new], groups)
+            if new[-1] - new[0] + 1 == len(new):  # a run of steps: a slice, not a scatter
+                new = slice(int(new[0]), int(new[-1]) + 1)
+            t[:, new], c[:, new] = got
         self.ks, self.t, self.c, self.stamp = ks, t, c, stamp
         return t, c
 

@@ -17,6 +17,7 @@ from typing import Optional
 
 import numpy as np
 
+from ray_monitor.aggregator.packing import Runs
 from ray_monitor.aggregator.rings import Table
 from ray_monitor.aggregator.timeline import Timeline
 
@@ -26,35 +27,54 @@ __all__ = ["SlidingCounts", "bucket_counts", "run_starts", "used_columns", "whol
 _DENSE_CELLS = 50_000_000
 
 
-def _entries(rows: int, parts: list) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Histogram entries ``(row, index, count)`` of ``parts`` in rows below ``rows`` (rows
-    added since the window was read are not in it); None if there are none."""
-    parts = [p for p in parts if len(p[0])]
+def _within(rows: int, parts: list[Runs]) -> list[Runs]:
+    """``parts`` in rows below ``rows`` (rows added since the window was read are not in
+    it), those with entries."""
+    parts = [r if int(r.rows.max()) < rows else r.take(r.rows < rows)
+             for r in parts if len(r.rows)]
+    return [r.nonempty() for r in parts if r.size()]
+
+
+def _bounds(parts: list[Runs]) -> tuple[int, int]:
+    bounds = [r.bounds() for r in parts]
+    return min(b[0] for b in bounds), max(b[1] for b in bounds)
+
+
+def _flat_counts(parts: list[Runs], rows: int, width: int, lo: int) -> np.ndarray:
+    """Counts per (row, bucket index ``lo + j``), flat, as float64: each entry's place comes
+    from one cumulative sum of its run's steps (:meth:`~ray_monitor.aggregator.packing.Runs.keys`),
+    not from its bucket index and row spelt out. Counts are whole numbers: exact in any order."""
+    d = None
+    for r in parts:
+        got = np.bincount(r.keys(r.rows * width, lo), weights=r.counts, minlength=rows * width)
+        if d is None:
+            d = got if got.dtype == np.float64 else got.astype(np.float64)
+        else:
+            d += got
+    return d
+
+
+def bucket_counts(rows: int, parts: list[Runs]) -> tuple[np.ndarray, int, Optional[np.ndarray]]:
+    """Per-row counts of histogram entries (:class:`~ray_monitor.aggregator.packing.Runs`)
+    in rows below ``rows``: ``(d, lo, None)`` with ``d[:, j]`` the counts of bucket index
+    ``lo + j`` over the whole range of indices (columns without a count included), or,
+    where outliers spread that range too wide, ``(d, 0, cols)`` over the indices counted."""
+    parts = _within(rows, parts)
     if not parts:
-        return None
-    tags, idx, cnt = (np.concatenate(c) for c in zip(*parts))
-    keep = tags < rows
-    if not keep.all():
-        tags, idx, cnt = tags[keep], idx[keep], cnt[keep]
-    return (tags, idx, cnt) if len(idx) else None
-
-
-def bucket_counts(rows: int, parts: list) -> tuple[np.ndarray, int, Optional[np.ndarray]]:
-    """Per-row counts of histogram entries ``(row, index, count)``: ``(d, lo, None)`` with
-    ``d[:, j]`` the counts of bucket index ``lo + j`` over the whole range of indices, or,
-    where outliers spread that range too wide, ``(d, 0, cols)`` over the indices used."""
-    got = _entries(rows, parts)
-    if got is None:
         return np.zeros((rows, 0)), 0, None
-    tags, idx, cnt = got
-    lo, hi = int(idx.min()), int(idx.max())
+    lo, hi = _bounds(parts)
     width = hi - lo + 1
-    if rows * width <= _DENSE_CELLS:
-        return np.bincount(tags * width + (idx - lo), weights=cnt,
-                           minlength=rows * width).reshape(rows, width), lo, None
-    cols, inv = np.unique(idx, return_inverse=True)  # index the buckets actually used
-    return np.bincount(tags * len(cols) + inv.ravel(), weights=cnt,
-                       minlength=rows * len(cols)).reshape(rows, len(cols)), 0, cols
+    if rows * width > _DENSE_CELLS:  # index the buckets actually counted
+        tags, idx, cnt = (np.concatenate(c) for c in zip(*(_explicit(r) for r in parts)))
+        cols, inv = np.unique(idx, return_inverse=True)
+        return np.bincount(tags * len(cols) + inv.ravel(), weights=cnt,
+                           minlength=rows * len(cols)).reshape(rows, len(cols)), 0, cols
+    return _flat_counts(parts, rows, width, lo).reshape(rows, width), lo, None
+
+
+def _explicit(r: Runs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    idx, cnt, lens = r.entries()
+    return np.repeat(r.rows, lens), idx, cnt
 
 
 def used_columns(d: np.ndarray, lo: int) -> tuple[np.ndarray, np.ndarray]:
@@ -85,14 +105,13 @@ class SlidingCounts:
     def nbytes(self) -> int:
         return self.d.nbytes
 
-    def add(self, rows: int, parts: list, sign: float) -> bool:
+    def add(self, rows: int, parts: list[Runs], sign: float) -> bool:
         """Adds (``sign`` 1) or takes off (-1) histogram entries; False where the range of
         bucket indices would grow past what a dense matrix holds (then it is rebuilt)."""
-        got = _entries(rows, parts)
-        if got is None:
+        parts = _within(rows, parts)
+        if not parts:
             return True
-        tags, idx, cnt = got
-        lo, hi = int(idx.min()), int(idx.max())
+        lo, hi = _bounds(parts)
         width = self.d.shape[1]
         if width:
             lo, hi = min(lo, self.lo), max(hi, self.lo + width - 1)
@@ -103,8 +122,11 @@ class SlidingCounts:
             d[:, self.lo - lo:self.lo - lo + width] = self.d
             self.d, self.lo = d, lo
         width = self.d.shape[1]
-        self.d += sign * np.bincount(tags * width + (idx - lo), weights=cnt,
-                                     minlength=rows * width).reshape(rows, width)
+        counts = _flat_counts(parts, rows, width, lo).reshape(rows, width)
+        if sign > 0:
+            self.d += counts
+        else:
+            self.d -= counts
         return True
 
     def move(self, tl: Timeline, table: Table, a: int, b: int, rows: int, version: int) -> bool:
@@ -127,9 +149,9 @@ class SlidingCounts:
         ring = table.rings[0]
         leave = ps[ks < a]
         _, enter = tl.columns(0, self.b + 1, b)
-        if len(enter) and not self.add(rows, [ring.pairs(enter)], 1.0):
+        if len(enter) and not self.add(rows, ring.runs(enter), 1.0):
             return False
-        if len(leave) and not self.add(rows, [ring.pairs(leave)], -1.0):
+        if len(leave) and not self.add(rows, ring.runs(leave), -1.0):
             return False
         self.a, self.b, self.stamp = a, b, version
         self.held = len(tl.columns(0, a, b)[0])

@@ -357,7 +357,7 @@ class WindowQuery:
                 return used_columns(sl.d, sl.lo)
             del self._slides[key]
         # a longer window ending alike is read afresh (see SlidingCounts)
-        d, lo, cols = bucket_counts(rows, [ring.pairs(c) for ring, c in sw.pair_src])
+        d, lo, cols = bucket_counts(rows, [r for ring, c in sw.pair_src for r in ring.runs(c)])
         if cols is not None:
             return d, cols
         if slides:

@@ -62,3 +62,61 @@ def test_every_form_decodes_to_the_same_counts(spread, top, rows):
         sizes = {f: n for f, n in sizes.items() if f < RICE}
     assert len(held) == min(sizes.values()), (head, sizes)
 
+
+
+def _dense_totals(d: np.ndarray, lo: int) -> tuple[list, list]:
+    """Count per (row, index) with a count, from a count matrix, in _totals' order."""
+    r, j = np.nonzero(d)
+    return (r * 2 ** 20 + (j + lo + 2 ** 17)).tolist(), d[r, j].astype(np.int64).tolist()
+
+
+@pytest.mark.parametrize("spread,top", [(40, 4), (600, 4), (30, 5000), (3000, 300)])
+def test_runs_place_every_entry_where_its_row_and_index_say(spread, top, monkeypatch):
+    """A window's count matrix places each entry by one cumulative sum of its run's steps
+    (Runs.keys): the same counts per (row, index) as the entries spelt out, in every form,
+    several slots and forms at once, with rows left out (Runs.take) or past the window's."""
+    from ray_monitor.aggregator import window_counts
+    from ray_monitor.aggregator.packing import decode_runs
+    from ray_monitor.aggregator.window_counts import bucket_counts
+
+    rng = np.random.default_rng(spread * 7 + top)
+    rows_, lens, pairs = _cells(rng, 60, spread, top)
+    for form in ALL_FORMS:
+        if form >= RICE and top > 300:
+            continue
+        helds = [narrow(rows_, lens, pairs, forms=(form,)),
+                 narrow(rows_[:3], lens[:3], pairs[:int(lens[:3].sum())], forms=(RICE + 1,))]
+        runs = [r for r, _ in decode_runs(helds)]
+        spelt = [(np.repeat(r.rows, n), idx, cnt) for r in runs for idx, cnt, n in [r.entries()]]
+        tags, idx, cnt = (np.concatenate(c) for c in zip(*spelt))
+        for rows, pick in ((1000, None), (int(rows_[30]), None), (1000, 1)):
+            part = [r.take(r.rows % 2 == 1) for r in runs] if pick else runs
+            keep = (tags < rows) & ((tags % 2 == 1) if pick else True)
+            d, lo, cols = bucket_counts(rows, part)
+            assert cols is None and d.shape[0] == rows
+            want = _totals(tags[keep], np.ones(int(keep.sum()), dtype=np.int64), idx[keep], cnt[keep])
+            assert _dense_totals(d, lo) == want, (form, rows, pick)
+            assert lo == int(idx[keep].min()) and lo + d.shape[1] - 1 == int(idx[keep].max())
+    # outliers spread too wide for a matrix over every index: the indices counted only
+    monkeypatch.setattr(window_counts, "_DENSE_CELLS", 10)
+    d, lo, cols = window_counts.bucket_counts(1000, runs)
+    assert lo == 0 and cols.tolist() == np.unique(idx).tolist()
+    r, j = np.nonzero(d)
+    assert _totals(r, np.ones(len(r), dtype=np.int64), cols[j], d[r, j]) == \
+        _totals(tags, np.ones(len(tags), dtype=np.int64), idx, cnt)
+
+
+def test_a_row_without_entries_takes_no_place():
+    """Rows packed with no entry (none are, but a read must not rely on it) add nothing
+    and do not shift the next row's places."""
+    from ray_monitor.aggregator.packing import Runs
+    from ray_monitor.aggregator.window_counts import bucket_counts
+
+    steps = np.array([0, 2, 0, 0, 5], dtype=np.uint8)
+    for lens in ([2, 0, 1, 2], [2, 1, 2, 0]):
+        runs = Runs(np.array([0, 1, 2, 3]), np.array(lens), np.array([1, 1, 4, 3, 2], dtype=np.uint8),
+                    first=np.array([10, 50, 7, 20]), steps=steps)
+        d, lo, _ = bucket_counts(4, [runs])
+        idx, cnt, n = runs.entries()
+        want = _totals(np.arange(4), n, idx, cnt)
+        assert _dense_totals(d, lo) == want, lens
