@@ -120,9 +120,7 @@ def _promql(q: catalog.Query, cond: Optional[Condition] = None) -> tuple[str, li
     notes: list[str] = []
 
     def sel(name: str, extra: str = "", win: Optional[str] = window) -> str:
-        ms = [f"{m.label}{m.op}{quote(m.value)}" for m in q.matchers] + ([extra] if extra else [])
-        out = name + ("{" + ", ".join(ms) + "}" if ms else "")
-        return out + (f"[{win}]" if win else "")
+        return _selector(q, name, extra, win)
 
     def agg(op: str, inner: str) -> str:
         return f"{op} by ({', '.join(by)}) ({inner})" if by else f"{op} ({inner})"
@@ -184,12 +182,18 @@ def _promql(q: catalog.Query, cond: Optional[Condition] = None) -> tuple[str, li
     return f"1 - ({below} / {count_rate})", notes
 
 
+def _selector(q: catalog.Query, name: str, extra: str = "", win: Optional[str] = None) -> str:
+    """``name{<the query's matchers>, extra}[win]`` (no braces without matchers)."""
+    ms = [f"{m.label}{m.op}{quote(m.value)}" for m in q.matchers] + ([extra] if extra else [])
+    out = name + ("{" + ", ".join(ms) + "}" if ms else "")
+    return out + (f"[{win}]" if win else "")
+
+
 def _bucket_rates(q: catalog.Query) -> str:
     """The per-bucket rates a histogram quantile reads: ``sum by (<by>, le) (rate(..._bucket))``."""
-    by = (q.by or ()) + ("le",)
-    ms = ", ".join(f"{m.label}{m.op}{quote(m.value)}" for m in q.matchers)
-    name = catalog.METRICS[q.metric].prometheus + "_bucket" + ("{" + ms + "}" if ms else "")
-    return f"sum by ({', '.join(by)}) (rate({name}[{format_duration(q.window_s)}]))"
+    name = catalog.METRICS[q.metric].prometheus + "_bucket"
+    return (f"sum by ({', '.join((q.by or ()) + ('le',))}) "
+            f"(rate({_selector(q, name, win=format_duration(q.window_s))}))")
 
 
 def bucket_rates_promql(cond: Condition) -> Optional[str]:
