@@ -54,10 +54,12 @@ class RowWindow:
     def settle(self) -> None:
         """Adds the pending parts' min and max into ``lo`` and ``hi``."""
         for ring, at, out in self.pending:
-            if ring.single:  # one sample per bucket: min and max are that sample
+            if ring.single and not ring.aside_of:  # one sample a bucket: min and max are it
                 last, has = ring.last[at], ring.count(at) > 0
                 lo = np.where(has, last, np.inf).min(axis=1)
                 hi = np.where(has, last, -np.inf).max(axis=1)
+            elif ring.single:  # rows kept aside: their min and max (aside.patch)
+                lo, hi = ring.read("lo", at).min(axis=1), ring.read("hi", at).max(axis=1)
             else:
                 lo, hi = ring.lo[at].min(axis=1), ring.hi[at].max(axis=1)
             np.minimum(self.lo[out], lo, out=self.lo[out])
@@ -142,7 +144,7 @@ def read_rows(tl: Timeline, table: Table, ri: int, a: int, b: int, fine_only: bo
             sw.pair_src.append((ring, cols))
         elif ring.latest:  # parts in time order: the newest column with data holds the latest
             newest = _newest(cnt, any_)
-            sw.last[out] = np.where(any_, ring.last[np.arange(n), cols[newest]], sw.last[out])
+            sw.last[out] = np.where(any_, ring.samples((np.arange(n), cols[newest])), sw.last[out])
             if fine_only:  # the bucket it is in, for a window kept (SlidingGauge)
                 sw.newest_k = np.where(any_, ks[newest], _NONE)
     return sw
@@ -252,12 +254,7 @@ class SlidingSteps:
 
 def _cell_sums(ring: Ring, at: tuple, cnt: Optional[np.ndarray] = None) -> np.ndarray:
     """Per cell of ``at``: the bucket's sum of samples (an empty bucket's: 0)."""
-    if not ring.single:
-        return ring.s[at]
-    last = ring.last[at]
-    if last.dtype.kind == "u" and last.dtype.itemsize <= 2:
-        return last
-    return np.where((ring.count(at) if cnt is None else cnt) > 0, last, 0.0)
+    return ring.sums(at, cnt)
 
 
 def _row_sums(cells: np.ndarray) -> np.ndarray:
@@ -271,7 +268,8 @@ def _exact(ring: Ring, cols) -> bool:
     """Whether the sums of samples of slots ``cols`` add up exactly in any order: every
     sample a whole number of magnitude at most rings.WHOLE_SAMPLE, at most 65,535 a bucket
     (a count column still unsigned), at most 600 buckets."""
-    return (ring.single or ring.n.dtype.kind == "u") and not ring.unwhole[cols].any()
+    counts = ring.aside if ring.single else ring  # rows kept aside: their counts
+    return (counts is None or counts.n.dtype.kind == "u") and not ring.unwhole[cols].any()
 
 
 class SlidingGauge:
@@ -323,7 +321,7 @@ class SlidingGauge:
             s += _row_sums(_cell_sums(ring, at, cnt))
             any_ = n > 0
             newest = _newest(cnt, any_)
-            last = np.where(any_, ring.last[rows, cols[newest]], last)
+            last = np.where(any_, ring.samples((rows, cols[newest])), last)
             newest_k = np.where(any_, ks[newest], _NONE)
         self.n[rows], self.s[rows], self.last[rows], self.newest_k[rows] = n, s, last, newest_k
 
@@ -374,7 +372,7 @@ class SlidingGauge:
             if len(got):
                 col = len(enter) - 1 - has[got][:, ::-1].argmax(axis=1)
                 newest_k[got] = ek[col]
-                last[got] = ring.last[got, enter[col]]
+                last[got] = ring.samples((got, enter[col]))
         if len(leave):
             cnt = ring.count((every, leave))
             n -= whole_sums(cnt)

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 
+from ray_monitor.aggregator import aside
 from ray_monitor.aggregator.packing import GAP_FORMS, RICE
 from ray_monitor.aggregator.window_query import WindowQuery
 from ray_monitor.aggregator.windows import WindowStore
@@ -43,7 +44,10 @@ def _compare(store: WindowStore, samples: dict, now: float) -> int:
     return compared
 
 
-def test_compact_rings_give_the_reference_values_over_a_long_random_sequence():
+@pytest.mark.parametrize("aside_rows", [aside.ASIDE_ROWS, 0])
+def test_compact_rings_give_the_reference_values_over_a_long_random_sequence(aside_rows, monkeypatch):
+    # aside_rows 0: a per-series gauge row with two samples in a bucket unfolds the ring
+    monkeypatch.setattr(aside, "ASIDE_ROWS", aside_rows)
     clock = Clock(T0 - 400)
     # a 60 s fine ring wraps five times: every slot is packed, cleared and reused
     store = WindowStore(resolutions=((1.0, 60), (10.0, 60)), clock=clock)
@@ -111,10 +115,12 @@ def test_compact_rings_give_the_reference_values_over_a_long_random_sequence():
         if i % 37 == 36 or i in (262, 266, 299, 300, 399):
             compared += _compare(store, samples, clock.t + 0.3)
     assert compared > 10 * 16 * 4 * 3 * 3
-    # the rings did widen and unfold (else this test would not cover those paths)
+    # the rings did widen and unfold or keep rows aside (else this test would not cover
+    # those paths)
     lat = store._tables["latency_seconds"]
     assert lat.series_ring.n.dtype == np.float64
-    assert not store._tables["inflight"].series_ring.single
+    inflight = store._tables["inflight"].series_ring
+    assert (inflight.single and inflight.aside_of) if aside_rows else not inflight.single
     assert store._tables["cpu_percent"].series_ring.single  # never written: stays compact
     # complete buckets are held in gap forms (with long steps and large counts continued),
     # Rice forms (few observations a second) and, where those would take more room
@@ -325,3 +331,55 @@ def test_the_zero_bucket_column_is_made_at_its_first_observation_and_reads_the_s
     assert list(below.values()) == [pytest.approx(39 / 40)]  # the one 0.0 is not above
     low = store.evaluate(Query("min", "latency_seconds", 30.0), now)
     assert list(low.values()) == [0.0]
+
+
+def test_the_overflow_series_is_kept_aside_and_the_other_rows_stay_compact(monkeypatch):
+    """At the series cap the overflow series ``other`` gets a sample per folded replica a
+    second: its row is kept aside with every column while every other row keeps one
+    sample a bucket (5 bytes), and every per-series gauge answer, round after round (kept
+    windows included), is the one of the ring unfolded (``ASIDE_ROWS`` 0, as before) and
+    of a ring that unfolds later with its rows aside merged back (``ASIDE_ROWS`` 1 and a
+    replica that reports twice in a second)."""
+    names = {"aside": aside.ASIDE_ROWS, "unfolded": 0, "merged": 1}
+    clocks = {name: Clock(T0) for name in names}
+    stores = {name: WindowStore(clock=clocks[name], max_series_per_metric=4) for name in names}
+    rng = np.random.default_rng(19)
+    replicas = [(f"d{i % 2}", f"r{i}") for i in range(7)]  # 3 past the cap fold into other
+    queries = [Query(f, "inflight", w, by=by)
+               for f in ("min", "max", "avg", "last", "count", "sum")
+               for w in (1.0, 10.0, 60.0, 300.0) for by in (None, ("replica",), ("deployment",))]
+    seq = 0
+    for sec in range(90):
+        t = T0 + sec + 1.0
+        sends = [(dep, rep, t) for dep, rep in replicas]
+        if sec == 60:  # a real series with two samples in one second
+            sends.append(("d0", "r0", t + 0.3))
+        for dep, rep, end in sends:
+            seq += 1
+            value = float(rng.integers(0, 9))
+            if sec in (20, 21) and rep == "r6":
+                value = 2.5  # not a whole number: sums re-added, not slid
+            if sec == 40 and rep == "r5":
+                value = 300.0  # past a byte
+            for name, rows in names.items():
+                clocks[name].t = end + 0.5
+                with monkeypatch.context() as m:
+                    m.setattr(aside, "ASIDE_ROWS", rows)
+                    stores[name].ingest(ReplicaSnapshot(ident(rep, dep), seq, end - 1.0, end + 0.4,
+                                                        [], {"__call__": value}, None))
+        got = {}
+        for name, store in stores.items():
+            store.begin_round()
+            got[name] = [store.evaluate(query) for query in queries]
+            store.end_round()
+        assert got["aside"] == got["unfolded"] == got["merged"], sec
+        other = (("replica", "other"),)
+        assert got["aside"][queries.index(Query("count", "inflight", 1.0, by=("replica",)))][other] == 3.0
+    table = stores["aside"]._tables["inflight"]
+    ring = table.series_ring
+    assert ring.single and dict(ring.aside_of) == {table.series.index[table.other]: 0,
+                                                   table.series.index[("app", "d0", "r0", "__call__", "v1")]: 1}
+    # a byte and a float32 offset a cell (the 300 went to other, aside)
+    assert ring.nbytes() - ring.aside.nbytes() == ring.rows * ring.slots * (1 + 4)
+    assert not stores["unfolded"]._tables["inflight"].series_ring.single
+    assert not stores["merged"]._tables["inflight"].series_ring.single
