@@ -240,11 +240,11 @@ class Ring:
         """A single-sample gauge ring gets every column: a bucket has a second sample."""
         full = _COLUMNS["gauge"]
         has = self.to > -np.inf
+        self.last = self.last.astype(np.float64)  # first: float32 samples' sums in float64
         self.s = np.where(has, self.last, full["s"][1])
         self.lo = np.where(has, self.last, full["lo"][1])
         self.hi = np.where(has, self.last, full["hi"][1])
         self.n = has.astype(full["n"][0])
-        self.last = self.last.astype(np.float64)
         if self.aside is not None:
             merge_back(self)
         self.columns = {c: (getattr(self, c).dtype.type, fill) for c, (_, fill) in full.items()}
@@ -256,15 +256,16 @@ class Ring:
         a = self.last[index]
         return patch(self, a, index, "last") if self.aside_of else a
 
-    def sums(self, index, cnt: Optional[np.ndarray] = None) -> np.ndarray:
+    def sums(self, index, cnt: Optional[np.ndarray] = None, aside: bool = True) -> np.ndarray:
         """Per bucket of ``[index]``: its sum of samples (an empty bucket's: 0); of a
-        single-sample ring, that sample (whole numbers of 1-2 bytes as they are held)."""
+        single-sample ring, that sample (whole numbers of 1-2 bytes as they are held; rows
+        kept aside read 0 unless ``aside``: see aside.rows_in)."""
         if not self.single:
             return self.s[index]
         last = self.last[index]
         if not (last.dtype.kind == "u" and last.dtype.itemsize <= 2):
             last = np.where((self.count(index) if cnt is None else cnt) > 0, last, 0.0)
-        return patch(self, last, index, "s") if self.aside_of else last
+        return patch(self, last, index, "s") if aside and self.aside_of else last
 
     def read(self, column: str, index) -> np.ndarray:
         """``column[index]`` as float64 (a single-sample ring derives n, s, lo, hi; a
@@ -273,8 +274,7 @@ class Ring:
             has = self.to[index] > -np.inf
             got = has.astype(np.float64) if column == "n" else \
                 np.where(has, self.last[index], _COLUMNS["gauge"][column][1])
-            return patch(self, got.astype(np.float64, copy=False), index, column
-                         ).astype(np.float64, copy=False) if self.aside_of else got
+            return patch(self, got, index, column, fresh=True) if self.aside_of else got
         if self.single and self.aside_of and column in ("last", "to"):
             return patch(self, getattr(self, column)[index], index, column).astype(np.float64)
         a = getattr(self, column)[index]
@@ -282,12 +282,13 @@ class Ring:
             return np.where(a == 0, np.nan, a - 1.0)
         return a.astype(np.float64, copy=False)
 
-    def count(self, index) -> np.ndarray:
+    def count(self, index, aside: bool = True) -> np.ndarray:
         """Samples (observations) per bucket of ``n[index]``, in its own type (a
-        single-sample ring holds no count: a bucket has a sample where it has an offset)."""
+        single-sample ring holds no count: a bucket has a sample where it has an offset;
+        rows kept aside read 0 unless ``aside``)."""
         if self.single:
             has = (self.to[index] > -np.inf).view(np.uint8)
-            return patch(self, has, index, "n") if self.aside_of else has
+            return patch(self, has, index, "n") if aside and self.aside_of else has
         return self.n[index]
 
     def has(self, index) -> np.ndarray:
