@@ -13,6 +13,9 @@ query asks for them (``last`` and ``sum`` do not), the newest bucket with data i
 from the last column first (every series reporting each second has data there), and a
 round one second after the last adds the second that entered and takes off the one that
 left. Per-step sums are summed per step, so a kept step is the one a fresh read makes.
+Rows kept aside (:mod:`~ray_monitor.aggregator.aside`: the overflow series at the series
+cap) get their own counts, sums, min, max and latest put in, not their cells into a copy
+of the window's.
 Whatever is kept gives exactly a fresh read's figures (tests/unit/test_kept_windows.py
 compares them every round, bit for bit).
 """
