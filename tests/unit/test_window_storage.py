@@ -333,6 +333,27 @@ def test_the_zero_bucket_column_is_made_at_its_first_observation_and_reads_the_s
     assert list(low.values()) == [0.0]
 
 
+def _send(stores: dict, clocks: dict, names: dict, monkeypatch, snap: ReplicaSnapshot) -> None:
+    """``snap`` into every store, each holding at most ``names[store]`` rows aside."""
+    for name, rows in names.items():
+        clocks[name].t = snap.end + 0.1
+        with monkeypatch.context() as m:
+            m.setattr(aside, "ASIDE_ROWS", rows)
+            stores[name].ingest(snap)
+
+
+def _round(stores: dict, queries: list, expire: bool = False) -> dict:
+    """A rule round of every store: each query's answer, by store."""
+    got = {}
+    for name, store in stores.items():
+        store.begin_round()
+        got[name] = [store.evaluate(query) for query in queries]
+        store.end_round()
+        if expire:
+            store.expire()
+    return got
+
+
 def test_the_overflow_series_is_kept_aside_and_the_other_rows_stay_compact(monkeypatch):
     """At the series cap the overflow series ``other`` gets a sample per folded replica a
     second: its row is kept aside with every column while every other row keeps one
@@ -361,17 +382,9 @@ def test_the_overflow_series_is_kept_aside_and_the_other_rows_stay_compact(monke
                 value = 2.5  # not a whole number: sums re-added, not slid
             if sec == 40 and rep == "r5":
                 value = 300.0  # past a byte
-            for name, rows in names.items():
-                clocks[name].t = end + 0.5
-                with monkeypatch.context() as m:
-                    m.setattr(aside, "ASIDE_ROWS", rows)
-                    stores[name].ingest(ReplicaSnapshot(ident(rep, dep), seq, end - 1.0, end + 0.4,
-                                                        [], {"__call__": value}, None))
-        got = {}
-        for name, store in stores.items():
-            store.begin_round()
-            got[name] = [store.evaluate(query) for query in queries]
-            store.end_round()
+            _send(stores, clocks, names, monkeypatch,
+                  ReplicaSnapshot(ident(rep, dep), seq, end - 1.0, end + 0.4, [], {"__call__": value}, None))
+        got = _round(stores, queries)
         assert got["aside"] == got["unfolded"] == got["merged"], sec
         other = (("replica", "other"),)
         assert got["aside"][queries.index(Query("count", "inflight", 1.0, by=("replica",)))][other] == 3.0
@@ -424,20 +437,11 @@ def test_rows_kept_aside_read_as_the_unfolded_ring_in_every_form(monkeypatch):
             value = float(rng.integers(0, 9)) if sec < 15 else \
                 2.5 * int(rng.integers(0, 4)) if sec < 30 else float(rng.normal(3.0, 2.0))
             dep = f"d{int(rep[1:]) % 2}"
-            for name, rows in names.items():
-                clocks[name].t = end + 0.5
-                with monkeypatch.context() as m:
-                    m.setattr(aside, "ASIDE_ROWS", rows)
-                    stores[name].ingest(ReplicaSnapshot(ident(rep, dep), seq, end - 1.0, end + 0.4,
-                                                        [], {"__call__": value}, None))
+            _send(stores, clocks, names, monkeypatch,
+                  ReplicaSnapshot(ident(rep, dep), seq, end - 1.0, end + 0.4, [], {"__call__": value}, None))
         if 50 <= sec < 85:  # no rounds: the next one reads afresh (r3 aside, silent since 70)
             continue
-        got = {}
-        for name, store in stores.items():
-            store.begin_round()
-            got[name] = [store.evaluate(query) for query in queries]
-            store.end_round()
-            store.expire()
+        got = _round(stores, queries, expire=True)
         for query, a, b in zip(queries, got["aside"], got["unfolded"]):
             assert a == b, (sec, query)
         ring = stores["aside"]._tables["inflight"].series_ring
