@@ -7,6 +7,9 @@
         DEPLOYMENTS FILL ROUNDS [RESULTS_PREFIX] [EVENTS]
     # and compare two runs' results byte for byte
     .venv/bin/python benchmarks/rounds_ab.py compare PREFIX_A PREFIX_B ROUNDS
+    # a store pickled by a tree that unfolded a per-series gauge ring (its overflow row
+    # several samples a bucket), held as aggregator/aside.py holds it (RESULTS.md §31)
+    .venv/bin/python benchmarks/rounds_ab.py aside STORE.pkl OUT.pkl
 
 A round is the benchmark's: one second of new snapshots, then ``begin_round``, the
 ``bench_aggregator.queries`` (1,000), ``end_round``; each round's CPU time
@@ -32,6 +35,8 @@ import gc
 import pickle
 import sys
 import time
+
+import numpy as np
 
 from bench_aggregator import Clock, queries, snapshot_maker
 from ray_monitor.aggregator import window_query
@@ -129,6 +134,45 @@ def compare(a: str, b: str, count: int) -> None:
     print(f"rounds {count}, results compared {total}, differing {bad}")
 
 
+def refold(path: str, out: str) -> None:
+    """Each per-series gauge ring unfolded for a few rows with several samples a bucket,
+    held as the tree with aggregator/aside.py builds it: those rows aside with every
+    column, the rest one sample (in the narrowest type holding them all) and its offset."""
+    from ray_monitor.aggregator import aside  # here: an older tree plays rounds too
+    from ray_monitor.aggregator.rings import Ring, fits
+    with open(path, "rb") as f:
+        store = pickle.load(f)
+    for name, t in store._tables.items():
+        r = t.series_ring
+        if t.kind != "gauge" or not t.has_drops or r.single:
+            continue
+        multi = np.flatnonzero((r.n > 1).any(axis=1))
+        if len(multi) > aside.ASIDE_ROWS:
+            continue
+        before = r.nbytes()
+        side = Ring(r.step, r.slots, "gauge")
+        for c in ("n", "s", "lo", "hi", "last", "to"):
+            setattr(side, c, getattr(r, c)[multi].copy())
+            side.columns[c] = (getattr(side, c).dtype.type, side.columns[c][1])
+            side.top[c] = r.top[c]
+        last, to = r.last.copy(), r.to.copy()
+        last[multi], to[multi] = 0.0, -np.inf
+        held = last[to > -np.inf]
+        dtype = next(d for d in (np.uint8, np.uint16, np.float32, np.float64)
+                     if all(fits(np.dtype(d), x) for x in np.unique(held).tolist()))
+        for c in ("n", "s", "lo", "hi"):
+            delattr(r, c)
+        r.last, r.to = last.astype(dtype), to
+        r.columns = {"last": (dtype, 0), "to": (np.float32, -np.inf)}
+        tops = {np.uint8: 255, np.uint16: 65535, np.float32: 2 ** 24, np.float64: 2 ** 53}
+        r.top = {"last": tops[dtype], "to": 2 ** 24}  # as rings._TOP
+        r.single = True
+        r.aside, r.aside_of, r.aside_free = side, dict(zip(multi.tolist(), range(len(multi)))), []
+        print(f"{name}: {len(multi)} rows aside, {before / 1e6:.1f} MB -> {r.nbytes() / 1e6:.1f} MB")
+    with open(out, "wb") as f:
+        pickle.dump(store, f, protocol=5)
+
+
 def main() -> None:
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "fill":
@@ -136,6 +180,8 @@ def main() -> None:
     elif mode == "rounds":
         rounds(args[0], int(args[1]), int(args[2]), int(args[3]), args[4] if len(args) > 4 else "",
                args[5] if len(args) > 5 else "")
+    elif mode == "aside":
+        refold(args[0], args[1])
     elif mode == "compare":
         compare(args[0], args[1], int(args[2]))
     else:

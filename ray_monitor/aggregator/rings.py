@@ -22,8 +22,10 @@ has left it and the next one: deltas land in the second of their midpoint, so th
 behind the clock still fills) its rows are compacted, sorted and packed into one bytes
 object per slot, with no Python object per bucket. A per-series gauge
 ring (one report a second) keeps only each bucket's sample (a uint8 while every sample is
-a whole number 0-255, widening like counts) and its offset until some bucket gets a second
-one, and every column from then on (:meth:`Ring.unfold`). Each series' value since the
+a whole number 0-255, widening like counts) and its offset; a row with a second sample in
+a bucket (the overflow series ``other``) is kept aside with every column
+(:mod:`~ray_monitor.aggregator.aside`), and past a few such rows the whole ring keeps
+every column (:meth:`Ring.unfold`). Each series' value since the
 store started (for ``/metrics``) is in :mod:`~ray_monitor.aggregator.totals`.
 Every sample is written into every resolution, so a coarse bucket is exactly the union of
 its fine buckets.
@@ -46,11 +48,13 @@ was created).
 
 from __future__ import annotations
 
-from typing import Optional
+from types import MappingProxyType
+from typing import Mapping, Optional
 
 import numpy as np
 
 from ray_monitor.common.catalog import Metric
+from ray_monitor.aggregator.aside import add_sample, merge_back, patch, put_aside
 from ray_monitor.aggregator.packing import (PAIR, Runs, compact, compact_cells, decode_runs,
                                             histogram_entries, narrow, pack_histogram,
                                             unnarrow, unpack)
@@ -133,8 +137,13 @@ class Ring:
     :func:`~ray_monitor.aggregator.packing.narrow`), with no object per cell. A slot's
     packed entries of a row count only if the slot was sealed after the row was last
     cleared (``sealed[slot] > cleared[row]``: rows are reused). ``single``: a per-series gauge ring that keeps only the sample
-    and its offset until some bucket gets a second sample (then it keeps every column).
+    and its offset; a row with a second sample in a bucket is kept aside with every
+    column (``aside``: :mod:`~ray_monitor.aggregator.aside`), and past ``ASIDE_ROWS``
+    such rows the whole ring keeps every column (:meth:`unfold`).
     """
+
+    aside: Optional["Ring"] = None  # class defaults: a ring pickled before has none
+    aside_of: Mapping[int, int] = MappingProxyType({})  # row -> its row in ``aside``
 
     def __init__(self, step: float, slots: int, kind: str, single: bool = False,
                  latest: bool = True) -> None:
@@ -231,34 +240,55 @@ class Ring:
         """A single-sample gauge ring gets every column: a bucket has a second sample."""
         full = _COLUMNS["gauge"]
         has = self.to > -np.inf
+        self.last = self.last.astype(np.float64)  # first: float32 samples' sums in float64
         self.s = np.where(has, self.last, full["s"][1])
         self.lo = np.where(has, self.last, full["lo"][1])
         self.hi = np.where(has, self.last, full["hi"][1])
         self.n = has.astype(full["n"][0])
-        self.last = self.last.astype(np.float64)
+        if self.aside is not None:
+            merge_back(self)
         self.columns = {c: (getattr(self, c).dtype.type, fill) for c, (_, fill) in full.items()}
         self.top = {c: _TOP[np.dtype(d)] for c, (d, _) in self.columns.items()}
         self.single = False
+
+    def samples(self, index) -> np.ndarray:
+        """The latest sample of each bucket of ``[index]`` (of rows kept aside too)."""
+        a = self.last[index]
+        return patch(self, a, index, "last") if self.aside_of else a
+
+    def sums(self, index, cnt: Optional[np.ndarray] = None, aside: bool = True) -> np.ndarray:
+        """Per bucket of ``[index]``: its sum of samples (an empty bucket's: 0); of a
+        single-sample ring, that sample (whole numbers of 1-2 bytes as they are held; rows
+        kept aside read 0 unless ``aside``: see aside.rows_in)."""
+        if not self.single:
+            return self.s[index]
+        last = self.last[index]
+        if not (last.dtype.kind == "u" and last.dtype.itemsize <= 2):
+            last = np.where((self.count(index) if cnt is None else cnt) > 0, last, 0.0)
+        return patch(self, last, index, "s") if aside and self.aside_of else last
 
     def read(self, column: str, index) -> np.ndarray:
         """``column[index]`` as float64 (a single-sample ring derives n, s, lo, hi; a
         counter ring's empty buckets read NaN)."""
         if self.single and column in ("n", "s", "lo", "hi"):
             has = self.to[index] > -np.inf
-            if column == "n":
-                return has.astype(np.float64)
-            fill = _COLUMNS["gauge"][column][1]
-            return np.where(has, self.last[index], fill)
+            got = has.astype(np.float64) if column == "n" else \
+                np.where(has, self.last[index], _COLUMNS["gauge"][column][1])
+            return patch(self, got, index, column, fresh=True) if self.aside_of else got
+        if self.single and self.aside_of and column in ("last", "to"):
+            return patch(self, getattr(self, column)[index], index, column).astype(np.float64)
         a = getattr(self, column)[index]
         if self.kind == "counter" and a.dtype.kind == "u":
             return np.where(a == 0, np.nan, a - 1.0)
         return a.astype(np.float64, copy=False)
 
-    def count(self, index) -> np.ndarray:
+    def count(self, index, aside: bool = True) -> np.ndarray:
         """Samples (observations) per bucket of ``n[index]``, in its own type (a
-        single-sample ring holds no count: a bucket has a sample where it has an offset)."""
+        single-sample ring holds no count: a bucket has a sample where it has an offset;
+        rows kept aside read 0 unless ``aside``)."""
         if self.single:
-            return (self.to[index] > -np.inf).view(np.uint8)
+            has = (self.to[index] > -np.inf).view(np.uint8)
+            return patch(self, has, index, "n") if aside and self.aside_of else has
         return self.n[index]
 
     def has(self, index) -> np.ndarray:
@@ -273,6 +303,13 @@ class Ring:
         for c, (_, fill) in self.columns.items():
             if c not in self.lazy:  # a lazy column holds only its empty value
                 getattr(self, c)[rows, slots] = fill
+        if self.aside is not None:
+            if isinstance(rows, slice):
+                self.aside.clear(slice(None), slots)
+            elif rows in self.aside_of:  # the row is emptied (reused): compact again
+                i = self.aside_of.pop(rows)
+                self.aside.clear(i, slice(None))
+                self.aside_free.append(i)
         if isinstance(rows, slice):
             self.unwhole[slots] = False
             self.reused += self.slots if isinstance(slots, slice) else len(slots)
@@ -353,6 +390,8 @@ class Ring:
 
     def nbytes(self) -> int:
         n = sum(getattr(self, c).nbytes for c in self.columns if c not in self.lazy)
+        if self.aside is not None:
+            n += self.aside.nbytes()
         if self.kind == "histogram":
             n += self.cleared.nbytes + self.sealed.nbytes + self.meta.nbytes
             n += sum(len(held) + 33 for held in self.packed if held is not None)
@@ -503,32 +542,19 @@ class Table:
             if not whole:
                 ring.unwhole[p] = True
             if ring.single:
-                if ring.to[r, p] == -np.inf:
-                    if ring.last.dtype != _F64 and not fits(ring.last.dtype, value):
-                        ring.widen("last", value)
-                    ring.last[r, p] = value
-                    ring.to[r, p] = off
+                i = ring.aside_of.get(r)
+                if i is None:
+                    if ring.to[r, p] == -np.inf:
+                        if ring.last.dtype != _F64 and not fits(ring.last.dtype, value):
+                            ring.widen("last", value)
+                        ring.last[r, p] = value
+                        ring.to[r, p] = off
+                        continue
+                    i = put_aside(ring, r)  # a second sample in the bucket
+                if i is not None:
+                    add_sample(ring.aside, i, p, value, off)
                     continue
-                ring.unfold()
-            if ring.n[r, p]:
-                n = float(ring.n[r, p]) + 1
-                if not fits(ring.n.dtype, n):
-                    ring.widen("n", n)
-                ring.n[r, p] = n
-                ring.s[r, p] += value
-                if value < ring.lo[r, p]:
-                    ring.lo[r, p] = value
-                if value > ring.hi[r, p]:
-                    ring.hi[r, p] = value
-                if ring.latest and off >= ring.to[r, p]:
-                    ring.last[r, p] = value
-                    ring.to[r, p] = off
-            else:
-                ring.n[r, p] = 1
-                ring.s[r, p] = ring.lo[r, p] = ring.hi[r, p] = value
-                if ring.latest:
-                    ring.last[r, p] = value
-                    ring.to[r, p] = off
+            add_sample(ring, r, p, value, off)
         self.totals.set(row, value, t)
 
     def add_hist(self, row: int, where, h: Histogram, now: float,

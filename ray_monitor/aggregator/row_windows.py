@@ -13,6 +13,9 @@ query asks for them (``last`` and ``sum`` do not), the newest bucket with data i
 from the last column first (every series reporting each second has data there), and a
 round one second after the last adds the second that entered and takes off the one that
 left. Per-step sums are summed per step, so a kept step is the one a fresh read makes.
+Rows kept aside (:mod:`~ray_monitor.aggregator.aside`: the overflow series at the series
+cap) get their own counts, sums, min, max and latest put in, not their cells into a copy
+of the window's.
 Whatever is kept gives exactly a fresh read's figures (tests/unit/test_kept_windows.py
 compares them every round, bit for bit).
 """
@@ -24,6 +27,7 @@ from typing import Optional
 
 import numpy as np
 
+from ray_monitor.aggregator.aside import Rows, rows_in
 from ray_monitor.aggregator.rings import Ring, Table
 from ray_monitor.aggregator.timeline import Timeline
 from ray_monitor.aggregator.window_counts import run_starts, whole_sums
@@ -54,10 +58,14 @@ class RowWindow:
     def settle(self) -> None:
         """Adds the pending parts' min and max into ``lo`` and ``hi``."""
         for ring, at, out in self.pending:
-            if ring.single:  # one sample per bucket: min and max are that sample
-                last, has = ring.last[at], ring.count(at) > 0
+            if ring.single:  # one sample a bucket: min and max are it
+                last, has = ring.last[at], ring.count(at, aside=False) > 0
                 lo = np.where(has, last, np.inf).min(axis=1)
                 hi = np.where(has, last, -np.inf).max(axis=1)
+                side = rows_in(ring, at)
+                if side is not None:  # rows kept aside: their own
+                    lo[side.pos] = side.cells("lo").min(axis=1)
+                    hi[side.pos] = side.cells("hi").max(axis=1)
             else:
                 lo, hi = ring.lo[at].min(axis=1), ring.hi[at].max(axis=1)
             np.minimum(self.lo[out], lo, out=self.lo[out])
@@ -93,15 +101,42 @@ def _empty(kind: str, sw: RowWindow, rows: int) -> None:
         sw.last = np.zeros(rows)
 
 
-def _newest(cnt: np.ndarray, any_: np.ndarray) -> np.ndarray:
+def _newest(cnt: np.ndarray, any_: np.ndarray, side: Optional[Rows] = None) -> np.ndarray:
     """Per row, the column of the newest bucket with data (rows without any: the last
     column, as ``argmax`` of no data gives): the last column where it has data, which is
-    every row reporting each second, else a search of those rows only."""
+    every row reporting each second, else a search of those rows only (rows kept aside
+    ``side``: of their own counts)."""
     newest = np.full(len(cnt), cnt.shape[1] - 1, dtype=np.int64)
     rest = np.flatnonzero(any_ & (cnt[:, -1] == 0))
     if len(rest):
         newest[rest] -= (cnt[rest][:, ::-1] > 0).argmax(axis=1)
+    if side is not None:
+        newest[side.pos] = _newest(side.cells("n"), any_[side.pos])
     return newest
+
+
+def _sums(ring: Ring, at: tuple, cnt: Optional[np.ndarray] = None,
+          ) -> tuple[np.ndarray, Optional[Rows]]:
+    """Per row of ``at``: its sum of samples as a fresh read adds them, and the rows kept
+    aside (None: none). The single cells are summed as they are held and each row aside
+    gets its own sum (aside.Rows.row_sums: an unfolded ring's bits), so that a window is
+    not copied to put that one row in (issue 15: the first round at 10,000 capped)."""
+    s = _row_sums(ring.sums(at, cnt, aside=False))
+    side = rows_in(ring, at)
+    if side is not None:
+        s[side.pos] = side.row_sums("s")
+    return s, side
+
+
+def _counts_sums(ring: Ring, at: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray, Optional[Rows]]:
+    """Per row of ``at``: the counts of its buckets (a row kept aside reads none here),
+    its samples and its sum of samples (a row kept aside: its own), and the rows aside."""
+    cnt = ring.count(at, aside=False)
+    s, side = _sums(ring, at, cnt)
+    n = whole_sums(cnt)
+    if side is not None:
+        n[side.pos] = whole_sums(side.cells("n"))
+    return cnt, n, s, side
 
 
 def read_rows(tl: Timeline, table: Table, ri: int, a: int, b: int, fine_only: bool,
@@ -128,21 +163,20 @@ def read_rows(tl: Timeline, table: Table, ri: int, a: int, b: int, fine_only: bo
             sw.present[out] |= has.any(axis=1)
             sw.v[out] += np.where(has, v, 0.0).sum(axis=1)
             continue
-        cnt = ring.count(at)
-        n_sum = whole_sums(cnt)
+        # one sample per bucket (ring.single): the sum is that sample; an empty bucket's
+        # sample is 0: whole-number samples add up as integers
+        cnt, n_sum, s_sum, side = _counts_sums(ring, at)
         any_ = n_sum > 0  # counts are whole numbers >= 0: any bucket with data
         sw.present[out] |= any_
         sw.n[out] += n_sum
-        # one sample per bucket (ring.single): the sum is that sample; an empty bucket's
-        # sample is 0: whole-number samples add up as integers
-        sw.s[out] += _row_sums(_cell_sums(ring, at, cnt))
+        sw.s[out] += s_sum
         sw.pending.append((ring, at, out))  # min and max: when a query reads them
         if kind == "histogram":
             sw.z[out] += ring.z[at].sum(axis=1, dtype=np.float64)
             sw.pair_src.append((ring, cols))
         elif ring.latest:  # parts in time order: the newest column with data holds the latest
-            newest = _newest(cnt, any_)
-            sw.last[out] = np.where(any_, ring.last[np.arange(n), cols[newest]], sw.last[out])
+            newest = _newest(cnt, any_, side)
+            sw.last[out] = np.where(any_, ring.samples((np.arange(n), cols[newest])), sw.last[out])
             if fine_only:  # the bucket it is in, for a window kept (SlidingGauge)
                 sw.newest_k = np.where(any_, ks[newest], _NONE)
     return sw
@@ -250,16 +284,6 @@ class SlidingSteps:
         return t, c
 
 
-def _cell_sums(ring: Ring, at: tuple, cnt: Optional[np.ndarray] = None) -> np.ndarray:
-    """Per cell of ``at``: the bucket's sum of samples (an empty bucket's: 0)."""
-    if not ring.single:
-        return ring.s[at]
-    last = ring.last[at]
-    if last.dtype.kind == "u" and last.dtype.itemsize <= 2:
-        return last
-    return np.where((ring.count(at) if cnt is None else cnt) > 0, last, 0.0)
-
-
 def _row_sums(cells: np.ndarray) -> np.ndarray:
     """Per row, as a fresh read adds them (whole-number samples as integers)."""
     if cells.dtype.kind == "u" and cells.dtype.itemsize <= 2:
@@ -271,7 +295,8 @@ def _exact(ring: Ring, cols) -> bool:
     """Whether the sums of samples of slots ``cols`` add up exactly in any order: every
     sample a whole number of magnitude at most rings.WHOLE_SAMPLE, at most 65,535 a bucket
     (a count column still unsigned), at most 600 buckets."""
-    return (ring.single or ring.n.dtype.kind == "u") and not ring.unwhole[cols].any()
+    counts = ring.aside if ring.single else ring  # rows kept aside: their counts
+    return (counts is None or counts.n.dtype.kind == "u") and not ring.unwhole[cols].any()
 
 
 class SlidingGauge:
@@ -317,13 +342,12 @@ class SlidingGauge:
         n, s = np.zeros(len(rows)), np.zeros(len(rows))
         last, newest_k = np.zeros(len(rows)), np.full(len(rows), _NONE, dtype=np.int64)
         if len(cols):
-            at = np.ix_(rows, cols)
-            cnt = ring.count(at)
-            n += whole_sums(cnt)
-            s += _row_sums(_cell_sums(ring, at, cnt))
+            cnt, got_n, got_s, side = _counts_sums(ring, np.ix_(rows, cols))
+            n += got_n
+            s += got_s
             any_ = n > 0
-            newest = _newest(cnt, any_)
-            last = np.where(any_, ring.last[rows, cols[newest]], last)
+            newest = _newest(cnt, any_, side)
+            last = np.where(any_, ring.samples((rows, cols[newest])), last)
             newest_k = np.where(any_, ks[newest], _NONE)
         self.n[rows], self.s[rows], self.last[rows], self.newest_k[rows] = n, s, last, newest_k
 
@@ -368,18 +392,18 @@ class SlidingGauge:
             cnt = ring.count((every, enter))
             n += whole_sums(cnt)
             if slide:
-                s += _row_sums(_cell_sums(ring, (every, enter), cnt))
+                s += _row_sums(ring.sums((every, enter), cnt))  # a few columns: patched
             has = cnt > 0
             got = np.flatnonzero(has.any(axis=1))
             if len(got):
                 col = len(enter) - 1 - has[got][:, ::-1].argmax(axis=1)
                 newest_k[got] = ek[col]
-                last[got] = ring.last[got, enter[col]]
+                last[got] = ring.samples((got, enter[col]))
         if len(leave):
             cnt = ring.count((every, leave))
             n -= whole_sums(cnt)
             if slide:
-                s -= _row_sums(_cell_sums(ring, (every, leave), cnt))
+                s -= _row_sums(ring.sums((every, leave), cnt))
         gone = newest_k < a  # its latest sample left the window, and every earlier one
         last[gone] = 0.0
         newest_k[gone] = _NONE
@@ -389,7 +413,7 @@ class SlidingGauge:
         if not slide:  # as read_rows adds them
             s[:] = 0.0
             if len(cols):
-                s += _row_sums(_cell_sums(ring, at))
+                s += _sums(ring, at)[0]
         if len(changed):
             self._reread(ring, changed, ks, cols)
         sw = RowWindow(0, a, b, True, rows)

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 
+from ray_monitor.aggregator import aside
 from ray_monitor.aggregator.packing import GAP_FORMS, RICE
 from ray_monitor.aggregator.window_query import WindowQuery
 from ray_monitor.aggregator.windows import WindowStore
@@ -43,7 +44,10 @@ def _compare(store: WindowStore, samples: dict, now: float) -> int:
     return compared
 
 
-def test_compact_rings_give_the_reference_values_over_a_long_random_sequence():
+@pytest.mark.parametrize("aside_rows", [aside.ASIDE_ROWS, 0])
+def test_compact_rings_give_the_reference_values_over_a_long_random_sequence(aside_rows, monkeypatch):
+    # aside_rows 0: a per-series gauge row with two samples in a bucket unfolds the ring
+    monkeypatch.setattr(aside, "ASIDE_ROWS", aside_rows)
     clock = Clock(T0 - 400)
     # a 60 s fine ring wraps five times: every slot is packed, cleared and reused
     store = WindowStore(resolutions=((1.0, 60), (10.0, 60)), clock=clock)
@@ -111,10 +115,12 @@ def test_compact_rings_give_the_reference_values_over_a_long_random_sequence():
         if i % 37 == 36 or i in (262, 266, 299, 300, 399):
             compared += _compare(store, samples, clock.t + 0.3)
     assert compared > 10 * 16 * 4 * 3 * 3
-    # the rings did widen and unfold (else this test would not cover those paths)
+    # the rings did widen and unfold or keep rows aside (else this test would not cover
+    # those paths)
     lat = store._tables["latency_seconds"]
     assert lat.series_ring.n.dtype == np.float64
-    assert not store._tables["inflight"].series_ring.single
+    inflight = store._tables["inflight"].series_ring
+    assert (inflight.single and inflight.aside_of) if aside_rows else not inflight.single
     assert store._tables["cpu_percent"].series_ring.single  # never written: stays compact
     # complete buckets are held in gap forms (with long steps and large counts continued),
     # Rice forms (few observations a second) and, where those would take more room
@@ -325,3 +331,146 @@ def test_the_zero_bucket_column_is_made_at_its_first_observation_and_reads_the_s
     assert list(below.values()) == [pytest.approx(39 / 40)]  # the one 0.0 is not above
     low = store.evaluate(Query("min", "latency_seconds", 30.0), now)
     assert list(low.values()) == [0.0]
+
+
+def _send(stores: dict, clocks: dict, names: dict, monkeypatch, snap: ReplicaSnapshot) -> None:
+    """``snap`` into every store, each holding at most ``names[store]`` rows aside."""
+    for name, rows in names.items():
+        clocks[name].t = snap.end + 0.1
+        with monkeypatch.context() as m:
+            m.setattr(aside, "ASIDE_ROWS", rows)
+            stores[name].ingest(snap)
+
+
+def _round(stores: dict, queries: list, expire: bool = False) -> dict:
+    """A rule round of every store: each query's answer, by store."""
+    got = {}
+    for name, store in stores.items():
+        store.begin_round()
+        got[name] = [store.evaluate(query) for query in queries]
+        store.end_round()
+        if expire:
+            store.expire()
+    return got
+
+
+def test_the_overflow_series_is_kept_aside_and_the_other_rows_stay_compact(monkeypatch):
+    """At the series cap the overflow series ``other`` gets a sample per folded replica a
+    second: its row is kept aside with every column while every other row keeps one
+    sample a bucket (5 bytes), and every per-series gauge answer, round after round (kept
+    windows included), is the one of the ring unfolded (``ASIDE_ROWS`` 0, as before) and
+    of a ring that unfolds later with its rows aside merged back (``ASIDE_ROWS`` 1 and a
+    replica that reports twice in a second)."""
+    names = {"aside": aside.ASIDE_ROWS, "unfolded": 0, "merged": 1}
+    clocks = {name: Clock(T0) for name in names}
+    stores = {name: WindowStore(clock=clocks[name], max_series_per_metric=4) for name in names}
+    rng = np.random.default_rng(19)
+    replicas = [(f"d{i % 2}", f"r{i}") for i in range(7)]  # 3 past the cap fold into other
+    queries = [Query(f, "inflight", w, by=by)
+               for f in ("min", "max", "avg", "last", "count", "sum")
+               for w in (1.0, 10.0, 60.0, 300.0) for by in (None, ("replica",), ("deployment",))]
+    seq = 0
+    for sec in range(90):
+        t = T0 + sec + 1.0
+        sends = [(dep, rep, t) for dep, rep in replicas]
+        if sec == 60:  # a real series with two samples in one second
+            sends.append(("d0", "r0", t + 0.3))
+        for dep, rep, end in sends:
+            seq += 1
+            value = float(rng.integers(0, 9))
+            if sec in (20, 21) and rep == "r6":
+                value = 2.5  # not a whole number: sums re-added, not slid
+            if sec == 40 and rep == "r5":
+                value = 300.0  # past a byte
+            _send(stores, clocks, names, monkeypatch,
+                  ReplicaSnapshot(ident(rep, dep), seq, end - 1.0, end + 0.4, [], {"__call__": value}, None))
+        got = _round(stores, queries)
+        assert got["aside"] == got["unfolded"] == got["merged"], sec
+        other = (("replica", "other"),)
+        assert got["aside"][queries.index(Query("count", "inflight", 1.0, by=("replica",)))][other] == 3.0
+    table = stores["aside"]._tables["inflight"]
+    ring = table.series_ring
+    assert ring.single and dict(ring.aside_of) == {table.series.index[table.other]: 0,
+                                                   table.series.index[("app", "d0", "r0", "__call__", "v1")]: 1}
+    # a byte and a float32 offset a cell (the 300 went to other, aside)
+    assert ring.nbytes() - ring.aside.nbytes() == ring.rows * ring.slots * (1 + 4)
+    assert not stores["unfolded"]._tables["inflight"].series_ring.single
+    assert not stores["merged"]._tables["inflight"].series_ring.single
+
+
+def test_rows_kept_aside_read_as_the_unfolded_ring_in_every_form(monkeypatch):
+    """Rows kept aside (the overflow series ``other`` from its first second, a replica that
+    reports twice in a second, whose row later expires and is reused) holding samples that
+    are not whole numbers: every read of them gives the unfolded ring's answers (``==``),
+    round after round. Covered: a window's per-row counts, sums, min, max and latest, read
+    fresh, kept from round to round, re-read for a series that came (``np.ix_``), and
+    across the fine ring's end (a read that numpy sums column by column); per-step group
+    sums (zscore, deriv); groupings by replica, deployment and application, with
+    matchers."""
+    names = {"aside": aside.ASIDE_ROWS, "unfolded": 0}
+    clocks = {name: Clock(T0) for name in names}
+    stores = {name: WindowStore(resolutions=((1.0, 60), (10.0, 60)), clock=clocks[name],
+                                max_series_per_metric=4, series_ttl_s=20.0) for name in names}
+    rng = np.random.default_rng(20)
+    queries = [Query(f, "inflight", w, by=by, matchers=m)
+               for f in ("min", "max", "avg", "last", "count", "sum", "zscore", "deriv")
+               for w in (1.0, 7.0, 45.0, 60.0)
+               for by in (None, ("replica",), ("deployment",), ("application",))
+               for m in ((), (Matcher("replica", "!=", "r1"),), (Matcher("deployment", "=", "d0"),))]
+    seq = 0
+    for sec in range(150):
+        t = T0 + sec + 1.0
+        reps = [f"r{i}" for i in range(7)]
+        if 70 <= sec < 100:
+            reps.remove("r3")  # its row (aside since 41) expires, emptied, reused by r4
+        if sec < 25:
+            reps = reps[:4]  # r4-r6 come at 25, past the cap: ``other`` comes then
+        if sec >= 110:
+            reps.append("r7")  # folded into other
+        sends = [(rep, t) for rep in reps]
+        if sec in (40, 41, 130):  # a real series with two samples in one second
+            sends.append(("r3" if sec < 100 else "r4", t + 0.3))
+        for rep, end in sends:
+            seq += 1
+            # whole numbers first (a uint8 ring), then floats of every kind: float32
+            # (2.5) and float64 (rng), whose sums depend on the order of addition
+            value = float(rng.integers(0, 9)) if sec < 15 else \
+                2.5 * int(rng.integers(0, 4)) if sec < 30 else float(rng.normal(3.0, 2.0))
+            dep = f"d{int(rep[1:]) % 2}"
+            _send(stores, clocks, names, monkeypatch,
+                  ReplicaSnapshot(ident(rep, dep), seq, end - 1.0, end + 0.4, [], {"__call__": value}, None))
+        if 50 <= sec < 85:  # no rounds: the next one reads afresh (r3 aside, silent since 70)
+            continue
+        got = _round(stores, queries, expire=True)
+        for query, a, b in zip(queries, got["aside"], got["unfolded"]):
+            assert a == b, (sec, query)
+        ring = stores["aside"]._tables["inflight"].series_ring
+        want = {} if sec < 25 else {4: 0} if sec < 41 or 90 <= sec < 131 else {4: 0, 3: 1}
+        assert ring.single and dict(ring.aside_of) == want, sec
+    assert not stores["unfolded"]._tables["inflight"].series_ring.single
+
+
+@pytest.mark.parametrize("form", ["slices", "slots", "ix"])
+def test_a_row_aside_sums_as_its_row_of_the_window_would(form):
+    """``aside.Rows.row_sums``: a row kept aside summed alone gives the bits its row of
+    the whole window's read gives (numpy sums a read laid out column by column one column
+    after another, and one laid out row by row pairwise), for each index form a read uses."""
+    rng = np.random.default_rng(7)
+    whole = rng.normal(0.0, 1e3, (40, 604))
+    cols = (550 + np.arange(300)) % 604  # across the ring's end
+    at = {"slices": (slice(0, 40), slice(100, 400)), "slots": (slice(0, 40), cols),
+          "ix": np.ix_(np.arange(40), cols)}[form]
+    want = whole[at].sum(axis=1)
+
+    class Held:  # what rows_in reads of a ring: its rows, which rows are aside, and where
+        rows = 40
+        aside = type("Side", (), {"s": whole[[3, 17, 39]]})()
+        aside_of = {3: 0, 17: 1, 39: 2}
+
+    for keep in ({3: 0}, {3: 0, 17: 1, 39: 2}):
+        Held.aside_of = keep
+        side = aside.rows_in(Held, at)
+        assert side.row_sums("s").tolist() == want[side.pos].tolist()
+    # the test can tell: a read of one row alone is summed pairwise, not as the window
+    if form == "slots":
+        assert whole[3:4][:, cols].sum(axis=1)[0] != want[3]
