@@ -96,9 +96,15 @@ def inner(variant: str, hops: int, evict_mb: int) -> int:
     if fn is None:
         raise SystemExit(f"no variant {variant!r}; variants: {', '.join(cases)}")
     import ray_monitor
+    try:  # the flush thread's refill of the span ids drawn ahead (asleep here)
+        from ray_monitor.replica.span_ids import refill
+    except ImportError:  # a tree from before them
+        refill = None
     gc.collect()
     gc.disable()  # collections counted apart (below): where one falls is chance
     for _ in range(hops):
+        if refill is not None:
+            refill()  # as the flush thread between requests; not counted, then evicted
         view[::64] = ones  # a byte in every cache line: the caches emptied
         call(fn, 1)  # counted (callgrind collects inside operator.call only)
     # objects the garbage collector tracks, made and still alive, per hop: a generation-0
