@@ -30,7 +30,8 @@ walks are cheaper to simulate). Flush threads are kept asleep
 (``RAY_MONITOR_FLUSH_INTERVAL_S`` a day, the span processor's delay a day, OpenBLAS on
 one thread), so no other thread runs during the hops: the deferred part of a request
 (``replica/deferred.py``) is not in these counts, as it is not in ``bench_cold_hop.py``'s
-hop time. ``PYTHONHASHSEED=0`` keeps string-keyed dict layouts the same from run to run;
+hop time. What the flush thread does for the path between requests, the refill of the
+span ids drawn ahead (``replica/span_ids.py``), runs before each walk, uncounted. ``PYTHONHASHSEED=0`` keeps string-keyed dict layouts the same from run to run;
 Python's own allocator (pymalloc) is left on, as in a replica. Two runs of one tree agree
 to about 0.5% per variant and 2% (a dozen lines) in a ``+LL`` difference: addresses
 still differ from run to run (address-space randomisation: dicts keyed by types or ids,
@@ -44,7 +45,7 @@ runs that the hop does not run anyway, and where its data misses are taken
 (``_PyEval_EvalFrameDefault``: bytecode and the objects it reads). ``--keep DIR`` keeps
 the output files; ``--from DIR`` reads them again (a different ``--annotate``). Valgrind
 makes Python about 50 times slower: a variant takes 3-7 minutes (longer on a loaded machine). Results:
-``RESULTS.md`` §27, §29.
+``RESULTS.md`` §27, §29, §31.
 """
 
 from __future__ import annotations
