@@ -37,7 +37,9 @@ to about 0.5% per variant and 2% (a dozen lines) in a ``+LL`` difference: addres
 still differ from run to run (address-space randomisation: dicts keyed by types or ids,
 cache-set conflicts).
 
-``--parts`` adds ``bench_cold_hop.py --parts``'s variants (the defaults with one piece
+``--variants "traced: unwrapped,traced: monitor unsampled, in context"`` counts the hop
+with Serve's tracing on (subtract the first from the second by hand: the ``+`` columns are
+over the plain ``unwrapped``). ``--parts`` adds ``bench_cold_hop.py --parts``'s variants (the defaults with one piece
 taken out; ``defaults, no hook`` is a leaf deployment). ``--annotate VARIANT`` prints that
 variant minus ``unwrapped`` by C function of the interpreter (``callgrind_annotate``,
 exclusive cost, per hop), the most LL misses first: which routines the monitor's code
@@ -67,6 +69,9 @@ WALK = "empty call"
 BASE = "unwrapped"
 VARIANTS = (WALK, BASE, "monitor metrics", "monitor unsampled")
 PARTS = ("defaults, begin ready", "defaults, no hook", "defaults, no factory")
+#: The prefix of ``bench_overhead``'s hop with Serve's tracing on ("traced: unwrapped",
+#: "traced: monitor unsampled, in context"); its processes also build and warm those.
+TRACED = "traced: "
 #: Cachegrind's events, as its output file names them.
 EVENTS = ("Ir", "I1mr", "ILmr", "Dr", "D1mr", "DLmr", "Dw", "D1mw", "DLmw")
 DAY = "86400"
@@ -82,12 +87,15 @@ def inner(variant: str, hops: int, evict_mb: int) -> int:
     from operator import call
 
     from bench_cold_hop import part_cases
-    from bench_overhead import SERVE_HOP, serve_hop_cases
+    from bench_overhead import SERVE_HOP, SERVE_HOP_TRACED, serve_hop_cases
 
     loop = asyncio.new_event_loop()
     caller = "00-0123456789abcdef0123456789abcdef-0123456789abcdef-00"
-    cases = serve_hop_cases(loop, caller)[SERVE_HOP]
+    every = serve_hop_cases(loop, caller)
+    cases = every[SERVE_HOP]
     cases.update(part_cases(loop, caller))
+    if variant.startswith(TRACED):  # Serve's tracing on: compare with "traced: unwrapped"
+        cases.update({TRACED + v: fn for v, fn in every[SERVE_HOP_TRACED].items()})
     for fn in cases.values():  # first-call caches, in every run alike
         fn(50)
     buf = bytearray(evict_mb << 20)
