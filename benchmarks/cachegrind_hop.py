@@ -113,7 +113,7 @@ def inner(variant: str, hops: int, evict_mb: int) -> int:
     gc.disable()  # collections counted apart (below): where one falls is chance
     for _ in range(hops):
         if refill is not None:
-            refill()  # as the flush thread between requests; not counted, then evicted
+            refill(0)  # as the flush thread between requests; not counted, then evicted
         view[::64] = ones  # a byte in every cache line: the caches emptied
         call(fn, 1)  # counted (callgrind collects inside operator.call only)
     # objects the garbage collector tracks, made and still alive, per hop: a generation-0

@@ -5,7 +5,10 @@ pool (:func:`refill`, every flush), the request path takes one id from it
 (:data:`take`, one ``list.pop()``) and falls back to drawing one itself (:func:`draw`)
 when the pool ran dry. Decides how many ids are drawn ahead: twice what the process took
 between the last two refills (its recent request rate), at least :data:`MIN_POOL` and at
-most :data:`MAX_POOL` (about 80 bytes each: 160 KiB at most, only at that rate).
+most :data:`MAX_POOL` (73 bytes each: 146 KiB at most, only at that rate). Several
+monitored deployments in one process share the pool: a refill less than
+:data:`MIN_GAP_S` after the last one (another flush thread's, on the same whole second)
+does nothing, so it does not read "nothing taken" and give the pool back.
 
 Why: a request's span id is needed on the path only as 16 hex digits (the handle call's
 ``traceparent``, log records); drawn and formatted there it ran the random generator's
@@ -22,12 +25,15 @@ from __future__ import annotations
 import os
 import random
 import threading
+import time
 
-__all__ = ["MAX_POOL", "MIN_POOL", "POOL", "draw", "refill", "reset", "take"]
+__all__ = ["MAX_POOL", "MIN_GAP_S", "MIN_POOL", "POOL", "draw", "refill", "reset", "take"]
 
 #: The fewest ids a refill leaves ready, and the most (the pool's memory bound).
 MIN_POOL = 64
 MAX_POOL = 2048
+#: Refills closer together than this are one refill (see above).
+MIN_GAP_S = 0.25
 _BIT64 = 1 << 64
 _bits = random.getrandbits
 
@@ -39,6 +45,8 @@ take = POOL.pop
 _lock = threading.Lock()  # refills (one flush thread per monitored deployment), never the path
 _left = 0  # the pool's length after the last refill
 _target = MIN_POOL
+_last = float("-inf")  # when the last refill ran (_clock)
+_clock = time.monotonic
 
 
 def draw() -> str:
@@ -49,12 +57,16 @@ def draw() -> str:
     return hex(value | _BIT64)[3:]
 
 
-def refill() -> int:
+def refill(min_gap_s: float = MIN_GAP_S) -> int:
     """Tops the pool up for the next interval (the flush thread); returns how many ids it
     drew. Twice what was taken since the last refill; when the pool ran dry (requests drew
-    their own), twice the last size."""
-    global _left, _target
+    their own), twice the last size. Nothing within ``min_gap_s`` of the last refill."""
+    global _left, _target, _last
     with _lock:
+        now = _clock()
+        if now - _last < min_gap_s:
+            return 0
+        _last = now
         have = len(POOL)
         taken = max(0, _left - have)
         if have == 0 and _left > 0:
@@ -76,9 +88,9 @@ def refill() -> int:
 
 def reset() -> None:
     """Empties the pool (a forked child: the parent's ids are the parent's)."""
-    global _left, _target, _lock
+    global _left, _target, _lock, _last
     POOL.clear()
-    _left, _target = 0, MIN_POOL
+    _left, _target, _last = 0, MIN_POOL, float("-inf")
     _lock = threading.Lock()  # a fork while a refill held it would leave it held
 
 

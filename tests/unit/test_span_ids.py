@@ -47,7 +47,7 @@ def take_all() -> list[str]:
 def test_refilled_ids_are_valid_distinct_span_ids():
     got = []
     for _ in range(20):
-        span_ids.refill()
+        span_ids.refill(0)
         got += take_all()
     assert len(got) >= 20 * span_ids.MIN_POOL
     assert all(HEX16.fullmatch(s) and s != "0" * 16 for s in got)
@@ -63,25 +63,25 @@ def test_a_zero_draw_is_never_an_id(monkeypatch):
     assert span_ids.draw() == "0000000000000005"
     span_ids.reset()
     draws = iter([0] + [9] * 10_000)
-    span_ids.refill()
+    span_ids.refill(0)
     assert "0" * 16 not in span_ids.POOL and span_ids.POOL
 
 
 def test_the_pool_follows_the_rate_within_its_bound():
-    assert span_ids.refill() == span_ids.MIN_POOL  # nothing taken yet: the least
+    assert span_ids.refill(0) == span_ids.MIN_POOL  # nothing taken yet: the least
     assert len(span_ids.POOL) == span_ids.MIN_POOL
     for _ in range(50):
         span_ids.take()
-    span_ids.refill()
+    span_ids.refill(0)
     assert len(span_ids.POOL) == 100  # twice what was taken
     for _ in range(20):  # dry every interval: doubles, up to the bound, never past it
         take_all()
-        span_ids.refill()
+        span_ids.refill(0)
         assert len(span_ids.POOL) <= span_ids.MAX_POOL
     assert len(span_ids.POOL) == span_ids.MAX_POOL
-    span_ids.refill()  # idle: nothing taken, the memory given back down to the least
+    span_ids.refill(0)  # idle: nothing taken, the memory given back down to the least
     assert len(span_ids.POOL) == span_ids.MIN_POOL
-    assert span_ids.refill() == 0  # still idle: nothing drawn
+    assert span_ids.refill(0) == 0  # still idle: nothing drawn
 
 
 def test_begin_takes_an_id_from_the_pool_and_draws_one_when_it_is_dry():
@@ -131,7 +131,7 @@ def test_log_records_and_the_handle_call_carry_the_taken_text():
 @pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "darwin",
                     reason="needs os.fork")
 def test_a_forked_child_starts_with_an_empty_pool():
-    span_ids.refill()
+    span_ids.refill(0)
     parent = list(span_ids.POOL)
     assert parent
     r, w = os.pipe()
@@ -140,7 +140,7 @@ def test_a_forked_child_starts_with_an_empty_pool():
         try:
             os.close(r)
             left = len(span_ids.POOL)
-            span_ids.refill()  # its own ids, and its lock usable
+            span_ids.refill(0)  # its own ids, and its lock usable
             mine = set(span_ids.POOL)
             os.write(w, f"{left} {len(mine & set(parent))} {len(mine)}".encode())
         finally:
@@ -151,6 +151,22 @@ def test_a_forked_child_starts_with_an_empty_pool():
     os.waitpid(pid, 0)
     assert (left, shared) == (0, 0) and made == span_ids.MIN_POOL
     assert span_ids.POOL == parent  # the parent's pool is its own
+
+
+def test_refills_close_together_are_one(monkeypatch):
+    """Two monitored deployments in one process flush on the same whole second: the
+    second refill must not read "nothing taken" and give the pool back."""
+    now = [100.0]
+    monkeypatch.setattr(span_ids, "_clock", lambda: now[0])
+    assert span_ids.refill() == span_ids.MIN_POOL
+    for _ in range(50):
+        span_ids.take()
+    now[0] += 1.0
+    assert span_ids.refill() == 86 and len(span_ids.POOL) == 100  # twice the 50 taken
+    now[0] += 0.01  # the other deployment's flush, the same second
+    assert span_ids.refill() == 0 and len(span_ids.POOL) == 100  # kept, not trimmed to 64
+    now[0] += 1.0
+    assert span_ids.refill() == 0 and len(span_ids.POOL) == span_ids.MIN_POOL  # idle
 
 
 def test_the_flush_refills_after_its_snapshot_and_counts_a_failure():
