@@ -30,13 +30,16 @@ walks are cheaper to simulate). Flush threads are kept asleep
 (``RAY_MONITOR_FLUSH_INTERVAL_S`` a day, the span processor's delay a day, OpenBLAS on
 one thread), so no other thread runs during the hops: the deferred part of a request
 (``replica/deferred.py``) is not in these counts, as it is not in ``bench_cold_hop.py``'s
-hop time. ``PYTHONHASHSEED=0`` keeps string-keyed dict layouts the same from run to run;
+hop time. What the flush thread does for the path between requests, the refill of the
+span ids drawn ahead (``replica/span_ids.py``), runs before each walk, uncounted. ``PYTHONHASHSEED=0`` keeps string-keyed dict layouts the same from run to run;
 Python's own allocator (pymalloc) is left on, as in a replica. Two runs of one tree agree
 to about 0.5% per variant and 2% (a dozen lines) in a ``+LL`` difference: addresses
 still differ from run to run (address-space randomisation: dicts keyed by types or ids,
 cache-set conflicts).
 
-``--parts`` adds ``bench_cold_hop.py --parts``'s variants (the defaults with one piece
+``--variants "traced: unwrapped,traced: monitor unsampled, in context"`` counts the hop
+with Serve's tracing on (subtract the first from the second by hand: the ``+`` columns are
+over the plain ``unwrapped``). ``--parts`` adds ``bench_cold_hop.py --parts``'s variants (the defaults with one piece
 taken out; ``defaults, no hook`` is a leaf deployment). ``--annotate VARIANT`` prints that
 variant minus ``unwrapped`` by C function of the interpreter (``callgrind_annotate``,
 exclusive cost, per hop), the most LL misses first: which routines the monitor's code
@@ -44,7 +47,7 @@ runs that the hop does not run anyway, and where its data misses are taken
 (``_PyEval_EvalFrameDefault``: bytecode and the objects it reads). ``--keep DIR`` keeps
 the output files; ``--from DIR`` reads them again (a different ``--annotate``). Valgrind
 makes Python about 50 times slower: a variant takes 3-7 minutes (longer on a loaded machine). Results:
-``RESULTS.md`` §27, §29.
+``RESULTS.md`` §27, §29, §32.
 """
 
 from __future__ import annotations
@@ -66,6 +69,9 @@ WALK = "empty call"
 BASE = "unwrapped"
 VARIANTS = (WALK, BASE, "monitor metrics", "monitor unsampled")
 PARTS = ("defaults, begin ready", "defaults, no hook", "defaults, no factory")
+#: The prefix of ``bench_overhead``'s hop with Serve's tracing on ("traced: unwrapped",
+#: "traced: monitor unsampled, in context"); its processes also build and warm those.
+TRACED = "traced: "
 #: Cachegrind's events, as its output file names them.
 EVENTS = ("Ir", "I1mr", "ILmr", "Dr", "D1mr", "DLmr", "Dw", "D1mw", "DLmw")
 DAY = "86400"
@@ -81,12 +87,15 @@ def inner(variant: str, hops: int, evict_mb: int) -> int:
     from operator import call
 
     from bench_cold_hop import part_cases
-    from bench_overhead import SERVE_HOP, serve_hop_cases
+    from bench_overhead import SERVE_HOP, SERVE_HOP_TRACED, serve_hop_cases
 
     loop = asyncio.new_event_loop()
     caller = "00-0123456789abcdef0123456789abcdef-0123456789abcdef-00"
-    cases = serve_hop_cases(loop, caller)[SERVE_HOP]
+    every = serve_hop_cases(loop, caller)
+    cases = every[SERVE_HOP]
     cases.update(part_cases(loop, caller))
+    if variant.startswith(TRACED):  # Serve's tracing on: compare with "traced: unwrapped"
+        cases.update({TRACED + v: fn for v, fn in every[SERVE_HOP_TRACED].items()})
     for fn in cases.values():  # first-call caches, in every run alike
         fn(50)
     buf = bytearray(evict_mb << 20)
@@ -96,9 +105,15 @@ def inner(variant: str, hops: int, evict_mb: int) -> int:
     if fn is None:
         raise SystemExit(f"no variant {variant!r}; variants: {', '.join(cases)}")
     import ray_monitor
+    try:  # the flush thread's refill of the span ids drawn ahead (asleep here)
+        from ray_monitor.replica.span_ids import refill
+    except ImportError:  # a tree from before them
+        refill = None
     gc.collect()
     gc.disable()  # collections counted apart (below): where one falls is chance
     for _ in range(hops):
+        if refill is not None:
+            refill(0)  # as the flush thread between requests; not counted, then evicted
         view[::64] = ones  # a byte in every cache line: the caches emptied
         call(fn, 1)  # counted (callgrind collects inside operator.call only)
     # objects the garbage collector tracks, made and still alive, per hop: a generation-0

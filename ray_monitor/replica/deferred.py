@@ -106,7 +106,7 @@ def record(req: Any, outcome: str, error: Optional[BaseException], is_error: boo
                               error_status=outcome if is_error and error is None else None,
                               status=None if sp.http is None else status_of(outcome, is_error))
         if kept:  # the wall-clock time the request ended, not the time it is recorded
-            exemplar = Exemplar(f"{sp.trace_id:032x}", f"{sp.span_id:016x}", latency,
+            exemplar = Exemplar(f"{sp.trace_id:032x}", sp.sid, latency,
                                 time.time() - (_perf() - t1))
     req.cells.end(req.token, outcome, is_error, latency,
                   None if stream is None else stream.first, exemplar, fig)

@@ -588,7 +588,7 @@ def _finish_route(hook: _Hook, req: Optional[_Request], scope: dict, status: Opt
                                   error_status=outcome if is_error and error is None else None,
                                   status=status or (500 if is_error else None))
             if kept:
-                exemplar = Exemplar(f"{req.span.trace_id:032x}", f"{req.span.span_id:016x}",
+                exemplar = Exemplar(f"{req.span.trace_id:032x}", req.span.sid,
                                     latency, time.time())
         req.cells.end(req.token, outcome, is_error, latency,
                       None if stream is None else stream.first, exemplar, fig)

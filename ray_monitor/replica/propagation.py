@@ -302,7 +302,7 @@ def _wrap(original: Callable) -> Callable:
                     # hex(id | 2**bits)[3:] is f"{id:0{bits//4}x}" without the format-spec
                     # machinery, about 90 more cache lines of code run cold (§27)
                     tid = tp[3:35] if tp is not None else hex(rs.trace_id | BIT128)[3:]
-                    ctx = {"traceparent": f"00-{tid}-{hex(rs.span_id | BIT64)[3:]}-"
+                    ctx = {"traceparent": f"00-{tid}-{rs.sid}-"  # sid: text (span_ids)
                                           f"{'01' if rs.sampled else '00'}"}
                     if rs.tracestate:
                         ctx["tracestate"] = rs.tracestate

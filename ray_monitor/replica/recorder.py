@@ -205,6 +205,9 @@ class Recorder:
         self.max_predictions = max_predictions
         self.spans = spans
         self.kept = kept
+        #: Work for the flush thread after each snapshot (the span ids drawn ahead:
+        #: replica/span_ids.py), so it is never on the request path.
+        self.after_snapshot: Optional[Callable[[], Any]] = None
         self._predictions: list[Any] = []
         self.usage = UsageTable()  # per (model, tenant), for tenants and cost
         self.self_errors = self_errors if self_errors is not None else SelfErrors()
@@ -334,6 +337,11 @@ class Recorder:
             self._dropped += excess
             self.self_errors.count("snapshot_buffer_full")
         snap = self.snapshot(now)
+        if self.after_snapshot is not None:
+            try:
+                self.after_snapshot()
+            except Exception as e:
+                self.self_errors.count("after_snapshot_failed", e)
         if self.on_flush is not None:
             try:
                 self.on_flush(snap)

@@ -20,6 +20,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, Trace
 __all__ = ["FromCaller", "RequestSpan"]
 
 _EMPTY = otel_context.Context()
+_BIT64 = 1 << 64
 _FLAGS = (TraceFlags(TraceFlags.DEFAULT), TraceFlags(TraceFlags.SAMPLED))
 
 
@@ -37,11 +38,22 @@ class RequestSpan:
     per method, never written to; ``http``: ``http_semantics.HttpRequest`` of an HTTP
     ingress request, ``status`` its HTTP status."""
 
-    __slots__ = ("trace_id", "span_id", "parent_id", "remote", "sampled", "tracestate", "span",
+    __slots__ = ("trace_id", "sid", "parent_id", "remote", "sampled", "tracestate", "span",
                  "start_ns", "end_ns", "name", "attributes", "kind", "request_id", "http",
                  "status", "extra", "done", "_context")
     #: The caller's ``traceparent`` text (:class:`FromCaller`'s slot); None: ints only.
     tp: Optional[str] = None
+
+    # ``sid``: the span's own id as 16 hex digits, as the path needs it (the handle call's
+    # traceparent, log records), taken ready-made from :mod:`span_ids`; the int is made
+    # where it is read (the flush thread: the SDK span, a kept span's context).
+    @property
+    def span_id(self) -> int:
+        return int(self.sid, 16)
+
+    @span_id.setter
+    def span_id(self, value: int) -> None:
+        self.sid = hex(value | _BIT64)[3:]
 
     @property
     def ids(self) -> tuple[int, int]:

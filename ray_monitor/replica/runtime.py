@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from ray_monitor.common import env
 from ray_monitor.replica.prices import PriceBoard
-from ray_monitor.replica import otlp_refusal, propagation, tracing
+from ray_monitor.replica import otlp_refusal, propagation, span_ids, tracing
 from ray_monitor.replica.options import MonitorOptions
 from ray_monitor.replica.export_worker import quiet_otel_export_logs
 from ray_monitor.replica.recorder import Recorder, SelfErrors, process_health
@@ -129,6 +129,9 @@ class State:
             propagation.on_failure = errors.count
             propagation.install()
             self.recorder.kept = self.tracer.tail
+            # span ids drawn ahead for the request path, refilled every flush
+            span_ids.refill()
+            self.recorder.after_snapshot = span_ids.refill
             if sink is not None:
                 sink.on_kept = self.export_kept
             _say_who_samples(opts, self.tracer)

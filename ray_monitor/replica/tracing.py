@@ -43,8 +43,8 @@ from opentelemetry.trace import SpanKind
 from opentelemetry.trace.status import Status, StatusCode
 
 from ray_monitor.common import env
-from ray_monitor.replica import otlp_refusal, propagation
-from ray_monitor.replica.propagation import (BIT64, BIT128, CURRENT, Parent, current_get,
+from ray_monitor.replica import otlp_refusal, propagation, span_ids
+from ray_monitor.replica.propagation import (BIT128, CURRENT, Parent, current_get,
                                              otel_current, parse_traceparent, resolve)
 from ray_monitor.replica.span_errors import MAX_MESSAGE, clean, exception_attributes
 from ray_monitor.replica.span_records import (MAX_CONTEXT_SPANS_PER_FLUSH, MAX_SPANS_PER_FLUSH,
@@ -82,6 +82,7 @@ _ZERO32, _ZERO16 = "0" * 32, "0" * 16
 #: Module-level aliases: one global read, not a module's dict besides (§27).
 _bits = random.getrandbits
 _time_ns = time.time_ns
+_take_id = span_ids.take
 
 
 def otlp_traces_configured() -> bool:
@@ -306,7 +307,10 @@ class Tracer:
                 rs.parent_id = parent.span_id
                 rs.remote = parent.remote
                 rs.tracestate = parent.tracestate
-        rs.span_id = _bits(64)
+        try:  # drawn ahead by the flush thread, as text (span_ids; RESULTS.md §32)
+            rs.sid = _take_id()
+        except IndexError:  # the pool ran dry: drawn here
+            rs.sid = span_ids.draw()
         rs.span = None
         rs.start_ns = start_ns
         rs.end_ns = 0
@@ -445,7 +449,7 @@ def install_log_correlation() -> None:
         if rs is not None and (rs := rs.ctx_span) is not None:
             tp = rs.tp  # the caller's text: its trace id without a 128-bit format
             record.trace_id = tp[3:35] if tp is not None else hex(rs.trace_id | BIT128)[3:]
-            record.span_id = hex(rs.span_id | BIT64)[3:]  # f"{:016x}", no spec parsed
+            record.span_id = rs.sid  # drawn as text (span_ids)
         else:
             # Serve's access log line of every request comes here, outside the request:
             # OpenTelemetry is asked only when its context holds something (Serve's tracing).

@@ -28,7 +28,7 @@ from ray_monitor.replica.tracing import RequestSpan, Tracer
 TID = "4bf92f3577b34da6a3ce929d0e0e4736"
 SID = "00f067aa0ba902b7"
 #: RequestSpan's fields that two begins of one request share (not its own id and start).
-SHARED = [f for f in RequestSpan.__slots__ if f not in ("span_id", "start_ns", "span",
+SHARED = [f for f in RequestSpan.__slots__ if f not in ("sid", "start_ns", "span",
                                                         "_context")]
 
 
