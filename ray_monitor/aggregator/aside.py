@@ -86,8 +86,8 @@ def _hits(ring, ri) -> tuple[list, int, bool]:
             len(range(start, stop, step)), False
     ri = np.asarray(ri)
     flat = ri.reshape(-1)
-    return [(np.flatnonzero(flat == r), i) for r, i in ring.aside_of.items() if (flat == r).any()], \
-        len(flat), ri.ndim == 2
+    hits = [(pos, i) for r, i in ring.aside_of.items() if len(pos := np.flatnonzero(flat == r))]
+    return hits, len(flat), ri.ndim == 2
 
 
 class Rows:

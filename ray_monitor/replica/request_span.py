@@ -17,10 +17,11 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
 
+from ray_monitor.replica import span_ids
+
 __all__ = ["FromCaller", "RequestSpan"]
 
 _EMPTY = otel_context.Context()
-_BIT64 = 1 << 64
 _FLAGS = (TraceFlags(TraceFlags.DEFAULT), TraceFlags(TraceFlags.SAMPLED))
 
 
@@ -53,7 +54,7 @@ class RequestSpan:
 
     @span_id.setter
     def span_id(self, value: int) -> None:
-        self.sid = hex(value | _BIT64)[3:]
+        self.sid = span_ids.text(value)
 
     @property
     def ids(self) -> tuple[int, int]:

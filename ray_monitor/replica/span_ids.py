@@ -27,14 +27,15 @@ import random
 import threading
 import time
 
-__all__ = ["MAX_POOL", "MIN_GAP_S", "MIN_POOL", "POOL", "draw", "refill", "reset", "take"]
+from ray_monitor.replica.propagation import BIT64
+
+__all__ = ["MAX_POOL", "MIN_GAP_S", "MIN_POOL", "POOL", "draw", "refill", "reset", "take", "text"]
 
 #: The fewest ids a refill leaves ready, and the most (the pool's memory bound).
 MIN_POOL = 64
 MAX_POOL = 2048
 #: Refills closer together than this are one refill (see above).
 MIN_GAP_S = 0.25
-_BIT64 = 1 << 64
 _bits = random.getrandbits
 
 #: The ready ids (16 lower-case hex digits each); the path takes from its end.
@@ -49,12 +50,18 @@ _last = float("-inf")  # when the last refill ran (_clock)
 _clock = time.monotonic
 
 
+def text(value: int) -> str:
+    """A 64-bit span id as its 16 lower-case hex digits (``f"{value:016x}"`` without the
+    format-spec machinery: propagation.BIT64)."""
+    return hex(value | BIT64)[3:]
+
+
 def draw() -> str:
     """One span id drawn now (the pool ran dry): 16 hex digits, never all zero."""
     value = _bits(64)
     while not value:
         value = _bits(64)
-    return hex(value | _BIT64)[3:]
+    return text(value)
 
 
 def refill(min_gap_s: float = MIN_GAP_S) -> int:
@@ -77,7 +84,7 @@ def refill(min_gap_s: float = MIN_GAP_S) -> int:
         _target = target
         made = 0
         if have < target:
-            new = [hex(v | _BIT64)[3:] for v in [_bits(64) for _ in range(target - have)] if v]
+            new = [text(v) for v in [_bits(64) for _ in range(target - have)] if v]
             POOL.extend(new)
             made = len(new)
         elif have > target:  # the rate fell: give the memory back
